@@ -1,0 +1,1 @@
+"""`python -m bench`: throughput and latency against the alternatives. Not built yet: see the README."""

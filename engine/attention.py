@@ -1,0 +1,160 @@
+"""Attention processors: the seam where the adapter (and later the fused kernels) plug into the UNet.
+
+Every cross-attention (`attn2`) gets a `DecoupledCrossAttnProcessor`:
+
+    out = to_out( Attn(Q, K_text, V_text) + s * Attn(Q, K_ip, V_ip) )
+
+with two separate softmaxes. K/V of the encoder tokens do not change across denoising steps, so the
+pipeline computes them once per request (`precompute_kv`) and hands them to the processors in an
+`AdapterContext` through `cross_attention_kwargs={"adapter": ctx}`, together with a per-row scale for
+every layer. With no context a processor is exactly diffusers' plain cross-attention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from .errors import EngineError
+
+
+def decoupled_attention_torch(q, k, v, k_ip, v_ip, scale, mask=None):
+    # q: (B, H, Lq, D); k, v: (B, H, Lt, D); k_ip, v_ip: (B, H, Li, D); scale: (B, 1, 1, 1); mask: additive or bool
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if k_ip is None:
+        return out
+    return out + scale * F.scaled_dot_product_attention(q, k_ip, v_ip)
+
+
+@dataclass
+class AdapterContext:
+    """Per-call state: encoder K/V per cross-attention layer and per-row adapter scales."""
+    kv: dict[str, tuple] = field(default_factory=dict)        # name -> (k, v, k_ip, v_ip), each (B, H, L, D)
+    scale: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, 1, 1, 1)
+
+
+def _heads(attn, x: torch.Tensor) -> torch.Tensor:
+    # (B, L, H*D) -> (B, H, L, D)
+    return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
+
+class SelfAttnProcessor(AttnProcessor2_0):
+    """diffusers' SDPA processor, accepting (and ignoring) the adapter context so attn1 stays quiet."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 adapter: AdapterContext | None = None, *args, **kwargs):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+class DecoupledCrossAttnProcessor:
+    def __init__(self, name: str, to_k_ip=None, to_v_ip=None, attention=decoupled_attention_torch):
+        self.name = name
+        self.to_k_ip, self.to_v_ip = to_k_ip, to_v_ip
+        self.attention = attention
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 adapter: AdapterContext | None = None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        ndim = hidden_states.ndim
+        if ndim == 4:
+            b, c, hgt, wid = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, hgt * wid).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        batch = hidden_states.shape[0]
+
+        if adapter is not None and self.name in adapter.kv:
+            k, v, k_ip, v_ip = adapter.kv[self.name]
+            scale = adapter.scale[self.name]
+        else:
+            if encoder_hidden_states is None:
+                encoder_hidden_states = hidden_states
+            k, v = encoder_kv(attn, encoder_hidden_states)
+            k_ip = v_ip = scale = None
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, k.shape[2], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+
+        q = _heads(attn, attn.to_q(hidden_states))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        out = self.attention(q, k, v, k_ip, v_ip, scale, attention_mask)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, hgt, wid)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def encoder_kv(attn, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # tokens: (B, L, cross_dim) -> k, v: (B, H, L, D), as diffusers computes them
+    if attn.norm_cross:
+        tokens = attn.norm_encoder_hidden_states(tokens)
+    k, v = _heads(attn, attn.to_k(tokens)), _heads(attn, attn.to_v(tokens))
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    return k, v
+
+
+def install_processors(unet, adapter_layers=None) -> dict[str, DecoupledCrossAttnProcessor]:
+    """Put our processors on every attention of `unet`; returns the cross-attention ones by name."""
+    by_name = adapter_layers.by_name() if adapter_layers is not None else {}
+    procs, cross = {}, {}
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            layer = by_name.get(name)
+            proc = DecoupledCrossAttnProcessor(name, layer["to_k_ip"] if layer else None,
+                                               layer["to_v_ip"] if layer else None)
+            procs[name] = cross[name] = proc
+        else:
+            procs[name] = SelfAttnProcessor()
+    unet.set_attn_processor(procs)
+    return cross
+
+
+def precompute_kv(unet, cross: dict[str, DecoupledCrossAttnProcessor], text: torch.Tensor,
+                  ip: torch.Tensor | None) -> dict[str, tuple]:
+    """K/V of the encoder tokens for every cross-attention layer, once per request.
+
+    text: (B, Lt, cross_dim) text tokens; ip: (B, Li, cross_dim) adapter tokens or None.
+    """
+    modules = dict(unet.named_modules())
+    kv = {}
+    for name, proc in cross.items():
+        attn = modules[name[: -len(".processor")]]
+        k, v = encoder_kv(attn, text)
+        k_ip = v_ip = None
+        if ip is not None and proc.to_k_ip is not None:
+            k_ip, v_ip = _heads(attn, proc.to_k_ip(ip)), _heads(attn, proc.to_v_ip(ip))
+        kv[name] = (k, v, k_ip, v_ip)
+    return kv
+
+
+def expand_scale(unet, names: list[str], scale) -> dict[str, float]:
+    """Adapter strength per cross-attention layer from a float or an InstantStyle-style block dict.
+
+    A dict follows diffusers' `set_ip_adapter_scale`: keys "down", "mid", "up"; blocks "block_i" with a
+    float or one float per transformer; layers it does not name get 0.
+    """
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return {n: float(scale) for n in names}
+    if not isinstance(scale, dict):
+        raise EngineError(f"adapter scale must be a number or a per-block dict, got {type(scale).__name__}")
+    from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
+    try:
+        expanded = _maybe_expand_lora_scales(unet, [scale], default_scale=0.0)[0]
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise EngineError(f"bad per-block adapter scale {scale!r}: {e}") from e
+    out = {}
+    for n in names:
+        out[n] = 0.0
+        for prefix, s in expanded.items():
+            if n.startswith(prefix):
+                out[n] = float(s)
+    return out

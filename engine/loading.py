@@ -1,0 +1,118 @@
+"""Loading the pieces users already have on disk (or on the hub, when online), with one-line errors."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import torch
+
+from .errors import EngineError
+
+log = logging.getLogger(__name__)
+
+BASE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve(path_or_id, what: str) -> str:
+    """A local folder, or a hub id ("org/name") left for from_pretrained to fetch."""
+    p = os.path.expanduser(os.fspath(path_or_id))
+    if os.path.exists(p):
+        if not os.path.isdir(p):
+            raise EngineError(f"{what} must be a folder, got a file: {p}")
+        return p
+    if HUB_ID.match(p) and not p.startswith("."):
+        return p
+    raise EngineError(f"{what} not found: {p}")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _load(what: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except EngineError:
+        raise
+    except Exception as e:  # from_pretrained raises OSError, ValueError, JSON and safetensors errors
+        raise EngineError(f"cannot load {what}: {_first_line(e)}") from e
+
+
+def load_base(model, dtype: torch.dtype):
+    """-> dict of unet, vae, text_encoder, tokenizer, scheduler from a diffusers SD folder or hub id."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import schedulers as dsched
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    src = resolve(model, "base model")
+    if os.path.isdir(src):
+        missing = [p for p in BASE_PARTS if not os.path.isdir(os.path.join(src, p))]
+        if missing:
+            raise EngineError(f"base model {src} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}/")
+    parts = {
+        "unet": _load(f"UNet from {src}", UNet2DConditionModel.from_pretrained, src, subfolder="unet", torch_dtype=dtype),
+        "vae": _load(f"VAE from {src}", AutoencoderKL.from_pretrained, src, subfolder="vae", torch_dtype=dtype),
+        "text_encoder": _load(f"text encoder from {src}", CLIPTextModel.from_pretrained, src,
+                              subfolder="text_encoder", torch_dtype=dtype),
+        "tokenizer": _load(f"tokenizer from {src}", CLIPTokenizer.from_pretrained, src, subfolder="tokenizer"),
+    }
+    config = _load(f"scheduler config from {src}", dsched.DDIMScheduler.load_config, src, subfolder="scheduler")
+    cls = getattr(dsched, config.get("_class_name", ""), None)
+    if cls is None:
+        raise EngineError(f"unknown scheduler class {config.get('_class_name')!r} in {src}/scheduler")
+    parts["scheduler"] = cls.from_config(config)
+    return parts
+
+
+def _image_processor_class():
+    try:  # transformers 5: the PIL implementation, no torchvision needed
+        from transformers import CLIPImageProcessorPil as cls
+    except ImportError:
+        from transformers import CLIPImageProcessor as cls
+    return cls
+
+
+def _crop(processor) -> tuple[int, int]:
+    cs = processor.crop_size
+    return (cs["height"], cs["width"]) if isinstance(cs, dict) else (cs.height, cs.width)
+
+
+def load_image_encoder(path, dtype: torch.dtype):
+    """-> (CLIPVisionModelWithProjection, its image processor); CLIP's 224 defaults when no config is saved."""
+    from transformers import CLIPVisionModelWithProjection
+
+    src = resolve(path, "image encoder")
+    encoder = _load(f"image encoder from {src}", CLIPVisionModelWithProjection.from_pretrained, src, torch_dtype=dtype)
+    cls = _image_processor_class()
+    if os.path.isdir(src) and not os.path.isfile(os.path.join(src, "preprocessor_config.json")):
+        processor = cls()
+    else:
+        processor = _load(f"image processor from {src}", cls.from_pretrained, src)
+    want = encoder.config.image_size
+    if _crop(processor) != (want, want):
+        raise EngineError(f"image processor crops to {_crop(processor)} but the image encoder at {src} expects "
+                          f"{want}x{want}: save a matching preprocessor_config.json beside it")
+    return encoder, processor
+
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "pndm": "PNDMScheduler",
+}
+
+
+def make_scheduler(base, name: str | None = None):
+    """A fresh scheduler for one call: the model's own (`name` None or "default") or one of SCHEDULERS."""
+    from diffusers import schedulers as dsched
+
+    if name in (None, "default"):
+        return type(base).from_config(base.config)
+    if name not in SCHEDULERS:
+        raise EngineError(f"unknown scheduler {name!r}; choose one of default, {', '.join(SCHEDULERS)}")
+    return getattr(dsched, SCHEDULERS[name]).from_config(base.config)

@@ -1,0 +1,328 @@
+"""`engine.Pipeline`: IPAdapter-Instruct (or IP-Adapter+) generation on a Stable Diffusion 1.5 UNet.
+
+One call may hold several requests (different prompts, images, instructions, scales, guidance modes):
+all their guidance branches and images run as one UNet batch per step, and a per-call weight matrix
+combines branch outputs into each image's noise prediction (see guidance.py). Everything that does not
+change across steps is computed once per call: text, instruction and image encodings, projector outputs,
+and the K/V of the encoder tokens in every cross-attention layer.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from .adapter import Adapter, load_adapter
+from .attention import AdapterContext, expand_scale, install_processors, precompute_kv
+from .errors import EngineError
+from .guidance import branch_weights, resolve_mode
+from .loading import load_base, load_image_encoder, make_scheduler
+
+DEFAULT_PROMPT = "best quality, high quality"
+DEFAULT_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Request:
+    prompt: str
+    negative_prompt: str
+    image: Image.Image | None
+    instruct: str | None
+    scale: float | dict
+    guidance_scale: float
+    instruct_guidance_scale: float
+    image_guidance_scale: float
+    guidance_mode: str
+    num_images: int
+    generator: torch.Generator | None
+
+
+def as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise EngineError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_image(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as im:
+                return im.convert("RGB")
+        except FileNotFoundError:
+            raise EngineError(f"condition image not found: {os.fspath(image)}") from None
+        except OSError as e:
+            raise EngineError(f"cannot read condition image {os.fspath(image)}: {e}") from e
+    raise EngineError(f"condition image must be a PIL image or a path, got {type(image).__name__}")
+
+
+class Pipeline:
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, image_encoder=None, image_processor=None,
+                 adapter: Adapter | None = None, device="cpu", dtype=torch.float32):
+        self.device, self.dtype = torch.device(device), dtype
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.image_encoder, self.image_processor, self.adapter = image_encoder, image_processor, adapter
+        extra = (adapter.projector, adapter.layers) if adapter else ()
+        for m in (unet, vae, text_encoder, image_encoder, *extra):
+            if m is not None:
+                if next(m.parameters()).dtype != dtype:
+                    m.to(dtype=dtype)
+                m.to(self.device).eval().requires_grad_(False)
+        self.cross = install_processors(unet, adapter.layers if adapter else None)
+        self._progress = {}
+        self.timings: dict[str, float] = {}
+
+    @classmethod
+    def from_pretrained(cls, model, image_encoder=None, adapter=None, device=None, dtype=None) -> "Pipeline":
+        """model: a diffusers SD folder (or hub id); image_encoder: a CLIPVisionModelWithProjection folder;
+        adapter: a two-key `.bin`/`.safetensors` file. device defaults to cuda when present, dtype to
+        float16 on cuda and float32 on the CPU."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise EngineError("device cuda requested but no CUDA GPU is available")
+        dtype = as_dtype(dtype or ("float16" if device.type == "cuda" else "float32"))
+        if adapter is not None and image_encoder is None:
+            raise EngineError("an adapter needs its image encoder: pass image_encoder= (a CLIP vision folder)")
+        parts = load_base(model, dtype)
+        encoder = processor = loaded = None
+        if adapter is not None:
+            encoder, processor = load_image_encoder(image_encoder, dtype)
+            loaded = load_adapter(adapter, parts["unet"])
+            if loaded.projector.config.image_dim != encoder.config.hidden_size:
+                raise EngineError(f"adapter expects {loaded.projector.config.image_dim}-wide image tokens but the "
+                                  f"image encoder makes {encoder.config.hidden_size}-wide ones")
+            text_dim = loaded.projector.config.text_dim
+            if text_dim is not None and text_dim != parts["text_encoder"].config.hidden_size:
+                raise EngineError(f"adapter expects {text_dim}-wide instruction tokens but the text encoder "
+                                  f"makes {parts['text_encoder'].config.hidden_size}-wide ones")
+        return cls(**parts, image_encoder=encoder, image_processor=processor, adapter=loaded,
+                   device=device, dtype=dtype)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """As in diffusers: e.g. `pipe.set_progress_bar_config(disable=True)`."""
+        self._progress = kwargs
+
+    @contextmanager
+    def _timed(self, key: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timings[key] = self.timings.get(key, 0.0) + (time.perf_counter() - t0) * 1e3
+
+    # ---- step-invariant work, once per call ----------------------------------------------------------
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        # -> (N, 77, text_dim) per-token last_hidden_state, padded to max length
+        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.device))[0].to(self.dtype)
+
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
+        # -> (N + 1, Ni, image_dim) penultimate hidden states; the last row is the all-zero image
+        pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
+        pixels = pixels.to(self.device, self.dtype)
+        pixels = torch.cat([pixels, torch.zeros_like(pixels[:1])])
+        return self.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
+
+    # ---- the call --------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def __call__(self, prompt=DEFAULT_PROMPT, image=None, instruct=None, negative_prompt=DEFAULT_NEGATIVE, *,
+                 scale=0.8, guidance_scale=6.0, instruct_guidance_scale=6.0, image_guidance_scale=1.0,
+                 guidance_mode="auto", num_inference_steps=30, height=None, width=None, num_images_per_prompt=1,
+                 seed=None, generator=None, scheduler=None, output_type="pil"):
+        """Generate images. `prompt`, `image`, `instruct`, `negative_prompt`, `scale`, the guidance scales,
+        `guidance_mode` and `seed` each take one value or a list with one per request; all requests run in
+        one UNet batch. `scale` is a float or an InstantStyle-style per-block dict. Returns a list of PIL
+        images (request-major, `num_images_per_prompt` each), or latents with output_type="latent"."""
+        self.timings = {}
+        t_start = time.perf_counter()
+        reqs = self._requests(locals())
+        f = self.vae_scale_factor
+        height = height or self.unet.config.sample_size * f
+        width = width or self.unet.config.sample_size * f
+        if height <= 0 or width <= 0 or height % f or width % f:
+            raise EngineError(f"height and width must be positive multiples of the VAE factor {f}, got {height}x{width}")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise EngineError(f"steps must be a positive integer, got {num_inference_steps!r}")
+        if output_type not in ("pil", "latent"):
+            raise EngineError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+        sched = make_scheduler(self.scheduler, scheduler)
+
+        plan = self._plan(reqs)
+        with self._timed("text_encoder_ms"):
+            texts = sorted(plan["texts"])
+            emb = dict(zip(texts, self.encode_text(texts)))
+        ctx = AdapterContext()
+        text_rows = torch.stack([emb[t] for t in plan["text"]])
+        ip_rows = None
+        if self.adapter is not None:
+            with self._timed("image_encoder_ms"):
+                hidden = self.encode_images([r.image for r in reqs])
+            with self._timed("projector_ms"):
+                ip_rows = self._project(hidden, emb, plan)
+        with self._timed("kv_ms"):
+            kv = precompute_kv(self.unet, self.cross, text_rows, ip_rows)
+            index = plan["branch_of_row"].to(self.device)
+            ctx.kv = {n: tuple(t.index_select(0, index) if t is not None else None for t in kvs) for n, kvs in kv.items()}
+            ctx.scale = self._scales(reqs, plan)
+            text_rows = text_rows.index_select(0, index)
+
+        latents = self._latents(reqs, sched, height, width)
+        latent_of_row = plan["latent_of_row"].to(self.device)
+        weights = plan["weights"].to(self.device)
+        extra = self._step_kwargs(sched, reqs)
+        sched.set_timesteps(num_inference_steps, device=self.device)
+        from tqdm.auto import tqdm
+        with self._timed("denoise_ms"):
+            for t in tqdm(sched.timesteps, **{"desc": "denoise", **self._progress}):
+                x = sched.scale_model_input(latents.index_select(0, latent_of_row), t)
+                eps_rows = self.unet(x, t, encoder_hidden_states=text_rows, return_dict=False,
+                                     cross_attention_kwargs={"adapter": ctx})[0]
+                eps = (weights @ eps_rows.flatten(1).float()).view(latents.shape).to(latents.dtype)
+                latents = sched.step(eps, t, latents, **extra, return_dict=False)[0]
+        self.timings["unet_ms_per_step"] = self.timings["denoise_ms"] / len(sched.timesteps)
+        if output_type == "latent":
+            self.timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
+            return latents
+        with self._timed("vae_decode_ms"):
+            images = self.decode(latents)
+        self.timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
+        return images
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        from diffusers.image_processor import VaeImageProcessor
+        cfg = self.vae.config
+        z = latents / cfg.scaling_factor
+        if getattr(cfg, "shift_factor", None):
+            z = z + cfg.shift_factor
+        pixels = self.vae.decode(z, return_dict=False)[0]
+        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).postprocess(pixels, output_type="pil")
+
+    # ---- helpers ------------------------------------------------------------------------------------------
+
+    def _requests(self, args: dict) -> list[Request]:
+        per_request = ("prompt", "image", "instruct", "negative_prompt", "scale", "guidance_scale",
+                       "instruct_guidance_scale", "image_guidance_scale", "guidance_mode", "seed", "generator")
+        lengths = {len(args[k]) for k in per_request if isinstance(args[k], (list, tuple))}
+        if len(lengths) > 1:
+            raise EngineError(f"per-request lists must have one length, got lengths {sorted(lengths)}")
+        n = lengths.pop() if lengths else 1
+        if n == 0:
+            raise EngineError("no requests: the per-request lists are empty")
+        pick = {k: (list(args[k]) if isinstance(args[k], (list, tuple)) else [args[k]] * n) for k in per_request}
+        num = args["num_images_per_prompt"]
+        if not isinstance(num, int) or num < 1:
+            raise EngineError(f"num_images_per_prompt must be a positive integer, got {num!r}")
+        reqs = []
+        for i in range(n):
+            p = {k: v[i] for k, v in pick.items()}
+            for k in ("guidance_scale", "instruct_guidance_scale", "image_guidance_scale"):
+                if not isinstance(p[k], (int, float)) or not math.isfinite(p[k]):
+                    raise EngineError(f"{k} must be a finite number, got {p[k]!r}")
+            if isinstance(p["scale"], (int, float)) and not math.isfinite(p["scale"]):
+                raise EngineError(f"adapter scale must be finite, got {p['scale']!r}")
+            for k in ("prompt", "negative_prompt"):
+                if not isinstance(p[k], str):
+                    raise EngineError(f"{k} must be a string, got {type(p[k]).__name__}")
+            img = None
+            if self.adapter is None:
+                if p["image"] is not None:
+                    raise EngineError("a condition image was given but no adapter is loaded (from_pretrained(adapter=...))")
+            else:
+                if p["image"] is None:
+                    raise EngineError("a condition image is required with an adapter")
+                img = load_image(p["image"])
+                if self.adapter.kind == "instruct" and (not isinstance(p["instruct"], str) or not p["instruct"].strip()):
+                    raise EngineError("instruction is empty: say what to take from the image, "
+                                      "e.g. 'use the style of this image'")
+            gen = p["generator"]
+            if gen is None and p["seed"] is not None:
+                gen = torch.Generator(self.device).manual_seed(int(p["seed"]))
+            reqs.append(Request(p["prompt"], p["negative_prompt"], img, p["instruct"], p["scale"],
+                                float(p["guidance_scale"]), float(p["instruct_guidance_scale"]),
+                                float(p["image_guidance_scale"]), p["guidance_mode"], num, gen))
+        return reqs
+
+    def _plan(self, reqs: list[Request]) -> dict:
+        """Branch rows (one per request x guidance branch), UNet rows (x images) and the combination weights."""
+        instruct = self.adapter is not None and self.adapter.kind == "instruct"
+        branches, texts = [], set()
+        for r, req in enumerate(reqs):
+            mode = resolve_mode(req.guidance_mode, req.instruct, req.guidance_scale, instruct)
+            for br, w in branch_weights(mode, req.guidance_scale, req.instruct_guidance_scale, req.image_guidance_scale):
+                src = {"prompt": req.prompt, "negative": req.negative_prompt,
+                       "instruction": req.instruct, "everything": "everything", "empty": ""}
+                row = {"r": r, "w": w, "image": br.image, "text": src[br.text],
+                       "instruct": src[br.instruct], "ip_prompt": src[br.ip_prompt]}
+                texts.add(row["text"])
+                if instruct:
+                    texts.update((row["instruct"], row["ip_prompt"]))
+                branches.append(row)
+        offsets = [0]
+        for req in reqs:
+            offsets.append(offsets[-1] + req.num_images)
+        branch_of_row, latent_of_row, cols = [], [], []
+        for j, row in enumerate(branches):
+            for k in range(reqs[row["r"]].num_images):
+                branch_of_row.append(j)
+                latent_of_row.append(offsets[row["r"]] + k)
+                cols.append(row["w"])
+        weights = torch.zeros(offsets[-1], len(cols), dtype=torch.float32)
+        weights[torch.tensor(latent_of_row), torch.arange(len(cols))] = torch.tensor(cols, dtype=torch.float32)
+        return {"branches": branches, "texts": texts, "text": [b["text"] for b in branches],
+                "branch_of_row": torch.tensor(branch_of_row), "latent_of_row": torch.tensor(latent_of_row),
+                "row_request": [branches[j]["r"] for j in branch_of_row], "weights": weights}
+
+    def _project(self, hidden: torch.Tensor, emb: dict, plan: dict) -> torch.Tensor:
+        # hidden: (R + 1, Ni, image_dim), last row the zero image -> (branch rows, Q, cross_dim)
+        zero = hidden.shape[0] - 1
+        image = hidden[[b["r"] if b["image"] else zero for b in plan["branches"]]]
+        if self.adapter.kind != "instruct":
+            return self.adapter.projector(image)
+        instruct = torch.stack([emb[b["instruct"]] for b in plan["branches"]])
+        prompt = torch.stack([emb[b["ip_prompt"]] for b in plan["branches"]])
+        return self.adapter.projector(image, instruct, prompt)
+
+    def _scales(self, reqs: list[Request], plan: dict) -> dict[str, torch.Tensor]:
+        names = list(self.cross)
+        per_req = [expand_scale(self.unet, names, req.scale) for req in reqs]
+        rows = plan["row_request"]
+        return {n: torch.tensor([per_req[r][n] for r in rows], device=self.device, dtype=self.dtype).view(-1, 1, 1, 1)
+                for n in names}
+
+    def _latents(self, reqs: list[Request], sched, height: int, width: int) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+        f = self.vae_scale_factor
+        shape = (self.unet.config.in_channels, height // f, width // f)
+        parts = [randn_tensor((req.num_images, *shape), generator=req.generator, device=self.device, dtype=self.dtype)
+                 for req in reqs]
+        return torch.cat(parts) * sched.init_noise_sigma
+
+    def _step_kwargs(self, sched, reqs: list[Request]) -> dict:
+        # ancestral/stochastic schedulers draw noise each step: one generator per image row, shared within a request
+        if "generator" not in inspect.signature(sched.step).parameters:
+            return {}
+        if len(reqs) == 1:
+            return {"generator": reqs[0].generator}
+        if any(r.generator is None for r in reqs):
+            return {}
+        return {"generator": [r.generator for r in reqs for _ in range(r.num_images)]}

@@ -1,0 +1,121 @@
+"""Tiny random weights in the real on-disk formats, so tests and the demo run the users' loading paths.
+
+`make_tiny(DIR)` writes:
+  DIR/model/               a diffusers Stable Diffusion folder (model_index.json, unet, vae, text_encoder,
+                           tokenizer, scheduler), SD1.5's layout at toy widths; VAE factor 4, not 8
+  DIR/image_encoder/       a transformers CLIPVisionModelWithProjection folder with its preprocessor_config.json
+  DIR/adapter.safetensors  an IPAdapter-Instruct adapter in the two-key layout
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+from .adapter import AdapterLayers, save_adapter
+from .projector import InstructProjector, ProjectorConfig
+
+TEXT_DIM = 32      # text encoder width = UNet cross-attention width, as in SD1.5 (768)
+IMAGE_DIM = 48     # CLIP vision width (1280 in ViT-H/14)
+IMAGE_SIZE = 32    # CLIP input size (224)
+
+
+def tiny_tokenizer(folder: str):
+    """A CLIP BPE tokenizer over single bytes (no merges): real format, any text, no download."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "vocab.json"), "w") as fh:
+            json.dump(vocab, fh)
+        with open(os.path.join(tmp, "merges.txt"), "w") as fh:
+            fh.write("#version: 0.2\n")
+        tok = CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"), model_max_length=77)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def tiny_base(folder: str) -> None:
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = tiny_tokenizer(tmp)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_DIM, attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, sample_size=64)
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id))
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+
+
+def tiny_image_encoder(folder: str) -> None:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from .loading import _image_processor_class
+
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=IMAGE_DIM, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+        image_size=IMAGE_SIZE, patch_size=8, projection_dim=TEXT_DIM))
+    model.save_pretrained(folder)
+    proc = _image_processor_class()(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    proc.save_pretrained(folder)
+
+
+def tiny_adapter(path: str, unet, kind: str = "instruct", num_queries: int = 4) -> None:
+    """A random adapter for `unet` in the two-key layout. kind: "instruct" or "plus" (IP-Adapter+).
+
+    Depth 4 and heads = width / 64, as in every released checkpoint (diffusers' converter needs both).
+    """
+    cfg = ProjectorConfig(dim=TEXT_DIM, depth=4, heads=1, num_queries=num_queries, image_dim=IMAGE_DIM,
+                          output_dim=unet.config.cross_attention_dim, ff_mult=4,
+                          text_dim=TEXT_DIM if kind == "instruct" else None)
+    projector = InstructProjector(cfg)
+    layers = AdapterLayers(unet, unet.config.cross_attention_dim)
+    save_adapter(path, projector, layers)
+
+
+def make_tiny(folder: str, seed: int = 0) -> dict[str, str]:
+    """Write the three tiny pieces under `folder` (replacing what is there, atomically). -> their paths."""
+    from diffusers import UNet2DConditionModel
+
+    folder = os.path.abspath(folder)
+    parent = os.path.dirname(folder) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
+    try:
+        torch.manual_seed(seed)
+        tiny_base(os.path.join(tmp, "model"))
+        tiny_image_encoder(os.path.join(tmp, "image_encoder"))
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(tmp, "model"), subfolder="unet")
+        tiny_adapter(os.path.join(tmp, "adapter.safetensors"), unet)
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+    return tiny_paths(folder)
+
+
+def tiny_paths(folder: str) -> dict[str, str]:
+    return {"model": os.path.join(folder, "model"), "image_encoder": os.path.join(folder, "image_encoder"),
+            "adapter": os.path.join(folder, "adapter.safetensors")}

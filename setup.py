@@ -1,0 +1,27 @@
+"""Install the engine and its sibling packages.
+
+torch is required but deliberately left to the Makefile (or to you): on a machine with no NVIDIA
+GPU install the CPU build first (`pip install torch==2.13.0` here) so that this package's
+requirements are already satisfied and no multi-GB CUDA build is pulled in.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="ipadapter-instruct-engine",
+    version="0.1.0",
+    description="Fast IPAdapter-Instruct generation on Stable Diffusion 1.5: engine, kernels, export, trainer, benchmarks",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "export", "export.*",
+                                    "train", "train.*", "bench", "bench.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "diffusers>=0.35,<0.43",
+        "transformers>=4.45,<6",
+        "safetensors>=0.4",
+        "accelerate>=0.30",
+        "pillow>=9",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+    ],
+    extras_require={"dev": ["pytest>=8"]},
+)

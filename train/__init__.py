@@ -1,0 +1,1 @@
+"""The IPAdapter-Instruct trainer. Not built yet: see the README."""
