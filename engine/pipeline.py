@@ -186,11 +186,11 @@ class Pipeline:
             ctx.scale = self._scales(reqs, plan)
             text_rows = text_rows.index_select(0, index)
 
+        sched.set_timesteps(num_inference_steps, device=self.device)  # before the latents: sets init_noise_sigma
         latents = self._latents(reqs, sched, height, width)
         latent_of_row = plan["latent_of_row"].to(self.device)
         weights = plan["weights"].to(self.device)
         extra = self._step_kwargs(sched, reqs)
-        sched.set_timesteps(num_inference_steps, device=self.device)
         from tqdm.auto import tqdm
         with self._timed("denoise_ms"):
             for t in tqdm(sched.timesteps, **{"desc": "denoise", **self._progress}):

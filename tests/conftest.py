@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random weights written once per session in the real on-disk formats."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+PROMPT = "a red house by a lake"
+NEGATIVE = "blurry, low quality"
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    from engine.tiny import make_tiny
+    return make_tiny(str(tmp_path_factory.mktemp("tiny") / "weights"))
+
+
+@pytest.fixture(scope="session")
+def plus_dir(tiny, tmp_path_factory):
+    """An IP-Adapter+ checkpoint for the tiny UNet, as plus.safetensors and (same tensors) plus.bin."""
+    from diffusers import UNet2DConditionModel
+
+    from engine.adapter import read_adapter_file
+    from engine.tiny import tiny_adapter
+
+    folder = tmp_path_factory.mktemp("plus")
+    unet = UNet2DConditionModel.from_pretrained(tiny["model"], subfolder="unet")
+    torch.manual_seed(1)
+    tiny_adapter(str(folder / "plus.safetensors"), unet, kind="plus")
+    image_proj, ip_adapter = read_adapter_file(folder / "plus.safetensors")
+    torch.save({"image_proj": image_proj, "ip_adapter": ip_adapter}, folder / "plus.bin")
+    return folder
+
+
+def load_pipe(tiny, adapter):
+    from engine import Pipeline
+    pipe = Pipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"], adapter=adapter, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def instruct_pipe(tiny):
+    return load_pipe(tiny, tiny["adapter"])
+
+
+@pytest.fixture(scope="session")
+def plus_pipe(tiny, plus_dir):
+    return load_pipe(tiny, plus_dir / "plus.safetensors")
+
+
+@pytest.fixture(scope="session")
+def cond_image():
+    from engine.demo import draw_condition_image
+    return draw_condition_image(64)
+
+
+@pytest.fixture(scope="session")
+def other_image():
+    from PIL import Image
+    g = torch.Generator().manual_seed(5)
+    return Image.fromarray((torch.rand(40, 56, 3, generator=g) * 255).to(torch.uint8).numpy())

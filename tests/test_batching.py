@@ -1,0 +1,61 @@
+"""Several requests in one call: one UNet batch per step, and each image as if it ran alone."""
+import pytest
+import torch
+from conftest import NEGATIVE, PROMPT
+
+from engine import EngineError
+
+STEPS = 3
+
+
+def test_batch_of_requests_equals_each_alone(instruct_pipe, cond_image, other_image):
+    reqs = [dict(prompt=PROMPT, image=cond_image, instruct="use the style of this image", scale=0.6, seed=1),
+            dict(prompt="a blue car", image=other_image, instruct="take the object", scale=1.1, seed=2)]
+    kw = dict(negative_prompt=NEGATIVE, num_inference_steps=STEPS, output_type="latent", num_images_per_prompt=2)
+    together = instruct_pipe(**{k: [r[k] for r in reqs] for k in reqs[0]}, **kw)
+    alone = torch.cat([instruct_pipe(**r, **kw) for r in reqs])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_one_unet_call_per_step_with_all_branches(instruct_pipe, cond_image, other_image):
+    seen = []
+    hook = instruct_pipe.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    try:
+        instruct_pipe([PROMPT, PROMPT], [cond_image, other_image], ["use the style", "take the object"],
+                      num_inference_steps=STEPS, num_images_per_prompt=2, seed=0, output_type="latent",
+                      scheduler="ddim")
+    finally:
+        hook.remove()
+    assert seen == [(2 + 4) * 2] * STEPS  # simple (2 branches) + full (4), two images each, every step
+
+
+def test_images_grouped_per_request(instruct_pipe, cond_image):
+    out = instruct_pipe([PROMPT, "a tree"], cond_image, "take the object", num_inference_steps=1,
+                        num_images_per_prompt=3, seed=[5, 6])
+    assert len(out) == 6 and all(im.size == (64, 64) for im in out)
+
+
+def test_same_seed_same_image_different_seed_different(instruct_pipe, cond_image):
+    run = lambda s: instruct_pipe(PROMPT, cond_image, "take the object", num_inference_steps=2, seed=s,  # noqa: E731
+                                  output_type="latent")
+    assert torch.equal(run(9), run(9))
+    assert not torch.allclose(run(9), run(10))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(height=30), "multiples of the VAE factor 4, got 30x64"),
+    (dict(num_inference_steps=0), "steps must be a positive integer"),
+    (dict(scheduler="heun"), "unknown scheduler 'heun'"),
+    (dict(instruct="   "), "instruction is empty"),
+    (dict(image=None), "condition image is required"),
+    (dict(prompt=["a", "b"], seed=[1, 2, 3]), "one length"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+    (dict(scale={"sideways": 1.0}), "bad per-block adapter scale"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt must be a positive integer"),
+])
+def test_bad_input_names_the_problem(instruct_pipe, cond_image, kwargs, message):
+    args = dict(prompt=PROMPT, image=cond_image, instruct="take the object", num_inference_steps=1, seed=0)
+    args.update(kwargs)
+    with pytest.raises(EngineError, match=message) as err:
+        instruct_pipe(**args)
+    assert "\n" not in str(err.value)
