@@ -63,3 +63,8 @@ def other_image():
     from PIL import Image
     g = torch.Generator().manual_seed(5)
     return Image.fromarray((torch.rand(40, 56, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+def pytest_configure(config):
+    # diffusers' schedulers trip numpy 2's copy-keyword deprecation; not ours to fix, and it buries real warnings
+    config.addinivalue_line("filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword")
