@@ -175,10 +175,12 @@ class Pipeline:
         text_rows = torch.stack([emb[t] for t in plan["text"]])
         ip_rows = None
         if self.adapter is not None:
+            unique = {id(r.image): r.image for r in reqs}  # a shared condition image is encoded once
+            slot = {key: i for i, key in enumerate(unique)}
             with self._timed("image_encoder_ms"):
-                hidden = self.encode_images([r.image for r in reqs])
+                hidden = self.encode_images(list(unique.values()))
             with self._timed("projector_ms"):
-                ip_rows = self._project(hidden, emb, plan)
+                ip_rows = self._project(hidden, [slot[id(r.image)] for r in reqs], emb, plan)
         with self._timed("kv_ms"):
             kv = precompute_kv(self.unet, self.cross, text_rows, ip_rows)
             index = plan["branch_of_row"].to(self.device)
@@ -232,7 +234,7 @@ class Pipeline:
         num = args["num_images_per_prompt"]
         if not isinstance(num, int) or num < 1:
             raise EngineError(f"num_images_per_prompt must be a positive integer, got {num!r}")
-        reqs = []
+        reqs, loaded = [], {}
         for i in range(n):
             p = {k: v[i] for k, v in pick.items()}
             for k in ("guidance_scale", "instruct_guidance_scale", "image_guidance_scale"):
@@ -250,7 +252,9 @@ class Pipeline:
             else:
                 if p["image"] is None:
                     raise EngineError("a condition image is required with an adapter")
-                img = load_image(p["image"])
+                if id(p["image"]) not in loaded:
+                    loaded[id(p["image"])] = load_image(p["image"])
+                img = loaded[id(p["image"])]
                 if self.adapter.kind == "instruct" and (not isinstance(p["instruct"], str) or not p["instruct"].strip()):
                     raise EngineError("instruction is empty: say what to take from the image, "
                                       "e.g. 'use the style of this image'")
@@ -292,10 +296,10 @@ class Pipeline:
                 "branch_of_row": torch.tensor(branch_of_row), "latent_of_row": torch.tensor(latent_of_row),
                 "row_request": [branches[j]["r"] for j in branch_of_row], "weights": weights}
 
-    def _project(self, hidden: torch.Tensor, emb: dict, plan: dict) -> torch.Tensor:
-        # hidden: (R + 1, Ni, image_dim), last row the zero image -> (branch rows, Q, cross_dim)
+    def _project(self, hidden: torch.Tensor, image_of_req: list[int], emb: dict, plan: dict) -> torch.Tensor:
+        # hidden: (unique images + 1, Ni, image_dim), last row the zero image -> (branch rows, Q, cross_dim)
         zero = hidden.shape[0] - 1
-        image = hidden[[b["r"] if b["image"] else zero for b in plan["branches"]]]
+        image = hidden[[image_of_req[b["r"]] if b["image"] else zero for b in plan["branches"]]]
         if self.adapter.kind != "instruct":
             return self.adapter.projector(image)
         instruct = torch.stack([emb[b["instruct"]] for b in plan["branches"]])

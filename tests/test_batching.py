@@ -59,3 +59,13 @@ def test_bad_input_names_the_problem(instruct_pipe, cond_image, kwargs, message)
     with pytest.raises(EngineError, match=message) as err:
         instruct_pipe(**args)
     assert "\n" not in str(err.value)
+
+
+def test_shared_condition_image_encoded_once(instruct_pipe, cond_image):
+    seen = []
+    hook = instruct_pipe.image_encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    try:
+        instruct_pipe(["a", "b", "c"], cond_image, "take the object", num_inference_steps=1, output_type="latent")
+    finally:
+        hook.remove()
+    assert seen == [2]  # the one shared image and the zero image
