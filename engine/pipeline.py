@@ -22,7 +22,7 @@ from .adapter import Adapter, load_adapter
 from .attention import AdapterContext, expand_scale, install_processors, precompute_kv
 from .errors import EngineError
 from .guidance import branch_weights, resolve_mode
-from .loading import load_base, load_image_encoder, make_scheduler
+from .loading import load_base, load_image_encoder, make_scheduler, resolve
 
 DEFAULT_PROMPT = "best quality, high quality"
 DEFAULT_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
@@ -92,8 +92,12 @@ class Pipeline:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise EngineError("device cuda requested but no CUDA GPU is available")
         dtype = as_dtype(dtype or ("float16" if device.type == "cuda" else "float32"))
-        if adapter is not None and image_encoder is None:
-            raise EngineError("an adapter needs its image encoder: pass image_encoder= (a CLIP vision folder)")
+        if adapter is not None:  # the cheap checks first, before gigabytes of base weights load
+            if image_encoder is None:
+                raise EngineError("an adapter needs its image encoder: pass image_encoder= (a CLIP vision folder)")
+            if not os.path.isfile(adapter):
+                raise EngineError(f"adapter file not found: {os.fspath(adapter)}")
+            resolve(image_encoder, "image encoder")
         parts = load_base(model, dtype)
         encoder = processor = loaded = None
         if adapter is not None:

@@ -146,3 +146,9 @@ def test_vae_factor_read_from_config(tiny, instruct_pipe):
     with open(os.path.join(tiny["model"], "vae", "config.json")) as fh:
         levels = len(json.load(fh)["block_out_channels"])
     assert instruct_pipe.vae_scale_factor == 2 ** (levels - 1) == 4
+
+
+def test_adapter_checked_before_base_weights_load(tmp_path):
+    # the base model path is bad too, but the missing adapter is reported first: no time spent loading
+    with pytest.raises(EngineError, match="adapter file not found"):
+        Pipeline.from_pretrained(str(tmp_path / "no-model"), image_encoder=str(tmp_path), adapter=tmp_path / "a.bin")
