@@ -9,6 +9,7 @@ and the K/V of the encoder tokens in every cross-attention layer.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import os
 import time
@@ -26,6 +27,7 @@ from .loading import load_base, load_image_encoder, make_scheduler, resolve
 
 DEFAULT_PROMPT = "best quality, high quality"
 DEFAULT_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -262,6 +264,9 @@ class Pipeline:
                 if self.adapter.kind == "instruct" and (not isinstance(p["instruct"], str) or not p["instruct"].strip()):
                     raise EngineError("instruction is empty: say what to take from the image, "
                                       "e.g. 'use the style of this image'")
+                if self.adapter.kind == "plus" and p["instruct"]:
+                    log.warning("the instruction %r is ignored: the loaded adapter is IP-Adapter+, which takes "
+                                "no instruction", p["instruct"])
             gen = p["generator"]
             if gen is None and p["seed"] is not None:
                 gen = torch.Generator(self.device).manual_seed(int(p["seed"]))

@@ -69,3 +69,9 @@ def test_shared_condition_image_encoded_once(instruct_pipe, cond_image):
     finally:
         hook.remove()
     assert seen == [2]  # the one shared image and the zero image
+
+
+def test_plus_adapter_warns_that_it_ignores_the_instruction(plus_pipe, cond_image, caplog):
+    with caplog.at_level("WARNING", logger="engine.pipeline"):
+        plus_pipe(PROMPT, cond_image, "take the object", num_inference_steps=1, output_type="latent")
+    assert "is ignored" in caplog.text

@@ -152,3 +152,20 @@ def test_adapter_checked_before_base_weights_load(tmp_path):
     # the base model path is bad too, but the missing adapter is reported first: no time spent loading
     with pytest.raises(EngineError, match="adapter file not found"):
         Pipeline.from_pretrained(str(tmp_path / "no-model"), image_encoder=str(tmp_path), adapter=tmp_path / "a.bin")
+
+
+def test_sd15_layout_expects_the_released_keys():
+    """A real ip-adapter-instruct-sd15.bin has to_k_ip/to_v_ip at odd indices 1..31 (SPEC.md): built on the meta
+    device from SD1.5's UNet config, the engine expects exactly those keys and widths."""
+    from diffusers import UNet2DConditionModel
+
+    from engine.adapter import AdapterLayers
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)  # diffusers' defaults are SD1.5's
+        layers = AdapterLayers(unet, 768)
+    sd = layers.state_dict()
+    want = {f"layers.{i}.to_{kv}_ip.weight" for i in range(1, 32, 2) for kv in "kv"}
+    assert set(sd) == want
+    widths = [sd[f"layers.{i}.to_k_ip.weight"].shape for i in range(1, 32, 2)]
+    assert sorted({w[0] for w in widths}) == [320, 640, 1280] and {w[1] for w in widths} == {768}
+    assert widths[-1][0] == 1280  # index 31 is the mid block
