@@ -25,9 +25,10 @@ from .errors import EngineError
 from .guidance import branch_weights, resolve_mode
 from .loading import load_base, load_image_encoder, make_scheduler, resolve
 
+log = logging.getLogger(__name__)
+
 DEFAULT_PROMPT = "best quality, high quality"
 DEFAULT_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
-log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -29,10 +29,10 @@ def test_one_unet_call_per_step_with_all_branches(instruct_pipe, cond_image, oth
     assert seen == [(2 + 4) * 2] * STEPS  # simple (2 branches) + full (4), two images each, every step
 
 
-def test_images_grouped_per_request(instruct_pipe, cond_image):
+def test_pil_output_count_and_size(instruct_pipe, cond_image):
     out = instruct_pipe([PROMPT, "a tree"], cond_image, "take the object", num_inference_steps=1,
                         num_images_per_prompt=3, seed=[5, 6])
-    assert len(out) == 6 and all(im.size == (64, 64) for im in out)
+    assert len(out) == 6 and all(im.size == (64, 64) for im in out)  # order: test_batch_of_requests_equals_each_alone
 
 
 def test_same_seed_same_image_different_seed_different(instruct_pipe, cond_image):
