@@ -22,6 +22,8 @@ setup(
         "pillow>=9",
         "numpy>=1.24",
         "tqdm>=4.60",
+        # the fused kernels; on the CPU they run under TRITON_INTERPRET=1 (wheels are Linux-only)
+        "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={"dev": ["pytest>=8"]},
 )
