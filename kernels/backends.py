@@ -1,0 +1,81 @@
+"""Which implementation runs the decoupled cross-attention: `triton`, `sdpa` or `reference`.
+
+- triton: the fused kernel (kernels/decoupled_attention.py); CUDA tensors, or CPU tensors under
+  TRITON_INTERPRET=1 when asked for by name (the interpreter is a test tool, never chosen by `auto`).
+- sdpa: what diffusers' IP-Adapter processor does, one `scaled_dot_product_attention` per branch and
+  a scaled add. Runs everywhere.
+- reference: `decoupled_attention_ref`, plain PyTorch maths.
+
+`auto` picks triton where it can run and sdpa elsewhere. Whenever the backend that runs is not the one
+asked for (or `auto` cannot take triton), the reason is logged once per distinct reason, never silently.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from engine.errors import EngineError
+
+from ._runtime import triton_unusable
+from .decoupled_attention import MAX_HEAD_DIM, decoupled_attention_ref, normalize
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "triton", "sdpa", "reference")
+_logged: set[tuple[str, str, str]] = set()
+
+
+def decoupled_attention_sdpa(q, k, v, k_ip, v_ip, scale, mask=None, ip_mask=None):
+    """Two SDPA calls and the scaled add, as diffusers' IPAdapterAttnProcessor2_0. Same contract as the kernel,
+    except that a row whose text keys are all masked gives NaN (SDPA's behaviour) instead of zeros."""
+    k_ips, v_ips, scales, ip_masks = normalize(q, k, v, k_ip, v_ip, scale, mask, ip_mask)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
+    for a, (ki, vi) in enumerate(zip(k_ips, v_ips)):
+        w = scales[a].to(q.dtype).view(-1, 1, 1, 1)
+        if ip_masks is not None:
+            w = w * ip_masks[a].to(q.dtype)[:, None, :, None]
+        out = out + w * F.scaled_dot_product_attention(q, ki, vi)
+    return out
+
+
+def _triton_fn():
+    from .decoupled_attention import decoupled_attention
+    return decoupled_attention
+
+
+IMPLEMENTATIONS = {"triton": _triton_fn, "sdpa": lambda: decoupled_attention_sdpa,
+                   "reference": lambda: decoupled_attention_ref}
+
+
+def _triton_reason(q: torch.Tensor) -> str | None:
+    reason = triton_unusable(q.device)
+    if reason is None and q.shape[-1] > MAX_HEAD_DIM:
+        reason = f"head dim {q.shape[-1]} is over the kernel's {MAX_HEAD_DIM}"
+    if reason is None and q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        reason = f"dtype {q.dtype}"
+    return reason
+
+
+def select(q: torch.Tensor, backend: str = "auto") -> str:
+    """The backend that will run for a query like `q` when `backend` is asked for."""
+    if backend not in BACKENDS:
+        raise EngineError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend in ("sdpa", "reference"):
+        return backend
+    reason = _triton_reason(q)
+    if backend == "auto" and reason is None and q.device.type != "cuda":
+        reason = "CPU tensors: the Triton interpreter is for tests; ask for backend='triton' to use it"
+    if reason is None:
+        return "triton"
+    key = (backend, q.device.type, reason)
+    if key not in _logged:
+        _logged.add(key)
+        level = logging.WARNING if backend == "triton" else logging.INFO
+        log.log(level, "decoupled attention: %s asked, running sdpa because: %s", backend, reason)
+    return "sdpa"
+
+
+def decoupled(q, k, v, k_ip, v_ip, scale, mask=None, ip_mask=None, backend: str = "auto"):
+    """Decoupled cross-attention through the registry; arguments as `kernels.decoupled_attention`."""
+    return IMPLEMENTATIONS[select(q, backend)]()(q, k, v, k_ip, v_ip, scale, mask, ip_mask)

@@ -1,0 +1,267 @@
+"""Decoupled cross-attention (IP-Adapter): text attention plus scaled adapter attention, one kernel.
+
+    out = softmax(q k^T / sqrt(D)) v  +  sum_a scale_a * ip_mask_a * softmax(q k_ip_a^T / sqrt(D)) v_ip_a
+
+Two (or more) separate softmaxes, as SPEC.md section 1. The kernel takes one Q tile per program, runs
+an online softmax over the text keys and then over each adapter's keys while the Q tile stays in
+registers, and writes the output once, already in the (B, Lq, H, D) layout the attention's output
+projection wants. `decoupled_attention_ref` is the plain PyTorch reference with the same signature.
+The backward pass lives in `decoupled_attention_bwd.py`.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.errors import EngineError
+
+from ._runtime import interpreting, triton_unusable
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+def normalize(q, k, v, k_ip, v_ip, scale, mask, ip_mask):
+    """Check the contract and return (k_ips, v_ips, scales (A, B) fp32, ip_masks list or None).
+
+    A single adapter may be given as tensors, several as tuples of tensors (and tuples of scales and
+    ip_masks). Every problem is one EngineError naming the argument and the expected shape.
+    """
+    if q.ndim != 4:
+        raise EngineError(f"q must be (B, H, Lq, D), got shape {tuple(q.shape)}")
+    b, h, lq, d = q.shape
+    if q.dtype not in DTYPES:
+        raise EngineError(f"q has dtype {q.dtype}; supported: float32, float16, bfloat16")
+    for name, t in (("k", k), ("v", v)):
+        if t.ndim != 4 or t.shape[:2] != (b, h) or t.shape[3] != d or t.dtype != q.dtype:
+            raise EngineError(f"{name} must be (B={b}, H={h}, Lt, D={d}) {q.dtype}, got {tuple(t.shape)} {t.dtype}")
+    if k.shape != v.shape:
+        raise EngineError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    several = isinstance(k_ip, (tuple, list))
+    k_ips = list(k_ip) if several else ([] if k_ip is None else [k_ip])
+    v_ips = list(v_ip) if isinstance(v_ip, (tuple, list)) else ([] if v_ip is None else [v_ip])
+    if len(k_ips) != len(v_ips):
+        raise EngineError(f"got {len(k_ips)} k_ip tensors but {len(v_ips)} v_ip tensors")
+    for i, (ki, vi) in enumerate(zip(k_ips, v_ips)):
+        if ki.ndim != 4 or ki.shape[:2] != (b, h) or ki.shape[3] != d or ki.dtype != q.dtype or ki.shape != vi.shape \
+                or vi.dtype != q.dtype:
+            raise EngineError(f"adapter {i}: k_ip and v_ip must both be (B={b}, H={h}, Li, D={d}) {q.dtype}, "
+                              f"got {tuple(ki.shape)} {ki.dtype} and {tuple(vi.shape)} {vi.dtype}")
+    n = len(k_ips)
+    scale_list = list(scale) if isinstance(scale, (tuple, list)) else [scale] * (n or 1)
+    if n and len(scale_list) != n:
+        raise EngineError(f"got {n} adapters but {len(scale_list)} scales")
+    rows = []
+    for s in scale_list[:n]:
+        if isinstance(s, torch.Tensor):
+            if s.shape not in ((b,), ()):
+                raise EngineError(f"scale must be a float or a (B={b},) tensor, got shape {tuple(s.shape)}")
+            rows.append(s.to(device=q.device, dtype=torch.float32).expand(b))
+        elif isinstance(s, (int, float)) and not isinstance(s, bool):
+            rows.append(torch.full((b,), float(s), device=q.device))
+        else:
+            raise EngineError(f"scale must be a float or a (B,) tensor, got {type(s).__name__}")
+    scales = torch.stack(rows) if rows else torch.zeros(0, b, device=q.device)
+    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (b, k.shape[2])):
+        raise EngineError(f"mask must be bool (B={b}, Lt={k.shape[2]}) with True = keep, "
+                          f"got {mask.dtype} {tuple(mask.shape)}")
+    ip_masks = None
+    if ip_mask is not None:
+        ip_masks = list(ip_mask) if isinstance(ip_mask, (tuple, list)) else [ip_mask]
+        if len(ip_masks) != n:
+            raise EngineError(f"got {n} adapters but {len(ip_masks)} ip_masks")
+        for m in ip_masks:
+            if tuple(m.shape) != (b, lq) or not m.is_floating_point():
+                raise EngineError(f"ip_mask must be float (B={b}, Lq={lq}), got {m.dtype} {tuple(m.shape)}")
+    return k_ips, v_ips, scales, ip_masks
+
+
+def _softmax_attention(q, k, v, mask=None):
+    # q: (B, H, Lq, D); k, v: (B, H, L, D); mask: (B, L) bool -> (B, H, Lq, D); rows with no key left give 0
+    s = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return p.to(v.dtype) @ v
+
+
+def decoupled_attention_ref(q, k, v, k_ip, v_ip, scale, mask=None, ip_mask=None):
+    """Plain PyTorch, in the inputs' dtype (softmax in fp32). Same contract as `decoupled_attention`."""
+    k_ips, v_ips, scales, ip_masks = normalize(q, k, v, k_ip, v_ip, scale, mask, ip_mask)
+    out = _softmax_attention(q, k, v, mask)
+    for a, (ki, vi) in enumerate(zip(k_ips, v_ips)):
+        w = scales[a].view(-1, 1, 1, 1)
+        if ip_masks is not None:
+            w = w * ip_masks[a].float()[:, None, :, None]
+        out = out + w.to(q.dtype) * _softmax_attention(q, ki, vi)
+    return out.to(q.dtype)
+
+
+@triton.jit
+def mma(a, b, PRECISION: tl.constexpr):
+    # tl.dot, with the interpreter's broken bf16 dot replaced by an exact fp32 one on the same bf16 values
+    if PRECISION == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "ieee"  # no TF32: fp32 callers asked for fp32
+    return "upcast" if dtype == torch.bfloat16 and interpreting() else "tf32"
+
+
+@triton.jit
+def _attend(q, k_base, v_base, stride_kn, stride_vn, start, end, mask_row, qk_scale, offs_d, d_ok,
+            HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            PRECISION: tl.constexpr):
+    # online softmax of q (BLOCK_M, BLOCK_D) over keys [start, end): returns (unnormalised acc, max, sum), base 2
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        kv_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+        s = mma(q, tl.trans(k), PRECISION) * qk_scale
+        keep = n_ok
+        if HAS_MASK:
+            keep = keep & (tl.load(mask_row + offs_n, mask=n_ok, other=0) != 0)
+        s = tl.where(keep[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays all zero
+        p = tl.math.exp2(s - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, KI, VI, Out, Mask, Scale, IpMask, Offs, LseT, LseI,
+                qk_scale, B, H, Lq, Lt, D,
+                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn, stride_kib, stride_kih, stride_kin,
+                stride_vib, stride_vih, stride_vin, stride_ob, stride_oh, stride_om,
+                NUM_ADAPTERS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_IP_MASK: tl.constexpr,
+                STORE_LSE: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Lq
+    d_ok = offs_d < D
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+
+    acc, m_i, l_i = _attend(q, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
+                            stride_kn, stride_vn, 0, Lt, Mask + b * Lt, qk_scale, offs_d, d_ok,
+                            HAS_MASK, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if STORE_LSE:
+        tl.store(LseT + pid_bh * Lq + offs_m, tl.where(l_i > 0, m_i + tl.math.log2(l_i), float("inf")), mask=m_ok)
+
+    for a in tl.static_range(NUM_ADAPTERS):
+        start = tl.load(Offs + a)
+        end = tl.load(Offs + a + 1)
+        acc_a, m_a, l_a = _attend(q, KI + b * stride_kib + h * stride_kih, VI + b * stride_vib + h * stride_vih,
+                                  stride_kin, stride_vin, start, end, Mask, qk_scale, offs_d, d_ok,
+                                  False, BLOCK_M, BLOCK_I, BLOCK_D, PRECISION)
+        w = tl.load(Scale + a * B + b) / tl.where(l_a > 0, l_a, 1.0)
+        if HAS_IP_MASK:
+            w = w * tl.load(IpMask + (a * B + b) * Lq + offs_m, mask=m_ok, other=0.0)
+        out += w[:, None] * acc_a
+        if STORE_LSE:
+            tl.store(LseI + (a * B * H + pid_bh) * Lq + offs_m,
+                     tl.where(l_a > 0, m_a + tl.math.log2(l_a), float("inf")), mask=m_ok)
+
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+def key_block(n: int) -> int:
+    """The key block (16, 32 or 64) that pads `n` keys least; ties go to the larger block."""
+    return min((triton.cdiv(n, c) * c, -c) for c in (64, 32, 16))[1] * -1
+
+
+def launch_config(d: int, lq: int) -> dict:
+    block_d = max(16, triton.next_power_of_2(d))
+    block_m = 128 if block_d <= 64 else 64
+    block_m = min(block_m, max(16, triton.next_power_of_2(lq)))
+    return dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8, num_stages=2)
+
+
+def _inner(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def forward(q, k, v, k_ips, v_ips, scales, mask, ip_masks, store_lse=False):
+    """Launch the fused forward on normalised arguments. Returns (out, lse_text, lse_ip) in base 2."""
+    # q: (B, H, Lq, D) -> out: (B, H, Lq, D), a view of a (B, Lq, H, D) buffer
+    b, h, lq, d = q.shape
+    lt = k.shape[2]
+    q, k, v = _inner(q), _inner(k), _inner(v)
+    n = len(k_ips)
+    if n == 1:
+        ki, vi = _inner(k_ips[0]), _inner(v_ips[0])
+    elif n > 1:
+        ki, vi = torch.cat(k_ips, dim=2), torch.cat(v_ips, dim=2)
+    else:
+        ki, vi = k, v  # unused
+    lens = [t.shape[2] for t in k_ips]
+    offs = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=q.device)
+    out = torch.empty(b, lq, h, d, device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse_t = torch.empty(b, h, lq, device=q.device, dtype=torch.float32) if store_lse else out
+    lse_i = torch.empty(max(n, 1), b, h, lq, device=q.device, dtype=torch.float32) if store_lse else out
+    mask_arg = mask.to(torch.int8).contiguous() if mask is not None else offs
+    ipm = torch.stack([m.float() for m in ip_masks]).contiguous() if ip_masks is not None else offs
+    cfg = launch_config(d, lq)
+    grid = (triton.cdiv(lq, cfg["BLOCK_M"]), b * h)
+    _fwd_kernel[grid](
+        q, k, v, ki, vi, out, mask_arg, scales.contiguous(), ipm, offs, lse_t, lse_i,
+        d ** -0.5 * math.log2(math.e), b, h, lq, lt, d,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), ki.stride(0), ki.stride(1), ki.stride(2),
+        vi.stride(0), vi.stride(1), vi.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        NUM_ADAPTERS=n, HAS_MASK=mask is not None, HAS_IP_MASK=ip_masks is not None, STORE_LSE=store_lse,
+        PRECISION=dot_precision(q.dtype),
+        BLOCK_N=key_block(lt), BLOCK_I=key_block(max(lens, default=16)), **cfg)
+    return out, (lse_t if store_lse else None), (lse_i if store_lse else None)
+
+
+def decoupled_attention(q, k, v, k_ip, v_ip, scale, mask=None, ip_mask=None):
+    """softmax(q k^T/sqrt(D)) v + sum_a scale_a * ip_mask_a * softmax(q k_ip_a^T/sqrt(D)) v_ip_a, fused.
+
+    q: (B, H, Lq, D); k, v: (B, H, Lt, D); k_ip, v_ip: (B, H, Li, D) or tuples of them (several adapters);
+    scale: float or (B,) tensor (a tuple of those for several adapters); mask: bool (B, Lt), True = keep;
+    ip_mask: float (B, Lq) per adapter. Returns (B, H, Lq, D) in q's dtype. Differentiable in q, k, v,
+    k_ip and v_ip (not in scale or ip_mask).
+    """
+    from .decoupled_attention_bwd import DecoupledAttentionFn
+
+    k_ips, v_ips, scales, ip_masks = normalize(q, k, v, k_ip, v_ip, scale, mask, ip_mask)
+    reason = triton_unusable(q.device)
+    if reason:
+        raise EngineError(f"the triton decoupled-attention kernel cannot run here: {reason}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise EngineError(f"head dim {q.shape[-1]} is over the kernel's limit of {MAX_HEAD_DIM}")
+    for name, t in (("scale", scale), ("ip_mask", ip_mask)):
+        items = t if isinstance(t, (tuple, list)) else [t]
+        if any(isinstance(x, torch.Tensor) and x.requires_grad for x in items):
+            raise EngineError(f"the kernel gives no gradient for {name}; use decoupled_attention_ref for that")
+    tensors = [q, k, v, *k_ips, *v_ips]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return DecoupledAttentionFn.apply(len(k_ips), scales, mask, ip_masks, *tensors)
+    return forward(q, k, v, k_ips, v_ips, scales, mask, ip_masks)[0]
