@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 
+from kernels import BACKENDS
+
 from .errors import EngineError
 from .loading import SCHEDULERS
 from .output import output_paths, write_images
@@ -32,6 +34,9 @@ def positive_int(text: str) -> int:
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float16 on cuda, float32 on cpu")
+    p.add_argument("--attention-backend", choices=list(BACKENDS), default="auto",
+                   help="cross-attention: the fused Triton kernel, two SDPA calls, or the plain reference "
+                        "(auto: triton on CUDA, sdpa elsewhere)")
 
 
 def build_parser() -> Parser:
@@ -85,7 +90,7 @@ def cmd_generate(a) -> int:
     paths = output_paths(a.out, a.num_images)
     image = load_image(a.image)  # fail on a bad image before loading gigabytes of weights
     pipe = Pipeline.from_pretrained(a.model, image_encoder=a.image_encoder, adapter=a.adapter,
-                                    device=a.device, dtype=a.dtype)
+                                    device=a.device, dtype=a.dtype, attention_backend=a.attention_backend)
     pipe.set_progress_bar_config(disable=a.no_progress)
     images = pipe(prompt=a.prompt, image=image, instruct=a.instruct, negative_prompt=a.negative_prompt,
                   scale=a.scale, guidance_scale=a.guidance_scale, instruct_guidance_scale=a.instruct_guidance_scale,
@@ -109,7 +114,7 @@ def cmd_demo(a) -> int:
         model=a.model, image_encoder=a.image_encoder, adapter=a.adapter)
     image = load_image(a.image) if a.image else draw_condition_image()
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    pipe = Pipeline.from_pretrained(**paths, device=a.device, dtype=a.dtype)
+    pipe = Pipeline.from_pretrained(**paths, device=a.device, dtype=a.dtype, attention_backend=a.attention_backend)
     pipe.set_progress_bar_config(disable=True)
     run_demo(pipe, a.out, image, random_weights, a.steps, a.seed, instruct=a.instruct or DEMO_INSTRUCT)
     return 0

@@ -8,24 +8,20 @@ with two separate softmaxes. K/V of the encoder tokens do not change across deno
 pipeline computes them once per request (`precompute_kv`) and hands them to the processors in an
 `AdapterContext` through `cross_attention_kwargs={"adapter": ctx}`, together with a per-row scale for
 every layer. With no context a processor is exactly diffusers' plain cross-attention.
+
+The attention itself goes through the kernels' backend registry (`kernels.decoupled`): the fused
+Triton kernel on CUDA, two SDPA calls elsewhere, or the plain reference, by name.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from kernels import decoupled
+
 from .errors import EngineError
-
-
-def decoupled_attention_torch(q, k, v, k_ip, v_ip, scale, mask=None):
-    # q: (B, H, Lq, D); k, v: (B, H, Lt, D); k_ip, v_ip: (B, H, Li, D); scale: (B, 1, 1, 1); mask: additive or bool
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    if k_ip is None:
-        return out
-    return out + scale * F.scaled_dot_product_attention(q, k_ip, v_ip)
 
 
 @dataclass
@@ -49,10 +45,10 @@ class SelfAttnProcessor(AttnProcessor2_0):
 
 
 class DecoupledCrossAttnProcessor:
-    def __init__(self, name: str, to_k_ip=None, to_v_ip=None, attention=decoupled_attention_torch):
+    def __init__(self, name: str, to_k_ip=None, to_v_ip=None, backend: str = "auto"):
         self.name = name
         self.to_k_ip, self.to_v_ip = to_k_ip, to_v_ip
-        self.attention = attention
+        self.backend = backend
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  adapter: AdapterContext | None = None, *args, **kwargs):
@@ -75,14 +71,12 @@ class DecoupledCrossAttnProcessor:
                 encoder_hidden_states = hidden_states
             k, v = encoder_kv(attn, encoder_hidden_states)
             k_ip = v_ip = scale = None
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, k.shape[2], batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        keep = None if attention_mask is None else _key_mask(attention_mask, batch, k.shape[2])
 
         q = _heads(attn, attn.to_q(hidden_states))
         if attn.norm_q is not None:
             q = attn.norm_q(q)
-        out = self.attention(q, k, v, k_ip, v_ip, scale, attention_mask)
+        out = decoupled(q, k, v, k_ip, v_ip, 0.0 if scale is None else scale.view(-1), keep, backend=self.backend)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if ndim == 4:
@@ -90,6 +84,18 @@ class DecoupledCrossAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+def _key_mask(bias: torch.Tensor, batch: int, keys: int) -> torch.Tensor:
+    # diffusers turns encoder_attention_mask into an additive bias (B, 1, Lt) of 0 (keep) / -10000 (drop)
+    if bias.dtype == torch.bool:
+        keep = bias
+    else:
+        keep = bias > -1.0
+    if keep.numel() != batch * keys:
+        raise EngineError(f"cross-attention mask must be one row of {keys} keys per batch item, "
+                          f"got shape {tuple(bias.shape)}")
+    return keep.reshape(batch, keys)
 
 
 def encoder_kv(attn, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +108,7 @@ def encoder_kv(attn, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return k, v
 
 
-def install_processors(unet, adapter_layers=None) -> dict[str, DecoupledCrossAttnProcessor]:
+def install_processors(unet, adapter_layers=None, backend: str = "auto") -> dict[str, DecoupledCrossAttnProcessor]:
     """Put our processors on every attention of `unet`; returns the cross-attention ones by name."""
     by_name = adapter_layers.by_name() if adapter_layers is not None else {}
     procs, cross = {}, {}
@@ -110,7 +116,7 @@ def install_processors(unet, adapter_layers=None) -> dict[str, DecoupledCrossAtt
         if name.endswith("attn2.processor"):
             layer = by_name.get(name)
             proc = DecoupledCrossAttnProcessor(name, layer["to_k_ip"] if layer else None,
-                                               layer["to_v_ip"] if layer else None)
+                                               layer["to_v_ip"] if layer else None, backend)
             procs[name] = cross[name] = proc
         else:
             procs[name] = SelfAttnProcessor()

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from kernels import BACKENDS
+
 from .adapter import Adapter, load_adapter
 from .attention import AdapterContext, expand_scale, install_processors, precompute_kv
 from .errors import EngineError
@@ -71,7 +73,7 @@ def load_image(image) -> Image.Image:
 
 class Pipeline:
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, image_encoder=None, image_processor=None,
-                 adapter: Adapter | None = None, device="cpu", dtype=torch.float32):
+                 adapter: Adapter | None = None, device="cpu", dtype=torch.float32, attention_backend="auto"):
         self.device, self.dtype = torch.device(device), dtype
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.scheduler = tokenizer, scheduler
@@ -83,14 +85,17 @@ class Pipeline:
                     m.to(dtype=dtype)
                 m.to(self.device).eval().requires_grad_(False)
         self.cross = install_processors(unet, adapter.layers if adapter else None)
+        self.set_attention_backend(attention_backend)
         self._progress = {}
         self.timings: dict[str, float] = {}
 
     @classmethod
-    def from_pretrained(cls, model, image_encoder=None, adapter=None, device=None, dtype=None) -> "Pipeline":
+    def from_pretrained(cls, model, image_encoder=None, adapter=None, device=None, dtype=None,
+                        attention_backend="auto") -> "Pipeline":
         """model: a diffusers SD folder (or hub id); image_encoder: a CLIPVisionModelWithProjection folder;
         adapter: a two-key `.bin`/`.safetensors` file. device defaults to cuda when present, dtype to
-        float16 on cuda and float32 on the CPU."""
+        float16 on cuda and float32 on the CPU. attention_backend: auto | triton | sdpa | reference
+        (`kernels.BACKENDS`) for the cross-attention."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise EngineError("device cuda requested but no CUDA GPU is available")
@@ -114,7 +119,15 @@ class Pipeline:
                 raise EngineError(f"adapter expects {text_dim}-wide instruction tokens but the text encoder "
                                   f"makes {parts['text_encoder'].config.hidden_size}-wide ones")
         return cls(**parts, image_encoder=encoder, image_processor=processor, adapter=loaded,
-                   device=device, dtype=dtype)
+                   device=device, dtype=dtype, attention_backend=attention_backend)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Run every cross-attention with `backend` (auto | triton | sdpa | reference); fallbacks are logged."""
+        if backend not in BACKENDS:
+            raise EngineError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        for proc in self.cross.values():
+            proc.backend = backend
+        self.attention_backend = backend
 
     @property
     def vae_scale_factor(self) -> int:

@@ -8,6 +8,13 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Triton reads TRITON_INTERPRET when a kernel is decorated: set it before anything imports `kernels`.
+# Without a GPU the kernels then run (slowly) on CPU tensors; with one they run for real on CUDA.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (SD1.5-size kernel shapes)")
+
 PROMPT = "a red house by a lake"
 NEGATIVE = "blurry, low quality"
 
