@@ -2,9 +2,9 @@
 
 One Triton launch normalises the rows while loading them into the first GEMM and applies the exact (erf)
 GELU in its epilogue, so the normalised rows never reach memory; the second Linear and the residual add
-are one `torch.addmm`. The two `@triton.jit` helpers `_row_stats` and `_ln_matmul` (a LayerNorm applied
+are one `torch.addmm`. The two `@triton.jit` helpers `row_stats` and `ln_matmul` (a LayerNorm applied
 on the fly to a GEMM's A operand) are shared with the Perceiver attention kernel in `kernels.projector`.
-All accumulation is fp32; fp32 inputs use IEEE dot products (no TF32), matching PyTorch's default.
+All accumulation is fp32; the dot products go through `decoupled_attention.mma` (IEEE for fp32, no TF32).
 
 `feed_forward_ref` is the plain PyTorch reference with the same signature.
 """
@@ -18,6 +18,7 @@ import triton.language as tl
 from engine.errors import EngineError
 
 from ._runtime import triton_unusable
+from .decoupled_attention import dot_precision, mma
 
 BLOCK_M = 16    # rows (batch x queries) per program: SD1.5 has 16 queries per request
 BLOCK_H = 64    # hidden units per program
@@ -25,7 +26,7 @@ BLOCK_K = 64    # model-width chunk per GEMM step
 
 
 @triton.jit
-def _row_stats(ptr, rows, rmask, stride, DIM, eps, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def row_stats(ptr, rows, rmask, stride, DIM, eps, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     # rows: (BLOCK_R,) row indices of a (*, DIM) matrix -> mean, rstd: (BLOCK_R,) fp32, as torch's LayerNorm
     cols = tl.arange(0, BLOCK_K)
     total = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
@@ -44,7 +45,7 @@ def _row_stats(ptr, rows, rmask, stride, DIM, eps, BLOCK_R: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _ln_matmul(ptr, rows, rmask, stride, mean, rstd, LN_W, LN_B, W, outs, omask, DIM,
+def ln_matmul(ptr, rows, rmask, stride, mean, rstd, LN_W, LN_B, W, outs, omask, DIM,
                BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     # LayerNorm(A[rows]) @ W[outs]^T with A: (*, DIM), W: (*, DIM) contiguous -> (BLOCK_R, BLOCK_O) fp32
     acc = tl.zeros([BLOCK_R, BLOCK_O], dtype=tl.float32)
@@ -57,7 +58,7 @@ def _ln_matmul(ptr, rows, rmask, stride, mean, rstd, LN_W, LN_B, W, outs, omask,
         b = tl.load(LN_B + cols, mask=cmask, other=0.0).to(tl.float32)
         a = tl.where(m, (a - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :], 0.0)
         w = tl.load(W + outs[None, :] * DIM + cols[:, None], mask=omask[None, :] & cmask[:, None], other=0.0)
-        acc = tl.dot(a.to(w.dtype), w, acc, input_precision=PRECISION)
+        acc += mma(a.to(w.dtype), w, PRECISION)
     return acc
 
 
@@ -69,17 +70,12 @@ def _ln_linear_gelu_kernel(X, Y, LN_W, LN_B, W, M, DIM, HIDDEN, stride_xm, strid
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     outs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     rmask, omask = rows < M, outs < HIDDEN
-    mean, rstd = _row_stats(X, rows, rmask, stride_xm, DIM, eps, BLOCK_M, BLOCK_K)
-    h = _ln_matmul(X, rows, rmask, stride_xm, mean, rstd, LN_W, LN_B, W, outs, omask, DIM,
+    mean, rstd = row_stats(X, rows, rmask, stride_xm, DIM, eps, BLOCK_M, BLOCK_K)
+    h = ln_matmul(X, rows, rmask, stride_xm, mean, rstd, LN_W, LN_B, W, outs, omask, DIM,
                    BLOCK_M, BLOCK_H, BLOCK_K, PRECISION)
     h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
     tl.store(Y + rows[:, None] * stride_ym + outs[None, :], h.to(Y.dtype.element_ty),
              mask=rmask[:, None] & omask[None, :])
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 operands get IEEE products (PyTorch's matmul default); TF32 would miss the fp32 tolerance."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def check_tensors(what: str, *tensors: torch.Tensor) -> None:
@@ -113,7 +109,12 @@ def feed_forward(latents: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, 
     """latents + Linear2(GELU(Linear1(LayerNorm(latents)))): the projector's FF block with its residual."""
     # latents: (B, Q, dim); ln_w, ln_b: (dim,); w1: (hidden, dim); w2: (dim, hidden) -> (B, Q, dim)
     check_tensors("feed-forward block", latents, ln_w, ln_b, w1, w2)
-    flat = latents.reshape(-1, latents.shape[-1]).contiguous()
+    dim, hidden = latents.shape[-1], w1.shape[0]
+    if w1.shape != (hidden, dim) or w2.shape != (dim, hidden) or ln_w.shape != (dim,) or ln_b.shape != (dim,):
+        raise EngineError(f"feed-forward shapes do not fit latents (..., {dim}): LayerNorm {tuple(ln_w.shape)}, "
+                          f"Linear1 {tuple(w1.shape)}, Linear2 {tuple(w2.shape)}; "
+                          f"want (dim,), (hidden, dim), (dim, hidden)")
+    flat = latents.reshape(-1, dim).contiguous()
     h = _ln_linear_gelu(flat, ln_w, ln_b, w1, eps)
     return torch.addmm(flat, h, w2.t()).view(latents.shape)
 
