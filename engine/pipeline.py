@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from kernels import BACKENDS
+from kernels import BACKENDS, choose
 
 from .adapter import Adapter, load_adapter
 from .attention import AdapterContext, expand_scale, install_processors, precompute_kv
@@ -128,6 +128,8 @@ class Pipeline:
         for proc in self.cross.values():
             proc.backend = backend
         self.attention_backend = backend
+        # the projector's fused blocks follow the same choice (head size 64 in every released checkpoint)
+        self._fused_projector = self.adapter is not None and choose(self.device, self.dtype, 64, backend) == "triton"
 
     @property
     def vae_scale_factor(self) -> int:
@@ -323,10 +325,13 @@ class Pipeline:
         # hidden: (unique images + 1, Ni, image_dim), last row the zero image -> (branch rows, Q, cross_dim)
         zero = hidden.shape[0] - 1
         image = hidden[[image_of_req[b["r"]] if b["image"] else zero for b in plan["branches"]]]
-        if self.adapter.kind != "instruct":
-            return self.adapter.projector(image)
-        instruct = torch.stack([emb[b["instruct"]] for b in plan["branches"]])
-        prompt = torch.stack([emb[b["ip_prompt"]] for b in plan["branches"]])
+        instruct = prompt = None
+        if self.adapter.kind == "instruct":
+            instruct = torch.stack([emb[b["instruct"]] for b in plan["branches"]])
+            prompt = torch.stack([emb[b["ip_prompt"]] for b in plan["branches"]])
+        if self._fused_projector:
+            from kernels.projector import projector_forward
+            return projector_forward(self.adapter.projector, image, instruct, prompt)
         return self.adapter.projector(image, instruct, prompt)
 
     def _scales(self, reqs: list[Request], plan: dict) -> dict[str, torch.Tensor]:

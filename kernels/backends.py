@@ -48,32 +48,38 @@ IMPLEMENTATIONS = {"triton": _triton_fn, "sdpa": lambda: decoupled_attention_sdp
                    "reference": lambda: decoupled_attention_ref}
 
 
-def _triton_reason(q: torch.Tensor) -> str | None:
-    reason = triton_unusable(q.device)
-    if reason is None and q.shape[-1] > MAX_HEAD_DIM:
-        reason = f"head dim {q.shape[-1]} is over the kernel's {MAX_HEAD_DIM}"
-    if reason is None and q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        reason = f"dtype {q.dtype}"
+def _triton_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    reason = triton_unusable(device)
+    if reason is None and head_dim > MAX_HEAD_DIM:
+        reason = f"head dim {head_dim} is over the kernel's {MAX_HEAD_DIM}"
+    if reason is None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        reason = f"dtype {dtype}"
     return reason
 
 
-def select(q: torch.Tensor, backend: str = "auto") -> str:
-    """The backend that will run for a query like `q` when `backend` is asked for."""
+def choose(device: torch.device, dtype: torch.dtype, head_dim: int, backend: str = "auto") -> str:
+    """The backend that runs on tensors of this device, dtype and head size when `backend` is asked for."""
     if backend not in BACKENDS:
         raise EngineError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend in ("sdpa", "reference"):
         return backend
-    reason = _triton_reason(q)
-    if backend == "auto" and reason is None and q.device.type != "cuda":
+    device = torch.device(device)
+    reason = _triton_reason(device, dtype, head_dim)
+    if backend == "auto" and reason is None and device.type != "cuda":
         reason = "CPU tensors: the Triton interpreter is for tests; ask for backend='triton' to use it"
     if reason is None:
         return "triton"
-    key = (backend, q.device.type, reason)
+    key = (backend, device.type, reason)
     if key not in _logged:
         _logged.add(key)
         level = logging.WARNING if backend == "triton" else logging.INFO
         log.log(level, "decoupled attention: %s asked, running sdpa because: %s", backend, reason)
     return "sdpa"
+
+
+def select(q: torch.Tensor, backend: str = "auto") -> str:
+    """The backend that will run for a query like `q` (B, H, Lq, D) when `backend` is asked for."""
+    return choose(q.device, q.dtype, q.shape[-1], backend)
 
 
 def decoupled(q, k, v, k_ip, v_ip, scale, mask=None, ip_mask=None, backend: str = "auto"):

@@ -165,6 +165,8 @@ def test_contract_errors_are_one_line(bad, message):
 
 
 def test_registry_choices_and_logged_fallbacks(monkeypatch, caplog):
+    import kernels.backends
+    monkeypatch.setattr(kernels.backends, "_logged", set())  # each reason is logged once per process
     q = torch.zeros(1, 1, 4, 40)
     assert select(q, "reference") == "reference" and select(q, "sdpa") == "sdpa"
     with caplog.at_level(logging.INFO, logger="kernels.backends"):
@@ -186,7 +188,7 @@ def test_registry_runs_the_chosen_backend():
         assert torch.allclose(decoupled(*args, **kw, backend=backend), ref, atol=1e-5), backend
 
 
-def test_engine_image_with_triton_equals_reference(instruct_pipe, cond_image):
+def test_engine_latents_with_triton_kernels_equal_reference(instruct_pipe, cond_image):
     from conftest import PROMPT
     call = dict(prompt=PROMPT, image=cond_image, instruct="use the style", num_inference_steps=1, seed=4,
                 output_type="latent", scale=0.9)
@@ -194,6 +196,7 @@ def test_engine_image_with_triton_equals_reference(instruct_pipe, cond_image):
     try:
         for backend in ("reference", "triton"):
             instruct_pipe.set_attention_backend(backend)
+            assert instruct_pipe._fused_projector == (backend == "triton")  # the projector follows the choice
             out[backend] = instruct_pipe(**call)
     finally:
         instruct_pipe.set_attention_backend("auto")
