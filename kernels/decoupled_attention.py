@@ -196,11 +196,19 @@ def key_block(n: int) -> int:
     return min((triton.cdiv(n, c) * c, -c) for c in (64, 32, 16))[1] * -1
 
 
-def launch_config(d: int, lq: int) -> dict:
+# (BLOCK_M, num_warps) per padded head dim, read off ptxas at sm_90 (`python -m kernels.aot`): the largest
+# Q tile that compiles without register spills in fp16/bf16. fp32 tiles are halved (twice the registers).
+_TILES = {16: (128, 4), 32: (128, 4), 64: (128, 8), 128: (64, 8), 256: (32, 4)}
+_TILES_BWD = {16: (64, 4), 32: (64, 4), 64: (64, 8), 128: (64, 8), 256: (32, 4)}
+
+
+def launch_config(d: int, lq: int, itemsize: int = 2, backward: bool = False) -> dict:
     block_d = max(16, triton.next_power_of_2(d))
-    block_m = 128 if block_d <= 64 else 64
+    block_m, warps = (_TILES_BWD if backward else _TILES)[block_d]
+    if itemsize == 4:
+        block_m = max(16, block_m // 2)
     block_m = min(block_m, max(16, triton.next_power_of_2(lq)))
-    return dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8, num_stages=2)
+    return dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps, num_stages=2)
 
 
 def _inner(t: torch.Tensor) -> torch.Tensor:
@@ -227,7 +235,7 @@ def forward(q, k, v, k_ips, v_ips, scales, mask, ip_masks, store_lse=False):
     lse_i = torch.empty(max(n, 1), b, h, lq, device=q.device, dtype=torch.float32) if store_lse else out
     mask_arg = mask.to(torch.int8).contiguous() if mask is not None else offs
     ipm = torch.stack([m.float() for m in ip_masks]).contiguous() if ip_masks is not None else offs
-    cfg = launch_config(d, lq)
+    cfg = launch_config(d, lq, q.element_size())
     grid = (triton.cdiv(lq, cfg["BLOCK_M"]), b * h)
     _fwd_kernel[grid](
         q, k, v, ki, vi, out, mask_arg, scales.contiguous(), ipm, offs, lse_t, lse_i,

@@ -101,8 +101,7 @@ def _branch_backward(q, k, v, dout, dq, lse, mask, scale, ip_mask, accumulate):
     k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
     dk = torch.zeros(b, h, n, d, device=q.device, dtype=torch.float32)
     dv = torch.zeros_like(dk)
-    cfg = launch_config(d, lq)
-    cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 64)  # the backward holds q, dout and dq: a smaller tile
+    cfg = launch_config(d, lq, q.element_size(), backward=True)
     dummy = lse
     _bwd_kernel[(triton.cdiv(lq, cfg["BLOCK_M"]), b * h)](
         q, k, v, dout, dq, dk, dv, lse,
