@@ -71,13 +71,15 @@ def projector_variants(dtypes=("float16", "bfloat16")) -> list[dict]:
         ptrs = {n: f"*{t}" for n in ("X", "LAT", "OUT", "N1_W", "N1_B", "N2_W", "N2_B", "WQ", "WKV")}
         const = dict(HEADS=12, DIM_HEAD=64, BLOCK_Q=16, BLOCK_N=projector.BLOCK_N, BLOCK_K=projector.BLOCK_K,
                      PRECISION=precision)
-        out.append(dict(kernel=k, name="projector_attention", dtype=dtype, head_dim=64, options={},
+        out.append(dict(kernel=k, name="projector_attention", dtype=dtype, head_dim=64,
+                        options=dict(num_warps=projector.NUM_WARPS),
                         signature=_signature(k, ptrs, {"eps", "qk_scale"}, const), constexprs=const))
         k = projector_ff._ln_linear_gelu_kernel
         ptrs = {n: f"*{t}" for n in ("X", "Y", "LN_W", "LN_B", "W")}
         const = dict(BLOCK_M=projector_ff.BLOCK_M, BLOCK_H=projector_ff.BLOCK_H, BLOCK_K=projector_ff.BLOCK_K,
                      PRECISION=precision)
-        out.append(dict(kernel=k, name="projector_ln_linear_gelu", dtype=dtype, head_dim=64, options={},
+        out.append(dict(kernel=k, name="projector_ln_linear_gelu", dtype=dtype, head_dim=64,
+                        options=dict(num_warps=projector_ff.NUM_WARPS),
                         signature=_signature(k, ptrs, {"eps"}, const), constexprs=const))
     return out
 

@@ -25,6 +25,7 @@ from .projector_ff import check_tensors, feed_forward, ln_matmul, row_stats
 
 BLOCK_N = 32    # context tokens per step
 BLOCK_K = 64    # model-width chunk per GEMM step
+NUM_WARPS = 8   # at 4 warps the SD1.5 variant spills (255 registers, 620 B); at 8 it does not (python -m kernels.aot)
 
 
 @triton.jit
@@ -110,7 +111,7 @@ def _attention_heads(x, latents, norm1_w, norm1_b, norm2_w, norm2_b, wq, wkv, he
         x.stride(0), x.stride(1), latents.stride(0), latents.stride(1), out.stride(0), out.stride(1),
         n, nq, dim, eps, dim_head ** -0.25,
         HEADS=heads, DIM_HEAD=dim_head, BLOCK_Q=max(16, triton.next_power_of_2(nq)), BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K, PRECISION=dot_precision(x.dtype))
+        BLOCK_K=BLOCK_K, PRECISION=dot_precision(x.dtype), num_warps=NUM_WARPS)
     return out
 
 

@@ -23,6 +23,7 @@ from .decoupled_attention import dot_precision, mma
 BLOCK_M = 16    # rows (batch x queries) per program: SD1.5 has 16 queries per request
 BLOCK_H = 64    # hidden units per program
 BLOCK_K = 64    # model-width chunk per GEMM step
+NUM_WARPS = 8   # 128 registers at 8 warps against 253 at 4 (python -m kernels.aot, sm_90)
 
 
 @triton.jit
@@ -100,7 +101,7 @@ def _ln_linear_gelu(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, w1:
     grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(hidden, BLOCK_H))
     _ln_linear_gelu_kernel[grid](x, y, ln_w, ln_b, w1.contiguous(), m, dim, hidden, x.stride(0), y.stride(0), eps,
                                  BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K,
-                                 PRECISION=dot_precision(x.dtype))
+                                 PRECISION=dot_precision(x.dtype), num_warps=NUM_WARPS)
     return y
 
 
