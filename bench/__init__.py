@@ -1,1 +1,1 @@
-"""`python -m bench`: throughput and latency against the alternatives. Not built yet: see the README."""
+"""`python -m bench`: throughput and latency against the alternatives, in hardware units (`ops` built; `e2e` not yet)."""
