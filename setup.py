@@ -25,5 +25,8 @@ setup(
         # the fused kernels; on the CPU they run under TRITON_INTERPRET=1 (wheels are Linux-only)
         "triton>=3.0; platform_system == 'Linux'",
     ],
-    extras_require={"dev": ["pytest>=8"]},
+    extras_require={
+        "bench": ["matplotlib>=3.7", "pytest-benchmark>=4"],   # --plot, `pytest bench/ --benchmark-only`
+        "dev": ["pytest>=8", "matplotlib>=3.7", "pytest-benchmark>=4"],
+    },
 )

@@ -34,16 +34,45 @@ def build_parser() -> Parser:
     ops.add_argument("--repeats", type=int, default=None, help="timed calls per point (default: 50 cuda, 5 cpu)")
     ops.add_argument("--providers", default=None, help="comma-separated subset of fused,two-sdpa,xformers,reference")
     ops.add_argument("--json", default=os.path.join("out", "bench-ops.json"), help="where the result rows go")
-    sub.add_parser("e2e", help="end-to-end request latency and throughput (not built yet)")
+    e2e = sub.add_parser("e2e", help="end-to-end request latency and throughput: engine vs diffusers (default)")
+    add_e2e_args(e2e)
     return parser
 
 
+def add_e2e_args(p: argparse.ArgumentParser) -> None:
+    from .e2e import PROVIDERS
+    from .weights import PRESETS
+
+    p.add_argument("--preset", choices=PRESETS, default="tiny",
+                   help="tiny: toy weights (CPU-friendly); sd15: full SD1.5/ViT-H/16-token shapes, random weights")
+    p.add_argument("--model", help="real weights: diffusers SD1.5 folder (with --image-encoder and --adapter)")
+    p.add_argument("--image-encoder", help="CLIPVisionModelWithProjection folder")
+    p.add_argument("--adapter", help="IPAdapter-Instruct file for the engine providers")
+    p.add_argument("--plus-adapter", help="IP-Adapter+ file of the same base for the diffusers provider")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="default: float16 on cuda, float32 on cpu")
+    p.add_argument("--batch", type=positive_ints, default=None, help="requests per call, e.g. 1,2,4 "
+                   "(default: 1,4 on cuda, 1 on cpu)")
+    p.add_argument("--steps", type=int, default=None, help="default: 30 on cuda, 10 on cpu")
+    p.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--guidance-mode", choices=["simple", "full"], default="simple",
+                   help="simple (2 UNet rows, equal work to diffusers' CFG) or full (4 rows)")
+    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {','.join(PROVIDERS)}")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per point (default: 10 cuda, 3 cpu)")
+    p.add_argument("--json", default=os.path.join("out", "bench-e2e.json"), help="where the result rows go")
+    p.add_argument("--plot", default=None, help="PATH.png: latency and throughput against batch size")
+    p.add_argument("--cache", default=None, help="where preset weights are built (default: ~/.cache/...)")
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("ops", "e2e", "-h", "--help"):
+        argv = ["e2e", *argv]  # `python -m bench [options]` runs the end-to-end benchmark
     a = build_parser().parse_args(argv)
-    if a.command in (None, "e2e"):
-        print("python -m bench: the end-to-end benchmark (e2e, the default) is not built yet; "
-              "`python -m bench ops` measures the kernels", file=sys.stderr)
-        return 2
+    if a.command == "e2e":
+        return run_e2e_command(a)
     from .common import write_json
     from .ops import run_ops
 
@@ -58,6 +87,50 @@ def main(argv=None) -> int:
     print(table)
     write_json(rows, a.json)
     print(f"\n{len(rows)} rows written to {a.json}")
+    return 0
+
+
+def fail(message: str) -> int:
+    print(f"python -m bench: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_e2e_command(a) -> int:
+    from .common import write_json
+    from .e2e import PROVIDERS, E2EConfig, run_e2e
+    from .weights import bench_weights
+
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return fail("--device cuda but no CUDA GPU is available")
+    providers = tuple(p for p in a.providers.split(",") if p)
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown or not providers:
+        return fail(f"unknown provider(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(PROVIDERS)}")
+    real = [a.model, a.image_encoder, a.adapter]
+    if any(real) and not all(real):
+        return fail("give all of --model, --image-encoder and --adapter for real weights, or none for a preset")
+    if all(real):
+        paths = dict(model=a.model, image_encoder=a.image_encoder, adapter=a.adapter, plus_adapter=a.plus_adapter)
+        if "diffusers" in providers and not a.plus_adapter:
+            return fail("the diffusers provider needs --plus-adapter (an IP-Adapter+ file): diffusers cannot load "
+                        "IPAdapter-Instruct; or leave it out of --providers")
+    else:
+        paths = bench_weights(a.preset, a.cache)
+    cuda = device.type == "cuda"
+    cfg = E2EConfig(preset="real" if all(real) else a.preset, device=str(device),
+                    dtype=a.dtype or ("float16" if cuda else "float32"), batches=tuple(a.batch or ((1, 4) if cuda else (1,))),
+                    steps=a.steps or (30 if cuda else 10), height=a.height, width=a.width,
+                    guidance_mode=a.guidance_mode, providers=providers, repeats=a.repeats or (10 if cuda else 3))
+    rows, table = run_e2e(cfg, paths)
+    print()
+    print(table)
+    write_json(rows, a.json)
+    print(f"\n{len(rows)} rows written to {a.json}")
+    if a.plot:
+        from .plot import plot_e2e
+        plot_e2e(rows, a.plot)
+        print(f"plot written to {a.plot}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""`python -m bench ops` on the CPU: one run, every provider that can run here, rows in the agreed format."""
+"""`python -m bench` on the CPU: one run, every provider that can run here, rows in the agreed format."""
 import json
 
 from bench.__main__ import main
@@ -24,6 +24,28 @@ def test_ops_writes_rows_for_every_shape_and_provider(tmp_path, capsys):
     assert "not measured: fused:" in out and "two-sdpa" in out
 
 
-def test_e2e_says_it_is_not_built(capsys):
-    assert main([]) == 2
-    assert "not built yet" in capsys.readouterr().err
+def test_e2e_compares_the_providers_in_one_run(tmp_path, capsys):
+    path, plot = tmp_path / "e2e.json", tmp_path / "e2e.png"
+    # no subcommand: `python -m bench [options]` is the end-to-end benchmark
+    assert main(["--device", "cpu", "--batch", "1,2", "--steps", "2", "--repeats", "2", "--cache", str(tmp_path / "w"),
+                 "--json", str(path), "--plot", str(plot)]) == 0
+    rows = json.loads(path.read_text())
+    assert all(set(r) == KEYS for r in rows)
+    latency = {(r["provider"], r["x"]): r for r in rows if r["metric"] == "latency"}
+    assert set(latency) == {(p, b) for p in ("engine", "engine-eager", "diffusers") for b in (1, 2)}
+    for r in latency.values():
+        assert r["unit"] == "ms" and 0 < r["p20"] <= r["p50"] <= r["p80"] <= r["config"]["p99"]
+    stages = {r["metric"] for r in rows if r["provider"] == "engine" and r["x"] == 1}
+    assert {"stage:text_encoder", "stage:image_encoder", "stage:projector", "stage:unet_ms_per_step",
+            "stage:vae_decode", "throughput"} <= stages
+    assert any(r["unit"] == "TFLOP/s" and r["p50"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "vs diffusers" in out and "warm-up" in out
+    assert plot.stat().st_size > 10_000
+
+
+def test_e2e_rejects_bad_options(capsys):
+    assert main(["e2e", "--providers", "engine,comfy"]) == 2
+    assert "unknown provider(s) comfy" in capsys.readouterr().err
+    assert main(["e2e", "--model", "x"]) == 2
+    assert "give all of --model" in capsys.readouterr().err

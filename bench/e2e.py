@@ -1,0 +1,227 @@
+"""`python -m bench e2e`: a whole request, our engine against diffusers, on the same weights in one run.
+
+Providers (equal work: `simple` guidance, 2 UNet rows per image, against diffusers' CFG):
+- `engine`: the fast path (attention backend `auto`: the fused Triton kernels on CUDA; channels-last on CUDA).
+- `engine-eager`: the same pipeline on the plain PyTorch backend (two SDPA calls per cross-attention).
+- `diffusers`: StableDiffusionPipeline with its own IP-Adapter+ support (`load_ip_adapter`) on an IP-Adapter+
+  file of the same shapes.
+Per provider and batch size (requests per call, one image each): latency p50/p90/p99 per request, images/s,
+the per-stage breakdown, achieved TFLOP/s against the FLOP count of the work, peak memory (CUDA), and the
+ratio to `diffusers`. Warm-up is one call per provider and batch size, reported on its own line.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .common import Row, device_name, format_table, git_sha
+
+PROMPT = "a lighthouse on a cliff at sunset, best quality, high quality"
+NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
+INSTRUCT = "use the style of this image"
+PROVIDERS = ("engine", "engine-eager", "diffusers")
+
+
+@dataclass(frozen=True)
+class E2EConfig:
+    preset: str = "tiny"
+    device: str = "cpu"
+    dtype: str = "float32"
+    batches: tuple[int, ...] = (1,)
+    steps: int = 30
+    height: int | None = None
+    width: int | None = None
+    guidance_mode: str = "simple"
+    providers: tuple[str, ...] = PROVIDERS
+    repeats: int = 5
+    scale: float = 0.8
+    guidance_scale: float = 6.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class EngineProvider:
+    def __init__(self, name: str, paths: dict, device: torch.device, dtype: torch.dtype, cfg: E2EConfig):
+        from engine import Pipeline
+
+        self.name, self.cfg = name, cfg
+        backend = "auto" if name == "engine" else "sdpa"
+        self.pipe = Pipeline.from_pretrained(paths["model"], image_encoder=paths["image_encoder"],
+                                             adapter=paths["adapter"], device=device, dtype=dtype,
+                                             attention_backend=backend)
+        if name == "engine" and device.type == "cuda":
+            for m in (self.pipe.unet, self.pipe.vae):
+                m.to(memory_format=torch.channels_last)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.unet = self.pipe.unet
+
+    def __call__(self, image, batch: int):
+        c = self.cfg
+        return self.pipe(prompt=[PROMPT] * batch, image=[image] * batch, instruct=[INSTRUCT] * batch,
+                         negative_prompt=[NEGATIVE] * batch, scale=c.scale, guidance_scale=c.guidance_scale,
+                         guidance_mode=c.guidance_mode, num_inference_steps=c.steps, height=c.height,
+                         width=c.width, seed=list(range(batch)))
+
+    def stages(self) -> dict[str, float]:
+        t = self.pipe.timings
+        keys = ("text_encoder_ms", "image_encoder_ms", "projector_ms", "kv_ms", "unet_ms_per_step", "vae_decode_ms")
+        return {k: t[k] for k in keys if k in t}
+
+
+class DiffusersProvider:
+    name = "diffusers"
+
+    def __init__(self, paths: dict, device: torch.device, dtype: torch.dtype, cfg: E2EConfig):
+        import os
+
+        from diffusers import StableDiffusionPipeline
+        from transformers import CLIPVisionModelWithProjection
+
+        from engine.loading import _image_processor_class
+
+        self.cfg, self.device = cfg, device
+        encoder = CLIPVisionModelWithProjection.from_pretrained(paths["image_encoder"]).to(dtype)
+        self.pipe = StableDiffusionPipeline.from_pretrained(
+            paths["model"], safety_checker=None, requires_safety_checker=False,
+            image_encoder=encoder, feature_extractor=_image_processor_class().from_pretrained(paths["image_encoder"]))
+        plus = paths["plus_adapter"]
+        self.pipe.load_ip_adapter(os.path.dirname(plus), subfolder="", weight_name=os.path.basename(plus),
+                                  image_encoder_folder=None)
+        self.pipe.set_ip_adapter_scale(cfg.scale)
+        self.pipe.to(device=device, dtype=dtype)  # (not torch_dtype=: deprecated in newer diffusers)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.unet = self.pipe.unet
+        self._times: dict[str, float] = {}
+        self._hooks(device)
+
+    def _hooks(self, device):
+        # per-module wall time (synchronised) for the stage breakdown; the projector runs inside every UNet call
+        p = self.pipe
+        for key, module in (("text_encoder_ms", p.text_encoder), ("image_encoder_ms", p.image_encoder),
+                            ("projector_ms", p.unet.encoder_hid_proj), ("unet_ms", p.unet),
+                            ("vae_decode_ms", p.vae.decoder)):
+            def pre(_m, _a, key=key):
+                _sync(device)
+                self._times[key + "_start"] = time.perf_counter()
+
+            def post(_m, _a, _o, key=key):
+                _sync(device)
+                self._times[key] = self._times.get(key, 0.0) + (time.perf_counter() - self._times[key + "_start"]) * 1e3
+            module.register_forward_pre_hook(pre)
+            module.register_forward_hook(post)
+
+    def __call__(self, image, batch: int):
+        c = self.cfg
+        self._times.clear()
+        gens = [torch.Generator("cpu").manual_seed(i) for i in range(batch)]
+        return self.pipe(prompt=[PROMPT] * batch, negative_prompt=[NEGATIVE] * batch, ip_adapter_image=image,
+                         guidance_scale=c.guidance_scale, num_inference_steps=c.steps, height=c.height,
+                         width=c.width, generator=gens).images
+
+    def stages(self) -> dict[str, float]:
+        out = {k: v for k, v in self._times.items() if not k.endswith("_start")}
+        if "unet_ms" in out:
+            out["unet_ms_per_step"] = out.pop("unet_ms") / self.cfg.steps
+        return out
+
+
+def count_flops(provider, image, batch: int) -> float:
+    """FLOPs of one call, counted by torch on the plain PyTorch path (Triton kernels are opaque to the counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        provider(image, batch)
+    return float(counter.get_total_flops())
+
+
+def run_e2e(cfg: E2EConfig, paths: dict, log=print) -> tuple[list[Row], str]:
+    from engine.demo import draw_condition_image
+
+    device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
+    env = dict(device=device_name(device), dtype=cfg.dtype, git_sha=git_sha())
+    image = draw_condition_image(256)
+    rows, results = [], {}
+    flops = {}
+    # FLOPs are counted on a plain PyTorch path (Triton kernels are opaque to torch's counter)
+    countable = [n for n in ("engine-eager", "engine", "diffusers") if n in cfg.providers
+                 and not (n == "engine" and device.type == "cuda")]
+    for name in cfg.providers:
+        t0 = time.perf_counter()
+        provider = DiffusersProvider(paths, device, dtype, cfg) if name == "diffusers" else \
+            EngineProvider(name, paths, device, dtype, cfg)
+        log(f"{name}: loaded in {time.perf_counter() - t0:.1f} s")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for b in cfg.batches:
+            t0 = time.perf_counter()
+            provider(image, b)
+            _sync(device)
+            log(f"{name}: warm-up, batch {b}: {(time.perf_counter() - t0) * 1e3:.0f} ms (not counted)")
+            if countable and name == countable[0]:
+                flops[b] = count_flops(provider, image, b)
+            times = []
+            for _ in range(cfg.repeats):
+                t0 = time.perf_counter()
+                provider(image, b)
+                _sync(device)
+                times.append((time.perf_counter() - t0) * 1e3)
+            results[(name, b)] = dict(times=times, stages=provider.stages())
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+        for b in cfg.batches:
+            results[(name, b)]["peak_gib"] = peak
+        del provider
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return _report(cfg, env, results, flops, rows)
+
+
+def _quantiles(times: list[float]) -> dict[str, float]:
+    if len(times) == 1:
+        return {q: times[0] for q in ("p20", "p50", "p80", "p90", "p99")}
+    cuts = statistics.quantiles(times, n=100, method="inclusive")
+    return {"p20": cuts[19], "p50": statistics.median(times), "p80": cuts[79], "p90": cuts[89], "p99": cuts[98]}
+
+
+def _report(cfg: E2EConfig, env: dict, results: dict, flops: dict, rows: list[Row]) -> tuple[list[Row], str]:
+    config = dict(preset=cfg.preset, steps=cfg.steps, height=cfg.height, width=cfg.width,
+                  guidance_mode=cfg.guidance_mode, repeats=cfg.repeats)
+    lines = []
+    for (name, b), r in results.items():
+        q = _quantiles(r["times"])
+        c = {**config, "batch": b, "p90": q["p90"], "p99": q["p99"]}
+        rows.append(Row("e2e", name, "latency", "ms", "batch", b, q["p20"], q["p50"], q["p80"], config=c, **env))
+        ips = [b / (q[k] / 1e3) for k in ("p80", "p50", "p20")]
+        rows.append(Row("e2e", name, "throughput", "images/s", "batch", b, *ips, config=c, **env))
+        tflops = "-"
+        if b in flops:
+            t = [flops[b] / (q[k] / 1e3) / 1e12 for k in ("p80", "p50", "p20")]
+            rows.append(Row("e2e", name, "throughput", "TFLOP/s", "batch", b, *t, config=c, **env))
+            tflops = f"{t[1]:.3g}"
+        if r["peak_gib"] is not None:
+            rows.append(Row("e2e", name, "peak_memory", "GiB", "batch", b, *[r["peak_gib"]] * 3, config=c, **env))
+        for stage, ms in r["stages"].items():
+            rows.append(Row("e2e", name, f"stage:{stage.removesuffix('_ms')}", "ms", "batch", b, ms, ms, ms,
+                            config=c, **env))
+        base = results.get(("diffusers", b))
+        ratio = f"{statistics.median(base['times']) / q['p50']:.2f}x" if base else "-"
+        st = r["stages"]
+        lines.append([str(b), name, f"{q['p50']:.1f}", f"{q['p90']:.1f}", f"{q['p99']:.1f}", f"{ips[1]:.3g}",
+                      f"{st.get('unet_ms_per_step', float('nan')):.2f}", tflops,
+                      f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-", ratio])
+    headers = ["batch", "provider", "p50 ms", "p90 ms", "p99 ms", "images/s", "UNet ms/step", "TFLOP/s",
+               "peak GiB", "vs diffusers"]
+    head = (f"device: {env['device']}   dtype: {env['dtype']}   git: {env['git_sha']}   preset: {cfg.preset}   "
+            f"steps: {cfg.steps}   guidance: {cfg.guidance_mode}   repeats: {cfg.repeats}")
+    stage_lines = []
+    for (name, b), r in results.items():
+        stage_lines.append(f"  {name:<13} batch {b}: " + ", ".join(f"{k.removesuffix('_ms')} {v:.1f} ms"
+                                                                   for k, v in r["stages"].items()))
+    text = "\n".join([head, "", format_table(headers, lines), "", "per-stage breakdown (last timed call):",
+                      *stage_lines])
+    return rows, text

@@ -1,0 +1,61 @@
+"""pytest-benchmark suite over the same functions as `python -m bench`, for regression tracking:
+
+    pytest bench/ --benchmark-only [--benchmark-autosave] [--benchmark-compare]
+
+Tiny preset on the CPU by default; BENCH_PRESET=sd15 and a GPU for the real shapes.
+"""
+import os
+
+import pytest
+import torch
+
+from bench.e2e import PROVIDERS, DiffusersProvider, E2EConfig, EngineProvider
+from bench.ops import ATTENTION_SHAPES, attention_inputs, attention_providers
+from bench.weights import bench_weights
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32
+PRESET = os.environ.get("BENCH_PRESET", "tiny")
+
+
+@pytest.fixture(scope="module")
+def image():
+    from engine.demo import draw_condition_image
+    return draw_condition_image(256)
+
+
+@pytest.fixture(scope="module", params=PROVIDERS)
+def provider(request):
+    cfg = E2EConfig(preset=PRESET, device=str(DEVICE), dtype=str(DTYPE).removeprefix("torch."),
+                    steps=30 if DEVICE.type == "cuda" else 4)
+    paths = bench_weights(PRESET)
+    if request.param == "diffusers":
+        return DiffusersProvider(paths, DEVICE, DTYPE, cfg)
+    return EngineProvider(request.param, paths, DEVICE, DTYPE, cfg)
+
+
+def test_e2e_request(benchmark, provider, image):
+    def call():
+        out = provider(image, 1)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+    call()  # warm-up
+    assert len(benchmark(call)) == 1
+
+
+@pytest.mark.parametrize("lq, d", ATTENTION_SHAPES)
+@pytest.mark.parametrize("name", ["fused", "two-sdpa", "xformers"])
+def test_decoupled_attention(benchmark, name, lq, d):
+    fns, skipped = attention_providers(DEVICE, None)
+    if name not in fns:
+        pytest.skip(skipped[name])
+    args = attention_inputs(2, lq, d, DEVICE, DTYPE)
+
+    def call():
+        out = fns[name](*args)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+    call()
+    assert benchmark(call).shape == args[0].shape

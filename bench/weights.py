@@ -1,0 +1,108 @@
+"""Weights for the end-to-end benchmark, in the real on-disk formats, built once into a cache.
+
+- `tiny`: the demo's tiny random weights, plus an IP-Adapter+ file for the diffusers provider.
+- `sd15`: random weights at the full SD1.5 / CLIP ViT-H/14 / 16-token adapter shapes (UNet 860 M, VAE 84 M,
+  text encoder 123 M, image encoder 632 M, projector 68.9 M parameters), stored in fp16 (~3.4 GB). Random
+  weights do the same work as real ones, so the timings hold; the images are noise.
+- Real weights: `--model/--image-encoder/--adapter` (and `--plus-adapter` for the diffusers provider).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import torch
+
+PRESETS = ("tiny", "sd15")
+
+
+def cache_root() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "ipadapter-instruct-engine")
+
+
+def sd15_modules():
+    """SD1.5's UNet, VAE and text encoder and CLIP ViT-H/14's vision tower with random weights (any device
+    context: the tests build them on the meta device)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)  # diffusers' defaults are SD1.5's
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=2, sample_size=512)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                        hidden_act="quick_gelu", projection_dim=768))
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, image_size=224,
+        patch_size=14, projection_dim=1024, hidden_act="gelu"))
+    return unet, vae, text, vision
+
+
+def _write_adapter(path: str, unet, preset: str) -> None:
+    from engine.adapter import AdapterLayers, save_adapter
+    from engine.projector import InstructProjector, ProjectorConfig
+
+    save_adapter(path, InstructProjector(ProjectorConfig.preset(preset)), AdapterLayers(unet, 768))
+
+
+def build_sd15(folder: str) -> None:
+    """Write random SD1.5-shaped weights to `folder` (model/, image_encoder/, adapter + plus adapter)."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    from engine.loading import _image_processor_class
+    from engine.tiny import tiny_tokenizer
+
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".sd15-", dir=parent)
+    try:
+        torch.manual_seed(0)
+        unet, vae, text, vision = sd15_modules()
+        with tempfile.TemporaryDirectory() as tok_dir:
+            tok = tiny_tokenizer(tok_dir)  # byte-level: any text, 77 tokens, ids within SD1.5's vocabulary
+        text.config.bos_token_id, text.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+        scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.to(torch.float16).save_pretrained(os.path.join(tmp, "model"))
+        vision.to(torch.float16).save_pretrained(os.path.join(tmp, "image_encoder"))
+        _image_processor_class()().save_pretrained(os.path.join(tmp, "image_encoder"))  # CLIP's 224 px defaults
+        _write_adapter(os.path.join(tmp, "adapter.safetensors"), unet, "sd15")
+        _write_adapter(os.path.join(tmp, "plus.safetensors"), unet, "sd15-plus")
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+
+
+def bench_weights(preset: str, cache: str | None = None) -> dict[str, str]:
+    """Paths of model, image_encoder, adapter (instruct) and plus_adapter (IP-Adapter+), built once."""
+    from diffusers import UNet2DConditionModel
+
+    from engine.demo import ensure_tiny
+
+    root = cache or cache_root()
+    if preset == "tiny":
+        paths = ensure_tiny(os.path.join(root, "tiny-v1"))
+        plus = os.path.join(root, "tiny-v1-plus.safetensors")
+        if not os.path.exists(plus):
+            from engine.tiny import tiny_adapter
+            torch.manual_seed(1)
+            unet = UNet2DConditionModel.from_pretrained(paths["model"], subfolder="unet")
+            tiny_adapter(plus, unet, kind="plus")  # written atomically
+        return {**paths, "plus_adapter": plus}
+    if preset != "sd15":
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    folder = os.path.join(root, "sd15-random-v1")
+    if not os.path.isdir(folder):
+        print(f"building random SD1.5-shaped weights into {folder} (once, ~3.4 GB)", flush=True)
+        build_sd15(folder)
+    return {"model": os.path.join(folder, "model"), "image_encoder": os.path.join(folder, "image_encoder"),
+            "adapter": os.path.join(folder, "adapter.safetensors"),
+            "plus_adapter": os.path.join(folder, "plus.safetensors")}
