@@ -49,3 +49,17 @@ def test_e2e_rejects_bad_options(capsys):
     assert "unknown provider(s) comfy" in capsys.readouterr().err
     assert main(["e2e", "--model", "x"]) == 2
     assert "give all of --model" in capsys.readouterr().err
+
+
+def test_sd15_preset_has_the_published_sizes():
+    """The sd15 preset's random models are SD1.5's and ViT-H/14's shapes (parameter counts of the public
+    checkpoints), built on the meta device so nothing is allocated."""
+    import torch
+
+    from bench.weights import sd15_modules
+    with torch.device("meta"):
+        unet, vae, text, vision = sd15_modules()
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert (count(unet), count(vae), count(text), count(vision)) == (859_520_964, 83_653_863, 123_060_480,
+                                                                     632_076_800)
+    assert unet.config.cross_attention_dim == 768 and vision.config.hidden_size == 1280
