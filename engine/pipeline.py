@@ -21,6 +21,7 @@ from PIL import Image
 
 from kernels import BACKENDS, choose
 
+from . import fastpath
 from .adapter import Adapter, load_adapter
 from .attention import AdapterContext, expand_scale, install_processors, precompute_kv
 from .errors import EngineError
@@ -122,14 +123,22 @@ class Pipeline:
                    device=device, dtype=dtype, attention_backend=attention_backend)
 
     def set_attention_backend(self, backend: str) -> None:
-        """Run every cross-attention with `backend` (auto | triton | sdpa | reference); fallbacks are logged."""
+        """Run every cross-attention with `backend` (auto | triton | sdpa | reference); fallbacks are logged.
+        Where that is triton, the projector, GroupNorm+SiLU and GEGLU run on their fused kernels too."""
         if backend not in BACKENDS:
             raise EngineError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         for proc in self.cross.values():
             proc.backend = backend
         self.attention_backend = backend
-        # the projector's fused blocks follow the same choice (head size 64 in every released checkpoint)
-        self._fused_projector = self.adapter is not None and choose(self.device, self.dtype, 64, backend) == "triton"
+        # the other fused kernels follow the same choice: the projector's blocks (head size 64 in every
+        # released checkpoint), GroupNorm+SiLU in the UNet's and VAE's resnets, GEGLU
+        fused = choose(self.device, self.dtype, 64, backend) == "triton"
+        self._fused_projector = self.adapter is not None and fused
+        for m in (self.unet, self.vae):
+            if fused:
+                fastpath.fuse(m)
+            else:
+                fastpath.unfuse(m)
 
     @property
     def vae_scale_factor(self) -> int:

@@ -2,7 +2,7 @@
 
 `python -m kernels.aot [--arch 90] [--json PATH]` compiles every kernel variant the engine launches at
 SD1.5 shapes (decoupled attention forward and backward for head dims 40/64/80/160 in fp16, bf16 and
-fp32; the projector's attention and FF kernels) with Triton's own compiler down to PTX and cubin, then
+fp32; the projector's attention and FF kernels; GroupNorm+SiLU and GEGLU) with Triton's own compiler down to PTX and cubin, then
 asks ptxas for each kernel's registers, spills and shared memory. Where no GPU is lent this is the
 check that the kernels are legal for the real compiler, not only for the interpreter. Must run with
 TRITON_INTERPRET unset (the interpreter replaces the kernels with Python functions).
@@ -84,6 +84,31 @@ def projector_variants(dtypes=("float16", "bfloat16")) -> list[dict]:
     return out
 
 
+def elementwise_variants(dtypes=("float16", "bfloat16")) -> list[dict]:
+    """GroupNorm+SiLU (statistics and apply passes, NCHW and channels-last) and GEGLU."""
+    from . import groupnorm_silu
+    from .geglu import BLOCK_COLS, BLOCK_ROWS, _geglu_kernel  # (the package's `geglu` is the function)
+
+    out = []
+    for dtype in dtypes:
+        t = DTYPES[dtype]
+        k = groupnorm_silu._gn_silu_kernel
+        ptrs = {n: f"*{t}" for n in ("X", "Y", "W", "B", "S")}
+        ptrs["Part"] = "*fp32"
+        for apply in (False, True):
+            for cl in (False, True):
+                const = dict(SPLIT=16, APPLY=apply, SILU=True, HAS_SHIFT=True, CHANNELS_LAST=cl,
+                             BLOCK=groupnorm_silu.BLOCK)
+                out.append(dict(kernel=k, name=f"groupnorm_silu_{'apply' if apply else 'stats'}"
+                                f"{'_nhwc' if cl else ''}", dtype=dtype, head_dim=0, options=dict(num_warps=4),
+                                signature=_signature(k, ptrs, {"eps"}, const), constexprs=const))
+        k = _geglu_kernel
+        const = dict(BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS)
+        out.append(dict(kernel=k, name="geglu", dtype=dtype, head_dim=0, options=dict(num_warps=4),
+                        signature=_signature(k, {"X": f"*{t}", "Y": f"*{t}"}, set(), const), constexprs=const))
+    return out
+
+
 def ptxas_usage(ptx: str, arch_major: int) -> dict:
     """Registers and spill bytes per ptxas -v (the ptxas Triton itself uses for this arch), for the PTX's target."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -125,6 +150,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=list(DTYPES), action="append", help="repeatable; default: all")
     p.add_argument("--head-dim", type=int, choices=HEAD_DIMS, action="append", help="repeatable; default: all")
     p.add_argument("--no-projector", action="store_true", help="only the attention kernels")
+    p.add_argument("--no-elementwise", action="store_true", help="leave out GroupNorm+SiLU and GEGLU")
     p.add_argument("--json", default=None, help="also write the table as JSON rows here")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -134,6 +160,8 @@ def main(argv=None) -> int:
     variants = attention_variants(dtypes, tuple(a.head_dim or HEAD_DIMS))
     if not a.no_projector:
         variants += projector_variants(tuple(d for d in dtypes if d != "float32"))
+    if not a.no_elementwise:
+        variants += elementwise_variants(tuple(d for d in dtypes if d != "float32"))
     rows = []
     for v in variants:
         r = compile_variant(v, a.arch)

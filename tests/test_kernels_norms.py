@@ -1,0 +1,92 @@
+"""Fused GroupNorm+SiLU and GEGLU against their PyTorch references (interpreter on the CPU, small odd shapes).
+
+Tolerance as everywhere in the kernels: at most FACTOR x plain PyTorch's error in the same dtype against an
+fp32 reference, plus ATOL (bf16 gets twice the factor under the interpreter, which truncates to bf16).
+"""
+import os
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from engine.errors import EngineError
+from kernels.geglu import geglu, geglu_ref
+from kernels.groupnorm_silu import group_norm_silu, group_norm_silu_ref
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+FACTOR = {torch.float32: 2.0, torch.float16: 2.0, torch.bfloat16: 4.0 if INTERPRETED else 2.0}
+
+
+def check_close(got, pytorch, exact, dtype, what):
+    assert got.shape == exact.shape and got.dtype == dtype
+    err = (got.float() - exact).abs().max().item()
+    base = (pytorch.float() - exact).abs().max().item()
+    assert err <= FACTOR[dtype] * base + ATOL[dtype], f"{what}: kernel error {err:.3g} vs PyTorch's {base:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape, groups, shift, silu", [
+    ((2, 12, 5, 7), 3, False, True),
+    ((1, 8, 33, 33), 2, True, True),      # 4356 elements per group: split over two programs
+    ((3, 32, 1, 1), 4, True, True),       # a 1x1 map (the UNet's mid block at small sizes)
+    ((2, 20, 6, 3), 5, False, False),     # GroupNorm alone
+])
+def test_group_norm_silu_matches_reference(shape, groups, shift, silu, channels_last, dtype):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(DEVICE, dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = (1 + 0.3 * torch.randn(shape[1], generator=g)).to(DEVICE, dtype)
+    b = (0.3 * torch.randn(shape[1], generator=g)).to(DEVICE, dtype)
+    s = torch.randn(shape[0], shape[1], generator=g).to(DEVICE, dtype) if shift else None
+    got = group_norm_silu(x, w, b, groups, 1e-5, silu, s)
+    exact = group_norm_silu_ref(x.float(), w.float(), b.float(), groups, 1e-5, silu, None if s is None else s.float())
+    check_close(got, group_norm_silu_ref(x, w, b, groups, 1e-5, silu, s), exact, dtype, f"{shape} {channels_last}")
+    if channels_last and shape[2] * shape[3] > 1:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_group_norm_silu_errors():
+    x = torch.zeros(1, 6, 2, 2, device=DEVICE)
+    with pytest.raises(EngineError, match="C divisible by 4 groups"):
+        group_norm_silu(x, torch.ones(6, device=DEVICE), torch.zeros(6, device=DEVICE), 4)
+    with pytest.raises(EngineError, match=r"shift must be \(N, C\)"):
+        group_norm_silu(x, torch.ones(6, device=DEVICE), torch.zeros(6, device=DEVICE), 3, shift=torch.zeros(6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 9, 2 * 40), (37, 2 * 1300), (1, 3, 5, 2 * 7)])
+def test_geglu_matches_reference(shape, dtype):
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(shape[-1])) * 2).to(DEVICE, dtype)
+    check_close(geglu(x), geglu_ref(x), geglu_ref(x.float()), dtype, str(shape))
+    with pytest.raises(EngineError, match="even last dimension"):
+        geglu(x[..., :-1])
+
+
+def test_fused_unet_and_vae_equal_diffusers_own(tiny):
+    """engine.fastpath routes every SD resnet and GEGLU of the tiny UNet and VAE to the kernels; the outputs
+    stay diffusers' within fp32 rounding, and unfuse restores diffusers' own forward exactly."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.models.activations import GEGLU
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from engine import fastpath
+    unet = UNet2DConditionModel.from_pretrained(tiny["model"], subfolder="unet").to(DEVICE).eval()
+    vae = AutoencoderKL.from_pretrained(tiny["model"], subfolder="vae").to(DEVICE).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g).to(DEVICE)
+    z = torch.randn(1, 4, 4, 4, generator=g).to(DEVICE)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g).to(DEVICE)
+    with torch.no_grad():
+        ref_eps = unet(x, 500, encoder_hidden_states=text).sample
+        ref_img = vae.decode(z).sample
+        kinds = [m for m in [*unet.modules(), *vae.modules()] if isinstance(m, (ResnetBlock2D, GEGLU))]
+        assert fastpath.fuse(unet) + fastpath.fuse(vae) == len(kinds) > 0
+        eps, img = unet(x, 500, encoder_hidden_states=text).sample, vae.decode(z).sample
+        assert (eps - ref_eps).abs().max() < 1e-4 and (img - ref_img).abs().max() < 1e-4
+        assert (eps - ref_eps).abs().max() > 0  # the fused path really ran
+        fastpath.unfuse(unet)
+        assert torch.equal(unet(x, 500, encoder_hidden_states=text).sample, ref_eps)
