@@ -1,1 +1,1 @@
-"""`python -m bench`: throughput and latency against the alternatives, in hardware units (`ops` built; `e2e` not yet)."""
+"""`python -m bench`: end-to-end latency and throughput against diffusers, and the kernels (`ops`)."""

@@ -61,6 +61,8 @@ def add_e2e_args(p: argparse.ArgumentParser) -> None:
                    help="simple (2 UNet rows, equal work to diffusers' CFG) or full (4 rows)")
     p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {','.join(PROVIDERS)}")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per point (default: 10 cuda, 3 cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the engine provider's UNet (compile time shows in the warm-up line)")
     p.add_argument("--json", default=os.path.join("out", "bench-e2e.json"), help="where the result rows go")
     p.add_argument("--plot", default=None, help="PATH.png: latency and throughput against batch size")
     p.add_argument("--cache", default=None, help="where preset weights are built (default: ~/.cache/...)")
@@ -119,9 +121,11 @@ def run_e2e_command(a) -> int:
         paths = bench_weights(a.preset, a.cache)
     cuda = device.type == "cuda"
     cfg = E2EConfig(preset="real" if all(real) else a.preset, device=str(device),
-                    dtype=a.dtype or ("float16" if cuda else "float32"), batches=tuple(a.batch or ((1, 4) if cuda else (1,))),
+                    dtype=a.dtype or ("float16" if cuda else "float32"),
+                    batches=tuple(a.batch or ((1, 4) if cuda else (1,))),
                     steps=a.steps or (30 if cuda else 10), height=a.height, width=a.width,
-                    guidance_mode=a.guidance_mode, providers=providers, repeats=a.repeats or (10 if cuda else 3))
+                    guidance_mode=a.guidance_mode, providers=providers, repeats=a.repeats or (10 if cuda else 3),
+                    compile=a.compile)
     rows, table = run_e2e(cfg, paths)
     print()
     print(table)

@@ -1,7 +1,8 @@
 """`python -m bench e2e`: a whole request, our engine against diffusers, on the same weights in one run.
 
 Providers (equal work: `simple` guidance, 2 UNet rows per image, against diffusers' CFG):
-- `engine`: the fast path (attention backend `auto`: the fused Triton kernels on CUDA; channels-last on CUDA).
+- `engine`: the fast path: backend `auto` (on CUDA the fused Triton kernels: decoupled attention, projector,
+  GroupNorm+SiLU, GEGLU), channels-last on CUDA, and with `--compile` a torch.compiled UNet.
 - `engine-eager`: the same pipeline on the plain PyTorch backend (two SDPA calls per cross-attention).
 - `diffusers`: StableDiffusionPipeline with its own IP-Adapter+ support (`load_ip_adapter`) on an IP-Adapter+
   file of the same shapes.
@@ -39,6 +40,7 @@ class E2EConfig:
     repeats: int = 5
     scale: float = 0.8
     guidance_scale: float = 6.0
+    compile: bool = False   # torch.compile the engine's UNet (the `engine` provider only)
 
 
 def _sync(device: torch.device) -> None:
@@ -58,6 +60,8 @@ class EngineProvider:
         if name == "engine" and device.type == "cuda":
             for m in (self.pipe.unet, self.pipe.vae):
                 m.to(memory_format=torch.channels_last)
+        if name == "engine" and cfg.compile:
+            self.pipe.compile()
         self.pipe.set_progress_bar_config(disable=True)
         self.unet = self.pipe.unet
 
@@ -190,7 +194,7 @@ def _quantiles(times: list[float]) -> dict[str, float]:
 
 def _report(cfg: E2EConfig, env: dict, results: dict, flops: dict, rows: list[Row]) -> tuple[list[Row], str]:
     config = dict(preset=cfg.preset, steps=cfg.steps, height=cfg.height, width=cfg.width,
-                  guidance_mode=cfg.guidance_mode, repeats=cfg.repeats)
+                  guidance_mode=cfg.guidance_mode, repeats=cfg.repeats, compile=cfg.compile)
     lines = []
     for (name, b), r in results.items():
         q = _quantiles(r["times"])

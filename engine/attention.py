@@ -9,8 +9,9 @@ pipeline computes them once per request (`precompute_kv`) and hands them to the 
 `AdapterContext` through `cross_attention_kwargs={"adapter": ctx}`, together with a per-row scale for
 every layer. With no context a processor is exactly diffusers' plain cross-attention.
 
-The attention itself goes through the kernels' backend registry (`kernels.decoupled`): the fused
-Triton kernel on CUDA, two SDPA calls elsewhere, or the plain reference, by name.
+The attention itself is what the kernels' backend registry chose for the layer's device, dtype and head
+size (`Pipeline.set_attention_backend`): the fused Triton kernel on CUDA, two SDPA calls elsewhere, or the
+plain reference, by name. The choice is made once, so the forward holds no dispatch logic.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from kernels import decoupled
+from kernels import decoupled_attention_sdpa
 
 from .errors import EngineError
 
@@ -45,10 +46,10 @@ class SelfAttnProcessor(AttnProcessor2_0):
 
 
 class DecoupledCrossAttnProcessor:
-    def __init__(self, name: str, to_k_ip=None, to_v_ip=None, backend: str = "auto"):
+    def __init__(self, name: str, to_k_ip=None, to_v_ip=None, impl=decoupled_attention_sdpa):
         self.name = name
         self.to_k_ip, self.to_v_ip = to_k_ip, to_v_ip
-        self.backend = backend
+        self.impl = impl  # chosen once by the kernels' registry (Pipeline.set_attention_backend), not per call
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  adapter: AdapterContext | None = None, *args, **kwargs):
@@ -76,7 +77,7 @@ class DecoupledCrossAttnProcessor:
         q = _heads(attn, attn.to_q(hidden_states))
         if attn.norm_q is not None:
             q = attn.norm_q(q)
-        out = decoupled(q, k, v, k_ip, v_ip, 0.0 if scale is None else scale.view(-1), keep, backend=self.backend)
+        out = self.impl(q, k, v, k_ip, v_ip, 0.0 if scale is None else scale.view(-1), keep)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if ndim == 4:
@@ -108,7 +109,7 @@ def encoder_kv(attn, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return k, v
 
 
-def install_processors(unet, adapter_layers=None, backend: str = "auto") -> dict[str, DecoupledCrossAttnProcessor]:
+def install_processors(unet, adapter_layers=None) -> dict[str, DecoupledCrossAttnProcessor]:
     """Put our processors on every attention of `unet`; returns the cross-attention ones by name."""
     by_name = adapter_layers.by_name() if adapter_layers is not None else {}
     procs, cross = {}, {}
@@ -116,7 +117,7 @@ def install_processors(unet, adapter_layers=None, backend: str = "auto") -> dict
         if name.endswith("attn2.processor"):
             layer = by_name.get(name)
             proc = DecoupledCrossAttnProcessor(name, layer["to_k_ip"] if layer else None,
-                                               layer["to_v_ip"] if layer else None, backend)
+                                               layer["to_v_ip"] if layer else None)
             procs[name] = cross[name] = proc
         else:
             procs[name] = SelfAttnProcessor()

@@ -13,8 +13,12 @@ import types
 import torch
 from torch import nn
 
-from kernels.geglu import geglu
-from kernels.groupnorm_silu import group_norm_silu
+from kernels.geglu import geglu as _geglu
+from kernels.groupnorm_silu import group_norm_silu as _group_norm_silu
+
+# kernel launches stay outside torch.compile graphs (as the attention's do): see kernels/backends.py
+geglu = torch.compiler.disable(_geglu)
+group_norm_silu = torch.compiler.disable(_group_norm_silu)
 
 
 def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs):

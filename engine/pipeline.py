@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from kernels import BACKENDS, choose
+from kernels import BACKENDS, choose, implementation
 
 from . import fastpath
 from .adapter import Adapter, load_adapter
@@ -122,13 +122,23 @@ class Pipeline:
         return cls(**parts, image_encoder=encoder, image_processor=processor, adapter=loaded,
                    device=device, dtype=dtype, attention_backend=attention_backend)
 
+    def compile(self, **kwargs) -> None:
+        """torch.compile the UNet in place (its module names, which the adapter's K/V precompute uses, stay).
+        kwargs go to torch.compile (mode, backend, fullgraph, dynamic). The first call at each new shape pays
+        the compile time. With the sdpa backend the whole UNet, adapter processors included, is one graph
+        (tested with fullgraph=True); the Triton kernels are launched outside the graph."""
+        self.unet.compile(**kwargs)
+
     def set_attention_backend(self, backend: str) -> None:
         """Run every cross-attention with `backend` (auto | triton | sdpa | reference); fallbacks are logged.
         Where that is triton, the projector, GroupNorm+SiLU and GEGLU run on their fused kernels too."""
         if backend not in BACKENDS:
             raise EngineError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        for proc in self.cross.values():
-            proc.backend = backend
+        modules = dict(self.unet.named_modules())
+        for name, proc in self.cross.items():
+            attn = modules[name[: -len(".processor")]]
+            head_dim = attn.to_q.out_features // attn.heads
+            proc.impl = implementation(choose(self.device, self.dtype, head_dim, backend))
         self.attention_backend = backend
         # the other fused kernels follow the same choice: the projector's blocks (head size 64 in every
         # released checkpoint), GroupNorm+SiLU in the UNet's and VAE's resnets, GEGLU

@@ -10,7 +10,7 @@
 Importing this package imports triton but touches no GPU. On the CPU the Triton kernels run only
 under TRITON_INTERPRET=1, which must be set before this package is imported.
 """
-from .backends import BACKENDS, choose, decoupled, decoupled_attention_sdpa, select
+from .backends import BACKENDS, choose, decoupled, decoupled_attention_sdpa, implementation, select
 from .decoupled_attention import decoupled_attention, decoupled_attention_ref
 from .geglu import geglu, geglu_ref
 from .groupnorm_silu import group_norm_silu, group_norm_silu_ref
@@ -19,5 +19,5 @@ from .projector_ff import feed_forward, feed_forward_ref
 
 __all__ = ["BACKENDS", "choose", "decoupled", "decoupled_attention", "decoupled_attention_ref",
            "decoupled_attention_sdpa", "feed_forward", "feed_forward_ref", "geglu", "geglu_ref",
-           "group_norm_silu", "group_norm_silu_ref", "perceiver_attention",
+           "group_norm_silu", "group_norm_silu_ref", "implementation", "perceiver_attention",
            "perceiver_attention_ref", "projector_forward", "select"]

@@ -2,8 +2,8 @@
 
 `python -m kernels.aot [--arch 90] [--json PATH]` compiles every kernel variant the engine launches at
 SD1.5 shapes (decoupled attention forward and backward for head dims 40/64/80/160 in fp16, bf16 and
-fp32; the projector's attention and FF kernels; GroupNorm+SiLU and GEGLU) with Triton's own compiler down to PTX and cubin, then
-asks ptxas for each kernel's registers, spills and shared memory. Where no GPU is lent this is the
+fp32; the projector's attention and FF kernels; GroupNorm+SiLU and GEGLU) with Triton's own compiler
+down to PTX and cubin, then asks ptxas for each kernel's registers, spills and shared memory. Where no GPU is lent this is the
 check that the kernels are legal for the real compiler, not only for the interpreter. Must run with
 TRITON_INTERPRET unset (the interpreter replaces the kernels with Python functions).
 """

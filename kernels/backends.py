@@ -41,7 +41,9 @@ def decoupled_attention_sdpa(q, k, v, k_ip, v_ip, scale, mask=None, ip_mask=None
 
 def _triton_fn():
     from .decoupled_attention import decoupled_attention
-    return decoupled_attention
+    # under torch.compile the launch stays outside the graph (one break per attention): dynamo cannot trace a
+    # hand-launched kernel under the interpreter, and this keeps compiled UNets working on every backend
+    return torch.compiler.disable(decoupled_attention)
 
 
 IMPLEMENTATIONS = {"triton": _triton_fn, "sdpa": lambda: decoupled_attention_sdpa,
@@ -82,6 +84,11 @@ def select(q: torch.Tensor, backend: str = "auto") -> str:
     return choose(q.device, q.dtype, q.shape[-1], backend)
 
 
+def implementation(name: str):
+    """The function behind a resolved backend name (`triton`, `sdpa`, `reference`)."""
+    return IMPLEMENTATIONS[name]()
+
+
 def decoupled(q, k, v, k_ip, v_ip, scale, mask=None, ip_mask=None, backend: str = "auto"):
     """Decoupled cross-attention through the registry; arguments as `kernels.decoupled_attention`."""
-    return IMPLEMENTATIONS[select(q, backend)]()(q, k, v, k_ip, v_ip, scale, mask, ip_mask)
+    return implementation(select(q, backend))(q, k, v, k_ip, v_ip, scale, mask, ip_mask)

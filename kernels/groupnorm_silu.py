@@ -129,7 +129,8 @@ def group_norm_silu(x, weight, bias, groups: int, eps: float = 1e-5, silu: bool 
     stride_p = x.stride(3)  # pixels are consecutive along W in both layouts (H*W flattened)
     for apply in (False, True):
         _gn_silu_kernel[(n * groups, split)](
-            x, y, weight, bias, part if shift is None else shift.contiguous(), part, hw, c, groups, cg, numel, chunk, x.stride(0), x.stride(1), stride_p, eps,
+            x, y, weight, bias, part if shift is None else shift.contiguous(), part, hw, c, groups, cg, numel, chunk,
+            x.stride(0), x.stride(1), stride_p, eps,
             SPLIT=split, APPLY=apply, SILU=silu, HAS_SHIFT=shift is not None, CHANNELS_LAST=channels_last,
             BLOCK=BLOCK, num_warps=4)
     return y
