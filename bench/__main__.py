@@ -80,11 +80,14 @@ def main(argv=None) -> int:
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("python -m bench: error: --device cuda but no CUDA GPU is available", file=sys.stderr)
-        return 2
+        return fail("--device cuda but no CUDA GPU is available")
     dtype = getattr(torch, a.dtype or ("float16" if device.type == "cuda" else "float32"))
     repeats = a.repeats or (50 if device.type == "cuda" else 5)
     wanted = a.providers.split(",") if a.providers else None
+    from .ops import OPS_PROVIDERS
+    unknown = [p for p in wanted or () if p not in OPS_PROVIDERS]
+    if unknown:
+        return fail(f"unknown provider(s) {', '.join(unknown)}; choose from {', '.join(OPS_PROVIDERS)}")
     rows, table = run_ops(device, dtype, a.batch, repeats, wanted)
     print(table)
     write_json(rows, a.json)

@@ -22,6 +22,7 @@ from .common import Row, device_name, format_table, git_sha, hbm_peak, measure
 ATTENTION_SHAPES = [(4096, 40), (1024, 80), (256, 160), (64, 160)]  # (Lq, D) of SD1.5's cross-attentions
 HEADS, TEXT_TOKENS, ADAPTER_TOKENS = 8, 77, 16
 BASELINE = "two-sdpa"
+OPS_PROVIDERS = ("fused", "two-sdpa", "xformers", "reference")
 
 
 def _xformers_fn():

@@ -211,6 +211,18 @@ def launch_config(d: int, lq: int, itemsize: int = 2, backward: bool = False) ->
     return dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps, num_stages=2)
 
 
+_OFFSETS: dict = {}
+
+
+def _offsets(lens: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # adapter token offsets, made once per (lengths, device): a fresh host-to-device copy on every call
+    # would stall the CUDA stream (and cannot be captured in a CUDA graph)
+    key = (lens, device)
+    if key not in _OFFSETS:
+        _OFFSETS[key] = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
+    return _OFFSETS[key]
+
+
 def _inner(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -228,8 +240,8 @@ def forward(q, k, v, k_ips, v_ips, scales, mask, ip_masks, store_lse=False):
         ki, vi = torch.cat(k_ips, dim=2), torch.cat(v_ips, dim=2)
     else:
         ki, vi = k, v  # unused
-    lens = [t.shape[2] for t in k_ips]
-    offs = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=q.device)
+    lens = tuple(t.shape[2] for t in k_ips)
+    offs = _offsets(lens, q.device)
     out = torch.empty(b, lq, h, d, device=q.device, dtype=q.dtype).transpose(1, 2)
     lse_t = torch.empty(b, h, lq, device=q.device, dtype=torch.float32) if store_lse else out
     lse_i = torch.empty(max(n, 1), b, h, lq, device=q.device, dtype=torch.float32) if store_lse else out

@@ -49,6 +49,8 @@ def test_e2e_rejects_bad_options(capsys):
     assert "unknown provider(s) comfy" in capsys.readouterr().err
     assert main(["e2e", "--model", "x"]) == 2
     assert "give all of --model" in capsys.readouterr().err
+    assert main(["ops", "--providers", "two-sdpa,flash"]) == 2
+    assert "unknown provider(s) flash" in capsys.readouterr().err
 
 
 def test_sd15_preset_has_the_published_sizes():
