@@ -90,3 +90,34 @@ def test_fused_unet_and_vae_equal_diffusers_own(tiny):
         assert (eps - ref_eps).abs().max() > 0  # the fused path really ran
         fastpath.unfuse(unet)
         assert torch.equal(unet(x, 500, encoder_hidden_states=text).sample, ref_eps)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (SD1.5-size GroupNorm+SiLU and GEGLU)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_sd15_shapes_on_gpu(channels_last, dtype):
+    for c, hw in ((320, 64), (640, 32), (1280, 16), (1280, 8)):
+        x = torch.randn(2, c, hw, hw, device="cuda").to(dtype)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        w, b = torch.randn(c, device="cuda").to(dtype), torch.randn(c, device="cuda").to(dtype)
+        s = torch.randn(2, c, device="cuda").to(dtype)
+        exact = group_norm_silu_ref(x.float(), w.float(), b.float(), 32, 1e-5, True, s.float())
+        check_close(group_norm_silu(x, w, b, 32, shift=s), group_norm_silu_ref(x, w, b, 32, shift=s), exact, dtype,
+                    f"C{c} {hw}x{hw}")
+    x = torch.randn(2, 4096, 2 * 1280, device="cuda").to(dtype)
+    check_close(geglu(x), geglu_ref(x), geglu_ref(x.float()), dtype, "geglu 4096x2560")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (the engine's fast path in fp16)")
+def test_engine_fast_path_on_gpu(tiny, cond_image):
+    from engine import Pipeline
+    pipe = Pipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"], adapter=tiny["adapter"],
+                                    device="cuda", dtype="float16")
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt="a red house", image=cond_image, instruct="use the composition", num_inference_steps=4,
+                seed=1, output_type="latent")
+    fast = pipe(**call).float()
+    pipe.set_attention_backend("reference")
+    plain = pipe(**call).float()
+    assert (fast - plain).abs().max() < 2e-2 * plain.abs().max()
