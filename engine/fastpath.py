@@ -8,36 +8,41 @@ sampling); others stay as they are. Weights are untouched, so fusing never chang
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
 from torch import nn
 
-from kernels.geglu import geglu as _geglu
-from kernels.groupnorm_silu import group_norm_silu as _group_norm_silu
+from kernels.geglu import geglu
+from kernels.groupnorm_silu import group_norm_silu
 
-# kernel launches stay outside torch.compile graphs (as the attention's do): see kernels/backends.py
-geglu = torch.compiler.disable(_geglu)
-group_norm_silu = torch.compiler.disable(_group_norm_silu)
+
+@functools.cache
+def _launchers():
+    # kernel launches stay outside torch.compile graphs (as the attention's do: kernels/backends.py); made on
+    # first use because torch.compiler.disable imports dynamo (~2 s)
+    return torch.compiler.disable(group_norm_silu), torch.compiler.disable(geglu)
 
 
 def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs):
     # diffusers' ResnetBlock2D.forward for the eligible configuration, with norm+SiLU pairs fused and the
     # time embedding added inside the second GroupNorm's loads
+    gn_silu = _launchers()[0]
     n1, n2 = self.norm1, self.norm2
-    h = group_norm_silu(input_tensor, n1.weight, n1.bias, n1.num_groups, n1.eps)
+    h = gn_silu(input_tensor, n1.weight, n1.bias, n1.num_groups, n1.eps)
     h = self.conv1(h)
     shift = None
     if self.time_emb_proj is not None and temb is not None:
         shift = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
-    h = group_norm_silu(h, n2.weight, n2.bias, n2.num_groups, n2.eps, shift=shift)
+    h = gn_silu(h, n2.weight, n2.bias, n2.num_groups, n2.eps, shift=shift)
     h = self.conv2(self.dropout(h))
     x = self.conv_shortcut(input_tensor) if self.conv_shortcut is not None else input_tensor
     return (x + h) / self.output_scale_factor
 
 
 def _geglu_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-    return geglu(self.proj(hidden_states))
+    return _launchers()[1](self.proj(hidden_states))
 
 
 def _eligible_resnet(m: nn.Module) -> bool:
@@ -70,6 +75,9 @@ def fuse(module: nn.Module) -> int:
 
 
 def unfuse(module: nn.Module) -> None:
+    """Undo `fuse` (only our own forwards: an instance forward put there by anyone else, e.g. an offload
+    hook, stays)."""
     for m in module.modules():
-        if "forward" in m.__dict__:
+        own = m.__dict__.get("forward")
+        if getattr(own, "__func__", None) in (_resnet_forward, _geglu_forward):
             del m.forward
