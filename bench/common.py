@@ -82,6 +82,16 @@ def measure(fn, device: torch.device, repeats: int = 50, warmup: int | None = No
     return q[1], statistics.median(times), q[7]
 
 
+def quiet_loaders() -> None:
+    """Silence diffusers' and transformers' loading bars and notices: they would bury the benchmark's lines."""
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+
+
 def write_json(rows: list[Row], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"

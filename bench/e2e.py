@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import Row, device_name, format_table, git_sha
+from .common import Row, device_name, format_table, git_sha, quiet_loaders
 
 PROMPT = "a lighthouse on a cliff at sunset, best quality, high quality"
 NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
@@ -144,20 +144,10 @@ def count_flops(provider, image, batch: int) -> float:
     return float(counter.get_total_flops())
 
 
-def _quiet_loaders() -> None:
-    # the libraries' loading bars and cast notices would bury the benchmark's own lines
-    import diffusers
-    import transformers
-
-    for lib in (diffusers, transformers):
-        lib.utils.logging.set_verbosity_error()
-        lib.utils.logging.disable_progress_bar()
-
-
 def run_e2e(cfg: E2EConfig, paths: dict, log=print) -> tuple[list[Row], str]:
     from engine.demo import draw_condition_image
 
-    _quiet_loaders()
+    quiet_loaders()
     device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
     env = dict(device=device_name(device), dtype=cfg.dtype, git_sha=git_sha())
     image = draw_condition_image(256)

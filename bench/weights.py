@@ -55,6 +55,9 @@ def build_sd15(folder: str) -> None:
     from engine.loading import _image_processor_class
     from engine.tiny import tiny_tokenizer
 
+    from .common import quiet_loaders
+
+    quiet_loaders()
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".sd15-", dir=parent)

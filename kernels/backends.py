@@ -11,6 +11,7 @@ asked for (or `auto` cannot take triton), the reason is logged once per distinct
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -39,6 +40,7 @@ def decoupled_attention_sdpa(q, k, v, k_ip, v_ip, scale, mask=None, ip_mask=None
     return out
 
 
+@functools.cache
 def _triton_fn():
     from .decoupled_attention import decoupled_attention
     # under torch.compile the launch stays outside the graph (one break per attention): dynamo cannot trace a
