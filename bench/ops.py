@@ -39,12 +39,18 @@ def _xformers_fn():
     return fn
 
 
-def attention_providers(device: torch.device, wanted: list[str] | None) -> tuple[dict, dict]:
-    """name -> fn(q, k, v, k_ip, v_ip, scale), and name -> why it is not measured."""
-    fns, skipped = {}, {}
+def fused_unmeasurable(device: torch.device) -> str | None:
+    """Why the fused kernels cannot be timed on `device`, or None."""
     reason = triton_unusable(device)
     if reason is None and device.type != "cuda":
         reason = "the Triton interpreter on the CPU is a correctness tool; its timings mean nothing"
+    return reason
+
+
+def attention_providers(device: torch.device, wanted: list[str] | None) -> tuple[dict, dict]:
+    """name -> fn(q, k, v, k_ip, v_ip, scale), and name -> why it is not measured."""
+    fns, skipped = {}, {}
+    reason = fused_unmeasurable(device)
     if reason:
         skipped["fused"] = reason
     else:
@@ -130,9 +136,7 @@ def bench_projector(device, dtype, repeats, wanted, env) -> tuple[list[Row], lis
     text = torch.randn(branches, 77, cfg.text_dim, device=device, dtype=dtype)
     instruct = torch.randn(branches, 77, cfg.text_dim, device=device, dtype=dtype)
     fns, skipped = {"reference": lambda: module(image, instruct, text)}, {}
-    reason = triton_unusable(device)
-    if reason is None and device.type != "cuda":
-        reason = "the Triton interpreter on the CPU is a correctness tool; its timings mean nothing"
+    reason = fused_unmeasurable(device)
     if reason:
         skipped["fused"] = reason
     else:

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 
 import torch
@@ -50,38 +49,23 @@ def _write_adapter(path: str, unet, preset: str) -> None:
 
 def build_sd15(folder: str) -> None:
     """Write random SD1.5-shaped weights to `folder` (model/, image_encoder/, adapter + plus adapter)."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-
     from engine.loading import _image_processor_class
-    from engine.tiny import tiny_tokenizer
+    from engine.tiny import atomic_folder, sd_pipeline, tiny_tokenizer
 
     from .common import quiet_loaders
 
     quiet_loaders()
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".sd15-", dir=parent)
-    try:
+    with atomic_folder(folder) as tmp:
         torch.manual_seed(0)
         unet, vae, text, vision = sd15_modules()
         with tempfile.TemporaryDirectory() as tok_dir:
             tok = tiny_tokenizer(tok_dir)  # byte-level: any text, 77 tokens, ids within SD1.5's vocabulary
         text.config.bos_token_id, text.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
-        scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                  num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe.to(torch.float16).save_pretrained(os.path.join(tmp, "model"))
+        sd_pipeline(unet, vae, text, tok).to(torch.float16).save_pretrained(os.path.join(tmp, "model"))
         vision.to(torch.float16).save_pretrained(os.path.join(tmp, "image_encoder"))
         _image_processor_class()().save_pretrained(os.path.join(tmp, "image_encoder"))  # CLIP's 224 px defaults
         _write_adapter(os.path.join(tmp, "adapter.safetensors"), unet, "sd15")
         _write_adapter(os.path.join(tmp, "plus.safetensors"), unet, "sd15-plus")
-        if os.path.isdir(folder):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
 
 
 def bench_weights(preset: str, cache: str | None = None) -> dict[str, str]:

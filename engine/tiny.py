@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 
 import torch
 
@@ -44,7 +45,7 @@ def tiny_tokenizer(folder: str):
 
 
 def tiny_base(folder: str) -> None:
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,11 +61,17 @@ def tiny_base(folder: str) -> None:
         vocab_size=len(tok), hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id))
+    sd_pipeline(unet, vae, text, tok).save_pretrained(folder)
+
+
+def sd_pipeline(unet, vae, text, tok):
+    """A diffusers StableDiffusionPipeline around these modules with SD1.5's PNDM scheduler config."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler,
+    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder)
 
 
 def tiny_image_encoder(folder: str) -> None:
@@ -98,22 +105,29 @@ def make_tiny(folder: str, seed: int = 0) -> dict[str, str]:
     from diffusers import UNet2DConditionModel
 
     folder = os.path.abspath(folder)
-    parent = os.path.dirname(folder) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
-    try:
+    with atomic_folder(folder) as tmp:
         torch.manual_seed(seed)
         tiny_base(os.path.join(tmp, "model"))
         tiny_image_encoder(os.path.join(tmp, "image_encoder"))
         unet = UNet2DConditionModel.from_pretrained(os.path.join(tmp, "model"), subfolder="unet")
         tiny_adapter(os.path.join(tmp, "adapter.safetensors"), unet)
+    return tiny_paths(folder)
+
+
+@contextmanager
+def atomic_folder(folder: str):
+    """Build into a temporary sibling of `folder`; on success it replaces `folder`, on error it is removed."""
+    parent = os.path.dirname(os.path.abspath(folder)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}-", dir=parent)
+    try:
+        yield tmp
         if os.path.isdir(folder):
             shutil.rmtree(folder)
         os.replace(tmp, folder)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
-    return tiny_paths(folder)
 
 
 def tiny_paths(folder: str) -> dict[str, str]:

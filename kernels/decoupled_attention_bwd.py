@@ -20,6 +20,23 @@ from .decoupled_attention import dot_precision, forward, key_block, launch_confi
 
 
 @triton.jit
+def _probs(q, do, lse, k_base, v_base, mask_row, n0, L, stride_kn, stride_vn, qk_scale, offs_d, d_ok,
+           HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    # keys [n0, n0 + BLOCK_N): probabilities P recomputed from the saved log-sum-exp, and dP = dO V^T
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < L
+    nd_ok = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=nd_ok, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=nd_ok, other=0.0)
+    keep = n_ok
+    if HAS_MASK:
+        keep = keep & (tl.load(mask_row + offs_n, mask=n_ok, other=0) != 0)
+    s = tl.where(keep[None, :], mma(q, tl.trans(k), PRECISION) * qk_scale, float("-inf"))
+    p = tl.math.exp2(s - lse[:, None])
+    return offs_n, nd_ok, k, p, mma(do, tl.trans(v), PRECISION)
+
+
+@triton.jit
 def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, Lse, Mask, Scale, IpMask,
                 qk_scale, sm_scale, H, Lq, L, D,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
@@ -53,32 +70,14 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, Lse, Mask, Scale, IpMask,
 
     delta = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(0, L, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < L
-        nd_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=nd_ok, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=nd_ok, other=0.0)
-        keep = n_ok
-        if HAS_MASK:
-            keep = keep & (tl.load(Mask + b * L + offs_n, mask=n_ok, other=0) != 0)
-        s = tl.where(keep[None, :], mma(q, tl.trans(k), PRECISION) * qk_scale, float("-inf"))
-        p = tl.math.exp2(s - lse[:, None])
-        dp = mma(do, tl.trans(v), PRECISION)
+        offs_n, nd_ok, k, p, dp = _probs(q, do, lse, k_base, v_base, Mask + b * L, n0, L, stride_kn, stride_vn,
+                                         qk_scale, offs_d, d_ok, HAS_MASK, BLOCK_N, PRECISION)
         delta += tl.sum(p * dp, 1)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for n0 in range(0, L, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < L
-        nd_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=nd_ok, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=nd_ok, other=0.0)
-        keep = n_ok
-        if HAS_MASK:
-            keep = keep & (tl.load(Mask + b * L + offs_n, mask=n_ok, other=0) != 0)
-        s = tl.where(keep[None, :], mma(q, tl.trans(k), PRECISION) * qk_scale, float("-inf"))
-        p = tl.math.exp2(s - lse[:, None])
-        dp = mma(do, tl.trans(v), PRECISION)
+        offs_n, nd_ok, k, p, dp = _probs(q, do, lse, k_base, v_base, Mask + b * L, n0, L, stride_kn, stride_vn,
+                                         qk_scale, offs_d, d_ok, HAS_MASK, BLOCK_N, PRECISION)
         ds = (p * (dp - delta[:, None])).to(q.dtype)
         dq += mma(ds, k, PRECISION)
         dk = mma(tl.trans(ds), q, PRECISION) * sm_scale

@@ -25,15 +25,22 @@ MAX_SPLIT = 64
 
 
 @triton.jit
-def _offsets(e, HW, CG, stride_c, stride_p, CHANNELS_LAST: tl.constexpr):
-    # element e of a group -> (offset, channel within the group); order follows memory for both layouts
+def _load(X, S, base, shift_row, e0, end, HW, CG, stride_c, stride_p, CHANNELS_LAST: tl.constexpr,
+          HAS_SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+    # one block of a group's elements, in memory order for either layout -> (x + shift in fp32, channel, offset, ok)
+    e = e0 + tl.arange(0, BLOCK)
+    ok = e < end
     if CHANNELS_LAST:
         p = e // CG
         c = e % CG
     else:
         c = e // HW
         p = e % HW
-    return c * stride_c + p * stride_p, c
+    off = c * stride_c + p * stride_p
+    x = tl.load(X + base + off, mask=ok, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        x += tl.load(S + shift_row + c, mask=ok, other=0.0).to(tl.float32)
+    return tl.where(ok, x, 0.0), c, off, ok
 
 
 @triton.jit
@@ -49,18 +56,14 @@ def _gn_silu_kernel(X, Y, W, B, S, Part, HW, C, G, CG, numel, chunk, stride_n, s
     start = split * chunk
     end = tl.minimum(start + chunk, numel)
     part = Part + ng * SPLIT * 3
+    shift_row = n * C + g * CG
     if not APPLY:
         cnt = 0.0
         mean = 0.0
         m2 = 0.0
         for e0 in range(start, end, BLOCK):
-            e = e0 + tl.arange(0, BLOCK)
-            ok = e < end
-            off, c = _offsets(e, HW, CG, stride_c, stride_p, CHANNELS_LAST)
-            x = tl.load(X + base + off, mask=ok, other=0.0).to(tl.float32)
-            if HAS_SHIFT:
-                x += tl.load(S + n * C + g * CG + c, mask=ok, other=0.0).to(tl.float32)
-            x = tl.where(ok, x, 0.0)
+            x, c, off, ok = _load(X, S, base, shift_row, e0, end, HW, CG, stride_c, stride_p, CHANNELS_LAST,
+                                  HAS_SHIFT, BLOCK)
             nb = tl.sum(ok.to(tl.float32), 0)
             mb = tl.sum(x, 0) / nb
             m2b = tl.sum(tl.where(ok, (x - mb) * (x - mb), 0.0), 0)
@@ -82,12 +85,8 @@ def _gn_silu_kernel(X, Y, W, B, S, Part, HW, C, G, CG, numel, chunk, stride_n, s
         m2 = tl.sum(m2s + cnts * (means - mean) * (means - mean), 0)
         rstd = 1.0 / tl.sqrt(m2 / total + eps)
         for e0 in range(start, end, BLOCK):
-            e = e0 + tl.arange(0, BLOCK)
-            ok = e < end
-            off, c = _offsets(e, HW, CG, stride_c, stride_p, CHANNELS_LAST)
-            x = tl.load(X + base + off, mask=ok, other=0.0).to(tl.float32)
-            if HAS_SHIFT:
-                x += tl.load(S + n * C + g * CG + c, mask=ok, other=0.0).to(tl.float32)
+            x, c, off, ok = _load(X, S, base, shift_row, e0, end, HW, CG, stride_c, stride_p, CHANNELS_LAST,
+                                  HAS_SHIFT, BLOCK)
             w = tl.load(W + g * CG + c, mask=ok, other=0.0).to(tl.float32)
             b = tl.load(B + g * CG + c, mask=ok, other=0.0).to(tl.float32)
             y = (x - mean) * rstd * w + b
