@@ -63,6 +63,8 @@ def add_e2e_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed calls per point (default: 10 cuda, 3 cpu)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the engine provider's UNet (compile time shows in the warm-up line)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the engine provider's UNet step from CUDA graphs (cuda only; capture in warm-up)")
     p.add_argument("--json", default=os.path.join("out", "bench-e2e.json"), help="where the result rows go")
     p.add_argument("--plot", default=None, help="PATH.png: latency and throughput against batch size")
     p.add_argument("--cache", default=None, help="where preset weights are built (default: ~/.cache/...)")
@@ -108,6 +110,8 @@ def run_e2e_command(a) -> int:
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         return fail("--device cuda but no CUDA GPU is available")
+    if a.cuda_graphs and device.type != "cuda":
+        return fail("--cuda-graphs needs --device cuda")
     providers = tuple(p for p in a.providers.split(",") if p)
     unknown = [p for p in providers if p not in PROVIDERS]
     if unknown or not providers:
@@ -128,7 +132,7 @@ def run_e2e_command(a) -> int:
                     batches=tuple(a.batch or ((1, 4) if cuda else (1,))),
                     steps=a.steps or (30 if cuda else 10), height=a.height, width=a.width,
                     guidance_mode=a.guidance_mode, providers=providers, repeats=a.repeats or (10 if cuda else 3),
-                    compile=a.compile)
+                    compile=a.compile, cuda_graphs=a.cuda_graphs)
     rows, table = run_e2e(cfg, paths)
     print()
     print(table)

@@ -2,7 +2,8 @@
 
 Providers (equal work: `simple` guidance, 2 UNet rows per image, against diffusers' CFG):
 - `engine`: the fast path: backend `auto` (on CUDA the fused Triton kernels: decoupled attention, projector,
-  GroupNorm+SiLU, GEGLU), channels-last on CUDA, and with `--compile` a torch.compiled UNet.
+  GroupNorm+SiLU, GEGLU), channels-last on CUDA, with `--compile` a torch.compiled UNet and with
+  `--cuda-graphs` the UNet step replayed from CUDA graphs.
 - `engine-eager`: the same pipeline on the plain PyTorch backend (two SDPA calls per cross-attention).
 - `diffusers`: StableDiffusionPipeline with its own IP-Adapter+ support (`load_ip_adapter`) on an IP-Adapter+
   file of the same shapes.
@@ -41,6 +42,7 @@ class E2EConfig:
     scale: float = 0.8
     guidance_scale: float = 6.0
     compile: bool = False   # torch.compile the engine's UNet (the `engine` provider only)
+    cuda_graphs: bool = False  # replay the engine's UNet step from CUDA graphs (the `engine` provider, CUDA)
 
 
 def _sync(device: torch.device) -> None:
@@ -62,6 +64,8 @@ class EngineProvider:
                 m.to(memory_format=torch.channels_last)
         if name == "engine" and cfg.compile:
             self.pipe.compile()
+        if name == "engine" and cfg.cuda_graphs:
+            self.pipe.enable_cuda_graphs()
         self.pipe.set_progress_bar_config(disable=True)
         self.unet = self.pipe.unet
 
@@ -195,7 +199,8 @@ def _quantiles(times: list[float]) -> dict[str, float]:
 
 def _report(cfg: E2EConfig, env: dict, results: dict, flops: dict, rows: list[Row]) -> tuple[list[Row], str]:
     config = dict(preset=cfg.preset, steps=cfg.steps, height=cfg.height, width=cfg.width,
-                  guidance_mode=cfg.guidance_mode, repeats=cfg.repeats, compile=cfg.compile)
+                  guidance_mode=cfg.guidance_mode, repeats=cfg.repeats, compile=cfg.compile,
+                  cuda_graphs=cfg.cuda_graphs)
     lines = []
     for (name, b), r in results.items():
         q = _quantiles(r["times"])

@@ -86,6 +86,7 @@ class Pipeline:
                     m.to(dtype=dtype)
                 m.to(self.device).eval().requires_grad_(False)
         self.cross = install_processors(unet, adapter.layers if adapter else None)
+        self._static = None  # engine.graphs.StaticUNet once enable_cuda_graphs() is called
         self.set_attention_backend(attention_backend)
         self._progress = {}
         self.timings: dict[str, float] = {}
@@ -122,12 +123,25 @@ class Pipeline:
         return cls(**parts, image_encoder=encoder, image_processor=processor, adapter=loaded,
                    device=device, dtype=dtype, attention_backend=attention_backend)
 
+    def enable_cuda_graphs(self, enabled: bool = True) -> None:
+        """Replay the UNet step from CUDA graphs, captured once per shape (rows, size) on first use; a new
+        request copies its K/V, scales, text rows and latents into the graph's static buffers and never
+        re-captures. CUDA only. Capture has not run on this project's machines yet (no GPU lent); the
+        static-buffer path it replays is tested eagerly on the CPU."""
+        from .graphs import StaticUNet
+
+        if enabled and self.device.type != "cuda":
+            raise EngineError(f"CUDA graphs need a pipeline on cuda; this one is on {self.device}")
+        self._static = StaticUNet(self.unet, capture=True) if enabled else None
+
     def compile(self, **kwargs) -> None:
         """torch.compile the UNet in place (its module names, which the adapter's K/V precompute uses, stay).
         kwargs go to torch.compile (mode, backend, fullgraph, dynamic). The first call at each new shape pays
         the compile time. With the sdpa backend the whole UNet, adapter processors included, is one graph
         (tested with fullgraph=True); the Triton kernels are launched outside the graph."""
         self.unet.compile(**kwargs)
+        if self._static is not None:
+            self._static.entries.clear()  # graphs captured before hold the uncompiled kernels
 
     def set_attention_backend(self, backend: str) -> None:
         """Run every cross-attention with `backend` (auto | triton | sdpa | reference); fallbacks are logged.
@@ -140,6 +154,8 @@ class Pipeline:
             head_dim = attn.to_q.out_features // attn.heads
             proc.impl = implementation(choose(self.device, self.dtype, head_dim, backend))
         self.attention_backend = backend
+        if self._static is not None:
+            self._static.entries.clear()  # graphs captured before hold the previous backend's kernels
         # the other fused kernels follow the same choice: the projector's blocks (head size 64 in every
         # released checkpoint), GroupNorm+SiLU in the UNet's and VAE's resnets, GEGLU
         fused = choose(self.device, self.dtype, 64, backend) == "triton"
@@ -238,8 +254,11 @@ class Pipeline:
         with self._timed("denoise_ms"):
             for t in tqdm(sched.timesteps, **{"desc": "denoise", **self._progress}):
                 x = sched.scale_model_input(latents.index_select(0, latent_of_row), t)
-                eps_rows = self.unet(x, t, encoder_hidden_states=text_rows, return_dict=False,
-                                     cross_attention_kwargs={"adapter": ctx})[0]
+                if self._static is not None:  # CUDA graphs: static buffers, replayed
+                    eps_rows = self._static(x, t, text_rows, ctx)
+                else:
+                    eps_rows = self.unet(x, t, encoder_hidden_states=text_rows, return_dict=False,
+                                         cross_attention_kwargs={"adapter": ctx})[0]
                 eps = (weights @ eps_rows.flatten(1).float()).view(latents.shape).to(latents.dtype)
                 latents = sched.step(eps, t, latents, **extra, return_dict=False)[0]
         self.timings["unet_ms_per_step"] = self.timings["denoise_ms"] / len(sched.timesteps)
