@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from kernels import decoupled_attention_sdpa
+from kernels import choose, decoupled_attention_sdpa, implementation
 
 from .errors import EngineError
 
@@ -123,6 +123,15 @@ def install_processors(unet, adapter_layers=None) -> dict[str, DecoupledCrossAtt
             procs[name] = SelfAttnProcessor()
     unet.set_attn_processor(procs)
     return cross
+
+
+def choose_impls(unet, cross: dict[str, DecoupledCrossAttnProcessor], device, dtype, backend: str) -> None:
+    """Give every cross-attention processor the implementation the kernels' registry picks for its layer's
+    device, dtype and head size when `backend` is asked for (fallbacks are logged by the registry)."""
+    modules = dict(unet.named_modules())
+    for name, proc in cross.items():
+        attn = modules[name[: -len(".processor")]]
+        proc.impl = implementation(choose(device, dtype, attn.to_q.out_features // attn.heads, backend))
 
 
 def precompute_kv(unet, cross: dict[str, DecoupledCrossAttnProcessor], text: torch.Tensor,

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from kernels import BACKENDS, choose, implementation
+from kernels import BACKENDS, choose
 
 from . import fastpath
 from .adapter import Adapter, load_adapter
-from .attention import AdapterContext, expand_scale, install_processors, precompute_kv
+from .attention import AdapterContext, choose_impls, expand_scale, install_processors, precompute_kv
 from .errors import EngineError
 from .guidance import branch_weights, resolve_mode
 from .loading import load_base, load_image_encoder, make_scheduler, resolve
@@ -148,11 +148,7 @@ class Pipeline:
         Where that is triton, the projector, GroupNorm+SiLU and GEGLU run on their fused kernels too."""
         if backend not in BACKENDS:
             raise EngineError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        modules = dict(self.unet.named_modules())
-        for name, proc in self.cross.items():
-            attn = modules[name[: -len(".processor")]]
-            head_dim = attn.to_q.out_features // attn.heads
-            proc.impl = implementation(choose(self.device, self.dtype, head_dim, backend))
+        choose_impls(self.unet, self.cross, self.device, self.dtype, backend)
         self.attention_backend = backend
         if self._static is not None:
             self._static.entries.clear()  # graphs captured before hold the previous backend's kernels
