@@ -13,6 +13,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "export", "export.*",
                                     "train", "train.*", "bench", "bench.*"]),
+    package_data={"train": ["instructions/*.txt"]},  # the instruction banks are data files
     install_requires=[
         "torch>=2.4",
         "diffusers>=0.35,<0.43",

@@ -1,4 +1,4 @@
-"""python -m bench {ops, e2e}: measured side by side with what users would pick instead."""
+"""python -m bench {e2e, ops, quality}: measured side by side with what users would pick instead."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,8 @@ def build_parser() -> Parser:
     ops.add_argument("--json", default=os.path.join("out", "bench-ops.json"), help="where the result rows go")
     e2e = sub.add_parser("e2e", help="end-to-end request latency and throughput: engine vs diffusers (default)")
     add_e2e_args(e2e)
+    from .quality import add_quality_args
+    add_quality_args(sub.add_parser("quality", help="the paper's CLIP-I/T/P/S on a held-out manifest"))
     return parser
 
 
@@ -72,11 +74,14 @@ def add_e2e_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("ops", "e2e", "-h", "--help"):
+    if not argv or argv[0] not in ("ops", "e2e", "quality", "-h", "--help"):
         argv = ["e2e", *argv]  # `python -m bench [options]` runs the end-to-end benchmark
     a = build_parser().parse_args(argv)
     if a.command == "e2e":
         return run_e2e_command(a)
+    if a.command == "quality":
+        from .quality import quality_main
+        return quality_main(a)
     from .common import write_json
     from .ops import run_ops
 

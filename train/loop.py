@@ -1,0 +1,326 @@
+"""The training loop: MSE on the noise, frozen SD1.5, trained projector + to_k_ip/to_v_ip (one readable loop).
+
+Determinism is by construction, not by saved RNG streams: every example's randomness (conditioning
+dropout, timestep, noise, the VAE sample) comes from a generator seeded by (seed, optimizer step,
+micro-step, its slot in the global batch), and the data order from (seed, epoch). So a resumed run
+continues bit-identically, and N processes with batch B see exactly what one process with batch N*B sees
+(gradients are averaged across processes after each micro-batch's backward: data parallel over gloo on
+the CPU or nccl on GPUs, launched with torchrun or accelerate launch).
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import logging
+import math
+import os
+import random
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from engine.adapter import save_adapter
+from engine.attention import AdapterContext, choose_impls, install_processors, precompute_kv
+from engine.errors import EngineError
+from engine.loading import load_base, load_image_encoder
+
+from .data import TrainDataset, collate, read_manifest
+from .instructions import load_banks
+from .model import init_adapter, trainable
+
+log = logging.getLogger(__name__)
+DROP_IMAGE, DROP_TEXT, DROP_BOTH = 0.05, 0.05, 0.05  # IP-Adapter's conditioning dropout
+VAL_SEED = 2**40  # validation example i always draws from seed VAL_SEED + i
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str
+    image_encoder: str
+    data: str
+    out: str
+    init_adapter: str | None = None
+    steps: int = 1000
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-5
+    resolution: int = 512
+    mixed_precision: str = "no"          # no | fp16 | bf16
+    save_every: int = 500
+    resume: bool = False
+    warmup_steps: int = 100
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    ema_decay: float | None = None
+    gradient_checkpointing: bool = False
+    val_fraction: float = 0.05
+    on_bad_data: str = "fatal"           # fatal | skip
+    seed: int = 0
+    device: str | None = None
+    progress: bool = True
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.world > 1 and not dist.is_initialized():
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        banks = load_banks()  # the data first: a bad manifest fails before gigabytes of weights load
+        examples = read_manifest(cfg.data, tasks=tuple(banks), on_error=cfg.on_bad_data)
+        parts = load_base(cfg.model, torch.float32)
+        self.unet, self.vae, self.text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
+        self.tokenizer, self.noise_sched = parts["tokenizer"], parts["scheduler"]
+        self.image_encoder, self.processor = load_image_encoder(cfg.image_encoder, torch.float32)
+        torch.manual_seed(cfg.seed)  # a fresh adapter's initial weights
+        self.adapter = init_adapter(self.unet, self.image_encoder.config.hidden_size,
+                                    self.text_encoder.config.hidden_size, cfg.init_adapter)
+        for m in (self.unet, self.vae, self.text_encoder, self.image_encoder):
+            m.to(self.device).eval().requires_grad_(False)
+        self.model = trainable(self.adapter).to(self.device).train()
+        self.cross = install_processors(self.unet, self.adapter.layers)
+        choose_impls(self.unet, self.cross, self.device, torch.float32, "auto")
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))  # linear warm-up, then constant
+        self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay else None
+        self._split(examples, banks)
+        self.step = self.epoch = self.pos = 0
+
+    # ---- data ---------------------------------------------------------------------------------------------
+
+    def _split(self, examples, banks) -> None:
+        cfg = self.cfg
+        order = list(range(len(examples)))
+        random.Random(cfg.seed).shuffle(order)
+        n_val = min(len(examples) - 1, round(len(examples) * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
+        val = [examples[i] for i in sorted(order[:n_val])]
+        train = [examples[i] for i in sorted(order[n_val:])]
+        self.data = TrainDataset(train, banks, self.processor, cfg.resolution, cfg.seed)
+        self.val = TrainDataset(val, banks, self.processor, cfg.resolution, cfg.seed + 1) if val else None
+        self.global_batch = cfg.batch_size * self.world
+        self.per_epoch = len(self.data) // self.global_batch
+        if self.per_epoch == 0:
+            raise EngineError(f"{len(self.data)} training examples cannot fill one global batch of "
+                              f"{self.global_batch} (batch size {cfg.batch_size} x {self.world} processes)")
+
+    def _next_batch(self) -> tuple[dict, list[int]]:
+        # this process's share of the next global micro-batch, and the slots (global positions) it holds
+        if self.pos >= self.per_epoch:
+            self.epoch, self.pos = self.epoch + 1, 0
+        perm = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + self.epoch))
+        slots = list(range(self.rank * self.cfg.batch_size, (self.rank + 1) * self.cfg.batch_size))
+        idx = perm[self.pos * self.global_batch:(self.pos + 1) * self.global_batch]
+        self.pos += 1
+        self.data.set_epoch(self.epoch)
+        return collate([self.data[int(idx[s])] for s in slots]), slots
+
+    # ---- the loss -----------------------------------------------------------------------------------------
+
+    def _encode_text(self, texts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.device))[0]
+
+    def loss(self, batch: dict, seeds: list[int]) -> torch.Tensor:
+        """MSE between the UNet's noise prediction and the noise, for one micro-batch."""
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        pixels = batch["pixel_values"].to(self.device)
+        clip = batch["clip_pixels"].to(self.device)
+        captions, instructions = list(batch["caption"]), list(batch["instruction"])
+        for i, g in enumerate(gens):  # conditioning dropout: [0, .05) image, [.05, .10) text, [.10, .15) both
+            r = torch.rand((), generator=g).item()
+            if r < DROP_IMAGE or DROP_IMAGE + DROP_TEXT <= r < DROP_IMAGE + DROP_TEXT + DROP_BOTH:
+                clip[i] = 0  # the zero image, as the engine's unconditional branch
+                instructions[i] = ""
+            if DROP_IMAGE <= r < DROP_IMAGE + DROP_TEXT + DROP_BOTH:
+                captions[i] = ""
+        with torch.no_grad():
+            post = self.vae.encode(pixels).latent_dist
+            eps_vae = torch.stack([torch.randn(post.mean.shape[1:], generator=g) for g in gens]).to(self.device)
+            latents = (post.mean + post.std * eps_vae) * self.vae.config.scaling_factor
+            text = self._encode_text(captions)
+            instruct = self._encode_text(instructions)
+            image = self.image_encoder(clip, output_hidden_states=True).hidden_states[-2]
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(self.device)
+        t = torch.stack([torch.randint(0, self.noise_sched.config.num_train_timesteps, (), generator=g)
+                         for g in gens]).to(self.device)
+        noisy = self.noise_sched.add_noise(latents, noise, t)
+        target = noise if self.noise_sched.config.prediction_type == "epsilon" else \
+            self.noise_sched.get_velocity(latents, noise, t)
+        ip = self.adapter.projector(image, instruct, text)
+        ctx = AdapterContext(kv=precompute_kv(self.unet, self.cross, text, ip),
+                             scale={n: torch.ones(len(seeds), 1, 1, 1, device=self.device) for n in self.cross})
+        pred = self.unet(noisy, t, encoder_hidden_states=text, cross_attention_kwargs={"adapter": ctx}).sample
+        return F.mse_loss(pred.float(), target.float())
+
+    def _seeds(self, micro: int, slots: list[int]) -> list[int]:
+        base = (self.cfg.seed * 1_000_003 + self.step * self.cfg.grad_accum + micro) * self.global_batch
+        return [base + s for s in slots]
+
+    def _autocast(self):
+        mp = self.cfg.mixed_precision
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    # ---- one optimizer step -------------------------------------------------------------------------------
+
+    def train_step(self) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(self.cfg.grad_accum):
+            batch, slots = self._next_batch()
+            with self._autocast():
+                loss = self.loss(batch, self._seeds(micro, slots)) / self.cfg.grad_accum
+            loss.backward()
+            total += loss.item()
+        if self.world > 1:  # data parallel: average gradients (and the logged loss) over processes
+            for p in self.params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
+            t = torch.tensor([total], device=self.device)
+            dist.all_reduce(t)
+            total = t.item() / self.world
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        if self.ema is not None:
+            with torch.no_grad():
+                for e, p in zip(self.ema, self.params):
+                    e.lerp_(p, 1 - self.cfg.ema_decay)
+        return total
+
+    @torch.no_grad()
+    def validation_loss(self) -> float | None:
+        """Mean loss over the held-out split, each example with fixed randomness (comparable across steps)."""
+        if self.val is None:
+            return None
+        losses = []
+        self.model.eval()
+        for start in range(0, len(self.val), self.cfg.batch_size):
+            idx = range(start, min(start + self.cfg.batch_size, len(self.val)))
+            batch = collate([self.val[i] for i in idx])
+            with self._autocast():
+                losses.append(self.loss(batch, [VAL_SEED + i for i in idx]).item() * len(idx))
+        self.model.train()
+        return sum(losses) / len(self.val)
+
+    # ---- checkpoints --------------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "pos": self.pos, "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "ema": self.ema,
+                "config": asdict(self.cfg), "world": self.world}
+
+    def save_checkpoint(self) -> str:
+        folder = os.path.join(self.cfg.out, "checkpoints")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"step-{self.step:08d}.pt")
+        torch.save(self.state(), path + ".tmp")
+        os.replace(path + ".tmp", path)
+        return path
+
+    def resume(self) -> str | None:
+        found = sorted(glob.glob(os.path.join(self.cfg.out, "checkpoints", "step-*.pt")))
+        if not found:
+            return None
+        st = torch.load(found[-1], map_location=self.device, weights_only=False)
+        if st["world"] * st["config"]["batch_size"] != self.global_batch:
+            raise EngineError(f"{found[-1]} was written with a global batch of "
+                              f"{st['world'] * st['config']['batch_size']}; this run has {self.global_batch}")
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        self.ema = st["ema"]
+        self.step, self.epoch, self.pos = st["step"], st["epoch"], st["pos"]
+        return found[-1]
+
+    def save_adapter(self) -> str:
+        path = os.path.join(self.cfg.out, "adapter.safetensors")
+        if self.ema is not None:  # the averaged weights are the result
+            with torch.no_grad():
+                for e, p in zip(self.ema, self.params):
+                    p.copy_(e)
+        save_adapter(path, self.adapter.projector, self.adapter.layers)
+        return path
+
+
+class Logger:
+    """log.csv (step, loss, lr, val_loss) and TensorBoard when installed; rank 0 only."""
+
+    def __init__(self, out: str, resume_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = os.path.join(out, "log.csv")
+        self.tb = None
+        if not enabled:
+            return
+        os.makedirs(out, exist_ok=True)
+        rows = []
+        if resume_step and os.path.exists(self.path):  # drop what came after the checkpoint
+            with open(self.path) as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, ["step", "loss", "lr", "val_loss"])
+            w.writeheader()
+            w.writerows(rows)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(out, "tensorboard"))
+        except ImportError:
+            log.info("tensorboard is not installed: logging to %s only", self.path)
+
+    def row(self, step: int, loss: float, lr: float, val: float | None) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([step, "" if math.isnan(loss) else f"{loss:.6g}", f"{lr:.6g}",
+                                    "" if val is None else f"{val:.6g}"])
+        if self.tb is not None:
+            if not math.isnan(loss):
+                self.tb.add_scalar("loss", loss, step)
+            self.tb.add_scalar("lr", lr, step)
+            if val is not None:
+                self.tb.add_scalar("val_loss", val, step)
+
+
+def train(cfg: TrainConfig) -> str:
+    """Run the training; returns the path of OUT/adapter.safetensors."""
+    from tqdm.auto import tqdm
+
+    trainer = Trainer(cfg)
+    resumed = trainer.resume() if cfg.resume else None
+    main = trainer.rank == 0
+    if main and resumed:
+        print(f"resumed from {resumed} at step {trainer.step}")
+    logger = Logger(cfg.out, trainer.step, main)
+    if trainer.step == 0 and main:  # where validation starts from
+        logger.row(0, float("nan"), trainer.sched.get_last_lr()[0], trainer.validation_loss())
+    bar = tqdm(total=cfg.steps, initial=trainer.step, desc="train", disable=not (main and cfg.progress))
+    while trainer.step < cfg.steps:
+        loss = trainer.train_step()
+        if not math.isfinite(loss):
+            raise EngineError(f"loss became {loss} at step {trainer.step}; lower --lr or use --mixed-precision no")
+        val = None
+        if trainer.step % cfg.save_every == 0 or trainer.step == cfg.steps:
+            val = trainer.validation_loss() if main else None
+            if main:
+                trainer.save_checkpoint()
+        logger.row(trainer.step, loss, trainer.sched.get_last_lr()[0], val)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+    bar.close()
+    path = trainer.save_adapter() if main else os.path.join(cfg.out, "adapter.safetensors")
+    if trainer.world > 1:
+        dist.barrier()
+    return path
