@@ -1,1 +1,1 @@
-"""The IPAdapter-Instruct trainer. Not built yet: see the README."""
+"""`python -m train`: IPAdapter-Instruct weights from a manifest, on a frozen SD1.5 (see the README, "Trainer")."""
