@@ -147,6 +147,21 @@ def _attend(q, k_base, v_base, stride_kn, stride_vn, start, end, mask_row, qk_sc
 
 
 @triton.jit
+def q_tile(Q, H, Lq, D, stride_qb, stride_qh, stride_qm, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # this program's (batch, head) and Q tile, shared by the forward and backward kernels
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Lq
+    d_ok = offs_d < D
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    return pid_bh, b, h, offs_m, offs_d, m_ok, d_ok, q
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, KI, VI, Out, Mask, Scale, IpMask, Offs, LseT, LseI,
                 qk_scale, B, H, Lq, Lt, D,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
@@ -155,16 +170,8 @@ def _fwd_kernel(Q, K, V, KI, VI, Out, Mask, Scale, IpMask, Offs, LseT, LseI,
                 NUM_ADAPTERS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_IP_MASK: tl.constexpr,
                 STORE_LSE: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < Lq
-    d_ok = offs_d < D
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    pid_bh, b, h, offs_m, offs_d, m_ok, d_ok, q = q_tile(Q, H, Lq, D, stride_qb, stride_qh, stride_qm,
+                                                         BLOCK_M, BLOCK_D)
 
     acc, m_i, l_i = _attend(q, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
                             stride_kn, stride_vn, 0, Lt, Mask + b * Lt, qk_scale, offs_d, d_ok,

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decoupled_attention import dot_precision, forward, key_block, launch_config, mma
+from .decoupled_attention import dot_precision, forward, key_block, launch_config, mma, q_tile
 
 
 @triton.jit
@@ -44,17 +44,9 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, Lse, Mask, Scale, IpMask,
                 HAS_MASK: tl.constexpr, WEIGHTED: tl.constexpr, HAS_IP_MASK: tl.constexpr,
                 ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < Lq
-    d_ok = offs_d < D
+    pid_bh, b, h, offs_m, offs_d, m_ok, d_ok, q = q_tile(Q, H, Lq, D, stride_qb, stride_qh, stride_qm,
+                                                         BLOCK_M, BLOCK_D)
     md_ok = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=md_ok, other=0.0)
     do = tl.load(DO + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
                  mask=md_ok, other=0.0).to(tl.float32)
     if WEIGHTED:
