@@ -28,6 +28,7 @@ setup(
     ],
     extras_require={
         "bench": ["matplotlib>=3.7", "pytest-benchmark>=4"],   # --plot, `pytest bench/ --benchmark-only`
-        "dev": ["pytest>=8", "matplotlib>=3.7", "pytest-benchmark>=4"],
+        "train": ["tensorboard>=2.14"],                        # python -m train logs there too when present
+        "dev": ["pytest>=8", "matplotlib>=3.7", "pytest-benchmark>=4", "tensorboard>=2.14"],
     },
 )

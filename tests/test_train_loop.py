@@ -50,6 +50,8 @@ def test_loss_goes_down_and_the_engine_loads_the_result(tiny, synthetic, tmp_pat
     # the validation loss (fixed noise and timesteps per example) at step 0 and at each checkpoint
     val = val_losses(out)
     assert len(val) == 4 and all(b < a for a, b in zip(val, val[1:])) and val[-1] < 0.95 * val[0], val
+    assert os.listdir(out / "tensorboard"), "TensorBoard events (tensorboard is in the dev extra)"
+    assert sorted(os.listdir(out / "checkpoints")) == [f"step-{s:08d}.pt" for s in (10, 20, 30)]
 
     from engine import Pipeline
     call = dict(prompt=PROMPT, image=cond_image, instruct="use the composition", num_inference_steps=2, seed=0,

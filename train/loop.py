@@ -93,6 +93,9 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))  # linear warm-up, then constant
         self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay else None
+        # fp16 gradients underflow without loss scaling (bf16 has fp32's range and needs none)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16"
+                                           and self.device.type == "cuda")
         self._split(examples, banks)
         self.step = self.epoch = self.pos = 0
 
@@ -181,7 +184,7 @@ class Trainer:
             batch, slots = self._next_batch()
             with self._autocast():
                 loss = self.loss(batch, self._seeds(micro, slots)) / self.cfg.grad_accum
-            loss.backward()
+            self.scaler.scale(loss).backward()
             total += loss.item()
         if self.world > 1:  # data parallel: average gradients (and the logged loss) over processes
             for p in self.params:
@@ -191,8 +194,10 @@ class Trainer:
             t = torch.tensor([total], device=self.device)
             dist.all_reduce(t)
             total = t.item() / self.world
+        self.scaler.unscale_(self.opt)
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.opt.step()
+        self.scaler.step(self.opt)
+        self.scaler.update()
         self.sched.step()
         self.step += 1
         if self.ema is not None:
@@ -221,6 +226,7 @@ class Trainer:
     def state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "pos": self.pos, "model": self.model.state_dict(),
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "ema": self.ema,
+                "scaler": self.scaler.state_dict(),
                 "config": asdict(self.cfg), "world": self.world}
 
     def save_checkpoint(self) -> str:
@@ -242,6 +248,7 @@ class Trainer:
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
+        self.scaler.load_state_dict(st["scaler"])
         self.ema = st["ema"]
         self.step, self.epoch, self.pos = st["step"], st["epoch"], st["pos"]
         return found[-1]
