@@ -13,7 +13,7 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (SD1.5-size kernel shapes)")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (kernels, graphs and fp16 at real shapes)")
 
 PROMPT = "a red house by a lake"
 NEGATIVE = "blurry, low quality"

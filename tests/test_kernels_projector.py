@@ -4,24 +4,18 @@ Tolerance follows flash-attention's rule: a kernel's error against an fp32 refer
 error of plain PyTorch in the same dtype, plus a small atol. Without a GPU the kernels run under the
 Triton interpreter, so the shapes here are small and odd (non powers of two, several blocks with masks).
 """
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton or kernels are imported
+from conftest import DEVICE, gpu  # conftest turns on the interpreter (before kernels import) without a GPU
+from engine.errors import EngineError
+from engine.projector import InstructProjector, PerceiverAttention, ProjectorConfig
+from engine.projector import feed_forward as feed_forward_module
+from kernels.projector import perceiver_attention, perceiver_attention_ref, projector_forward
+from kernels.projector_ff import feed_forward, feed_forward_ref
 
-from engine.errors import EngineError  # noqa: E402
-from engine.projector import InstructProjector, PerceiverAttention, ProjectorConfig  # noqa: E402
-from engine.projector import feed_forward as feed_forward_module  # noqa: E402
-from kernels.projector import perceiver_attention, perceiver_attention_ref, projector_forward  # noqa: E402
-from kernels.projector_ff import feed_forward, feed_forward_ref  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: SD1.5-size projector check")
 
 
 def assert_rule(out, pt, ref, what):
@@ -148,21 +142,21 @@ def test_mixed_dtypes_are_refused():
         feed_forward(latents, *ff_params(ff))
 
 
-@needs_gpu
+@gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [257, 77])
 def test_sd15_perceiver_attention(n, dtype):
     check_attention(4, n, 16, 768, 12, 64, False, dtype)
 
 
-@needs_gpu
+@gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mult", [4, 2])
 def test_sd15_feed_forward(mult, dtype):
     check_feed_forward(4, 16, 768, mult, dtype)
 
 
-@needs_gpu
+@gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("preset", ["sd15", "sd15-plus"])
 def test_sd15_projector_forward(preset, dtype):
