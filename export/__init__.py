@@ -1,1 +1,1 @@
-"""ONNX and TensorRT export of the adapter UNet. Not built yet: see the README."""
+"""Export for TensorRT: the plugin's attention kernels ahead of time (`python -m export plugin`); ONNX and engine builds not yet."""

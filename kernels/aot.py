@@ -27,9 +27,26 @@ def _signature(kernel, pointers: dict[str, str], floats: set[str], constexprs: d
             for n in kernel.arg_names}
 
 
+def forward_variant(dtype: str, d: int) -> dict:
+    """The inference launch of the fused attention (one adapter, no masks; Lt 77, Li 16) for a dtype and head dim:
+    what the engine runs at SD1.5 shapes and what the TensorRT plugin ships."""
+    from .decoupled_attention import _fwd_kernel, dot_precision, key_block, launch_config
+    import torch
+
+    t = DTYPES[dtype]
+    cfg = launch_config(d, 4096, getattr(torch, dtype).itemsize)
+    opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+    ptrs = {n: f"*{t}" for n in ("Q", "K", "V", "KI", "VI", "Out")}
+    ptrs.update(Mask="*i8", Scale="*fp32", IpMask="*fp32", Offs="*i32", LseT="*fp32", LseI="*fp32")
+    const = dict(NUM_ADAPTERS=1, HAS_MASK=False, HAS_IP_MASK=False, STORE_LSE=False,
+                 PRECISION=dot_precision(getattr(torch, dtype)), BLOCK_N=key_block(77), BLOCK_I=key_block(16), **cfg)
+    return dict(kernel=_fwd_kernel, name="attention_fwd", dtype=dtype, head_dim=d, options=opts,
+                signature=_signature(_fwd_kernel, ptrs, {"qk_scale"}, const), constexprs=const)
+
+
 def attention_variants(dtypes=tuple(DTYPES), head_dims=HEAD_DIMS) -> list[dict]:
     """The decoupled-attention launches of one SD1.5 request (1 adapter, Lt 77, Li 16), per dtype and head dim."""
-    from .decoupled_attention import _fwd_kernel, dot_precision, key_block, launch_config
+    from .decoupled_attention import dot_precision, key_block, launch_config
     from .decoupled_attention_bwd import _bwd_kernel
     import torch
 
@@ -39,14 +56,7 @@ def attention_variants(dtypes=tuple(DTYPES), head_dims=HEAD_DIMS) -> list[dict]:
         precision = dot_precision(getattr(torch, dtype))
         itemsize = getattr(torch, dtype).itemsize
         for d in head_dims:
-            cfg = launch_config(d, 4096, itemsize)
-            opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-            ptrs = {n: f"*{t}" for n in ("Q", "K", "V", "KI", "VI", "Out")}
-            ptrs.update(Mask="*i8", Scale="*fp32", IpMask="*fp32", Offs="*i32", LseT="*fp32", LseI="*fp32")
-            const = dict(NUM_ADAPTERS=1, HAS_MASK=False, HAS_IP_MASK=False, STORE_LSE=False, PRECISION=precision,
-                         BLOCK_N=key_block(77), BLOCK_I=key_block(16), **cfg)
-            out.append(dict(kernel=_fwd_kernel, name="attention_fwd", dtype=dtype, head_dim=d, options=opts,
-                            signature=_signature(_fwd_kernel, ptrs, {"qk_scale"}, const), constexprs=const))
+            out.append(forward_variant(dtype, d))
             ptrs = {n: f"*{t}" for n in ("Q", "K", "V", "DO")}
             ptrs.update(DQ="*fp32", DK="*fp32", DV="*fp32", Lse="*fp32", Mask="*i8", Scale="*fp32", IpMask="*fp32")
             cfg = launch_config(d, 4096, itemsize, backward=True)
@@ -129,14 +139,19 @@ def ptxas_usage(ptx: str, arch_major: int) -> dict:
                 spill_loads=num(r"(\d+) bytes spill loads"))
 
 
-def compile_variant(v: dict, arch: int) -> dict:
+def compile_kernel(v: dict, arch: int):
+    """Triton's compiled kernel (asm: ttir ... ptx, cubin; metadata) for a variant, with no GPU involved."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    t0 = time.perf_counter()
     src = ASTSource(v["kernel"], v["signature"], constexprs=v["constexprs"])
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=v["options"])
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=v["options"])
+
+
+def compile_variant(v: dict, arch: int) -> dict:
+    t0 = time.perf_counter()
+    compiled = compile_kernel(v, arch)
     usage = ptxas_usage(compiled.asm["ptx"], arch)
     return dict(kernel=v["name"], dtype=v["dtype"], head_dim=v["head_dim"], arch=f"sm_{arch}",
                 name=compiled.metadata.name, num_warps=compiled.metadata.num_warps,

@@ -1,0 +1,48 @@
+"""`python -m export plugin`: every requested variant compiles on this GPU-less machine and the index says how
+to launch exactly what was written (names, files, hashes, argument list against the PTX entry)."""
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def export(*args, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_DEFAULT_FP_FUSION="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "export", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_plugin_index_matches_the_compiled_kernels(tmp_path):
+    res = export("plugin", "--out", str(tmp_path), "--arch", "80", "--arch", "90", "--dtype", "float16",
+                 "--head-dim", "40", "--head-dim", "160")
+    assert res.returncode == 0, res.stderr[-2000:]
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index["plugin"]["name"] == "DecoupledAttention" and index["plugin"]["namespace"]
+    got = {(v["arch"], v["dtype"], v["head_dim"]) for v in index["variants"]}
+    assert got == {(a, "float16", d) for a in ("sm_80", "sm_90") for d in (40, 160)}
+    files = {v["cubin"] for v in index["variants"]} | {v["ptx"] for v in index["variants"]}
+    assert files | {"index.json"} == set(os.listdir(tmp_path))
+    for v in index["variants"]:
+        cubin = (tmp_path / v["cubin"]).read_bytes()
+        assert cubin and hashlib.sha256(cubin).hexdigest() == v["cubin_sha256"]
+        ptx = (tmp_path / v["ptx"]).read_text()
+        assert re.search(rf"\.target\s+{v['arch']}", ptx) and f".entry {v['kernel_name']}(" in ptx
+        entry = ptx[ptx.index(f".entry {v['kernel_name']}("):]
+        entry = entry[:entry.index(")")]
+        assert [a["ptx"] for a in v["args"]] == re.findall(r"\.param\s+\.(\w+)", entry)
+        names = [a["name"] for a in v["args"]]
+        assert names[:3] == ["Q", "K", "V"] and "Scale" in names and names[-2:] == ["global_scratch", "profile_scratch"]
+        assert v["threads_per_block"] == 32 * v["num_warps"] and v["global_scratch_size"] == 0
+        assert v["grid"]["x"] == f"ceil(Lq / {v['constexprs']['BLOCK_M']})"
+
+
+def test_unbuilt_export_steps_say_so():
+    res = export("onnx")
+    assert res.returncode == 2 and "not built yet" in res.stderr
+    res = export("plugin", "--out", "x", env_extra={"TRITON_INTERPRET": "1"})
+    assert res.returncode == 2 and "unset TRITON_INTERPRET" in res.stderr
