@@ -60,7 +60,8 @@ def normalize(q, k, v, k_ip, v_ip, scale, mask, ip_mask):
         if isinstance(s, torch.Tensor):
             if s.shape not in ((b,), ()):
                 raise EngineError(f"scale must be a float or a (B={b},) tensor, got shape {tuple(s.shape)}")
-            rows.append(s.to(device=q.device, dtype=torch.float32).expand(b))
+            s = s.to(device=q.device, dtype=torch.float32)
+            rows.append(s if s.ndim == 1 else s.expand(b))  # (B,) as given: keeps B symbolic when traced
         elif isinstance(s, (int, float)) and not isinstance(s, bool):
             rows.append(torch.full((b,), float(s), device=q.device))
         else:
