@@ -212,16 +212,6 @@ def read_manifest(path: str, limit: int | None = None) -> list[dict]:
     return records
 
 
-def open_image(path: str, what: str):
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except OSError as e:
-        raise QualityError(f"cannot read {what} {path}: {e}") from None
-
-
 def check_records(records: list[dict], folder: str | None, generate: bool) -> None:
     """Every image path (and with `generate` every instruction) before any model loads."""
     for rec in records:
@@ -244,11 +234,13 @@ def generated_path(rec: dict, folder: str | None) -> str:
 
 def folder_items(records: list[dict], folder: str | None, prompt: str):
     """Records -> items with the images read from disk (lazily, one at a time)."""
+    from engine.pipeline import load_image
+
     for rec in records:
         yield {"index": rec["index"], "task": rec["task"], "caption": rec["caption"],
                "prompt": rec.get("prompt") or prompt,
-               "condition": open_image(rec["condition"], f"condition image of record {rec['index']}"),
-               "generated": open_image(generated_path(rec, folder), f"generated image of record {rec['index']}")}
+               "condition": load_image(rec["condition"], f"condition image of record {rec['index']}"),
+               "generated": load_image(generated_path(rec, folder), f"generated image of record {rec['index']}")}
 
 
 def instruction_for(rec: dict) -> str:
@@ -264,6 +256,7 @@ def instruction_for(rec: dict) -> str:
 def engine_items(records: list[dict], cfg: QualityConfig, prompt: str):
     """Records -> items generated with the engine, `cfg.batch` requests per call; saved to cfg.out if set."""
     from engine import Pipeline
+    from engine.pipeline import load_image
 
     pipe = Pipeline.from_pretrained(cfg.model, image_encoder=cfg.image_encoder, adapter=cfg.adapter,
                                     device=cfg.device, dtype=cfg.dtype)
@@ -271,7 +264,7 @@ def engine_items(records: list[dict], cfg: QualityConfig, prompt: str):
     if cfg.out:
         os.makedirs(cfg.out, exist_ok=True)
     for chunk in _chunks(records, cfg.batch):
-        conds = [open_image(r["condition"], f"condition image of record {r['index']}") for r in chunk]
+        conds = [load_image(r["condition"], f"condition image of record {r['index']}") for r in chunk]
         prompts = [r.get("prompt") or prompt for r in chunk]
         images = pipe(prompt=prompts, image=conds, instruct=[instruction_for(r) for r in chunk], scale=cfg.scale,
                       num_inference_steps=cfg.steps, seed=[cfg.seed + r["index"] for r in chunk])

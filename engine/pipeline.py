@@ -58,7 +58,8 @@ def as_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_image(image) -> Image.Image:
+def load_image(image, what: str = "condition image") -> Image.Image:
+    """A PIL image or an image path -> RGB; a missing or unreadable file is one EngineError naming `what`."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, (str, os.PathLike)):
@@ -66,10 +67,10 @@ def load_image(image) -> Image.Image:
             with Image.open(image) as im:
                 return im.convert("RGB")
         except FileNotFoundError:
-            raise EngineError(f"condition image not found: {os.fspath(image)}") from None
+            raise EngineError(f"{what} not found: {os.fspath(image)}") from None
         except OSError as e:
-            raise EngineError(f"cannot read condition image {os.fspath(image)}: {e}") from e
-    raise EngineError(f"condition image must be a PIL image or a path, got {type(image).__name__}")
+            raise EngineError(f"cannot read {what} {os.fspath(image)}: {e}") from e
+    raise EngineError(f"{what} must be a PIL image or a path, got {type(image).__name__}")
 
 
 class Pipeline:
@@ -372,8 +373,9 @@ class Pipeline:
         names = list(self.cross)
         per_req = [expand_scale(self.unet, names, req.scale) for req in reqs]
         rows = plan["row_request"]
-        return {n: torch.tensor([per_req[r][n] for r in rows], device=self.device, dtype=self.dtype).view(-1, 1, 1, 1)
-                for n in names}
+        # fp32 whatever the pipeline's dtype: what the kernels take, so no per-layer cast at every step
+        return {n: torch.tensor([per_req[r][n] for r in rows], device=self.device,
+                                dtype=torch.float32).view(-1, 1, 1, 1) for n in names}
 
     def _latents(self, reqs: list[Request], sched, height: int, width: int) -> torch.Tensor:
         from diffusers.utils.torch_utils import randn_tensor

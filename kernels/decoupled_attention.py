@@ -66,7 +66,10 @@ def normalize(q, k, v, k_ip, v_ip, scale, mask, ip_mask):
             rows.append(torch.full((b,), float(s), device=q.device))
         else:
             raise EngineError(f"scale must be a float or a (B,) tensor, got {type(s).__name__}")
-    scales = torch.stack(rows) if rows else torch.zeros(0, b, device=q.device)
+    if len(rows) == 1:  # the usual case: a view, no copy per call
+        scales = rows[0][None]
+    else:
+        scales = torch.stack(rows) if rows else torch.zeros(0, b, device=q.device)
     if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (b, k.shape[2])):
         raise EngineError(f"mask must be bool (B={b}, Lt={k.shape[2]}) with True = keep, "
                           f"got {mask.dtype} {tuple(mask.shape)}")

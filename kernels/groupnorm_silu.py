@@ -124,7 +124,7 @@ def group_norm_silu(x, weight, bias, groups: int, eps: float = 1e-5, silu: bool 
     numel = cg * hw
     split = min(MAX_SPLIT, triton.next_power_of_2(triton.cdiv(numel, SPLIT_ELEMENTS)))
     chunk = triton.cdiv(triton.cdiv(numel, split), BLOCK) * BLOCK
-    part = torch.zeros(n * groups, split, 3, device=x.device, dtype=torch.float32)
+    part = torch.empty(n * groups, split, 3, device=x.device, dtype=torch.float32)  # every split writes its own
     stride_p = x.stride(3)  # pixels are consecutive along W in both layouts (H*W flattened)
     for apply in (False, True):
         _gn_silu_kernel[(n * groups, split)](

@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from engine.errors import EngineError
+from engine.pipeline import load_image
 
 from .instructions import TASKS, sample_instruction
 
@@ -134,11 +135,6 @@ def write_manifest(examples, path) -> str:
     return path
 
 
-def load_rgb(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
 def target_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     """PIL image -> (3, resolution, resolution) in [-1, 1]: shorter side resized (bilinear), centre crop."""
     w, h = image.size
@@ -189,8 +185,9 @@ class TrainDataset(torch.utils.data.Dataset):
         # -> pixel_values (3, R, R) in [-1, 1]; clip_pixels (3, S, S) from the image processor; strings
         i = range(len(self.examples))[i]
         ex = self.examples[i]
-        clip = self.processor(images=load_rgb(ex.condition), return_tensors="pt").pixel_values[0]
-        return {"pixel_values": target_tensor(load_rgb(ex.target), self.resolution), "clip_pixels": clip,
+        clip = self.processor(images=load_image(ex.condition), return_tensors="pt").pixel_values[0]
+        pixels = target_tensor(load_image(ex.target, "target image"), self.resolution)
+        return {"pixel_values": pixels, "clip_pixels": clip,
                 "caption": ex.caption, "instruction": self.instruction(i), "task": ex.task}
 
 
@@ -235,7 +232,7 @@ def build_object_examples(coco_json, images_dir, out_dir, rng: random.Random, mi
                               f"category {ann['category_id']}, which the file does not list")
         target = os.path.abspath(os.path.join(images_dir, files[ann["image_id"]]))
         if target not in opened:
-            opened = {target: load_rgb(target)}   # annotations usually come grouped by image
+            opened = {target: load_image(target, "target image")}   # annotations usually come grouped by image
         image = opened[target]
         box = (max(0, round(x)), max(0, round(y)), min(image.width, round(x + w)), min(image.height, round(y + h)))
         stem = f"{ann['image_id']}_{ann.get('id', len(examples))}"
@@ -275,7 +272,7 @@ def build_face_examples(items, out_dir, rng: random.Random) -> list[Example]:
                 raise EngineError(f"face box of item {k} must be [x, y, w, h] with w, h > 0, got {box}")
             stem = os.path.splitext(os.path.basename(path))[0]
             condition = os.path.abspath(os.path.join(out_dir, "faces", f"{k}_{stem}.png"))
-            face_crop(load_rgb(path), box).save(condition)
+            face_crop(load_image(path), box).save(condition)
         examples.append(Example(condition, path, caption, "face"))
     return examples
 

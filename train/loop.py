@@ -98,6 +98,7 @@ class Trainer:
                                            and self.device.type == "cuda")
         self._split(examples, banks)
         self.step = self.epoch = self.pos = 0
+        self._perm = (-1, None)
 
     # ---- data ---------------------------------------------------------------------------------------------
 
@@ -120,7 +121,10 @@ class Trainer:
         # this process's share of the next global micro-batch, and the slots (global positions) it holds
         if self.pos >= self.per_epoch:
             self.epoch, self.pos = self.epoch + 1, 0
-        perm = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + self.epoch))
+        if self._perm[0] != self.epoch:  # the epoch's data order, drawn once per epoch
+            g = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.epoch)
+            self._perm = (self.epoch, torch.randperm(len(self.data), generator=g))
+        perm = self._perm[1]
         slots = list(range(self.rank * self.cfg.batch_size, (self.rank + 1) * self.cfg.batch_size))
         idx = perm[self.pos * self.global_batch:(self.pos + 1) * self.global_batch]
         self.pos += 1
