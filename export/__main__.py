@@ -12,7 +12,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def main(argv=None) -> int:
-    from .plugin import ARCHS, DTYPES, HEAD_DIMS
+    from .plugin import ARCHS, DTYPES, HEAD_DIMS, HEADS
 
     p = Parser(prog="python -m export", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     pl.add_argument("--arch", type=int, choices=ARCHS, action="append", help="repeatable; default: all")
     pl.add_argument("--dtype", choices=DTYPES, action="append", help="repeatable; default: all")
     pl.add_argument("--head-dim", type=int, choices=HEAD_DIMS, action="append", help="repeatable; default: all")
+    pl.add_argument("--heads", type=int, default=HEADS, help=f"attention heads (default {HEADS}, SD1.5)")
     for name in ("onnx", "verify", "trt"):
         sub.add_parser(name, help="not built yet")
     a = p.parse_args(argv)
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     from .plugin import write_plugin
-    print(write_plugin(a.out, tuple(a.arch or ARCHS), tuple(a.dtype or DTYPES), tuple(a.head_dim or HEAD_DIMS)))
+    print(write_plugin(a.out, tuple(a.arch or ARCHS), tuple(a.dtype or DTYPES), tuple(a.head_dim or HEAD_DIMS), a.heads))
     return 0
 
 

@@ -1,12 +1,13 @@
-"""The TensorRT plugin's kernels, ahead of time: the fused decoupled attention as cubin + PTX per GPU arch,
-dtype and head dim, with a JSON index that says exactly how to launch each one.
+"""The TensorRT plugin's kernels, ahead of time: the packed decoupled attention (kernels/packed_attention.py)
+as cubin + PTX per GPU arch, dtype, head count and head size, with a JSON index that says how to launch each.
 
 `python -m export plugin --out DIR` needs no GPU: Triton's compiler and its ptxas build for sm_80/86/89/90.
 The index gives, per variant, the kernel's entry name, the files (and the cubin's sha256), threads per block,
-dynamic shared memory, the grid rule and the full argument list in launch order, including the two scratch
-pointers Triton appends (pass null: their sizes are 0). This is what the TensorRT plugin's ahead-of-time
-implementation and the C++ launcher read. The plugin runs the inference launch: one adapter, no text mask,
-no regional mask, the adapter strength per batch row (`Scale`, fp32, one value per row).
+shared memory, the grid rule and the full argument list in launch order: the input pointers (Q, K, V, KI, VI,
+Scale), the int32 sizes (Lq, Lt, Li), the output pointer (Out), then the scratch pointers Triton appends (pass
+null: their sizes are 0). That order is the one TensorRT's ahead-of-time plugins use (inputs, extra int32
+arguments, outputs), and it is what export/cpp/ and the driver-API launch read. Tensors are packed
+(B, L, H*D), contiguous; Scale is fp32 (B,), the adapter strength per batch row.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from engine.errors import EngineError
 ARCHS = (80, 86, 89, 90)
 DTYPES = ("float16", "float32")
 HEAD_DIMS = (40, 64, 80, 160)
+HEADS = 8  # every SD1.5 attention layer
 PLUGIN = {"name": "DecoupledAttention", "namespace": "ipadapter_instruct"}
 
 
@@ -42,36 +44,55 @@ def _args(variant: dict, params: list[str]) -> list[dict]:
     return out
 
 
-def write_plugin(out: str, archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, log=print) -> str:
+def plugin_variant(dtype: str, heads: int, head_dim: int) -> dict:
+    """What `kernels.aot.compile_kernel` needs for the packed kernel at one dtype, head count and head size."""
+    import torch
+
+    from kernels.packed_attention import _packed_fwd_kernel, constexprs, num_warps
+
+    t = {"float16": "fp16", "float32": "fp32"}[dtype]
+    const = constexprs(getattr(torch, dtype), heads, head_dim)
+    sig = {n: f"*{t}" for n in ("Q", "K", "V", "KI", "VI", "Out")}
+    sig.update(Scale="*fp32", Lq="i32", Lt="i32", Li="i32")
+    sig.update({n: "constexpr" for n in const})
+    sig = {n: sig[n] for n in _packed_fwd_kernel.arg_names}
+    return dict(kernel=_packed_fwd_kernel, name="packed_attention", dtype=dtype, head_dim=head_dim,
+                options=dict(num_warps=num_warps(getattr(torch, dtype), head_dim), num_stages=2),
+                signature=sig, constexprs=const)
+
+
+def write_plugin(out: str, archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, heads: int = HEADS, log=print) -> str:
     """Compile every variant into `out` and write `out/index.json`; returns the index path."""
     import triton
 
-    from kernels.aot import compile_kernel, forward_variant
+    from kernels.aot import compile_kernel
 
     os.makedirs(out, exist_ok=True)
     variants = []
     for arch in archs:
         for dtype in dtypes:
             for d in head_dims:
-                v = forward_variant(dtype, d)
+                v = plugin_variant(dtype, heads, d)
                 k = compile_kernel(v, arch)
-                stem = f"decoupled_attention_{dtype}_d{d}_sm{arch}"
+                stem = f"packed_attention_{dtype}_h{heads}_d{d}_sm{arch}"
                 cubin, ptx = k.asm["cubin"], k.asm["ptx"]
                 for ext, data in (("cubin", cubin), ("ptx", ptx.encode())):
                     with open(os.path.join(out, f"{stem}.{ext}"), "wb") as f:
                         f.write(data)
                 meta = k.metadata
                 variants.append({
-                    "arch": f"sm_{arch}", "dtype": dtype, "head_dim": d, "kernel_name": meta.name,
+                    "arch": f"sm_{arch}", "dtype": dtype, "heads": heads, "head_dim": d, "kernel_name": meta.name,
                     "cubin": f"{stem}.cubin", "ptx": f"{stem}.ptx", "cubin_sha256": hashlib.sha256(cubin).hexdigest(),
                     "num_warps": meta.num_warps, "threads_per_block": meta.num_warps * 32,
                     "shared_bytes": meta.shared, "global_scratch_size": meta.global_scratch_size,
-                    "grid": {"x": f"ceil(Lq / {v['constexprs']['BLOCK_M']})", "y": "B * H", "z": 1},
+                    "block_m": v["constexprs"]["BLOCK_M"],
+                    "grid": {"x": f"ceil(Lq / {v['constexprs']['BLOCK_M']})", "y": f"B * {heads}", "z": 1},
                     "constexprs": v["constexprs"], "args": _args(v, ptx_params(ptx, meta.name)),
                 })
                 log(f"{stem}: {meta.name}, {meta.num_warps * 32} threads, {meta.shared} B shared")
     index = {"plugin": PLUGIN, "triton": triton.__version__,
-             "inputs": "q (B,H,Lq,D), k/v (B,H,77,D), k_ip/v_ip (B,H,16,D), ip_scale (B,) fp32; out (B,Lq,H,D)",
+             "layout": "q (B,Lq,H*D), k/v (B,Lt,H*D), k_ip/v_ip (B,Li,H*D) contiguous in dtype; ip_scale (B,) fp32; "
+                       "out (B,Lq,H*D) in dtype",
              "variants": variants}
     path = os.path.join(out, "index.json")
     with open(path + ".tmp", "w") as f:

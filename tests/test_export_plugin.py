@@ -36,9 +36,13 @@ def test_plugin_index_matches_the_compiled_kernels(tmp_path):
         entry = entry[:entry.index(")")]
         assert [a["ptx"] for a in v["args"]] == re.findall(r"\.param\s+\.(\w+)", entry)
         names = [a["name"] for a in v["args"]]
-        assert names[:3] == ["Q", "K", "V"] and "Scale" in names and names[-2:] == ["global_scratch", "profile_scratch"]
+        # TensorRT's AOT order: input pointers, int32 sizes, output pointer; then Triton's scratch pointers
+        assert names == ["Q", "K", "V", "KI", "VI", "Scale", "Lq", "Lt", "Li", "Out", "global_scratch",
+                         "profile_scratch"]
+        assert [a["type"] for a in v["args"][5:10]] == ["*fp32", "i32", "i32", "i32", "*fp16"]
         assert v["threads_per_block"] == 32 * v["num_warps"] and v["global_scratch_size"] == 0
-        assert v["grid"]["x"] == f"ceil(Lq / {v['constexprs']['BLOCK_M']})"
+        assert v["grid"] == {"x": f"ceil(Lq / {v['block_m']})", "y": "B * 8", "z": 1}
+        assert v["constexprs"]["HEADS"] == 8 and v["constexprs"]["HEAD_DIM"] == v["head_dim"]
 
 
 def test_unbuilt_export_steps_say_so():
