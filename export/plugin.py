@@ -94,8 +94,12 @@ def write_plugin(out: str, archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, head
              "layout": "q (B,Lq,H*D), k/v (B,Lt,H*D), k_ip/v_ip (B,Li,H*D) contiguous in dtype; ip_scale (B,) fp32; "
                        "out (B,Lq,H*D) in dtype",
              "variants": variants}
-    path = os.path.join(out, "index.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(index, f, indent=1)
-    os.replace(path + ".tmp", path)
-    return path
+    # the same facts flat, one variant per line, for C++ readers with no JSON library (export/cpp/)
+    cols = ("arch", "dtype", "heads", "head_dim", "cubin", "kernel_name", "threads_per_block", "shared_bytes",
+            "block_m")
+    tsv = "\t".join(cols) + "\n" + "".join("\t".join(str(v[c]) for c in cols) + "\n" for v in variants)
+    for name, text in (("index.tsv", tsv), ("index.json", json.dumps(index, indent=1))):
+        with open(os.path.join(out, name + ".tmp"), "w") as f:
+            f.write(text)
+        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+    return os.path.join(out, "index.json")

@@ -26,7 +26,13 @@ def test_plugin_index_matches_the_compiled_kernels(tmp_path):
     got = {(v["arch"], v["dtype"], v["head_dim"]) for v in index["variants"]}
     assert got == {(a, "float16", d) for a in ("sm_80", "sm_90") for d in (40, 160)}
     files = {v["cubin"] for v in index["variants"]} | {v["ptx"] for v in index["variants"]}
-    assert files | {"index.json"} == set(os.listdir(tmp_path))
+    assert files | {"index.json", "index.tsv"} == set(os.listdir(tmp_path))
+    lines = (tmp_path / "index.tsv").read_text().splitlines()
+    header = lines[0].split("\t")
+    rows = [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+    assert [(r["cubin"], r["kernel_name"], int(r["threads_per_block"]), int(r["shared_bytes"]), int(r["block_m"]))
+            for r in rows] == [(v["cubin"], v["kernel_name"], v["threads_per_block"], v["shared_bytes"],
+                                v["block_m"]) for v in index["variants"]]
     for v in index["variants"]:
         cubin = (tmp_path / v["cubin"]).read_bytes()
         assert cubin and hashlib.sha256(cubin).hexdigest() == v["cubin_sha256"]
