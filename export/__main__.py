@@ -1,9 +1,12 @@
-"""python -m export {plugin, onnx, verify, trt}: the adapter UNet for TensorRT (README, "Export")."""
+"""python -m export {onnx, verify, plugin, trt}: the adapter UNet for TensorRT (README, "Export")."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+
+from engine.errors import EngineError
 
 
 class Parser(argparse.ArgumentParser):
@@ -11,30 +14,77 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def main(argv=None) -> int:
+def _parser() -> Parser:
+    from .onnx import DEFAULT_OPSET, GRAPHS
     from .plugin import ARCHS, DTYPES, HEAD_DIMS, HEADS
 
     p = Parser(prog="python -m export", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    pl = sub.add_parser("plugin", help="compile the plugin's attention kernels (cubin + PTX) and their JSON index")
+    on = sub.add_parser("onnx", help="write the five ONNX graphs and manifest.json")
+    on.add_argument("--model", required=True, help="diffusers Stable Diffusion 1.5 folder")
+    on.add_argument("--image-encoder", required=True, help="CLIP vision folder")
+    on.add_argument("--adapter", required=True, help="two-key adapter file (.bin or .safetensors)")
+    on.add_argument("--out", required=True, help="output folder")
+    on.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    on.add_argument("--attention", choices=("plugin", "onnx"), default="plugin",
+                    help="adapter attention as the TensorRT plugin node (default) or in standard ONNX ops")
+    on.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    on.add_argument("--graphs", default=",".join(GRAPHS), help="comma-separated subset (default: all five)")
+    ve = sub.add_parser("verify", help="run every graph with ONNX Runtime against PyTorch")
+    ve.add_argument("dir")
+    ve.add_argument("--batch", type=int, default=None, help="rows (default: each graph's opt profile)")
+    ve.add_argument("--height", type=int, default=None, help="pixels (default: the opt profile)")
+    ve.add_argument("--width", type=int, default=None, help="pixels (default: the opt profile)")
+    ve.add_argument("--graphs", default=None, help="comma-separated subset (default: every graph in DIR)")
+    ve.add_argument("--atol", type=float, default=None, help="absolute tolerance (fp32 1e-4, fp16 1e-2)")
+    ve.add_argument("--rtol", type=float, default=None, help="tolerance relative to the output's max (same)")
+    pl = sub.add_parser("plugin", help="compile the plugin's attention kernels (cubin + PTX) and their index")
     pl.add_argument("--out", required=True)
     pl.add_argument("--arch", type=int, choices=ARCHS, action="append", help="repeatable; default: all")
     pl.add_argument("--dtype", choices=DTYPES, action="append", help="repeatable; default: all")
     pl.add_argument("--head-dim", type=int, choices=HEAD_DIMS, action="append", help="repeatable; default: all")
     pl.add_argument("--heads", type=int, default=HEADS, help=f"attention heads (default {HEADS}, SD1.5)")
-    for name in ("onnx", "verify", "trt"):
-        sub.add_parser(name, help="not built yet")
-    a = p.parse_args(argv)
-    if a.command != "plugin":
-        print(f"python -m export {a.command}: not built yet (issue 6); `python -m export plugin` is", file=sys.stderr)
+    try:
+        from . import trt
+    except ImportError:
+        trt = None
+    tr = sub.add_parser("trt", help="build TensorRT engines from an onnx folder (needs TensorRT)")
+    if trt is not None and hasattr(trt, "add_arguments"):
+        trt.add_arguments(tr)
+    return p
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        if a.command == "onnx":
+            from .onnx import export_onnx
+            print(export_onnx(a.model, a.image_encoder, a.adapter, a.out, a.opset, a.attention, a.dtype,
+                              tuple(g for g in a.graphs.split(",") if g)))
+            return 0
+        if a.command == "verify":
+            from .verify import verify
+            rows = verify(a.dir, a.batch, a.height, a.width, a.graphs.split(",") if a.graphs else None,
+                          a.atol, a.rtol)
+            bad = [r for r in rows if not r["ok"]]
+            print(f"{len(rows) - len(bad)}/{len(rows)} checks within tolerance")
+            return 1 if bad else 0
+        if a.command == "trt":
+            from . import trt
+            return trt.run(a)
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            print("python -m export plugin: error: unset TRITON_INTERPRET (the interpreter cannot compile)",
+                  file=sys.stderr)
+            return 2
+        from .plugin import ARCHS, DTYPES, HEAD_DIMS, write_plugin
+        print(write_plugin(a.out, tuple(a.arch or ARCHS), tuple(a.dtype or DTYPES), tuple(a.head_dim or HEAD_DIMS),
+                           a.heads))
+        return 0
+    except EngineError as e:
+        print(f"python -m export {a.command}: error: {e}", file=sys.stderr)
         return 2
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("python -m export plugin: error: unset TRITON_INTERPRET (the interpreter cannot compile)",
-              file=sys.stderr)
-        return 2
-    from .plugin import write_plugin
-    print(write_plugin(a.out, tuple(a.arch or ARCHS), tuple(a.dtype or DTYPES), tuple(a.head_dim or HEAD_DIMS), a.heads))
-    return 0
 
 
 if __name__ == "__main__":

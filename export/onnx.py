@@ -1,0 +1,123 @@
+"""`python -m export onnx`: text_encoder, image_encoder, projector, unet and vae_decoder as ONNX, plus manifest.json.
+
+The graphs are traced from the same modules the engine runs (loaded by `engine.Pipeline.from_pretrained`),
+with the UNet's adapter cross-attentions as plugin nodes or standard ops (graph_attention.py). Everything is
+written into a staging folder beside OUT and moved into OUT only when every graph exported and passed
+onnx.checker, so a failed export leaves nothing half-written behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+
+import torch
+
+from engine.errors import EngineError
+
+from .graph_attention import ATTENTION, DOMAIN
+from .plugin import PLUGIN
+from .specs import build_specs
+
+FORMAT = "ipadapter-instruct-onnx/1"
+DEFAULT_OPSET = 17
+GRAPHS = ("text_encoder", "image_encoder", "projector", "unet", "vae_decoder")
+
+
+def _tensor_entry(t) -> dict:
+    return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "meaning": t.meaning, "fill": t.fill}
+
+
+def export_graph(spec, path: str, opset: int) -> None:
+    """Trace one spec at its opt sizes and write it to `path` (external data beside it past 2 GB)."""
+    sample = spec.sample(spec.sizes("opt"))
+    args = tuple(sample[t.name] for t in spec.inputs)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+        torch.onnx.export(spec.module, args, path, input_names=[t.name for t in spec.inputs],
+                          output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes(),
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
+
+
+def check_graph(path: str) -> dict:
+    """onnx.checker with strict type and shape inference on the file; returns op counts (plugin nodes among them)."""
+    import onnx
+
+    onnx.checker.check_model(path, full_check=True)
+    model = onnx.load(path, load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OPSET, attention: str = "plugin",
+                dtype: str = "float32", graphs=GRAPHS, log=print) -> str:
+    """Export the graphs of one base model + image encoder + adapter into `out`; returns manifest.json's path."""
+    from engine import Pipeline
+
+    if attention not in ATTENTION:
+        raise EngineError(f"--attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+    if dtype not in ("float32", "float16"):
+        raise EngineError(f"--dtype must be float32 or float16, got {dtype!r}")
+    if not 14 <= opset <= 21:
+        raise EngineError(f"--opset must be between 14 and 21 (scaled dot-product attention needs 14), got {opset}")
+    unknown = sorted(set(graphs) - set(GRAPHS))
+    if unknown:
+        raise EngineError(f"unknown graph(s) {', '.join(unknown)}; choose from {', '.join(GRAPHS)}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise EngineError(f"--out {out} exists and is not a folder")
+    if adapter is None:
+        raise EngineError("export needs an adapter file (--adapter): the UNet graph takes adapter tokens")
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_pretrained(model, image_encoder=image_encoder, adapter=adapter, device="cpu", dtype=dtype,
+                                    attention_backend="reference")
+    specs = [s for s in build_specs(pipe, attention) if s.name in graphs]
+    log(f"loaded in {time.perf_counter() - t0:.1f} s")
+    out = os.path.abspath(out)
+    stage = f"{out}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    os.makedirs(stage)
+    try:
+        manifest = {"format": FORMAT, "opset": opset, "dtype": dtype, "attention": attention,
+                    "plugin": {**PLUGIN, "domain": DOMAIN, "op_type": PLUGIN["name"],
+                               "inputs": ["q", "k", "v", "k_ip", "v_ip", "ip_scale"],
+                               "attributes": {"plugin_namespace": PLUGIN["namespace"], "num_heads": "int", "aot": 1},
+                               "layout": "packed (B, L, heads*head_dim); ip_scale (B,) float32"},
+                    "source": {"model": os.path.abspath(str(model)) if os.path.exists(str(model)) else str(model),
+                               "image_encoder": os.path.abspath(str(image_encoder)),
+                               "adapter": os.path.abspath(str(adapter)), "adapter_kind": pipe.adapter.kind},
+                    "vae_scale_factor": pipe.vae_scale_factor, "vae_scaling_factor": pipe.vae.config.scaling_factor,
+                    "tokenizer": {"folder": "tokenizer/ of the model", "max_length": pipe.tokenizer.model_max_length},
+                    "graphs": {}}
+        for spec in specs:
+            t1 = time.perf_counter()
+            path = os.path.join(stage, f"{spec.name}.onnx")
+            try:
+                export_graph(spec, path, opset)
+                counts = check_graph(path)
+            except EngineError:
+                raise
+            except Exception as e:  # the exporter and the checker raise many types
+                raise EngineError(f"exporting {spec.name} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+            plugins = counts.get(f"{DOMAIN}::{PLUGIN['name']}", 0)
+            manifest["graphs"][spec.name] = {
+                "file": f"{spec.name}.onnx", "inputs": [_tensor_entry(t) for t in spec.inputs],
+                "outputs": [_tensor_entry(t) for t in spec.outputs], "dynamic_axes": spec.dynamic_axes(),
+                "axes": {a: dict(zip(("min", "opt", "max"), v)) for a, v in spec.axes.items()},
+                "profiles": spec.profiles(), "plugin_nodes": plugins, "nodes": sum(counts.values()),
+                **({"vocab": spec.vocab} if spec.vocab else {})}
+            log(f"{spec.name}.onnx: {sum(counts.values())} nodes"
+                + (f", {plugins} {PLUGIN['name']} plugin nodes" if plugins else "")
+                + f" ({time.perf_counter() - t1:.1f} s)")
+        with open(os.path.join(stage, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.makedirs(out, exist_ok=True)
+        for name in os.listdir(stage):
+            os.replace(os.path.join(stage, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return os.path.join(out, "manifest.json")

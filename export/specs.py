@@ -1,0 +1,181 @@
+"""One spec per exported graph: the module to trace, input and output names, dynamic axes, sample inputs and
+min/opt/max profiles (what TensorRT's optimisation profile and `python -m export verify` read).
+
+Axis names: `batch` (UNet and projector: guidance branches x images), `latent_height`/`latent_width`
+(pixels / VAE factor). Profiles: latent sizes from half to twice the UNet's native size (SD1.5: 32..128,
+i.e. 256..1024 px, opt 512 px).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .graph_attention import install_export_processors
+
+ONNX_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str                     # float32 | float16 | int64
+    shape: tuple                   # ints and axis names
+    meaning: str
+    fill: str = "normal"           # sample values: normal | timestep | scale | ids
+
+
+@dataclass
+class GraphSpec:
+    name: str
+    module: nn.Module
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+    axes: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # axis -> (min, opt, max)
+    vocab: int = 0
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: {i: a for i, a in enumerate(t.shape) if isinstance(a, str)} for t in self.inputs + self.outputs}
+
+    def shape(self, t: Tensor, sizes: dict[str, int]) -> tuple[int, ...]:
+        return resolve_shape(t.shape, sizes)
+
+    def sizes(self, level: str) -> dict[str, int]:
+        i = ("min", "opt", "max").index(level)
+        return {a: v[i] for a, v in self.axes.items()}
+
+    def profiles(self) -> dict[str, dict[str, list[int]]]:
+        return {lv: {t.name: list(self.shape(t, self.sizes(lv))) for t in self.inputs} for lv in ("min", "opt", "max")}
+
+    def sample(self, sizes: dict[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
+        return sample_inputs(self.inputs, sizes, self.vocab, seed)
+
+
+def resolve_shape(shape, sizes: dict[str, int]) -> tuple[int, ...]:
+    return tuple(sizes[a] if isinstance(a, str) else a for a in shape)
+
+
+def sample_inputs(inputs, sizes: dict[str, int], vocab: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random inputs of the given axis sizes, each kind in its meaningful range."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for t in inputs:
+        shape = resolve_shape(t.shape, sizes)
+        if t.fill == "ids":
+            x = torch.randint(0, vocab, shape, generator=g)
+        elif t.fill == "timestep":
+            x = torch.rand(shape, generator=g) * 999
+        elif t.fill == "scale":
+            x = torch.rand(shape, generator=g) * 1.5
+        else:
+            x = torch.randn(shape, generator=g)
+        out[t.name] = x.to(getattr(torch, t.dtype))
+    return out
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, encoder):
+        super().__init__()
+        # transformers' eager attention: the SDPA path exports with an fp32 causal mask that upcasts the fp16
+        # graph halfway (ill-typed LayerNorm inputs ONNX Runtime refuses to load)
+        encoder.set_attn_implementation("eager")
+        self.encoder = encoder
+
+    def forward(self, input_ids):
+        # input_ids: (B, 77) -> (B, 77, text_dim)
+        return self.encoder(input_ids=input_ids).last_hidden_state
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, pixel_values):
+        # pixel_values: (B, 3, S, S) -> penultimate hidden states (B, Ni, image_dim), as IP-Adapter+ reads them
+        return self.encoder(pixel_values, output_hidden_states=True).hidden_states[-2]
+
+
+class Projector(nn.Module):
+    def __init__(self, projector):
+        super().__init__()
+        self.projector = projector
+
+    def forward(self, image_tokens, instruct_tokens=None, prompt_tokens=None):
+        return self.projector(image_tokens, instruct_tokens, prompt_tokens)
+
+
+class UNet(nn.Module):
+    def __init__(self, unet, layers, attention: str):
+        super().__init__()
+        install_export_processors(unet, layers, attention)
+        self.unet, self.layers = unet, layers
+
+    def forward(self, sample, timestep, encoder_hidden_states, ip_tokens, ip_scale):
+        # sample: (B, 4, h, w); timestep: (B,); text: (B, 77, cross); ip_tokens: (B, Q, cross); ip_scale: (B,)
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
+                         cross_attention_kwargs={"ip_tokens": ip_tokens, "ip_scale": ip_scale})[0]
+
+
+class VaeDecoder(nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.scale = vae.config.scaling_factor
+        self.shift = getattr(vae.config, "shift_factor", None) or 0.0
+
+    def forward(self, latent):
+        # latent: (B, 4, h, w) as the scheduler leaves it -> image (B, 3, f*h, f*w) in [-1, 1]
+        return self.vae.decode(latent / self.scale + self.shift, return_dict=False)[0]
+
+
+def build_specs(pipe, attention: str) -> list[GraphSpec]:
+    """The five graph specs of a loaded engine.Pipeline (its UNet gets the export processors)."""
+    dt = ONNX_DTYPES[pipe.dtype]
+    unet_cfg, proj_cfg = pipe.unet.config, pipe.adapter.projector.config
+    text_dim = pipe.text_encoder.config.hidden_size
+    lt = pipe.tokenizer.model_max_length
+    vision = pipe.image_encoder.config
+    ni = (vision.image_size // vision.patch_size) ** 2 + 1
+    native = unet_cfg.sample_size
+    latent = (native // 2, native, native * 2)
+    f = pipe.vae_scale_factor
+    c = unet_cfg.in_channels
+    cross = unet_cfg.cross_attention_dim
+    b = {"batch": (1, 2, 16)}
+    lat_axes = {"latent_height": latent, "latent_width": latent}
+    rows = "rows (guidance branches x images)"
+    proj_in = [Tensor("image_tokens", dt, ("batch", ni, proj_cfg.image_dim), "image_encoder's output per row; "
+                      "the all-zero image's tokens for unconditional rows")]
+    if proj_cfg.is_instruct:
+        proj_in += [Tensor("instruct_tokens", dt, ("batch", lt, text_dim), "text_encoder output of the instruction"),
+                    Tensor("prompt_tokens", dt, ("batch", lt, text_dim), "text_encoder output of the prompt")]
+    return [
+        GraphSpec("text_encoder", TextEncoder(pipe.text_encoder),
+                  [Tensor("input_ids", "int64", ("batch", lt), "CLIP token ids from the model's tokenizer/, "
+                          f"padded to {lt}", fill="ids")],
+                  [Tensor("text_tokens", dt, ("batch", lt, text_dim), "last hidden state per token")],
+                  {"batch": (1, 4, 16)}, vocab=pipe.text_encoder.config.vocab_size),
+        GraphSpec("image_encoder", ImageEncoder(pipe.image_encoder),
+                  [Tensor("pixel_values", dt, ("batch", 3, vision.image_size, vision.image_size),
+                          "CLIP-preprocessed condition images (resize, centre crop, normalise)")],
+                  [Tensor("image_tokens", dt, ("batch", ni, vision.hidden_size), "penultimate hidden states")],
+                  {"batch": (1, 2, 8)}),
+        GraphSpec("projector", Projector(pipe.adapter.projector), proj_in,
+                  [Tensor("ip_tokens", dt, ("batch", proj_cfg.num_queries, cross), "adapter tokens per row")], b),
+        GraphSpec("unet", UNet(pipe.unet, pipe.adapter.layers, attention),
+                  [Tensor("sample", dt, ("batch", c, "latent_height", "latent_width"), f"scaled model input, {rows}"),
+                   Tensor("timestep", "float32", ("batch",), "the scheduler's timestep per row", fill="timestep"),
+                   Tensor("encoder_hidden_states", dt, ("batch", lt, cross), "text_encoder output per row"),
+                   Tensor("ip_tokens", dt, ("batch", proj_cfg.num_queries, cross), "projector output per row"),
+                   Tensor("ip_scale", "float32", ("batch",), "adapter strength per row (0 = base model)",
+                          fill="scale")],
+                  [Tensor("noise_pred", dt, ("batch", c, "latent_height", "latent_width"), "predicted noise")],
+                  {**b, **lat_axes}),
+        GraphSpec("vae_decoder", VaeDecoder(pipe.vae),
+                  [Tensor("latent", dt, ("batch", c, "latent_height", "latent_width"),
+                          "denoised latents, unscaled (the graph divides by the VAE's scaling factor)")],
+                  [Tensor("image", dt, ("batch", 3, "image_height", "image_width"), f"RGB in [-1, 1], {f}x the latent")],
+                  {"batch": (1, 1, 8), **lat_axes}),
+    ]

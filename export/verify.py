@@ -1,0 +1,158 @@
+"""`python -m export verify DIR`: every exported graph under ONNX Runtime (CPU) against PyTorch on the same inputs.
+
+The PyTorch side is the engine itself, loaded from the manifest's sources in float32: for the UNet that is
+the engine's own cross-attention path (K/V precomputed, `reference` backend), not the export wrapper, so the
+check covers the export processors and the plugin node too. unet.onnx runs three adapter-strength cases:
+0 (the base model), 0.5, and a different strength per row. Plugin nodes run through `export.ort_ops`.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from engine.errors import EngineError
+
+from .onnx import FORMAT, GRAPHS
+from .specs import Tensor, sample_inputs
+
+TOLERANCE = {"float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2)}  # (atol, rtol against the output's max)
+
+
+def read_manifest(folder: str) -> dict:
+    path = os.path.join(folder, "manifest.json")
+    if not os.path.isdir(folder):
+        raise EngineError(f"export folder not found: {folder}")
+    if not os.path.isfile(path):
+        raise EngineError(f"{folder} has no manifest.json: not a `python -m export onnx` folder")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise EngineError(f"cannot read {path}: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise EngineError(f"{path} is not a manifest of format {FORMAT}")
+    return manifest
+
+
+def load_graph(folder: str, name: str, entry: dict):
+    """onnx.load + checker + the graph's inputs/outputs against the manifest; one EngineError for any problem."""
+    import onnx
+
+    path = os.path.join(folder, entry["file"])
+    if not os.path.isfile(path):
+        raise EngineError(f"{path} is missing (the manifest lists it)")
+    try:
+        model = onnx.load(path)
+        onnx.checker.check_model(model)
+    except Exception as e:  # protobuf DecodeError, checker ValidationError, OSError
+        raise EngineError(f"{path}: not a valid ONNX model ({type(e).__name__}: {str(e).strip().splitlines()[0]})") \
+            from e
+    for kind, declared, listed in (("input", model.graph.input, entry["inputs"]),
+                                   ("output", model.graph.output, entry["outputs"])):
+        got = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in declared}
+        for t in listed:
+            if t["name"] not in got:
+                raise EngineError(f"{path} has no {kind} {t['name']} (the manifest lists it; the graph has "
+                                  f"{', '.join(got)})")
+            if len(got[t["name"]]) != len(t["shape"]) or any(
+                    isinstance(m, int) and isinstance(g, int) and g != m for g, m in zip(got[t["name"]], t["shape"])):
+                raise EngineError(f"{path}: {kind} {t['name']} has shape {got[t['name']]} but the manifest says "
+                                  f"{t['shape']}")
+    return path
+
+
+def axis_sizes(manifest: dict, entry: dict, batch=None, height=None, width=None) -> dict[str, int]:
+    """The axis sizes to run at: the profile's opt unless given; out-of-profile or misaligned sizes are errors."""
+    f = manifest["vae_scale_factor"]
+    sizes = {a: v["opt"] for a, v in entry["axes"].items()}
+    asked = {"batch": batch}
+    for axis, px in (("latent_height", height), ("latent_width", width)):
+        if px is not None and axis in sizes:
+            if px <= 0 or px % f:
+                raise EngineError(f"--{axis.split('_')[1]} {px} must be a positive multiple of the VAE factor {f}")
+            asked[axis] = px // f
+    for axis, v in asked.items():
+        if v is None or axis not in sizes:
+            continue
+        lo, hi = entry["axes"][axis]["min"], entry["axes"][axis]["max"]
+        if not lo <= v <= hi:
+            raise EngineError(f"{entry['file']}: {axis} = {v} is outside the exported profile [{lo}, {hi}]")
+        sizes[axis] = v
+    return sizes
+
+
+def references(pipe):
+    """graph name -> f(inputs dict of fp32 tensors) -> PyTorch output, from the engine's own modules."""
+    from engine.attention import AdapterContext, precompute_kv
+
+    cfg = pipe.vae.config
+    shift = getattr(cfg, "shift_factor", None) or 0.0
+
+    def unet(sample, timestep, encoder_hidden_states, ip_tokens, ip_scale):
+        kv = precompute_kv(pipe.unet, pipe.cross, encoder_hidden_states, ip_tokens)
+        ctx = AdapterContext(kv=kv, scale={n: ip_scale.view(-1, 1, 1, 1) for n in pipe.cross})
+        return pipe.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
+                         cross_attention_kwargs={"adapter": ctx})[0]
+
+    return {
+        "text_encoder": lambda input_ids: pipe.text_encoder(input_ids=input_ids).last_hidden_state,
+        "image_encoder": lambda pixel_values: pipe.image_encoder(pixel_values, output_hidden_states=True)
+        .hidden_states[-2],
+        "projector": lambda **x: pipe.adapter.projector(x["image_tokens"], x.get("instruct_tokens"),
+                                                        x.get("prompt_tokens")),
+        "unet": unet,
+        "vae_decoder": lambda latent: pipe.vae.decode(latent / cfg.scaling_factor + shift, return_dict=False)[0],
+    }
+
+
+def scale_cases(b: int) -> list[tuple[str, torch.Tensor]]:
+    per_row = torch.linspace(0.0, 1.5, b) if b > 1 else torch.tensor([0.7])
+    return [("ip_scale 0", torch.zeros(b)), ("ip_scale 0.5", torch.full((b,), 0.5)),
+            ("ip_scale per row " + "/".join(f"{v:g}" for v in per_row.tolist()), per_row)]
+
+
+def verify(folder: str, batch=None, height=None, width=None, graphs=None, atol=None, rtol=None, log=print) -> list:
+    """Run every graph; returns rows (graph, case, max_abs_diff, ref_max, ok). Raises EngineError on bad input."""
+    from engine import Pipeline
+
+    from .ort_ops import session
+
+    manifest = read_manifest(folder)
+    entries = manifest["graphs"]
+    unknown = sorted(set(graphs or ()) - set(entries))
+    if unknown:
+        raise EngineError(f"{folder} has no graph(s) {', '.join(unknown)}; it has {', '.join(entries)}")
+    names = [g for g in GRAPHS if g in entries and (not graphs or g in graphs)]
+    paths = {g: load_graph(folder, g, entries[g]) for g in names}  # every file checked before any runs
+    sizes = {g: axis_sizes(manifest, entries[g], batch, height, width) for g in names}
+    src = manifest["source"]
+    pipe = Pipeline.from_pretrained(src["model"], image_encoder=src["image_encoder"], adapter=src["adapter"],
+                                    device="cpu", dtype="float32", attention_backend="reference")
+    refs = references(pipe)
+    a_tol, r_tol = TOLERANCE[manifest["dtype"]]
+    a_tol, r_tol = atol if atol is not None else a_tol, rtol if rtol is not None else r_tol
+    rows = []
+    for g in names:
+        entry = entries[g]
+        sess = session(paths[g], plugin=entry.get("plugin_nodes", 0) > 0)
+        inputs = [Tensor(t["name"], t["dtype"], tuple(t["shape"]), t["meaning"], t.get("fill", "normal"))
+                  for t in entry["inputs"]]
+        feeds = sample_inputs(inputs, sizes[g], pipe.text_encoder.config.vocab_size)
+        cases = scale_cases(sizes[g]["batch"]) if "ip_scale" in feeds else [("", None)]
+        for case, scale in cases:
+            if scale is not None:
+                feeds["ip_scale"] = scale
+            got = torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in feeds.items()})[0]).float()
+            with torch.no_grad():
+                want = refs[g](**{k: v.float() if v.is_floating_point() else v for k, v in feeds.items()}).float()
+            if got.shape != want.shape:
+                raise EngineError(f"{g}: ONNX Runtime returned {tuple(got.shape)}, PyTorch {tuple(want.shape)}")
+            diff, top = (got - want).abs().max().item(), want.abs().max().item()
+            ok = diff <= a_tol + r_tol * top
+            rows.append(dict(graph=g, case=case, max_abs_diff=diff, ref_max=top, ok=ok,
+                             shape=list(got.shape)))
+            log(f"{g}{' (' + case + ')' if case else ''}: max |ORT - PyTorch| = {diff:.3g} "
+                f"(output max {top:.3g}, shape {list(got.shape)}) {'ok' if ok else 'FAIL'}")
+    return rows
