@@ -42,7 +42,7 @@ def build_parser() -> Parser:
 
 
 def add_e2e_args(p: argparse.ArgumentParser) -> None:
-    from .e2e import PROVIDERS
+    from .e2e import ACCEPTED, PROVIDERS
     from .weights import PRESETS
 
     p.add_argument("--preset", choices=PRESETS, default="tiny",
@@ -61,7 +61,7 @@ def add_e2e_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--guidance-mode", choices=["simple", "full"], default="simple",
                    help="simple (2 UNet rows, equal work to diffusers' CFG) or full (4 rows)")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {','.join(PROVIDERS)}")
+    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {','.join(ACCEPTED)}")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per point (default: 10 cuda, 3 cpu)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the engine provider's UNet (compile time shows in the warm-up line)")
@@ -109,7 +109,7 @@ def fail(message: str) -> int:
 
 def run_e2e_command(a) -> int:
     from .common import write_json
-    from .e2e import PROVIDERS, E2EConfig, run_e2e
+    from .e2e import ACCEPTED, E2EConfig, run_e2e
     from .weights import bench_weights
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -118,9 +118,9 @@ def run_e2e_command(a) -> int:
     if a.cuda_graphs and device.type != "cuda":
         return fail("--cuda-graphs needs --device cuda")
     providers = tuple(p for p in a.providers.split(",") if p)
-    unknown = [p for p in providers if p not in PROVIDERS]
+    unknown = [p for p in providers if p not in ACCEPTED]
     if unknown or not providers:
-        return fail(f"unknown provider(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(PROVIDERS)}")
+        return fail(f"unknown provider(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ACCEPTED)}")
     real = [a.model, a.image_encoder, a.adapter]
     if any(real) and not all(real):
         return fail("give all of --model, --image-encoder and --adapter for real weights, or none for a preset")

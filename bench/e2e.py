@@ -7,6 +7,8 @@ Providers (equal work: `simple` guidance, 2 UNet rows per image, against diffuse
 - `engine-eager`: the same pipeline on the plain PyTorch backend (two SDPA calls per cross-attention).
 - `diffusers`: StableDiffusionPipeline with its own IP-Adapter+ support (`load_ip_adapter`) on an IP-Adapter+
   file of the same shapes.
+- `tensorrt` (only when named in --providers): the engines of `python -m export trt`; reported as skipped, with
+  the reason, until the engine's TensorRT runtime exists (and wherever TensorRT is not installed).
 Per provider and batch size (requests per call, one image each): latency p50/p90/p99 per request, images/s,
 the per-stage breakdown, achieved TFLOP/s against the FLOP count of the work, peak memory (CUDA), and the
 ratio to `diffusers`. Warm-up is one call per provider and batch size, reported on its own line.
@@ -25,6 +27,7 @@ PROMPT = "a lighthouse on a cliff at sunset, best quality, high quality"
 NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
 INSTRUCT = "use the style of this image"
 PROVIDERS = ("engine", "engine-eager", "diffusers")
+ACCEPTED = (*PROVIDERS, "tensorrt")  # tensorrt: on request only; skipped with the reason for now
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,10 @@ def run_e2e(cfg: E2EConfig, paths: dict, log=print) -> tuple[list[Row], str]:
     countable = [n for n in ("engine-eager", "engine", "diffusers") if n in cfg.providers
                  and not (n == "engine" and device.type == "cuda")]
     for name in cfg.providers:
+        if name == "tensorrt":
+            from export.trt import tensorrt_runtime_unavailable
+            log(f"tensorrt: skipped: {tensorrt_runtime_unavailable()}")
+            continue
         t0 = time.perf_counter()
         provider = DiffusersProvider(paths, device, dtype, cfg) if name == "diffusers" else \
             EngineProvider(name, paths, device, dtype, cfg)

@@ -11,7 +11,7 @@ from kernels import BACKENDS
 from .errors import EngineError
 from .loading import SCHEDULERS
 from .output import output_paths, write_images
-from .pipeline import DEFAULT_NEGATIVE, DEFAULT_PROMPT, DTYPES
+from .pipeline import DEFAULT_NEGATIVE, DEFAULT_PROMPT, DTYPES, RUNTIMES
 
 
 class Parser(argparse.ArgumentParser):
@@ -37,6 +37,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", choices=list(BACKENDS), default="auto",
                    help="cross-attention: the fused Triton kernel, two SDPA calls, or the plain reference "
                         "(auto: triton on CUDA, sdpa elsewhere)")
+    p.add_argument("--backend", choices=list(RUNTIMES), default="pytorch",
+                   help="what runs the model: pytorch, or tensorrt (not available yet: says why and exits)")
 
 
 def build_parser() -> Parser:
@@ -90,7 +92,8 @@ def cmd_generate(a) -> int:
     paths = output_paths(a.out, a.num_images)
     image = load_image(a.image)  # fail on a bad image before loading gigabytes of weights
     pipe = Pipeline.from_pretrained(a.model, image_encoder=a.image_encoder, adapter=a.adapter,
-                                    device=a.device, dtype=a.dtype, attention_backend=a.attention_backend)
+                                    device=a.device, dtype=a.dtype, attention_backend=a.attention_backend,
+                                    backend=a.backend)
     pipe.set_progress_bar_config(disable=a.no_progress)
     images = pipe(prompt=a.prompt, image=image, instruct=a.instruct, negative_prompt=a.negative_prompt,
                   scale=a.scale, guidance_scale=a.guidance_scale, instruct_guidance_scale=a.instruct_guidance_scale,
@@ -114,7 +117,8 @@ def cmd_demo(a) -> int:
         model=a.model, image_encoder=a.image_encoder, adapter=a.adapter)
     image = load_image(a.image) if a.image else draw_condition_image()
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    pipe = Pipeline.from_pretrained(**paths, device=a.device, dtype=a.dtype, attention_backend=a.attention_backend)
+    pipe = Pipeline.from_pretrained(**paths, device=a.device, dtype=a.dtype, attention_backend=a.attention_backend,
+                                    backend=a.backend)
     pipe.set_progress_bar_config(disable=True)
     run_demo(pipe, a.out, image, random_weights, a.steps, a.seed, instruct=a.instruct or DEMO_INSTRUCT)
     return 0

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PROMPT = "best quality, high quality"
 DEFAULT_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+RUNTIMES = ("pytorch", "tensorrt")
 
 
 @dataclass
@@ -94,11 +95,16 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, model, image_encoder=None, adapter=None, device=None, dtype=None,
-                        attention_backend="auto") -> "Pipeline":
+                        attention_backend="auto", backend="pytorch") -> "Pipeline":
         """model: a diffusers SD folder (or hub id); image_encoder: a CLIPVisionModelWithProjection folder;
         adapter: a two-key `.bin`/`.safetensors` file. device defaults to cuda when present, dtype to
         float16 on cuda and float32 on the CPU. attention_backend: auto | triton | sdpa | reference
-        (`kernels.BACKENDS`) for the cross-attention."""
+        (`kernels.BACKENDS`) for the cross-attention. backend: pytorch (tensorrt is refused with the reason)."""
+        if backend not in RUNTIMES:
+            raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(RUNTIMES)}")
+        if backend == "tensorrt":  # running the .plan files of `python -m export trt` is not built yet
+            from export.trt import tensorrt_runtime_unavailable
+            raise EngineError(tensorrt_runtime_unavailable())
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise EngineError("device cuda requested but no CUDA GPU is available")
