@@ -29,6 +29,9 @@ setup(
     extras_require={
         "bench": ["matplotlib>=3.7", "pytest-benchmark>=4"],   # --plot, `pytest bench/ --benchmark-only`
         "train": ["tensorboard>=2.14"],                        # python -m train logs there too when present
-        "dev": ["pytest>=8", "matplotlib>=3.7", "pytest-benchmark>=4", "tensorboard>=2.14"],
+        # python -m export onnx / verify (the plugin op runs under ONNX Runtime through its extensions)
+        "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxruntime-extensions>=0.12"],
+        "dev": ["pytest>=8", "matplotlib>=3.7", "pytest-benchmark>=4", "tensorboard>=2.14", "onnx>=1.16",
+                "onnxruntime>=1.18", "onnxruntime-extensions>=0.12"],
     },
 )

@@ -3,6 +3,7 @@
 Decoupled cross-attention at every SD1.5 cross-attention shape (Lq 4096/1024/256/64 with head dims
 40/80/160, 8 heads, 77 text tokens, 16 adapter tokens), providers side by side in one run:
 - `fused`: kernels.decoupled_attention (Triton), where Triton can run on the device;
+- `plugin`: kernels.packed_attention, the TensorRT plugin's kernel (packed tensors, AOT argument order);
 - `two-sdpa`: two scaled_dot_product_attention calls plus the scaled add (diffusers' IP-Adapter processor);
 - `xformers`: two memory_efficient_attention calls plus the add, where xformers is installed;
 - `reference`: the plain PyTorch reference.
@@ -22,7 +23,7 @@ from .common import Row, device_name, format_table, git_sha, hbm_peak, measure
 ATTENTION_SHAPES = [(4096, 40), (1024, 80), (256, 160), (64, 160)]  # (Lq, D) of SD1.5's cross-attentions
 HEADS, TEXT_TOKENS, ADAPTER_TOKENS = 8, 77, 16
 BASELINE = "two-sdpa"
-OPS_PROVIDERS = ("fused", "two-sdpa", "xformers", "reference")
+OPS_PROVIDERS = ("fused", "plugin", "two-sdpa", "xformers", "reference")
 
 
 def _xformers_fn():
@@ -39,6 +40,14 @@ def _xformers_fn():
     return fn
 
 
+def _plugin_fn(q, k, v, k_ip, v_ip, scale):
+    from kernels.packed_attention import packed_attention
+
+    # the inputs are heads-split views of packed (B, L, H*D) tensors: packing back is a view, no copy
+    pack = lambda x: x.transpose(1, 2).flatten(2)  # noqa: E731
+    return packed_attention(pack(q), pack(k), pack(v), pack(k_ip), pack(v_ip), scale, q.shape[1])
+
+
 def fused_unmeasurable(device: torch.device) -> str | None:
     """Why the fused kernels cannot be timed on `device`, or None."""
     reason = triton_unusable(device)
@@ -52,9 +61,10 @@ def attention_providers(device: torch.device, wanted: list[str] | None) -> tuple
     fns, skipped = {}, {}
     reason = fused_unmeasurable(device)
     if reason:
-        skipped["fused"] = reason
+        skipped["fused"] = skipped["plugin"] = reason
     else:
         fns["fused"] = decoupled_attention
+        fns["plugin"] = _plugin_fn  # the TensorRT plugin's kernel (packed layout, AOT calling convention)
     fns[BASELINE] = decoupled_attention_sdpa
     xf = _xformers_fn()
     if xf is None:
@@ -71,10 +81,11 @@ def attention_providers(device: torch.device, wanted: list[str] | None) -> tuple
 def attention_inputs(b: int, lq: int, d: int, device, dtype):
     g = torch.Generator(device="cpu").manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
-    # q as the engine has it: heads split off a (B, Lq, H*D) projection
-    q = r(b, lq, HEADS * d).unflatten(-1, (HEADS, d)).transpose(1, 2)
-    k, v = r(b, HEADS, TEXT_TOKENS, d), r(b, HEADS, TEXT_TOKENS, d)
-    k_ip, v_ip = r(b, HEADS, ADAPTER_TOKENS, d), r(b, HEADS, ADAPTER_TOKENS, d)
+    # as the engine has them: heads split off (B, L, H*D) projections
+    heads = lambda n: r(b, n, HEADS * d).unflatten(-1, (HEADS, d)).transpose(1, 2)  # noqa: E731
+    q = heads(lq)
+    k, v = heads(TEXT_TOKENS), heads(TEXT_TOKENS)
+    k_ip, v_ip = heads(ADAPTER_TOKENS), heads(ADAPTER_TOKENS)
     scale = torch.full((b,), 0.8, device=device)
     return q, k, v, k_ip, v_ip, scale
 
