@@ -30,6 +30,29 @@ def _tensor_entry(t) -> dict:
     return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "meaning": t.meaning, "fill": t.fill}
 
 
+def read_manifest(onnx_dir: str) -> dict:
+    """manifest.json of an export folder, checked for its format and the keys every reader needs."""
+    path = os.path.join(onnx_dir, "manifest.json")
+    if not os.path.isdir(onnx_dir):
+        raise EngineError(f"export folder not found: {onnx_dir}")
+    if not os.path.isfile(path):
+        raise EngineError(f"{onnx_dir} has no manifest.json; give the folder `python -m export onnx` wrote")
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except (OSError, ValueError) as e:
+        raise EngineError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise EngineError(f"{path} is not an export manifest (format {FORMAT!r} expected)")
+    if not isinstance(m.get("graphs"), dict) or not m["graphs"]:
+        raise EngineError(f"{path} lists no graphs")
+    for name, g in m["graphs"].items():
+        missing = [key for key in ("file", "inputs", "profiles") if key not in g]
+        if missing:
+            raise EngineError(f"{path}: graph {name} has no {', '.join(missing)}")
+    return m
+
+
 def export_graph(spec, path: str, opset: int) -> None:
     """Trace one spec at its opt sizes and write it to `path` (external data beside it past 2 GB)."""
     sample = spec.sample(spec.sizes("opt"))

@@ -17,7 +17,6 @@ documentation. TensorRT is imported inside the functions that need it, never at 
 """
 # (no `from __future__ import annotations`: tensorrt.plugin reads the decorated functions' annotations as classes)
 import functools
-import json
 import os
 import re
 import sys
@@ -25,10 +24,10 @@ import time
 
 from engine.errors import EngineError
 
+from .onnx import read_manifest
 from .plugin import PLUGIN
 
 PLUGIN_ID = f"{PLUGIN['namespace']}::{PLUGIN['name']}"
-FORMAT = "ipadapter-instruct-onnx/1"
 BOUNDS = ("min", "opt", "max")
 KERNEL_ARGS = ("Q", "K", "V", "KI", "VI", "Scale", "Lq", "Lt", "Li", "Out")  # what TensorRT passes, in order
 EXTRA_ARGS = ("Lq", "Lt", "Li")  # the int32 arguments, resolved from the input shapes at run time
@@ -195,26 +194,6 @@ def register_plugin() -> None:
 
 
 # ----- manifest, shapes and profiles --------------------------------------------------------------------------
-
-def read_manifest(onnx_dir: str) -> dict:
-    path = os.path.join(onnx_dir, "manifest.json")
-    if not os.path.isfile(path):
-        raise EngineError(f"{onnx_dir} has no manifest.json; give the folder `python -m export onnx` wrote")
-    try:
-        with open(path) as f:
-            m = json.load(f)
-    except (OSError, ValueError) as e:
-        raise EngineError(f"cannot read {path}: {_first_line(e)}") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise EngineError(f"{path} is not an export manifest (format {FORMAT!r} expected)")
-    if not isinstance(m.get("graphs"), dict) or not m["graphs"]:
-        raise EngineError(f"{path} lists no graphs")
-    for name, g in m["graphs"].items():
-        missing = [key for key in ("file", "inputs", "profiles") if key not in g]
-        if missing:
-            raise EngineError(f"{path}: graph {name} has no {', '.join(missing)}")
-    return m
-
 
 def _dims(shape) -> str:
     return "x".join(str(d) for d in shape)

@@ -7,33 +7,16 @@ check covers the export processors and the plugin node too. unet.onnx runs three
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
 from engine.errors import EngineError
 
-from .onnx import FORMAT, GRAPHS
+from .onnx import GRAPHS, read_manifest
 from .specs import Tensor, sample_inputs
 
 TOLERANCE = {"float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2)}  # (atol, rtol against the output's max)
-
-
-def read_manifest(folder: str) -> dict:
-    path = os.path.join(folder, "manifest.json")
-    if not os.path.isdir(folder):
-        raise EngineError(f"export folder not found: {folder}")
-    if not os.path.isfile(path):
-        raise EngineError(f"{folder} has no manifest.json: not a `python -m export onnx` folder")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise EngineError(f"cannot read {path}: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise EngineError(f"{path} is not a manifest of format {FORMAT}")
-    return manifest
 
 
 def load_graph(folder: str, name: str, entry: dict):

@@ -15,6 +15,7 @@ import pytest
 
 from engine.errors import EngineError
 from export import trt
+from export.onnx import FORMAT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REASON = trt.tensorrt_unavailable()
@@ -39,7 +40,7 @@ def export_dir(tmp_path):
             "profiles": {"min": {"sample": [1, 4, 8, 8], "ip_scale": [1]},
                          "opt": {"sample": [2, 4, 64, 64], "ip_scale": [2]},
                          "max": {"sample": [8, 4, 96, 96], "ip_scale": [8]}}}
-    manifest = {"format": trt.FORMAT, "opset": 17, "dtype": "float32", "attention": "plugin", "plugin": trt.PLUGIN,
+    manifest = {"format": FORMAT, "opset": 17, "dtype": "float32", "attention": "plugin", "plugin": trt.PLUGIN,
                 "graphs": {"unet": unet}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     return tmp_path
