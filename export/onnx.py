@@ -54,21 +54,42 @@ def read_manifest(onnx_dir: str) -> dict:
 
 
 def export_graph(spec, path: str, opset: int) -> None:
-    """Trace one spec at its opt sizes and write it to `path` (external data beside it past 2 GB)."""
+    """Trace one spec at its opt sizes and write it to `path`; weights past ONNX's 2 GB limit go to one file beside
+    it, `<name>.onnx.data` (the exporter would scatter them over hundreds of files, shared by every graph)."""
     sample = spec.sample(spec.sizes("opt"))
     args = tuple(sample[t.name] for t in spec.inputs)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
-        torch.onnx.export(spec.module, args, path, input_names=[t.name for t in spec.inputs],
-                          output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes(),
-                          opset_version=opset, do_constant_folding=True, dynamo=False)
+    scratch = f"{path}.parts"
+    os.makedirs(scratch)
+    raw = os.path.join(scratch, os.path.basename(path))
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+            torch.onnx.export(spec.module, args, raw, input_names=[t.name for t in spec.inputs],
+                              output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes(),
+                              opset_version=opset, do_constant_folding=True, dynamo=False)
+        if os.listdir(scratch) == [os.path.basename(raw)]:
+            os.replace(raw, path)
+        else:
+            gather_external_data(raw, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def gather_external_data(src: str, dst: str) -> None:
+    """Rewrite the model at `src` (weights in any number of external files) as `dst` + `dst`.data."""
+    import onnx
+
+    model = onnx.load(src)
+    onnx.save_model(model, dst, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=os.path.basename(dst) + ".data", size_threshold=1024)
+    os.chmod(dst + ".data", 0o644)  # onnx creates it private; the graph beside it is world-readable
 
 
 def check_graph(path: str) -> dict:
     """onnx.checker with strict type and shape inference on the file; returns op counts (plugin nodes among them)."""
     import onnx
 
-    onnx.checker.check_model(path, full_check=True)
+    onnx.checker.check_model(path, full_check=True)  # by path: works past 2 GB
     model = onnx.load(path, load_external_data=False)
     counts: dict[str, int] = {}
     for node in model.graph.node:
@@ -127,8 +148,11 @@ def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OP
             except Exception as e:  # the exporter and the checker raise many types
                 raise EngineError(f"exporting {spec.name} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
             plugins = counts.get(f"{DOMAIN}::{PLUGIN['name']}", 0)
+            data = f"{spec.name}.onnx.data"
             manifest["graphs"][spec.name] = {
-                "file": f"{spec.name}.onnx", "inputs": [_tensor_entry(t) for t in spec.inputs],
+                "file": f"{spec.name}.onnx",
+                "external_data": data if os.path.exists(os.path.join(stage, data)) else None,
+                "inputs": [_tensor_entry(t) for t in spec.inputs],
                 "outputs": [_tensor_entry(t) for t in spec.outputs], "dynamic_axes": spec.dynamic_axes(),
                 "axes": {a: dict(zip(("min", "opt", "max"), v)) for a, v in spec.axes.items()},
                 "profiles": spec.profiles(), "plugin_nodes": plugins, "nodes": sum(counts.values()),

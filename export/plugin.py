@@ -44,35 +44,18 @@ def _args(variant: dict, params: list[str]) -> list[dict]:
     return out
 
 
-def plugin_variant(dtype: str, heads: int, head_dim: int) -> dict:
-    """What `kernels.aot.compile_kernel` needs for the packed kernel at one dtype, head count and head size."""
-    import torch
-
-    from kernels.packed_attention import _packed_fwd_kernel, constexprs, num_warps
-
-    t = {"float16": "fp16", "float32": "fp32"}[dtype]
-    const = constexprs(getattr(torch, dtype), heads, head_dim)
-    sig = {n: f"*{t}" for n in ("Q", "K", "V", "KI", "VI", "Out")}
-    sig.update(Scale="*fp32", Lq="i32", Lt="i32", Li="i32")
-    sig.update({n: "constexpr" for n in const})
-    sig = {n: sig[n] for n in _packed_fwd_kernel.arg_names}
-    return dict(kernel=_packed_fwd_kernel, name="packed_attention", dtype=dtype, head_dim=head_dim,
-                options=dict(num_warps=num_warps(getattr(torch, dtype), head_dim), num_stages=2),
-                signature=sig, constexprs=const)
-
-
 def write_plugin(out: str, archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, heads: int = HEADS, log=print) -> str:
     """Compile every variant into `out` and write `out/index.json`; returns the index path."""
     import triton
 
-    from kernels.aot import compile_kernel
+    from kernels.aot import compile_kernel, packed_variant
 
     os.makedirs(out, exist_ok=True)
     variants = []
     for arch in archs:
         for dtype in dtypes:
             for d in head_dims:
-                v = plugin_variant(dtype, heads, d)
+                v = packed_variant(dtype, heads, d)
                 k = compile_kernel(v, arch)
                 stem = f"packed_attention_{dtype}_h{heads}_d{d}_sm{arch}"
                 cubin, ptx = k.asm["cubin"], k.asm["ptx"]

@@ -114,14 +114,13 @@ def aot_launch(dtype: str, heads: int, width: int, arch: int) -> dict:
     """Compile the packed kernel for (dtype, heads, width) on sm_`arch` with Triton (no GPU needed; TRITON_INTERPRET
     must be unset) -> kernel_name, ptx (trimmed to the launch's parameters), block_m, threads, shared_mem."""
     from kernels._runtime import interpreting
-    from kernels.aot import compile_kernel
+    from kernels.aot import compile_kernel, packed_variant
 
-    from .plugin import plugin_variant
 
     if interpreting():
         raise EngineError("unset TRITON_INTERPRET: the plugin's kernel must be compiled, not interpreted")
     dtype, d = plugin_dtype(dtype), head_dim(width, heads)
-    v = plugin_variant(dtype, heads, d)
+    v = packed_variant(dtype, heads, d)
     k = compile_kernel(v, arch)
     meta = k.metadata
     return dict(kernel_name=meta.name, ptx=trim_scratch(k.asm["ptx"], meta.name, len(KERNEL_ARGS)), dtype=dtype,

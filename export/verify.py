@@ -27,8 +27,8 @@ def load_graph(folder: str, name: str, entry: dict):
     if not os.path.isfile(path):
         raise EngineError(f"{path} is missing (the manifest lists it)")
     try:
-        model = onnx.load(path)
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(path)  # by path: works past 2 GB, reads external data beside it
+        model = onnx.load(path, load_external_data=False)
     except Exception as e:  # protobuf DecodeError, checker ValidationError, OSError
         raise EngineError(f"{path}: not a valid ONNX model ({type(e).__name__}: {str(e).strip().splitlines()[0]})") \
             from e

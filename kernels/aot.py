@@ -2,10 +2,11 @@
 
 `python -m kernels.aot [--arch 90] [--json PATH]` compiles every kernel variant the engine launches at
 SD1.5 shapes (decoupled attention forward and backward for head dims 40/64/80/160 in fp16, bf16 and
-fp32; the projector's attention and FF kernels; GroupNorm+SiLU and GEGLU) with Triton's own compiler
-down to PTX and cubin, then asks ptxas for each kernel's registers, spills and shared memory. Where no GPU is lent this is the
-check that the kernels are legal for the real compiler, not only for the interpreter. Must run with
-TRITON_INTERPRET unset (the interpreter replaces the kernels with Python functions).
+fp32; the TensorRT plugin's packed forward in fp16 and fp32; the projector's attention and FF kernels;
+GroupNorm+SiLU and GEGLU) with Triton's own compiler down to PTX and cubin, then asks ptxas for each
+kernel's registers, spills and shared memory. Where no GPU is lent this is the check that the kernels are
+legal for the real compiler, not only for the interpreter. Must run with TRITON_INTERPRET unset (the
+interpreter replaces the kernels with Python functions).
 """
 from __future__ import annotations
 
@@ -44,6 +45,23 @@ def forward_variant(dtype: str, d: int) -> dict:
                 signature=_signature(_fwd_kernel, ptrs, {"qk_scale"}, const), constexprs=const)
 
 
+def packed_variant(dtype: str, heads: int, head_dim: int) -> dict:
+    """The TensorRT plugin's kernel (packed layout, AOT argument order) at one dtype, head count and head size."""
+    import torch
+
+    from .packed_attention import _packed_fwd_kernel, constexprs, num_warps
+
+    t = DTYPES[dtype]
+    const = constexprs(getattr(torch, dtype), heads, head_dim)
+    sig = {n: f"*{t}" for n in ("Q", "K", "V", "KI", "VI", "Out")}
+    sig.update(Scale="*fp32", Lq="i32", Lt="i32", Li="i32")
+    sig.update({n: "constexpr" for n in const})
+    sig = {n: sig[n] for n in _packed_fwd_kernel.arg_names}
+    return dict(kernel=_packed_fwd_kernel, name="packed_attention", dtype=dtype, head_dim=head_dim,
+                options=dict(num_warps=num_warps(getattr(torch, dtype), head_dim), num_stages=2),
+                signature=sig, constexprs=const)
+
+
 def attention_variants(dtypes=tuple(DTYPES), head_dims=HEAD_DIMS) -> list[dict]:
     """The decoupled-attention launches of one SD1.5 request (1 adapter, Lt 77, Li 16), per dtype and head dim."""
     from .decoupled_attention import dot_precision, key_block, launch_config
@@ -57,6 +75,8 @@ def attention_variants(dtypes=tuple(DTYPES), head_dims=HEAD_DIMS) -> list[dict]:
         itemsize = getattr(torch, dtype).itemsize
         for d in head_dims:
             out.append(forward_variant(dtype, d))
+            if dtype != "bfloat16":
+                out.append(packed_variant(dtype, 8, d))
             ptrs = {n: f"*{t}" for n in ("Q", "K", "V", "DO")}
             ptrs.update(DQ="*fp32", DK="*fp32", DV="*fp32", Lse="*fp32", Mask="*i8", Scale="*fp32", IpMask="*fp32")
             cfg = launch_config(d, 4096, itemsize, backward=True)

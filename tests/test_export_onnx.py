@@ -169,3 +169,23 @@ def test_failed_export_leaves_nothing_behind(tiny, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
     with pytest.raises(EngineError, match="--opset must be between 14 and 21"):
         exp.export_onnx(tiny["model"], tiny["image_encoder"], tiny["adapter"], str(out), opset=11, **QUIET)
+
+
+def test_weights_past_2gb_go_to_one_data_file_per_graph(plugin_dir, tmp_path):
+    # the exporter writes a >2 GB model's weights as one loose file per tensor, with names that collide across
+    # graphs in one folder; the export gathers them into <name>.onnx.data (simulated here on the tiny UNet)
+    from export.onnx import gather_external_data
+
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    onnx.save_model(onnx.load(str(plugin_dir / "unet.onnx")), str(loose / "unet.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=0)
+    assert len(os.listdir(loose)) > 20
+    out = tmp_path / "out"
+    out.mkdir()
+    gather_external_data(str(loose / "unet.onnx"), str(out / "unet.onnx"))
+    assert sorted(os.listdir(out)) == ["unet.onnx", "unet.onnx.data"]
+    feeds = {k: v.numpy() for k, v in unet_feeds(seed=5).items()}
+    feeds["ip_scale"] = np.array([0.3, 0.0, 1.1], np.float32)
+    a = session(str(plugin_dir / "unet.onnx")).run(None, feeds)[0]
+    assert np.array_equal(session(str(out / "unet.onnx")).run(None, feeds)[0], a)

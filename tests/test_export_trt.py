@@ -152,13 +152,14 @@ def test_aot_launch_matches_the_plugin_variant():
     """Compiled with Triton for sm_80 and sm_90 (TRITON_INTERPRET unset, so in a subprocess): the launch numbers
     are export/plugin.py's variant's, and the PTX keeps exactly the parameters TensorRT passes and assembles."""
     script = textwrap.dedent("""
-        from export.plugin import plugin_variant, ptx_params
+        from export.plugin import ptx_params
+        from kernels.aot import packed_variant
         from export.trt import KERNEL_ARGS, aot_launch, launch_numbers
         from kernels.aot import compile_kernel, ptxas_usage
 
         for dtype, d, arch in (("float16", 40, 80), ("float32", 160, 90)):
             launch = aot_launch(dtype, 8, 8 * d, arch)
-            v = plugin_variant(dtype, 8, d)
+            v = packed_variant(dtype, 8, d)
             k = compile_kernel(v, arch)
             bm = v["constexprs"]["BLOCK_M"]
             assert launch["kernel_name"] == k.metadata.name and launch["block_m"] == bm

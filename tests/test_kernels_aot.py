@@ -22,10 +22,12 @@ def test_attention_and_projector_kernels_compile_for_sm90(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert {r["kernel"] for r in rows} == {
-        "attention_fwd", "attention_bwd", "projector_attention", "projector_ln_linear_gelu", "geglu",
+        "attention_fwd", "attention_bwd", "packed_attention", "projector_attention", "projector_ln_linear_gelu", "geglu",
         "groupnorm_silu_stats", "groupnorm_silu_stats_nhwc", "groupnorm_silu_apply", "groupnorm_silu_apply_nhwc"}
     for r in rows:
         assert r["arch"] == "sm_90" and r["cubin_bytes"] > 0 and 0 < r["registers"] <= 255, r
+    packed = [r for r in rows if r["kernel"] == "packed_attention"]
+    assert len(packed) == 1 and packed[0]["spill_stores"] == 0  # the plugin's kernel: fp16 d40 at sm_90
 
 
 def test_aot_refuses_the_interpreter():
