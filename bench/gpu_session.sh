@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Every GPU check and figure the open issues wait for, in few device calls (a session has 30 minutes of device
+# time and 10 minutes a call). The GPU image has torch, triton, CuPy, onnx and onnxruntime, but not diffusers or
+# onnxruntime-extensions, and reaches no package index, so their wheels travel in .whl/:
+#   here, once:   make gpu-wheels
+#   there:        device run, carry [".whl"], command `bash bench/gpu_session.sh STAGE` for each STAGE:
+#     tests    the whole suite on the GPU (kernels at SD1.5 shapes, CUDA-graph capture, cubin and C++ launches)
+#     ops      python -m bench ops: fused / plugin kernels against two SDPA calls, per SD1.5 shape
+#     e2e      python -m bench at SD1.5 shapes, batch 1,2,4: engine, engine-eager, diffusers; then CUDA graphs
+#     compile  the engine provider with torch.compile (compile time on its own line)
+# Results land in $OUT (the device tool brings them back) or bench/results/<date>/ elsewhere, with the device.
+set -euo pipefail
+stage=${1:?usage: bash bench/gpu_session.sh tests|ops|e2e|compile}
+out=${OUT:-bench/results/$(date +%Y%m%d)}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device-$stage.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device-$stage.txt"
+e2e="python3 -m bench --preset sd15 --batch 1,2,4"
+case $stage in
+    tests)   python3 -m pytest -q -rs -p no:cacheprovider tests 2>&1 | tee "$out/tests.log" ;;
+    ops)     python3 -m bench ops --json "$out/ops.json" 2>&1 | tee "$out/ops.log" ;;
+    e2e)     $e2e --json "$out/e2e.json" --plot "$out/e2e.png" 2>&1 | tee "$out/e2e.log"
+             $e2e --providers engine --cuda-graphs --json "$out/e2e-cuda-graphs.json" 2>&1 | tee "$out/e2e-cuda-graphs.log" ;;
+    compile) $e2e --providers engine --compile --json "$out/e2e-compile.json" 2>&1 | tee "$out/e2e-compile.log" ;;
+    *)       echo "unknown stage $stage: tests | ops | e2e | compile" >&2; exit 2 ;;
+esac
