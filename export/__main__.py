@@ -44,13 +44,9 @@ def _parser() -> Parser:
     pl.add_argument("--dtype", choices=DTYPES, action="append", help="repeatable; default: all")
     pl.add_argument("--head-dim", type=int, choices=HEAD_DIMS, action="append", help="repeatable; default: all")
     pl.add_argument("--heads", type=int, default=HEADS, help=f"attention heads (default {HEADS}, SD1.5)")
-    try:
-        from . import trt
-    except ImportError:
-        trt = None
-    tr = sub.add_parser("trt", help="build TensorRT engines from an onnx folder (needs TensorRT)")
-    if trt is not None and hasattr(trt, "add_arguments"):
-        trt.add_arguments(tr)
+    from . import trt  # imports no TensorRT: that happens inside the build
+
+    trt.add_arguments(sub.add_parser("trt", help="build TensorRT engines from an onnx folder (needs TensorRT)"))
     return p
 
 

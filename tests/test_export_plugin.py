@@ -17,14 +17,15 @@ def export(*args, env_extra=None):
                           text=True, timeout=600)
 
 
-def test_plugin_index_matches_the_compiled_kernels(tmp_path):
-    res = export("plugin", "--out", str(tmp_path), "--arch", "80", "--arch", "90", "--dtype", "float16",
-                 "--head-dim", "40", "--head-dim", "160")
+def test_every_plugin_variant_compiles_and_the_index_matches(tmp_path):
+    from export.plugin import ARCHS, DTYPES, HEAD_DIMS
+
+    res = export("plugin", "--out", str(tmp_path))  # the default: every arch, dtype and head dim
     assert res.returncode == 0, res.stderr[-2000:]
     index = json.loads((tmp_path / "index.json").read_text())
     assert index["plugin"]["name"] == "DecoupledAttention" and index["plugin"]["namespace"]
-    got = {(v["arch"], v["dtype"], v["head_dim"]) for v in index["variants"]}
-    assert got == {(a, "float16", d) for a in ("sm_80", "sm_90") for d in (40, 160)}
+    got = [(v["arch"], v["dtype"], v["head_dim"]) for v in index["variants"]]
+    assert sorted(got) == sorted((f"sm_{a}", t, d) for a in ARCHS for t in DTYPES for d in HEAD_DIMS)
     files = {v["cubin"] for v in index["variants"]} | {v["ptx"] for v in index["variants"]}
     assert files | {"index.json", "index.tsv"} == set(os.listdir(tmp_path))
     lines = (tmp_path / "index.tsv").read_text().splitlines()
@@ -45,7 +46,8 @@ def test_plugin_index_matches_the_compiled_kernels(tmp_path):
         # TensorRT's AOT order: input pointers, int32 sizes, output pointer; then Triton's scratch pointers
         assert names == ["Q", "K", "V", "KI", "VI", "Scale", "Lq", "Lt", "Li", "Out", "global_scratch",
                          "profile_scratch"]
-        assert [a["type"] for a in v["args"][5:10]] == ["*fp32", "i32", "i32", "i32", "*fp16"]
+        t = {"float16": "*fp16", "float32": "*fp32"}[v["dtype"]]
+        assert [a["type"] for a in v["args"][:10]] == [t] * 5 + ["*fp32", "i32", "i32", "i32", t]
         assert v["threads_per_block"] == 32 * v["num_warps"] and v["global_scratch_size"] == 0
         assert v["grid"] == {"x": f"ceil(Lq / {v['block_m']})", "y": "B * 8", "z": 1}
         assert v["constexprs"]["HEADS"] == 8 and v["constexprs"]["HEAD_DIM"] == v["head_dim"]
