@@ -189,3 +189,14 @@ def test_weights_past_2gb_go_to_one_data_file_per_graph(plugin_dir, tmp_path):
     feeds["ip_scale"] = np.array([0.3, 0.0, 1.1], np.float32)
     a = session(str(plugin_dir / "unet.onnx")).run(None, feeds)[0]
     assert np.array_equal(session(str(out / "unet.onnx")).run(None, feeds)[0], a)
+
+
+def test_ip_adapter_plus_exports_an_image_only_projector(tiny, plus_dir, tmp_path):
+    out = tmp_path / "plus"
+    export_onnx(tiny["model"], tiny["image_encoder"], str(plus_dir / "plus.safetensors"), str(out),
+                graphs=("projector", "unet"), **QUIET)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["adapter_kind"] == "plus" and set(manifest["graphs"]) == {"projector", "unet"}
+    assert [t["name"] for t in manifest["graphs"]["projector"]["inputs"]] == ["image_tokens"]
+    rows = verify(str(out), batch=2, **QUIET)
+    assert len(rows) == 4 and all(r["ok"] and r["max_abs_diff"] < 1e-4 for r in rows)
