@@ -75,3 +75,26 @@ def test_plus_adapter_warns_that_it_ignores_the_instruction(plus_pipe, cond_imag
     with caplog.at_level("WARNING", logger="engine.pipeline"):
         plus_pipe(PROMPT, cond_image, "take the object", num_inference_steps=1, output_type="latent")
     assert "is ignored" in caplog.text
+
+
+def test_step_invariant_work_runs_once_per_request(instruct_pipe, cond_image):
+    # encoders, projector and every encoder-side K/V projection (text and adapter) run once per call; only the
+    # UNet's own work repeats per step
+    pipe, counts = instruct_pipe, {}
+    watched = {"text_encoder": pipe.text_encoder, "image_encoder": pipe.image_encoder,
+               "projector": pipe.adapter.projector, "unet": pipe.unet}
+    modules = dict(pipe.unet.named_modules())
+    for name in pipe.cross:
+        attn = name[: -len(".processor")]
+        watched[f"{attn}.to_k"], watched[f"{attn}.to_v"] = modules[f"{attn}.to_k"], modules[f"{attn}.to_v"]
+        watched[f"{attn}.to_k_ip"], watched[f"{attn}.to_v_ip"] = pipe.cross[name].to_k_ip, pipe.cross[name].to_v_ip
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: counts.__setitem__(n, counts.get(n, 0) + 1))
+             for n, m in watched.items()]
+    try:
+        pipe(PROMPT, cond_image, "use the style", num_inference_steps=5, seed=0, output_type="latent",
+             scheduler="ddim")
+    finally:
+        for h in hooks:
+            h.remove()
+    assert counts.pop("unet") == 5
+    assert counts == {n: 1 for n in watched if n != "unet"}
