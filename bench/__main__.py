@@ -62,6 +62,9 @@ def add_e2e_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-mode", choices=["simple", "full"], default="simple",
                    help="simple (2 UNet rows, equal work to diffusers' CFG) or full (4 rows)")
     p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {','.join(ACCEPTED)}")
+    p.add_argument("--ladder", action="store_true",
+                   help="instead of --providers: the fast path one piece at a time (engine-eager, +channels-last, "
+                        "+fused-attention, +fused-norms, +cuda-graphs, +compile), each step's effect in one run")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per point (default: 10 cuda, 3 cpu)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the engine provider's UNet (compile time shows in the warm-up line)")
@@ -109,7 +112,7 @@ def fail(message: str) -> int:
 
 def run_e2e_command(a) -> int:
     from .common import write_json
-    from .e2e import ACCEPTED, E2EConfig, run_e2e
+    from .e2e import ACCEPTED, LADDER, E2EConfig, run_e2e
     from .weights import bench_weights
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -117,7 +120,7 @@ def run_e2e_command(a) -> int:
         return fail("--device cuda but no CUDA GPU is available")
     if a.cuda_graphs and device.type != "cuda":
         return fail("--cuda-graphs needs --device cuda")
-    providers = tuple(p for p in a.providers.split(",") if p)
+    providers = tuple(LADDER) if a.ladder else tuple(p for p in a.providers.split(",") if p)
     unknown = [p for p in providers if p not in ACCEPTED]
     if unknown or not providers:
         return fail(f"unknown provider(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ACCEPTED)}")

@@ -27,7 +27,8 @@ PROMPT = "a lighthouse on a cliff at sunset, best quality, high quality"
 NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
 INSTRUCT = "use the style of this image"
 PROVIDERS = ("engine", "engine-eager", "diffusers")
-ACCEPTED = (*PROVIDERS, "tensorrt")  # tensorrt: on request only; skipped with the reason for now
+ACCEPTED = (*PROVIDERS, "tensorrt", "+channels-last", "+fused-attention", "+fused-norms", "+cuda-graphs",
+            "+compile")  # tensorrt: on request only, skipped with the reason for now; "+...": the --ladder steps
 
 
 @dataclass(frozen=True)
@@ -53,21 +54,63 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass(frozen=True)
+class FastPath:
+    """Which pieces of the engine's fast path a provider turns on."""
+    channels_last: bool = False
+    fused_attention: bool = False   # the Triton decoupled attention and projector
+    fused_norms: bool = False       # GroupNorm+SiLU and GEGLU kernels in the UNet and VAE
+    cuda_graphs: bool = False
+    compile: bool = False
+
+    def unavailable(self, device: torch.device) -> str | None:
+        if device.type != "cuda" and (self.fused_attention or self.fused_norms):
+            return "the fused kernels need CUDA (on the CPU the Triton interpreter's timings mean nothing)"
+        if device.type != "cuda" and self.cuda_graphs:
+            return "CUDA graphs need CUDA"
+        return None
+
+
+# `--ladder`: the fast path one piece at a time, each step the one before plus its name (issue 4: "measure each
+# step's effect"); compile is the last step without CUDA graphs (the two are alternatives for the UNet step)
+_BASE = FastPath(channels_last=True, fused_attention=True, fused_norms=True)
+LADDER = {
+    "engine-eager": FastPath(),
+    "+channels-last": FastPath(channels_last=True),
+    "+fused-attention": FastPath(channels_last=True, fused_attention=True),
+    "+fused-norms": _BASE,
+    "+cuda-graphs": FastPath(**{**_BASE.__dict__, "cuda_graphs": True}),
+    "+compile": FastPath(**{**_BASE.__dict__, "compile": True}),
+}
+
+
+def fast_path(name: str, device: torch.device, cfg: "E2EConfig") -> FastPath:
+    if name == "engine":  # the whole fast path where it applies, plus the options asked for
+        cuda = device.type == "cuda"
+        return FastPath(channels_last=cuda, fused_attention=cuda, fused_norms=cuda, cuda_graphs=cfg.cuda_graphs,
+                        compile=cfg.compile)
+    return LADDER[name]
+
+
 class EngineProvider:
     def __init__(self, name: str, paths: dict, device: torch.device, dtype: torch.dtype, cfg: E2EConfig):
-        from engine import Pipeline
+        from engine import Pipeline, fastpath
 
         self.name, self.cfg = name, cfg
-        backend = "auto" if name == "engine" else "sdpa"
+        fast = fast_path(name, device, cfg)
+        backend = "sdpa" if not fast.fused_attention else "auto" if name == "engine" else "triton"
         self.pipe = Pipeline.from_pretrained(paths["model"], image_encoder=paths["image_encoder"],
                                              adapter=paths["adapter"], device=device, dtype=dtype,
                                              attention_backend=backend)
-        if name == "engine" and device.type == "cuda":
+        if fast.fused_attention and not fast.fused_norms:
+            for m in (self.pipe.unet, self.pipe.vae):
+                fastpath.unfuse(m)
+        if fast.channels_last:
             for m in (self.pipe.unet, self.pipe.vae):
                 m.to(memory_format=torch.channels_last)
-        if name == "engine" and cfg.compile:
+        if fast.compile:
             self.pipe.compile()
-        if name == "engine" and cfg.cuda_graphs:
+        if fast.cuda_graphs:
             self.pipe.enable_cuda_graphs()
         self.pipe.set_progress_bar_config(disable=True)
         self.unet = self.pipe.unet
@@ -168,6 +211,10 @@ def run_e2e(cfg: E2EConfig, paths: dict, log=print) -> tuple[list[Row], str]:
             from export.trt import tensorrt_runtime_unavailable
             log(f"tensorrt: skipped: {tensorrt_runtime_unavailable()}")
             continue
+        reason = None if name in ("diffusers", "engine") else LADDER[name].unavailable(device)
+        if reason:
+            log(f"{name}: skipped: {reason}")
+            continue
         t0 = time.perf_counter()
         provider = DiffusersProvider(paths, device, dtype, cfg) if name == "diffusers" else \
             EngineProvider(name, paths, device, dtype, cfg)
@@ -225,19 +272,20 @@ def _report(cfg: E2EConfig, env: dict, results: dict, flops: dict, rows: list[Ro
         for stage, ms in r["stages"].items():
             rows.append(Row("e2e", name, f"stage:{stage.removesuffix('_ms')}", "ms", "batch", b, ms, ms, ms,
                             config=c, **env))
-        base = results.get(("diffusers", b))
+        base, eager = results.get(("diffusers", b)), results.get(("engine-eager", b))
         ratio = f"{statistics.median(base['times']) / q['p50']:.2f}x" if base else "-"
+        vs_eager = f"{statistics.median(eager['times']) / q['p50']:.2f}x" if eager else "-"
         st = r["stages"]
         lines.append([str(b), name, f"{q['p50']:.1f}", f"{q['p90']:.1f}", f"{q['p99']:.1f}", f"{ips[1]:.3g}",
                       f"{st.get('unet_ms_per_step', float('nan')):.2f}", tflops,
-                      f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-", ratio])
+                      f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-", ratio, vs_eager])
     headers = ["batch", "provider", "p50 ms", "p90 ms", "p99 ms", "images/s", "UNet ms/step", "TFLOP/s",
-               "peak GiB", "vs diffusers"]
+               "peak GiB", "vs diffusers", "vs eager"]
     head = (f"device: {env['device']}   dtype: {env['dtype']}   git: {env['git_sha']}   preset: {cfg.preset}   "
             f"steps: {cfg.steps}   guidance: {cfg.guidance_mode}   repeats: {cfg.repeats}")
     stage_lines = []
     for (name, b), r in results.items():
-        stage_lines.append(f"  {name:<13} batch {b}: " + ", ".join(f"{k.removesuffix('_ms')} {v:.1f} ms"
+        stage_lines.append(f"  {name:<16} batch {b}: " + ", ".join(f"{k.removesuffix('_ms')} {v:.1f} ms"
                                                                    for k, v in r["stages"].items()))
     text = "\n".join([head, "", format_table(headers, lines), "", "per-stage breakdown (last timed call):",
                       *stage_lines])

@@ -7,12 +7,12 @@
 #     tests    the whole suite on the GPU (kernels at SD1.5 shapes, CUDA-graph capture, cubin and C++ launches)
 #     ops      python -m bench ops: fused / plugin kernels against two SDPA calls, per SD1.5 shape
 #     e2e      python -m bench at SD1.5 shapes, batch 1,2,4: engine, engine-eager, diffusers
-#     graphs   the engine provider replaying CUDA graphs
-#     compile  the engine provider with torch.compile (compile time on its own line)
+#     ladder   the fast path one piece at a time (eager, +channels-last, +fused-attention, +fused-norms,
+#              +cuda-graphs, +compile), batch 2: each step's effect
 # The first sd15 stage on a fresh machine also writes the random SD1.5 weights (~3.4 GB) once.
 # Results land in $OUT (the device tool brings them back) or bench/results/<date>/ elsewhere, with the device.
 set -euo pipefail
-stage=${1:?usage: bash bench/gpu_session.sh tests|ops|e2e|graphs|compile}
+stage=${1:?usage: bash bench/gpu_session.sh tests|ops|e2e|ladder}
 out=${OUT:-bench/results/$(date +%Y%m%d)}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -27,7 +27,6 @@ case $stage in
     tests)   python3 -m pytest -q -rs -p no:cacheprovider tests 2>&1 | tee "$out/tests.log" ;;
     ops)     python3 -m bench ops --json "$out/ops.json" 2>&1 | tee "$out/ops.log" ;;
     e2e)     $e2e --json "$out/e2e.json" --plot "$out/e2e.png" 2>&1 | tee "$out/e2e.log" ;;
-    graphs)  $e2e --providers engine --cuda-graphs --json "$out/e2e-cuda-graphs.json" 2>&1 | tee "$out/e2e-cuda-graphs.log" ;;
-    compile) $e2e --providers engine --compile --json "$out/e2e-compile.json" 2>&1 | tee "$out/e2e-compile.log" ;;
-    *)       echo "unknown stage $stage: tests | ops | e2e | graphs | compile" >&2; exit 2 ;;
+    ladder)  python3 -m bench --preset sd15 --batch 2 --ladder --json "$out/ladder.json" 2>&1 | tee "$out/ladder.log" ;;
+    *)       echo "unknown stage $stage: tests | ops | e2e | ladder" >&2; exit 2 ;;
 esac

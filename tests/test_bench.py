@@ -65,3 +65,42 @@ def test_sd15_preset_has_the_published_sizes():
     assert (count(unet), count(vae), count(text), count(vision)) == (859_520_964, 83_653_863, 123_060_480,
                                                                      632_076_800)
     assert unet.config.cross_attention_dim == 768 and vision.config.hidden_size == 1280
+
+
+def test_ladder_runs_what_the_cpu_can_and_names_the_rest(tmp_path, capsys):
+    path = tmp_path / "ladder.json"
+    assert main(["--ladder", "--device", "cpu", "--steps", "1", "--repeats", "1", "--cache", str(tmp_path / "w"),
+                 "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())
+    assert {r["provider"] for r in rows if r["metric"] == "latency"} == {"engine-eager", "+channels-last"}
+    out = capsys.readouterr().out
+    for step in ("+fused-attention", "+fused-norms", "+cuda-graphs", "+compile"):
+        assert f"{step}: skipped: the fused kernels need CUDA" in out
+    assert "vs eager" in out
+
+
+def test_ladder_steps_configure_one_piece_each(tmp_path):
+    # built on the CPU (the interpreter stands in for the GPU's Triton): each step differs from the one
+    # before by exactly its own piece
+    import torch
+    from diffusers.models.activations import GEGLU
+
+    from bench.e2e import E2EConfig, EngineProvider
+    from bench.weights import bench_weights
+    from kernels.backends import implementation
+
+    paths = bench_weights("tiny", str(tmp_path / "w"))
+    cpu, cfg = torch.device("cpu"), E2EConfig()
+
+    def state(name):
+        pipe = EngineProvider(name, paths, cpu, torch.float32, cfg).pipe
+        impls = {p.impl for p in pipe.cross.values()}
+        fused_geglu = any("forward" in m.__dict__ for m in pipe.unet.modules() if type(m) is GEGLU)
+        conv = next(m for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d))
+        return (impls == {implementation("triton")}, fused_geglu,
+                conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.shape[-1] > 1)
+
+    assert state("engine-eager") == (False, False, False)
+    assert state("+channels-last") == (False, False, True)
+    assert state("+fused-attention") == (True, False, True)
+    assert state("+fused-norms") == (True, True, True)
