@@ -231,7 +231,6 @@ class Pipeline:
         with self._timed("text_encoder_ms"):
             texts = sorted(plan["texts"])
             emb = dict(zip(texts, self.encode_text(texts)))
-        ctx = AdapterContext()
         text_rows = torch.stack([emb[t] for t in plan["text"]])
         ip_rows = None
         if self.adapter is not None:
@@ -242,11 +241,7 @@ class Pipeline:
             with self._timed("projector_ms"):
                 ip_rows = self._project(hidden, [slot[id(r.image)] for r in reqs], emb, plan)
         with self._timed("kv_ms"):
-            kv = precompute_kv(self.unet, self.cross, text_rows, ip_rows)
-            index = plan["branch_of_row"].to(self.device)
-            ctx.kv = {n: tuple(t.index_select(0, index) if t is not None else None for t in kvs) for n, kvs in kv.items()}
-            ctx.scale = self._scales(reqs, plan)
-            text_rows = text_rows.index_select(0, index)
+            text_rows, ctx = self._unet_inputs(text_rows, ip_rows, reqs, plan)
 
         sched.set_timesteps(num_inference_steps, device=self.device)  # before the latents: sets init_noise_sigma
         latents = self._latents(reqs, sched, height, width)
@@ -257,11 +252,7 @@ class Pipeline:
         with self._timed("denoise_ms"):
             for t in tqdm(sched.timesteps, **{"desc": "denoise", **self._progress}):
                 x = sched.scale_model_input(latents.index_select(0, latent_of_row), t)
-                if self._static is not None:  # CUDA graphs: static buffers, replayed
-                    eps_rows = self._static(x, t, text_rows, ctx)
-                else:
-                    eps_rows = self.unet(x, t, encoder_hidden_states=text_rows, return_dict=False,
-                                         cross_attention_kwargs={"adapter": ctx})[0]
+                eps_rows = self._unet_step(x, t, text_rows, ctx)
                 eps = (weights @ eps_rows.flatten(1).float()).view(latents.shape).to(latents.dtype)
                 latents = sched.step(eps, t, latents, **extra, return_dict=False)[0]
         self.timings["unet_ms_per_step"] = self.timings["denoise_ms"] / len(sched.timesteps)
@@ -273,14 +264,34 @@ class Pipeline:
         self.timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
         return images
 
+    def _unet_inputs(self, text_rows, ip_rows, reqs: list[Request], plan: dict):
+        """Per-row UNet inputs that hold for every step: text rows and, in the adapter context, the encoder K/V of
+        every cross-attention layer and the per-row scales. -> (text rows, context)."""
+        kv = precompute_kv(self.unet, self.cross, text_rows, ip_rows)
+        index = plan["branch_of_row"].to(self.device)
+        ctx = AdapterContext(kv={n: tuple(t.index_select(0, index) if t is not None else None for t in kvs)
+                                 for n, kvs in kv.items()}, scale=self._scales(reqs, plan))
+        return text_rows.index_select(0, index), ctx
+
+    def _unet_step(self, x, t, text_rows, ctx) -> torch.Tensor:
+        # x: (rows, C, h, w) -> noise prediction per row
+        if self._static is not None:  # CUDA graphs: static buffers, replayed
+            return self._static(x, t, text_rows, ctx)
+        return self.unet(x, t, encoder_hidden_states=text_rows, return_dict=False,
+                         cross_attention_kwargs={"adapter": ctx})[0]
+
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         from diffusers.image_processor import VaeImageProcessor
+        pixels = self._decode_pixels(latents)
+        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).postprocess(pixels, output_type="pil")
+
+    def _decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        # latents as the scheduler leaves them -> RGB in [-1, 1]
         cfg = self.vae.config
         z = latents / cfg.scaling_factor
         if getattr(cfg, "shift_factor", None):
             z = z + cfg.shift_factor
-        pixels = self.vae.decode(z, return_dict=False)[0]
-        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).postprocess(pixels, output_type="pil")
+        return self.vae.decode(z, return_dict=False)[0]
 
     # ---- helpers ------------------------------------------------------------------------------------------
 

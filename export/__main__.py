@@ -1,4 +1,4 @@
-"""python -m export {onnx, verify, plugin, trt}: the adapter UNet for TensorRT (README, "Export")."""
+"""python -m export {onnx, verify, run, plugin, trt}: the adapter UNet for TensorRT (README, "Export")."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +38,16 @@ def _parser() -> Parser:
     ve.add_argument("--graphs", default=None, help="comma-separated subset (default: every graph in DIR)")
     ve.add_argument("--atol", type=float, default=None, help="absolute tolerance (fp32 1e-4, fp16 1e-2)")
     ve.add_argument("--rtol", type=float, default=None, help="tolerance relative to the output's max (same)")
+    ru = sub.add_parser("run", help="generate from an export folder with ONNX Runtime (the reference loop)")
+    ru.add_argument("dir")
+    ru.add_argument("--prompt", required=True)
+    ru.add_argument("--image", required=True, help="condition image")
+    ru.add_argument("--instruct", default=None, help="what to take from the image (IPAdapter-Instruct)")
+    ru.add_argument("--negative-prompt", default=None)
+    ru.add_argument("--scale", type=float, default=0.8, help="adapter strength (default 0.8)")
+    ru.add_argument("--steps", type=int, default=30)
+    ru.add_argument("--seed", type=int, default=0)
+    ru.add_argument("--out", required=True, help="output .png")
     pl = sub.add_parser("plugin", help="compile the plugin's attention kernels (cubin + PTX) and their index")
     pl.add_argument("--out", required=True)
     pl.add_argument("--arch", type=int, choices=ARCHS, action="append", help="repeatable; default: all")
@@ -67,6 +77,19 @@ def main(argv=None) -> int:
             bad = [r for r in rows if not r["ok"]]
             print(f"{len(rows) - len(bad)}/{len(rows)} checks within tolerance")
             return 1 if bad else 0
+        if a.command == "run":
+            from engine.output import output_paths, write_images
+            from engine.pipeline import DEFAULT_NEGATIVE, load_image
+
+            from .runtime import OnnxPipeline
+            paths = output_paths(a.out, 1)
+            image = load_image(a.image)
+            pipe = OnnxPipeline.from_export(a.dir)
+            images = pipe(a.prompt, image, a.instruct, a.negative_prompt or DEFAULT_NEGATIVE, scale=a.scale,
+                          num_inference_steps=a.steps, seed=a.seed)
+            write_images(images, paths)
+            print(f"{paths[0]} ({', '.join(f'{k} {v:.0f} ms' for k, v in pipe.timings.items())})")
+            return 0
         if a.command == "trt":
             from . import trt
             return trt.run(a)

@@ -200,3 +200,21 @@ def test_ip_adapter_plus_exports_an_image_only_projector(tiny, plus_dir, tmp_pat
     assert [t["name"] for t in manifest["graphs"]["projector"]["inputs"]] == ["image_tokens"]
     rows = verify(str(out), batch=2, **QUIET)
     assert len(rows) == 4 and all(r["ok"] and r["max_abs_diff"] < 1e-4 for r in rows)
+
+
+@pytest.mark.parametrize("mode", ["auto", "simple"])
+def test_generation_from_the_graphs_matches_the_engine(plugin_dir, instruct_pipe, cond_image, mode):
+    # the five graphs with the engine's requests, guidance and scheduler around them: same latents and images
+    from export.runtime import OnnxPipeline
+
+    onnx_pipe = OnnxPipeline.from_export(str(plugin_dir))
+    onnx_pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt=["a red house", "a cat"], image=cond_image, instruct=["use the style", "take the object"],
+              scale=[0.8, 0.3], guidance_mode=mode, num_inference_steps=3, seed=[0, 1], scheduler="ddim")
+    want = instruct_pipe(**kw, output_type="latent")
+    got = onnx_pipe(**kw, output_type="latent")
+    assert got.shape == want.shape and (got - want).abs().max() < 1e-4
+    images = onnx_pipe(**kw)
+    assert len(images) == 2 and images[0].size == instruct_pipe(**kw)[0].size
+    with pytest.raises(EngineError, match="per-block scales"):
+        onnx_pipe(**{**kw, "scale": {"up": 1.0}}, output_type="latent")
