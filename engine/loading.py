@@ -6,6 +6,7 @@ import os
 import re
 
 import torch
+from PIL import Image
 
 from .errors import EngineError
 
@@ -116,3 +117,18 @@ def make_scheduler(base, name: str | None = None):
     if name not in SCHEDULERS:
         raise EngineError(f"unknown scheduler {name!r}; choose one of default, {', '.join(SCHEDULERS)}")
     return getattr(dsched, SCHEDULERS[name]).from_config(base.config)
+
+
+def load_image(image, what: str = "condition image") -> Image.Image:
+    """A PIL image or an image path -> RGB; a missing or unreadable file is one EngineError naming `what`."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as im:
+                return im.convert("RGB")
+        except FileNotFoundError:
+            raise EngineError(f"{what} not found: {os.fspath(image)}") from None
+        except OSError as e:
+            raise EngineError(f"cannot read {what} {os.fspath(image)}: {e}") from e
+    raise EngineError(f"{what} must be a PIL image or a path, got {type(image).__name__}")

@@ -26,7 +26,7 @@ from .adapter import Adapter, load_adapter
 from .attention import AdapterContext, choose_impls, expand_scale, install_processors, precompute_kv
 from .errors import EngineError
 from .guidance import branch_weights, resolve_mode
-from .loading import load_base, load_image_encoder, make_scheduler, resolve
+from .loading import load_base, load_image, load_image_encoder, make_scheduler, resolve
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +57,6 @@ def as_dtype(dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise EngineError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def load_image(image, what: str = "condition image") -> Image.Image:
-    """A PIL image or an image path -> RGB; a missing or unreadable file is one EngineError naming `what`."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as im:
-                return im.convert("RGB")
-        except FileNotFoundError:
-            raise EngineError(f"{what} not found: {os.fspath(image)}") from None
-        except OSError as e:
-            raise EngineError(f"cannot read {what} {os.fspath(image)}: {e}") from e
-    raise EngineError(f"{what} must be a PIL image or a path, got {type(image).__name__}")
 
 
 class Pipeline:
