@@ -30,6 +30,8 @@ def _parser() -> Parser:
                     help="adapter attention as the TensorRT plugin node (default) or in standard ONNX ops")
     on.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     on.add_argument("--graphs", default=",".join(GRAPHS), help="comma-separated subset (default: all five)")
+    on.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                    help="where to trace (default: cuda when present; fp16 tracing on a CPU takes minutes for SD1.5)")
     ve = sub.add_parser("verify", help="run every graph with ONNX Runtime against PyTorch")
     ve.add_argument("dir")
     ve.add_argument("--batch", type=int, default=None, help="rows (default: each graph's opt profile)")
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
         if a.command == "onnx":
             from .onnx import export_onnx
             print(export_onnx(a.model, a.image_encoder, a.adapter, a.out, a.opset, a.attention, a.dtype,
-                              tuple(g for g in a.graphs.split(",") if g)))
+                              tuple(g for g in a.graphs.split(",") if g), a.device))
             return 0
         if a.command == "verify":
             from .verify import verify

@@ -61,7 +61,8 @@ def export_graph(spec, path: str, opset: int) -> None:
     sizes = spec.sizes("opt")
     sizes.update({a: v for a, v in spec.sizes("min").items() if a.startswith("latent_")})
     sample = spec.sample(sizes)
-    args = tuple(sample[t.name] for t in spec.inputs)
+    device = next(spec.module.parameters()).device
+    args = tuple(sample[t.name].to(device) for t in spec.inputs)
     scratch = f"{path}.parts"
     os.makedirs(scratch)
     raw = os.path.join(scratch, os.path.basename(path))
@@ -103,7 +104,7 @@ def check_graph(path: str) -> dict:
 
 
 def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OPSET, attention: str = "plugin",
-                dtype: str = "float32", graphs=GRAPHS, log=print) -> str:
+                dtype: str = "float32", graphs=GRAPHS, device=None, log=print) -> str:
     """Export the graphs of one base model + image encoder + adapter into `out`; returns manifest.json's path."""
     from engine import Pipeline
 
@@ -121,7 +122,10 @@ def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OP
     if adapter is None:
         raise EngineError("export needs an adapter file (--adapter): the UNet graph takes adapter tokens")
     t0 = time.perf_counter()
-    pipe = Pipeline.from_pretrained(model, image_encoder=image_encoder, adapter=adapter, device="cpu", dtype=dtype,
+    # traced where it runs fastest: a CUDA GPU when there is one (fp16 convolutions on a CPU are slow; tracing on
+    # CUDA runs in the GPU stage of the tests, not yet run)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = Pipeline.from_pretrained(model, image_encoder=image_encoder, adapter=adapter, device=device, dtype=dtype,
                                     attention_backend="reference")
     specs = [s for s in build_specs(pipe, attention) if s.name in graphs]
     log(f"loaded in {time.perf_counter() - t0:.1f} s")
