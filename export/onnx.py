@@ -103,6 +103,22 @@ def check_graph(path: str) -> dict:
     return counts
 
 
+def _remove_stale_stages(out: str) -> None:
+    """Staging folders of exports into `out` whose process is gone (killed before its cleanup ran)."""
+    import glob
+
+    for path in glob.glob(glob.escape(out) + ".partial-*"):
+        pid = path.rsplit("-", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OPSET, attention: str = "plugin",
                 dtype: str = "float32", graphs=GRAPHS, device=None, log=print) -> str:
     """Export the graphs of one base model + image encoder + adapter into `out`; returns manifest.json's path."""
@@ -130,8 +146,8 @@ def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OP
     specs = [s for s in build_specs(pipe, attention) if s.name in graphs]
     log(f"loaded in {time.perf_counter() - t0:.1f} s")
     out = os.path.abspath(out)
+    _remove_stale_stages(out)
     stage = f"{out}.partial-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
     os.makedirs(stage)
     try:
         manifest = {"format": FORMAT, "opset": opset, "dtype": dtype, "attention": attention,

@@ -218,3 +218,16 @@ def test_generation_from_the_graphs_matches_the_engine(plugin_dir, instruct_pipe
     assert len(images) == 2 and images[0].size == instruct_pipe(**kw)[0].size
     with pytest.raises(EngineError, match="per-block scales"):
         onnx_pipe(**{**kw, "scale": {"up": 1.0}}, output_type="latent")
+
+
+def test_a_killed_exports_staging_folder_is_removed_by_the_next(tiny, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"out.partial-{dead.stdout.strip()}"
+    stale.mkdir()
+    (stale / "unet.onnx").write_bytes(b"half")
+    alive = tmp_path / f"out.partial-{os.getppid()}"  # a live process's (this test's parent's) stays
+    alive.mkdir()
+    export_onnx(tiny["model"], tiny["image_encoder"], tiny["adapter"], str(tmp_path / "out"),
+                graphs=("text_encoder",), **QUIET)
+    assert not stale.exists() and alive.exists()
+    assert sorted(os.listdir(tmp_path / "out")) == ["manifest.json", "text_encoder.onnx"]
