@@ -56,11 +56,7 @@ def read_manifest(onnx_dir: str) -> dict:
 def export_graph(spec, path: str, opset: int) -> None:
     """Trace one spec at its opt sizes and write it to `path`; weights past ONNX's 2 GB limit go to one file beside
     it, `<name>.onnx.data` (the exporter would scatter them over hundreds of files, shared by every graph)."""
-    # traced at the opt batch and the smallest spatial size: the axes stay dynamic, and the one forward pass the
-    # tracer makes is 4x cheaper (fp16 convolutions on a CPU are slow: SD1.5's UNet took minutes at 512x512)
-    sizes = spec.sizes("opt")
-    sizes.update({a: v for a, v in spec.sizes("min").items() if a.startswith("latent_")})
-    sample = spec.sample(sizes)
+    sample = spec.sample(spec.trace_sizes())
     device = next(spec.module.parameters()).device
     args = tuple(sample[t.name].to(device) for t in spec.inputs)
     scratch = f"{path}.parts"

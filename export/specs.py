@@ -34,6 +34,10 @@ class GraphSpec:
     outputs: list[Tensor]
     axes: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # axis -> (min, opt, max)
     vocab: int = 0
+    trace: dict[str, int] = field(default_factory=dict)  # axis sizes to trace at, over the opt ones
+
+    def trace_sizes(self) -> dict[str, int]:
+        return {**self.sizes("opt"), **self.trace}
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {t.name: {i: a for i, a in enumerate(t.shape) if isinstance(a, str)} for t in self.inputs + self.outputs}
@@ -144,6 +148,10 @@ def build_specs(pipe, attention: str) -> list[GraphSpec]:
     c = unet_cfg.in_channels
     cross = unet_cfg.cross_attention_dim
     b = {"batch": (1, 2, 16)}
+    # traced small (the axes stay dynamic): one forward pass at 512x512 in fp16 takes minutes on a CPU, where
+    # torch has only a slow fp16 convolution. The UNet keeps a 2x2 bottom, the VAE decoder has no down path.
+    unet_trace = 2 * 2 ** (len(unet_cfg.block_out_channels) - 1)
+    unet_trace = {"latent_height": unet_trace, "latent_width": unet_trace}
     lat_axes = {"latent_height": latent, "latent_width": latent}
     rows = "rows (guidance branches x images)"
     proj_in = [Tensor("image_tokens", dt, ("batch", ni, proj_cfg.image_dim), "image_encoder's output per row; "
@@ -172,10 +180,10 @@ def build_specs(pipe, attention: str) -> list[GraphSpec]:
                    Tensor("ip_scale", "float32", ("batch",), "adapter strength per row (0 = base model)",
                           fill="scale")],
                   [Tensor("noise_pred", dt, ("batch", c, "latent_height", "latent_width"), "predicted noise")],
-                  {**b, **lat_axes}),
+                  {**b, **lat_axes}, trace=unet_trace),
         GraphSpec("vae_decoder", VaeDecoder(pipe.vae),
                   [Tensor("latent", dt, ("batch", c, "latent_height", "latent_width"),
                           "denoised latents, unscaled (the graph divides by the VAE's scaling factor)")],
                   [Tensor("image", dt, ("batch", 3, "image_height", "image_width"), f"RGB in [-1, 1], {f}x the latent")],
-                  {"batch": (1, 1, 8), **lat_axes}),
+                  {"batch": (1, 1, 8), **lat_axes}, trace={"latent_height": 8, "latent_width": 8}),
     ]
