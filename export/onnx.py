@@ -54,8 +54,9 @@ def read_manifest(onnx_dir: str) -> dict:
 
 
 def export_graph(spec, path: str, opset: int) -> None:
-    """Trace one spec at its opt sizes and write it to `path`; weights past ONNX's 2 GB limit go to one file beside
-    it, `<name>.onnx.data` (the exporter would scatter them over hundreds of files, shared by every graph)."""
+    """Trace one spec at its trace sizes (`GraphSpec.trace_sizes`: opt batch, small spatial sizes; the axes stay
+    dynamic) and write it to `path`; weights past ONNX's 2 GB limit go to one file beside it, `<name>.onnx.data`
+    (the exporter would scatter them over hundreds of files, shared by every graph)."""
     sample = spec.sample(spec.trace_sizes())
     device = next(spec.module.parameters()).device
     args = tuple(sample[t.name].to(device) for t in spec.inputs)
@@ -183,6 +184,10 @@ def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OP
         with open(os.path.join(stage, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
         os.makedirs(out, exist_ok=True)
+        for spec in specs:  # a graph that now fits in its .onnx must not leave an earlier export's weights beside it
+            old = os.path.join(out, f"{spec.name}.onnx.data")
+            if manifest["graphs"][spec.name]["external_data"] is None and os.path.exists(old):
+                os.remove(old)
         for name in os.listdir(stage):
             os.replace(os.path.join(stage, name), os.path.join(out, name))
     finally:

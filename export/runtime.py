@@ -8,7 +8,7 @@ handling, guidance and scheduler around them.
 Everything between the graphs is the engine's (engine.Pipeline: requests, guidance branches and their
 weights, the zero image for unconditional rows, latents, scheduler), so this is the loop a C++ or TensorRT
 deployment reimplements around the same graphs, and a check that the graphs and the manifest carry everything
-generation needs (tests/test_export_runtime.py: same latents as the engine). It runs on the CPU; it is a
+generation needs (tests/test_export_onnx.py: same latents as the engine). It runs on the CPU; it is a
 reference, not the fast path. One adapter strength per request (a float), since unet.onnx takes one per row.
 """
 from __future__ import annotations

@@ -231,3 +231,11 @@ def test_a_killed_exports_staging_folder_is_removed_by_the_next(tiny, tmp_path):
                 graphs=("text_encoder",), **QUIET)
     assert not stale.exists() and alive.exists()
     assert sorted(os.listdir(tmp_path / "out")) == ["manifest.json", "text_encoder.onnx"]
+
+
+def test_reexport_replaces_an_earlier_exports_weight_file(tiny, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "text_encoder.onnx.data").write_bytes(b"weights of an earlier, larger export")
+    export_onnx(tiny["model"], tiny["image_encoder"], tiny["adapter"], str(out), graphs=("text_encoder",), **QUIET)
+    assert sorted(os.listdir(out)) == ["manifest.json", "text_encoder.onnx"]
