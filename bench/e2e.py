@@ -10,8 +10,8 @@ Providers (equal work: `simple` guidance, 2 UNet rows per image, against diffuse
 - `tensorrt` (only when named in --providers): the engines of `python -m export trt`; reported as skipped, with
   the reason, until the engine's TensorRT runtime exists (and wherever TensorRT is not installed).
 Per provider and batch size (requests per call, one image each): latency p50/p90/p99 per request, images/s,
-the per-stage breakdown, achieved TFLOP/s against the FLOP count of the work, peak memory (CUDA), and the
-ratio to `diffusers`. Warm-up is one call per provider and batch size, reported on its own line.
+the per-stage breakdown, achieved TFLOP/s against the FLOP count of the work, peak memory (CUDA's allocator,
+per batch size; not measured on the CPU), and the ratio to `diffusers`. Warm-up is one call per provider and batch size, reported on its own line.
 """
 from __future__ import annotations
 
@@ -219,9 +219,9 @@ def run_e2e(cfg: E2EConfig, paths: dict, log=print) -> tuple[list[Row], str]:
         provider = DiffusersProvider(paths, device, dtype, cfg) if name == "diffusers" else \
             EngineProvider(name, paths, device, dtype, cfg)
         log(f"{name}: loaded in {time.perf_counter() - t0:.1f} s")
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         for b in cfg.batches:
+            if device.type == "cuda":  # peak per batch size: the weights plus this batch's activations
+                torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             provider(image, b)
             _sync(device)
@@ -234,10 +234,8 @@ def run_e2e(cfg: E2EConfig, paths: dict, log=print) -> tuple[list[Row], str]:
                 provider(image, b)
                 _sync(device)
                 times.append((time.perf_counter() - t0) * 1e3)
-            results[(name, b)] = dict(times=times, stages=provider.stages())
-        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-        for b in cfg.batches:
-            results[(name, b)]["peak_gib"] = peak
+            peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+            results[(name, b)] = dict(times=times, stages=provider.stages(), peak_gib=peak)
         del provider
         if device.type == "cuda":
             torch.cuda.empty_cache()
