@@ -285,6 +285,9 @@ def _report(cfg: E2EConfig, env: dict, results: dict, flops: dict, rows: list[Ro
     for (name, b), r in results.items():
         stage_lines.append(f"  {name:<16} batch {b}: " + ", ".join(f"{k.removesuffix('_ms')} {v:.1f} ms"
                                                                    for k, v in r["stages"].items()))
+    if cfg.guidance_mode == "full" and any(n == "diffusers" for n, _ in results):
+        head += ("\nguidance full: the engine runs 4 UNet rows per image, diffusers' CFG 2; "
+                 "`vs diffusers` compares unequal work (simple guidance is the equal-work comparison)")
     text = "\n".join([head, "", format_table(headers, lines), "", "per-stage breakdown (last timed call):",
                       *stage_lines])
     return rows, text

@@ -104,3 +104,19 @@ def test_ladder_steps_configure_one_piece_each(tmp_path):
     assert state("+channels-last") == (False, False, True)
     assert state("+fused-attention") == (True, False, True)
     assert state("+fused-norms") == (True, True, True)
+
+
+def test_e2e_report_says_when_full_guidance_is_unequal_work_and_keeps_peaks_per_batch():
+    """The table's header names the unequal work of `--guidance-mode full` against diffusers' CFG, and each
+    batch size keeps its own peak memory (the numbers here are made up; only the report is under test)."""
+    from bench.e2e import E2EConfig, _report
+
+    results = {(name, b): dict(times=[10.0 * b, 11.0 * b], stages={"unet_ms_per_step": 1.0}, peak_gib=peak)
+               for name, b, peak in (("engine", 1, 1.5), ("engine", 4, 3.25), ("diffusers", 1, 2.0),
+                                     ("diffusers", 4, 5.0))}
+    env = dict(device="test", dtype="float16", git_sha="0")
+    for mode, said in (("full", True), ("simple", False)):
+        rows, text = _report(E2EConfig(guidance_mode=mode, batches=(1, 4)), env, results, {}, [])
+        assert ("unequal work" in text) == said
+    peaks = {(r.provider, r.x): r.p50 for r in rows if r.metric == "peak_memory"}
+    assert peaks == {("engine", 1): 1.5, ("engine", 4): 3.25, ("diffusers", 1): 2.0, ("diffusers", 4): 5.0}
