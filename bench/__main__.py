@@ -72,6 +72,9 @@ def add_e2e_args(p: argparse.ArgumentParser) -> None:
                    help="replay the engine provider's UNet step from CUDA graphs (cuda only; capture in warm-up)")
     p.add_argument("--json", default=os.path.join("out", "bench-e2e.json"), help="where the result rows go")
     p.add_argument("--plot", default=None, help="PATH.png: latency and throughput against batch size")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="one more call per provider and batch under torch.profiler: Chrome traces and op tables in "
+                        "DIR, and how often each stage ran (the engine's projector and K/V once per request)")
     p.add_argument("--cache", default=None, help="where preset weights are built (default: ~/.cache/...)")
 
 
@@ -140,7 +143,7 @@ def run_e2e_command(a) -> int:
                     batches=tuple(a.batch or ((1, 4) if cuda else (1,))),
                     steps=a.steps or (30 if cuda else 10), height=a.height, width=a.width,
                     guidance_mode=a.guidance_mode, providers=providers, repeats=a.repeats or (10 if cuda else 3),
-                    compile=a.compile, cuda_graphs=a.cuda_graphs)
+                    compile=a.compile, cuda_graphs=a.cuda_graphs, profile_dir=a.profile)
     rows, table = run_e2e(cfg, paths)
     print()
     print(table)

@@ -15,6 +15,7 @@ per batch size; not measured on the CPU), and the ratio to `diffusers`. Warm-up 
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class E2EConfig:
     guidance_scale: float = 6.0
     compile: bool = False   # torch.compile the engine's UNet (the `engine` provider only)
     cuda_graphs: bool = False  # replay the engine's UNet step from CUDA graphs (the `engine` provider, CUDA)
+    profile_dir: str | None = None  # one more request per provider and batch under torch.profiler (bench.profiling)
 
 
 def _sync(device: torch.device) -> None:
@@ -155,18 +157,24 @@ class DiffusersProvider:
         self._hooks(device)
 
     def _hooks(self, device):
-        # per-module wall time (synchronised) for the stage breakdown; the projector runs inside every UNet call
+        # per-module wall time (synchronised) for the stage breakdown, and a profiler range named as the engine's
+        # stages ("diffusers::projector", ...); the projector runs inside every UNet call
         p = self.pipe
+        ranges = {}
         for key, module in (("text_encoder_ms", p.text_encoder), ("image_encoder_ms", p.image_encoder),
                             ("projector_ms", p.unet.encoder_hid_proj), ("unet_ms", p.unet),
                             ("vae_decode_ms", p.vae.decoder)):
             def pre(_m, _a, key=key):
+                stage = "unet_step" if key == "unet_ms" else key.removesuffix("_ms")
+                ranges[key] = torch.profiler.record_function("diffusers::" + stage)
+                ranges[key].__enter__()
                 _sync(device)
                 self._times[key + "_start"] = time.perf_counter()
 
             def post(_m, _a, _o, key=key):
                 _sync(device)
                 self._times[key] = self._times.get(key, 0.0) + (time.perf_counter() - self._times[key + "_start"]) * 1e3
+                ranges.pop(key).__exit__(None, None, None)
             module.register_forward_pre_hook(pre)
             module.register_forward_hook(post)
 
@@ -236,6 +244,12 @@ def run_e2e(cfg: E2EConfig, paths: dict, log=print) -> tuple[list[Row], str]:
                 times.append((time.perf_counter() - t0) * 1e3)
             peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
             results[(name, b)] = dict(times=times, stages=provider.stages(), peak_gib=peak)
+            if cfg.profile_dir:
+                from .profiling import format_counts, profile_request
+                stem = os.path.join(cfg.profile_dir, f"{name}-batch{b}")
+                calls = profile_request(lambda: provider(image, b), device, stem)
+                results[(name, b)]["calls"] = calls
+                log(f"{name}: profiled batch {b}: {format_counts(calls)} per call -> {stem}.json")
         del provider
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -270,6 +284,8 @@ def _report(cfg: E2EConfig, env: dict, results: dict, flops: dict, rows: list[Ro
         for stage, ms in r["stages"].items():
             rows.append(Row("e2e", name, f"stage:{stage.removesuffix('_ms')}", "ms", "batch", b, ms, ms, ms,
                             config=c, **env))
+        for stage, n in r.get("calls", {}).items():  # --profile: how often each stage ran in one call
+            rows.append(Row("e2e", name, f"calls:{stage}", "calls", "batch", b, n, n, n, config=c, **env))
         base, eager = results.get(("diffusers", b)), results.get(("engine-eager", b))
         ratio = f"{statistics.median(base['times']) / q['p50']:.2f}x" if base else "-"
         vs_eager = f"{statistics.median(eager['times']) / q['p50']:.2f}x" if eager else "-"

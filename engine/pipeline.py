@@ -164,13 +164,15 @@ class Pipeline:
 
     @contextmanager
     def _timed(self, key: str):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.timings[key] = self.timings.get(key, 0.0) + (time.perf_counter() - t0) * 1e3
+        # wall time into self.timings, and a named range ("engine::projector", ...) in any running torch profiler
+        with torch.profiler.record_function("engine::" + key.removesuffix("_ms")):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            yield
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.timings[key] = self.timings.get(key, 0.0) + (time.perf_counter() - t0) * 1e3
 
     # ---- step-invariant work, once per call ----------------------------------------------------------
 
@@ -237,7 +239,8 @@ class Pipeline:
         with self._timed("denoise_ms"):
             for t in tqdm(sched.timesteps, **{"desc": "denoise", **self._progress}):
                 x = sched.scale_model_input(latents.index_select(0, latent_of_row), t)
-                eps_rows = self._unet_step(x, t, text_rows, ctx)
+                with torch.profiler.record_function("engine::unet_step"):
+                    eps_rows = self._unet_step(x, t, text_rows, ctx)
                 eps = (weights @ eps_rows.flatten(1).float()).view(latents.shape).to(latents.dtype)
                 latents = sched.step(eps, t, latents, **extra, return_dict=False)[0]
         self.timings["unet_ms_per_step"] = self.timings["denoise_ms"] / len(sched.timesteps)

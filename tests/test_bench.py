@@ -28,7 +28,7 @@ def test_e2e_compares_the_providers_in_one_run(tmp_path, capsys):
     path, plot = tmp_path / "e2e.json", tmp_path / "e2e.png"
     # no subcommand: `python -m bench [options]` is the end-to-end benchmark
     assert main(["--device", "cpu", "--batch", "1,2", "--steps", "2", "--repeats", "2", "--cache", str(tmp_path / "w"),
-                 "--json", str(path), "--plot", str(plot)]) == 0
+                 "--json", str(path), "--plot", str(plot), "--profile", str(tmp_path / "prof")]) == 0
     rows = json.loads(path.read_text())
     assert all(set(r) == KEYS for r in rows)
     latency = {(r["provider"], r["x"]): r for r in rows if r["metric"] == "latency"}
@@ -42,6 +42,21 @@ def test_e2e_compares_the_providers_in_one_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "vs diffusers" in out and "warm-up" in out
     assert plot.stat().st_size > 10_000
+    # --profile: the stage counts come from the profiler's ranges. The engine's step-invariant work runs once per
+    # call, diffusers' projector in every UNet call; both run the UNet once per timestep
+    calls = {(r["provider"], r["x"], r["metric"].removeprefix("calls:")): r["p50"] for r in rows
+             if r["metric"].startswith("calls:")}
+    for b in (1, 2):
+        steps = calls[("engine", b, "unet_step")]
+        assert steps >= 2 and calls[("diffusers", b, "unet_step")] == steps
+        for stage in ("text_encoder", "image_encoder", "projector", "kv", "vae_decode"):
+            assert calls[("engine", b, stage)] == 1, stage
+        assert calls[("diffusers", b, "projector")] == steps
+        for provider in ("engine", "engine-eager", "diffusers"):
+            trace = json.loads((tmp_path / "prof" / f"{provider}-batch{b}.json").read_text())
+            assert any(e.get("name") == f"{provider.split('-')[0]}::unet_step" for e in trace["traceEvents"])
+            assert "Self CPU" in (tmp_path / "prof" / f"{provider}-batch{b}.txt").read_text()
+    assert "engine: profiled batch 1: text_encoder x1, image_encoder x1, projector x1, kv x1" in out
 
 
 def test_e2e_rejects_bad_options(capsys):
