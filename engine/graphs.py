@@ -42,13 +42,15 @@ class StaticUNet:
         self.entries: dict[tuple, _Entry] = {}
 
     @staticmethod
-    def _key(x, text, ctx: AdapterContext) -> tuple:
+    def _key(x, t, text, ctx: AdapterContext) -> tuple:
+        # the timestep's dtype too: PNDM/DDIM give int64 timesteps, Euler fractional float ones, and a float
+        # copied into an int buffer would be truncated silently
         layers = tuple((n, *(None if t is None else tuple(t.shape) for t in kv)) for n, kv in sorted(ctx.kv.items()))
-        return tuple(x.shape), tuple(text.shape), x.dtype, layers
+        return tuple(x.shape), tuple(text.shape), x.dtype, torch.as_tensor(t).dtype, layers
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, ctx: AdapterContext) -> torch.Tensor:
         # x: (rows, 4, h, w) scaled model input; t: () timestep; text: (rows, Lt, cross_dim) -> eps (rows, 4, h, w)
-        key = self._key(x, text, ctx)
+        key = self._key(x, t, text, ctx)
         e = self.entries.get(key)
         if e is None:
             e = self.entries[key] = self._build(x, t, text, ctx)

@@ -50,3 +50,19 @@ def test_cuda_graph_replay_equals_eager_on_gpu(tiny, cond_image, other_image):
     assert len(pipe._static.entries) == 1
     for got, want in zip(graphed, eager):
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+
+
+def test_static_buffers_follow_the_timestep_dtype(instruct_pipe, cond_image):
+    """PNDM's timesteps are int64, Euler's fractional floats: at the same shape each gets its own entry, so a
+    float timestep is never copied into (and truncated by) an integer buffer."""
+    call = dict(prompt=PROMPT, image=cond_image, instruct="use the style", num_inference_steps=3, seed=1,
+                output_type="latent")
+    eager = [instruct_pipe(**call), instruct_pipe(**call, scheduler="euler")]
+    instruct_pipe._static = StaticUNet(instruct_pipe.unet, capture=False)
+    try:
+        static = [instruct_pipe(**call), instruct_pipe(**call, scheduler="euler")]
+        assert len(instruct_pipe._static.entries) == 2
+    finally:
+        instruct_pipe._static = None
+    for got, want in zip(static, eager):
+        assert torch.equal(got, want)
