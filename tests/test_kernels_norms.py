@@ -1,7 +1,8 @@
 """Fused GroupNorm+SiLU and GEGLU against their PyTorch references (interpreter on the CPU, small odd shapes).
 
 Tolerance as everywhere in the kernels: at most FACTOR x plain PyTorch's error in the same dtype against an
-fp32 reference, plus ATOL (bf16 gets twice the factor under the interpreter, which truncates to bf16).
+fp32 reference, plus ATOL x the reference's largest magnitude, at least 1 (bf16 gets twice the factor under the
+interpreter, which truncates to bf16).
 """
 import os
 
@@ -23,7 +24,8 @@ def check_close(got, pytorch, exact, dtype, what):
     assert got.shape == exact.shape and got.dtype == dtype
     err = (got.float() - exact).abs().max().item()
     base = (pytorch.float() - exact).abs().max().item()
-    assert err <= FACTOR[dtype] * base + ATOL[dtype], f"{what}: kernel error {err:.3g} vs PyTorch's {base:.3g}"
+    atol = ATOL[dtype] * max(1.0, exact.abs().max().item())  # fp32: PyTorch's own error is 0 by definition
+    assert err <= FACTOR[dtype] * base + atol, f"{what}: kernel error {err:.3g} vs PyTorch's {base:.3g}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -66,9 +68,11 @@ def test_geglu_matches_reference(shape, dtype):
         geglu(x[..., :-1])
 
 
-def test_fused_unet_and_vae_equal_diffusers_own(tiny):
+def test_fused_unet_and_vae_equal_diffusers_own(tiny, monkeypatch):
     """engine.fastpath routes every SD resnet and GEGLU of the tiny UNet and VAE to the kernels; the outputs
     stay diffusers' within fp32 rounding, and unfuse restores diffusers' own forward exactly."""
+    # on a GPU, TF32 convolutions would round the last-bit differences of the fused norms up to 1e-3
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # (matmuls default to full fp32 already)
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.models.activations import GEGLU
     from diffusers.models.resnet import ResnetBlock2D

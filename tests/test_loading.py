@@ -25,7 +25,8 @@ def ckpt(tiny):
 
 def test_bin_and_safetensors_give_the_same_image(tiny, instruct_pipe, cond_image, ckpt, tmp_path):
     write_bin(tmp_path / "a.bin", *ckpt)
-    from_bin = Pipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"], adapter=tmp_path / "a.bin")
+    from_bin = Pipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"], adapter=tmp_path / "a.bin",
+                                        device="cpu")  # as instruct_pipe (the default would be cuda/fp16 on a GPU)
     from_bin.set_progress_bar_config(disable=True)
     kw = dict(num_inference_steps=STEPS, seed=4, output_type="latent")
     a = instruct_pipe(PROMPT, cond_image, "take the object", **kw)
