@@ -15,6 +15,7 @@ per batch size; not measured on the CPU), and the ratio to `diffusers`. Warm-up 
 """
 from __future__ import annotations
 
+import gc
 import os
 import statistics
 import time
@@ -249,8 +250,9 @@ def run_e2e(cfg: E2EConfig, paths: dict, log=print) -> tuple[list[Row], str]:
                 stem = os.path.join(cfg.profile_dir, f"{name}-batch{b}")
                 calls = profile_request(lambda: provider(image, b), device, stem)
                 results[(name, b)]["calls"] = calls
-                log(f"{name}: profiled batch {b}: {format_counts(calls)} per call -> {stem}.json")
+                log(f"{name}: profiled batch {b}: {format_counts(calls)} per call -> {stem}.json.gz")
         del provider
+        gc.collect()  # fused modules and hooks hold reference cycles: free the weights before the next provider
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return _report(cfg, env, results, flops, rows)

@@ -11,7 +11,8 @@
 #              +cuda-graphs, +compile), batch 2: each step's effect
 #     profile  one 5-step request at batch 2 per provider under torch.profiler: Chrome traces, top CUDA ops, and
 #              how often each stage ran
-# The first sd15 stage on a fresh machine also writes the random SD1.5 weights (~3.4 GB) once.
+# The first sd15 stage on a fresh machine also writes the random SD1.5 weights (~3.4 GB) once: run e2e before
+# ladder (six providers, a torch.compile among them) so that ladder's 10 minutes go to measuring.
 # Results land in $OUT (the device tool brings them back) or bench/results/<date>/ elsewhere, with the device.
 set -euo pipefail
 stage=${1:?usage: bash bench/gpu_session.sh tests|ops|e2e|ladder|profile}
@@ -29,7 +30,7 @@ case $stage in
     tests)   python3 -m pytest -q -rs -p no:cacheprovider tests 2>&1 | tee "$out/tests.log" ;;
     ops)     python3 -m bench ops --json "$out/ops.json" 2>&1 | tee "$out/ops.log" ;;
     e2e)     $e2e --json "$out/e2e.json" --plot "$out/e2e.png" 2>&1 | tee "$out/e2e.log" ;;
-    ladder)  python3 -m bench --preset sd15 --batch 2 --ladder --json "$out/ladder.json" 2>&1 | tee "$out/ladder.log" ;;
+    ladder)  python3 -m bench --preset sd15 --batch 2 --repeats 5 --ladder --json "$out/ladder.json" 2>&1 | tee "$out/ladder.log" ;;
     profile) python3 -m bench --preset sd15 --batch 2 --steps 5 --repeats 3 --providers engine,diffusers \
                  --profile "$out/profile" --json "$out/profile.json" 2>&1 | tee "$out/profile.log" ;;
     *)       echo "unknown stage $stage: tests | ops | e2e | ladder | profile" >&2; exit 2 ;;

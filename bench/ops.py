@@ -56,15 +56,21 @@ def fused_unmeasurable(device: torch.device) -> str | None:
     return reason
 
 
-def attention_providers(device: torch.device, wanted: list[str] | None) -> tuple[dict, dict]:
+def attention_providers(device: torch.device, wanted: list[str] | None,
+                        dtype: torch.dtype | None = None) -> tuple[dict, dict]:
     """name -> fn(q, k, v, k_ip, v_ip, scale), and name -> why it is not measured."""
+    from kernels.packed_attention import DTYPES as PLUGIN_DTYPES
+
     fns, skipped = {}, {}
     reason = fused_unmeasurable(device)
     if reason:
         skipped["fused"] = skipped["plugin"] = reason
     else:
         fns["fused"] = decoupled_attention
-        fns["plugin"] = _plugin_fn  # the TensorRT plugin's kernel (packed layout, AOT calling convention)
+        if dtype is None or dtype in PLUGIN_DTYPES:
+            fns["plugin"] = _plugin_fn  # the TensorRT plugin's kernel (packed layout, AOT calling convention)
+        else:
+            skipped["plugin"] = f"the TensorRT plugin is built for fp32 and fp16, not {str(dtype).removeprefix('torch.')}"
     fns[BASELINE] = decoupled_attention_sdpa
     xf = _xformers_fn()
     if xf is None:
@@ -111,7 +117,7 @@ def rows_for(op, provider, x_name, x, times, flops, bytes_, env, config) -> list
 
 
 def bench_attention(device, dtype, batches, repeats, wanted, env) -> tuple[list[Row], list[list[str]], dict]:
-    fns, skipped = attention_providers(device, wanted)
+    fns, skipped = attention_providers(device, wanted, dtype)
     peak = hbm_peak(env["device"])
     rows, lines = [], []
     for b in batches:

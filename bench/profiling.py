@@ -1,6 +1,6 @@
 """`python -m bench --profile DIR`: one extra request per provider and batch size under torch.profiler.
 
-Writes `<provider>-batch<b>.json` (a Chrome/Perfetto trace: chrome://tracing or ui.perfetto.dev) and
+Writes `<provider>-batch<b>.json.gz` (a gzipped Chrome trace: ui.perfetto.dev opens it as it is) and
 `<provider>-batch<b>.txt` (the ops with the most self time) to DIR, and counts how often each named stage ran
 in that request. The engine names its stages `engine::text_encoder`, `engine::image_encoder`,
 `engine::projector`, `engine::kv` (every cross-attention layer's encoder-side K/V), `engine::unet_step` and
@@ -20,7 +20,7 @@ STAGES = ("text_encoder", "image_encoder", "projector", "kv", "unet_step", "vae_
 
 
 def profile_request(call, device: torch.device, stem: str) -> dict[str, int]:
-    """Run `call()` once under the profiler; write `stem`.json and `stem`.txt -> {stage: times it ran}."""
+    """Run `call()` once under the profiler; write `stem`.json.gz and `stem`.txt -> {stage: times it ran}."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -30,7 +30,7 @@ def profile_request(call, device: torch.device, stem: str) -> dict[str, int]:
         call()
         if cuda:
             torch.cuda.synchronize(device)
-    prof.export_chrome_trace(stem + ".json")
+    prof.export_chrome_trace(stem + ".json.gz")  # gzipped by torch: an SD1.5 request's trace is tens of MB raw
     averages = prof.key_averages()
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     with open(stem + ".txt", "w") as f:

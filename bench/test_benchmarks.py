@@ -47,7 +47,7 @@ def test_e2e_request(benchmark, provider, image):
 @pytest.mark.parametrize("lq, d", ATTENTION_SHAPES)
 @pytest.mark.parametrize("name", ["fused", "two-sdpa", "xformers"])
 def test_decoupled_attention(benchmark, name, lq, d):
-    fns, skipped = attention_providers(DEVICE, None)
+    fns, skipped = attention_providers(DEVICE, None, DTYPE)
     if name not in fns:
         pytest.skip(skipped[name])
     args = attention_inputs(2, lq, d, DEVICE, DTYPE)
