@@ -18,7 +18,7 @@ def test_ops_writes_rows_for_every_shape_and_provider(tmp_path, capsys):
     attention = [r for r in rows if r["op"] == "decoupled_attention"]
     shapes = {r["x"] for r in attention}
     assert shapes == {"B1 Lq4096 D40", "B1 Lq1024 D80", "B1 Lq256 D160", "B1 Lq64 D160"}
-    assert {r["provider"] for r in attention} == {"two-sdpa", "reference"}
+    assert {r["provider"] for r in attention} - {"xformers"} == {"two-sdpa", "reference"}  # xformers if installed
     for r in rows:
         assert r["p20"] <= r["p50"] <= r["p80"] and r["p20"] > 0, r
         assert r["unit"] == {"latency": "ms", "throughput": "TFLOP/s", "bandwidth": "GB/s"}[r["metric"]]

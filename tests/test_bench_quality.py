@@ -130,9 +130,12 @@ def test_clip_s_and_clipscore_on_hand_made_embeddings():
 
 
 def parse(*argv) -> argparse.Namespace:
+    # on the CPU unless a test says otherwise: results are compared with CPU-computed metrics at 1e-6, and a GPU
+    # scorer (TF32 convolutions) differs by ~5e-5
     parser = argparse.ArgumentParser()
     add_quality_args(parser)
-    return parser.parse_args([str(a) for a in argv])
+    argv = [str(a) for a in argv]
+    return parser.parse_args(argv if "--device" in argv else [*argv, "--device", "cpu"])
 
 
 def write_set(root, items, generated_field=False) -> tuple:

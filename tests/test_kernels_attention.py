@@ -184,6 +184,16 @@ def test_registry_choices_and_logged_fallbacks(monkeypatch, caplog):
         select(q, "flash")
 
 
+@gpu
+def test_registry_picks_triton_for_cuda_tensors(monkeypatch):
+    import kernels.backends
+    monkeypatch.setattr(kernels.backends, "_logged", set())
+    q = torch.zeros(1, 1, 4, 40, device="cuda", dtype=torch.float16)
+    assert select(q, "auto") == "triton" and select(q, "triton") == "triton" and select(q, "sdpa") == "sdpa"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter cannot take CUDA tensors
+    assert select(q, "auto") == "sdpa"
+
+
 def test_registry_runs_the_chosen_backend():
     args, kw = arguments("sd-like", torch.float32)
     ref = decoupled_attention_ref(*args, **kw)

@@ -25,7 +25,9 @@ def run(tiny, data, out, *extra, init=None):
     from train.__main__ import main
     args = ["--model", tiny["model"], "--image-encoder", tiny["image_encoder"], "--data", data, "--out", str(out),
             "--resolution", str(RES), "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "1",
-            "--val-fraction", "0.2", "--no-progress", *extra]  # a later --lr overrides
+            "--val-fraction", "0.2", "--no-progress", "--device", "cpu", *extra]  # a later --lr overrides
+    # (--device cpu: these comparisons are bitwise and the CPU is deterministic; on a GPU the default would be
+    # cuda, with the Triton backward's atomics)
     if init:
         args += ["--init-adapter", init]
     assert main(args) == 0
@@ -50,7 +52,11 @@ def test_loss_goes_down_and_the_engine_loads_the_result(tiny, synthetic, tmp_pat
     # the validation loss (fixed noise and timesteps per example) at step 0 and at each checkpoint
     val = val_losses(out)
     assert len(val) == 4 and all(b < a for a, b in zip(val, val[1:])) and val[-1] < 0.95 * val[0], val
-    assert os.listdir(out / "tensorboard"), "TensorBoard events (tensorboard is in the dev extra)"
+    try:
+        import tensorboard  # noqa: F401  (in the dev extra; optional for users)
+        assert os.listdir(out / "tensorboard"), "TensorBoard events"
+    except ImportError:
+        assert not (out / "tensorboard").exists()
     assert sorted(os.listdir(out / "checkpoints")) == [f"step-{s:08d}.pt" for s in (10, 20, 30)]
 
     from engine import Pipeline
@@ -101,7 +107,7 @@ def test_two_processes_agree_with_one(tiny, synthetic, tmp_path):
            "-m", "train", "--model", tiny["model"], "--image-encoder", tiny["image_encoder"], "--data", synthetic,
            "--out", str(tmp_path / "two"), "--resolution", str(RES), "--batch-size", "2", "--lr", "1e-3",
            "--warmup-steps", "1", "--val-fraction", "0.2", "--no-progress", "--steps", "3", "--save-every", "3",
-           "--init-adapter", tiny["adapter"]]
+           "--init-adapter", tiny["adapter"], "--device", "cpu"]  # gloo on the CPU: one GPU cannot host two ranks
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = load_file(one), load_file(str(tmp_path / "two" / "adapter.safetensors"))
