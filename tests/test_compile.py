@@ -20,3 +20,25 @@ def test_compiled_unet_is_one_graph_and_gives_the_same_latents(tiny, cond_image)
     # another scale and 4 guidance rows: new values and a new batch shape through the same compiled module
     assert torch.equal(pipe(**{**call, "scale": 0.3, "guidance_mode": "full"}), eager_other)
     assert not torch.equal(eager, eager_other)
+
+
+def test_inductor_compiled_unet_gives_the_same_latents_and_never_recompiles_for_new_values(tiny, cond_image):
+    """The real default (inductor, generating C++ on this CPU; `python -m bench --compile` uses it): same
+    latents as eager within fp32 rounding, and a request with other values at the same shape reuses the code."""
+    from torch._dynamo.utils import counters
+
+    from engine import Pipeline
+    pipe = Pipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"], adapter=tiny["adapter"],
+                                    device="cpu", attention_backend="sdpa")
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt=PROMPT, image=cond_image, instruct="use the composition", num_inference_steps=2, seed=3,
+                output_type="latent")
+    other = {**call, "prompt": "a blue boat", "scale": 0.3, "seed": 4}
+    eager, eager_other = pipe(**call), pipe(**other)
+    torch._dynamo.reset()
+    counters.clear()
+    pipe.compile()
+    torch.testing.assert_close(pipe(**call), eager, atol=1e-4, rtol=1e-4)
+    frames = counters["stats"]["unique_graphs"]
+    torch.testing.assert_close(pipe(**other), eager_other, atol=1e-4, rtol=1e-4)
+    assert frames >= 1 and counters["stats"]["unique_graphs"] == frames  # new values: no new graph
