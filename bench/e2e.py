@@ -11,7 +11,8 @@ Providers (equal work: `simple` guidance, 2 UNet rows per image, against diffuse
   the reason, until the engine's TensorRT runtime exists (and wherever TensorRT is not installed).
 Per provider and batch size (requests per call, one image each): latency p50/p90/p99 per request, images/s,
 the per-stage breakdown, achieved TFLOP/s against the FLOP count of the work, peak memory (CUDA's allocator,
-per batch size; not measured on the CPU), and the ratio to `diffusers`. Warm-up is one call per provider and batch size, reported on its own line.
+per batch size; not measured on the CPU), and the ratio to `diffusers`. Warm-up is one call per provider and
+batch size, reported on its own line.
 """
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ class StaticUNet:
     def _key(x, t, text, ctx: AdapterContext) -> tuple:
         # the timestep's dtype too: PNDM/DDIM give int64 timesteps, Euler fractional float ones, and a float
         # copied into an int buffer would be truncated silently
-        layers = tuple((n, *(None if t is None else tuple(t.shape) for t in kv)) for n, kv in sorted(ctx.kv.items()))
+        layers = tuple((n, *(None if v is None else tuple(v.shape) for v in kv)) for n, kv in sorted(ctx.kv.items()))
         return tuple(x.shape), tuple(text.shape), x.dtype, torch.as_tensor(t).dtype, layers
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, ctx: AdapterContext) -> torch.Tensor:
