@@ -13,7 +13,9 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (kernels, graphs and fp16 at real shapes)")
+# GPU-only tests carry this marker: they skip without CUDA (below) and `pytest -m gpu` selects them on a GPU machine
+gpu = pytest.mark.gpu
+GPU_SKIP = "needs a CUDA GPU (kernels, graphs and fp16 at real shapes)"
 
 PROMPT = "a red house by a lake"
 NEGATIVE = "blurry, low quality"
@@ -73,5 +75,14 @@ def other_image():
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one, selected with -m gpu")
     # diffusers' schedulers trip numpy 2's copy-keyword deprecation; not ours to fix, and it buries real warnings
     config.addinivalue_line("filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(pytest.mark.skip(reason=GPU_SKIP))

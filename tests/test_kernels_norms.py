@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, gpu
 from engine.errors import EngineError
 from kernels.geglu import geglu, geglu_ref
 from kernels.groupnorm_silu import group_norm_silu, group_norm_silu_ref
@@ -96,7 +96,7 @@ def test_fused_unet_and_vae_equal_diffusers_own(tiny, monkeypatch):
         assert torch.equal(unet(x, 500, encoder_hidden_states=text).sample, ref_eps)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (SD1.5-size GroupNorm+SiLU and GEGLU)")
+@gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_sd15_shapes_on_gpu(channels_last, dtype):
@@ -113,7 +113,7 @@ def test_sd15_shapes_on_gpu(channels_last, dtype):
     check_close(geglu(x), geglu_ref(x), geglu_ref(x.float()), dtype, "geglu 4096x2560")
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (the engine's fast path in fp16)")
+@gpu
 def test_engine_fast_path_on_gpu(tiny, cond_image):
     from engine import Pipeline
     pipe = Pipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"], adapter=tiny["adapter"],
