@@ -14,14 +14,17 @@ same `Branch` + weights shape.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .errors import EngineError
 
 MODES = ("auto", "simple", "full")
-# The reference release switches to 2-branch guidance when the instruction contains one of these
-# (a plain, case-sensitive substring test, kept as it is so that images match the release).
+# The reference release switches to 2-branch guidance when the instruction contains one of these. It tests
+# case-sensitive substrings; here a keyword counts in any case and only where a word starts with it ("Use the
+# Style", "styles", "colored" count; "surface", "hairstyle" do not). An explicit mode reproduces any release run.
 SIMPLE_KEYWORDS = ("style", "colour", "color", "everything", "face", "facial")
+_SIMPLE_RULE = re.compile(r"\b(?:" + "|".join(SIMPLE_KEYWORDS) + ")", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ def resolve_mode(mode: str, instruction: str | None, guidance_scale: float, inst
             raise EngineError("guidance mode 'full' needs an IPAdapter-Instruct adapter (this one is IP-Adapter+)")
         return "simple"
     if mode == "auto":
-        return "simple" if any(k in (instruction or "") for k in SIMPLE_KEYWORDS) else "full"
+        return "simple" if _SIMPLE_RULE.search(instruction or "") else "full"
     return mode
 
 

@@ -35,7 +35,11 @@ def test_simple_and_none_formulas():
 @pytest.mark.parametrize("text,mode", [
     ("use the style of this image", "simple"), ("match the colour palette", "simple"), ("copy the color", "simple"),
     ("everything", "simple"), ("keep the face", "simple"), ("facial features only", "simple"),
-    ("take the object", "full"), ("use the composition", "full"), ("Use the Style", "full"),  # case-sensitive, as released
+    ("take the object", "full"), ("use the composition", "full"),
+    # any case, at the start of a word (the release is case-sensitive and matches inside words too)
+    ("Use the Style", "simple"), ("COPY THE FACE", "simple"), ("the styles and colours", "simple"),
+    ("a colored version", "simple"), ("Everything in it", "simple"),
+    ("keep the surface texture", "full"), ("the same hairstyle", "full"), ("an interface", "full"),
 ])
 def test_auto_keyword_rule(text, mode):
     assert resolve_mode("auto", text, 6.0, True) == mode
