@@ -1,52 +1,213 @@
 """Ahead-of-time compilation of the kernels for NVIDIA GPUs, on any machine (no GPU or driver needed).
 
-`python -m kernels.aot [--arch 90] [--json PATH]` compiles every kernel variant the engine launches at
-SD1.5 shapes (decoupled attention forward and backward for head dims 40/64/80/160 in fp16, bf16 and
-fp32; the TensorRT plugin's packed forward in fp16 and fp32; the projector's attention and FF kernels;
-GroupNorm+SiLU and GEGLU) with Triton's own compiler down to PTX and cubin, then asks ptxas for each
-kernel's registers, spills and shared memory. Where no GPU is lent this is the check that the kernels are
-legal for the real compiler, not only for the interpreter. Must run with TRITON_INTERPRET unset (the
-interpreter replaces the kernels with Python functions).
+`python -m kernels.aot [--arch 90] [--json PATH] [--markdown]` runs the engine's own launchers on CPU tensors
+of SD1.5 sizes (attention in the UNet's layout, inference and one training step; the projector's attention
+and FF blocks; GroupNorm+SiLU and GEGLU) with every launch handed to Triton's JIT for the chosen GPU instead
+of run, so each kernel is compiled exactly as the real call would compile it: the launcher's constexprs and
+num_warps/num_stages, and the specialisation the JIT derives from the real arguments (16-byte aligned
+pointers and integers divisible by 16 marked `tt.divisibility`, integers equal to 1 made constants). The
+TensorRT plugin's packed kernel is compiled from its fixed AOT signature (no size specialisation: one cubin
+serves every shape). Each cubin is rebuilt from its PTX by Triton's own ptxas step with `-v`, whose report
+gives registers, stack and spills (a report that does not parse is an error, never a silent 0). Must run
+with TRITON_INTERPRET unset (the interpreter replaces the kernels with Python functions).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
+from engine.errors import EngineError
+
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 HEAD_DIMS = (40, 64, 80, 160)
+# one SD1.5 request at 512 px with classifier-free guidance: 2 rows, 8 heads, 77 text and 16 adapter tokens;
+# each head dim at the query count of its UNet level (64x64, 32x32, 16x16 latents; d64 is not SD1.5's)
+BATCH, HEADS, TEXT, IMAGE = 2, 8, 77, 16
+QUERIES = {40: 4096, 64: 1024, 80: 1024, 160: 256}
+# the projector's (IP-Adapter+ / IPAdapter-Instruct for SD1.5): width 768, 12 heads of 64, 16 queries,
+# 257 ViT-H/14 image tokens, FF hidden width 4 x 768
+PROJ_DIM, PROJ_HEADS, PROJ_QUERIES, PROJ_TOKENS, PROJ_HIDDEN = 768, 12, 16, 257, 3072
+TABLE_DTYPES, TABLE_HEAD_DIMS = ("float16", "bfloat16"), (40, 80, 160)
+TABLE_KERNELS = {  # README row label and the constexprs that make the tile
+    "attention_fwd": ("attention forward", ("BLOCK_M", "BLOCK_D")),
+    "attention_fwd_train": ("attention forward, training (stores the log-sum-exp)", ("BLOCK_M", "BLOCK_D")),
+    "attention_bwd_text": ("attention backward, text branch", ("BLOCK_M", "BLOCK_D")),
+    "attention_bwd_adapter": ("attention backward, adapter branch", ("BLOCK_M", "BLOCK_D")),
+    "projector_attention": ("projector attention", ("BLOCK_Q", "DIM_HEAD")),
+    "projector_ln_linear_gelu": ("projector FF (LayerNorm, Linear, GELU)", ("BLOCK_M", "BLOCK_H")),
+}
+_PTXAS = re.compile(r"Function properties for (\w+)\s*\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                    r"(\d+) bytes spill loads\s*\n[^\n]*: Used (\d+) registers")
 
 
-def _signature(kernel, pointers: dict[str, str], floats: set[str], constexprs: dict) -> dict[str, str]:
-    # every argument typed: pointers as given, floats fp32, constexprs, the rest (sizes, strides) i32
-    return {n: pointers.get(n) or ("constexpr" if n in constexprs else "fp32" if n in floats else "i32")
-            for n in kernel.arg_names}
+def parse_ptxas(log: str, entry: str) -> dict:
+    """Stack, spill and register counts of `entry` from ptxas -v; EngineError when the report does not match."""
+    found = [m for m in _PTXAS.finditer(log) if m.group(1) == entry]
+    if len(found) != 1:
+        raise EngineError(f"ptxas -v report for {entry} does not match 'Function properties for {entry} / N bytes "
+                          f"stack frame, N bytes spill stores, N bytes spill loads / Used N registers': {log!r}")
+    stack, stores, loads, regs = (int(g) for g in found[0].groups()[1:])
+    return dict(registers=regs, stack_bytes=stack, spill_stores=stores, spill_loads=loads)
 
 
-def forward_variant(dtype: str, d: int) -> dict:
-    """The inference launch of the fused attention (one adapter, no masks; Lt 77, Li 16) for a dtype and head dim:
-    what the engine runs at SD1.5 shapes and what the TensorRT plugin ships."""
-    from .decoupled_attention import _fwd_kernel, dot_precision, key_block, launch_config
+def ptxas_usage(ptx: str, arch: int, options=None) -> dict:
+    """Registers, stack and spills of the PTX's kernel, from Triton's own ptxas step (its flags, its ptxas)
+    run with -v; `options` are the compiled kernel's (defaults otherwise). Also returns the cubin."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    entry = re.search(r"\.entry\s+(\w+)\s*\(", ptx)
+    if entry is None:
+        raise EngineError("no .entry in the PTX given to ptxas")
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    opts = backend.parse_options({} if options is None else options)
+    log = io.StringIO()
+    with knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        knobs.nvidia.dump_ptxas_log = True  # Triton prints the -v report it always asks for
+        cubin = backend.make_cubin(ptx, {}, opts, arch)
+    return dict(parse_ptxas(log.getvalue(), entry.group(1)), cubin=cubin)
+
+
+def divisible_args(ttir: str, entry: str) -> list[str]:
+    """The kernel arguments the compiled TTIR marks `tt.divisibility = 16`."""
+    m = re.search(rf"tt\.func public @{re.escape(entry)}\((.*)", ttir)
+    if m is None:
+        raise EngineError(f"tt.func {entry} not found in the TTIR")
+    return [a for a, attrs in re.findall(r"%(\w+): \S+ \{([^}]*)\}", m.group(1)) if "tt.divisibility = 16" in attrs]
+
+
+class _AotDriver:
+    """The part of Triton's driver interface that JITFunction.run needs to compile (not launch) for a target."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return f"aot-sm_{self.target.arch}"  # the JIT's per-device cache: one per target
+
+    def get_current_stream(self, device):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+def _labels() -> list:
+    import importlib
+
+    # (modules by name: the package's `decoupled_attention` and `geglu` are the functions)
+    fwd, bwd, proj, ff, gn, geglu = (importlib.import_module(f"kernels.{m}") for m in (
+        "decoupled_attention", "decoupled_attention_bwd", "projector", "projector_ff", "groupnorm_silu", "geglu"))
+    return [
+        (fwd._fwd_kernel, lambda c: "attention_fwd_train" if c["STORE_LSE"] else "attention_fwd"),
+        (bwd._bwd_kernel, lambda c: f"attention_bwd_{'adapter' if c['WEIGHTED'] else 'text'}"),
+        (proj._perceiver_attention_kernel, lambda c: "projector_attention"),
+        (ff._ln_linear_gelu_kernel, lambda c: "projector_ln_linear_gelu"),
+        (gn._gn_silu_kernel,
+         lambda c: f"groupnorm_silu_{'apply' if c['APPLY'] else 'stats'}{'_nhwc' if c['CHANNELS_LAST'] else ''}"),
+        (geglu._geglu_kernel, lambda c: "geglu"),
+    ]
+
+
+@contextlib.contextmanager
+def jit_compiling(arch: int):
+    """Inside, every launch of the engine's kernels is compiled by Triton's JIT for sm_`arch` (`run` with
+    warmup=True: the JIT's own specialisation of the real arguments) instead of run. Yields the list of
+    launches: label, arguments by name, constexprs, compiled kernel, compile seconds."""
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    launches = []
+
+    def compiling(kernel, label):
+        def run(*args, grid, warmup, **kwargs):
+            t0 = time.perf_counter()
+            compiled = JITFunction.run(kernel, *args, grid=grid, warmup=True, **kwargs)
+            named = dict(zip(kernel.arg_names, args), **{k: v for k, v in kwargs.items() if k in kernel.arg_names})
+            const = {p.name: named[p.name] for p in kernel.params if p.is_constexpr}
+            launches.append(dict(kernel=label(const), args=named, constexprs=const, compiled=compiled,
+                                 compile_s=time.perf_counter() - t0))
+        return run
+
+    kernels = _labels()
+    previous = driver._active  # (None until a real driver is first asked for: restored as it was)
+    driver.set_active(_AotDriver(arch))
+    for kernel, label in kernels:
+        kernel.run = compiling(kernel, label)
+    try:
+        yield launches
+    finally:
+        for kernel, _ in kernels:
+            del kernel.run
+        driver.set_active(previous)
+
+
+def _attention_workloads(dtype: str, d: int) -> None:
+    # the UNet's call: q, k, v, k_ip, v_ip are (B, L, H*D) projections viewed as (B, H, L, D); scale (B,)
     import torch
 
-    t = DTYPES[dtype]
-    cfg = launch_config(d, 4096, getattr(torch, dtype).itemsize)
-    opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-    ptrs = {n: f"*{t}" for n in ("Q", "K", "V", "KI", "VI", "Out")}
-    ptrs.update(Mask="*i8", Scale="*fp32", IpMask="*fp32", Offs="*i32", LseT="*fp32", LseI="*fp32")
-    const = dict(NUM_ADAPTERS=1, HAS_MASK=False, HAS_IP_MASK=False, STORE_LSE=False,
-                 PRECISION=dot_precision(getattr(torch, dtype)), BLOCK_N=key_block(77), BLOCK_I=key_block(16), **cfg)
-    return dict(kernel=_fwd_kernel, name="attention_fwd", dtype=dtype, head_dim=d, options=opts,
-                signature=_signature(_fwd_kernel, ptrs, {"qk_scale"}, const), constexprs=const)
+    from .decoupled_attention import forward, normalize
+    from .decoupled_attention_bwd import DecoupledAttentionFn
+
+    t = getattr(torch, dtype)
+    lq = QUERIES[d]
+
+    def heads(n, grad):
+        return torch.empty(BATCH, n, HEADS * d, dtype=t, requires_grad=grad).unflatten(-1, (HEADS, d)).transpose(1, 2)
+
+    scale = torch.full((BATCH,), 0.8)
+    for training in (False, True):  # as decoupled_attention calls them, past its device check
+        q, k, v, ki, vi = (heads(n, training) for n in (lq, TEXT, TEXT, IMAGE, IMAGE))
+        k_ips, v_ips, scales, ip_masks = normalize(q, k, v, ki, vi, scale, None, None)
+        if not training:
+            forward(q, k, v, k_ips, v_ips, scales, None, ip_masks)
+            continue
+        out = DecoupledAttentionFn.apply(len(k_ips), scales, None, ip_masks, q, k, v, *k_ips, *v_ips)
+        out.transpose(1, 2).reshape(BATCH, lq, HEADS * d).backward(torch.empty(BATCH, lq, HEADS * d, dtype=t))
+
+
+def _projector_workloads(dtype: str) -> None:
+    import torch
+
+    from .projector import _attention_heads
+    from .projector_ff import _ln_linear_gelu
+
+    t = getattr(torch, dtype)
+    e = lambda *shape: torch.empty(*shape, dtype=t)  # noqa: E731
+    inner = PROJ_HEADS * 64
+    _attention_heads(e(BATCH, PROJ_TOKENS, PROJ_DIM), e(BATCH, PROJ_QUERIES, PROJ_DIM), e(PROJ_DIM), e(PROJ_DIM),
+                     e(PROJ_DIM), e(PROJ_DIM), e(inner, PROJ_DIM), e(2 * inner, PROJ_DIM), PROJ_HEADS, 1e-5)
+    _ln_linear_gelu(e(BATCH * PROJ_QUERIES, PROJ_DIM), e(PROJ_DIM), e(PROJ_DIM), e(PROJ_HIDDEN, PROJ_DIM), 1e-5)
+
+
+def _elementwise_workloads(dtype: str) -> None:
+    # the first resnet block's GroupNorm+SiLU (320 channels at 64x64, 32 groups, time embedding), both layouts,
+    # and the first transformer block's GEGLU (4096 tokens, 2 x 1280)
+    import torch
+
+    from .geglu import _geglu
+    from .groupnorm_silu import _group_norm_silu
+
+    t = getattr(torch, dtype)
+    x = torch.empty(BATCH, 320, 64, 64, dtype=t)
+    for layout in (x, x.to(memory_format=torch.channels_last)):
+        _group_norm_silu(layout, torch.empty(320, dtype=t), torch.empty(320, dtype=t), 32, 1e-5, True,
+                         torch.empty(BATCH, 320, dtype=t))
+    _geglu(torch.empty(BATCH, 4096, 2 * 1280, dtype=t))
 
 
 def packed_variant(dtype: str, heads: int, head_dim: int) -> dict:
-    """The TensorRT plugin's kernel (packed layout, AOT argument order) at one dtype, head count and head size."""
+    """The TensorRT plugin's kernel (packed layout, AOT argument order) at one dtype, head count and head size:
+    signature, constexprs and options, with no argument specialisation (TensorRT passes any sizes)."""
     import torch
 
     from .packed_attention import _packed_fwd_kernel, constexprs, num_warps
@@ -62,105 +223,8 @@ def packed_variant(dtype: str, heads: int, head_dim: int) -> dict:
                 signature=sig, constexprs=const)
 
 
-def attention_variants(dtypes=tuple(DTYPES), head_dims=HEAD_DIMS) -> list[dict]:
-    """The decoupled-attention launches of one SD1.5 request (1 adapter, Lt 77, Li 16), per dtype and head dim."""
-    from .decoupled_attention import dot_precision, key_block, launch_config
-    from .decoupled_attention_bwd import _bwd_kernel
-    import torch
-
-    out = []
-    for dtype in dtypes:
-        t = DTYPES[dtype]
-        precision = dot_precision(getattr(torch, dtype))
-        itemsize = getattr(torch, dtype).itemsize
-        for d in head_dims:
-            out.append(forward_variant(dtype, d))
-            if dtype != "bfloat16":
-                out.append(packed_variant(dtype, 8, d))
-            ptrs = {n: f"*{t}" for n in ("Q", "K", "V", "DO")}
-            ptrs.update(DQ="*fp32", DK="*fp32", DV="*fp32", Lse="*fp32", Mask="*i8", Scale="*fp32", IpMask="*fp32")
-            cfg = launch_config(d, 4096, itemsize, backward=True)
-            opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-            const = dict(HAS_MASK=False, WEIGHTED=True, HAS_IP_MASK=False, ACCUMULATE=True, PRECISION=precision,
-                         BLOCK_N=key_block(77), **cfg)
-            out.append(dict(kernel=_bwd_kernel, name="attention_bwd", dtype=dtype, head_dim=d, options=opts,
-                            signature=_signature(_bwd_kernel, ptrs, {"qk_scale", "sm_scale"}, const),
-                            constexprs=const))
-    return out
-
-
-def projector_variants(dtypes=("float16", "bfloat16")) -> list[dict]:
-    """The projector's two kernels at SD1.5 sizes (12 heads of 64, 16 queries)."""
-    from . import projector, projector_ff
-    import torch
-
-    out = []
-    for dtype in dtypes:
-        t, precision = DTYPES[dtype], projector.dot_precision(getattr(torch, dtype))
-        k = projector._perceiver_attention_kernel
-        ptrs = {n: f"*{t}" for n in ("X", "LAT", "OUT", "N1_W", "N1_B", "N2_W", "N2_B", "WQ", "WKV")}
-        const = dict(HEADS=12, DIM_HEAD=64, BLOCK_Q=16, BLOCK_N=projector.BLOCK_N, BLOCK_K=projector.BLOCK_K,
-                     PRECISION=precision)
-        out.append(dict(kernel=k, name="projector_attention", dtype=dtype, head_dim=64,
-                        options=dict(num_warps=projector.NUM_WARPS),
-                        signature=_signature(k, ptrs, {"eps", "qk_scale"}, const), constexprs=const))
-        k = projector_ff._ln_linear_gelu_kernel
-        ptrs = {n: f"*{t}" for n in ("X", "Y", "LN_W", "LN_B", "W")}
-        const = dict(BLOCK_M=projector_ff.BLOCK_M, BLOCK_H=projector_ff.BLOCK_H, BLOCK_K=projector_ff.BLOCK_K,
-                     PRECISION=precision)
-        out.append(dict(kernel=k, name="projector_ln_linear_gelu", dtype=dtype, head_dim=64,
-                        options=dict(num_warps=projector_ff.NUM_WARPS),
-                        signature=_signature(k, ptrs, {"eps"}, const), constexprs=const))
-    return out
-
-
-def elementwise_variants(dtypes=("float16", "bfloat16")) -> list[dict]:
-    """GroupNorm+SiLU (statistics and apply passes, NCHW and channels-last) and GEGLU."""
-    from . import groupnorm_silu
-    from .geglu import BLOCK_COLS, BLOCK_ROWS, _geglu_kernel  # (the package's `geglu` is the function)
-
-    out = []
-    for dtype in dtypes:
-        t = DTYPES[dtype]
-        k = groupnorm_silu._gn_silu_kernel
-        ptrs = {n: f"*{t}" for n in ("X", "Y", "W", "B", "S")}
-        ptrs["Part"] = "*fp32"
-        for apply in (False, True):
-            for cl in (False, True):
-                const = dict(SPLIT=16, APPLY=apply, SILU=True, HAS_SHIFT=True, CHANNELS_LAST=cl,
-                             BLOCK=groupnorm_silu.BLOCK)
-                out.append(dict(kernel=k, name=f"groupnorm_silu_{'apply' if apply else 'stats'}"
-                                f"{'_nhwc' if cl else ''}", dtype=dtype, head_dim=0, options=dict(num_warps=4),
-                                signature=_signature(k, ptrs, {"eps"}, const), constexprs=const))
-        k = _geglu_kernel
-        const = dict(BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS)
-        out.append(dict(kernel=k, name="geglu", dtype=dtype, head_dim=0, options=dict(num_warps=4),
-                        signature=_signature(k, {"X": f"*{t}", "Y": f"*{t}"}, set(), const), constexprs=const))
-    return out
-
-
-def ptxas_usage(ptx: str, arch_major: int) -> dict:
-    """Registers and spill bytes per ptxas -v (the ptxas Triton itself uses for this arch), for the PTX's target."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    ptxas = get_ptxas(arch_major).path
-    arch = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"aot-{os.getpid()}.ptx")
-    with open(path, "w") as f:
-        f.write(ptx)
-    try:
-        res = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", path, "-o", os.devnull], capture_output=True,
-                             text=True, check=True)
-    finally:
-        os.remove(path)
-    info = res.stderr
-    num = lambda pat: int(m.group(1)) if (m := re.search(pat, info)) else 0  # noqa: E731
-    return dict(registers=num(r"Used (\d+) registers"), spill_stores=num(r"(\d+) bytes spill stores"),
-                spill_loads=num(r"(\d+) bytes spill loads"))
-
-
 def compile_kernel(v: dict, arch: int):
-    """Triton's compiled kernel (asm: ttir ... ptx, cubin; metadata) for a variant, with no GPU involved."""
+    """Triton's compiled kernel (asm: ttir ... ptx, cubin; metadata) for a packed_variant, with no GPU involved."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -169,14 +233,79 @@ def compile_kernel(v: dict, arch: int):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=v["options"])
 
 
-def compile_variant(v: dict, arch: int) -> dict:
-    t0 = time.perf_counter()
-    compiled = compile_kernel(v, arch)
-    usage = ptxas_usage(compiled.asm["ptx"], arch)
-    return dict(kernel=v["name"], dtype=v["dtype"], head_dim=v["head_dim"], arch=f"sm_{arch}",
-                name=compiled.metadata.name, num_warps=compiled.metadata.num_warps,
-                shared_bytes=compiled.metadata.shared, cubin_bytes=len(compiled.asm["cubin"]),
-                compile_s=round(time.perf_counter() - t0, 2), **usage)
+def _row(kernel: str, dtype: str, d: int, arch: int, compiled, args: dict, constexprs: dict, compile_s: float,
+         tile: str = "") -> dict:
+    meta = compiled.metadata
+    usage = ptxas_usage(compiled.asm["ptx"], arch, meta._asdict())
+    if usage.pop("cubin") != compiled.asm["cubin"]:
+        raise EngineError(f"{kernel} {dtype} d{d}: ptxas -v rebuilt a different cubin from Triton's PTX")
+    divisible = set(divisible_args(compiled.asm["ttir"], meta.name))
+    signature = compiled.src.signature
+    described = [dict(name=n, type=signature[n], divisible=n in divisible,
+                      **({"ptr_mod16": a.data_ptr() % 16} if hasattr(a, "data_ptr") else {"value": a}))
+                 for n, a in args.items() if n not in constexprs]
+    return dict(kernel=kernel, dtype=dtype, head_dim=d, arch=f"sm_{arch}", name=meta.name, tile=tile,
+                num_warps=meta.num_warps, num_stages=meta.num_stages, shared_bytes=meta.shared,
+                cubin_bytes=len(compiled.asm["cubin"]), compile_s=round(compile_s, 2), constexprs=constexprs,
+                args=described, **usage)
+
+
+def compile_all(arch: int, dtypes, head_dims, projector=True, elementwise=True, log=lambda row: None) -> list[dict]:
+    """One row per compiled variant: the launches of the SD1.5 workloads, then the plugin's packed kernel."""
+    rows = []
+    half = [t for t in dtypes if t != "float32"]
+    for dtype in dtypes:
+        with jit_compiling(arch) as launches:
+            for d in head_dims:
+                _attention_workloads(dtype, d)
+            if projector and dtype in half:
+                _projector_workloads(dtype)
+            if elementwise and dtype in half:
+                _elementwise_workloads(dtype)
+        for la in launches:
+            const = la["constexprs"]
+            d = la["args"].get("D", 64 if la["kernel"].startswith("projector") else 0)  # the projector's: 64
+            keys = TABLE_KERNELS.get(la["kernel"], (None, ()))[1]
+            rows.append(_row(la["kernel"], dtype, d, arch, la["compiled"], la["args"], const, la["compile_s"],
+                             "x".join(str(const[k]) for k in keys)))
+            log(rows[-1])
+        for d in head_dims if dtype != "bfloat16" else ():
+            t0 = time.perf_counter()
+            v = packed_variant(dtype, HEADS, d)
+            compiled = compile_kernel(v, arch)
+            rows.append(_row("packed_attention", dtype, d, arch, compiled, {n: None for n in v["signature"]},
+                             v["constexprs"], time.perf_counter() - t0))
+            log(rows[-1])
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """The README's table: per kernel and head dim, tile, warps, registers and spill stores (fp16 / bf16)."""
+    arches = {r["arch"] for r in rows}
+    if len(arches) != 1:
+        raise EngineError(f"the table is for one arch, got rows for {sorted(arches)}")
+    by = {(r["kernel"], r["head_dim"], r["dtype"]): r for r in rows}
+    lines = [f"| kernel ({arches.pop()}; fp16 / bf16 where they differ) | head dim | tile | warps | registers | "
+             "spill stores, loads (B) |", "|---|---|---|---|---|---|"]
+    for kernel, (label, _) in TABLE_KERNELS.items():
+        dims = TABLE_HEAD_DIMS if kernel.startswith("attention") else (64,)
+        for d in dims:
+            missing = [t for t in TABLE_DTYPES if (kernel, d, t) not in by]
+            if missing:
+                raise EngineError(f"the table needs {kernel} d{d} in {', '.join(missing)}: run with the default "
+                                  f"dtypes and head dims")
+            cells = [[str(f(by[kernel, d, t])) for t in TABLE_DTYPES] for f in (
+                lambda r: r["tile"], lambda r: r["num_warps"], lambda r: r["registers"],
+                lambda r: f"{r['spill_stores']}, {r['spill_loads']}")]
+            lines.append("| " + " | ".join([label, str(d)] + [c[0] if len(set(c)) == 1 else " / ".join(c)
+                                                               for c in cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _line(r: dict) -> str:
+    return (f"{r['kernel']:>26} {r['dtype']:>8} d{r['head_dim']:<3} {r['arch']}: {r['registers']:3d} regs, "
+            f"spills {r['spill_stores']}/{r['spill_loads']} B, stack {r['stack_bytes']} B, shared {r['shared_bytes']}"
+            f" B, {r['num_warps']} warps, cubin {r['cubin_bytes']} B, {r['compile_s']} s")
 
 
 def main(argv=None) -> int:
@@ -186,27 +315,25 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, choices=HEAD_DIMS, action="append", help="repeatable; default: all")
     p.add_argument("--no-projector", action="store_true", help="only the attention kernels")
     p.add_argument("--no-elementwise", action="store_true", help="leave out GroupNorm+SiLU and GEGLU")
-    p.add_argument("--json", default=None, help="also write the table as JSON rows here")
+    p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    p.add_argument("--markdown", action="store_true",
+                   help="print only the README's table on stdout (progress on stderr)")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("python -m kernels.aot: error: unset TRITON_INTERPRET (the interpreter cannot compile)", file=sys.stderr)
         return 2
-    dtypes = tuple(a.dtype or DTYPES)
-    variants = attention_variants(dtypes, tuple(a.head_dim or HEAD_DIMS))
-    if not a.no_projector:
-        variants += projector_variants(tuple(d for d in dtypes if d != "float32"))
-    if not a.no_elementwise:
-        variants += elementwise_variants(tuple(d for d in dtypes if d != "float32"))
-    rows = []
-    for v in variants:
-        r = compile_variant(v, a.arch)
-        rows.append(r)
-        print(f"{r['kernel']:>24} {r['dtype']:>8} d{r['head_dim']:<3} {r['arch']}: {r['registers']:3d} regs, "
-              f"spills {r['spill_stores']}/{r['spill_loads']} B, shared {r['shared_bytes']} B, "
-              f"{r['num_warps']} warps, cubin {r['cubin_bytes']} B, {r['compile_s']} s", flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    out = sys.stderr if a.markdown else sys.stdout
+    try:
+        rows = compile_all(a.arch, tuple(a.dtype or DTYPES), tuple(a.head_dim or HEAD_DIMS), not a.no_projector,
+                           not a.no_elementwise, log=lambda r: print(_line(r), file=out, flush=True))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        if a.markdown:
+            print(markdown(rows), end="")
+    except EngineError as e:
+        print(f"python -m kernels.aot: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -207,10 +207,11 @@ def key_block(n: int) -> int:
     return min((triton.cdiv(n, c) * c, -c) for c in (64, 32, 16))[1] * -1
 
 
-# (BLOCK_M, num_warps) per padded head dim, read off ptxas at sm_90 (`python -m kernels.aot`): the largest
-# Q tile that compiles without register spills in fp16/bf16. fp32 tiles are halved (twice the registers).
+# (BLOCK_M, num_warps) per padded head dim, read off ptxas at sm_90 (`python -m kernels.aot`, which compiles
+# the SD1.5 launches with the JIT's own specialisation): the largest Q tile that compiles without register
+# spills in fp16/bf16 (the d160 backward spills 4-8 B at 32 rows with 4 or 8 warps). fp32 tiles are halved.
 _TILES = {16: (128, 4), 32: (128, 4), 64: (128, 8), 128: (64, 8), 256: (32, 4)}
-_TILES_BWD = {16: (64, 4), 32: (64, 4), 64: (64, 8), 128: (64, 8), 256: (32, 4)}
+_TILES_BWD = {16: (64, 4), 32: (64, 4), 64: (64, 8), 128: (64, 8), 256: (16, 4)}
 
 
 def launch_config(d: int, lq: int, itemsize: int = 2, backward: bool = False) -> dict:

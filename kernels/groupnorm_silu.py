@@ -115,6 +115,11 @@ def group_norm_silu(x, weight, bias, groups: int, eps: float = 1e-5, silu: bool 
     reason = triton_unusable(x.device)
     if reason:
         raise EngineError(f"the triton GroupNorm+SiLU kernel cannot run here: {reason}")
+    return _group_norm_silu(x, weight, bias, groups, eps, silu, shift)
+
+
+def _group_norm_silu(x, weight, bias, groups, eps, silu, shift):
+    # the launches on checked arguments (kernels.aot compiles them from here)
     n, c, h, w = x.shape
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     if not channels_last and not x.is_contiguous():
