@@ -8,7 +8,6 @@ sampling); others stay as they are. Weights are untouched, so fusing never chang
 """
 from __future__ import annotations
 
-import functools
 import types
 
 import torch
@@ -18,11 +17,17 @@ from kernels.geglu import geglu
 from kernels.groupnorm_silu import group_norm_silu
 
 
-@functools.cache
+_LAUNCHERS = None
+
+
 def _launchers():
     # kernel launches stay outside torch.compile graphs (as the attention's do: kernels/backends.py); made on
-    # first use because torch.compiler.disable imports dynamo (~2 s)
-    return torch.compiler.disable(group_norm_silu), torch.compiler.disable(geglu)
+    # first use because torch.compiler.disable imports dynamo (~2 s). A plain global, not functools.cache:
+    # dynamo traces through a cache wrapper (and warns that it ignores it) when a compiled UNet calls this
+    global _LAUNCHERS
+    if _LAUNCHERS is None:
+        _LAUNCHERS = torch.compiler.disable(group_norm_silu), torch.compiler.disable(geglu)
+    return _LAUNCHERS
 
 
 def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs):
