@@ -5,6 +5,8 @@
                            tokenizer, scheduler), SD1.5's layout at toy widths; VAE factor 4, not 8
   DIR/image_encoder/       a transformers CLIPVisionModelWithProjection folder with its preprocessor_config.json
   DIR/adapter.safetensors  an IPAdapter-Instruct adapter in the two-key layout
+  DIR/clip/                a transformers CLIPModel folder (both towers, tokenizer, image processor) for
+                           `python -m bench quality --clip`
 """
 from __future__ import annotations
 
@@ -87,6 +89,26 @@ def tiny_image_encoder(folder: str) -> None:
     proc.save_pretrained(folder)
 
 
+def tiny_clip(folder: str) -> None:
+    """A random CLIPModel (width 32, 2 layers, 32 px, patch 8, projection 16) with the byte-level tokenizer and a
+    32 px image processor, as `save_pretrained` writes them: what the CLIP metrics load."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from .loading import _image_processor_class
+
+    tok = tiny_tokenizer(folder)
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    text = dict(small, vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=dict(small, image_size=IMAGE_SIZE, patch_size=8),
+                                 projection_dim=16))
+    with torch.no_grad():  # at seed 0 every image-text cosine is negative: flipped, CLIPScore (clamped at 0) moves
+        model.text_projection.weight.neg_()
+    model.save_pretrained(folder)
+    _image_processor_class()(size={"shortest_edge": IMAGE_SIZE},
+                             crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
+
+
 def tiny_adapter(path: str, unet, kind: str = "instruct", num_queries: int = 4) -> None:
     """A random adapter for `unet` in the two-key layout. kind: "instruct" or "plus" (IP-Adapter+).
 
@@ -101,7 +123,7 @@ def tiny_adapter(path: str, unet, kind: str = "instruct", num_queries: int = 4) 
 
 
 def make_tiny(folder: str, seed: int = 0) -> dict[str, str]:
-    """Write the three tiny pieces under `folder` (replacing what is there, atomically). -> their paths."""
+    """Write the four tiny pieces under `folder` (replacing what is there, atomically). -> their paths."""
     from diffusers import UNet2DConditionModel
 
     folder = os.path.abspath(folder)
@@ -111,6 +133,8 @@ def make_tiny(folder: str, seed: int = 0) -> dict[str, str]:
         tiny_image_encoder(os.path.join(tmp, "image_encoder"))
         unet = UNet2DConditionModel.from_pretrained(os.path.join(tmp, "model"), subfolder="unet")
         tiny_adapter(os.path.join(tmp, "adapter.safetensors"), unet)
+        torch.manual_seed(seed)  # its own seed: the other pieces stay what they were before it was added
+        tiny_clip(os.path.join(tmp, "clip"))
     return tiny_paths(folder)
 
 
@@ -132,4 +156,4 @@ def atomic_folder(folder: str):
 
 def tiny_paths(folder: str) -> dict[str, str]:
     return {"model": os.path.join(folder, "model"), "image_encoder": os.path.join(folder, "image_encoder"),
-            "adapter": os.path.join(folder, "adapter.safetensors")}
+            "adapter": os.path.join(folder, "adapter.safetensors"), "clip": os.path.join(folder, "clip")}

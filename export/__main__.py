@@ -14,6 +14,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def add_source_args(p, names) -> None:
+    """--model/--image-encoder/--adapter: where the weights are now, when they moved away from the export."""
+    from .onnx import SOURCES
+
+    for name in names:
+        p.add_argument(SOURCES[name], default=None, help=f"the export's {name.replace('_', ' ')}, in place of the "
+                       f"manifest's (default: the manifest's, relative to DIR)")
+
+
 def _parser() -> Parser:
     from .onnx import DEFAULT_OPSET, GRAPHS
     from .plugin import ARCHS, DTYPES, HEAD_DIMS, HEADS
@@ -40,6 +49,7 @@ def _parser() -> Parser:
     ve.add_argument("--graphs", default=None, help="comma-separated subset (default: every graph in DIR)")
     ve.add_argument("--atol", type=float, default=None, help="absolute tolerance (fp32 1e-4, fp16 1e-2)")
     ve.add_argument("--rtol", type=float, default=None, help="tolerance relative to the output's max (same)")
+    add_source_args(ve, ("model", "image_encoder", "adapter"))
     ru = sub.add_parser("run", help="generate from an export folder with ONNX Runtime (the reference loop)")
     ru.add_argument("dir")
     ru.add_argument("--prompt", required=True)
@@ -50,6 +60,7 @@ def _parser() -> Parser:
     ru.add_argument("--steps", type=int, default=30)
     ru.add_argument("--seed", type=int, default=0)
     ru.add_argument("--out", required=True, help="output .png")
+    add_source_args(ru, ("model", "image_encoder"))
     pl = sub.add_parser("plugin", help="compile the plugin's attention kernels (cubin + PTX) and their index")
     pl.add_argument("--out", required=True)
     pl.add_argument("--arch", type=int, choices=ARCHS, action="append", help="repeatable; default: all")
@@ -75,7 +86,8 @@ def main(argv=None) -> int:
         if a.command == "verify":
             from .verify import verify
             rows = verify(a.dir, a.batch, a.height, a.width, a.graphs.split(",") if a.graphs else None,
-                          a.atol, a.rtol)
+                          a.atol, a.rtol, sources=dict(model=a.model, image_encoder=a.image_encoder,
+                                                       adapter=a.adapter))
             bad = [r for r in rows if not r["ok"]]
             print(f"{len(rows) - len(bad)}/{len(rows)} checks within tolerance")
             return 1 if bad else 0
@@ -86,7 +98,7 @@ def main(argv=None) -> int:
             from .runtime import OnnxPipeline
             paths = output_paths(a.out, 1)
             image = load_image(a.image)
-            pipe = OnnxPipeline.from_export(a.dir)
+            pipe = OnnxPipeline.from_export(a.dir, a.model, a.image_encoder)
             images = pipe(a.prompt, image, a.instruct, a.negative_prompt or DEFAULT_NEGATIVE, scale=a.scale,
                           num_inference_steps=a.steps, seed=a.seed)
             write_images(images, paths)

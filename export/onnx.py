@@ -53,6 +53,46 @@ def read_manifest(onnx_dir: str) -> dict:
     return m
 
 
+SOURCES = {"model": "--model", "image_encoder": "--image-encoder", "adapter": "--adapter"}  # -> the override flag
+
+
+def source_entry(out: str, **paths) -> dict:
+    """The manifest's `source`: local paths relative to the export folder `out` (listed under `relative`), so the
+    export and the weights can move together; anything else (a hub id) as given."""
+    entry, relative = {}, []
+    for name, path in paths.items():
+        path = os.fspath(path)
+        if os.path.exists(path):
+            path = os.path.relpath(os.path.abspath(path), out)
+            relative.append(name)
+        entry[name] = path
+    return {**entry, "relative": relative}
+
+
+def source_paths(manifest: dict, onnx_dir: str, names=tuple(SOURCES), overrides=None) -> dict[str, str]:
+    """The weights an export was made from: `overrides` (name -> path, None: not given) first, then the manifest's
+    paths, relative ones from `onnx_dir` (absolute in manifests written before paths were stored relative)."""
+    src = manifest.get("source") or {}
+    found = {}
+    for name in names:
+        if (overrides or {}).get(name) is not None:
+            found[name] = overrides[name]  # checked where it loads, like any path given to the engine
+            continue
+        path = src.get(name)
+        if path is None:
+            raise EngineError(f"{onnx_dir}/manifest.json names no {name}: pass {SOURCES[name]} PATH")
+        if name in src.get("relative", ()):
+            path = os.path.normpath(os.path.join(onnx_dir, path))
+        elif not os.path.isabs(path):  # a hub id, as given to the export
+            found[name] = path
+            continue
+        if not os.path.exists(path):
+            raise EngineError(f"the {name.replace('_', ' ')} this export was made from is not at {path} (moved or "
+                              f"deleted): pass {SOURCES[name]} PATH with where it is now")
+        found[name] = path
+    return found
+
+
 def export_graph(spec, path: str, opset: int) -> None:
     """Trace one spec at its trace sizes (`GraphSpec.trace_sizes`: opt batch, small spatial sizes; the axes stay
     dynamic) and write it to `path`; weights past ONNX's 2 GB limit go to one file beside it, `<name>.onnx.data`
@@ -152,9 +192,8 @@ def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OP
                                "inputs": ["q", "k", "v", "k_ip", "v_ip", "ip_scale"],
                                "attributes": {"plugin_namespace": PLUGIN["namespace"], "num_heads": "int", "aot": 1},
                                "layout": "packed (B, L, heads*head_dim); ip_scale (B,) float32"},
-                    "source": {"model": os.path.abspath(str(model)) if os.path.exists(str(model)) else str(model),
-                               "image_encoder": os.path.abspath(str(image_encoder)),
-                               "adapter": os.path.abspath(str(adapter)), "adapter_kind": pipe.adapter.kind},
+                    "source": {**source_entry(out, model=model, image_encoder=image_encoder, adapter=adapter),
+                               "adapter_kind": pipe.adapter.kind},
                     "vae_scale_factor": pipe.vae_scale_factor, "vae_scaling_factor": pipe.vae.config.scaling_factor,
                     "tokenizer": {"folder": "tokenizer/ of the model", "max_length": pipe.tokenizer.model_max_length},
                     "graphs": {}}

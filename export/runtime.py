@@ -22,7 +22,7 @@ import torch
 from engine.errors import EngineError
 from engine.pipeline import Pipeline
 
-from .onnx import GRAPHS, read_manifest
+from .onnx import GRAPHS, read_manifest, source_paths
 from .ort_ops import session
 
 
@@ -42,7 +42,9 @@ class _Graph:
 class OnnxPipeline(Pipeline):
     """engine.Pipeline whose text encoder, image encoder, projector, UNet and VAE decoder are the exported graphs."""
 
-    def __init__(self, folder: str):  # (not Pipeline.__init__: its torch modules are the graphs here)
+    def __init__(self, folder: str, model: str | None = None, image_encoder: str | None = None):
+        # (not Pipeline.__init__: its torch modules are the graphs here). model / image_encoder: where the tokenizer,
+        # scheduler and image processor are, in place of the manifest's sources
         from diffusers import schedulers as dsched
         from transformers import CLIPTokenizer
 
@@ -52,7 +54,8 @@ class OnnxPipeline(Pipeline):
         missing = [g for g in GRAPHS if g not in manifest["graphs"]]
         if missing:
             raise EngineError(f"{folder} lacks {', '.join(missing)}: generation needs all five graphs")
-        src = manifest["source"]
+        src = source_paths(manifest, folder, ("model", "image_encoder"),
+                           dict(model=model, image_encoder=image_encoder))
         self.device, self.dtype = torch.device("cpu"), getattr(torch, manifest["dtype"])
         self.graphs = {g: _Graph(os.path.join(folder, e["file"]), e) for g, e in manifest["graphs"].items()}
         self.manifest = manifest
@@ -63,13 +66,13 @@ class OnnxPipeline(Pipeline):
         sample = manifest["graphs"]["unet"]["inputs"][0]["shape"]
         native = manifest["graphs"]["unet"]["axes"]["latent_height"]["opt"]
         self.unet = SimpleNamespace(config=SimpleNamespace(sample_size=native, in_channels=sample[1]))
-        self.adapter = SimpleNamespace(kind=src["adapter_kind"], projector=self._project_graph)
+        self.adapter = SimpleNamespace(kind=manifest["source"]["adapter_kind"], projector=self._project_graph)
         self.cross, self._static, self._fused_projector = {}, None, False
         self._progress, self.timings = {}, {}
 
     @classmethod
-    def from_export(cls, folder: str) -> "OnnxPipeline":
-        return cls(folder)
+    def from_export(cls, folder: str, model: str | None = None, image_encoder: str | None = None) -> "OnnxPipeline":
+        return cls(folder, model, image_encoder)
 
     @property
     def vae_scale_factor(self) -> int:

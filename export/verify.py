@@ -1,9 +1,11 @@
 """`python -m export verify DIR`: every exported graph under ONNX Runtime (CPU) against PyTorch on the same inputs.
 
-The PyTorch side is the engine itself, loaded from the manifest's sources in float32: for the UNet that is
-the engine's own cross-attention path (K/V precomputed, `reference` backend), not the export wrapper, so the
-check covers the export processors and the plugin node too. unet.onnx runs three adapter-strength cases:
-0 (the base model), 0.5, and a different strength per row. Plugin nodes run through `export.ort_ops`.
+The PyTorch side is the engine itself, loaded in float32 from the manifest's sources (paths relative to the
+export folder, or absolute in older manifests; `sources` overrides them, as --model/--image-encoder/--adapter
+do). For the UNet that is the engine's own cross-attention path (K/V precomputed, `reference` backend), not the
+export wrapper, so the check covers the export processors and the plugin node too. unet.onnx runs three
+adapter-strength cases: 0 (the base model), 0.5, and a different strength per row. Plugin nodes run through
+`export.ort_ops`.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 
 from engine.errors import EngineError
 
-from .onnx import GRAPHS, read_manifest
+from .onnx import GRAPHS, read_manifest, source_paths
 from .specs import Tensor, sample_inputs
 
 TOLERANCE = {"float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2)}  # (atol, rtol against the output's max)
@@ -96,13 +98,16 @@ def scale_cases(b: int) -> list[tuple[str, torch.Tensor]]:
             ("ip_scale per row " + "/".join(f"{v:g}" for v in per_row.tolist()), per_row)]
 
 
-def verify(folder: str, batch=None, height=None, width=None, graphs=None, atol=None, rtol=None, log=print) -> list:
-    """Run every graph; returns rows (graph, case, max_abs_diff, ref_max, ok). Raises EngineError on bad input."""
+def verify(folder: str, batch=None, height=None, width=None, graphs=None, atol=None, rtol=None, log=print,
+           sources=None) -> list:
+    """Run every graph; returns rows (graph, case, max_abs_diff, ref_max, ok). Raises EngineError on bad input.
+    sources: {"model" | "image_encoder" | "adapter": path} in place of the manifest's (None: the manifest's)."""
     from engine import Pipeline
 
     from .ort_ops import session
 
     manifest = read_manifest(folder)
+    src = source_paths(manifest, folder, overrides=sources)  # a moved source fails before anything loads
     entries = manifest["graphs"]
     unknown = sorted(set(graphs or ()) - set(entries))
     if unknown:
@@ -110,7 +115,6 @@ def verify(folder: str, batch=None, height=None, width=None, graphs=None, atol=N
     names = [g for g in GRAPHS if g in entries and (not graphs or g in graphs)]
     paths = {g: load_graph(folder, g, entries[g]) for g in names}  # every file checked before any runs
     sizes = {g: axis_sizes(manifest, entries[g], batch, height, width) for g in names}
-    src = manifest["source"]
     pipe = Pipeline.from_pretrained(src["model"], image_encoder=src["image_encoder"], adapter=src["adapter"],
                                     device="cpu", dtype="float32", attention_backend="reference")
     refs = references(pipe)

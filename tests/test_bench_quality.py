@@ -3,6 +3,9 @@ computation, hand-made cases, the long-format rows, per-task aggregation, errors
 import argparse
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,33 +15,14 @@ from PIL import Image
 from bench.quality import (METRICS, TABLE1, add_quality_args, clip_metrics, metrics_from_embeddings,
                            quality_main)
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {"op", "provider", "metric", "unit", "x_name", "x", "p20", "p50", "p80", "device", "dtype", "git_sha", "config"}
-CLIP_SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    """A random CLIPModel folder (hidden 32, 2 layers, 32 px, patch 8, projection 16) with a byte-level CLIP
-    tokenizer and a 32 px image processor, as `save_pretrained` writes them."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from engine.loading import _image_processor_class
-    from engine.tiny import tiny_tokenizer
-
-    folder = tmp_path_factory.mktemp("clip")
-    tok = tiny_tokenizer(str(folder))
-    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
-    text = dict(small, vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=dict(small, image_size=CLIP_SIZE, patch_size=8),
-                                 projection_dim=16))
-    with torch.no_grad():  # at this seed every image-text cosine is negative: flip them so CLIPScore is not 0
-        model.text_projection.weight.neg_()
-    model.save_pretrained(folder)
-    _image_processor_class()(size={"shortest_edge": CLIP_SIZE},
-                             crop_size={"height": CLIP_SIZE, "width": CLIP_SIZE}).save_pretrained(folder)
-    return str(folder)
+def clip_dir(tiny):
+    """The tiny random CLIPModel folder `make_tiny` writes (engine/tiny.py `tiny_clip`)."""
+    return tiny["clip"]
 
 
 def noise_image(seed: int, h: int = 40, w: int = 56) -> Image.Image:
@@ -247,3 +231,36 @@ def test_engine_generates_scores_and_saves_what_it_scored(clip_dir, tiny, tmp_pa
     again = {(r["x"], r["metric"]): r["config"]["mean"] for r in json.loads(out2.read_text())}
     for r in rows:
         assert r["config"]["mean"] == pytest.approx(again[(r["x"], r["metric"])], abs=1e-6)
+
+
+def bench_cli(cwd, *argv):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", "bench", "quality", *map(str, argv)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_the_readme_commands_run_on_make_tiny_weights(tiny, tmp_path):
+    # README "Trainer", Quality: both forms, as written (no --json, --steps or --device), on `make-tiny`'s folders
+    # and a held-out manifest in the trainer's format (target and object are not needed here)
+    for i, task in enumerate(["everything", "style"]):
+        noise_image(20 + i).save(tmp_path / f"c{i}.png")
+        noise_image(30 + i).save(tmp_path / f"t{i}.png")
+    records = [{"condition": f"c{i}.png", "target": f"t{i}.png", "caption": f"thing {i}", "task": task}
+               for i, task in enumerate(["everything", "style"])]
+    (tmp_path / "held_out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    engine = bench_cli(tmp_path, "--manifest", "held_out.jsonl", "--clip", tiny["clip"], "--model", tiny["model"],
+                       "--image-encoder", tiny["image_encoder"], "--adapter", tiny["adapter"])
+    assert engine.returncode == 0, engine.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "bench-quality.json").read_text())
+    assert {(r["x"], r["metric"]) for r in rows} == {("everything", m) for m in TABLE1["replication"]} | {
+        ("style", m) for m in TABLE1["style"]}
+    assert {r["provider"] for r in rows} == {"engine"} and all(r["config"]["count"] == 1 for r in rows)
+    assert all(math.isfinite(r["p50"]) for r in rows) and "records: 2" in engine.stdout
+
+    (tmp_path / "generated").mkdir()
+    for i in range(2):
+        noise_image(40 + i).save(tmp_path / "generated" / f"{i}.png")
+    scored = bench_cli(tmp_path, "--manifest", "held_out.jsonl", "--clip", tiny["clip"], "--generated", "generated")
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    again = json.loads((tmp_path / "out" / "bench-quality.json").read_text())
+    assert {r["provider"] for r in again} == {"generated"} and len(again) == len(rows)

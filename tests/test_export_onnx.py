@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine.errors import EngineError
-from export.onnx import GRAPHS, export_onnx
+from export.onnx import GRAPHS, export_onnx, read_manifest, source_paths
 from export.ort_ops import session
 from export.verify import verify
 
@@ -239,3 +239,52 @@ def test_reexport_replaces_an_earlier_exports_weight_file(tiny, tmp_path):
     (out / "text_encoder.onnx.data").write_bytes(b"weights of an earlier, larger export")
     export_onnx(tiny["model"], tiny["image_encoder"], tiny["adapter"], str(out), graphs=("text_encoder",), **QUIET)
     assert sorted(os.listdir(out)) == ["manifest.json", "text_encoder.onnx"]
+
+
+def copy_laid_out(paths, root):
+    """The folders `paths` copied under `root`, lying relative to each other as they do now. -> the copies."""
+    common = os.path.commonpath([str(p) for p in paths])
+    copies = [root / os.path.relpath(str(p), common) for p in paths]
+    for src, dst in zip(paths, copies):
+        shutil.copytree(src, dst)
+    return copies
+
+
+def test_export_and_weights_move_together_or_the_error_names_the_override(plugin_dir, tiny, tmp_path, cond_image):
+    from export.__main__ import main
+    from export.runtime import OnnxPipeline
+
+    src = json.loads((plugin_dir / "manifest.json").read_text())["source"]
+    assert sorted(src["relative"]) == ["adapter", "image_encoder", "model"]
+    assert not any(os.path.isabs(src[k]) for k in src["relative"])
+    before = copy_laid_out([plugin_dir, os.path.dirname(tiny["model"])], tmp_path / "before")
+    os.rename(tmp_path / "before", tmp_path / "after")  # both move together: the relative paths still hold
+    export, weights = (tmp_path / "after" / p.relative_to(tmp_path / "before") for p in before)
+    found = source_paths(read_manifest(str(export)), str(export))  # the moved copies, not the fixture's originals
+    assert found == {"model": str(weights / "model"), "image_encoder": str(weights / "image_encoder"),
+                     "adapter": str(weights / "adapter.safetensors")}
+    assert all(r["ok"] for r in verify(str(export), graphs=["text_encoder"], **QUIET))
+    OnnxPipeline.from_export(str(export))
+
+    moved = tmp_path / "elsewhere"
+    os.rename(weights, moved)  # only the weights move: one line naming the lost path and the flag to use
+    res = run_export("verify", str(export), "--graphs", "text_encoder")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert f"the model this export was made from is not at {weights / 'model'}" in res.stderr
+    assert "pass --model PATH" in res.stderr
+    overrides = ["--model", moved / "model", "--image-encoder", moved / "image_encoder"]
+    res = run_export("verify", str(export), "--graphs", "text_encoder", *map(str, overrides),
+                     "--adapter", str(moved / "adapter.safetensors"))
+    assert res.returncode == 0 and "1/1 checks within tolerance" in res.stdout, res.stderr[-2000:]
+    with pytest.raises(EngineError, match=f"image encoder .* not at {weights / 'image_encoder'} .* --image-encoder"):
+        OnnxPipeline.from_export(str(export), model=str(moved / "model"))
+    cond_image.save(tmp_path / "cond.png")
+    argv = ["run", export, "--prompt", "a cat", "--image", tmp_path / "cond.png", "--instruct", "use the style",
+            "--steps", "1", "--out", tmp_path / "out.png", *overrides]
+    assert main([str(a) for a in argv]) == 0 and (tmp_path / "out.png").is_file()
+
+    manifest = json.loads((export / "manifest.json").read_text())  # as written before paths were relative
+    manifest["source"] = {"model": str(moved / "model"), "image_encoder": str(moved / "image_encoder"),
+                          "adapter": str(moved / "adapter.safetensors"), "adapter_kind": src["adapter_kind"]}
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    assert all(r["ok"] for r in verify(str(export), graphs=["text_encoder"], **QUIET))

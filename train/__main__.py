@@ -4,6 +4,8 @@
         [--steps N] [--batch-size N] [--grad-accum N] [--lr F] [--resolution N]
         [--mixed-precision no|fp16|bf16] [--save-every N] [--resume]
     python -m train make-synthetic DIR --n N
+
+`--help` shows every default; --resolution defaults to the model's native size (UNet sample_size x VAE factor).
 """
 from __future__ import annotations
 
@@ -15,8 +17,20 @@ from engine.errors import EngineError
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
+
     def error(self, message):  # one line, exit 2
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in --help, except flags (off) and options whose help says what their absence means."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def positive(kind):
@@ -37,24 +51,31 @@ def train_parser() -> Parser:
     p.add_argument("--image-encoder", required=True, help="CLIPVisionModelWithProjection folder")
     p.add_argument("--data", required=True, help="manifest, JSONL (python -m train make-synthetic writes one)")
     p.add_argument("--out", required=True, help="checkpoints/, log.csv, tensorboard/ and adapter.safetensors go here")
-    p.add_argument("--init-adapter", default=None, help="IP-Adapter+ (image path copied) or IPAdapter-Instruct file")
-    p.add_argument("--steps", type=positive(int), default=1000)
+    p.add_argument("--init-adapter", default=None,
+                   help="IP-Adapter+ (image path copied) or IPAdapter-Instruct file (default: train from scratch)")
+    p.add_argument("--steps", type=positive(int), default=1000, help="optimizer steps in all")
     p.add_argument("--batch-size", type=positive(int), default=4, help="per process")
-    p.add_argument("--grad-accum", type=positive(int), default=1)
-    p.add_argument("--lr", type=positive(float), default=1e-5)
-    p.add_argument("--resolution", type=positive(int), default=512)
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--grad-accum", type=positive(int), default=1,
+                   help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=positive(float), default=1e-5, help="AdamW learning rate after warm-up")
+    p.add_argument("--resolution", type=positive(int), default=None,
+                   help="training image size in pixels (default: the model's native size, UNet sample_size x VAE "
+                        "factor: 512 for SD1.5, 64 for the tiny model)")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
+                   help="autocast dtype for the forward and backward")
     p.add_argument("--save-every", type=positive(int), default=500, help="checkpoint + validation every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the weights and save it (e.g. 0.999)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up")
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="keep an EMA of the weights and save it, e.g. 0.999 (default: no EMA)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute UNet activations in the backward: less memory")
     p.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of the manifest")
     p.add_argument("--on-bad-data", choices=["fatal", "skip"], default="fatal",
                    help="a bad manifest line or image stops the run (fatal) or is reported and left out (skip)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="adapter init, data order and every example's noise")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -64,9 +85,9 @@ def main(argv=None) -> int:
     try:
         if argv and argv[0] == "make-synthetic":
             p = Parser(prog="python -m train make-synthetic", description="Write a small synthetic training set.")
-            p.add_argument("dir")
-            p.add_argument("--n", type=positive(int), default=40)
-            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("dir", help="where manifest.jsonl and its images go")
+            p.add_argument("--n", type=positive(int), default=40, help="examples")
+            p.add_argument("--seed", type=int, default=0, help="what the images show")
             a = p.parse_args(argv[1:])
             from .data import make_synthetic
             print(make_synthetic(a.dir, a.n, seed=a.seed))

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ from engine.loading import load_base, load_image_encoder
 
 from .data import TrainDataset, collate, read_manifest
 from .instructions import load_banks
-from .model import init_adapter, trainable
+from .model import init_adapter, native_resolution, trainable
 
 log = logging.getLogger(__name__)
 DROP_IMAGE, DROP_TEXT, DROP_BOTH = 0.05, 0.05, 0.05  # IP-Adapter's conditioning dropout
@@ -46,7 +46,7 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 1e-5
-    resolution: int = 512
+    resolution: int | None = None       # pixels; None: the model's native size
     mixed_precision: str = "no"          # no | fp16 | bf16
     save_every: int = 500
     resume: bool = False
@@ -77,6 +77,8 @@ class Trainer:
         parts = load_base(cfg.model, torch.float32)
         self.unet, self.vae, self.text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
         self.tokenizer, self.noise_sched = parts["tokenizer"], parts["scheduler"]
+        if cfg.resolution is None:  # recorded resolved, so checkpoints say what was trained on
+            self.cfg = cfg = replace(cfg, resolution=native_resolution(self.unet, self.vae))
         self.image_encoder, self.processor = load_image_encoder(cfg.image_encoder, torch.float32)
         torch.manual_seed(cfg.seed)  # a fresh adapter's initial weights
         self.adapter = init_adapter(self.unet, self.image_encoder.config.hidden_size,

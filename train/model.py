@@ -78,6 +78,13 @@ def init_adapter(unet, image_dim: int, text_dim: int, init: str | None = None) -
     return _from_plus(loaded, text_dim)
 
 
+def native_resolution(unet, vae) -> int:
+    """The base model's native image size in pixels: UNet sample_size x VAE factor (512 for SD1.5)."""
+    sample = unet.config.sample_size
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    return int(sample) * 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def trainable(adapter: Adapter) -> nn.ModuleDict:
     """The trained modules as one ModuleDict (what the optimizer, EMA and checkpoints see)."""
     return nn.ModuleDict({"projector": adapter.projector, "layers": adapter.layers})
