@@ -1,13 +1,23 @@
-"""IPAdapter-Instruct generation on Stable Diffusion 1.5: load the checkpoints people have, generate fast."""
+"""IPAdapter-Instruct generation on Stable Diffusion 1.5: load the checkpoints people have, generate fast.
+
+This module stays light (no torch, diffusers or triton): it holds the constants the command line parses
+against, and loads the pipeline on first use of `engine.Pipeline`.
+"""
 from .errors import EngineError
+
+DEFAULT_PROMPT = "best quality, high quality"
+DEFAULT_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # torch dtypes by name (engine.pipeline.DTYPES)
+RUNTIMES = ("pytorch", "tensorrt")                # what runs the model
+MAX_SIZE_FACTOR = 4  # the largest height/width a call accepts by default: the model's native size x 4
 
 __all__ = ["Pipeline", "EngineError", "DEFAULT_PROMPT", "DEFAULT_NEGATIVE"]
 
 
 def __getattr__(name):
-    # the pipeline (diffusers, transformers, kernels) loads on first use, so `engine.errors` stays light
-    # enough for `kernels` to import without a cycle
-    if name in ("Pipeline", "DEFAULT_PROMPT", "DEFAULT_NEGATIVE"):
-        from . import pipeline
-        return getattr(pipeline, name)
+    # the pipeline (torch, diffusers, transformers, kernels) loads on first use, so `python -m engine --help`
+    # and `engine.errors` (which `kernels` imports) stay light
+    if name == "Pipeline":
+        from .pipeline import Pipeline
+        return Pipeline
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -1,17 +1,29 @@
-"""python -m engine {generate, make-tiny, demo}: the command-line contract (README, "CLI")."""
+"""python -m engine {generate, make-tiny, demo}: the command-line contract (README, "CLI").
+
+Arguments, output paths, sizes and the condition image are checked before torch, diffusers or triton is
+imported, so `--help` and every bad argument answer at once, and nothing heavy loads for a run that would fail.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 from kernels import BACKENDS
 
+from . import DEFAULT_NEGATIVE, DEFAULT_PROMPT, DTYPE_NAMES, RUNTIMES
 from .errors import EngineError
-from .loading import SCHEDULERS
-from .output import output_paths, write_images
-from .pipeline import DEFAULT_NEGATIVE, DEFAULT_PROMPT, DTYPES, RUNTIMES
+from .guidance import MODES
+from .loading import SCHEDULERS, check_size, load_image, native_size
+from .output import discard_pending, output_paths, write_images
+
+INTERRUPTED = "interrupted (Ctrl-C): stopped, no output written"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
+GRACE_S = 3.0  # after Ctrl-C, how long one long torch op may keep the process before it is ended
 
 
 class Parser(argparse.ArgumentParser):
@@ -33,7 +45,7 @@ def positive_int(text: str) -> int:
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default=None, help="default: float16 on cuda, float32 on cpu")
     p.add_argument("--attention-backend", choices=list(BACKENDS), default="auto",
                    help="cross-attention: the fused Triton kernel, two SDPA calls, or the plain reference "
                         "(auto: triton on CUDA, sdpa elsewhere)")
@@ -45,11 +57,12 @@ def build_parser() -> Parser:
     parser = Parser(prog="python -m engine", description="IPAdapter-Instruct generation on Stable Diffusion 1.5")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    g = sub.add_parser("generate", help="generate images from a prompt, a condition image and an instruction")
+    g = sub.add_parser("generate", help="generate images from a prompt, and optionally a condition image and an "
+                                        "instruction (with --adapter)")
     g.add_argument("--model", required=True, help="diffusers SD1.5 folder (or hub id)")
-    g.add_argument("--image-encoder", required=True, help="CLIPVisionModelWithProjection folder")
-    g.add_argument("--adapter", required=True, help="two-key adapter file (.bin or .safetensors)")
-    g.add_argument("--image", required=True, help="condition image")
+    g.add_argument("--image-encoder", help="CLIPVisionModelWithProjection folder (with --adapter)")
+    g.add_argument("--adapter", help="two-key adapter file (.bin or .safetensors); without it: text to image")
+    g.add_argument("--image", help="condition image (with --adapter)")
     g.add_argument("--prompt", default=DEFAULT_PROMPT)
     g.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE)
     g.add_argument("--instruct", default=None, help="what to take from the image (required by IPAdapter-Instruct)")
@@ -57,16 +70,19 @@ def build_parser() -> Parser:
     g.add_argument("--guidance-scale", type=float, default=6.0)
     g.add_argument("--instruct-guidance-scale", type=float, default=6.0)
     g.add_argument("--image-guidance-scale", type=float, default=1.0)
-    g.add_argument("--guidance-mode", choices=["auto", "simple", "full"], default="auto")
+    g.add_argument("--guidance-mode", choices=list(MODES), default="auto")
     g.add_argument("--steps", type=positive_int, default=30)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--height", type=positive_int, default=None, help="default: the model's native size")
     g.add_argument("--width", type=positive_int, default=None)
+    g.add_argument("--max-size", type=positive_int, default=None,
+                   help="largest height/width accepted (default: the model's native size x 4, 2048 for SD1.5)")
     g.add_argument("--num-images", type=positive_int, default=1)
     g.add_argument("--scheduler", choices=["default", *SCHEDULERS], default="default")
     add_runtime_args(g)
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    g.add_argument("--out", required=True, help="PATH.png (PATH-0.png, PATH-1.png, ... for several images)")
+    g.add_argument("--out", required=True, help="PATH.png, .jpg, .jpeg or .webp (PATH-0.png, ... for several images)")
+    g.add_argument("--overwrite", action="store_true", help="replace existing output files (refused otherwise)")
 
     t = sub.add_parser("make-tiny", help="write tiny random weights in the real on-disk formats")
     t.add_argument("dir")
@@ -86,11 +102,30 @@ def build_parser() -> Parser:
     return parser
 
 
-def cmd_generate(a) -> int:
-    from .pipeline import Pipeline, load_image
+def check_generate_args(parser: Parser, a) -> None:
+    """Flag combinations: an adapter run needs its image encoder and a condition image; a text-only run none."""
+    if a.adapter is not None:
+        for flag, value in (("--image-encoder", a.image_encoder), ("--image", a.image)):
+            if value is None:
+                parser.error(f"--adapter needs {flag} too (or drop --adapter for text-only generation)")
+    else:
+        given = [f for f, v in (("--image-encoder", a.image_encoder), ("--image", a.image),
+                                ("--instruct", a.instruct)) if v is not None]
+        if given:
+            verb = "needs" if len(given) == 1 else "need"
+            parser.error(f"{' and '.join(given)} {verb} --adapter (text-only generation takes none of them)")
 
-    paths = output_paths(a.out, a.num_images)
-    image = load_image(a.image)  # fail on a bad image before loading gigabytes of weights
+
+def cmd_generate(a) -> int:
+    # the cheap checks, before torch loads: output paths, size, condition image
+    paths = output_paths(a.out, a.num_images, a.overwrite)
+    native = native_size(a.model)
+    if native is not None:  # a hub id is checked by the pipeline once loaded
+        check_size(a.height, a.width, *native, a.max_size)
+    image = load_image(a.image) if a.image else None
+    quiet_libraries()
+    from .pipeline import Pipeline
+
     pipe = Pipeline.from_pretrained(a.model, image_encoder=a.image_encoder, adapter=a.adapter,
                                     device=a.device, dtype=a.dtype, attention_backend=a.attention_backend,
                                     backend=a.backend)
@@ -99,32 +134,39 @@ def cmd_generate(a) -> int:
                   scale=a.scale, guidance_scale=a.guidance_scale, instruct_guidance_scale=a.instruct_guidance_scale,
                   image_guidance_scale=a.image_guidance_scale, guidance_mode=a.guidance_mode,
                   num_inference_steps=a.steps, height=a.height, width=a.width, num_images_per_prompt=a.num_images,
-                  seed=a.seed, scheduler=a.scheduler)
-    write_images(images, paths)
+                  seed=a.seed, scheduler=a.scheduler, max_size=a.max_size)
+    write_images(images, paths, overwrite=a.overwrite)
     print(" ".join(paths))
     return 0
 
 
 def cmd_demo(a) -> int:
-    from .demo import DEMO_INSTRUCT, cache_dir, draw_condition_image, ensure_tiny, run_demo
-    from .pipeline import Pipeline, load_image
-
     given = [a.model, a.image_encoder, a.adapter]
     if any(given) and not all(given):
-        raise EngineError("give all of --model, --image-encoder and --adapter for real weights, or none for the tiny ones")
-    random_weights = not all(given)
-    paths = ensure_tiny(a.cache or cache_dir()) if random_weights else dict(
-        model=a.model, image_encoder=a.image_encoder, adapter=a.adapter)
-    image = load_image(a.image) if a.image else draw_condition_image()
+        raise EngineError("give all of --model, --image-encoder and --adapter for real weights, "
+                          "or none for the tiny ones")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    pipe = Pipeline.from_pretrained(**paths, device=a.device, dtype=a.dtype, attention_backend=a.attention_backend,
-                                    backend=a.backend)
+    output_paths(a.out, 1, overwrite=True)  # the demo replaces its own files on every run
+    image = load_image(a.image) if a.image else None
+    quiet_libraries()
+    from .demo import DEMO_INSTRUCT, cache_dir, draw_condition_image, ensure_tiny, run_demo
+    from .pipeline import Pipeline
+
+    random_weights = not all(given)
+    if random_weights:  # the tiny set holds more (a CLIP for bench quality) than the pipeline takes
+        tiny = ensure_tiny(a.cache or cache_dir())
+        given = [tiny["model"], tiny["image_encoder"], tiny["adapter"]]
+    model, image_encoder, adapter = given
+    pipe = Pipeline.from_pretrained(model, image_encoder=image_encoder, adapter=adapter, device=a.device,
+                                    dtype=a.dtype, attention_backend=a.attention_backend, backend=a.backend)
     pipe.set_progress_bar_config(disable=True)
-    run_demo(pipe, a.out, image, random_weights, a.steps, a.seed, instruct=a.instruct or DEMO_INSTRUCT)
+    run_demo(pipe, a.out, draw_condition_image() if image is None else image, random_weights, a.steps, a.seed,
+             instruct=a.instruct or DEMO_INSTRUCT)
     return 0
 
 
 def cmd_make_tiny(a) -> int:
+    quiet_libraries()
     from .tiny import make_tiny
 
     for name, path in make_tiny(a.dir, seed=a.seed).items():
@@ -143,14 +185,57 @@ def quiet_libraries() -> None:
         pass
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    quiet_libraries()
+@contextmanager
+def interrupt_guard(grace_s: float = GRACE_S):
+    """Ctrl-C raises KeyboardInterrupt at the next Python line, between two torch ops, and main() turns it into
+    one line and exit 130. One op can run for minutes on a CPU without returning to Python, so a watcher thread,
+    woken by the signal itself (signal.set_wakeup_fd), ends the process the same way if the main thread has not
+    left this block `grace_s` seconds later, removing the temporaries being written first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    left = threading.Event()
+
+    def watch():
+        with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+            while data := pipe.read(64):
+                if signal.SIGINT in data and not left.wait(grace_s):
+                    discard_pending()
+                    os.write(2, f"{INTERRUPTED}\n".encode())
+                    os._exit(EXIT_INTERRUPTED)
+
+    # a shell starts background jobs with SIGINT ignored, and Python keeps that: take it back, so `kill -INT` works too
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    threading.Thread(target=watch, name="interrupt-guard", daemon=True).start()
     try:
-        return {"generate": cmd_generate, "demo": cmd_demo, "make-tiny": cmd_make_tiny}[args.command](args)
+        yield
+    finally:
+        left.set()
+        signal.set_wakeup_fd(previous)
+        signal.signal(signal.SIGINT, handler)
+        os.close(write_fd)  # the watcher reads end-of-file and returns
+
+
+COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "make-tiny": cmd_make_tiny}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "generate":
+        check_generate_args(parser, args)
+    try:
+        with interrupt_guard():
+            return COMMANDS[args.command](args)
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

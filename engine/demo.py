@@ -50,7 +50,7 @@ def run_demo(pipe, out: str, image: Image.Image, random_weights: bool, steps: in
     print_fn(f"warm-up (one 1-step request, not counted below): {(time.perf_counter() - t0) * 1e3:.1f} ms")
     images = pipe(prompt=prompt, image=image, instruct=instruct, num_inference_steps=steps, seed=seed)
     cond_path = os.path.splitext(out)[0] + "-condition.png"
-    write_images([images[0], image], [out, cond_path])
+    write_images([images[0], image], [out, cond_path], overwrite=True)  # each run replaces the last
     print_fn(f"device {pipe.device}, dtype {str(pipe.dtype).replace('torch.', '')}, {steps} steps, "
              f"{images[0].size[0]}x{images[0].size[1]}, instruction {instruct!r}")
     for key, ms in pipe.timings.items():

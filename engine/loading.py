@@ -1,14 +1,23 @@
-"""Loading the pieces users already have on disk (or on the hub, when online), with one-line errors."""
+"""Loading the pieces users already have on disk (or on the hub, when online), with one-line errors.
+
+Light at import (no torch or diffusers until a loader runs): the command line checks sizes and paths with it
+before anything heavy loads.
+"""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
 
+from . import MAX_SIZE_FACTOR
 from .errors import EngineError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +35,36 @@ def resolve(path_or_id, what: str) -> str:
     if HUB_ID.match(p) and not p.startswith("."):
         return p
     raise EngineError(f"{what} not found: {p}")
+
+
+def native_size(model) -> tuple[int, int] | None:
+    """(native height/width in pixels, VAE factor) of a local diffusers folder, read from unet/config.json
+    (sample_size) and vae/config.json (block_out_channels) without loading weights; None when `model` is not a
+    local folder with both configs (a hub id: the pipeline checks once it has loaded)."""
+    src = os.path.expanduser(os.fspath(model))
+    try:
+        with open(os.path.join(src, "unet", "config.json")) as fh:
+            sample = json.load(fh)["sample_size"]
+        with open(os.path.join(src, "vae", "config.json")) as fh:
+            factor = 2 ** (len(json.load(fh)["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    return int(sample) * factor, factor
+
+
+def check_size(height, width, native: int, factor: int, max_size: int | None = None) -> tuple[int, int]:
+    """-> (height, width), None meaning the native size. Each must be a positive multiple of the VAE factor and at
+    most `max_size` (default: native x MAX_SIZE_FACTOR), so a typo cannot start hours of work."""
+    height, width = height or native, width or native
+    limit = max_size if max_size is not None else native * MAX_SIZE_FACTOR
+    if height <= 0 or width <= 0 or height % factor or width % factor:
+        raise EngineError(f"height and width must be positive multiples of the VAE factor {factor}, got {height}x{width}")
+    if max(height, width) > limit:
+        why = f"{MAX_SIZE_FACTOR}x the model's native {native}" if max_size is None else "max_size"
+        raise EngineError(f"size {height}x{width} is over the maximum {limit} px ({why}): ask for at most {limit}, "
+                          f"or raise the limit with --max-size (CLI) / max_size= (Python)")
+    return height, width
 
 
 def _first_line(e: Exception) -> str:

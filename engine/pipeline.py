@@ -21,19 +21,16 @@ from PIL import Image
 
 from kernels import BACKENDS, choose
 
-from . import fastpath
+from . import DEFAULT_NEGATIVE, DEFAULT_PROMPT, DTYPE_NAMES, RUNTIMES, fastpath
 from .adapter import Adapter, load_adapter
 from .attention import AdapterContext, choose_impls, expand_scale, install_processors, precompute_kv
 from .errors import EngineError
 from .guidance import branch_weights, resolve_mode
-from .loading import load_base, load_image, load_image_encoder, make_scheduler, resolve
+from .loading import check_size, load_base, load_image, load_image_encoder, make_scheduler, resolve
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROMPT = "best quality, high quality"
-DEFAULT_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-RUNTIMES = ("pytorch", "tensorrt")
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass
@@ -195,19 +192,17 @@ class Pipeline:
     def __call__(self, prompt=DEFAULT_PROMPT, image=None, instruct=None, negative_prompt=DEFAULT_NEGATIVE, *,
                  scale=0.8, guidance_scale=6.0, instruct_guidance_scale=6.0, image_guidance_scale=1.0,
                  guidance_mode="auto", num_inference_steps=30, height=None, width=None, num_images_per_prompt=1,
-                 seed=None, generator=None, scheduler=None, output_type="pil"):
+                 seed=None, generator=None, scheduler=None, output_type="pil", max_size=None):
         """Generate images. `prompt`, `image`, `instruct`, `negative_prompt`, `scale`, the guidance scales,
         `guidance_mode` and `seed` each take one value or a list with one per request; all requests run in
         one UNet batch. `scale` is a float or an InstantStyle-style per-block dict. Returns a list of PIL
-        images (request-major, `num_images_per_prompt` each), or latents with output_type="latent"."""
+        images (request-major, `num_images_per_prompt` each), or latents with output_type="latent". height and
+        width default to the model's native size and may be at most `max_size` (default: native x 4)."""
         self.timings = {}
         t_start = time.perf_counter()
         reqs = self._requests(locals())
         f = self.vae_scale_factor
-        height = height or self.unet.config.sample_size * f
-        width = width or self.unet.config.sample_size * f
-        if height <= 0 or width <= 0 or height % f or width % f:
-            raise EngineError(f"height and width must be positive multiples of the VAE factor {f}, got {height}x{width}")
+        height, width = check_size(height, width, self.unet.config.sample_size * f, f, max_size)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise EngineError(f"steps must be a positive integer, got {num_inference_steps!r}")
         if output_type not in ("pil", "latent"):
@@ -230,6 +225,10 @@ class Pipeline:
         with self._timed("kv_ms"):
             text_rows, ctx = self._unet_inputs(text_rows, ip_rows, reqs, plan)
 
+        trained = sched.config.num_train_timesteps  # at that many steps diffusers' schedulers index past the end
+        if num_inference_steps >= trained:
+            raise EngineError(f"steps must be fewer than the scheduler's {trained} training timesteps, "
+                              f"got {num_inference_steps}")
         sched.set_timesteps(num_inference_steps, device=self.device)  # before the latents: sets init_noise_sigma
         latents = self._latents(reqs, sched, height, width)
         latent_of_row = plan["latent_of_row"].to(self.device)

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 
 from engine.errors import EngineError
 
+from . import BACKENDS  # the names live in the light package module, for parsers
 from ._runtime import triton_unusable
 from .decoupled_attention import MAX_HEAD_DIM, decoupled_attention_ref, normalize
 
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "triton", "sdpa", "reference")
 _logged: set[tuple[str, str, str]] = set()
 
 
