@@ -22,11 +22,14 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests
 
-# the wheels the GPU machine lacks (Python 3.12 there, no package index): see bench/gpu_session.sh
+# the wheels the GPU check needs that the GPU machine lacks (Python 3.12 there, no package index): exactly the list in
+# bench/gpu-requirements.txt, which holds their missing dependencies too (--no-deps: nothing else comes along);
+# for the full `tests` stage add GPU_EXTRA=onnxruntime-extensions==0.15.2 (its ONNX-plugin tests need it)
 gpu-wheels:
+	rm -rf .whl
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-		-d .whl diffusers==0.42.1 importlib_metadata onnxruntime-extensions==0.15.2
+		--platform manylinux2014_x86_64 -d .whl -r bench/gpu-requirements.txt $(GPU_EXTRA)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -32,7 +32,7 @@ def build_parser() -> Parser:
                      help="default: float16 on cuda, float32 on cpu")
     ops.add_argument("--batch", type=positive_ints, default=[2, 4], help="batch sizes, e.g. 2,4 (default)")
     ops.add_argument("--repeats", type=int, default=None, help="timed calls per point (default: 50 cuda, 5 cpu)")
-    ops.add_argument("--providers", default=None, help="comma-separated subset of fused,two-sdpa,xformers,reference")
+    ops.add_argument("--providers", default=None, help="comma-separated subset of fused,plugin,two-sdpa,xformers,reference")
     ops.add_argument("--json", default=os.path.join("out", "bench-ops.json"), help="where the result rows go")
     e2e = sub.add_parser("e2e", help="end-to-end request latency and throughput: engine vs diffusers (default)")
     add_e2e_args(e2e)

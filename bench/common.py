@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -58,9 +57,25 @@ def git_sha() -> str:
         return "unknown"
 
 
+def percentiles(samples: list[float], qs=(20, 50, 80)) -> tuple[float, ...]:
+    """The `qs` percentiles of `samples`, linearly interpolated between the sorted samples (numpy.percentile's
+    default method)."""
+    if not samples:
+        raise ValueError("no samples to take percentiles of")
+    s = sorted(samples)
+    out = []
+    for q in qs:
+        pos = (len(s) - 1) * q / 100
+        lo = int(pos)
+        hi = min(lo + 1, len(s) - 1)
+        out.append(s[lo] + (s[hi] - s[lo]) * (pos - lo))
+    return tuple(out)
+
+
 def measure(fn, device: torch.device, repeats: int = 50, warmup: int | None = None) -> tuple[float, float, float]:
-    """p20, p50, p80 of `fn()`'s wall time in ms, after `warmup` untimed calls (default 5 cuda, 1 cpu).
-    CUDA: one pair of events per call."""
+    """p20, p50, p80 of `fn()`'s wall time in ms, launch included, after `warmup` untimed calls (default 5 cuda,
+    1 cpu). CUDA: one pair of events around each call, the GPU idle before it, so a call whose kernel is shorter
+    than its launch (Triton's launcher and argument checks) is timed at its launch."""
     for _ in range(warmup if warmup is not None else (5 if device.type == "cuda" else 1)):
         fn()
     times = []
@@ -78,8 +93,17 @@ def measure(fn, device: torch.device, repeats: int = 50, warmup: int | None = No
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
-    return q[1], statistics.median(times), q[7]
+    return percentiles(times)
+
+
+def kernel_samples(fn, rep_ms: float = 20.0) -> list[float]:
+    """Per-call GPU time of `fn()` in ms without the launch: `triton.testing.do_bench_cudagraph` captures as many
+    back-to-back calls as fill about `rep_ms` in one CUDA graph and replays it (10 times, each sample the replay's
+    time over its call count). CUDA only. Only what Triton 3.6 and 3.9 both take: `rep=` and `return_mode="all"`
+    (the raw samples; the percentiles are ours, `percentiles`)."""
+    from triton.testing import do_bench_cudagraph
+
+    return list(do_bench_cudagraph(fn, rep=rep_ms, return_mode="all"))
 
 
 def quiet_loaders() -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import Row, device_name, format_table, git_sha, quiet_loaders
+from .common import Row, device_name, format_table, git_sha, percentiles, quiet_loaders
 
 PROMPT = "a lighthouse on a cliff at sunset, best quality, high quality"
 NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
@@ -119,12 +119,12 @@ class EngineProvider:
         self.pipe.set_progress_bar_config(disable=True)
         self.unet = self.pipe.unet
 
-    def __call__(self, image, batch: int):
+    def __call__(self, image, batch: int, output_type: str = "pil"):
         c = self.cfg
         return self.pipe(prompt=[PROMPT] * batch, image=[image] * batch, instruct=[INSTRUCT] * batch,
                          negative_prompt=[NEGATIVE] * batch, scale=c.scale, guidance_scale=c.guidance_scale,
                          guidance_mode=c.guidance_mode, num_inference_steps=c.steps, height=c.height,
-                         width=c.width, seed=list(range(batch)))
+                         width=c.width, seed=list(range(batch)), output_type=output_type)
 
     def stages(self) -> dict[str, float]:
         t = self.pipe.timings
@@ -233,9 +233,13 @@ def run_e2e(cfg: E2EConfig, paths: dict, log=print) -> tuple[list[Row], str]:
             if device.type == "cuda":  # peak per batch size: the weights plus this batch's activations
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
-            provider(image, b)
+            images = provider(image, b)
             _sync(device)
             log(f"{name}: warm-up, batch {b}: {(time.perf_counter() - t0) * 1e3:.0f} ms (not counted)")
+            why = wrong_images(images, b)
+            if why:  # a provider whose output is wrong gets no timing
+                log(f"{name}: batch {b}: not timed: {why}")
+                continue
             if countable and name == countable[0]:
                 flops[b] = count_flops(provider, image, b)
             times = []
@@ -259,11 +263,22 @@ def run_e2e(cfg: E2EConfig, paths: dict, log=print) -> tuple[list[Row], str]:
     return _report(cfg, env, results, flops, rows)
 
 
+def wrong_images(images, batch: int) -> str | None:
+    """None when a call returned `batch` images of one size with some content, else what is wrong (NaN latents
+    decode to a constant image)."""
+    import numpy as np
+
+    if len(images) != batch:
+        return f"wrong output: {len(images)} images for a batch of {batch}"
+    if len({im.size for im in images}) != 1:
+        return f"wrong output: images of different sizes {sorted({im.size for im in images})}"
+    flat = [i for i, im in enumerate(images) if np.ptp(np.asarray(im)) == 0]
+    return f"wrong output: image(s) {flat} are one flat colour" if flat else None
+
+
 def _quantiles(times: list[float]) -> dict[str, float]:
-    if len(times) == 1:
-        return {q: times[0] for q in ("p20", "p50", "p80", "p90", "p99")}
-    cuts = statistics.quantiles(times, n=100, method="inclusive")
-    return {"p20": cuts[19], "p50": statistics.median(times), "p80": cuts[79], "p90": cuts[89], "p99": cuts[98]}
+    keys = ("p20", "p50", "p80", "p90", "p99")
+    return dict(zip(keys, percentiles(times, (20, 50, 80, 90, 99))))
 
 
 def _report(cfg: E2EConfig, env: dict, results: dict, flops: dict, rows: list[Row]) -> tuple[list[Row], str]:

@@ -1,37 +1,128 @@
 #!/usr/bin/env bash
-# Every GPU check and figure the open issues wait for, in few device calls (a session has 30 minutes of device
-# time and 10 minutes a call). The GPU image has torch, triton, CuPy, onnx and onnxruntime, but not diffusers or
-# onnxruntime-extensions, and reaches no package index, so their wheels travel in .whl/:
+# The GPU checks and figures the open issues wait for. The GPU image has torch, triton, CuPy, onnx and onnxruntime
+# but not diffusers, and reaches no package index, so the wheels of bench/gpu-requirements.txt travel in .whl/:
 #   here, once:   make gpu-wheels
-#   there:        device run, carry [".whl"], command `bash bench/gpu_session.sh STAGE` for each STAGE:
-#     tests    the whole suite on the GPU (kernels at SD1.5 shapes, CUDA-graph capture, cubin and C++ launches)
-#     ops      python -m bench ops: fused / plugin kernels against two SDPA calls, per SD1.5 shape
-#     e2e      python -m bench at SD1.5 shapes, batch 1,2,4: engine, engine-eager, diffusers
-#     ladder   the fast path one piece at a time (eager, +channels-last, +fused-attention, +fused-norms,
-#              +cuda-graphs, +compile), batch 2: each step's effect
-#     profile  one 5-step request at batch 2 per provider under torch.profiler: Chrome traces, top CUDA ops, and
-#              how often each stage ran
-# The first sd15 stage on a fresh machine also writes the random SD1.5 weights (~3.4 GB) once: run e2e before
-# ladder (six providers, a torch.compile among them) so that ladder's 10 minutes go to measuring.
-# Results land in $OUT (the device tool brings them back) or bench/results/<date>/ elsewhere, with the device.
-set -euo pipefail
-stage=${1:?usage: bash bench/gpu_session.sh tests|ops|e2e|ladder|profile}
+#   there:        device run, carry [".whl"], command `bash bench/gpu_session.sh all`, timeout_s 560
+# all       ends by itself within 8.5 minutes (GPU_CHECK_SECONDS=510) on one H100/H200 from a bare machine; each
+#           part has its own time limit, a failed part does not stop the next, and the exit is non-zero if any
+#           failed. In order of value:
+#   envcheck   one line per package the check needs (present and its version, or missing), Python/torch/Triton;
+#              then the wheels are installed and checked again (--strict)
+#   gpu-tests  pytest -m gpu: kernels at SD1.5 shapes, CUDA-graph capture and replay, the cubin launches, the fused
+#              engine's latents, each ladder step against eager; ENGINE_GPU_CHECK=1 makes a skip a failure
+#   ops        python -m bench ops: launch-inclusive and kernel-only (CUDA-graph) times per SD1.5 shape
+#   e2e-short  python -m bench at SD1.5 shapes, batch 2, 30 steps: engine vs diffusers
+#   (the random SD1.5 weights, ~3.4 GB, are built once in the background from the start: stage `weights`)
+# Separate stages, for another call each (they do not fit in `all`):
+#   tests    the whole suite on the GPU
+#   e2e      python -m bench at SD1.5 shapes, batch 1,2,4: engine, engine-eager, diffusers
+#   ladder   the fast path one piece at a time, batch 2: each step's effect
+#   profile  one 5-step request at batch 2 per provider under torch.profiler
+# Everything lands in $OUT as it goes (logs tee'd, JSON per stage, stages.txt with each part's rc and seconds), or
+# in bench/results/<date>/ elsewhere. PYTHON (default python3), WHEELS (.whl) and BENCH_CACHE may be set.
+set -uo pipefail
+stage=${1:?usage: bash bench/gpu_session.sh all|envcheck|gpu-tests|ops|e2e-short|weights|tests|e2e|ladder|profile}
 out=${OUT:-bench/results/$(date +%Y%m%d)}
+py=${PYTHON:-python3}
+wheels=${WHEELS:-.whl}
+cache=${BENCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ipadapter-instruct-engine}
+site=/tmp/gpu-session-site
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device-$stage.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device-$stage.txt"
-e2e="python3 -m bench --preset sd15 --batch 1,2,4"
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+install_wheels() {  # the carried wheels into $site, ahead of the image's packages; again only if the list changed
+    local list
+    list=$(cd "$wheels" 2>/dev/null && ls -- *.whl 2>/dev/null)
+    [ -n "$list" ] || return 0
+    if [ "$(cat "$site/.installed" 2>/dev/null)" != "$list" ]; then
+        echo "installing $(echo "$list" | wc -l) wheels from $wheels into $site"
+        rm -rf "$site"
+        "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
+            "$wheels"/*.whl && echo "$list" > "$site/.installed"
+    fi
+    [ -f "$site/.installed" ] && export PYTHONPATH="$site:$PYTHONPATH"
+    return 0
+}
+
+device_info() {
+    { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || echo "no nvidia-smi"
+      "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1
+    } | tee "$out/device-$stage.txt"
+}
+
+# run PART BUDGET_S COMMAND...: at most BUDGET_S (less if the overall deadline is nearer), log to $out/PART.log
+deadline=${GPU_CHECK_SECONDS:-510}
+failed=0
+run() {
+    local part=$1 budget=$2 left t0 rc
+    shift 2
+    left=$((deadline - SECONDS - 15))  # the 15: timeout's -k 10 and the lines after
+    [ "$budget" -gt "$left" ] && budget=$left
+    if [ "$budget" -lt 10 ]; then
+        echo "== $part: not run: ${left}s left of ${deadline}s" | tee -a "$out/stages.txt"
+        failed=1
+        return
+    fi
+    echo "== $part (limit ${budget}s, at ${SECONDS}s)"
+    t0=$SECONDS
+    timeout -k 10 "$budget" "$@" 2>&1 | tee "$out/$part.log"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] && rc="$rc (timed out after ${budget}s)"
+    echo "== $part: rc $rc, $((SECONDS - t0)) s" | tee -a "$out/stages.txt"
+    [ "${rc%% *}" = 0 ] || failed=1
+}
+
+weights() { "$py" -c "import sys; from bench.weights import bench_weights; print(bench_weights('sd15', sys.argv[1]))" "$cache"; }
+pytest_args=(-p no:cacheprovider -rfEs --tb=short --durations=30)
+if "$py" -c "import pytest_timeout" 2>/dev/null; then pytest_args+=(--timeout=150); fi
+# the GPU tests by value, so that a cut-off loses the least: the kernels at SD1.5 shapes first, then CUDA graphs, the
+# cubin launches, then every other file in name order (pytest keeps the order of the files it is given)
+gpu_files=(tests/test_kernels_attention.py tests/test_kernels_norms.py tests/test_kernels_packed.py
+           tests/test_kernels_projector.py tests/test_graphs.py tests/test_export_launch.py)
+for f in tests/test_*.py; do [[ " ${gpu_files[*]} " == *" $f "* ]] || gpu_files+=("$f"); done
+
 case $stage in
-    tests)   python3 -m pytest -q -rs -p no:cacheprovider tests 2>&1 | tee "$out/tests.log" ;;
-    ops)     python3 -m bench ops --json "$out/ops.json" 2>&1 | tee "$out/ops.log" ;;
-    e2e)     $e2e --json "$out/e2e.json" --plot "$out/e2e.png" 2>&1 | tee "$out/e2e.log" ;;
-    ladder)  python3 -m bench --preset sd15 --batch 2 --repeats 5 --ladder --json "$out/ladder.json" 2>&1 | tee "$out/ladder.log" ;;
-    profile) python3 -m bench --preset sd15 --batch 2 --steps 5 --repeats 3 --providers engine,diffusers \
-                 --profile "$out/profile" --json "$out/profile.json" 2>&1 | tee "$out/profile.log" ;;
-    *)       echo "unknown stage $stage: tests | ops | e2e | ladder | profile" >&2; exit 2 ;;
+    all)
+        : > "$out/stages.txt"
+        device_info
+        run envcheck 60 bash "$0" envcheck
+        # the SD1.5 weights for e2e-short, built while the GPU tests run (CPU work; half the cores)
+        wlimit=$((deadline - SECONDS - 30)); [ "$wlimit" -gt 300 ] && wlimit=300  # `wait` below ends by the deadline
+        (OMP_NUM_THREADS=8 timeout -k 10 "$wlimit" bash "$0" weights > "$out/weights.log" 2>&1
+         echo "== weights (background): rc $?, done at ${SECONDS}s" >> "$out/stages.txt") &
+        wpid=$!
+        run gpu-tests 250 bash "$0" gpu-tests
+        run ops 70 bash "$0" ops
+        wait "$wpid"
+        run e2e-short 130 bash "$0" e2e-short
+        echo "== all: $( [ $failed = 0 ] && echo ok || echo FAILED ), ${SECONDS}s" | tee -a "$out/stages.txt"
+        exit $failed ;;
+    envcheck)
+        "$py" -m bench.envcheck | tee "$out/envcheck-image.txt"  # what is here before the wheels
+        install_wheels
+        "$py" -m bench.envcheck --strict | tee "$out/envcheck.txt" ;;
+    weights)    install_wheels; weights ;;
+    gpu-tests)  install_wheels
+                ENGINE_GPU_CHECK=1 "$py" -m pytest -m gpu "${pytest_args[@]}" --junitxml "$out/gpu-tests.xml" \
+                    "${gpu_files[@]}" ;;
+    ops)        install_wheels; "$py" -m bench ops --json "$out/ops.json" ;;
+    e2e-short)  install_wheels
+                "$py" -m bench --preset sd15 --cache "$cache" --batch 2 --steps 30 --repeats 3 \
+                    --providers engine,diffusers --json "$out/e2e-short.json" ;;
+    tests)      install_wheels; device_info
+                "$py" -m pytest -q "${pytest_args[@]}" --junitxml "$out/tests.xml" tests 2>&1 | tee "$out/tests.log" ;;
+    e2e)        install_wheels; device_info
+                "$py" -m bench --preset sd15 --cache "$cache" --batch 1,2,4 --json "$out/e2e.json" \
+                    --plot "$out/e2e.png" 2>&1 | tee "$out/e2e.log" ;;
+    ladder)     install_wheels; device_info
+                "$py" -m bench --preset sd15 --cache "$cache" --batch 2 --repeats 5 --ladder \
+                    --json "$out/ladder.json" 2>&1 | tee "$out/ladder.log" ;;
+    profile)    install_wheels; device_info
+                "$py" -m bench --preset sd15 --cache "$cache" --batch 2 --steps 5 --repeats 3 \
+                    --providers engine,diffusers --profile "$out/profile" --json "$out/profile.json" 2>&1 \
+                    | tee "$out/profile.log" ;;
+    *)          echo "unknown stage $stage: all | envcheck | gpu-tests | ops | e2e-short | weights | tests | e2e |" \
+                     "ladder | profile" >&2
+                exit 2 ;;
 esac

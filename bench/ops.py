@@ -8,8 +8,11 @@ Decoupled cross-attention at every SD1.5 cross-attention shape (Lq 4096/1024/256
 - `xformers`: two memory_efficient_attention calls plus the add, where xformers is installed;
 - `reference`: the plain PyTorch reference.
 And the instruct projector with all four guidance branches of a request in one batch: `reference`
-(the nn.Module) against `fused` (kernels.projector). Times in ms, TFLOP/s of the work done, GB/s of
-the bytes each call must move at least once.
+(the nn.Module) against `fused` (kernels.projector). Each provider's output is checked against the fp32
+reference first; a wrong one gets no timing. Two timings in ms: `latency` (one pair of CUDA events around one
+call, launch included: at small Lq that is Triton's launcher) and, on CUDA, `kernel_latency` (per call in a
+CUDA graph of back-to-back calls: the kernels alone). TFLOP/s of the work done and GB/s of the bytes each call
+must move at least once come from the kernel-only time where there is one.
 """
 from __future__ import annotations
 
@@ -18,12 +21,15 @@ import torch
 from kernels import decoupled_attention, decoupled_attention_ref, decoupled_attention_sdpa
 from kernels._runtime import triton_unusable
 
-from .common import Row, device_name, format_table, git_sha, hbm_peak, measure
+from .common import Row, device_name, format_table, git_sha, hbm_peak, kernel_samples, measure, percentiles
 
 ATTENTION_SHAPES = [(4096, 40), (1024, 80), (256, 160), (64, 160)]  # (Lq, D) of SD1.5's cross-attentions
 HEADS, TEXT_TOKENS, ADAPTER_TOKENS = 8, 77, 16
 BASELINE = "two-sdpa"
 OPS_PROVIDERS = ("fused", "plugin", "two-sdpa", "xformers", "reference")
+# a provider's error against the fp32 reference may be twice plain PyTorch's in the same dtype plus this x the
+# reference's largest magnitude (flash-attention's rule, as tests/test_kernels_attention.py)
+ATOL = {torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 5e-3}
 
 
 def _xformers_fn():
@@ -104,19 +110,68 @@ def attention_work(b: int, lq: int, d: int, itemsize: int) -> tuple[float, float
     return flops, bytes_
 
 
+def wrong_output(got: torch.Tensor, plain: torch.Tensor, exact: torch.Tensor) -> str | None:
+    """None when `got` is as close to the fp32 reference `exact` as flash-attention's rule allows (at most twice
+    the error of plain PyTorch in the same dtype, `plain`, plus ATOL x the reference's largest magnitude), else
+    what is wrong with it."""
+    if got.shape != exact.shape:
+        return f"wrong output: shape {tuple(got.shape)}, expected {tuple(exact.shape)}"
+    exact = exact.float()
+    err = (got.float() - exact).abs().max().item()
+    base = (plain.float() - exact).abs().max().item()
+    bound = 2 * base + ATOL[got.dtype] * max(1.0, exact.abs().max().item())
+    if not err <= bound:  # NaN fails too
+        return f"wrong output: max error {err:.3g} against the fp32 reference, allowed {bound:.3g}"
+    return None
+
+
+def time_provider(fn, device, repeats, kernel_timer) -> tuple[dict[str, tuple], str | None]:
+    """metric -> (p20, p50, p80) in ms: `latency` (one call, launch included) and, with a `kernel_timer`,
+    `kernel_latency` (the kernels alone); and why the kernel-only time is missing, if it is."""
+    times, why = {"latency": measure(fn, device, repeats)}, None
+    if kernel_timer is not None:
+        try:
+            times["kernel_latency"] = percentiles(kernel_timer(fn))
+        except Exception as e:  # a provider that cannot be captured in a CUDA graph keeps its launch-inclusive time
+            why = f"kernel-only timing failed: {type(e).__name__}: {e}"
+    return times, why
+
+
 def rows_for(op, provider, x_name, x, times, flops, bytes_, env, config) -> list[Row]:
-    p20, p50, p80 = times
-    out = [Row(op, provider, "latency", "ms", x_name, x, p20, p50, p80, config=config, **env)]
-    # throughput figures from the same samples: the slow quantile gives the low figure
+    """Latency rows for each timing in `times`; throughput and bandwidth from the kernel-only time where there
+    is one (else from the launch-inclusive one), the slow percentile giving the low figure."""
+    basis = "kernel_latency" if "kernel_latency" in times else "latency"
+    out = [Row(op, provider, metric, "ms", x_name, x, *t, config=config, **env) for metric, t in times.items()]
+    p20, p50, p80 = times[basis]
+    derived = {**config, "timing": basis}
     out.append(Row(op, provider, "throughput", "TFLOP/s", x_name, x, flops / p80 / 1e9, flops / p50 / 1e9,
-                   flops / p20 / 1e9, config=config, **env))
+                   flops / p20 / 1e9, config=derived, **env))
     if bytes_:
         out.append(Row(op, provider, "bandwidth", "GB/s", x_name, x, bytes_ / p80 / 1e6, bytes_ / p50 / 1e6,
-                       bytes_ / p20 / 1e6, config=config, **env))
+                       bytes_ / p20 / 1e6, config=derived, **env))
     return out
 
 
-def bench_attention(device, dtype, batches, repeats, wanted, env) -> tuple[list[Row], list[list[str]], dict]:
+def run_checked(fns, args_call, exact, plain, device, repeats, kernel_timer, skipped, where):
+    """Each provider's output checked against the reference, then timed: name -> times. A provider whose
+    output is wrong gets no timing, only its line in `skipped`."""
+    timed = {}
+    for name, fn in fns.items():
+        why = wrong_output(args_call(fn), plain, exact)
+        if why:
+            skipped[f"{name} {where}"] = why
+            continue
+        timed[name], why = time_provider(lambda fn=fn: args_call(fn), device, repeats, kernel_timer)
+        if why:
+            skipped[f"{name} {where} kernel_latency"] = why
+    return timed
+
+
+def _p50(times: dict) -> float:
+    return times.get("kernel_latency", times["latency"])[1]
+
+
+def bench_attention(device, dtype, batches, repeats, wanted, env, kernel_timer) -> tuple[list[Row], list, dict]:
     fns, skipped = attention_providers(device, wanted, dtype)
     peak = hbm_peak(env["device"])
     rows, lines = [], []
@@ -126,28 +181,32 @@ def bench_attention(device, dtype, batches, repeats, wanted, env) -> tuple[list[
             flops, bytes_ = attention_work(b, lq, d, args[0].element_size())
             config = dict(B=b, H=HEADS, Lq=lq, D=d, Lt=TEXT_TOKENS, Li=ADAPTER_TOKENS)
             shape = f"B{b} Lq{lq} D{d}"
-            p50 = {}
             with torch.inference_mode():
-                for name, fn in fns.items():
-                    times = measure(lambda: fn(*args), device, repeats)
-                    p50[name] = times[1]
-                    rows += rows_for("decoupled_attention", name, "shape", shape, times, flops, bytes_, env, config)
-            for name, ms in p50.items():
+                exact = decoupled_attention_ref(*[a.float() for a in args])
+                plain = decoupled_attention_ref(*args)
+                timed = run_checked(fns, lambda fn: fn(*args), exact, plain, device, repeats, kernel_timer,
+                                    skipped, shape)
+            for name, times in timed.items():
+                rows += rows_for("decoupled_attention", name, "shape", shape, times, flops, bytes_, env, config)
+                ms = _p50(times)
                 gbs = bytes_ / ms / 1e6
-                lines.append([shape, name, f"{ms:.4f}", f"{flops / ms / 1e9:.3g}", f"{gbs:.4g}",
-                              f"{100 * gbs / peak:.0f}%" if peak else "-",
-                              f"{p50[BASELINE] / ms:.2f}x" if BASELINE in p50 else "-"])
+                kernel = times.get("kernel_latency")
+                lines.append([shape, name, f"{times['latency'][1]:.4f}", f"{kernel[1]:.4f}" if kernel else "-",
+                              f"{flops / ms / 1e9:.3g}", f"{gbs:.4g}", f"{100 * gbs / peak:.0f}%" if peak else "-",
+                              f"{_p50(timed[BASELINE]) / ms:.2f}x" if BASELINE in timed else "-"])
     return rows, lines, skipped
 
 
-def bench_projector(device, dtype, repeats, wanted, env) -> tuple[list[Row], list[list[str]], dict]:
+def bench_projector(device, dtype, repeats, wanted, env, kernel_timer) -> tuple[list[Row], list, dict]:
+    import copy
+
     from torch.utils.flop_counter import FlopCounterMode
 
     from engine.projector import InstructProjector, ProjectorConfig
 
     cfg = ProjectorConfig.preset("sd15")
     torch.manual_seed(0)
-    module = InstructProjector(cfg).to(device, dtype).eval()
+    module = InstructProjector(cfg).to(device, dtype).eval().requires_grad_(False)
     branches = 4  # full, img_only, every, uncond: one request in full guidance mode
     image = torch.randn(branches, 257, cfg.image_dim, device=device, dtype=dtype)
     text = torch.randn(branches, 77, cfg.text_dim, device=device, dtype=dtype)
@@ -162,32 +221,47 @@ def bench_projector(device, dtype, repeats, wanted, env) -> tuple[list[Row], lis
     if wanted:
         fns = {n: f for n, f in fns.items() if n in wanted}
     with torch.no_grad(), FlopCounterMode(display=False) as counter:  # not under inference_mode: it breaks the counter
-        module.requires_grad_(False)(image, instruct, text)
+        module(image, instruct, text)
     with torch.inference_mode():
         flops = float(counter.get_total_flops())
         weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
         config = dict(branches=branches, image_tokens=257, text_tokens=77, preset="sd15")
-        rows, lines, p50 = [], [], {}
-        for name, fn in fns.items():
-            times = measure(fn, device, repeats)
-            p50[name] = times[1]
-            rows += rows_for("projector", name, "branches", branches, times, flops, weight_bytes, env, config)
-    for name, ms in p50.items():
-        lines.append([f"{branches} branches", name, f"{ms:.4f}", f"{flops / ms / 1e9:.3g}",
-                      f"{weight_bytes / ms / 1e6:.4g}", f"{p50['reference'] / ms:.2f}x" if "reference" in p50 else "-"])
+        plain = module(image, instruct, text)
+        exact = plain if dtype == torch.float32 else \
+            copy.deepcopy(module).float()(image.float(), instruct.float(), text.float())
+        timed = run_checked(fns, lambda fn: fn(), exact, plain, device, repeats, kernel_timer, skipped,
+                            f"{branches} branches")
+    rows, lines = [], []
+    for name, times in timed.items():
+        rows += rows_for("projector", name, "branches", branches, times, flops, weight_bytes, env, config)
+        ms, kernel = _p50(times), times.get("kernel_latency")
+        lines.append([f"{branches} branches", name, f"{times['latency'][1]:.4f}", f"{kernel[1]:.4f}" if kernel else "-",
+                      f"{flops / ms / 1e9:.3g}", f"{weight_bytes / ms / 1e6:.4g}",
+                      f"{_p50(timed['reference']) / ms:.2f}x" if "reference" in timed else "-"])
     return rows, lines, skipped
 
 
 def run_ops(device: torch.device, dtype: torch.dtype, batches: list[int], repeats: int,
-            wanted: list[str] | None) -> tuple[list[Row], str]:
+            wanted: list[str] | None, kernel_timer="auto") -> tuple[list[Row], str]:
+    """Every provider at every shape -> long-format rows and the report. `kernel_timer(fn) -> [ms per call]`
+    gives the kernel-only samples (default: `kernel_samples` on CUDA; none on the CPU, which has no CUDA graphs)."""
     env = dict(device=device_name(device), dtype=str(dtype).removeprefix("torch."), git_sha=git_sha())
-    rows, lines, skipped = bench_attention(device, dtype, batches, repeats, wanted, env)
-    p_rows, p_lines, p_skipped = bench_projector(device, dtype, repeats, wanted, env)
-    headers = ["shape", "provider", "ms p50", "TFLOP/s", "GB/s", "% HBM", f"vs {BASELINE}"]
-    text = [f"device: {env['device']}   dtype: {env['dtype']}   git: {env['git_sha']}   repeats: {repeats}", "",
+    if kernel_timer == "auto":
+        kernel_timer = kernel_samples if device.type == "cuda" else None
+    rows, lines, skipped = bench_attention(device, dtype, batches, repeats, wanted, env, kernel_timer)
+    p_rows, p_lines, p_skipped = bench_projector(device, dtype, repeats, wanted, env, kernel_timer)
+    basis = "kernel-only" if kernel_timer else "launch-inclusive"
+    headers = ["shape", "provider", "ms p50", "kernel ms p50", "TFLOP/s", "GB/s", "% HBM", f"vs {BASELINE}"]
+    text = [f"device: {env['device']}   dtype: {env['dtype']}   git: {env['git_sha']}   repeats: {repeats}",
+            f"ms p50: one call, launch included; kernel ms p50: per call in a CUDA graph of back-to-back calls; "
+            f"throughput and speed-ups from the {basis} time", "",
             "decoupled cross-attention (H 8, Lt 77, Li 16)", format_table(headers, lines)]
     text += ["", "instruct projector (sd15 sizes, one request's guidance branches)",
-             format_table(["batch", "provider", "ms p50", "TFLOP/s", "GB/s weights", "vs reference"], p_lines)]
+             format_table(["batch", "provider", "ms p50", "kernel ms p50", "TFLOP/s", "GB/s weights",
+                           "vs reference"], p_lines)]
+    if kernel_timer is None:
+        text.append(f"not measured: kernel_latency: CUDA graphs need CUDA (on the {device.type} only the per-call "
+                    "latency)")
     for name, why in {**skipped, **{f"projector {k}": v for k, v in p_skipped.items()}}.items():
         text.append(f"not measured: {name}: {why}")
     return rows + p_rows, "\n".join(text)

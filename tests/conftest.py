@@ -86,3 +86,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(pytest.mark.skip(reason=GPU_SKIP))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # ENGINE_GPU_CHECK=1 (bench/gpu_session.sh on a GPU machine): a gpu-marked test that skips there, for want of
+    # a package, a compiler or a GPU, is a failure of the check, not a pass
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("ENGINE_GPU_CHECK") == "1" and item.get_closest_marker("gpu"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped in the GPU check (ENGINE_GPU_CHECK=1), which counts as a failure: {reason}"

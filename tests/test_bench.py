@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from bench.__main__ import main
+from bench.e2e import LADDER
+from bench.ops import attention_work
+from conftest import gpu
 
 KEYS = {"op", "provider", "metric", "unit", "x_name", "x", "p20", "p50", "p80", "device", "dtype", "git_sha", "config"}
 
@@ -19,13 +22,23 @@ def test_ops_writes_rows_for_every_shape_and_provider(tmp_path, capsys):
     shapes = {r["x"] for r in attention}
     assert shapes == {"B1 Lq4096 D40", "B1 Lq1024 D80", "B1 Lq256 D160", "B1 Lq64 D160"}
     assert {r["provider"] for r in attention} - {"xformers"} == {"two-sdpa", "reference"}  # xformers if installed
+    latency = {(r["op"], r["provider"], r["x"]): r for r in rows if r["metric"] == "latency"}
     for r in rows:
-        assert r["p20"] <= r["p50"] <= r["p80"] and r["p20"] > 0, r
         assert r["unit"] == {"latency": "ms", "throughput": "TFLOP/s", "bandwidth": "GB/s"}[r["metric"]]
+        if r["metric"] == "latency":  # measured: ordered percentiles of real samples
+            assert 0 < r["p20"] <= r["p50"] <= r["p80"], r
+    for r in attention:  # derived rows: the work over the measured time (no kernel-only time on the CPU)
+        if r["metric"] != "latency":
+            c, t = r["config"], latency[(r["op"], r["provider"], r["x"])]
+            assert c["timing"] == "latency"
+            flops, bytes_ = attention_work(c["B"], c["Lq"], c["D"], 4)
+            work = flops / 1e9 if r["metric"] == "throughput" else bytes_ / 1e6
+            assert [r[k] for k in ("p20", "p50", "p80")] == pytest.approx([work / t[k] for k in ("p80", "p50", "p20")])
     projector = [r for r in rows if r["op"] == "projector" and r["metric"] == "throughput"]
     assert projector and projector[0]["config"]["branches"] == 4
     out = capsys.readouterr().out
     assert "not measured: fused:" in out and "two-sdpa" in out
+    assert "not measured: kernel_latency: CUDA graphs need CUDA" in out
 
 
 def test_e2e_compares_the_providers_in_one_run(tmp_path, capsys):
@@ -98,33 +111,70 @@ def test_ladder_runs_what_the_cpu_can_and_names_the_rest(tmp_path, capsys):
     assert "vs eager" in out
 
 
+# what each ladder step turns on: (the Triton attention in every cross-attention, the fused GEGLU, channels-last)
+LADDER_STATE = {"engine-eager": (False, False, False), "+channels-last": (False, False, True),
+                "+fused-attention": (True, False, True), "+fused-norms": (True, True, True),
+                "+cuda-graphs": (True, True, True), "+compile": (True, True, True)}
+
+
+def fast_path_state(pipe):
+    from diffusers.models.activations import GEGLU
+
+    from kernels.backends import implementation
+
+    impls = {p.impl for p in pipe.cross.values()}
+    fused_geglu = any("forward" in m.__dict__ for m in pipe.unet.modules() if type(m) is GEGLU)
+    conv = next(m for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d))
+    return (impls == {implementation("triton")}, fused_geglu,
+            conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.shape[-1] > 1)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter stands in for the GPU's Triton only on a "
                     "GPU-less machine (on a GPU the CPU pipeline built here falls back to sdpa)")
 def test_ladder_steps_configure_one_piece_each(tmp_path):
     # built on the CPU (the interpreter stands in for the GPU's Triton): each step differs from the one
     # before by exactly its own piece
-    import torch
-    from diffusers.models.activations import GEGLU
-
     from bench.e2e import E2EConfig, EngineProvider
     from bench.weights import bench_weights
-    from kernels.backends import implementation
 
     paths = bench_weights("tiny", str(tmp_path / "w"))
-    cpu, cfg = torch.device("cpu"), E2EConfig()
+    for step in ("engine-eager", "+channels-last", "+fused-attention", "+fused-norms"):
+        pipe = EngineProvider(step, paths, torch.device("cpu"), torch.float32, E2EConfig()).pipe
+        assert fast_path_state(pipe) == LADDER_STATE[step], step
 
-    def state(name):
-        pipe = EngineProvider(name, paths, cpu, torch.float32, cfg).pipe
-        impls = {p.impl for p in pipe.cross.values()}
-        fused_geglu = any("forward" in m.__dict__ for m in pipe.unet.modules() if type(m) is GEGLU)
-        conv = next(m for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d))
-        return (impls == {implementation("triton")}, fused_geglu,
-                conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.shape[-1] > 1)
 
-    assert state("engine-eager") == (False, False, False)
-    assert state("+channels-last") == (False, False, True)
-    assert state("+fused-attention") == (True, False, True)
-    assert state("+fused-norms") == (True, True, True)
+@pytest.fixture(scope="module")
+def ladder_on_gpu(tmp_path_factory):
+    """Tiny weights, the ladder's config on CUDA in fp32 (no TF32), and engine-eager's latents to compare with."""
+    from bench.e2e import E2EConfig, EngineProvider
+    from bench.weights import bench_weights
+    from engine.demo import draw_condition_image
+
+    paths = bench_weights("tiny", str(tmp_path_factory.mktemp("ladder") / "w"))
+    cfg = E2EConfig(device="cuda", dtype="float32", steps=3)
+    image = draw_condition_image(64)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    eager = EngineProvider("engine-eager", paths, torch.device("cuda"), torch.float32, cfg)
+    yield paths, cfg, image, eager(image, 2, output_type="latent").float()
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+@gpu
+@pytest.mark.parametrize("step", [s for s in LADDER if s != "engine-eager"])
+def test_ladder_step_matches_eager_on_gpu(ladder_on_gpu, step):
+    """On CUDA each ladder step turns on its pieces, and its latents (batch 2, 3 steps, fp32) match engine-eager's:
+    relative L2 error under 1e-3 (fp32 kernels against fp32 PyTorch; a broken piece is off by O(1))."""
+    from bench.e2e import EngineProvider
+
+    paths, cfg, image, eager = ladder_on_gpu
+    provider = EngineProvider(step, paths, torch.device("cuda"), torch.float32, cfg)
+    assert fast_path_state(provider.pipe) == LADDER_STATE[step]
+    for call in range(2):  # the second call replays (CUDA graphs) or reuses the compiled UNet
+        got = provider(image, 2, output_type="latent").float()
+        assert got.shape == eager.shape and torch.isfinite(got).all()
+        err = ((got - eager).norm() / eager.norm()).item()
+        assert err < 1e-3, f"{step}, call {call + 1}: relative error {err:.3g} against engine-eager"
 
 
 def test_e2e_report_says_when_full_guidance_is_unequal_work_and_keeps_peaks_per_batch():
@@ -141,3 +191,118 @@ def test_e2e_report_says_when_full_guidance_is_unequal_work_and_keeps_peaks_per_
         assert ("unequal work" in text) == said
     peaks = {(r.provider, r.x): r.p50 for r in rows if r.metric == "peak_memory"}
     assert peaks == {("engine", 1): 1.5, ("engine", 4): 3.25, ("diffusers", 1): 2.0, ("diffusers", 4): 5.0}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 37])
+def test_percentiles_match_numpy(n):
+    import numpy as np
+
+    from bench.common import percentiles
+    samples = list(np.random.default_rng(n).lognormal(size=n))
+    qs = (0, 20, 50, 80, 90, 99, 100)
+    assert percentiles(samples, qs) == pytest.approx(list(np.percentile(samples, qs)), rel=1e-12)
+
+
+def test_kernel_only_time_has_its_own_rows_and_drives_the_throughput():
+    """`kernel_latency` rows are the percentiles of what the kernel timer returned (a stand-in on the CPU: CUDA
+    graphs need CUDA); throughput and bandwidth come from them, not from the launch-inclusive time."""
+    import numpy as np
+
+    from bench.ops import run_ops
+    rng, given = np.random.default_rng(0), []
+
+    def timer(fn):
+        assert fn() is not None  # it times the provider's own call
+        given.append(list(rng.uniform(0.01, 0.02, size=10)))
+        return given[-1]
+
+    rows, text = run_ops(torch.device("cpu"), torch.float32, [1], 1, ["two-sdpa"], kernel_timer=timer)
+    kernel = [r for r in rows if r.metric == "kernel_latency"]
+    assert len(kernel) == len(given) == 4 and all(r.unit == "ms" for r in kernel)  # one per attention shape
+    for r, samples in zip(kernel, given):
+        assert [r.p20, r.p50, r.p80] == pytest.approx(list(np.percentile(samples, [20, 50, 80])))
+        flops, _ = attention_work(1, r.config["Lq"], r.config["D"], 4)
+        tput = next(t for t in rows if t.metric == "throughput" and t.x == r.x)
+        assert tput.config["timing"] == "kernel_latency" and tput.p50 == pytest.approx(flops / r.p50 / 1e9)
+    assert f"{kernel[0].p50:.4f}" in text and "not measured: kernel_latency" not in text
+
+
+def test_a_provider_with_wrong_output_gets_no_timing(monkeypatch):
+    import bench.ops
+    from kernels import decoupled_attention_ref
+    monkeypatch.setattr(bench.ops, "decoupled_attention_sdpa", lambda *a: decoupled_attention_ref(*a) * 1.01)
+    rows, text = bench.ops.run_ops(torch.device("cpu"), torch.float32, [1], 1, ["two-sdpa", "reference"])
+    assert {r.provider for r in rows if r.op == "decoupled_attention"} == {"reference"}
+    for lq, d in bench.ops.ATTENTION_SHAPES:
+        assert f"not measured: two-sdpa B1 Lq{lq} D{d}: wrong output: max error" in text
+    nan = torch.full((1, 2), float("nan"))
+    assert bench.ops.wrong_output(nan, torch.zeros(1, 2), torch.zeros(1, 2)).startswith("wrong output")
+
+
+def test_envcheck_names_every_package_the_gpu_check_needs(tmp_path):
+    """`bash bench/gpu_session.sh envcheck` runs here: one line per needed package, present with the version this
+    interpreter has or missing when it cannot import it; the interpreter's versions; --strict fails on a miss."""
+    import importlib.metadata as md
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    from bench.envcheck import NEEDED, carried
+    (tmp_path / "no-wheels").mkdir()
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "WHEELS": str(tmp_path / "no-wheels")}
+    res = subprocess.run(["bash", "bench/gpu_session.sh", "envcheck"], capture_output=True, text=True, env=env,
+                         timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lines = {ln.split(":")[1].strip().removeprefix("package "): ln for ln in res.stdout.splitlines()
+             if ln.startswith("envcheck: package ")}
+    assert set(lines) == set(NEEDED), res.stdout + res.stderr
+    wheels = carried()
+    for dist, (module, _) in NEEDED.items():
+        if importlib.util.find_spec(module) is None:
+            assert "missing" in lines[dist]
+        else:
+            assert f"present {md.version(dist) if dist != 'cupy' else ''}" in lines[dist]
+        assert ("carried as a wheel" in lines[dist]) == (dist in wheels)
+    assert f"envcheck: torch {torch.__version__}" in res.stdout and "envcheck: triton " in res.stdout
+    missing = [d for d, (m, _) in NEEDED.items() if importlib.util.find_spec(m) is None]
+    assert res.returncode == (1 if missing else 0)  # the second, --strict run
+    saved = (tmp_path / "out" / "envcheck.txt").read_text()  # $OUT keeps what was printed
+    assert all(lines[dist] in saved for dist in NEEDED)
+
+
+def test_carried_wheels_bring_every_requirement_the_image_lacks():
+    """Each carried wheel's requirements (as installed here, for Python 3.12 on Linux) are carried too or come
+    with the GPU image: the list downloaded with --no-deps is a closed set."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    from bench.envcheck import IMAGE, carried, normalize
+    wheels = carried()
+    assert "diffusers" in wheels and not set(wheels) & IMAGE  # nothing the image has is carried
+    env = {"python_version": "3.12", "python_full_version": "3.12.0", "sys_platform": "linux",
+           "platform_system": "Linux", "platform_machine": "x86_64", "extra": ""}
+    for name, line in wheels.items():
+        assert md.version(name) == line.split("==")[1], f"{line}: this environment has {md.version(name)}"
+        for req in map(Requirement, md.requires(name) or []):
+            if req.marker is None or req.marker.evaluate(env):
+                assert normalize(req.name) in wheels or normalize(req.name) in IMAGE, f"{name} needs {req}"
+
+
+def test_gpu_check_turns_skips_of_gpu_tests_into_failures(tmp_path):
+    """With ENGINE_GPU_CHECK=1 (the GPU check) a gpu-marked test that skips fails; other skips stay skips."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "test_skips.py").write_text(
+        "import pytest\n\n@pytest.mark.gpu\ndef test_marked():\n    pytest.skip('no compiler')\n\n"
+        "def test_plain():\n    pytest.skip('not here')\n")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    for check, expect in (("1", "1 skipped, 1 error"), ("0", "2 skipped")):
+        env = {**os.environ, "ENGINE_GPU_CHECK": check, "PYTHONPATH": tests}
+        res = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-q",
+                              "-rfEs", str(tmp_path / "test_skips.py")], capture_output=True, text=True, env=env,
+                             timeout=120, cwd=tmp_path)
+        assert expect in res.stdout, res.stdout + res.stderr
+        assert ("which counts as a failure: Skipped: " in res.stdout) == (check == "1")  # with the skip's reason
