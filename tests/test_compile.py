@@ -22,26 +22,38 @@ def test_compiled_unet_is_one_graph_and_gives_the_same_latents(tiny, cond_image)
     assert not torch.equal(eager, eager_other)
 
 
+def two_requests(cond_image, steps):
+    call = dict(prompt=PROMPT, image=cond_image, instruct="use the composition", num_inference_steps=steps, seed=3,
+                output_type="latent")
+    return call, {**call, "prompt": "a blue boat", "scale": 0.3, "seed": 4}
+
+
+def eager_then_compiled(pipe, cond_image, steps):
+    """Two requests of one shape, eager then after pipe.compile(); the second compiled one adds no graph."""
+    from torch._dynamo.utils import counters
+
+    call, other = two_requests(cond_image, steps)
+    eager = pipe(**call), pipe(**other)
+    torch._dynamo.reset()
+    counters.clear()
+    pipe.compile()
+    compiled = pipe(**call)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = compiled, pipe(**other)
+    assert graphs >= 1 and counters["stats"]["unique_graphs"] == graphs  # new values, same shape: nothing new
+    return eager, compiled
+
+
 def test_inductor_compiled_unet_gives_the_same_latents_and_never_recompiles_for_new_values(tiny, cond_image):
     """The real default (inductor, generating C++ on this CPU; `python -m bench --compile` uses it): same
     latents as eager within fp32 rounding, and a request with other values at the same shape reuses the code."""
-    from torch._dynamo.utils import counters
-
     from engine import Pipeline
     pipe = Pipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"], adapter=tiny["adapter"],
                                     device="cpu", attention_backend="sdpa")
     pipe.set_progress_bar_config(disable=True)
-    call = dict(prompt=PROMPT, image=cond_image, instruct="use the composition", num_inference_steps=2, seed=3,
-                output_type="latent")
-    other = {**call, "prompt": "a blue boat", "scale": 0.3, "seed": 4}
-    eager, eager_other = pipe(**call), pipe(**other)
-    torch._dynamo.reset()
-    counters.clear()
-    pipe.compile()
-    torch.testing.assert_close(pipe(**call), eager, atol=1e-4, rtol=1e-4)
-    frames = counters["stats"]["unique_graphs"]
-    torch.testing.assert_close(pipe(**other), eager_other, atol=1e-4, rtol=1e-4)
-    assert frames >= 1 and counters["stats"]["unique_graphs"] == frames  # new values: no new graph
+    (eager, eager_other), (compiled, compiled_other) = eager_then_compiled(pipe, cond_image, steps=2)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(compiled_other, eager_other, atol=1e-4, rtol=1e-4)
 
 
 @gpu
@@ -51,24 +63,13 @@ def test_compiled_unet_with_triton_kernels_on_gpu(tiny, cond_image, monkeypatch)
     reference at most twice the uncompiled one's) and a second request at the same shape compiles nothing new.
     GPU only: under the interpreter the same test (dynamo's eager backend, bitwise equal) passed but took 5 min
     here, the interpreted kernels being far slower under dynamo's frame hooks than uncompiled."""
-    from torch._dynamo.utils import counters
-
     from pipelines import check_within_rule, exact_fp32, runs_triton, tiny_pipeline
     pipe = tiny_pipeline(tiny, "cuda", "float16", "triton")
     assert runs_triton(pipe)
-    call = dict(prompt=PROMPT, image=cond_image, instruct="use the composition", num_inference_steps=3, seed=3,
-                output_type="latent")
-    other = {**call, "prompt": "a blue boat", "scale": 0.3, "seed": 4}
-    eager, eager_other = pipe(**call), pipe(**other)
-    torch._dynamo.reset()
-    counters.clear()
-    pipe.compile()
-    compiled = pipe(**call)
-    graphs = counters["stats"]["unique_graphs"]
-    compiled_other = pipe(**other)
-    assert graphs >= 1 and counters["stats"]["unique_graphs"] == graphs  # new values, same shape: nothing new
+    (eager, eager_other), (compiled, compiled_other) = eager_then_compiled(pipe, cond_image, steps=3)
     assert not torch.equal(compiled, compiled_other)
     exact_fp32(monkeypatch)
     exact_pipe = tiny_pipeline(tiny, "cuda", "float32", "reference")
+    call, other = two_requests(cond_image, steps=3)
     check_within_rule(compiled, eager, exact_pipe(**call), "compiled")
     check_within_rule(compiled_other, eager_other, exact_pipe(**other), "compiled, second request")
