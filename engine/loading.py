@@ -44,12 +44,20 @@ def native_size(model) -> tuple[int, int] | None:
     src = os.path.expanduser(os.fspath(model))
     try:
         with open(os.path.join(src, "unet", "config.json")) as fh:
-            sample = json.load(fh)["sample_size"]
+            unet = json.load(fh)
         with open(os.path.join(src, "vae", "config.json")) as fh:
-            factor = 2 ** (len(json.load(fh)["block_out_channels"]) - 1)
+            vae = json.load(fh)
+        return native_from_configs(unet, vae)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def native_from_configs(unet_config, vae_config) -> tuple[int, int]:
+    """(native height/width in pixels, VAE factor) from the UNet's and the VAE's configs (dicts or diffusers'
+    FrozenDicts): sample_size x 2^(len(block_out_channels) - 1)."""
+    sample = unet_config["sample_size"]
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     return int(sample) * factor, factor
 
 

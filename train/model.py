@@ -17,6 +17,7 @@ from torch import nn
 
 from engine.adapter import Adapter, AdapterLayers, cross_attention_layers, load_adapter
 from engine.errors import EngineError
+from engine.loading import native_from_configs
 from engine.projector import DIM_HEAD, InstructProjector, ProjectorConfig
 
 NEW_PATHS = ("prompt_layers", "new_input_layers", "proj_prompt_input", "proj_new_input")
@@ -80,9 +81,7 @@ def init_adapter(unet, image_dim: int, text_dim: int, init: str | None = None) -
 
 def native_resolution(unet, vae) -> int:
     """The base model's native image size in pixels: UNet sample_size x VAE factor (512 for SD1.5)."""
-    sample = unet.config.sample_size
-    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-    return int(sample) * 2 ** (len(vae.config.block_out_channels) - 1)
+    return native_from_configs(unet.config, vae.config)[0]
 
 
 def trainable(adapter: Adapter) -> nn.ModuleDict:
