@@ -17,7 +17,9 @@ setup(
     install_requires=[
         "torch>=2.4",
         "diffusers>=0.35,<0.43",
-        "transformers>=4.45,<6",
+        # 5.25 requires Hugging Face's `kernels` package, whose import name is this project's `kernels/`: transformers then
+        # imports ours as theirs and fails (ImportError: CUDAProperties) on every model load
+        "transformers>=4.45,<5.25",
         "safetensors>=0.4",
         "accelerate>=0.30",
         "pillow>=9",
