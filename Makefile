@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # With an NVIDIA GPU take pip's default (CUDA) torch; without one, the small CPU build.
 TORCH  ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
 
-.PHONY: install demo test clean gpu-wheels
+.PHONY: install demo test clean gpu-wheels browser
 
 install: $(VENV)/.installed
 
@@ -19,8 +19,14 @@ $(VENV)/.installed: setup.py
 demo: install
 	$(PY) -m engine demo
 
-test: install
+test: install browser
 	$(PY) -m pytest -q tests
+
+# the web page's test drives a real headless Chromium: Debian's chromium and its chromedriver (installed once, as root)
+browser:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+		else echo "the browser test needs Debian's chromium and chromium-driver: sudo apt-get install chromium chromium-driver"; fi; }
 
 # the wheels the GPU check needs that the GPU machine lacks (Python 3.12 there, no package index): exactly the list in
 # bench/gpu-requirements.txt, which holds their missing dependencies too (--no-deps: nothing else comes along);

@@ -6,6 +6,9 @@ requirements are already satisfied and no multi-GB CUDA build is pulled in.
 """
 from setuptools import find_packages, setup
 
+SERVE = ["fastapi>=0.110", "uvicorn>=0.30", "python-multipart>=0.0.9", "prometheus-client>=0.20", "httpx>=0.27",
+         "psutil>=5.9"]
+
 setup(
     name="ipadapter-instruct-engine",
     version="0.1.0",
@@ -13,7 +16,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "export", "export.*",
                                     "train", "train.*", "bench", "bench.*"]),
-    package_data={"train": ["instructions/*.txt"]},  # the instruction banks are data files
+    package_data={"train": ["instructions/*.txt"], "engine.server": ["static/*"]},  # data files: instruction banks, web page
     install_requires=[
         "torch>=2.4",
         "diffusers>=0.35,<0.43",
@@ -33,9 +36,13 @@ setup(
         "train": ["tensorboard>=2.14"],                        # python -m train logs there too when present
         # python -m export onnx / verify (the plugin op runs under ONNX Runtime through its extensions)
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxruntime-extensions>=0.12"],
+        # python -m engine serve (and engine.client: httpx); --ray adds Ray Serve
+        "serve": SERVE,
+        "ray": ["ray[serve]>=2.60"],
         # the CPU suite runs the kernels under Triton's interpreter, which needs 3.9 (3.6's fails on loops with
         # run-time bounds; GPU compilation works from 3.6)
         "dev": ["triton>=3.9; platform_system == 'Linux'", "pytest>=8", "matplotlib>=3.7", "pytest-benchmark>=4", "tensorboard>=2.14", "onnx>=1.16",
-                "onnxruntime>=1.18", "onnxruntime-extensions>=0.12"],
+                "onnxruntime>=1.18", "onnxruntime-extensions>=0.12", *SERVE, "ray[serve]>=2.60",
+                "selenium>=4.20"],  # the web page's test drives Debian's chromium through chromedriver
     },
 )

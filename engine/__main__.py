@@ -1,4 +1,4 @@
-"""python -m engine {generate, make-tiny, demo}: the command-line contract (README, "CLI").
+"""python -m engine {generate, make-tiny, demo, serve}: the command-line contract (README, "CLI").
 
 Arguments, output paths, sizes and the condition image are checked before torch, diffusers or triton is
 imported, so `--help` and every bad argument answer at once, and nothing heavy loads for a run that would fail.
@@ -43,12 +43,14 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_runtime_args(p: argparse.ArgumentParser) -> None:
+def add_runtime_args(p: argparse.ArgumentParser, backend: bool = True) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
     p.add_argument("--dtype", choices=list(DTYPE_NAMES), default=None, help="default: float16 on cuda, float32 on cpu")
     p.add_argument("--attention-backend", choices=list(BACKENDS), default="auto",
                    help="cross-attention: the fused Triton kernel, two SDPA calls, or the plain reference "
                         "(auto: triton on CUDA, sdpa elsewhere)")
+    if not backend:
+        return
     p.add_argument("--backend", choices=list(RUNTIMES), default="pytorch",
                    help="what runs the model: pytorch, or tensorrt (not available yet: says why and exits)")
 
@@ -99,7 +101,41 @@ def build_parser() -> Parser:
     d.add_argument("--cache", default=None, help="where the tiny weights are built (default: ~/.cache/...)")
     d.add_argument("--out", default=os.path.join("out", "demo.png"))
     add_runtime_args(d)
+    add_serve_parser(sub)
     return parser
+
+
+def add_serve_parser(sub) -> None:
+    from .server.config import ServerConfig as C  # light: a dataclass; the defaults live there, once
+
+    s = sub.add_parser("serve", help="an HTTP server with dynamic batching (FastAPI + uvicorn; --ray for Ray Serve)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--model", help="diffusers SD1.5 folder")
+    s.add_argument("--image-encoder", help="CLIPVisionModelWithProjection folder (with --adapter)")
+    s.add_argument("--adapter", help="two-key adapter file; without it the server is text to image")
+    s.add_argument("--tiny", action="store_true", help="the tiny random weights (built once, as `make demo` does)")
+    s.add_argument("--host", default=C.host, help="bind address (default: loopback only)")
+    s.add_argument("--port", type=int, default=C.port, help="0 picks a free port")
+    add_runtime_args(s, backend=False)
+    s.add_argument("--max-batch-rows", type=positive_int, default=C.max_batch_rows,
+                   help="UNet rows per call: requests x guidance branches (2 simple, 4 full) x images")
+    s.add_argument("--max-wait-ms", type=float, default=C.max_wait_ms,
+                   help="how long the oldest waiting request waits for others to share its call")
+    s.add_argument("--max-queue", type=positive_int, default=C.max_queue, help="waiting requests; more get 429")
+    s.add_argument("--request-timeout-s", type=float, default=C.request_timeout_s,
+                   help="a request still queued after this is dropped (504)")
+    s.add_argument("--max-upload-mb", type=float, default=C.max_upload_mb, help="largest request body (413)")
+    s.add_argument("--max-pixels", type=positive_int, default=C.max_pixels,
+                   help="largest condition image, width x height (413)")
+    s.add_argument("--api-key-file", help="file holding the key; /v1/* then needs `Authorization: Bearer KEY`")
+    s.add_argument("--cache-size", type=int, default=C.cache_size,
+                   help="entries in each conditioning cache (CLIP image and text encodings); 0 turns it off")
+    s.add_argument("--cors-origin", help="allow this browser origin (CORS is off without it)")
+    s.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up request")
+    s.add_argument("--ray", action="store_true", help="run under Ray Serve (a local Ray instance unless RAY_ADDRESS)")
+    s.add_argument("--replicas", type=positive_int, default=1, help="Ray Serve replicas (with --ray)")
+    s.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="GPUs per Ray Serve replica (default: 1 with --device cuda or a GPU present, else 0)")
 
 
 def check_generate_args(parser: Parser, a) -> None:
@@ -219,7 +255,54 @@ def interrupt_guard(grace_s: float = GRACE_S):
         os.close(write_fd)  # the watcher reads end-of-file and returns
 
 
-COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "make-tiny": cmd_make_tiny}
+def check_serve_args(parser: Parser, a) -> None:
+    if a.tiny:
+        given = [f for f, v in (("--model", a.model), ("--image-encoder", a.image_encoder), ("--adapter", a.adapter))
+                 if v is not None]
+        if given:
+            parser.error(f"--tiny takes no {', '.join(given)} (it serves the tiny random weights)")
+    elif a.model is None:
+        parser.error("serve needs --model (and --image-encoder/--adapter for the adapter), or --tiny")
+    if a.adapter is not None and a.image_encoder is None:
+        parser.error("--adapter needs --image-encoder too")
+    if a.image_encoder is not None and a.adapter is None:
+        parser.error("--image-encoder needs --adapter")
+    if not 0 <= a.port <= 65535:
+        parser.error(f"--port must be 0-65535, got {a.port}")
+    if a.max_wait_ms < 0 or a.request_timeout_s <= 0 or a.max_upload_mb <= 0 or a.cache_size < 0:
+        parser.error("--max-wait-ms and --cache-size must not be negative; --request-timeout-s and "
+                     "--max-upload-mb must be positive")
+    if (a.replicas != 1 or a.gpus_per_replica is not None) and not a.ray:
+        parser.error("--replicas and --gpus-per-replica need --ray")
+
+
+def cmd_serve(a) -> int:
+    from .server.config import ServerConfig
+
+    if a.tiny:
+        from .demo import cache_dir, ensure_tiny
+        tiny = ensure_tiny(cache_dir())
+        a.model, a.image_encoder, a.adapter = tiny["model"], tiny["image_encoder"], tiny["adapter"]
+    for what, path in (("model", a.model), ("image encoder", a.image_encoder)):
+        if path is not None and not os.path.isdir(path):
+            raise EngineError(f"{what} folder not found: {path}")
+    if a.adapter is not None and not os.path.isfile(a.adapter):
+        raise EngineError(f"adapter file not found: {a.adapter}")
+    config = ServerConfig.from_args(a)
+    try:
+        config.api_key()
+    except (OSError, ValueError) as e:
+        raise EngineError(f"--api-key-file: {e}") from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
+    if a.ray:
+        from .server.ray_app import serve_ray
+        return serve_ray(config, replicas=a.replicas, gpus_per_replica=a.gpus_per_replica)
+    from .server.run import serve
+    return serve(config)
+
+
+COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "make-tiny": cmd_make_tiny, "serve": cmd_serve}
 
 
 def main(argv=None) -> int:
@@ -227,6 +310,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "generate":
         check_generate_args(parser, args)
+    if args.command == "serve":
+        check_serve_args(parser, args)
+        try:  # the server drains on SIGINT/SIGTERM itself
+            return cmd_serve(args)
+        except EngineError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     try:
         with interrupt_guard():
             return COMMANDS[args.command](args)

@@ -179,11 +179,12 @@ class Pipeline:
                              truncation=True, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.device))[0].to(self.dtype)
 
-    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
-        # -> (N + 1, Ni, image_dim) penultimate hidden states; the last row is the all-zero image
+    def encode_images(self, images: list[Image.Image], with_zero: bool = True) -> torch.Tensor:
+        # -> (N + 1, Ni, image_dim) penultimate hidden states; the last row is the all-zero image (with_zero)
         pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
         pixels = pixels.to(self.device, self.dtype)
-        pixels = torch.cat([pixels, torch.zeros_like(pixels[:1])])
+        if with_zero:
+            pixels = torch.cat([pixels, torch.zeros_like(pixels[:1])])
         return self.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
 
     # ---- the call --------------------------------------------------------------------------------------
@@ -192,12 +193,13 @@ class Pipeline:
     def __call__(self, prompt=DEFAULT_PROMPT, image=None, instruct=None, negative_prompt=DEFAULT_NEGATIVE, *,
                  scale=0.8, guidance_scale=6.0, instruct_guidance_scale=6.0, image_guidance_scale=1.0,
                  guidance_mode="auto", num_inference_steps=30, height=None, width=None, num_images_per_prompt=1,
-                 seed=None, generator=None, scheduler=None, output_type="pil", max_size=None):
+                 seed=None, generator=None, scheduler=None, output_type="pil", max_size=None, progress_callback=None):
         """Generate images. `prompt`, `image`, `instruct`, `negative_prompt`, `scale`, the guidance scales,
         `guidance_mode` and `seed` each take one value or a list with one per request; all requests run in
         one UNet batch. `scale` is a float or an InstantStyle-style per-block dict. Returns a list of PIL
         images (request-major, `num_images_per_prompt` each), or latents with output_type="latent". height and
-        width default to the model's native size and may be at most `max_size` (default: native x 4)."""
+        width default to the model's native size and may be at most `max_size` (default: native x 4).
+        `progress_callback(step, total)` is called after each denoising step (step counts from 1)."""
         self.timings = {}
         t_start = time.perf_counter()
         reqs = self._requests(locals())
@@ -236,12 +238,15 @@ class Pipeline:
         extra = self._step_kwargs(sched, reqs)
         from tqdm.auto import tqdm
         with self._timed("denoise_ms"):
-            for t in tqdm(sched.timesteps, **{"desc": "denoise", **self._progress}):
+            total = len(sched.timesteps)
+            for step, t in enumerate(tqdm(sched.timesteps, **{"desc": "denoise", **self._progress}), 1):
                 x = sched.scale_model_input(latents.index_select(0, latent_of_row), t)
                 with torch.profiler.record_function("engine::unet_step"):
                     eps_rows = self._unet_step(x, t, text_rows, ctx)
                 eps = (weights @ eps_rows.flatten(1).float()).view(latents.shape).to(latents.dtype)
                 latents = sched.step(eps, t, latents, **extra, return_dict=False)[0]
+                if progress_callback is not None:
+                    progress_callback(step, total)
         self.timings["unet_ms_per_step"] = self.timings["denoise_ms"] / len(sched.timesteps)
         if output_type == "latent":
             self.timings["total_ms"] = (time.perf_counter() - t_start) * 1e3

@@ -83,9 +83,10 @@ class OnnxPipeline(Pipeline):
                              truncation=True, return_tensors="pt").input_ids
         return self.graphs["text_encoder"](input_ids=ids)
 
-    def encode_images(self, images) -> torch.Tensor:
+    def encode_images(self, images, with_zero: bool = True) -> torch.Tensor:
         pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
-        pixels = torch.cat([pixels, torch.zeros_like(pixels[:1])])  # the last row: the all-zero image
+        if with_zero:
+            pixels = torch.cat([pixels, torch.zeros_like(pixels[:1])])  # the last row: the all-zero image
         return self.graphs["image_encoder"](pixel_values=pixels)
 
     def _project_graph(self, image, instruct=None, prompt=None) -> torch.Tensor:

@@ -1,0 +1,20 @@
+"""`python -m engine serve`: the engine behind HTTP with dynamic batching (FastAPI + uvicorn), and under Ray Serve.
+
+Layout: schemas.py (request/response bodies), batcher.py (dynamic batching, no HTTP), worker.py (one Pipeline
+call per batch), cache.py (conditioning caches), metrics.py (Prometheus), images.py (condition image bytes),
+errors.py (JSON errors, request ids, upload limit), app.py (the FastAPI app wiring them), run.py (uvicorn with
+a draining shutdown), ray_app.py (Ray Serve). The pipeline knows nothing of the server.
+"""
+from .config import ServerConfig
+
+__all__ = ["ServerConfig", "create_app", "serve"]
+
+
+def __getattr__(name):
+    if name == "create_app":
+        from .app import create_app
+        return create_app
+    if name == "serve":
+        from .run import serve
+        return serve
+    raise AttributeError(f"module 'engine.server' has no attribute {name!r}")

@@ -1,0 +1,400 @@
+"""The FastAPI app: wires the schemas, the batcher, the pipeline runner, the caches and the metrics together.
+
+`create_app(config, pipe=None)` returns the app; the weights load (unless `pipe` is given) and warm up in the
+background after start-up, so /health answers at once and /ready turns true when the model can serve.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import EngineError
+from .batcher import Batcher, DeadlineExceeded, Draining, Job, QueueFull
+from .cache import ConditioningCache
+from .config import ServerConfig
+from .errors import ApiError, BodyLimit, RequestId, error_body
+from .images import ImageRejected, decode, from_base64
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .schemas import ErrorResponse, GenerateRequest, GenerateResponse, ModelList
+from .worker import FieldError, PipelineRunner
+
+log = logging.getLogger("engine.server")
+POLL_S = 0.1          # how often a waiting handler checks for a client that went away
+RETRY_AFTER_S = 5     # 503 while starting or draining
+
+
+class ServerState:
+    """Everything one app instance holds; `start()` loads and warms up, `drain()` finishes and refuses."""
+
+    def __init__(self, config: ServerConfig, pipe=None):
+        self.config, self.pipe = config, pipe
+        self.metrics = Metrics()
+        self.api_key = config.api_key()
+        self.runner = self.batcher = self.cache = None
+        self.ready = self.draining = False
+        self.failed: str | None = None
+        self.t_created = time.monotonic() - process_age_s()
+        self.ready_s: float | None = None
+        self.url: str | None = None   # set by whoever binds the socket, for the ready line
+
+    async def start(self) -> None:
+        try:
+            await asyncio.to_thread(self._load)
+        except Exception as e:  # the process stays up and says why on /ready and in the log
+            self.failed = f"{type(e).__name__}: {e}"
+            log.error("could not load the model: %s", self.failed)
+            return
+        c = self.config
+        self.batcher = Batcher(self.run, c.max_batch_rows, c.max_wait_ms, c.max_queue, observer=self.metrics)
+        self.batcher.start()
+        self.ready_s = time.monotonic() - self.t_created
+        self.ready = True
+        self.metrics.ready.set(1)
+        p = self.pipe
+        print(f"ready: {self.url or 'app'} ({self.runner.kind or 'text-to-image'}, {p.device}, "
+              f"{str(p.dtype).replace('torch.', '')}, {p.attention_backend} attention; {self.ready_s:.1f} s "
+              f"after the process started)", flush=True)
+
+    def run(self, jobs: list[Job], progress) -> list[dict]:
+        return self.runner([job.payload for job in jobs], progress)
+
+    def _load(self) -> None:
+        c = self.config
+        if self.pipe is None:
+            from ..pipeline import Pipeline
+            self.pipe = Pipeline.from_pretrained(c.model, image_encoder=c.image_encoder, adapter=c.adapter,
+                                                 device=c.device, dtype=c.dtype, attention_backend=c.attention_backend)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.cache = ConditioningCache(c.cache_size)
+        self.cache.attach(self.pipe)
+        self.runner = PipelineRunner(self.pipe)
+        if c.warmup:  # one 1-step request at the native size: kernels, allocator and caches ready before /ready
+            from PIL import Image
+            image = Image.new("RGB", (64, 64), (127, 127, 127)) if self.runner.kind else None
+            work = self.runner.prepare(GenerateRequest(num_inference_steps=1, instruct="everything"), image)
+            self.runner([work])
+        self.cache.on_lookup = self.metrics.lookup  # counted from the first real request on
+
+    async def drain(self) -> None:
+        self.ready, self.draining = False, True
+        self.metrics.ready.set(0)
+        if self.batcher is not None:
+            await self.batcher.drain()
+
+    async def stop(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.stop()
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (so /ready's figure counts the imports too); 0 if unknown."""
+    try:
+        import psutil
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:
+        return 0.0
+
+
+def error_response(request: Request, status: int, code: str, message: str, field=None, headers=None):
+    rid = request.scope.get("state", {}).get("request_id")
+    return JSONResponse(error_body(code, message, rid, field), status_code=status, headers=headers)
+
+
+class StatusCounter:
+    """engine_requests{status} for every answer to POST /v1/generate, 413s from the body limit included."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/v1/generate":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
+    config = config or ServerConfig()
+    state = ServerState(config, pipe)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        loading = asyncio.create_task(state.start())
+        try:
+            yield
+        finally:
+            loading.cancel()
+            await state.stop()
+
+    app = FastAPI(title="IPAdapter-Instruct engine", version="0.1.0", lifespan=lifespan,
+                  description="Instruction-guided image conditioning on Stable Diffusion, with dynamic batching.")
+    app.state.engine = state
+    app.add_middleware(BodyLimit, max_bytes=int(config.max_upload_mb * 1024 * 1024))
+    app.add_middleware(StatusCounter, metrics=state.metrics)
+    if config.cors_origin:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=[config.cors_origin], allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type", "accept", "x-request-id"],
+                           expose_headers=["x-request-id"])
+    app.add_middleware(RequestId)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return error_response(request, e.status, e.code, e.message, e.field, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        return first_validation_error(request, e.errors())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return error_response(request, e.status_code, codes.get(e.status_code, "http_error"), str(e.detail),
+                              headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        log.exception("unhandled error")
+        return error_response(request, 500, "internal", f"internal error: {type(e).__name__}")
+
+    def authorize(request: Request) -> None:
+        if state.api_key is None:
+            return
+        import hmac
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
+            raise ApiError(401, "unauthorized", "missing or wrong API key: send `Authorization: Bearer <key>`",
+                           headers={"www-authenticate": "Bearer"})
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return resources.files("engine.server").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/health", summary="the process is alive")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="weights loaded, warmed up and not draining (503 otherwise)")
+    async def ready():
+        body = {"ready": state.ready, "draining": state.draining, "error": state.failed,
+                "ready_after_s": state.ready_s}
+        return JSONResponse(body, status_code=200 if state.ready else 503)
+
+    @app.get("/metrics", summary="Prometheus text format")
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(authorize)])
+    async def models():
+        if state.runner is None:
+            raise ApiError(503, "unavailable", "the model is still loading", headers={"retry-after": RETRY_AFTER_S})
+        return {"object": "list", "data": [state.runner.describe(config)]}
+
+    schema = GenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    errors = {str(s): {"model": ErrorResponse} for s in (401, 413, 422, 429, 500, 503, 504)}
+
+    @app.post("/v1/generate", response_model=GenerateResponse, dependencies=[Depends(authorize)], responses={
+        **errors, 200: {"content": {"image/png": {}, "text/event-stream": {}}}}, openapi_extra={"requestBody": {
+            "required": True, "content": {"application/json": {"schema": schema},
+                                          "multipart/form-data": {"schema": {"type": "object"}}}}})
+    async def generate(request: Request):
+        """One request of `Pipeline.__call__`. JSON (image as base64 or a data URL) or multipart/form-data (image as
+        a file part). `Accept: image/png` with one image answers the PNG; `stream: true` or
+        `Accept: text/event-stream` answers server-sent events (`progress`, then `result` or `error`)."""
+        if not state.ready:
+            why = "shutting down" if state.draining else ("failed to load: " + state.failed if state.failed
+                                                          else "still loading")
+            raise ApiError(503, "unavailable", f"the server is {why}", headers={"retry-after": RETRY_AFTER_S})
+        req, data = await read_request(request)
+        image = None
+        if data is not None:
+            try:
+                image = await run_in_threadpool(decode, data, config.max_pixels, int(config.max_upload_mb * 2**20))
+            except ImageRejected as e:
+                raise ApiError(e.status, e.code, str(e), "image") from None
+        try:
+            work = state.runner.prepare(req, image)
+        except FieldError as e:
+            raise ApiError(422, "invalid_request", str(e), e.field) from None
+        rows = state.runner.rows(work)
+        if rows > config.max_batch_rows:
+            raise ApiError(422, "invalid_request", f"this request needs {rows} UNet rows (guidance branches x "
+                           f"num_images), over --max-batch-rows {config.max_batch_rows}", "num_images")
+        rid = request.scope["state"]["request_id"]
+        stream = req.stream or "text/event-stream" in request.headers.get("accept", "")
+        events: asyncio.Queue | None = asyncio.Queue() if stream else None
+        loop = asyncio.get_running_loop()
+        progress = None
+        if events is not None:
+            def progress(step, total):  # on the worker thread
+                loop.call_soon_threadsafe(events.put_nowait, ("progress", {"step": step, "total": total}))
+        job = Job(work, state.runner.key(work), rows, time.monotonic() + config.request_timeout_s, progress)
+        try:
+            state.batcher.submit(job)
+        except QueueFull as e:
+            raise ApiError(429, "queue_full", str(e), headers={"retry-after": state.batcher.retry_after_s()}) from None
+        except Draining as e:
+            raise ApiError(503, "unavailable", str(e), headers={"retry-after": RETRY_AFTER_S}) from None
+        if events is not None:
+            return StreamingResponse(stream_events(job, events, rid), media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache"})
+        result = await wait_for(job, request)
+        if request.headers.get("accept", "").startswith("image/png") and len(result["images"]) == 1:
+            png = await run_in_threadpool(encode_png, result["images"][0])
+            return Response(png, media_type="image/png", headers={"x-seed": str(req.seed)})
+        return await run_in_threadpool(response_body, job, result, rid)
+
+    async def read_request(request: Request) -> tuple[GenerateRequest, bytes | None]:
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            fields, data = await read_form(request)
+        elif ctype.startswith("application/json") or not ctype:
+            body = await request.body()
+            try:
+                fields = json.loads(body)
+            except ValueError as e:
+                raise ApiError(422, "invalid_json", f"body is not valid JSON: {e}") from None
+            if not isinstance(fields, dict):
+                raise ApiError(422, "invalid_json", "body must be a JSON object")
+            data = None
+        else:
+            raise ApiError(415, "unsupported_media_type",
+                           f"content type {ctype!r}: send application/json or multipart/form-data")
+        try:
+            req = GenerateRequest.model_validate(fields)
+        except ValidationError as e:
+            raise_first(e.errors())
+        if data is None and req.image is not None:
+            try:
+                data = from_base64(req.image)
+            except ImageRejected as e:
+                raise ApiError(e.status, e.code, str(e), "image") from None
+        return req, data
+
+    async def read_form(request: Request) -> tuple[dict, bytes | None]:
+        form = await request.form(max_part_size=int(config.max_upload_mb * 2**20))
+        fields, data = {}, None
+        for name, value in form.multi_items():
+            if hasattr(value, "read"):  # an UploadFile
+                if name != "image":
+                    raise ApiError(422, "invalid_request", f"unexpected file part {name!r}: only `image` is a file",
+                                   name)
+                data = await value.read()
+            elif name == "scale" and value.strip().startswith("{"):
+                try:
+                    fields[name] = json.loads(value)
+                except ValueError:
+                    raise ApiError(422, "invalid_request", "scale: not a number nor a JSON per-block dict",
+                                   "scale") from None
+            elif name == "stream":
+                fields[name] = value.lower() in ("1", "true", "yes", "on")
+            else:
+                fields[name] = value
+        return fields, data
+
+    async def wait_for(job: Job, request: Request):
+        """The job's result. While it is queued: dropped if the client goes away, 504 past its deadline."""
+        while True:
+            done, _ = await asyncio.wait({job.future}, timeout=POLL_S)
+            if done:
+                return outcome(job)
+            if job.started is None:
+                if time.monotonic() >= job.deadline and state.batcher.withdraw(job):
+                    raise ApiError(504, "deadline_exceeded", f"still queued after --request-timeout-s "
+                                   f"{config.request_timeout_s:g} s; it was dropped before compute")
+                if await request.is_disconnected() and state.batcher.withdraw(job):
+                    log.info("client went away: request %s dropped from the queue", job.id)
+                    raise ApiError(499, "client_closed", "client closed the request")
+
+    async def stream_events(job: Job, events: asyncio.Queue, rid: str):
+        try:
+            yield sse("queued", {"request_id": rid, "queue_depth": len(state.batcher.queue)})
+            while not job.future.done():
+                getter = asyncio.ensure_future(events.get())
+                timeout = max(0.0, job.deadline - time.monotonic()) if job.started is None else None
+                done, _ = await asyncio.wait({getter, job.future}, timeout=timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield sse(*getter.result())
+                else:
+                    getter.cancel()
+                    if not done and state.batcher.withdraw(job):
+                        raise ApiError(504, "deadline_exceeded", "still queued after --request-timeout-s; dropped")
+            while not events.empty():
+                yield sse(*events.get_nowait())
+            result = outcome(job)
+            yield sse("result", await run_in_threadpool(response_body, job, result, rid))
+        except ApiError as e:
+            yield sse("error", error_body(e.code, e.message, rid, e.field) | {"status": e.status})
+        finally:  # the client went away (the generator is closed): a queued job leaves the queue
+            state.batcher.withdraw(job)
+
+    def outcome(job: Job):
+        try:
+            return job.future.result()
+        except DeadlineExceeded as e:
+            raise ApiError(504, "deadline_exceeded", str(e)) from None
+        except Draining as e:
+            raise ApiError(503, "unavailable", str(e)) from None
+        except FieldError as e:
+            raise ApiError(422, "invalid_request", str(e), e.field) from None
+        except EngineError as e:
+            raise ApiError(422, "invalid_request", str(e)) from None
+        except Exception as e:
+            log.error("request %s failed: %s: %s", job.id, type(e).__name__, e)
+            raise ApiError(500, "internal", f"generation failed: {type(e).__name__}: {e}") from None
+
+    return app
+
+
+def raise_first(errors: list[dict]):
+    err = errors[0]
+    field = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body",)) or None
+    if field and field.startswith("scale."):
+        field = "scale"
+    msg = f"{field}: {err.get('msg')}" if field else err.get("msg", "invalid request")
+    raise ApiError(422, "invalid_request", msg, field)
+
+
+def first_validation_error(request: Request, errors: list[dict]):
+    try:
+        raise_first(errors)
+    except ApiError as e:
+        return error_response(request, e.status, e.code, e.message, e.field)
+
+
+def sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def encode_png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def response_body(job: Job, result: dict, rid: str) -> dict:
+    queue_ms = ((job.started or job.enqueued) - job.enqueued) * 1e3
+    timings = {"queue_ms": round(queue_ms, 3), **result["timings"], "batch_requests": job.batch_requests,
+               "batch_rows": job.batch_rows}
+    images = [base64.b64encode(encode_png(im)).decode() for im in result["images"]]
+    return {"images": images, "seed": job.payload.req.seed, "timings": timings, "request_id": rid}

@@ -1,0 +1,41 @@
+"""The server's knobs: one frozen dataclass whose field names are the CLI flags (`--max-batch-rows` is
+`max_batch_rows`), as Triton Inference Server's model config names its batcher's knobs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str | None = None              # diffusers SD1.5 folder
+    image_encoder: str | None = None      # CLIPVisionModelWithProjection folder (with adapter)
+    adapter: str | None = None            # two-key adapter file; without it the server is text to image
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str | None = None             # default: cuda when present
+    dtype: str | None = None              # default: float16 on cuda, float32 on cpu
+    attention_backend: str = "auto"
+    max_batch_rows: int = 16              # UNet rows in one call: requests x guidance branches x images
+    max_wait_ms: float = 10.0             # how long the oldest waiting request waits for company
+    max_queue: int = 64                   # waiting requests; one more is answered 429
+    request_timeout_s: float = 120.0      # a request still queued after this is dropped (504)
+    max_upload_mb: float = 20.0           # request body (and so the image in it); more is 413
+    max_pixels: int = 16_777_216          # condition image width x height; more is 413
+    api_key_file: str | None = None       # with it, /v1/* needs `Authorization: Bearer <key>`
+    cache_size: int = 256                 # entries in each conditioning cache (images, texts); 0 turns it off
+    cors_origin: str | None = None        # one allowed origin; CORS is off without it
+    warmup: bool = True                   # one 1-step request before /ready turns true
+
+    @classmethod
+    def from_args(cls, args) -> "ServerConfig":
+        """The fields of an argparse namespace whose names match (the CLI flags)."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+    def api_key(self) -> str | None:
+        if self.api_key_file is None:
+            return None
+        with open(self.api_key_file, encoding="utf-8") as fh:
+            key = fh.read().strip()
+        if not key:
+            raise ValueError(f"API key file {self.api_key_file} is empty")
+        return key

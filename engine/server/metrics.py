@@ -1,0 +1,52 @@
+"""Prometheus metrics of one server (its own registry, so several apps in one process do not collide)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    """Also the batcher's observer (queue_depth, waited, batch) and the cache's lookup hook."""
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("engine_requests", "finished HTTP generate requests by status code", ["status"],
+                                registry=r)
+        self.depth = Gauge("engine_queue_depth", "requests waiting for the model", registry=r)
+        self.rows = Histogram("engine_batch_rows", "UNet rows per pipeline call", buckets=ROW_BUCKETS, registry=r)
+        self.batch_requests = Histogram("engine_batch_requests", "requests per pipeline call", buckets=ROW_BUCKETS,
+                                        registry=r)
+        self.queue_wait = Histogram("engine_queue_wait_seconds", "time from arrival to the start of its call",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.compute = Histogram("engine_compute_seconds", "wall time of one pipeline call",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.images = Counter("engine_images", "images generated", registry=r)
+        self.images_per_s = Gauge("engine_images_per_second", "images / compute seconds of the last call", registry=r)
+        self.cache = Counter("engine_cache_lookups", "conditioning cache lookups", ["kind", "result"], registry=r)
+        self.ready = Gauge("engine_ready", "1 when weights are loaded, warmed up and not draining", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # batcher observer
+    def queue_depth(self, n: int) -> None:
+        self.depth.set(n)
+
+    def waited(self, seconds: float) -> None:
+        self.queue_wait.observe(seconds)
+
+    def batch(self, jobs, seconds: float, ok: bool) -> None:
+        self.compute.observe(seconds)
+        self.rows.observe(sum(j.rows for j in jobs))
+        self.batch_requests.observe(len(jobs))
+        if ok:
+            n = sum(j.payload.req.num_images for j in jobs)
+            self.images.inc(n)
+            self.images_per_s.set(n / seconds if seconds > 0 else 0.0)
+
+    # cache hook
+    def lookup(self, kind: str, hit: bool) -> None:
+        self.cache.labels(kind, "hit" if hit else "miss").inc()

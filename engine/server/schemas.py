@@ -1,0 +1,107 @@
+"""Request and response bodies of the HTTP API (pydantic). One request here is one request of
+`Pipeline.__call__`, with the same names and defaults as `python -m engine generate`."""
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .. import DEFAULT_NEGATIVE, DEFAULT_PROMPT
+from ..guidance import MODES
+from ..loading import SCHEDULERS
+
+MAX_STEPS = 250       # a server bound, far above any useful schedule (the release uses 30)
+MAX_NUM_IMAGES = 8
+SCHEDULER_NAMES = ("default", *SCHEDULERS)
+# the tasks the adapter was trained on, with one phrasing each (the web page offers them as presets)
+TASK_PRESETS = {
+    "everything": "use everything from this image",
+    "style": "use the style of this image",
+    "composition": "use the composition of this image",
+    "object": "take the object from this image",
+    "face": "copy the face from this image",
+}
+
+BlockScale = dict[str, Any]  # InstantStyle's per-block dict, e.g. {"up": {"block_0": [0.0, 1.0, 0.0]}}
+
+
+class GenerateRequest(BaseModel):
+    """POST /v1/generate. `image` is base64 (or a data URL) of a PNG, JPEG or WebP file; never a path or URL."""
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(DEFAULT_PROMPT, max_length=4096)
+    negative_prompt: str = Field(DEFAULT_NEGATIVE, max_length=4096)
+    image: Optional[str] = Field(None, description="condition image: base64 or data:image/...;base64,...")
+    instruct: Optional[str] = Field(None, max_length=4096, description="what to take from the image")
+    scale: Union[float, BlockScale] = Field(0.8, description="adapter strength, or a per-block dict")
+    guidance_scale: float = 6.0
+    instruct_guidance_scale: float = 6.0
+    image_guidance_scale: float = 1.0
+    guidance_mode: Literal[MODES] = "auto"  # type: ignore[valid-type]
+    num_inference_steps: int = Field(30, ge=1, le=MAX_STEPS)
+    seed: int = Field(0, ge=0, lt=2**63)
+    height: Optional[int] = Field(None, ge=1, description="default: the model's native size")
+    width: Optional[int] = Field(None, ge=1)
+    num_images: int = Field(1, ge=1, le=MAX_NUM_IMAGES)
+    scheduler: Literal[SCHEDULER_NAMES] = "default"  # type: ignore[valid-type]
+    stream: bool = Field(False, description="server-sent events: progress, then result")
+
+    @field_validator("guidance_scale", "instruct_guidance_scale", "image_guidance_scale")
+    @classmethod
+    def finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    @field_validator("scale")
+    @classmethod
+    def finite_scale(cls, v):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
+class Timings(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the pipeline's per-stage milliseconds of the batch come along
+    queue_ms: float
+    compute_ms: float
+    batch_requests: int
+    batch_rows: int
+
+
+class GenerateResponse(BaseModel):
+    images: list[str] = Field(description="base64 PNG, num_images of them")
+    seed: int
+    timings: Timings
+    request_id: str
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+    request_id: Optional[str] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    base: str
+    adapter: Optional[str]
+    adapter_kind: Optional[str] = Field(description="instruct | plus | null (text to image)")
+    image_encoder: Optional[str]
+    dtype: str
+    device: str
+    attention_backend: str
+    native_size: int
+    vae_scale_factor: int
+    schedulers: list[str]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,114 @@
+"""Between the batcher and the pipeline: what a request costs (UNet rows), which requests can share a call, the
+checks that need the loaded model, and one `Pipeline` call for a batch of requests."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from PIL import Image
+
+from ..errors import EngineError
+from ..guidance import resolve_mode
+from ..loading import check_size, native_from_configs
+from .schemas import GenerateRequest
+
+log = logging.getLogger(__name__)
+BRANCH_ROWS = {"none": 1, "simple": 2, "full": 4}
+STAGES = ("text_encoder_ms", "image_encoder_ms", "projector_ms", "kv_ms", "denoise_ms", "unet_ms_per_step",
+          "vae_decode_ms", "total_ms")
+
+
+class FieldError(EngineError):
+    """A request that the loaded model cannot run, naming the field (HTTP 422)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class Work:
+    """One request as the worker runs it: the validated body and the decoded condition image."""
+    req: GenerateRequest
+    image: Image.Image | None
+    height: int
+    width: int
+
+
+class PipelineRunner:
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.kind = pipe.adapter.kind if pipe.adapter is not None else None
+        self.native, self.factor = native_from_configs(pipe.unet.config, pipe.vae.config)
+
+    def prepare(self, req: GenerateRequest, image: Image.Image | None) -> Work:
+        """The checks that need the model, before the request is queued; raises FieldError."""
+        try:
+            height, width = check_size(req.height, req.width, self.native, self.factor)
+        except EngineError as e:
+            raise FieldError("height" if req.height is not None else "width", str(e)) from None
+        if self.kind is None:
+            if image is not None:
+                raise FieldError("image", "this server has no adapter loaded: send no condition image")
+            if req.instruct:
+                raise FieldError("instruct", "this server has no adapter loaded: send no instruction")
+        else:
+            if image is None:
+                raise FieldError("image", "a condition image is required (base64 PNG, JPEG or WebP)")
+            if self.kind == "instruct" and not (req.instruct or "").strip():
+                raise FieldError("instruct", "instruction is empty: say what to take from the image, "
+                                             "e.g. 'use the style of this image'")
+        if isinstance(req.scale, dict):
+            from ..attention import expand_scale
+            try:
+                expand_scale(self.pipe.unet, list(self.pipe.cross), req.scale)
+            except (EngineError, ValueError, TypeError, KeyError) as e:
+                raise FieldError("scale", f"bad per-block scale: {e}") from None
+        try:
+            resolve_mode(req.guidance_mode, req.instruct, req.guidance_scale, self.kind == "instruct")
+        except EngineError as e:
+            raise FieldError("guidance_mode", str(e)) from None
+        return Work(req, image, height, width)
+
+    def rows(self, work: Work) -> int:
+        """UNet rows of this request in a call: guidance branches x images."""
+        req = work.req
+        mode = resolve_mode(req.guidance_mode, req.instruct, req.guidance_scale, self.kind == "instruct")
+        return BRANCH_ROWS[mode] * req.num_images
+
+    @staticmethod
+    def key(work: Work) -> tuple:
+        """Requests with equal keys can share one Pipeline call."""
+        return work.height, work.width, work.req.num_inference_steps, work.req.scheduler, work.req.num_images
+
+    def __call__(self, works: list[Work], progress=None) -> list[dict]:
+        """One Pipeline call for requests of one key -> per request {"images": [PIL], "timings": {...}}."""
+        first = works[0].req
+        per = {k: [getattr(w.req, k) for w in works] for k in (
+            "prompt", "negative_prompt", "scale", "guidance_scale", "instruct_guidance_scale",
+            "image_guidance_scale", "guidance_mode", "seed")}
+        kwargs = dict(per, num_inference_steps=first.num_inference_steps, height=works[0].height,
+                      width=works[0].width, num_images_per_prompt=first.num_images, scheduler=first.scheduler,
+                      progress_callback=progress)
+        if self.kind is not None:
+            kwargs["image"] = [w.image for w in works]
+            kwargs["instruct"] = [w.req.instruct for w in works]
+        t0 = time.perf_counter()
+        images = self.pipe(**kwargs)
+        stages = {k: round(v, 3) for k, v in self.pipe.timings.items() if k in STAGES}
+        stages["compute_ms"] = (time.perf_counter() - t0) * 1e3
+        n = first.num_images
+        return [{"images": images[i * n:(i + 1) * n], "timings": stages} for i in range(len(works))]
+
+    def describe(self, config) -> dict:
+        """What /v1/models reports."""
+        from ..loading import SCHEDULERS
+        pipe = self.pipe
+        base = os.path.basename(os.path.normpath(config.model)) if config.model else "model"
+        return {"id": base, "base": config.model or base, "adapter": config.adapter, "adapter_kind": self.kind,
+                "image_encoder": config.image_encoder, "dtype": str(pipe.dtype).replace("torch.", ""),
+                "device": str(pipe.device), "attention_backend": pipe.attention_backend,
+                "native_size": self.native, "vae_scale_factor": self.factor,
+                "schedulers": ["default", *SCHEDULERS]}
