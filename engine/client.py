@@ -77,7 +77,7 @@ class _Base:
         self.url = url.rstrip("/")
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
-        self.last_result: dict | None = None   # the last answer: seed, timings, request_id (images as base64)
+        self.last_result: dict | None = None   # the last answer (seed, timings, request_id); with threads, any one
 
 
 class Client(_Base):
@@ -87,8 +87,9 @@ class Client(_Base):
         body = build_body(image, num_images_per_prompt, prompt=prompt, instruct=instruct,
                           negative_prompt=negative_prompt, **kwargs)
         with httpx.Client(timeout=self.timeout) as http:
-            self.last_result = parse(http.post(self.url + "/v1/generate", json=body, headers=self.headers))
-        return decode_images(self.last_result)
+            result = parse(http.post(self.url + "/v1/generate", json=body, headers=self.headers))
+        self.last_result = result
+        return decode_images(result)
 
     def ready(self) -> bool:
         return httpx.get(self.url + "/ready", timeout=self.timeout).status_code == 200
@@ -103,8 +104,9 @@ class AsyncClient(_Base):
         body = build_body(image, num_images_per_prompt, prompt=prompt, instruct=instruct,
                           negative_prompt=negative_prompt, **kwargs)
         async with httpx.AsyncClient(timeout=self.timeout) as http:
-            self.last_result = parse(await http.post(self.url + "/v1/generate", json=body, headers=self.headers))
-        return decode_images(self.last_result)
+            result = parse(await http.post(self.url + "/v1/generate", json=body, headers=self.headers))
+        self.last_result = result
+        return decode_images(result)
 
     async def ready(self) -> bool:
         async with httpx.AsyncClient(timeout=self.timeout) as http:

@@ -238,3 +238,32 @@ def test_api_key_and_cors(tiny, tmp_path, cond_image, instruct_pipe):
 def test_cors_is_off_by_default(server):
     r = server.request("GET", "/health", headers={"origin": "http://app.example"})
     assert "access-control-allow-origin" not in r.headers
+
+
+def test_queue_full_is_429_and_a_deadline_passed_in_the_queue_is_504(tiny, cond_image):
+    # one request per call, one waiting at most, and a short deadline: while a long request runs, the next one
+    # waits (and times out, never reaching the model), the one after finds the queue full
+    srv = InProcessServer(ServerConfig(max_batch_rows=2, max_queue=1, request_timeout_s=0.5, max_wait_ms=0,
+                                       warmup=False), load_pipe(tiny, tiny["adapter"]))
+    try:
+        slow = body(cond_image, num_inference_steps=60, scheduler="ddim")
+
+        async def scenario():
+            import asyncio
+            first = asyncio.ensure_future(srv.client.post("/v1/generate", json=slow))
+            await asyncio.sleep(0.3)
+            queued = asyncio.ensure_future(srv.client.post("/v1/generate", json=body(cond_image)))
+            await asyncio.sleep(0.05)
+            full = await srv.client.post("/v1/generate", json=body(cond_image))
+            return await first, await queued, full
+
+        first, queued, full = srv.call(scenario())
+        assert first.status_code == 200, first.text
+        error_of(queued, 504)
+        assert queued.json()["error"]["code"] == "deadline_exceeded"
+        error_of(full, 429)
+        assert int(full.headers["retry-after"]) >= 1
+        calls = srv.request("GET", "/metrics").text
+        assert "engine_batch_requests_count 1.0" in calls   # the timed-out request never ran
+    finally:
+        srv.close()

@@ -186,7 +186,9 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
-        return resources.files("engine.server").joinpath("static/index.html").read_text(encoding="utf-8")
+        from .schemas import TASK_PRESETS  # one source of truth for the page's instruction presets
+        html = resources.files("engine.server").joinpath("static/index.html").read_text(encoding="utf-8")
+        return html.replace("{{TASK_PRESETS}}", json.dumps(TASK_PRESETS).replace("<", "\\u003c"))
 
     @app.get("/health", summary="the process is alive")
     async def health():

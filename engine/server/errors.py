@@ -12,7 +12,8 @@ GOOD_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, field: str | None = None, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.code, self.message, self.field, self.headers = status, code, message, field, headers or {}
+        self.status, self.code, self.message, self.field = status, code, message, field
+        self.headers = {k: str(v) for k, v in (headers or {}).items()}
 
 
 def error_body(code: str, message: str, request_id: str | None, field: str | None = None) -> dict:

@@ -1,0 +1,248 @@
+"""The same FastAPI app under Ray Serve: one replica is one `create_app(config)`, so one pipeline, whose own batcher
+batches the requests routed to it; Serve adds replicas (several GPUs or machines) and autoscaling in front.
+
+Run it from the CLI (a local Ray instance, or the cluster at RAY_ADDRESS; SIGTERM/Ctrl-C shuts it down):
+
+    python -m engine serve --ray --model M --image-encoder E --adapter A [--replicas 2] [--gpus-per-replica 1]
+
+or with Serve's own tools, where `args` are ServerConfig fields (the CLI flags with underscores) plus `replicas`,
+`gpus_per_replica` and the autoscaling keys below (host and port are Serve's: `http_options`):
+
+    serve run engine.server.ray_app:app model=M image_encoder=E adapter=A max_batch_rows=16 replicas=2
+
+Autoscaling as recommended in a Serve YAML config (`serve deploy config.yaml`). A replica takes minutes to load real
+weights, so keep one at least, scale up on a sustained queue and down slowly. A replica computes one batch of up to
+max_batch_rows UNet rows while the next fills (2 rows a request with simple guidance, 4 with full), so aim at about
+a batch of requests per replica, target_ongoing_requests ~ max_batch_rows / 2:
+
+    http_options: {host: 0.0.0.0, port: 8000}
+    applications:
+      - name: engine
+        route_prefix: /
+        import_path: engine.server.ray_app:app
+        args: {model: /w/sd15, image_encoder: /w/clip-vit-h-14, adapter: /w/ip-adapter-instruct-sd15.bin,
+               max_batch_rows: 16, min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}
+        deployments:   # optional overrides of what `app` builds
+          - name: EngineDeployment
+            autoscaling_config: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8,
+                                 upscale_delay_s: 30, downscale_delay_s: 600}
+            ray_actor_options: {num_cpus: 4, num_gpus: 1}
+
+Each replica answers with an `x-engine-replica` header (its Serve id), so /ready can be checked on every replica.
+Replica logs are Ray's: /tmp/ray/session_latest/logs/serve/.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import typing
+from dataclasses import fields, replace
+
+import httpx
+
+from .config import ServerConfig
+
+APP_NAME = "engine"
+REPLICA_HEADER = "x-engine-replica"
+OBJECT_STORE_BYTES = 100 * 1024**2   # images travel over HTTP, not through Ray's object store
+AUTOSCALING_KEYS = {"min_replicas": int, "max_replicas": int, "initial_replicas": int,
+                    "target_ongoing_requests": float, "upscale_delay_s": float, "downscale_delay_s": float,
+                    "look_back_period_s": float}
+EXTRA_KEYS = {"replicas": int, "gpus_per_replica": float, **AUTOSCALING_KEYS}
+
+
+class ReplicaHeaders:
+    """Names the answering replica in a header, and leaves X-Request-Id to Serve's proxy, which always adds it (the
+    app's own would come twice). Pure ASGI: streamed responses pass through."""
+
+    def __init__(self, app, replica: str):
+        self.app, self.header = app, (REPLICA_HEADER.encode(), replica.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_named(message):
+            if message["type"] == "http.response.start":
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = dict(message, headers=[*kept, self.header])
+            await send(message)
+
+        await self.app(scope, receive, send_named)
+
+
+class EngineDeployment:
+    """One replica: the app of app.py with its own pipeline (loaded in the background) and batcher."""
+
+    def __init__(self, config: ServerConfig):
+        self.config, self.engine_app = config, None
+
+    def __serve_build_asgi_app__(self):
+        from ray import serve
+
+        from .app import create_app
+        self.engine_app = create_app(self.config)
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.engine_app.add_middleware(ReplicaHeaders, replica=replica)
+        return self.engine_app
+
+    def check_health(self) -> None:
+        state = self.engine_app.state.engine if self.engine_app is not None else None
+        if state is not None and state.failed:
+            raise RuntimeError(f"the model failed to load: {state.failed}")
+
+
+def default_gpus(config: ServerConfig) -> float:
+    """1 with --device cuda, or with no device given and a GPU in the Ray cluster (or here); else 0."""
+    if config.device is not None:
+        return 1.0 if config.device.startswith("cuda") else 0.0
+    import ray
+    if ray.is_initialized():
+        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    import torch
+    return 1.0 if torch.cuda.is_available() else 0.0
+
+
+def build(config: ServerConfig, replicas: int = 1, gpus_per_replica: float | None = None,
+          autoscaling: dict | None = None):
+    """The Serve application: `replicas` fixed replicas, or autoscaling (Serve's autoscaling_config keys)."""
+    from ray import serve
+
+    gpus = default_gpus(config) if gpus_per_replica is None else gpus_per_replica
+    options = dict(ray_actor_options={"num_cpus": 1, "num_gpus": gpus},
+                   max_ongoing_requests=config.max_queue + config.max_batch_rows,  # the batcher queues, not Serve
+                   graceful_shutdown_timeout_s=config.request_timeout_s)
+    if autoscaling:
+        if replicas != 1:
+            raise ValueError(f"give replicas ({replicas}) or autoscaling ({sorted(autoscaling)}), not both")
+        unknown = set(autoscaling) - set(AUTOSCALING_KEYS)
+        if unknown:
+            raise ValueError(f"unknown autoscaling keys {sorted(unknown)}; accepted: {sorted(AUTOSCALING_KEYS)}")
+        options["autoscaling_config"] = {"target_ongoing_requests": max(1, config.max_batch_rows // 2),
+                                         "upscale_delay_s": 30.0, "downscale_delay_s": 600.0, **autoscaling}
+    else:
+        options["num_replicas"] = replicas
+    deployment = serve.deployment(name="EngineDeployment", **options)(serve.ingress()(EngineDeployment))
+    return deployment.bind(config)
+
+
+def convert(key: str, value, kind):
+    """One `serve run` argument (a string, or a YAML scalar) as `kind`; ValueError naming the key otherwise."""
+    if not isinstance(value, str):
+        return value
+    if value.lower() in ("none", "null") and kind is not bool:
+        return None
+    try:
+        if kind is bool:
+            return {"true": True, "1": True, "yes": True, "on": True,
+                    "false": False, "0": False, "no": False, "off": False}[value.lower()]
+        return kind(value)
+    except (KeyError, ValueError):
+        raise ValueError(f"{key}={value!r}: not a valid {kind.__name__}") from None
+
+
+def app(args: dict[str, str]):
+    """The builder for `serve run engine.server.ray_app:app model=... key=value ...` (and Serve configs)."""
+    hints = typing.get_type_hints(ServerConfig)
+    kinds = {f.name: next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+             for f in fields(ServerConfig) if f.name not in ("host", "port")}
+    accepted = {**kinds, **EXTRA_KEYS}
+    for key in args:
+        if key in ("host", "port"):
+            raise ValueError(f"{key}: Serve's proxy binds the address; set http_options.{key} in the Serve config")
+        if key not in accepted:
+            raise ValueError(f"unknown argument {key!r}; accepted: {', '.join(sorted(accepted))}")
+    values = {k: convert(k, v, accepted[k]) for k, v in args.items()}
+    if not values.get("model"):
+        raise ValueError("model= is required: a diffusers SD1.5 folder")
+    if (values.get("adapter") is None) != (values.get("image_encoder") is None):
+        raise ValueError("adapter= and image_encoder= go together (or give neither for text to image)")
+    autoscaling = {k: values.pop(k) for k in list(values) if k in AUTOSCALING_KEYS}
+    replicas, gpus = values.pop("replicas", 1), values.pop("gpus_per_replica", None)
+    return build(ServerConfig(**values), replicas=replicas, gpus_per_replica=gpus, autoscaling=autoscaling or None)
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def start_ray() -> bool:
+    """Connects to RAY_ADDRESS, or starts a local Ray instance (True: ours to shut down)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+        return False
+    ray.init(include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False)
+    return True
+
+
+def wait_ready(url: str, replicas: int, stop: threading.Event) -> str | None:
+    """Polls /ready through Serve's proxy until `replicas` distinct replicas answered 200; a load error otherwise."""
+    seen: set[str] = set()
+    with httpx.Client(timeout=10) as client:
+        while not stop.wait(0.1):
+            try:
+                r = client.get(url + "/ready")
+                body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+            except (httpx.HTTPError, ValueError):
+                continue
+            if body.get("error"):
+                return body["error"]
+            if r.status_code == 200 and REPLICA_HEADER in r.headers:
+                seen.add(r.headers[REPLICA_HEADER])
+                if len(seen) >= replicas:
+                    return None
+    return None
+
+
+def serve_ray(config: ServerConfig, replicas: int = 1, gpus_per_replica: float | None = None) -> int:
+    """`python -m engine serve --ray`: deploys, says when every replica is ready, shuts down on SIGTERM/SIGINT."""
+    from ray import serve
+
+    from .app import process_age_s
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per /ready poll otherwise
+    t0 = time.monotonic() - process_age_s()
+    if config.port == 0:
+        config = replace(config, port=free_port(config.host))
+    ours = start_ray()  # ray.init installs its own SIGTERM handler: ours go after it
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    url = f"http://{host}:{config.port}"
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.run(build(config, replicas, gpus_per_replica), name=APP_NAME, route_prefix="/")
+        print(f"listening on {url} (Ray Serve; /ready turns true when the {replicas} replica(s) can serve)",
+              flush=True)
+        error = wait_ready(url, replicas, stop)
+        if error is not None:
+            print(f"error: a replica could not load the model: {error}", file=sys.stderr, flush=True)
+            return 1
+        if not stop.is_set():
+            print(f"ready: {url} (Ray Serve, {replicas} replica{'s' if replicas != 1 else ''}; "
+                  f"{time.monotonic() - t0:.1f} s after the process started)", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("stopping: Serve drains the replicas, then Ray shuts down", flush=True)
+        return 0
+    finally:  # a second signal from here on interrupts the shutdown
+        import ray
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if ours:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
+        ray.shutdown()

@@ -1,0 +1,138 @@
+"""The real `python -m engine serve` on a free 127.0.0.1 port, driven by concurrent clients: batching seen in
+/metrics, results equal to `Pipeline` alone, bad input answered while a valid request is in flight, a client
+that goes away dropped from the queue, SIGTERM drain. Plus the CLI's own checks before anything loads."""
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import NEGATIVE, PROMPT
+from server_utils import REPO, ServerProcess, metric, png_base64, tiny_args
+
+from engine.client import Client, ServerError
+
+STYLE = "use the style of this image"
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    with ServerProcess([*tiny_args(tiny), "--max-wait-ms", "400", "--max-upload-mb", "0.5",
+                        "--max-pixels", "40000", "--max-batch-rows", "8"]) as srv:
+        yield srv
+
+
+def in_thread(fn, *args, **kwargs):
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn(*args, **kwargs)
+        except Exception as e:  # handed to the test
+            out["error"] = e
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def test_concurrent_clients_are_batched_and_each_equals_the_pipeline_alone(server, instruct_pipe, cond_image):
+    before_count = metric(server.url, "engine_batch_requests_count")
+    before_single = metric(server.url, "engine_batch_requests_bucket", '{le="1.0"}')
+    seeds = [11, 12, 13]
+    client = Client(server.url)
+    threads = [in_thread(client.generate, prompt=PROMPT, negative_prompt=NEGATIVE, image=cond_image, instruct=STYLE,
+                         num_inference_steps=2, seed=s) for s in seeds]
+    for t, _ in threads:
+        t.join(120)
+    results = [out["value"][0] for _, out in threads]
+    calls = metric(server.url, "engine_batch_requests_count") - before_count
+    single = metric(server.url, "engine_batch_requests_bucket", '{le="1.0"}') - before_single
+    assert calls < len(seeds) and single < calls, "no call held more than one request"
+    for seed, got in zip(seeds, results):
+        want = instruct_pipe(prompt=PROMPT, negative_prompt=NEGATIVE, image=cond_image, instruct=STYLE,
+                             num_inference_steps=2, seed=seed)[0]
+        assert np.abs(np.asarray(got, dtype=int) - np.asarray(want, dtype=int)).max() <= 1
+
+
+def test_bad_input_is_answered_while_a_valid_request_completes(server, cond_image, tmp_path):
+    long = {"prompt": PROMPT, "image": png_base64(cond_image), "instruct": STYLE, "num_inference_steps": 60,
+            "scheduler": "ddim"}
+    t, out = in_thread(httpx.post, server.url + "/v1/generate", json=long, timeout=120)
+    time.sleep(0.6)  # the long request is queued or running now
+    url = server.url + "/v1/generate"
+    bomb = Image.new("RGB", (4000, 4000))  # 16 M pixels, compresses to a few KB: refused from its header
+    cases = [
+        (httpx.post(url, json={**long, "steps": 3}), 422, "steps"),
+        (httpx.post(url, json={**long, "height": 33}), 422, "height"),
+        (httpx.post(url, json={**long, "image": png_base64(bomb)}), 413, "image"),
+        (httpx.post(url, json={**long, "image": "aGVsbG8gd29ybGQ="}), 422, "image"),  # "hello world"
+        (httpx.post(url, content=b"x" * (600 * 1024), headers={"content-type": "application/json"}), 413, None),
+        (httpx.post(url, files={"image": ("a.png", b"%PDF-1.4 not an image", "image/png")},
+                    data={"instruct": STYLE}), 422, "image"),
+        (httpx.post(url, content=b"{}", headers={"content-type": "application/xml"}), 415, None),
+    ]
+    for r, status, field in cases:
+        assert r.status_code == status, r.text
+        assert r.json()["error"].get("field") == field and r.json()["request_id"]
+    t.join(120)
+    assert out["value"].status_code == 200, out
+    assert len(out["value"].json()["images"]) == 1
+    with pytest.raises(ServerError) as e:
+        Client(server.url).generate(prompt="x", image=cond_image, instruct=STYLE, num_inference_steps=0)
+    assert e.value.status == 422 and e.value.field == "num_inference_steps"
+
+
+def test_a_client_that_goes_away_is_dropped_from_the_queue(server, cond_image):
+    long = {"prompt": PROMPT, "image": png_base64(cond_image), "instruct": STYLE, "num_inference_steps": 60,
+            "scheduler": "ddim", "height": 48, "width": 48}
+    t, out = in_thread(httpx.post, server.url + "/v1/generate", json=long, timeout=120)
+    time.sleep(0.6)
+    other = {**long, "num_inference_steps": 5}  # another key: it waits behind the long one
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/generate", json=other, timeout=0.5)
+    t.join(120)
+    assert out["value"].status_code == 200
+    deadline = time.monotonic() + 10
+    while "dropped from the queue" not in server.output() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "dropped from the queue" in server.output()
+
+
+def test_sigterm_drains_then_exits_zero(tiny, cond_image):
+    with ServerProcess(tiny_args(tiny)) as srv:
+        long = {"prompt": PROMPT, "image": png_base64(cond_image), "instruct": STYLE, "num_inference_steps": 50,
+                "scheduler": "ddim"}
+        t, out = in_thread(httpx.post, srv.url + "/v1/generate", json=long, timeout=120)
+        time.sleep(0.6)
+        srv.proc.send_signal(15)
+        time.sleep(0.3)
+        assert httpx.get(srv.url + "/ready").status_code == 503
+        refused = httpx.post(srv.url + "/v1/generate", json=long)
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        t.join(120)
+        assert out["value"].status_code == 200, out   # the request in flight finished
+        assert srv.proc.wait(60) == 0
+        assert "draining" in srv.output()
+
+
+def test_cli_refuses_bad_arguments_before_loading(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "engine", "serve", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=60)
+
+    r = run()
+    assert r.returncode == 2 and "--model" in r.stderr and "--tiny" in r.stderr
+    r = run("--tiny", "--model", "x")
+    assert r.returncode == 2 and "--tiny takes no --model" in r.stderr
+    r = run("--model", str(tmp_path / "missing"))
+    assert r.returncode == 1 and r.stderr.strip() == f"error: model folder not found: {tmp_path / 'missing'}"
+    empty = tmp_path / "key"
+    empty.write_text("")
+    r = run("--model", str(tmp_path), "--api-key-file", str(empty))
+    assert r.returncode == 1 and "API key file" in r.stderr and "empty" in r.stderr
+    r = run("--model", str(tmp_path), "--replicas", "2")
+    assert r.returncode == 2 and "--ray" in r.stderr
