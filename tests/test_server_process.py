@@ -136,3 +136,21 @@ def test_cli_refuses_bad_arguments_before_loading(tmp_path):
     assert r.returncode == 1 and "API key file" in r.stderr and "empty" in r.stderr
     r = run("--model", str(tmp_path), "--replicas", "2")
     assert r.returncode == 2 and "--ray" in r.stderr
+
+
+def test_async_client_equals_the_sync_client(server, cond_image, tmp_path):
+    import asyncio
+
+    from engine.client import AsyncClient
+
+    path = tmp_path / "cond.png"
+    cond_image.save(path)
+    args = dict(prompt=PROMPT, instruct=STYLE, num_inference_steps=2, seed=21, num_images_per_prompt=2)
+    sync = Client(server.url).generate(image=str(path), **args)   # a path, read on the client side
+    client = AsyncClient(server.url)
+    out = asyncio.run(client.generate(image=cond_image, **args))
+    assert len(out) == 2 and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(sync, out))
+    assert client.last_result["seed"] == 21 and client.last_result["timings"]["batch_rows"] == 4
+    assert asyncio.run(client.ready()) and asyncio.run(client.models())["data"][0]["adapter_kind"] == "instruct"
+    with pytest.raises(TypeError, match="unknown argument"):
+        Client(server.url).generate(prompt="x", colour="red")
