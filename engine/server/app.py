@@ -17,7 +17,6 @@ from importlib import resources
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -26,8 +25,9 @@ from .batcher import Batcher, DeadlineExceeded, Draining, Job, QueueFull
 from .cache import ConditioningCache
 from .config import ServerConfig
 from .errors import ApiError, BodyLimit, RequestId, error_body
-from .images import ImageRejected, decode, from_base64
-from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .images import ImageRejected, decode
+from .parsing import raise_first, read_request
+from .metrics import Metrics
 from .schemas import ErrorResponse, GenerateRequest, GenerateResponse, ModelList
 from .worker import FieldError, PipelineRunner
 
@@ -202,7 +202,7 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
 
     @app.get("/metrics", summary="Prometheus text format")
     async def metrics():
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
     @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(authorize)])
     async def models():
@@ -226,7 +226,7 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
             why = "shutting down" if state.draining else ("failed to load: " + state.failed if state.failed
                                                           else "still loading")
             raise ApiError(503, "unavailable", f"the server is {why}", headers={"retry-after": RETRY_AFTER_S})
-        req, data = await read_request(request)
+        req, data = await read_request(request, config.max_upload_mb)
         image = None
         if data is not None:
             try:
@@ -244,11 +244,7 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
         rid = request.scope["state"]["request_id"]
         stream = req.stream or "text/event-stream" in request.headers.get("accept", "")
         events: asyncio.Queue | None = asyncio.Queue() if stream else None
-        loop = asyncio.get_running_loop()
-        progress = None
-        if events is not None:
-            def progress(step, total):  # on the worker thread
-                loop.call_soon_threadsafe(events.put_nowait, ("progress", {"step": step, "total": total}))
+        progress = None if events is None else progress_to(events, asyncio.get_running_loop())
         job = Job(work, state.runner.key(work), rows, time.monotonic() + config.request_timeout_s, progress)
         try:
             state.batcher.submit(job)
@@ -264,54 +260,6 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
             png = await run_in_threadpool(encode_png, result["images"][0])
             return Response(png, media_type="image/png", headers={"x-seed": str(req.seed)})
         return await run_in_threadpool(response_body, job, result, rid)
-
-    async def read_request(request: Request) -> tuple[GenerateRequest, bytes | None]:
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
-            fields, data = await read_form(request)
-        elif ctype.startswith("application/json") or not ctype:
-            body = await request.body()
-            try:
-                fields = json.loads(body)
-            except ValueError as e:
-                raise ApiError(422, "invalid_json", f"body is not valid JSON: {e}") from None
-            if not isinstance(fields, dict):
-                raise ApiError(422, "invalid_json", "body must be a JSON object")
-            data = None
-        else:
-            raise ApiError(415, "unsupported_media_type",
-                           f"content type {ctype!r}: send application/json or multipart/form-data")
-        try:
-            req = GenerateRequest.model_validate(fields)
-        except ValidationError as e:
-            raise_first(e.errors())
-        if data is None and req.image is not None:
-            try:
-                data = from_base64(req.image)
-            except ImageRejected as e:
-                raise ApiError(e.status, e.code, str(e), "image") from None
-        return req, data
-
-    async def read_form(request: Request) -> tuple[dict, bytes | None]:
-        form = await request.form(max_part_size=int(config.max_upload_mb * 2**20))
-        fields, data = {}, None
-        for name, value in form.multi_items():
-            if hasattr(value, "read"):  # an UploadFile
-                if name != "image":
-                    raise ApiError(422, "invalid_request", f"unexpected file part {name!r}: only `image` is a file",
-                                   name)
-                data = await value.read()
-            elif name == "scale" and value.strip().startswith("{"):
-                try:
-                    fields[name] = json.loads(value)
-                except ValueError:
-                    raise ApiError(422, "invalid_request", "scale: not a number nor a JSON per-block dict",
-                                   "scale") from None
-            elif name == "stream":
-                fields[name] = value.lower() in ("1", "true", "yes", "on")
-            else:
-                fields[name] = value
-        return fields, data
 
     async def wait_for(job: Job, request: Request):
         """The job's result. While it is queued: dropped if the client goes away, 504 past its deadline."""
@@ -368,20 +316,17 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
     return app
 
 
-def raise_first(errors: list[dict]):
-    err = errors[0]
-    field = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body",)) or None
-    if field and field.startswith("scale."):
-        field = "scale"
-    msg = f"{field}: {err.get('msg')}" if field else err.get("msg", "invalid request")
-    raise ApiError(422, "invalid_request", msg, field)
-
-
 def first_validation_error(request: Request, errors: list[dict]):
     try:
         raise_first(errors)
     except ApiError as e:
         return error_response(request, e.status, e.code, e.message, e.field)
+
+
+def progress_to(events: asyncio.Queue, loop):
+    def progress(step: int, total: int) -> None:  # called on the worker thread
+        loop.call_soon_threadsafe(events.put_nowait, ("progress", {"step": step, "total": total}))
+    return progress
 
 
 def sse(event: str, data: dict) -> str:

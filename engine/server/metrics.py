@@ -1,8 +1,7 @@
 """Prometheus metrics of one server (its own registry, so several apps in one process do not collide)."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -27,6 +26,8 @@ class Metrics:
         self.images_per_s = Gauge("engine_images_per_second", "images / compute seconds of the last call", registry=r)
         self.cache = Counter("engine_cache_lookups", "conditioning cache lookups", ["kind", "result"], registry=r)
         self.ready = Gauge("engine_ready", "1 when weights are loaded, warmed up and not draining", registry=r)
+
+    content_type = CONTENT_TYPE_LATEST
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
