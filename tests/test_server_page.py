@@ -1,0 +1,159 @@
+"""The web page at `/` in a real headless Chromium (Selenium) against one real `python -m engine serve` process:
+upload, preset, generate with a progress bar and a downloadable result; an oversized upload shows the 413's
+message and leaves the page usable."""
+import base64
+import os
+import shutil
+
+import pytest
+import torch
+
+from engine.server.schemas import TASK_PRESETS
+from server_utils import ServerProcess, tiny_args
+
+MAX_UPLOAD_MB = 0.05   # 52 KB: the 64x64 condition image fits, a 256x256 noise PNG (~190 KB) does not
+WAIT_S = 60
+CHROMIUM = "/usr/bin/chromium"
+MISSING = "the web page test needs Chromium and chromedriver (Debian: chromium, chromium-driver); " \
+          "`make test` installs them (the Makefile's `browser` target)"
+
+
+def browser_or_skip():
+    chromedriver = shutil.which("chromedriver")
+    chromium = next((p for p in (CHROMIUM, shutil.which("chromium"), shutil.which("chromium-browser")) if p and
+                     os.path.exists(p)), None)
+    if chromedriver is None or chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail(MISSING, pytrace=False)
+        pytest.skip(MISSING)
+    return chromium, chromedriver
+
+
+@pytest.fixture(scope="module")
+def server(request, browser):
+    # after the browser check, so that a missing browser skips before the tiny weights are built
+    tiny = request.getfixturevalue("tiny")
+    with ServerProcess([*tiny_args(tiny), "--max-upload-mb", str(MAX_UPLOAD_MB)]) as srv:
+        yield srv
+        srv.terminate()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium, chromedriver = browser_or_skip()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=chromedriver))
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture()
+def page(browser, server):
+    browser.get(server.url + "/")
+    return browser
+
+
+def write_png(path, size, noise):
+    from PIL import Image
+    if noise:
+        g = torch.Generator().manual_seed(0)
+        image = Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy())
+    else:
+        from engine.demo import draw_condition_image
+        image = draw_condition_image(size)
+    image.save(path, format="PNG")
+    return str(path)
+
+
+def upload(driver, path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    with open(path, "rb") as fh:
+        data_url = "data:image/png;base64," + base64.b64encode(fh.read()).decode()
+    driver.find_element(By.ID, "image").send_keys(path)
+    # the file is read client-side into a data URL, which the preview then shows (and the request sends)
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.find_element(By.ID, "preview").is_displayed()
+                                        and d.find_element(By.ID, "preview").get_attribute("src") == data_url)
+
+
+def generate(driver, steps=2, preset="style"):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+    Select(driver.find_element(By.ID, "preset")).select_by_value(TASK_PRESETS[preset])
+    assert driver.find_element(By.ID, "instruct").get_attribute("value") == TASK_PRESETS[preset]
+    driver.find_element(By.ID, "prompt").send_keys("a red house by a lake")
+    steps_box = driver.find_element(By.ID, "steps")
+    steps_box.clear()
+    steps_box.send_keys(str(steps))
+    driver.find_element(By.ID, "generate").click()
+    # done when the button is enabled again: a result or an error has been shown
+    WebDriverWait(driver, WAIT_S).until(
+        lambda d: d.find_element(By.ID, "generate").is_enabled()
+        and (d.find_element(By.ID, "result").is_displayed() or d.find_element(By.ID, "error").text))
+
+
+def test_page_offers_the_trained_tasks(page):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    values = [o.get_attribute("value") for o in Select(page.find_element(By.ID, "preset")).options]
+    assert [v for v in values if v] == list(TASK_PRESETS.values())
+    for element in ("image", "prompt", "instruct", "scale", "steps", "seed", "apikey", "generate", "progress",
+                    "status", "error"):
+        assert page.find_element(By.ID, element)
+
+
+def test_generate_shows_progress_and_a_downloadable_result(page, tmp_path):
+    from selenium.webdriver.common.by import By
+    upload(page, write_png(tmp_path / "cond.png", 64, noise=False))
+    generate(page, steps=2, preset="composition")
+    error = page.find_element(By.ID, "error").text
+    assert not error, error
+    result = page.find_element(By.ID, "result")
+    assert result.is_displayed() and result.get_attribute("src")
+    assert page.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", result)
+    link = page.find_element(By.ID, "download")
+    assert link.is_displayed() and link.get_attribute("href") == result.get_attribute("src")
+    assert link.get_attribute("download").endswith(".png")
+    bar = page.find_element(By.ID, "progress")
+    total = float(bar.get_attribute("max"))
+    assert total >= 2 and float(bar.get_attribute("value")) == total   # fed by the SSE progress events
+    if os.environ.get("PAGE_SCREENSHOT"):
+        page.save_screenshot(os.environ["PAGE_SCREENSHOT"])
+
+
+def test_oversized_upload_shows_the_limit_and_page_stays_usable(page, tmp_path):
+    from selenium.webdriver.common.by import By
+    big = write_png(tmp_path / "big.png", 256, noise=True)
+    assert os.path.getsize(big) > MAX_UPLOAD_MB * 2**20
+    upload(page, big)
+    generate(page)
+    error = page.find_element(By.ID, "error").text
+    assert "413" in error and "limit" in error, error
+    assert not page.find_element(By.ID, "result").is_displayed()
+    # still usable: a small image now generates
+    upload(page, write_png(tmp_path / "small.png", 64, noise=False))
+    generate(page, preset="object")
+    assert not page.find_element(By.ID, "error").text
+    assert page.find_element(By.ID, "result").is_displayed()
+
+
+@pytest.mark.parametrize("fetch, shown", [
+    ('() => Promise.resolve(new Response("event: queued\\ndata: {\\"queue_depth\\": 0}\\n\\nevent: error\\ndata: '
+     '{\\"error\\": {\\"code\\": \\"internal\\", \\"message\\": \\"generation failed: boom\\"}, \\"status\\": 500}'
+     '\\n\\n", {headers: {"content-type": "text/event-stream"}}))', "Error 500: generation failed: boom"),
+    ('() => Promise.reject(new TypeError("Failed to fetch"))', "Could not reach the server"),
+], ids=["sse-error", "network-failure"])
+def test_stream_error_and_network_failure_are_shown(page, tmp_path, fetch, shown):
+    """The SSE `error` event and a failed fetch, from a stubbed `fetch` (the server cannot be made to fail)."""
+    from selenium.webdriver.common.by import By
+    upload(page, write_png(tmp_path / "cond.png", 64, noise=False))
+    page.execute_script(f"window.fetch = {fetch};")
+    generate(page)
+    assert shown in page.find_element(By.ID, "error").text
+    assert not page.find_element(By.ID, "result").is_displayed()
