@@ -267,3 +267,20 @@ def test_queue_full_is_429_and_a_deadline_passed_in_the_queue_is_504(tiny, cond_
         assert "engine_batch_requests_count 1.0" in calls   # the timed-out request never ran
     finally:
         srv.close()
+
+
+def test_a_server_without_adapter_is_text_to_image(tiny, cond_image):
+    from engine import Pipeline
+
+    pipe = Pipeline.from_pretrained(tiny["model"], device="cpu")
+    srv = InProcessServer(ServerConfig(), pipe)   # warms up too: a text-only request
+    try:
+        r = srv.request("POST", "/v1/generate", json={"prompt": PROMPT, "num_inference_steps": 2, "seed": 1})
+        assert r.status_code == 200, r.text
+        want = pipe(prompt=PROMPT, num_inference_steps=2, seed=1)[0]
+        assert close(decode_png(r.json()["images"][0]), want)
+        error_of(srv.request("POST", "/v1/generate", json={"image": png_base64(cond_image)}), 422, "image")
+        error_of(srv.request("POST", "/v1/generate", json={"instruct": STYLE}), 422, "instruct")
+        assert srv.request("GET", "/v1/models").json()["data"][0]["adapter_kind"] is None
+    finally:
+        srv.close()

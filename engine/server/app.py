@@ -84,7 +84,8 @@ class ServerState:
         if c.warmup:  # one 1-step request at the native size: kernels, allocator and caches ready before /ready
             from PIL import Image
             image = Image.new("RGB", (64, 64), (127, 127, 127)) if self.runner.kind else None
-            work = self.runner.prepare(GenerateRequest(num_inference_steps=1, instruct="everything"), image)
+            instruct = "everything" if self.runner.kind == "instruct" else None
+            work = self.runner.prepare(GenerateRequest(num_inference_steps=1, instruct=instruct), image)
             self.runner([work])
         self.cache.on_lookup = self.metrics.lookup  # counted from the first real request on
 
