@@ -10,10 +10,11 @@ or with Serve's own tools, where `args` are ServerConfig fields (the CLI flags w
 
     serve run engine.server.ray_app:app model=M image_encoder=E adapter=A max_batch_rows=16 replicas=2
 
-Autoscaling as recommended in a Serve YAML config (`serve deploy config.yaml`). A replica takes minutes to load real
-weights, so keep one at least, scale up on a sustained queue and down slowly. A replica computes one batch of up to
-max_batch_rows UNet rows while the next fills (2 rows a request with simple guidance, 4 with full), so aim at about
-a batch of requests per replica, target_ongoing_requests ~ max_batch_rows / 2:
+Autoscaling, as recommended in a Serve config (`serve deploy config.yaml`): a replica takes minutes to load real
+weights, so keep one at least; Serve's delays (up after 30 s of load, down after 600 s idle) suit it. A replica
+computes one batch of up to max_batch_rows UNet rows (2 a request with simple guidance, 4 with full) while the next
+fills, so aim at about one batch of requests per replica: target_ongoing_requests ~ max_batch_rows / 2 (the
+default here when min_replicas/max_replicas are given).
 
     http_options: {host: 0.0.0.0, port: 8000}
     applications:
@@ -21,14 +22,9 @@ a batch of requests per replica, target_ongoing_requests ~ max_batch_rows / 2:
         route_prefix: /
         import_path: engine.server.ray_app:app
         args: {model: /w/sd15, image_encoder: /w/clip-vit-h-14, adapter: /w/ip-adapter-instruct-sd15.bin,
-               max_batch_rows: 16, min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}
-        deployments:   # optional overrides of what `app` builds
-          - name: EngineDeployment
-            autoscaling_config: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8,
-                                 upscale_delay_s: 30, downscale_delay_s: 600}
-            ray_actor_options: {num_cpus: 4, num_gpus: 1}
+               max_batch_rows: 16, gpus_per_replica: 1, min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}
 
-Each replica answers with an `x-engine-replica` header (its Serve id), so /ready can be checked on every replica.
+Each answer names its replica in an `x-engine-replica` header, which is how the CLI sees /ready on every replica.
 Replica logs are Ray's: /tmp/ray/session_latest/logs/serve/.
 """
 from __future__ import annotations
@@ -45,20 +41,18 @@ from dataclasses import fields, replace
 
 import httpx
 
+from ..errors import EngineError
 from .config import ServerConfig
 
 APP_NAME = "engine"
 REPLICA_HEADER = "x-engine-replica"
 OBJECT_STORE_BYTES = 100 * 1024**2   # images travel over HTTP, not through Ray's object store
-AUTOSCALING_KEYS = {"min_replicas": int, "max_replicas": int, "initial_replicas": int,
-                    "target_ongoing_requests": float, "upscale_delay_s": float, "downscale_delay_s": float,
-                    "look_back_period_s": float}
-EXTRA_KEYS = {"replicas": int, "gpus_per_replica": float, **AUTOSCALING_KEYS}
+AUTOSCALING_KEYS = {"min_replicas": int, "max_replicas": int, "initial_replicas": int, "target_ongoing_requests": float,
+                    "upscale_delay_s": float, "downscale_delay_s": float, "look_back_period_s": float}
 
 
 class ReplicaHeaders:
-    """Names the answering replica in a header, and leaves X-Request-Id to Serve's proxy, which always adds it (the
-    app's own would come twice). Pure ASGI: streamed responses pass through."""
+    """Names the answering replica; leaves X-Request-Id to Serve's proxy, which adds it (the app's would come twice)."""
 
     def __init__(self, app, replica: str):
         self.app, self.header = app, (REPLICA_HEADER.encode(), replica.encode())
@@ -123,8 +117,7 @@ def build(config: ServerConfig, replicas: int = 1, gpus_per_replica: float | Non
         unknown = set(autoscaling) - set(AUTOSCALING_KEYS)
         if unknown:
             raise ValueError(f"unknown autoscaling keys {sorted(unknown)}; accepted: {sorted(AUTOSCALING_KEYS)}")
-        options["autoscaling_config"] = {"target_ongoing_requests": max(1, config.max_batch_rows // 2),
-                                         "upscale_delay_s": 30.0, "downscale_delay_s": 600.0, **autoscaling}
+        options["autoscaling_config"] = {"target_ongoing_requests": max(1, config.max_batch_rows // 2), **autoscaling}
     else:
         options["num_replicas"] = replicas
     deployment = serve.deployment(name="EngineDeployment", **options)(serve.ingress()(EngineDeployment))
@@ -135,12 +128,11 @@ def convert(key: str, value, kind):
     """One `serve run` argument (a string, or a YAML scalar) as `kind`; ValueError naming the key otherwise."""
     if not isinstance(value, str):
         return value
-    if value.lower() in ("none", "null") and kind is not bool:
+    if kind is not bool and value.lower() in ("none", "null"):
         return None
     try:
         if kind is bool:
-            return {"true": True, "1": True, "yes": True, "on": True,
-                    "false": False, "0": False, "no": False, "off": False}[value.lower()]
+            return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[value.lower()]
         return kind(value)
     except (KeyError, ValueError):
         raise ValueError(f"{key}={value!r}: not a valid {kind.__name__}") from None
@@ -151,7 +143,7 @@ def app(args: dict[str, str]):
     hints = typing.get_type_hints(ServerConfig)
     kinds = {f.name: next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
              for f in fields(ServerConfig) if f.name not in ("host", "port")}
-    accepted = {**kinds, **EXTRA_KEYS}
+    accepted = {**kinds, "replicas": int, "gpus_per_replica": float, **AUTOSCALING_KEYS}
     for key in args:
         if key in ("host", "port"):
             raise ValueError(f"{key}: Serve's proxy binds the address; set http_options.{key} in the Serve config")
@@ -167,19 +159,22 @@ def app(args: dict[str, str]):
     return build(ServerConfig(**values), replicas=replicas, gpus_per_replica=gpus, autoscaling=autoscaling or None)
 
 
-def free_port(host: str) -> int:
+def free_port(host: str, port: int) -> int:
+    """`port` when it can be bound (0: a free one), checked before Ray starts; EngineError otherwise."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise EngineError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
         return sock.getsockname()[1]
 
 
 def start_ray() -> bool:
-    """Connects to RAY_ADDRESS, or starts a local Ray instance (True: ours to shut down)."""
+    """Connects to the cluster at RAY_ADDRESS (False), or starts a local Ray instance (True: Serve's to stop too)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
-    if ray.is_initialized():
-        return False
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)
         return False
@@ -194,16 +189,20 @@ def wait_ready(url: str, replicas: int, stop: threading.Event) -> str | None:
         while not stop.wait(0.1):
             try:
                 r = client.get(url + "/ready")
-                body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+                body = r.json() if REPLICA_HEADER in r.headers else {}  # else Serve's own answer (not deployed yet)
             except (httpx.HTTPError, ValueError):
                 continue
             if body.get("error"):
                 return body["error"]
-            if r.status_code == 200 and REPLICA_HEADER in r.headers:
+            if r.status_code == 200 and body:
                 seen.add(r.headers[REPLICA_HEADER])
-                if len(seen) >= replicas:
-                    return None
+            if len(seen) >= replicas:
+                return None
     return None
+
+
+def plural(replicas: int) -> str:
+    return f"{replicas} replica{'s' if replicas != 1 else ''}"
 
 
 def serve_ray(config: ServerConfig, replicas: int = 1, gpus_per_replica: float | None = None) -> int:
@@ -214,8 +213,7 @@ def serve_ray(config: ServerConfig, replicas: int = 1, gpus_per_replica: float |
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per /ready poll otherwise
     t0 = time.monotonic() - process_age_s()
-    if config.port == 0:
-        config = replace(config, port=free_port(config.host))
+    config = replace(config, port=free_port(config.host, config.port))  # Serve's proxy cannot report a port 0
     ours = start_ray()  # ray.init installs its own SIGTERM handler: ours go after it
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -224,14 +222,13 @@ def serve_ray(config: ServerConfig, replicas: int = 1, gpus_per_replica: float |
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(build(config, replicas, gpus_per_replica), name=APP_NAME, route_prefix="/")
-        print(f"listening on {url} (Ray Serve; /ready turns true when the {replicas} replica(s) can serve)",
-              flush=True)
+        print(f"listening on {url} (Ray Serve; /ready turns true when {plural(replicas)} can serve)", flush=True)
         error = wait_ready(url, replicas, stop)
         if error is not None:
             print(f"error: a replica could not load the model: {error}", file=sys.stderr, flush=True)
             return 1
         if not stop.is_set():
-            print(f"ready: {url} (Ray Serve, {replicas} replica{'s' if replicas != 1 else ''}; "
+            print(f"ready: {url} (Ray Serve, {plural(replicas)}; "
                   f"{time.monotonic() - t0:.1f} s after the process started)", flush=True)
         while not stop.wait(0.5):
             pass
@@ -241,8 +238,7 @@ def serve_ray(config: ServerConfig, replicas: int = 1, gpus_per_replica: float |
         import ray
         for s, handler in previous.items():
             signal.signal(s, handler)
+        serve.delete(APP_NAME)  # the replicas finish their requests (serve.shutdown alone drops them)
         if ours:
             serve.shutdown()
-        else:
-            serve.delete(APP_NAME)
         ray.shutdown()
