@@ -26,8 +26,8 @@ from .cache import ConditioningCache
 from .config import ServerConfig
 from .errors import ApiError, BodyLimit, RequestId, error_body
 from .images import ImageRejected, decode
-from .parsing import raise_first, read_request
 from .metrics import Metrics
+from .parsing import raise_first, read_request
 from .schemas import ErrorResponse, GenerateRequest, GenerateResponse, ModelList
 from .worker import FieldError, PipelineRunner
 
@@ -56,6 +56,8 @@ class ServerState:
         except Exception as e:  # the process stays up and says why on /ready and in the log
             self.failed = f"{type(e).__name__}: {e}"
             log.error("could not load the model: %s", self.failed)
+            return
+        if self.draining:  # SIGTERM came while loading: never turn ready
             return
         c = self.config
         self.batcher = Batcher(self.run, c.max_batch_rows, c.max_wait_ms, c.max_queue, observer=self.metrics)
