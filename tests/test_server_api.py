@@ -170,6 +170,8 @@ def test_health_ready_models_metrics_docs(server):
     ({"image": base64.b64encode(b"GIF89a" + bytes(64)).decode()}, "image"),   # sniffed: not PNG/JPEG/WebP
     ({"image": base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(40)).decode()}, "image"),  # corrupt PNG
     ({"seed": -1}, "seed"),
+    ({"image": "/etc/hostname"}, "image"),              # never a path to read...
+    ({"image": "https://example.com/cond.png"}, "image"),  # ...nor a URL to fetch
 ])
 def test_bad_fields_are_422_naming_the_field(server, cond_image, change, field):
     r = server.request("POST", "/v1/generate", json={**body(cond_image), **change})
