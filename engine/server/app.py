@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import EngineError
-from .batcher import Batcher, DeadlineExceeded, Draining, Job, QueueFull
+from .batcher import Batcher, DeadlineExceeded, Draining, Job, QueueFull, worker_thread
 from .cache import ConditioningCache
 from .config import ServerConfig
 from .errors import ApiError, BodyLimit, RequestId, error_body
@@ -49,10 +49,11 @@ class ServerState:
         self.t_created = time.monotonic() - process_age_s()
         self.ready_s: float | None = None
         self.url: str | None = None   # set by whoever binds the socket, for the ready line
+        self.worker = worker_thread()  # loads, warms up and runs the model: torch on one thread only
 
     async def start(self) -> None:
         try:
-            await asyncio.to_thread(self._load)
+            await asyncio.get_running_loop().run_in_executor(self.worker, self._load)
         except Exception as e:  # the process stays up and says why on /ready and in the log
             self.failed = f"{type(e).__name__}: {e}"
             log.error("could not load the model: %s", self.failed)
@@ -60,7 +61,8 @@ class ServerState:
         if self.draining:  # SIGTERM came while loading: never turn ready
             return
         c = self.config
-        self.batcher = Batcher(self.run, c.max_batch_rows, c.max_wait_ms, c.max_queue, observer=self.metrics)
+        self.batcher = Batcher(self.run, c.max_batch_rows, c.max_wait_ms, c.max_queue, observer=self.metrics,
+                               executor=self.worker)
         self.batcher.start()
         self.ready_s = time.monotonic() - self.t_created
         self.ready = True
@@ -100,6 +102,7 @@ class ServerState:
     async def stop(self) -> None:
         if self.batcher is not None:
             await self.batcher.stop()
+        self.worker.shutdown(wait=False)
 
 
 def process_age_s() -> float:

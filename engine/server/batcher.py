@@ -17,6 +17,10 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 
+def worker_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-worker")
+
+
 class QueueFull(Exception):
     """The queue holds `max_queue` requests already."""
 
@@ -51,7 +55,7 @@ class Batcher:
     `queue_depth(n)`, `batch(jobs, seconds, ok)` and `waited(seconds)` calls (metrics)."""
 
     def __init__(self, run: Callable, max_batch_rows: int = 16, max_wait_ms: float = 10.0, max_queue: int = 64,
-                 observer=None):
+                 observer=None, executor: ThreadPoolExecutor | None = None):
         if max_batch_rows < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_rows and max_queue must be positive and max_wait_ms not negative")
         self.run, self.observer = run, observer
@@ -59,7 +63,10 @@ class Batcher:
         self.queue: list[Job] = []
         self.running: list[Job] = []
         self.draining = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-worker")
+        # the one thread that runs the model; pass the one that loaded it: torch's OpenMP keeps a thread team per
+        # thread that ran a parallel op, and two live teams on a few cores halved every call's speed (measured)
+        self._executor = executor or worker_thread()
+        self._free_since = 0.0  # when the worker last finished a call
         self._changed: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -155,7 +162,9 @@ class Batcher:
                 await self._changed.wait()
                 continue
             batch = self.select()
-            wait = self.queue[0].enqueued + self.max_wait_s - time.monotonic()
+            # wait from the later of the head's arrival and the worker freeing up: requests that queued during the
+            # last call would otherwise leave at once, before the clients just answered send their next request
+            wait = max(self.queue[0].enqueued, self._free_since) + self.max_wait_s - time.monotonic()
             full = sum(j.rows for j in batch) >= self.max_batch_rows or len(self.queue) >= self.max_queue
             if wait > 0 and not full and not self.draining:
                 self._changed.clear()
@@ -175,6 +184,7 @@ class Batcher:
                 results = await loop.run_in_executor(self._executor, self._call, batch)
             finally:
                 self.running = []
+                self._free_since = time.monotonic()
             for job, outcome in zip(batch, results):
                 if job.future.done():
                     continue
