@@ -1,4 +1,4 @@
-"""python -m bench {e2e, ops, quality}: measured side by side with what users would pick instead."""
+"""python -m bench {e2e, ops, quality, serve}: measured side by side with what users would pick instead."""
 from __future__ import annotations
 
 import argparse
@@ -38,7 +38,37 @@ def build_parser() -> Parser:
     add_e2e_args(e2e)
     from .quality import add_quality_args
     add_quality_args(sub.add_parser("quality", help="the paper's CLIP-I/T/P/S on a held-out manifest"))
+    add_serve_args(sub.add_parser("serve", help="the HTTP server under load: engine vs engine-single vs diffusers"))
     return parser
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    from .serve import SERVERS, ServeConfig, loopback_url
+    from .weights import PRESETS
+
+    def url(text: str) -> str:
+        try:
+            return loopback_url(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    c = ServeConfig
+    p.add_argument("--url", type=url, default=None,
+                   help="measure this running server (127.0.0.1, localhost or [::1] only) instead of starting "
+                        "engine, engine-single and diffusers")
+    p.add_argument("--servers", default=",".join(SERVERS), help=f"comma-separated subset of {','.join(SERVERS)}")
+    p.add_argument("--preset", choices=PRESETS, default="tiny", help="the weights every server loads")
+    p.add_argument("--concurrency", type=positive_ints, default=list(c.concurrency),
+                   help="client workers per level, e.g. 1,4,8,16 (default)")
+    p.add_argument("--requests", type=int, default=c.requests, help="requests per server and level (default 32)")
+    p.add_argument("--steps", type=int, default=c.steps, help="denoising steps per request (default 10)")
+    p.add_argument("--duration-s", type=float, default=None,
+                   help="soak: the engine server alone at the highest concurrency for S seconds; RSS growth")
+    p.add_argument("--timeout-s", type=float, default=c.timeout_s, help="per request, 429 retries included")
+    p.add_argument("--max-batch-rows", type=int, default=c.max_batch_rows, help="the engine server's batching")
+    p.add_argument("--max-wait-ms", type=float, default=c.max_wait_ms, help="the engine servers' batching wait")
+    p.add_argument("--cache", default=None, help="where preset weights are built (default: ~/.cache/...)")
+    p.add_argument("--json", default=os.path.join("out", "bench-serve.json"), help="where the result rows go")
 
 
 def add_e2e_args(p: argparse.ArgumentParser) -> None:
@@ -80,7 +110,7 @@ def add_e2e_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("ops", "e2e", "quality", "-h", "--help"):
+    if not argv or argv[0] not in ("ops", "e2e", "quality", "serve", "-h", "--help"):
         argv = ["e2e", *argv]  # `python -m bench [options]` runs the end-to-end benchmark
     a = build_parser().parse_args(argv)
     if a.command == "e2e":
@@ -88,6 +118,9 @@ def main(argv=None) -> int:
     if a.command == "quality":
         from .quality import quality_main
         return quality_main(a)
+    if a.command == "serve":
+        from .serve import serve_main
+        return serve_main(a)
     from .common import write_json
     from .ops import run_ops
 
