@@ -248,7 +248,7 @@ def test_queue_full_is_429_and_a_deadline_passed_in_the_queue_is_504(tiny, cond_
     srv = InProcessServer(ServerConfig(max_batch_rows=2, max_queue=1, request_timeout_s=0.5, max_wait_ms=0,
                                        warmup=False), load_pipe(tiny, tiny["adapter"]))
     try:
-        slow = body(cond_image, num_inference_steps=60, scheduler="ddim")
+        slow = body(cond_image, num_inference_steps=250, scheduler="ddim")  # seconds here
 
         async def scenario():
             import asyncio

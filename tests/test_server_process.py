@@ -17,6 +17,7 @@ from server_utils import REPO, ServerProcess, metric, png_base64, tiny_args
 from engine.client import Client, ServerError
 
 STYLE = "use the style of this image"
+LONG_STEPS = 250  # a request that runs for seconds here (about 15 ms a step), so others meet it in flight
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_concurrent_clients_are_batched_and_each_equals_the_pipeline_alone(serve
 
 
 def test_bad_input_is_answered_while_a_valid_request_completes(server, cond_image, tmp_path):
-    long = {"prompt": PROMPT, "image": png_base64(cond_image), "instruct": STYLE, "num_inference_steps": 60,
+    long = {"prompt": PROMPT, "image": png_base64(cond_image), "instruct": STYLE, "num_inference_steps": LONG_STEPS,
             "scheduler": "ddim"}
     t, out = in_thread(httpx.post, server.url + "/v1/generate", json=long, timeout=120)
     time.sleep(0.6)  # the long request is queued or running now
@@ -75,6 +76,7 @@ def test_bad_input_is_answered_while_a_valid_request_completes(server, cond_imag
                     data={"instruct": STYLE}), 422, "image"),
         (httpx.post(url, content=b"{}", headers={"content-type": "application/xml"}), 415, None),
     ]
+    assert t.is_alive(), "the valid request finished before the bad ones were answered"
     for r, status, field in cases:
         assert r.status_code == status, r.text
         assert r.json()["error"].get("field") == field and r.json()["request_id"]
@@ -87,7 +89,7 @@ def test_bad_input_is_answered_while_a_valid_request_completes(server, cond_imag
 
 
 def test_a_client_that_goes_away_is_dropped_from_the_queue(server, cond_image):
-    long = {"prompt": PROMPT, "image": png_base64(cond_image), "instruct": STYLE, "num_inference_steps": 60,
+    long = {"prompt": PROMPT, "image": png_base64(cond_image), "instruct": STYLE, "num_inference_steps": LONG_STEPS,
             "scheduler": "ddim", "height": 48, "width": 48}
     t, out = in_thread(httpx.post, server.url + "/v1/generate", json=long, timeout=120)
     time.sleep(0.6)
@@ -104,7 +106,7 @@ def test_a_client_that_goes_away_is_dropped_from_the_queue(server, cond_image):
 
 def test_sigterm_drains_then_exits_zero(tiny, cond_image):
     with ServerProcess(tiny_args(tiny)) as srv:
-        long = {"prompt": PROMPT, "image": png_base64(cond_image), "instruct": STYLE, "num_inference_steps": 50,
+        long = {"prompt": PROMPT, "image": png_base64(cond_image), "instruct": STYLE, "num_inference_steps": LONG_STEPS,
                 "scheduler": "ddim"}
         t, out = in_thread(httpx.post, srv.url + "/v1/generate", json=long, timeout=120)
         time.sleep(0.6)
