@@ -156,3 +156,34 @@ def test_async_client_equals_the_sync_client(server, cond_image, tmp_path):
     assert asyncio.run(client.ready()) and asyncio.run(client.models())["data"][0]["adapter_kind"] == "instruct"
     with pytest.raises(TypeError, match="unknown argument"):
         Client(server.url).generate(prompt="x", colour="red")
+
+
+def test_limits_are_answered_while_a_valid_request_completes(tiny, cond_image, tmp_path):
+    # the rest of the error list on a real process: 401 (API key), 504 (deadline while queued) and 429 (queue
+    # full), all while one valid request runs and then completes
+    key = tmp_path / "key"
+    key.write_text("k3y\n")
+    args = [*tiny_args(tiny), "--api-key-file", str(key), "--max-queue", "1", "--max-batch-rows", "2",
+            "--request-timeout-s", "1"]
+    auth = {"authorization": "Bearer k3y"}
+    with ServerProcess(args) as srv:
+        url = srv.url + "/v1/generate"
+        long = {"prompt": PROMPT, "image": png_base64(cond_image), "instruct": STYLE,
+                "num_inference_steps": LONG_STEPS, "scheduler": "ddim"}
+        t, out = in_thread(httpx.post, url, json=long, headers=auth, timeout=120)
+        time.sleep(0.6)
+        assert httpx.post(url, json=long).status_code == 401
+        assert httpx.post(url, json=long, headers={"authorization": "Bearer nope"}).status_code == 401
+        short = {**long, "num_inference_steps": 2}
+        queued, waited = in_thread(httpx.post, url, json=short, headers=auth, timeout=30)
+        time.sleep(0.3)
+        full = httpx.post(url, json=short, headers=auth)
+        assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full" and full.headers["retry-after"]
+        queued.join(30)
+        assert waited["value"].status_code == 504 and waited["value"].json()["error"]["code"] == "deadline_exceeded"
+        assert t.is_alive(), "the valid request finished before the limits were answered"
+        t.join(120)
+        assert out["value"].status_code == 200
+        statuses = httpx.get(srv.url + "/metrics").text
+        for status in ("200", "401", "429", "504"):
+            assert f'engine_requests_total{{status="{status}"}}' in statuses
