@@ -132,6 +132,11 @@ def add_serve_parser(sub) -> None:
                    help="entries in each conditioning cache (CLIP image and text encodings); 0 turns it off")
     s.add_argument("--cors-origin", help="allow this browser origin (CORS is off without it)")
     s.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up request")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (the warm-up compiles the native size; other batch shapes compile "
+                        "on first use)")
+    s.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the UNet step from CUDA graphs (CUDA only; one capture per batch shape)")
     s.add_argument("--ray", action="store_true", help="run under Ray Serve (a local Ray instance unless RAY_ADDRESS)")
     s.add_argument("--replicas", type=positive_int, default=1, help="Ray Serve replicas (with --ray)")
     s.add_argument("--gpus-per-replica", type=float, default=None,
@@ -272,6 +277,8 @@ def check_serve_args(parser: Parser, a) -> None:
     if a.max_wait_ms < 0 or a.request_timeout_s <= 0 or a.max_upload_mb <= 0 or a.cache_size < 0:
         parser.error("--max-wait-ms and --cache-size must not be negative; --request-timeout-s and "
                      "--max-upload-mb must be positive")
+    if a.cuda_graphs and a.device == "cpu":
+        parser.error("--cuda-graphs needs a CUDA device (not --device cpu)")
     if (a.replicas != 1 or a.gpus_per_replica is not None) and not a.ray:
         parser.error("--replicas and --gpus-per-replica need --ray")
 

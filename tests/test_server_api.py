@@ -10,7 +10,7 @@ from PIL import Image
 
 from engine.server.config import ServerConfig
 
-from conftest import NEGATIVE, PROMPT, load_pipe
+from conftest import NEGATIVE, PROMPT, gpu, load_pipe
 from server_utils import InProcessServer, decode_png, png_base64
 
 STYLE = "use the style of this image"
@@ -286,3 +286,32 @@ def test_a_server_without_adapter_is_text_to_image(tiny, cond_image):
         assert srv.request("GET", "/v1/models").json()["data"][0]["adapter_kind"] is None
     finally:
         srv.close()
+
+
+def test_compile_and_cuda_graphs_reach_the_pipeline(tiny):
+    pipe = load_pipe(tiny, tiny["adapter"])
+    calls = []
+    pipe.compile = lambda **kw: calls.append("compile")
+    pipe.enable_cuda_graphs = lambda: calls.append("cuda_graphs")
+    srv = InProcessServer(ServerConfig(compile=True, cuda_graphs=True, warmup=False), pipe)
+    srv.close()
+    assert calls == ["compile", "cuda_graphs"]
+
+
+@gpu
+def test_cuda_graphs_server_equals_the_eager_server(tiny, cond_image):
+    # the fast path behind the server: a batch of two requests through captured graphs gives the eager images
+    from engine import Pipeline
+
+    def serve(**kw):
+        pipe = Pipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"], adapter=tiny["adapter"],
+                                        device="cuda", dtype="float32")
+        srv = InProcessServer(ServerConfig(max_wait_ms=300, **kw), pipe)
+        try:
+            answers = srv.concurrently(*[("POST", "/v1/generate", {"json": body(cond_image, seed=s)}) for s in (1, 2)])
+            return [decode_png(a.json()["images"][0]) for a in answers]
+        finally:
+            srv.close()
+
+    for a, b in zip(serve(), serve(cuda_graphs=True)):
+        assert close(a, b)

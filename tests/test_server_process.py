@@ -187,3 +187,14 @@ def test_limits_are_answered_while_a_valid_request_completes(tiny, cond_image, t
         statuses = httpx.get(srv.url + "/metrics").text
         for status in ("200", "401", "429", "504"):
             assert f'engine_requests_total{{status="{status}"}}' in statuses
+
+
+def test_a_model_that_cannot_load_stops_the_server_with_one_line(tmp_path):
+    (tmp_path / "unet").mkdir()  # a folder, but not a diffusers model
+    r = subprocess.run([sys.executable, "-m", "engine", "serve", "--model", str(tmp_path), "--port", "0"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "could not load the model" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "engine", "serve", "--tiny", "--device", "cpu", "--cuda-graphs"],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--cuda-graphs needs a CUDA device" in r.stderr

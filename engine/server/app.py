@@ -50,13 +50,17 @@ class ServerState:
         self.ready_s: float | None = None
         self.url: str | None = None   # set by whoever binds the socket, for the ready line
         self.worker = worker_thread()  # loads, warms up and runs the model: torch on one thread only
+        self.on_failure = None         # called when loading fails (the standalone server then exits 1)
 
     async def start(self) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(self.worker, self._load)
         except Exception as e:  # the process stays up and says why on /ready and in the log
-            self.failed = f"{type(e).__name__}: {e}"
-            log.error("could not load the model: %s", self.failed)
+            self.failed = str(e) if isinstance(e, EngineError) else f"{type(e).__name__}: {e}"
+            if self.on_failure is not None:  # the standalone server stops and prints it as its one error line
+                self.on_failure()
+            else:
+                log.error("could not load the model: %s", self.failed)
             return
         if self.draining:  # SIGTERM came while loading: never turn ready
             return
@@ -82,6 +86,10 @@ class ServerState:
             self.pipe = Pipeline.from_pretrained(c.model, image_encoder=c.image_encoder, adapter=c.adapter,
                                                  device=c.device, dtype=c.dtype, attention_backend=c.attention_backend)
         self.pipe.set_progress_bar_config(disable=True)
+        if c.compile:
+            self.pipe.compile()
+        if c.cuda_graphs:
+            self.pipe.enable_cuda_graphs()  # EngineError off CUDA
         self.cache = ConditioningCache(c.cache_size)
         self.cache.attach(self.pipe)
         self.runner = PipelineRunner(self.pipe)

@@ -25,6 +25,8 @@ class ServerConfig:
     cache_size: int = 256                 # entries in each conditioning cache (images, texts); 0 turns it off
     cors_origin: str | None = None        # one allowed origin; CORS is off without it
     warmup: bool = True                   # one 1-step request before /ready turns true
+    compile: bool = False                 # torch.compile the UNet (each new batch shape compiles on first use)
+    cuda_graphs: bool = False             # replay the UNet step from CUDA graphs, one capture per batch shape
 
     @classmethod
     def from_args(cls, args) -> "ServerConfig":

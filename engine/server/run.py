@@ -1,5 +1,6 @@
 """Run the app under uvicorn on one process. SIGTERM (or Ctrl-C) drains: /ready turns false, new requests get 503,
-queued and running ones finish, then the server stops and the process exits 0. A second signal stops at once."""
+queued and running ones finish, then the server stops and the process exits 0. A second signal stops at once. A
+model that fails to load stops the server too (exit 1, the reason on stderr): it could never become ready."""
 from __future__ import annotations
 
 import asyncio
@@ -9,6 +10,7 @@ import socket
 
 import uvicorn
 
+from ..errors import EngineError
 from .app import create_app
 from .config import ServerConfig
 
@@ -45,7 +47,11 @@ def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise EngineError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.set_inheritable(True)
     return sock
 
@@ -59,6 +65,9 @@ def serve(config: ServerConfig, pipe=None) -> int:
     state.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     uconfig = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30, access_log=False)
     server = DrainingServer(uconfig, state)
+    state.on_failure = lambda: setattr(server, "should_exit", True)  # a server that can never be ready stops
     print(f"listening on {state.url} (loading the model; /ready turns true when it can serve)", flush=True)
     server.run(sockets=[sock])
+    if state.failed:
+        raise EngineError(f"could not load the model: {state.failed}")
     return 0
