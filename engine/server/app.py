@@ -251,7 +251,7 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
             work = state.runner.prepare(req, image)
         except FieldError as e:
             raise ApiError(422, "invalid_request", str(e), e.field) from None
-        rows = state.runner.rows(work)
+        rows = work.rows
         if rows > config.max_batch_rows:
             raise ApiError(422, "invalid_request", f"this request needs {rows} UNet rows (guidance branches x "
                            f"num_images), over --max-batch-rows {config.max_batch_rows}", "num_images")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -41,7 +40,6 @@ from dataclasses import fields, replace
 
 import httpx
 
-from ..errors import EngineError
 from .config import ServerConfig
 
 APP_NAME = "engine"
@@ -161,12 +159,8 @@ def app(args: dict[str, str]):
 
 def free_port(host: str, port: int) -> int:
     """`port` when it can be bound (0: a free one), checked before Ray starts; EngineError otherwise."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as e:
-            raise EngineError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    from .run import bind
+    with bind(host, port) as sock:
         return sock.getsockname()[1]
 
 

@@ -35,6 +35,7 @@ class Work:
     image: Image.Image | None
     height: int
     width: int
+    rows: int   # UNet rows in a call: guidance branches x images
 
 
 class PipelineRunner:
@@ -67,16 +68,10 @@ class PipelineRunner:
             except (EngineError, ValueError, TypeError, KeyError) as e:
                 raise FieldError("scale", f"bad per-block scale: {e}") from None
         try:
-            resolve_mode(req.guidance_mode, req.instruct, req.guidance_scale, self.kind == "instruct")
+            mode = resolve_mode(req.guidance_mode, req.instruct, req.guidance_scale, self.kind == "instruct")
         except EngineError as e:
             raise FieldError("guidance_mode", str(e)) from None
-        return Work(req, image, height, width)
-
-    def rows(self, work: Work) -> int:
-        """UNet rows of this request in a call: guidance branches x images."""
-        req = work.req
-        mode = resolve_mode(req.guidance_mode, req.instruct, req.guidance_scale, self.kind == "instruct")
-        return BRANCH_ROWS[mode] * req.num_images
+        return Work(req, image, height, width, BRANCH_ROWS[mode] * req.num_images)
 
     @staticmethod
     def key(work: Work) -> tuple:
