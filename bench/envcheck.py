@@ -35,7 +35,7 @@ NEEDED = {
     "tqdm": ("tqdm", "progress bars"),
     "pytest": ("pytest", "the GPU tests"),
     "pytest-timeout": ("pytest_timeout", "the GPU tests' per-test time limit"),
-    "cupy": ("cupy", "the cubin launches (export/launch.py)"),
+    "cupy": ("cupy", "the cubin launches (kernels/launch.py)"),
 }
 
 # what the GPU image brings: the packages it is known to have and what those depend on (names normalised)

@@ -1,5 +1,7 @@
-"""The one exception type the engine raises for bad input: its message is a single line naming the problem."""
+"""The one exception type the engine raises for bad input: its message is a single line naming the problem.
 
+It is the kernels' own type (kernels.errors.KernelError) under the engine's name: the layers point one way
+(kernels <- engine <- export, train, bench), and `except EngineError` still catches a kernel's refusal."""
+from kernels.errors import KernelError as EngineError
 
-class EngineError(ValueError):
-    """Bad input (a file, a checkpoint, an argument). `str(err)` is one line fit to show a user."""
+__all__ = ["EngineError"]

@@ -22,7 +22,7 @@ import re
 import sys
 import time
 
-from engine.errors import EngineError
+from .errors import KernelError
 
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 HEAD_DIMS = (40, 64, 80, 160)
@@ -47,10 +47,10 @@ _PTXAS = re.compile(r"Function properties for (\w+)\s*\n\s*(\d+) bytes stack fra
 
 
 def parse_ptxas(log: str, entry: str) -> dict:
-    """Stack, spill and register counts of `entry` from ptxas -v; EngineError when the report does not match."""
+    """Stack, spill and register counts of `entry` from ptxas -v; KernelError when the report does not match."""
     found = [m for m in _PTXAS.finditer(log) if m.group(1) == entry]
     if len(found) != 1:
-        raise EngineError(f"ptxas -v report for {entry} does not match 'Function properties for {entry} / N bytes "
+        raise KernelError(f"ptxas -v report for {entry} does not match 'Function properties for {entry} / N bytes "
                           f"stack frame, N bytes spill stores, N bytes spill loads / Used N registers': {log!r}")
     stack, stores, loads, regs = (int(g) for g in found[0].groups()[1:])
     return dict(registers=regs, stack_bytes=stack, spill_stores=stores, spill_loads=loads)
@@ -65,7 +65,7 @@ def ptxas_usage(ptx: str, arch: int, options=None) -> dict:
 
     entry = re.search(r"\.entry\s+(\w+)\s*\(", ptx)
     if entry is None:
-        raise EngineError("no .entry in the PTX given to ptxas")
+        raise KernelError("no .entry in the PTX given to ptxas")
     backend = make_backend(GPUTarget("cuda", arch, 32))
     opts = backend.parse_options({} if options is None else options)
     log = io.StringIO()
@@ -79,7 +79,7 @@ def divisible_args(ttir: str, entry: str) -> list[str]:
     """The kernel arguments the compiled TTIR marks `tt.divisibility = 16`."""
     m = re.search(rf"tt\.func public @{re.escape(entry)}\((.*)", ttir)
     if m is None:
-        raise EngineError(f"tt.func {entry} not found in the TTIR")
+        raise KernelError(f"tt.func {entry} not found in the TTIR")
     return [a for a, attrs in re.findall(r"%(\w+): \S+ \{([^}]*)\}", m.group(1)) if "tt.divisibility = 16" in attrs]
 
 
@@ -238,7 +238,7 @@ def _row(kernel: str, dtype: str, d: int, arch: int, compiled, args: dict, const
     meta = compiled.metadata
     usage = ptxas_usage(compiled.asm["ptx"], arch, meta._asdict())
     if usage.pop("cubin") != compiled.asm["cubin"]:
-        raise EngineError(f"{kernel} {dtype} d{d}: ptxas -v rebuilt a different cubin from Triton's PTX")
+        raise KernelError(f"{kernel} {dtype} d{d}: ptxas -v rebuilt a different cubin from Triton's PTX")
     divisible = set(divisible_args(compiled.asm["ttir"], meta.name))
     signature = compiled.src.signature
     described = [dict(name=n, type=signature[n], divisible=n in divisible,
@@ -283,7 +283,7 @@ def markdown(rows: list[dict]) -> str:
     """The README's table: per kernel and head dim, tile, warps, registers and spill stores (fp16 / bf16)."""
     arches = {r["arch"] for r in rows}
     if len(arches) != 1:
-        raise EngineError(f"the table is for one arch, got rows for {sorted(arches)}")
+        raise KernelError(f"the table is for one arch, got rows for {sorted(arches)}")
     by = {(r["kernel"], r["head_dim"], r["dtype"]): r for r in rows}
     lines = [f"| kernel ({arches.pop()}; fp16 / bf16 where they differ) | head dim | tile | warps | registers | "
              "spill stores, loads (B) |", "|---|---|---|---|---|---|"]
@@ -292,7 +292,7 @@ def markdown(rows: list[dict]) -> str:
         for d in dims:
             missing = [t for t in TABLE_DTYPES if (kernel, d, t) not in by]
             if missing:
-                raise EngineError(f"the table needs {kernel} d{d} in {', '.join(missing)}: run with the default "
+                raise KernelError(f"the table needs {kernel} d{d} in {', '.join(missing)}: run with the default "
                                   f"dtypes and head dims")
             cells = [[str(f(by[kernel, d, t])) for t in TABLE_DTYPES] for f in (
                 lambda r: r["tile"], lambda r: r["num_warps"], lambda r: r["registers"],
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
                 json.dump(rows, f, indent=1)
         if a.markdown:
             print(markdown(rows), end="")
-    except EngineError as e:
+    except KernelError as e:
         print(f"python -m kernels.aot: error: {e}", file=sys.stderr)
         return 1
     return 0

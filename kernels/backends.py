@@ -17,7 +17,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from engine.errors import EngineError
+from .errors import KernelError
 
 from . import BACKENDS  # the names live in the light package module, for parsers
 from ._runtime import triton_unusable
@@ -64,7 +64,7 @@ def _triton_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> s
 def choose(device: torch.device, dtype: torch.dtype, head_dim: int, backend: str = "auto") -> str:
     """The backend that runs on tensors of this device, dtype and head size when `backend` is asked for."""
     if backend not in BACKENDS:
-        raise EngineError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise KernelError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend in ("sdpa", "reference"):
         return backend
     device = torch.device(device)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.errors import EngineError
+from .errors import KernelError
 
 from ._runtime import interpreting, triton_unusable
 
@@ -29,58 +29,58 @@ def normalize(q, k, v, k_ip, v_ip, scale, mask, ip_mask):
     """Check the contract and return (k_ips, v_ips, scales (A, B) fp32, ip_masks list or None).
 
     A single adapter may be given as tensors, several as tuples of tensors (and tuples of scales and
-    ip_masks). Every problem is one EngineError naming the argument and the expected shape.
+    ip_masks). Every problem is one KernelError naming the argument and the expected shape.
     """
     if q.ndim != 4:
-        raise EngineError(f"q must be (B, H, Lq, D), got shape {tuple(q.shape)}")
+        raise KernelError(f"q must be (B, H, Lq, D), got shape {tuple(q.shape)}")
     b, h, lq, d = q.shape
     if q.dtype not in DTYPES:
-        raise EngineError(f"q has dtype {q.dtype}; supported: float32, float16, bfloat16")
+        raise KernelError(f"q has dtype {q.dtype}; supported: float32, float16, bfloat16")
     for name, t in (("k", k), ("v", v)):
         if t.ndim != 4 or t.shape[:2] != (b, h) or t.shape[3] != d or t.dtype != q.dtype:
-            raise EngineError(f"{name} must be (B={b}, H={h}, Lt, D={d}) {q.dtype}, got {tuple(t.shape)} {t.dtype}")
+            raise KernelError(f"{name} must be (B={b}, H={h}, Lt, D={d}) {q.dtype}, got {tuple(t.shape)} {t.dtype}")
     if k.shape != v.shape:
-        raise EngineError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise KernelError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     several = isinstance(k_ip, (tuple, list))
     k_ips = list(k_ip) if several else ([] if k_ip is None else [k_ip])
     v_ips = list(v_ip) if isinstance(v_ip, (tuple, list)) else ([] if v_ip is None else [v_ip])
     if len(k_ips) != len(v_ips):
-        raise EngineError(f"got {len(k_ips)} k_ip tensors but {len(v_ips)} v_ip tensors")
+        raise KernelError(f"got {len(k_ips)} k_ip tensors but {len(v_ips)} v_ip tensors")
     for i, (ki, vi) in enumerate(zip(k_ips, v_ips)):
         if ki.ndim != 4 or ki.shape[:2] != (b, h) or ki.shape[3] != d or ki.dtype != q.dtype or ki.shape != vi.shape \
                 or vi.dtype != q.dtype:
-            raise EngineError(f"adapter {i}: k_ip and v_ip must both be (B={b}, H={h}, Li, D={d}) {q.dtype}, "
+            raise KernelError(f"adapter {i}: k_ip and v_ip must both be (B={b}, H={h}, Li, D={d}) {q.dtype}, "
                               f"got {tuple(ki.shape)} {ki.dtype} and {tuple(vi.shape)} {vi.dtype}")
     n = len(k_ips)
     scale_list = list(scale) if isinstance(scale, (tuple, list)) else [scale] * (n or 1)
     if n and len(scale_list) != n:
-        raise EngineError(f"got {n} adapters but {len(scale_list)} scales")
+        raise KernelError(f"got {n} adapters but {len(scale_list)} scales")
     rows = []
     for s in scale_list[:n]:
         if isinstance(s, torch.Tensor):
             if s.shape not in ((b,), ()):
-                raise EngineError(f"scale must be a float or a (B={b},) tensor, got shape {tuple(s.shape)}")
+                raise KernelError(f"scale must be a float or a (B={b},) tensor, got shape {tuple(s.shape)}")
             s = s.to(device=q.device, dtype=torch.float32)
             rows.append(s if s.ndim == 1 else s.expand(b))  # (B,) as given: keeps B symbolic when traced
         elif isinstance(s, (int, float)) and not isinstance(s, bool):
             rows.append(torch.full((b,), float(s), device=q.device))
         else:
-            raise EngineError(f"scale must be a float or a (B,) tensor, got {type(s).__name__}")
+            raise KernelError(f"scale must be a float or a (B,) tensor, got {type(s).__name__}")
     if len(rows) == 1:  # the usual case: a view, no copy per call
         scales = rows[0][None]
     else:
         scales = torch.stack(rows) if rows else torch.zeros(0, b, device=q.device)
     if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (b, k.shape[2])):
-        raise EngineError(f"mask must be bool (B={b}, Lt={k.shape[2]}) with True = keep, "
+        raise KernelError(f"mask must be bool (B={b}, Lt={k.shape[2]}) with True = keep, "
                           f"got {mask.dtype} {tuple(mask.shape)}")
     ip_masks = None
     if ip_mask is not None:
         ip_masks = list(ip_mask) if isinstance(ip_mask, (tuple, list)) else [ip_mask]
         if len(ip_masks) != n:
-            raise EngineError(f"got {n} adapters but {len(ip_masks)} ip_masks")
+            raise KernelError(f"got {n} adapters but {len(ip_masks)} ip_masks")
         for m in ip_masks:
             if tuple(m.shape) != (b, lq) or not m.is_floating_point():
-                raise EngineError(f"ip_mask must be float (B={b}, Lq={lq}), got {m.dtype} {tuple(m.shape)}")
+                raise KernelError(f"ip_mask must be float (B={b}, Lq={lq}), got {m.dtype} {tuple(m.shape)}")
     return k_ips, v_ips, scales, ip_masks
 
 
@@ -286,13 +286,13 @@ def decoupled_attention(q, k, v, k_ip, v_ip, scale, mask=None, ip_mask=None):
     k_ips, v_ips, scales, ip_masks = normalize(q, k, v, k_ip, v_ip, scale, mask, ip_mask)
     reason = triton_unusable(q.device)
     if reason:
-        raise EngineError(f"the triton decoupled-attention kernel cannot run here: {reason}")
+        raise KernelError(f"the triton decoupled-attention kernel cannot run here: {reason}")
     if q.shape[-1] > MAX_HEAD_DIM:
-        raise EngineError(f"head dim {q.shape[-1]} is over the kernel's limit of {MAX_HEAD_DIM}")
+        raise KernelError(f"head dim {q.shape[-1]} is over the kernel's limit of {MAX_HEAD_DIM}")
     for name, t in (("scale", scale), ("ip_mask", ip_mask)):
         items = t if isinstance(t, (tuple, list)) else [t]
         if any(isinstance(x, torch.Tensor) and x.requires_grad for x in items):
-            raise EngineError(f"the kernel gives no gradient for {name}; use decoupled_attention_ref for that")
+            raise KernelError(f"the kernel gives no gradient for {name}; use decoupled_attention_ref for that")
     tensors = [q, k, v, *k_ips, *v_ips]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return DecoupledAttentionFn.apply(len(k_ips), scales, mask, ip_masks, *tensors)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from engine.errors import EngineError
+from .errors import KernelError
 
 from ._runtime import triton_unusable
 
@@ -42,10 +42,10 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
     """a * gelu(gate) for x = [a | gate] along the last dim, one read and one write."""
     # x: (..., 2 * inner) -> (..., inner) in x's dtype
     if x.shape[-1] % 2:
-        raise EngineError(f"geglu needs an even last dimension ([a | gate]), got {tuple(x.shape)}")
+        raise KernelError(f"geglu needs an even last dimension ([a | gate]), got {tuple(x.shape)}")
     reason = triton_unusable(x.device)
     if reason:
-        raise EngineError(f"the triton GEGLU kernel cannot run here: {reason}")
+        raise KernelError(f"the triton GEGLU kernel cannot run here: {reason}")
     return _geglu(x)
 
 

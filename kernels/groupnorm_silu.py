@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from engine.errors import EngineError
+from .errors import KernelError
 
 from ._runtime import triton_unusable
 
@@ -108,13 +108,13 @@ def group_norm_silu(x, weight, bias, groups: int, eps: float = 1e-5, silu: bool 
     resnet's time embedding) in two passes; statistics in fp32."""
     # x: (N, C, H, W), NCHW or channels-last; weight, bias: (C,); shift: (N, C) -> (N, C, H, W), x's format
     if x.ndim != 4 or x.shape[1] % groups or weight.shape != (x.shape[1],) or bias.shape != (x.shape[1],):
-        raise EngineError(f"group_norm_silu needs x (N, C, H, W) with C divisible by {groups} groups and (C,) "
+        raise KernelError(f"group_norm_silu needs x (N, C, H, W) with C divisible by {groups} groups and (C,) "
                           f"weight/bias, got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if shift is not None and tuple(shift.shape) != tuple(x.shape[:2]):
-        raise EngineError(f"group_norm_silu shift must be (N, C) = {tuple(x.shape[:2])}, got {tuple(shift.shape)}")
+        raise KernelError(f"group_norm_silu shift must be (N, C) = {tuple(x.shape[:2])}, got {tuple(shift.shape)}")
     reason = triton_unusable(x.device)
     if reason:
-        raise EngineError(f"the triton GroupNorm+SiLU kernel cannot run here: {reason}")
+        raise KernelError(f"the triton GroupNorm+SiLU kernel cannot run here: {reason}")
     return _group_norm_silu(x, weight, bias, groups, eps, silu, shift)
 
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.errors import EngineError
+from .errors import KernelError
 
 from ._runtime import triton_unusable
 from .decoupled_attention import _attend, dot_precision, key_block, launch_config, q_tile
@@ -60,20 +60,20 @@ def num_warps(dtype: torch.dtype, head_dim: int) -> int:
 
 def _check(q, k, v, k_ip, v_ip, scale, heads):
     if q.ndim != 3:
-        raise EngineError(f"q must be (B, Lq, H*D), got shape {tuple(q.shape)}")
+        raise KernelError(f"q must be (B, Lq, H*D), got shape {tuple(q.shape)}")
     b, _, width = q.shape
     if heads < 1 or width % heads:
-        raise EngineError(f"q's width {width} is not a multiple of heads={heads}")
+        raise KernelError(f"q's width {width} is not a multiple of heads={heads}")
     if q.dtype not in DTYPES:
-        raise EngineError(f"q has dtype {q.dtype}; the plugin supports float32 and float16")
+        raise KernelError(f"q has dtype {q.dtype}; the plugin supports float32 and float16")
     for name, t in (("k", k), ("v", v), ("k_ip", k_ip), ("v_ip", v_ip)):
         if t.ndim != 3 or t.shape[0] != b or t.shape[2] != width or t.dtype != q.dtype:
-            raise EngineError(f"{name} must be (B={b}, L, {width}) {q.dtype}, got {tuple(t.shape)} {t.dtype}")
+            raise KernelError(f"{name} must be (B={b}, L, {width}) {q.dtype}, got {tuple(t.shape)} {t.dtype}")
     if k.shape != v.shape or k_ip.shape != v_ip.shape:
-        raise EngineError(f"k/v and k_ip/v_ip must pair up, got {tuple(k.shape)}/{tuple(v.shape)} and "
+        raise KernelError(f"k/v and k_ip/v_ip must pair up, got {tuple(k.shape)}/{tuple(v.shape)} and "
                           f"{tuple(k_ip.shape)}/{tuple(v_ip.shape)}")
     if scale.shape != (b,) or not scale.is_floating_point():
-        raise EngineError(f"ip_scale must be a float (B={b},) tensor, got {scale.dtype} {tuple(scale.shape)}")
+        raise KernelError(f"ip_scale must be a float (B={b},) tensor, got {scale.dtype} {tuple(scale.shape)}")
 
 
 def packed_attention_ref(q, k, v, k_ip, v_ip, scale, heads: int):
@@ -94,7 +94,7 @@ def packed_attention(q, k, v, k_ip, v_ip, scale, heads: int):
     _check(q, k, v, k_ip, v_ip, scale, heads)
     reason = triton_unusable(q.device)
     if reason:
-        raise EngineError(f"the plugin's attention kernel cannot run here: {reason}")
+        raise KernelError(f"the plugin's attention kernel cannot run here: {reason}")
     b, lq, width = q.shape
     d = width // heads
     q, k, v, k_ip, v_ip = (t.contiguous() for t in (q, k, v, k_ip, v_ip))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from engine.errors import EngineError
+from .errors import KernelError
 
 from .decoupled_attention import dot_precision, mma
 from .projector_ff import check_tensors, feed_forward, ln_matmul, row_stats
@@ -96,11 +96,11 @@ def _attention_heads(x, latents, norm1_w, norm1_b, norm2_w, norm2_b, wq, wkv, he
     norms = (norm1_w.shape, norm1_b.shape, norm2_w.shape, norm2_b.shape)
     if (heads * dim_head != inner or wkv.shape != (2 * inner, dim) or latents.shape != (b, nq, dim)
             or any(s != (dim,) for s in norms)):
-        raise EngineError(f"Perceiver attention shapes do not fit: x {tuple(x.shape)}, latents {tuple(latents.shape)}, "
+        raise KernelError(f"Perceiver attention shapes do not fit: x {tuple(x.shape)}, latents {tuple(latents.shape)}, "
                           f"to_q {tuple(wq.shape)}, to_kv {tuple(wkv.shape)}, {heads} heads, norms "
                           f"{[tuple(s) for s in norms]}; want to_q (H*d, dim), to_kv (2*H*d, dim), norms (dim,)")
     if dim_head < 16 or dim_head & (dim_head - 1):
-        raise EngineError(f"the fused Perceiver attention needs a power-of-two head size >= 16, got {dim_head}")
+        raise KernelError(f"the fused Perceiver attention needs a power-of-two head size >= 16, got {dim_head}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     if latents.stride(-1) != 1:
@@ -160,7 +160,7 @@ def projector_forward(module, image, instruct=None, prompt=None):
     paths = [(x, module.layers)]
     if module.config.is_instruct:
         if instruct is None or prompt is None:
-            raise EngineError("an IPAdapter-Instruct projector needs instruction and prompt tokens")
+            raise KernelError("an IPAdapter-Instruct projector needs instruction and prompt tokens")
         paths.append((F.linear(prompt, module.proj_prompt_input.weight, module.proj_prompt_input.bias),
                       module.prompt_layers))
         paths.append((F.linear(instruct, module.proj_new_input.weight, module.proj_new_input.bias),

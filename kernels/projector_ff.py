@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from engine.errors import EngineError
+from .errors import KernelError
 
 from ._runtime import triton_unusable
 from .decoupled_attention import dot_precision, mma
@@ -80,16 +80,16 @@ def _ln_linear_gelu_kernel(X, Y, LN_W, LN_B, W, M, DIM, HIDDEN, stride_xm, strid
 
 
 def check_tensors(what: str, *tensors: torch.Tensor) -> None:
-    """One EngineError when Triton cannot run on these tensors or their dtypes/devices differ."""
+    """One KernelError when Triton cannot run on these tensors or their dtypes/devices differ."""
     first = tensors[0]
     reason = triton_unusable(first.device)
     if reason:
-        raise EngineError(f"the fused {what} cannot run: {reason}")
+        raise KernelError(f"the fused {what} cannot run: {reason}")
     if first.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise EngineError(f"the fused {what} takes float32, float16 or bfloat16 tensors, got {first.dtype}")
+        raise KernelError(f"the fused {what} takes float32, float16 or bfloat16 tensors, got {first.dtype}")
     for t in tensors[1:]:
         if t.dtype != first.dtype or t.device != first.device:
-            raise EngineError(f"the fused {what} needs all tensors on one device in one dtype: got {first.dtype} on "
+            raise KernelError(f"the fused {what} needs all tensors on one device in one dtype: got {first.dtype} on "
                               f"{first.device} and {t.dtype} on {t.device}")
 
 
@@ -112,7 +112,7 @@ def feed_forward(latents: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, 
     check_tensors("feed-forward block", latents, ln_w, ln_b, w1, w2)
     dim, hidden = latents.shape[-1], w1.shape[0]
     if w1.shape != (hidden, dim) or w2.shape != (dim, hidden) or ln_w.shape != (dim,) or ln_b.shape != (dim,):
-        raise EngineError(f"feed-forward shapes do not fit latents (..., {dim}): LayerNorm {tuple(ln_w.shape)}, "
+        raise KernelError(f"feed-forward shapes do not fit latents (..., {dim}): LayerNorm {tuple(ln_w.shape)}, "
                           f"Linear1 {tuple(w1.shape)}, Linear2 {tuple(w2.shape)}; "
                           f"want (dim,), (hidden, dim), (dim, hidden)")
     flat = latents.reshape(-1, dim).contiguous()

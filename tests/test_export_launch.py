@@ -16,7 +16,7 @@ import torch
 
 from conftest import gpu
 from engine.errors import EngineError
-from export.launch import launch_variant, pick_variant
+from kernels.launch import launch_variant, pick_variant
 from kernels.packed_attention import packed_attention_ref
 from test_export_plugin import ROOT, export
 from test_kernels_packed import make
