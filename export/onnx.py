@@ -16,44 +16,17 @@ import warnings
 import torch
 
 from engine.errors import EngineError
+from engine.exported import FORMAT, GRAPHS, SOURCES, read_manifest, source_paths  # noqa: F401 (export API)
 
 from .graph_attention import ATTENTION, DOMAIN
 from .plugin import PLUGIN
 from .specs import build_specs
 
-FORMAT = "ipadapter-instruct-onnx/1"
 DEFAULT_OPSET = 17
-GRAPHS = ("text_encoder", "image_encoder", "projector", "unet", "vae_decoder")
 
 
 def _tensor_entry(t) -> dict:
     return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "meaning": t.meaning, "fill": t.fill}
-
-
-def read_manifest(onnx_dir: str) -> dict:
-    """manifest.json of an export folder, checked for its format and the keys every reader needs."""
-    path = os.path.join(onnx_dir, "manifest.json")
-    if not os.path.isdir(onnx_dir):
-        raise EngineError(f"export folder not found: {onnx_dir}")
-    if not os.path.isfile(path):
-        raise EngineError(f"{onnx_dir} has no manifest.json; give the folder `python -m export onnx` wrote")
-    try:
-        with open(path) as f:
-            m = json.load(f)
-    except (OSError, ValueError) as e:
-        raise EngineError(f"cannot read {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise EngineError(f"{path} is not an export manifest (format {FORMAT!r} expected)")
-    if not isinstance(m.get("graphs"), dict) or not m["graphs"]:
-        raise EngineError(f"{path} lists no graphs")
-    for name, g in m["graphs"].items():
-        missing = [key for key in ("file", "inputs", "profiles") if key not in g]
-        if missing:
-            raise EngineError(f"{path}: graph {name} has no {', '.join(missing)}")
-    return m
-
-
-SOURCES = {"model": "--model", "image_encoder": "--image-encoder", "adapter": "--adapter"}  # -> the override flag
 
 
 def source_entry(out: str, **paths) -> dict:
@@ -67,30 +40,6 @@ def source_entry(out: str, **paths) -> dict:
             relative.append(name)
         entry[name] = path
     return {**entry, "relative": relative}
-
-
-def source_paths(manifest: dict, onnx_dir: str, names=tuple(SOURCES), overrides=None) -> dict[str, str]:
-    """The weights an export was made from: `overrides` (name -> path, None: not given) first, then the manifest's
-    paths, relative ones from `onnx_dir` (absolute in manifests written before paths were stored relative)."""
-    src = manifest.get("source") or {}
-    found = {}
-    for name in names:
-        if (overrides or {}).get(name) is not None:
-            found[name] = overrides[name]  # checked where it loads, like any path given to the engine
-            continue
-        path = src.get(name)
-        if path is None:
-            raise EngineError(f"{onnx_dir}/manifest.json names no {name}: pass {SOURCES[name]} PATH")
-        if name in src.get("relative", ()):
-            path = os.path.normpath(os.path.join(onnx_dir, path))
-        elif not os.path.isabs(path):  # a hub id, as given to the export
-            found[name] = path
-            continue
-        if not os.path.exists(path):
-            raise EngineError(f"the {name.replace('_', ' ')} this export was made from is not at {path} (moved or "
-                              f"deleted): pass {SOURCES[name]} PATH with where it is now")
-        found[name] = path
-    return found
 
 
 def export_graph(spec, path: str, opset: int) -> None:

@@ -1,0 +1,155 @@
+"""Generation from exported graphs: the engine's own request handling, guidance and scheduler around five
+graphs (text_encoder, image_encoder, projector, unet, vae_decoder) that some runtime executes.
+
+Everything between the graphs is engine.Pipeline's (requests, guidance branches and their weights, the zero
+image for unconditional rows, latents, scheduler), so this is the loop a C++ or TensorRT deployment reimplements
+around the same graphs. Two runtimes use it: ONNX Runtime (export.runtime.OnnxPipeline, the CPU reference) and
+TensorRT (engine.trt.runtime.TensorRTPipeline, the .plan files of `python -m export trt`). One adapter strength
+per request (a float), since the UNet graph takes one per row.
+
+The folder format is the export's manifest.json (format FORMAT), read here so that the engine can run an export
+without importing the exporter.
+"""
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import torch
+
+from .errors import EngineError
+from .pipeline import Pipeline
+
+FORMAT = "ipadapter-instruct-onnx/1"
+GRAPHS = ("text_encoder", "image_encoder", "projector", "unet", "vae_decoder")
+SOURCES = {"model": "--model", "image_encoder": "--image-encoder", "adapter": "--adapter"}  # -> the override flag
+
+
+def read_manifest(onnx_dir: str) -> dict:
+    """manifest.json of an export folder, checked for its format and the keys every reader needs."""
+    path = os.path.join(onnx_dir, "manifest.json")
+    if not os.path.isdir(onnx_dir):
+        raise EngineError(f"export folder not found: {onnx_dir}")
+    if not os.path.isfile(path):
+        raise EngineError(f"{onnx_dir} has no manifest.json; give the folder `python -m export onnx` wrote")
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except (OSError, ValueError) as e:
+        raise EngineError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise EngineError(f"{path} is not an export manifest (format {FORMAT!r} expected)")
+    if not isinstance(m.get("graphs"), dict) or not m["graphs"]:
+        raise EngineError(f"{path} lists no graphs")
+    for name, g in m["graphs"].items():
+        missing = [key for key in ("file", "inputs", "profiles") if key not in g]
+        if missing:
+            raise EngineError(f"{path}: graph {name} has no {', '.join(missing)}")
+    return m
+
+
+def source_paths(manifest: dict, onnx_dir: str, names=tuple(SOURCES), overrides=None) -> dict[str, str]:
+    """The weights an export was made from: `overrides` (name -> path, None: not given) first, then the manifest's
+    paths, relative ones from `onnx_dir` (absolute in manifests written before paths were stored relative)."""
+    src = manifest.get("source") or {}
+    found = {}
+    for name in names:
+        if (overrides or {}).get(name) is not None:
+            found[name] = overrides[name]  # checked where it loads, like any path given to the engine
+            continue
+        path = src.get(name)
+        if path is None:
+            raise EngineError(f"{onnx_dir}/manifest.json names no {name}: pass {SOURCES[name]} PATH")
+        if name in src.get("relative", ()):
+            path = os.path.normpath(os.path.join(onnx_dir, path))
+        elif not os.path.isabs(path):  # a hub id, as given to the export
+            found[name] = path
+            continue
+        if not os.path.exists(path):
+            raise EngineError(f"the {name.replace('_', ' ')} this export was made from is not at {path} (moved or "
+                              f"deleted): pass {SOURCES[name]} PATH with where it is now")
+        found[name] = path
+    return found
+
+
+
+class ExportedPipeline(Pipeline):
+    """engine.Pipeline whose text encoder, image encoder, projector, UNet and VAE decoder are exported graphs.
+
+    graphs: {name: callable(**inputs) -> torch.Tensor}, one per GRAPHS entry, taking and returning tensors on
+    `device`; model / image_encoder: where the tokenizer, scheduler and image processor are, in place of the
+    manifest's sources."""
+
+    def __init__(self, folder: str, graphs: dict, device="cpu", model: str | None = None,
+                 image_encoder: str | None = None, manifest: dict | None = None):
+        # (not Pipeline.__init__: its torch modules are the graphs here)
+        from diffusers import schedulers as dsched
+        from transformers import CLIPTokenizer
+
+        from .loading import load_image_encoder
+
+        manifest = manifest or read_manifest(folder)
+        missing = [g for g in GRAPHS if g not in graphs]
+        if missing:
+            raise EngineError(f"{folder} lacks {', '.join(missing)}: generation needs all five graphs")
+        src = source_paths(manifest, folder, ("model", "image_encoder"),
+                           dict(model=model, image_encoder=image_encoder))
+        self.device, self.dtype = torch.device(device), getattr(torch, manifest["dtype"])
+        self.graphs, self.manifest = graphs, manifest
+        self.tokenizer = CLIPTokenizer.from_pretrained(src["model"], subfolder="tokenizer")
+        config = dsched.DDIMScheduler.load_config(src["model"], subfolder="scheduler")
+        self.scheduler = getattr(dsched, config["_class_name"]).from_config(config)
+        _, self.image_processor = load_image_encoder(src["image_encoder"], torch.float32)
+        sample = manifest["graphs"]["unet"]["inputs"][0]["shape"]
+        native = manifest["graphs"]["unet"]["axes"]["latent_height"]["opt"]
+        self.unet = SimpleNamespace(config=SimpleNamespace(sample_size=native, in_channels=sample[1]))
+        self.adapter = SimpleNamespace(kind=manifest["source"]["adapter_kind"], projector=self._project_graph)
+        self.cross, self._static, self._fused_projector = {}, None, False
+        self._progress, self.timings = {}, {}
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.manifest["vae_scale_factor"]
+
+    def enable_cuda_graphs(self, enabled: bool = True) -> None:
+        raise EngineError(f"{type(self).__name__} runs exported graphs; CUDA graphs are the PyTorch backend's")
+
+    def compile(self, **kwargs) -> None:
+        raise EngineError(f"{type(self).__name__} runs exported graphs; torch.compile is the PyTorch backend's")
+
+    def set_attention_backend(self, backend: str) -> None:
+        raise EngineError(f"{type(self).__name__} runs exported graphs, whose attention is fixed at export time")
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.graphs["text_encoder"](input_ids=ids.to(self.device))
+
+    def encode_images(self, images, with_zero: bool = True) -> torch.Tensor:
+        pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
+        if with_zero:
+            pixels = torch.cat([pixels, torch.zeros_like(pixels[:1])])  # the last row: the all-zero image
+        return self.graphs["image_encoder"](pixel_values=pixels.to(self.device))
+
+    def _project_graph(self, image, instruct=None, prompt=None) -> torch.Tensor:
+        return self.graphs["projector"](image_tokens=image, instruct_tokens=instruct, prompt_tokens=prompt)
+
+    def _unet_inputs(self, text_rows, ip_rows, reqs, plan):
+        bad = [r.scale for r in reqs if not isinstance(r.scale, (int, float)) or isinstance(r.scale, bool)]
+        if bad:
+            raise EngineError(f"the exported UNet takes one adapter strength per row; per-block scales such as "
+                              f"{bad[0]!r} are not exported")
+        index = plan["branch_of_row"].to(text_rows.device)
+        scale = torch.tensor([float(reqs[r].scale) for r in plan["row_request"]], dtype=torch.float32,
+                             device=self.device)
+        return text_rows.index_select(0, index), dict(ip=ip_rows.index_select(0, index.to(ip_rows.device)),
+                                                      scale=scale)
+
+    def _unet_step(self, x, t, text_rows, ctx) -> torch.Tensor:
+        timestep = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        return self.graphs["unet"](sample=x, timestep=timestep, encoder_hidden_states=text_rows,
+                                   ip_tokens=ctx["ip"], ip_scale=ctx["scale"])
+
+    def _decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.graphs["vae_decoder"](latent=latents).float()
