@@ -6,6 +6,9 @@ requirements are already satisfied and no multi-GB CUDA build is pulled in.
 """
 from setuptools import find_packages, setup
 
+# TensorRT for RTX from the package registry (the full TensorRT's wheels there only download from NVIDIA's index)
+TENSORRT = [f"tensorrt-rtx-cu12-{part}==1.7.1.116; platform_system == 'Linux' and platform_machine == 'x86_64'"
+            for part in ("libs", "bindings")]
 SERVE = ["fastapi>=0.110", "uvicorn>=0.30", "python-multipart>=0.0.9", "prometheus-client>=0.20", "httpx>=0.27",
          "psutil>=5.9"]
 
@@ -35,7 +38,8 @@ setup(
         "bench": ["matplotlib>=3.7", "pytest-benchmark>=4"],   # --plot, `pytest bench/ --benchmark-only`
         "train": ["tensorboard>=2.14"],                        # python -m train logs there too when present
         # python -m export onnx / verify (the plugin op runs under ONNX Runtime through its extensions)
-        "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxruntime-extensions>=0.12"],
+        # (+ python -m export trt, and running its plans: TensorRT for RTX, which builds engines without a GPU)
+        "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxruntime-extensions>=0.12", *TENSORRT],
         # python -m engine serve (and engine.client: httpx); --ray adds Ray Serve
         "serve": SERVE,
         "ray": ["ray[serve]>=2.60"],
@@ -43,6 +47,6 @@ setup(
         # run-time bounds; GPU compilation works from 3.6)
         "dev": ["triton>=3.9; platform_system == 'Linux'", "pytest>=8", "matplotlib>=3.7", "pytest-benchmark>=4", "tensorboard>=2.14", "onnx>=1.16",
                 "onnxruntime>=1.18", "onnxruntime-extensions>=0.12", *SERVE, "ray[serve]>=2.60",
-                "selenium>=4.20"],  # the web page's test drives Debian's chromium through chromedriver
+                "selenium>=4.20", *TENSORRT],  # the web page's test drives Debian's chromium through chromedriver
     },
 )

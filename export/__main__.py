@@ -69,7 +69,7 @@ def _parser() -> Parser:
     pl.add_argument("--heads", type=int, default=HEADS, help=f"attention heads (default {HEADS}, SD1.5)")
     from . import trt  # imports no TensorRT: that happens inside the build
 
-    trt.add_arguments(sub.add_parser("trt", help="build TensorRT engines from an onnx folder (needs TensorRT)"))
+    trt.add_arguments(sub.add_parser("trt", help="build TensorRT engines (.plan) from an onnx folder, on this machine (TensorRT for RTX needs no GPU)"))
     return p
 
 
@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is what kernels/aot.py measures
     try:
         if a.command == "onnx":
             from .onnx import export_onnx

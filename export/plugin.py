@@ -17,12 +17,13 @@ import os
 import re
 
 from engine.errors import EngineError
+from engine.trt.plugin import NAME, NAMESPACE
 
 ARCHS = (80, 86, 89, 90)
 DTYPES = ("float16", "float32")
 HEAD_DIMS = (40, 64, 80, 160)
 HEADS = 8  # every SD1.5 attention layer
-PLUGIN = {"name": "DecoupledAttention", "namespace": "ipadapter_instruct"}
+PLUGIN = {"name": NAME, "namespace": NAMESPACE}  # one spelling: the TensorRT plugin's (engine/trt/plugin.py)
 
 
 def ptx_params(ptx: str, entry: str) -> list[str]:
@@ -44,35 +45,37 @@ def _args(variant: dict, params: list[str]) -> list[dict]:
     return out
 
 
-def write_plugin(out: str, archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, heads: int = HEADS, log=print) -> str:
-    """Compile every variant into `out` and write `out/index.json`; returns the index path."""
+def write_plugin(out: str, archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, heads: int = HEADS, log=print,
+                 combos=None) -> str:
+    """Compile every variant into `out` and write `out/index.json`; returns the index path. combos: the
+    (dtype, heads, head_dim) to build, in place of dtypes x head_dims at `heads` (what a UNet engine uses)."""
     import triton
 
     from kernels.aot import compile_kernel, packed_variant
 
     os.makedirs(out, exist_ok=True)
+    combos = sorted(set(combos)) if combos is not None else [(t, heads, d) for t in dtypes for d in head_dims]
     variants = []
     for arch in archs:
-        for dtype in dtypes:
-            for d in head_dims:
-                v = packed_variant(dtype, heads, d)
-                k = compile_kernel(v, arch)
-                stem = f"packed_attention_{dtype}_h{heads}_d{d}_sm{arch}"
-                cubin, ptx = k.asm["cubin"], k.asm["ptx"]
-                for ext, data in (("cubin", cubin), ("ptx", ptx.encode())):
-                    with open(os.path.join(out, f"{stem}.{ext}"), "wb") as f:
-                        f.write(data)
-                meta = k.metadata
-                variants.append({
-                    "arch": f"sm_{arch}", "dtype": dtype, "heads": heads, "head_dim": d, "kernel_name": meta.name,
-                    "cubin": f"{stem}.cubin", "ptx": f"{stem}.ptx", "cubin_sha256": hashlib.sha256(cubin).hexdigest(),
-                    "num_warps": meta.num_warps, "threads_per_block": meta.num_warps * 32,
-                    "shared_bytes": meta.shared, "global_scratch_size": meta.global_scratch_size,
-                    "block_m": v["constexprs"]["BLOCK_M"],
-                    "grid": {"x": f"ceil(Lq / {v['constexprs']['BLOCK_M']})", "y": f"B * {heads}", "z": 1},
-                    "constexprs": v["constexprs"], "args": _args(v, ptx_params(ptx, meta.name)),
-                })
-                log(f"{stem}: {meta.name}, {meta.num_warps * 32} threads, {meta.shared} B shared")
+        for dtype, heads, d in combos:
+            v = packed_variant(dtype, heads, d)
+            k = compile_kernel(v, arch)
+            stem = f"packed_attention_{dtype}_h{heads}_d{d}_sm{arch}"
+            cubin, ptx = k.asm["cubin"], k.asm["ptx"]
+            for ext, data in (("cubin", cubin), ("ptx", ptx.encode())):
+                with open(os.path.join(out, f"{stem}.{ext}"), "wb") as f:
+                    f.write(data)
+            meta = k.metadata
+            variants.append({
+                "arch": f"sm_{arch}", "dtype": dtype, "heads": heads, "head_dim": d, "kernel_name": meta.name,
+                "cubin": f"{stem}.cubin", "ptx": f"{stem}.ptx", "cubin_sha256": hashlib.sha256(cubin).hexdigest(),
+                "num_warps": meta.num_warps, "threads_per_block": meta.num_warps * 32,
+                "shared_bytes": meta.shared, "global_scratch_size": meta.global_scratch_size,
+                "block_m": v["constexprs"]["BLOCK_M"],
+                "grid": {"x": f"ceil(Lq / {v['constexprs']['BLOCK_M']})", "y": f"B * {heads}", "z": 1},
+                "constexprs": v["constexprs"], "args": _args(v, ptx_params(ptx, meta.name)),
+            })
+            log(f"{stem}: {meta.name}, {meta.num_warps * 32} threads, {meta.shared} B shared")
     index = {"plugin": PLUGIN, "triton": triton.__version__,
              "layout": "q (B,Lq,H*D), k/v (B,Lt,H*D), k_ip/v_ip (B,Li,H*D) contiguous in dtype; ip_scale (B,) fp32; "
                        "out (B,Lq,H*D) in dtype",

@@ -1,195 +1,37 @@
-"""`python -m export trt DIR`: TensorRT engines (DIR/NAME.plan) from the ONNX export in DIR (manifest.json).
+"""`python -m export trt DIR`: one TensorRT engine (NAME.plan) per graph of the ONNX export in DIR, built on this
+machine, no GPU needed with TensorRT for RTX ("CPU-only AOT"; the `export` extra installs it) or with TensorRT
+where a user has it (engine.trt.load_tensorrt picks).
 
-The adapter cross-attention nodes (op DecoupledAttention, plugin_namespace ipadapter_instruct, aot=1) become the
-`tensorrt.plugin` defined in `register_plugin`: its ahead-of-time implementation compiles the packed Triton kernel
-(kernels/packed_attention.py, export/plugin.py) to PTX for the GPU the engine is built on, so the engine runs on the
-plain TensorRT runtime (trtexec, C++) with no Python. Its JIT implementation launches the same kernel from PyTorch.
+The UNet's adapter cross-attention nodes (op DecoupledAttention, plugin_namespace ipadapter_instruct) are imported
+by TensorRT's ONNX parser as the project's IPluginV3 plugin: the Python one (engine/trt/plugin.py) by default, or
+the C++ library of export/cpp/ with --plugin-library, which is then embedded in every plan
+(`plugins_to_serialize`) so that a C++ program needs nothing else. ip_scale stays a run-time input of unet.plan.
+Either plugin launches the project's ahead-of-time cubins; the build compiles them with Triton for the GPU archs
+asked (--arch, default RTX_ARCHS and sm_90) and the dtype, head count and head size of each plugin layer, into
+OUT/plugin/ (a `python -m export plugin` folder).
 
-No parser flag or builder setting is needed for that: TensorRT's ONNX parser maps an op it does not know to the
-plugin registered under the node's op type, `plugin_version` (default "1") and `plugin_namespace` attribute, and
-the node's `aot` attribute picks the AOT implementation. An AOT plugin's kernel is stored in the engine
-(`plugins_to_serialize` is for plugin libraries, and kENABLE_PLUGIN_OVERRIDE for replacing built-in ops; neither
-applies). Without `aot` the JIT path is taken and the engine then needs Python and `register_plugin()` to run.
-
-Everything that decides a number (dtype, head size, grid, block, shared memory, the int32 arguments, profiles,
-the shape syntax) is a plain function, tested without TensorRT; the TensorRT calls are written from its
-documentation. TensorRT is imported inside the functions that need it, never at import time.
+OUT gets NAME.plan for each graph, engines.json (what was built, with what, profiles, sizes, times), manifest.json
+(the export's, its weight paths relative to OUT) and plugin/. Everything is built in a staging folder inside OUT
+and moved in only when every graph built, so a failure (a missing or corrupt ONNX file, a parser error, a
+profile TensorRT refuses) leaves no plan behind. Profiles come from the manifest, overridden by --min/--opt/--max
+in trtexec's syntax and checked against the graphs' fixed dimensions before TensorRT loads.
 """
-# (no `from __future__ import annotations`: tensorrt.plugin reads the decorated functions' annotations as classes)
-import functools
+import json
 import os
-import re
+import resource
+import shutil
 import sys
 import time
 
 from engine.errors import EngineError
+from engine.trt import flavour, load_tensorrt
+from engine.trt.runtime import ENGINES_FORMAT
 
-from .onnx import read_manifest
+from .onnx import GRAPHS, read_manifest, source_entry, source_paths
 from .plugin import PLUGIN
 
-PLUGIN_ID = f"{PLUGIN['namespace']}::{PLUGIN['name']}"
 BOUNDS = ("min", "opt", "max")
-KERNEL_ARGS = ("Q", "K", "V", "KI", "VI", "Scale", "Lq", "Lt", "Li", "Out")  # what TensorRT passes, in order
-EXTRA_ARGS = ("Lq", "Lt", "Li")  # the int32 arguments, resolved from the input shapes at run time
-NOT_INSTALLED = ("TensorRT is not installed here: the registry's tensorrt-*-libs wheels are stubs that download "
-                 "from NVIDIA's index, which is unreachable; build engines where TensorRT 10.x is installed")
-_DTYPES = {"FLOAT": "float32", "HALF": "float16", "float32": "float32", "float16": "float16"}
-_REGISTERED = []
-
-
-def tensorrt_unavailable() -> str | None:
-    """None when TensorRT with `tensorrt.plugin.aot_impl` imports, else why not (one line)."""
-    try:
-        import tensorrt
-    except Exception as e:  # ImportError, or OSError from a bindings wheel without its libraries
-        return f"{NOT_INSTALLED} ({_first_line(e)})"
-    version = getattr(tensorrt, "__version__", "?")
-    try:
-        import tensorrt.plugin as trtp
-    except Exception as e:
-        return f"TensorRT {version} has no usable tensorrt.plugin ({_first_line(e)}); build with TensorRT 10.x"
-    if not version.split(".")[0].isdigit() or int(version.split(".")[0]) < 10 or not hasattr(trtp, "aot_impl"):
-        return f"TensorRT {version} has no tensorrt.plugin.aot_impl; build engines with a TensorRT 10.x that has it"
-    return None
-
-
-def _first_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
-
-
-def tensorrt_runtime_unavailable() -> str:
-    """Why `--backend tensorrt` cannot run (engine, bench): TensorRT is missing, or the runtime is not built."""
-    return tensorrt_unavailable() or ("the engine's TensorRT runtime (running the .plan files of "
-                                      "`python -m export trt`) is not built yet; use --backend pytorch")
-
-
-# ----- the plugin's launch, as plain values ------------------------------------------------------------------
-
-def plugin_dtype(name: str) -> str:
-    """TensorRT's DataType name (FLOAT, HALF) or a torch dtype name -> the variant dtype of export/plugin.py."""
-    if name not in _DTYPES:
-        raise EngineError(f"the DecoupledAttention plugin takes FLOAT or HALF (float32/float16) tensors, got {name}")
-    return _DTYPES[name]
-
-
-def head_dim(width: int, heads: int) -> int:
-    if heads < 1 or width % heads:
-        raise EngineError(f"DecoupledAttention: width {width} is not a multiple of num_heads={heads}")
-    return width // heads
-
-
-def autotune_types() -> str:
-    """I/O types in AutoTuneCombination syntax: q, k, v, k_ip, v_ip and out all FP32 or all FP16; ip_scale FP32."""
-    return ",".join(["FP32|FP16"] * 5 + ["FP32", "FP32|FP16"])
-
-
-def grid(batch, lq, block_m: int, heads: int, cdiv):
-    """(x, y, z) blocks: one per BLOCK_M queries, per batch row and head. Works on ints and on TensorRT's symbolic
-    shape expressions alike (`cdiv` is ceil-division for the kind given)."""
-    return cdiv(lq, block_m), batch * heads, 1
-
-
-def extra_args(q_shape, k_shape, k_ip_shape) -> tuple:
-    """The kernel's int32 arguments (Lq, Lt, Li) from the shapes (B, L, H*D) of q, k and k_ip."""
-    return q_shape[1], k_shape[1], k_ip_shape[1]
-
-
-def trim_scratch(ptx: str, entry: str, keep: int) -> str:
-    """Drop the parameters Triton appends after the kernel's own (global/profile scratch pointers) when the body
-    never reads them: TensorRT launches with exactly the inputs, the int32 arguments and the outputs."""
-    head, sep, rest = ptx.partition(f".entry {entry}(")
-    params, close, body = rest.partition(")")
-    if not sep or not close:
-        raise EngineError(f"entry {entry} not found in the PTX")
-    decls = [p.strip() for p in params.split(",") if p.strip()]
-    for d in decls[keep:]:
-        name = d.split()[-1]
-        if re.search(rf"\b{re.escape(name)}\b", body):
-            raise EngineError(f"{entry} reads its extra parameter {name}, which TensorRT's AOT launch cannot pass")
-    return head + sep + "\n\t" + ",\n\t".join(decls[:keep]) + "\n" + close + body
-
-
-@functools.lru_cache(maxsize=None)
-def aot_launch(dtype: str, heads: int, width: int, arch: int) -> dict:
-    """Compile the packed kernel for (dtype, heads, width) on sm_`arch` with Triton (no GPU needed; TRITON_INTERPRET
-    must be unset) -> kernel_name, ptx (trimmed to the launch's parameters), block_m, threads, shared_mem."""
-    from kernels._runtime import interpreting
-    from kernels.aot import compile_kernel, packed_variant
-
-
-    if interpreting():
-        raise EngineError("unset TRITON_INTERPRET: the plugin's kernel must be compiled, not interpreted")
-    dtype, d = plugin_dtype(dtype), head_dim(width, heads)
-    v = packed_variant(dtype, heads, d)
-    k = compile_kernel(v, arch)
-    meta = k.metadata
-    return dict(kernel_name=meta.name, ptx=trim_scratch(k.asm["ptx"], meta.name, len(KERNEL_ARGS)), dtype=dtype,
-                heads=heads, head_dim=d, block_m=v["constexprs"]["BLOCK_M"], threads=meta.num_warps * 32,
-                shared_mem=meta.shared)
-
-
-def launch_numbers(launch: dict, b: int, lq: int, lt: int, li: int) -> dict:
-    """The launch TensorRT makes for concrete shapes: grid, block, shared memory and the int32 arguments."""
-    return dict(grid=grid(b, lq, launch["block_m"], launch["heads"], lambda a, m: -(-a // m)),
-                block=(launch["threads"], 1, 1), shared_mem=launch["shared_mem"],
-                extra_args=extra_args((b, lq), (b, lt), (b, li)))
-
-
-def cuda_arch() -> int:
-    import torch
-
-    if not torch.cuda.is_available():
-        raise EngineError("building the plugin's kernel needs the CUDA GPU the engine is built for")
-    major, minor = torch.cuda.get_device_capability()
-    return major * 10 + minor
-
-
-# ----- the tensorrt.plugin definition -----------------------------------------------------------------------
-
-def register_plugin() -> None:
-    """Define ipadapter_instruct::DecoupledAttention for TensorRT (shape, autotune, JIT and AOT); idempotent."""
-    if _REGISTERED:
-        return
-    import tensorrt.plugin as trtp
-
-    TD = trtp.TensorDesc
-
-    @trtp.register(PLUGIN_ID)
-    def _shape(q: TD, k: TD, v: TD, k_ip: TD, v_ip: TD, ip_scale: TD, num_heads: int) -> TD:
-        return q.like()
-
-    @trtp.autotune(PLUGIN_ID)
-    def _autotune(q: TD, k: TD, v: TD, k_ip: TD, v_ip: TD, ip_scale: TD, num_heads: int,
-                  outputs: tuple[TD]) -> list[trtp.AutoTuneCombination]:
-        return [trtp.AutoTuneCombination(autotune_types(), ",".join(["LINEAR"] * 7))]
-
-    @trtp.impl(PLUGIN_ID)
-    def _impl(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, k_ip: trtp.Tensor, v_ip: trtp.Tensor,
-              ip_scale: trtp.Tensor, num_heads: int, outputs: tuple[trtp.Tensor], stream: int) -> None:
-        import torch
-
-        from kernels.packed_attention import packed_attention
-
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            args = [torch.as_tensor(t, device="cuda") for t in (q, k, v, k_ip, v_ip, ip_scale)]
-            torch.as_tensor(outputs[0], device="cuda").copy_(packed_attention(*args, num_heads))
-
-    @trtp.aot_impl(PLUGIN_ID)
-    def _aot_impl(q: TD, k: TD, v: TD, k_ip: TD, v_ip: TD, ip_scale: TD, num_heads: int, outputs: tuple[TD],
-                  tactic: int) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:
-        width = q.shape_expr[2]
-        if width.is_fake or not width.is_constant:
-            raise EngineError("DecoupledAttention needs a fixed width (H*D) in q's last dimension")
-        launch = aot_launch(q.dtype.name, num_heads, width.constant_value(), cuda_arch())
-        params = trtp.KernelLaunchParams()
-        params.grid_x, params.grid_y, params.grid_z = grid(q.shape_expr[0], q.shape_expr[1], launch["block_m"],
-                                                           num_heads, trtp.cdiv)
-        params.block_x, params.shared_mem = launch["threads"], launch["shared_mem"]
-        sizes = extra_args(q.shape_expr, k.shape_expr, k_ip.shape_expr)
-        return (launch["kernel_name"].encode(), launch["ptx"].encode(), params,
-                trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in sizes]))
-
-    _REGISTERED.append(PLUGIN_ID)
+ARCHS = (75, 80, 86, 89, 90, 100, 120)  # TensorRT for RTX's GPUs (Turing to Blackwell) and Hopper, for full TensorRT
 
 
 # ----- manifest, shapes and profiles --------------------------------------------------------------------------
@@ -240,6 +82,12 @@ def graph_profiles(manifest: dict, shapes: dict | None = None) -> dict:
                 if len(dims) != len(axes) or any(isinstance(a, int) and a != d for a, d in zip(axes, dims)):
                     raise EngineError(f"{gname}: {b} shape {_dims(dims)} for input {name} does not fit its shape "
                                       f"({'x'.join(str(a) for a in axes)})")
+                for a, d in zip(axes, dims):  # a named axis stays in the range the export was made and checked for
+                    lo, hi = (g.get("axes", {}).get(a, {}).get(k) for k in ("min", "max")) if isinstance(a, str) \
+                        else (None, None)
+                    if lo is not None and not lo <= d <= hi:
+                        raise EngineError(f"{gname}: {b} shape {_dims(dims)} for input {name} puts {a} at {d}, "
+                                          f"outside the export's range {lo}-{hi} (manifest.json axes)")
                 bounds.append(dims)
             if not all(lo <= opt <= hi for lo, opt, hi in zip(*bounds)):
                 raise EngineError(f"{gname}: input {name} needs min <= opt <= max in every dimension, got "
@@ -254,12 +102,13 @@ def graph_profiles(manifest: dict, shapes: dict | None = None) -> dict:
 
 def precision(manifest_dtype: str, fp16: bool, weak_typing: bool) -> str:
     """'strong': the graph's own types (a float16 export is already half); 'weak': BuilderFlag.FP16 lets TensorRT
-    pick half kernels in a float32 export (TensorRT 10.x only: 11.x removed weak typing)."""
+    pick half kernels in a float32 export (full TensorRT 10.x only: TensorRT for RTX and TensorRT 11 build
+    strongly typed networks alone)."""
     if not fp16 or manifest_dtype == "float16":
         return "strong"
     if not weak_typing:
-        raise EngineError("--fp16 on a float32 export needs TensorRT 10.x (11.x has no BuilderFlag.FP16); "
-                          "export with `python -m export onnx --dtype float16` instead")
+        raise EngineError("--fp16 on a float32 export needs TensorRT 10.x's weak typing, which this TensorRT lacks: "
+                          "export with `python -m export onnx --dtype float16` and build that (no --fp16 needed)")
     return "weak"
 
 
@@ -278,37 +127,144 @@ def write_atomic(path: str, data) -> None:
 
 # ----- the build ----------------------------------------------------------------------------------------------
 
-def build_engines(onnx_dir: str, out_dir: str | None = None, fp16: bool = False, shapes: dict | None = None,
-                  log=print) -> list[str]:
-    """One engine per graph of the manifest -> the .plan paths. shapes: {"min"|"opt"|"max": {input: dims}}."""
-    manifest = read_manifest(onnx_dir)
-    profiles = graph_profiles(manifest, shapes)
-    reason = tensorrt_unavailable()
-    if reason:
-        raise EngineError(reason)
-    import tensorrt as trt
+def plugin_layers(trt, network, onnx_path: str) -> list[dict]:
+    """The network's DecoupledAttention layers: name, dtype, heads (the ONNX node's num_heads) and width."""
+    found = [network.get_layer(i) for i in range(network.num_layers)]
+    found = [layer for layer in found if layer.type == trt.LayerType.PLUGIN_V3]
+    if not found:
+        return []
+    import onnx
 
-    if manifest.get("attention") == "plugin":
-        register_plugin()
+    heads = {}
+    for node in onnx.load(onnx_path, load_external_data=False).graph.node:
+        if node.op_type == PLUGIN["name"]:
+            heads[node.name] = next((a.i for a in node.attribute if a.name == "num_heads"), 0)
+    out = []
+    for layer in found:
+        inp = layer.get_input(0)
+        width = inp.shape[len(inp.shape) - 1]
+        if layer.name not in heads or width < 1:
+            raise EngineError(f"plugin layer {layer.name}: no num_heads in the ONNX node or no fixed width ({width})")
+        dtype = {"FLOAT": "float32", "HALF": "float16"}.get(inp.dtype.name)
+        if dtype is None:
+            raise EngineError(f"plugin layer {layer.name} takes {inp.dtype.name}; the plugin takes FLOAT or HALF")
+        out.append(dict(name=layer.name, dtype=dtype, heads=heads[layer.name], width=width))
+    return out
+
+
+def _parse(trt, builder, logger, path: str, strong: bool, log):
+    if not os.path.isfile(path):
+        raise EngineError(f"{path} not found: export it again with `python -m export onnx`")
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strong else 0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(path):  # (from the file: external weights resolve beside it)
+        errors = [" ".join(str(parser.get_error(i)).split()) for i in range(parser.num_errors)]
+        for e in errors[1:]:
+            log(f"{os.path.basename(path)}: {e}")
+        raise EngineError(f"{os.path.basename(path)}: TensorRT's ONNX parser refused it: "
+                          f"{errors[0][:300] if errors else 'no reason given'}")
+    return network, parser
+
+
+def build_engines(onnx_dir: str, out_dir: str | None = None, fp16: bool = False, shapes: dict | None = None,
+                  graphs=None, archs=ARCHS, plugin_library: str | None = None, log=print) -> list[str]:
+    """One engine per graph of the manifest (or of `graphs`) -> the .plan paths in out_dir (default onnx_dir).
+    shapes: {"min"|"opt"|"max": {input: dims}} over the manifest's profiles; archs: the GPU archs the plugin's
+    cubins are compiled for; plugin_library: the C++ plugin (.so) to import and embed, in place of Python's."""
+    manifest = read_manifest(onnx_dir)
+    names = list(graphs or manifest["graphs"])
+    unknown = [g for g in names if g not in manifest["graphs"]]
+    if unknown:
+        raise EngineError(f"{onnx_dir} has no graph {', '.join(unknown)}; it has {', '.join(manifest['graphs'])}")
+    profiles = graph_profiles({**manifest, "graphs": {g: manifest["graphs"][g] for g in names}}, shapes)
+    for g in names:
+        path = os.path.join(onnx_dir, manifest["graphs"][g]["file"])
+        if not os.path.isfile(path):
+            raise EngineError(f"{path} not found: export it again with `python -m export onnx`")
+    if plugin_library is not None and not os.path.isfile(plugin_library):
+        raise EngineError(f"plugin library not found: {plugin_library} (make -C export/cpp plugin builds it)")
+    trt = load_tensorrt()
     mode = precision(manifest.get("dtype", "float32"), fp16, hasattr(trt.BuilderFlag, "FP16"))
+    plugin = manifest.get("attention") == "plugin"
+    if plugin:
+        if plugin_library is not None:
+            if trt.get_plugin_registry().load_library(os.path.abspath(plugin_library)) is None:
+                raise EngineError(f"TensorRT could not load the plugin library {plugin_library} (its log says why)")
+        else:
+            from engine.trt.plugin import register_plugin
+            register_plugin(trt)
     out_dir = out_dir or onnx_dir
     os.makedirs(out_dir, exist_ok=True)
-    logger = trt.Logger(trt.Logger.WARNING)
+    staging = os.path.join(out_dir, f".trt-staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        index = _build_all(trt, manifest, onnx_dir, names, profiles, mode, plugin, plugin_library, staging,
+                           archs, log)
+        _write_manifest(manifest, onnx_dir, out_dir, staging)
+        with open(os.path.join(staging, "engines.json"), "w") as f:
+            json.dump(index, f, indent=1)
+        written = []
+        for name in os.listdir(staging):  # plans first, the index last: a reader never sees an index without plans
+            if name not in ("engines.json", "plugin"):
+                os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+        if os.path.isdir(os.path.join(staging, "plugin")):
+            shutil.rmtree(os.path.join(out_dir, "plugin"), ignore_errors=True)
+            os.replace(os.path.join(staging, "plugin"), os.path.join(out_dir, "plugin"))
+        os.replace(os.path.join(staging, "engines.json"), os.path.join(out_dir, "engines.json"))
+        written = [os.path.join(out_dir, g["file"]) for g in index["graphs"].values()]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return written
+
+
+def build_logger(trt, log):
+    """A TensorRT logger passing warnings and errors to `log` and keeping the builder's engine layer listing (the
+    VERBOSE "Layers:" message of a DETAILED build: the only layer information there is without a GPU)."""
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.layers = []
+
+        def log(self, severity, msg):
+            if severity == trt.ILogger.Severity.VERBOSE:
+                if msg.startswith("Layers:"):
+                    self.layers = [line for line in msg.splitlines() if line.startswith("Name: ")]
+            elif severity != trt.ILogger.Severity.INFO:
+                log(f"TensorRT {severity.name.lower()}: {' '.join(str(msg).split())[:400]}")
+
+    return Logger()
+
+
+def engine_layers(listing: list[str]) -> dict:
+    """From the builder's layer listing: how many layers the engine has and how many are our plugin."""
+    return dict(layers=len(listing), plugin_layers=sum(PLUGIN["name"] in line and "LayerType: custom_layer" in line
+                                                       for line in listing))
+
+
+def _build_all(trt, manifest, onnx_dir, names, profiles, mode, plugin, plugin_library, staging, archs, log) -> dict:
+    logger = build_logger(trt, log)
     builder = trt.Builder(logger)
-    written = []
-    for name, g in manifest["graphs"].items():
+    index = {"format": ENGINES_FORMAT, "tensorrt": {"package": trt.__name__, "name": flavour(trt),
+                                                   "version": trt.__version__},
+             "dtype": manifest.get("dtype", "float32"), "precision": mode, "attention": manifest.get("attention"),
+             "plugin_library": os.path.basename(plugin_library) if plugin and plugin_library else None,
+             "plugin_dir": None, "archs": [], "graphs": {}}
+    combos = set()
+    for name in names:
         t0 = time.perf_counter()
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if mode == "strong" else 0
-        network = builder.create_network(flags)
-        parser = trt.OnnxParser(network, logger)
+        g = manifest["graphs"][name]
         onnx_path = os.path.join(onnx_dir, g["file"])
-        if not parser.parse_from_file(onnx_path):  # (from the file: external weights resolve beside it)
-            for i in range(parser.num_errors):
-                log(f"{g['file']}: {' '.join(str(parser.get_error(i)).split())}")
-            raise EngineError(f"{g['file']}: TensorRT's ONNX parser reported {parser.num_errors} error(s), above")
+        network, parser = _parse(trt, builder, logger, onnx_path, mode == "strong", log)
+        layers = plugin_layers(trt, network, onnx_path) if plugin else []
+        combos |= {(p["dtype"], p["heads"], p["width"] // p["heads"]) for p in layers}
         config = builder.create_builder_config()
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the layer listing, with the plugin's names
+        logger.layers = []
         if mode == "weak":
             config.set_flag(trt.BuilderFlag.FP16)
+        if layers and plugin_library:
+            config.plugins_to_serialize = [os.path.abspath(plugin_library)]
         profile = builder.create_optimization_profile()
         inputs = [network.get_input(i).name for i in range(network.num_inputs)]
         for inp in inputs:
@@ -316,25 +272,64 @@ def build_engines(onnx_dir: str, out_dir: str | None = None, fp16: bool = False,
                 raise EngineError(f"{g['file']} has input {inp}, which the manifest does not list")
             profile.set_shape(inp, *profiles[name][inp])
         config.add_optimization_profile(profile)
-        log(f"{name}: building ({mode} typing; " + ", ".join(
-            f"{i} {' / '.join(_dims(s) for s in profiles[name][i])}" for i in inputs) + ")")
+        log(f"{name}: building with {flavour(trt)} {trt.__version__} ({mode} typing"
+            + (f", {len(layers)} {PLUGIN['name']} plugin layers" if layers else "") + "; "
+            + ", ".join(f"{i} {' / '.join(_dims(s) for s in profiles[name][i])}" for i in inputs) + ")")
         data = builder.build_serialized_network(network, config)
         if data is None:
             raise EngineError(f"{name}: TensorRT could not build the engine (its log above says why)")
-        path = os.path.join(out_dir, f"{name}.plan")
+        path = os.path.join(staging, f"{name}.plan")
         write_atomic(path, data)
-        log(f"{name}: {path}, {os.path.getsize(path) / 2 ** 20:.1f} MiB in {time.perf_counter() - t0:.0f} s")
-        written.append(path)
-    return written
+        seconds = time.perf_counter() - t0
+        index["graphs"][name] = dict(file=f"{name}.plan", bytes=os.path.getsize(path), build_s=round(seconds, 2),
+                                     inputs=inputs, plugin_layers=len(layers), engine=engine_layers(logger.layers),
+                                     profile={i: [list(s) for s in profiles[name][i]] for i in inputs})
+        log(f"{name}: {name}.plan, {os.path.getsize(path) / 2 ** 20:.1f} MiB in {seconds:.1f} s")
+        del network, parser, config, data
+    index["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if combos:
+        from kernels._runtime import interpreting
+
+        from .plugin import write_plugin
+
+        if interpreting():
+            raise EngineError("unset TRITON_INTERPRET: the plugin's cubins must be compiled, not interpreted")
+        write_plugin(os.path.join(staging, "plugin"), tuple(archs), log=lambda line: None, combos=combos)
+        index.update(plugin_dir="plugin", archs=[f"sm_{a}" for a in archs],
+                     plugin_variants=[dict(dtype=t, heads=h, head_dim=d) for t, h, d in sorted(combos)])
+        log(f"plugin/: {len(combos)} kernel variant(s) x {len(archs)} arch(s) (sm_{', sm_'.join(map(str, archs))})")
+    return index
+
+
+def _write_manifest(manifest: dict, onnx_dir: str, out_dir: str, staging: str) -> None:
+    """The export's manifest beside the plans, its weight paths relative to out_dir (the runtime reads it)."""
+    if os.path.abspath(out_dir) == os.path.abspath(onnx_dir):
+        return
+    m = dict(manifest)
+    try:
+        paths = source_paths(manifest, onnx_dir)
+        m["source"] = {**manifest["source"], **source_entry(out_dir, **paths)}
+    except EngineError:
+        pass  # weights moved or a hub id: keep the entries as they were; the runtime takes --model overrides
+    with open(os.path.join(staging, "manifest.json"), "w") as f:
+        json.dump(m, f, indent=1)
 
 
 # ----- CLI pieces (wired into `python -m export trt` by export/__main__.py) ----------------------------------
 
 def add_arguments(p) -> None:
     p.add_argument("dir", help="the ONNX export folder (manifest.json and NAME.onnx, from `python -m export onnx`)")
-    p.add_argument("--out", default=None, help="where NAME.plan go (default: DIR)")
+    p.add_argument("--out", default=None, help="where NAME.plan, engines.json and plugin/ go (default: DIR)")
     p.add_argument("--fp16", action="store_true",
-                   help="let TensorRT pick half-precision kernels in a float32 export (TensorRT 10.x)")
+                   help="let TensorRT pick half-precision kernels in a float32 export (TensorRT 10.x weak typing; "
+                        "with TensorRT for RTX build a `--dtype float16` export instead)")
+    p.add_argument("--graphs", default=None, help=f"comma-separated subset (default: all of {', '.join(GRAPHS)})")
+    p.add_argument("--arch", type=int, action="append", choices=ARCHS, default=None,
+                   help="GPU arch the plugin's cubins are compiled for, repeatable "
+                        f"(default: all of {', '.join(map(str, ARCHS))})")
+    p.add_argument("--plugin-library", default=None, metavar="SO",
+                   help="import the adapter attention with this C++ plugin library (export/cpp, "
+                        "`make -C export/cpp plugin`) and embed it in the plans, in place of the Python plugin")
     for b in BOUNDS:
         p.add_argument(f"--{b}", action="append", default=[], metavar="NAME:DxD,...",
                        help=f"{b} shapes of the profile in trtexec syntax, e.g. sample:2x4x64x64 (repeatable or "
@@ -344,19 +339,10 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     prog = "python -m export trt"
     try:
-        manifest = read_manifest(args.dir)
         shapes = {b: parse_shapes(getattr(args, b, None), f"--{b}") for b in BOUNDS}
-        graph_profiles(manifest, shapes)
+        graphs = [g for g in (args.graphs or "").split(",") if g] or None
+        build_engines(args.dir, args.out, args.fp16, shapes, graphs, tuple(args.arch or ARCHS), args.plugin_library)
     except EngineError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    reason = tensorrt_unavailable()
-    if reason:
-        print(f"{prog}: {reason}", file=sys.stderr)
-        return 2
-    try:
-        build_engines(args.dir, args.out, args.fp16, shapes)
-    except EngineError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
     return 0

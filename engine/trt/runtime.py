@@ -1,0 +1,209 @@
+"""Running the .plan files of `python -m export trt`: `Pipeline.from_pretrained(..., backend="tensorrt",
+engines=DIR)` and the CLI's `--backend tensorrt --engines DIR`.
+
+    pipe = TensorRTPipeline.from_engines("out/trt")           # DIR: NAME.plan, engines.json, manifest.json, plugin/
+    images = pipe("a red house", image="cond.png", instruct="use the style of this image", scale=0.7)
+
+Requests, guidance branches, scheduler and per-row adapter scales are the engine's own (engine.exported, the same
+loop the ONNX Runtime reference runs and tests against the PyTorch path); the five graphs, the UNet step and the
+VAE decode among them, run inside TensorRT on torch's current CUDA stream, with torch tensors as their buffers.
+The UNet's adapter attention is the Python plugin (engine/trt/plugin.py), launching the cubins of DIR/plugin.
+`enable_cuda_graphs()` replays the UNet step from a CUDA graph per input shape where the execution context says
+the stream is capturable.
+
+Where the plans cannot run (no GPU, a GPU TensorRT for RTX does not support, another TensorRT version) it stops
+with one line built from what TensorRT itself says: `get_engine_validity` on the plan, then deserialisation's
+own error.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+from ..errors import EngineError
+from ..exported import GRAPHS, ExportedPipeline, read_manifest
+from . import RTX_ARCHS, flavour, load_tensorrt
+from .plugin import PLUGIN_DIR_ENV, register_plugin
+
+log = logging.getLogger(__name__)
+ENGINES_FORMAT = "ipadapter-instruct-trt/1"
+_TORCH = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
+          "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8, "INT8": torch.int8}
+
+
+def read_engines(folder: str) -> dict:
+    """engines.json of a `python -m export trt` folder, checked for its format and its plan files."""
+    path = os.path.join(folder, "engines.json")
+    if not os.path.isdir(folder):
+        raise EngineError(f"engine folder not found: {folder}")
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except FileNotFoundError:
+        raise EngineError(f"{folder} has no engines.json; build the engines with `python -m export trt ONNX_DIR "
+                          f"--out {folder}`") from None
+    except (OSError, ValueError) as e:
+        raise EngineError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(index, dict) or index.get("format") != ENGINES_FORMAT or not isinstance(index.get("graphs"), dict):
+        raise EngineError(f"{path} is not an engines index (format {ENGINES_FORMAT!r} expected)")
+    for name, g in index["graphs"].items():
+        if not os.path.isfile(os.path.join(folder, g.get("file", ""))):
+            raise EngineError(f"{folder}: {name}'s plan {g.get('file')} is missing; rebuild with `python -m export trt`")
+    return index
+
+
+class _Logger:
+    """A TensorRT logger that keeps the last errors, so a refusal can quote TensorRT's own words."""
+
+    def __new__(cls, trt):
+        class Logger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.errors = []
+
+            def log(self, severity, msg):
+                if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                    self.errors = (self.errors + [" ".join(str(msg).split())])[-3:]  # quoted in the refusal
+                if severity != trt.ILogger.Severity.VERBOSE:
+                    log.debug("TensorRT: %s", msg)
+
+        return Logger()
+
+
+def cannot_run(trt, runtime, data: bytes, path: str, logger) -> str | None:
+    """None when TensorRT says the plan is valid here, else one line: its validity and diagnostics, what torch
+    sees, and which GPUs the engines run on."""
+    validity, diagnostics = runtime.get_engine_validity(data)
+    if validity == trt.EngineValidity.VALID:
+        return None
+    flags = [d.name for d in trt.EngineInvalidityDiagnostics.__members__.values() if int(diagnostics) & int(d)]
+    gpu = (f"torch sees {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})"
+           if torch.cuda.is_available() else "torch sees no CUDA GPU")
+    where = (f"; {flavour(trt)} runs on {', '.join(RTX_ARCHS)}" if trt.__name__.startswith("tensorrt_rtx") else "")
+    said = f"; TensorRT: {logger.errors[-1]}" if logger.errors else ""
+    return (f"{flavour(trt)} {trt.__version__} cannot run {path} here: get_engine_validity says "
+            f"{validity.name}{' (' + ', '.join(flags) + ')' if flags else ''}; {gpu}{where}{said}")
+
+
+class TensorRTGraph:
+    """One deserialised plan and its execution context, called with torch tensors like the ONNX graphs."""
+
+    def __init__(self, trt, runtime, logger, path: str, device: torch.device):
+        with open(path, "rb") as f:
+            data = f.read()
+        reason = cannot_run(trt, runtime, data, path, logger)
+        if reason:
+            raise EngineError(reason)
+        self.engine = runtime.deserialize_cuda_engine(data)
+        if self.engine is None:
+            said = logger.errors[-1] if logger.errors else "no reason given"
+            raise EngineError(f"{flavour(trt)} could not deserialise {path}: {said}")
+        self.context = self.engine.create_execution_context()
+        self.trt, self.path, self.device = trt, path, device
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        self.dtypes = {n: _TORCH[self.engine.get_tensor_dtype(n).name] for n in names}
+        self.profile = {n: [tuple(s) for s in self.engine.get_tensor_profile_shape(n, 0)] for n in self.inputs}
+        self.graphs = None  # {shapes: (CUDAGraph, static inputs, output)} once CUDA graphs are on
+
+    def _check(self, name: str, shape: tuple) -> None:
+        lo, _, hi = self.profile[name]
+        if len(shape) != len(lo) or any(not a <= s <= b for a, s, b in zip(lo, shape, hi)):
+            dims = lambda s: "x".join(map(str, s))  # noqa: E731
+            raise EngineError(f"{os.path.basename(self.path)}: {name} {dims(shape)} is outside the engine's profile "
+                              f"({dims(lo)} to {dims(hi)}); rebuild with `python -m export trt --min/--max`")
+
+    def _bind(self, feeds: dict) -> tuple[dict, torch.Tensor]:
+        args = {}
+        for n in self.inputs:
+            if n not in feeds:
+                raise EngineError(f"{os.path.basename(self.path)} needs input {n}")
+            t = feeds[n].to(self.device, self.dtypes[n]).contiguous()
+            self._check(n, tuple(t.shape))
+            self.context.set_input_shape(n, tuple(t.shape))
+            self.context.set_tensor_address(n, t.data_ptr())
+            args[n] = t
+        out = torch.empty(tuple(self.context.get_tensor_shape(self.outputs[0])), dtype=self.dtypes[self.outputs[0]],
+                          device=self.device)
+        self.context.set_tensor_address(self.outputs[0], out.data_ptr())
+        return args, out
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise EngineError(f"{os.path.basename(self.path)}: TensorRT's execute_async_v3 failed (its log says why)")
+
+    def __call__(self, **feeds) -> torch.Tensor:
+        if self.graphs is not None:
+            return self._replay(feeds)
+        args, out = self._bind(feeds)
+        self._execute()
+        del args  # the caching allocator keeps them for this stream's queued work
+        return out
+
+    def _replay(self, feeds: dict) -> torch.Tensor:
+        key = tuple((n, tuple(feeds[n].shape)) for n in self.inputs)
+        entry = self.graphs.get(key)
+        if entry is None:
+            args, out = self._bind(feeds)
+            self._execute()  # TensorRT wants one run at these shapes before a capture
+            stream = torch.cuda.current_stream(self.device)
+            if not self.context.is_stream_capturable(stream.cuda_stream):
+                log.warning("%s: TensorRT says this stream cannot be captured; running without CUDA graphs",
+                            self.path)
+                self.graphs = None
+                return out
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                self._execute()
+            self.graphs[key] = entry = (graph, args, out)
+        graph, args, out = entry
+        for n in self.inputs:
+            self.context.set_input_shape(n, tuple(args[n].shape))
+            self.context.set_tensor_address(n, args[n].data_ptr())
+            args[n].copy_(feeds[n].to(self.device, self.dtypes[n]))
+        self.context.set_tensor_address(self.outputs[0], out.data_ptr())
+        graph.replay()
+        return out.clone()
+
+
+class TensorRTPipeline(ExportedPipeline):
+    """engine.Pipeline whose five graphs are the TensorRT engines of an `python -m export trt` folder."""
+
+    @classmethod
+    def from_engines(cls, folder: str, model: str | None = None, image_encoder: str | None = None,
+                     device=None) -> "TensorRTPipeline":
+        """folder: DIR of `python -m export trt --out DIR`; model / image_encoder: where the tokenizer, scheduler and
+        image processor are, in place of the manifest's sources; device: a CUDA device (default cuda)."""
+        manifest = read_manifest(folder)
+        index = read_engines(folder)
+        missing = [g for g in GRAPHS if g not in index["graphs"]]
+        if missing:
+            raise EngineError(f"{folder} has no plan for {', '.join(missing)}: build all five graphs with "
+                              "`python -m export trt`")
+        device = torch.device(device or "cuda")
+        if device.type != "cuda":
+            raise EngineError(f"TensorRT engines run on a CUDA device, not {device}")
+        trt = load_tensorrt()
+        logger = _Logger(trt)
+        runtime = trt.Runtime(logger)
+        if index.get("plugin_dir"):
+            os.environ.setdefault(PLUGIN_DIR_ENV, os.path.abspath(os.path.join(folder, index["plugin_dir"])))
+            if index.get("plugin_library"):  # the C++ plugin travels inside the plans: let TensorRT load it
+                runtime.engine_host_code_allowed = True
+            else:
+                register_plugin(trt)
+        graphs = {}
+        for name in GRAPHS:
+            graphs[name] = TensorRTGraph(trt, runtime, logger, os.path.join(folder, index["graphs"][name]["file"]),
+                                         device)
+        pipe = cls(folder, graphs, device, model, image_encoder, manifest)
+        pipe.engines, pipe.runtime = index, runtime
+        return pipe
+
+    def enable_cuda_graphs(self, enabled: bool = True) -> None:
+        """Replay the UNet engine from a CUDA graph per input shape (captured on first use at that shape)."""
+        self.graphs["unet"].graphs = {} if enabled else None
