@@ -92,6 +92,9 @@ def add_e2e_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-mode", choices=["simple", "full"], default="simple",
                    help="simple (2 UNet rows, equal work to diffusers' CFG) or full (4 rows)")
     p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {','.join(ACCEPTED)}")
+    p.add_argument("--engines", default=None, metavar="DIR",
+                   help="the tensorrt provider's plans (`python -m export trt --out DIR` of the same weights; "
+                        "default: exported and built once into the bench cache)")
     p.add_argument("--ladder", action="store_true",
                    help="instead of --providers: the fast path one piece at a time (engine-eager, +channels-last, "
                         "+fused-attention, +fused-norms, +cuda-graphs, +compile), each step's effect in one run")
@@ -176,7 +179,7 @@ def run_e2e_command(a) -> int:
                     batches=tuple(a.batch or ((1, 4) if cuda else (1,))),
                     steps=a.steps or (30 if cuda else 10), height=a.height, width=a.width,
                     guidance_mode=a.guidance_mode, providers=providers, repeats=a.repeats or (10 if cuda else 3),
-                    compile=a.compile, cuda_graphs=a.cuda_graphs, profile_dir=a.profile)
+                    compile=a.compile, cuda_graphs=a.cuda_graphs, profile_dir=a.profile, engines=a.engines)
     rows, table = run_e2e(cfg, paths)
     print()
     print(table)

@@ -7,8 +7,10 @@ Providers (equal work: `simple` guidance, 2 UNet rows per image, against diffuse
 - `engine-eager`: the same pipeline on the plain PyTorch backend (two SDPA calls per cross-attention).
 - `diffusers`: StableDiffusionPipeline with its own IP-Adapter+ support (`load_ip_adapter`) on an IP-Adapter+
   file of the same shapes.
-- `tensorrt` (only when named in --providers): the engines of `python -m export trt`; reported as skipped, with
-  the reason, until the engine's TensorRT runtime exists (and wherever TensorRT is not installed).
+- `tensorrt` (only when named in --providers): the engine's own loop around the TensorRT plans of
+  `python -m export trt` (`--engines DIR`, or exported and built here once per weights and dtype into the bench
+  cache, for this GPU's arch only); `--cuda-graphs` replays its UNet plan from CUDA graphs. On the CPU, or where
+  TensorRT refuses the plans, it is reported as skipped with TensorRT's own reason.
 Per provider and batch size (requests per call, one image each): latency p50/p90/p99 per request, images/s,
 the per-stage breakdown, achieved TFLOP/s against the FLOP count of the work, peak memory (CUDA's allocator,
 per batch size; not measured on the CPU), and the ratio to `diffusers`. Warm-up is one call per provider and
@@ -31,7 +33,7 @@ NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
 INSTRUCT = "use the style of this image"
 PROVIDERS = ("engine", "engine-eager", "diffusers")
 ACCEPTED = (*PROVIDERS, "tensorrt", "+channels-last", "+fused-attention", "+fused-norms", "+cuda-graphs",
-            "+compile")  # tensorrt: on request only, skipped with the reason for now; "+...": the --ladder steps
+            "+compile")  # tensorrt: on request only; "+...": the --ladder steps
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class E2EConfig:
     compile: bool = False   # torch.compile the engine's UNet (the `engine` provider only)
     cuda_graphs: bool = False  # replay the engine's UNet step from CUDA graphs (the `engine` provider, CUDA)
     profile_dir: str | None = None  # one more request per provider and batch under torch.profiler (bench.profiling)
+    engines: str | None = None  # the `tensorrt` provider's plans (default: built into the bench cache)
 
 
 def _sync(device: torch.device) -> None:
@@ -130,6 +133,43 @@ class EngineProvider:
         t = self.pipe.timings
         keys = ("text_encoder_ms", "image_encoder_ms", "projector_ms", "kv_ms", "unet_ms_per_step", "vae_decode_ms")
         return {k: t[k] for k in keys if k in t}
+
+
+def build_engines_once(paths: dict, dtype: str, device: torch.device, log=print) -> str:
+    """The weights' TensorRT plans in the bench cache (export, then build for this GPU's arch), made once."""
+    import shutil
+
+    from export.onnx import export_onnx
+    from export.trt import build_engines
+
+    root = os.path.join(os.path.dirname(os.path.abspath(paths["model"])), f"trt-{dtype}")
+    if os.path.isfile(os.path.join(root, "engines", "engines.json")):
+        return os.path.join(root, "engines")
+    shutil.rmtree(root, ignore_errors=True)
+    t0 = time.perf_counter()
+    export_onnx(paths["model"], paths["image_encoder"], paths["adapter"], os.path.join(root, "onnx"), dtype=dtype,
+                device=device.type, log=lambda *a: None)
+    major, minor = torch.cuda.get_device_capability(device)
+    build_engines(os.path.join(root, "onnx"), os.path.join(root, "engines"), archs=(major * 10 + minor,),
+                  log=lambda *a: None)
+    log(f"tensorrt: exported and built the plans in {time.perf_counter() - t0:.0f} s ({root})")
+    return os.path.join(root, "engines")
+
+
+class TensorRTProvider(EngineProvider):
+    """The engine's loop around the TensorRT plans (engine.trt.runtime.TensorRTPipeline)."""
+
+    def __init__(self, paths: dict, device: torch.device, dtype: torch.dtype, cfg: E2EConfig, log=print):
+        from engine import Pipeline
+
+        self.name, self.cfg = "tensorrt", cfg
+        engines = cfg.engines or build_engines_once(paths, str(dtype).removeprefix("torch."), device, log)
+        self.pipe = Pipeline.from_pretrained(paths["model"], image_encoder=paths["image_encoder"], device=device,
+                                             backend="tensorrt", engines=engines)
+        if cfg.cuda_graphs:
+            self.pipe.enable_cuda_graphs()
+        self.pipe.set_progress_bar_config(disable=True)
+        self.unet = None
 
 
 class DiffusersProvider:
@@ -217,17 +257,23 @@ def run_e2e(cfg: E2EConfig, paths: dict, log=print) -> tuple[list[Row], str]:
     countable = [n for n in ("engine-eager", "engine", "diffusers") if n in cfg.providers
                  and not (n == "engine" and device.type == "cuda")]
     for name in cfg.providers:
-        if name == "tensorrt":
-            from export.trt import tensorrt_runtime_unavailable
-            log(f"tensorrt: skipped: {tensorrt_runtime_unavailable()}")
-            continue
-        reason = None if name in ("diffusers", "engine") else LADDER[name].unavailable(device)
+        reason = None if name in ("diffusers", "engine", "tensorrt") else LADDER[name].unavailable(device)
+        if name == "tensorrt" and device.type != "cuda":
+            reason = f"TensorRT engines run on a CUDA GPU; this run is on {device}"
         if reason:
             log(f"{name}: skipped: {reason}")
             continue
         t0 = time.perf_counter()
-        provider = DiffusersProvider(paths, device, dtype, cfg) if name == "diffusers" else \
-            EngineProvider(name, paths, device, dtype, cfg)
+        if name == "tensorrt":
+            from engine.errors import EngineError
+            try:
+                provider = TensorRTProvider(paths, device, dtype, cfg, log)
+            except EngineError as e:  # TensorRT missing, or its own refusal of the plans on this GPU
+                log(f"tensorrt: skipped: {e}")
+                continue
+        else:
+            provider = DiffusersProvider(paths, device, dtype, cfg) if name == "diffusers" else \
+                EngineProvider(name, paths, device, dtype, cfg)
         log(f"{name}: loaded in {time.perf_counter() - t0:.1f} s")
         for b in cfg.batches:
             if device.type == "cuda":  # peak per batch size: the weights plus this batch's activations

@@ -52,7 +52,10 @@ def add_runtime_args(p: argparse.ArgumentParser, backend: bool = True) -> None:
     if not backend:
         return
     p.add_argument("--backend", choices=list(RUNTIMES), default="pytorch",
-                   help="what runs the model: pytorch, or tensorrt (not available yet: says why and exits)")
+                   help="what runs the model: pytorch, or tensorrt (the .plan files of `python -m export trt`, "
+                        "given with --engines; a CUDA GPU TensorRT supports)")
+    p.add_argument("--engines", default=None, metavar="DIR",
+                   help="with --backend tensorrt: the folder `python -m export trt --out DIR` wrote")
 
 
 def build_parser() -> Parser:
@@ -169,7 +172,7 @@ def cmd_generate(a) -> int:
 
     pipe = Pipeline.from_pretrained(a.model, image_encoder=a.image_encoder, adapter=a.adapter,
                                     device=a.device, dtype=a.dtype, attention_backend=a.attention_backend,
-                                    backend=a.backend)
+                                    backend=a.backend, engines=a.engines)
     pipe.set_progress_bar_config(disable=a.no_progress)
     images = pipe(prompt=a.prompt, image=image, instruct=a.instruct, negative_prompt=a.negative_prompt,
                   scale=a.scale, guidance_scale=a.guidance_scale, instruct_guidance_scale=a.instruct_guidance_scale,
@@ -199,7 +202,8 @@ def cmd_demo(a) -> int:
         given = [tiny["model"], tiny["image_encoder"], tiny["adapter"]]
     model, image_encoder, adapter = given
     pipe = Pipeline.from_pretrained(model, image_encoder=image_encoder, adapter=adapter, device=a.device,
-                                    dtype=a.dtype, attention_backend=a.attention_backend, backend=a.backend)
+                                    dtype=a.dtype, attention_backend=a.attention_backend, backend=a.backend,
+                                    engines=a.engines)
     pipe.set_progress_bar_config(disable=True)
     run_demo(pipe, a.out, draw_condition_image() if image is None else image, random_weights, a.steps, a.seed,
              instruct=a.instruct or DEMO_INSTRUCT)

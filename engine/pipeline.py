@@ -77,16 +77,19 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, model, image_encoder=None, adapter=None, device=None, dtype=None,
-                        attention_backend="auto", backend="pytorch") -> "Pipeline":
+                        attention_backend="auto", backend="pytorch", engines=None) -> "Pipeline":
         """model: a diffusers SD folder (or hub id); image_encoder: a CLIPVisionModelWithProjection folder;
         adapter: a two-key `.bin`/`.safetensors` file. device defaults to cuda when present, dtype to
         float16 on cuda and float32 on the CPU. attention_backend: auto | triton | sdpa | reference
-        (`kernels.BACKENDS`) for the cross-attention. backend: pytorch (tensorrt is refused with the reason)."""
+        (`kernels.BACKENDS`) for the cross-attention. backend: pytorch, or tensorrt with engines= the folder of
+        `python -m export trt` (engine.trt.runtime.TensorRTPipeline: the adapter and dtype are the engines'; model
+        and image_encoder, when given, say where the tokenizer, scheduler and image processor are now)."""
         if backend not in RUNTIMES:
             raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(RUNTIMES)}")
-        if backend == "tensorrt":  # running the .plan files of `python -m export trt` is not built yet
-            from export.trt import tensorrt_runtime_unavailable
-            raise EngineError(tensorrt_runtime_unavailable())
+        if backend == "tensorrt":
+            return cls._from_engines(model, image_encoder, adapter, device, dtype, engines)
+        if engines is not None:
+            raise EngineError("engines= is for backend='tensorrt'")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise EngineError("device cuda requested but no CUDA GPU is available")
@@ -111,6 +114,26 @@ class Pipeline:
                                   f"makes {parts['text_encoder'].config.hidden_size}-wide ones")
         return cls(**parts, image_encoder=encoder, image_processor=processor, adapter=loaded,
                    device=device, dtype=dtype, attention_backend=attention_backend)
+
+    @staticmethod
+    def _from_engines(model, image_encoder, adapter, device, dtype, engines):
+        from .exported import read_manifest, source_paths
+        from .trt.runtime import TensorRTPipeline
+
+        if engines is None:
+            raise EngineError("backend tensorrt needs the engine folder (engines=, --engines DIR): what "
+                              "`python -m export trt --out DIR` wrote")
+        manifest = read_manifest(engines)
+        if dtype is not None and as_dtype(dtype) != getattr(torch, manifest["dtype"]):
+            raise EngineError(f"the engines in {engines} are {manifest['dtype']}; dtype {dtype} needs engines built "
+                              f"from a `python -m export onnx --dtype {str(as_dtype(dtype)).removeprefix('torch.')}` "
+                              "export")
+        if adapter is not None:  # the adapter is inside unet.plan: only the one it was built with can be meant
+            built = source_paths(manifest, engines, ("adapter",))["adapter"]
+            if os.path.realpath(adapter) != os.path.realpath(built):
+                raise EngineError(f"the engines in {engines} were built with the adapter {built}, not {adapter}: "
+                                  "export and build again for another adapter")
+        return TensorRTPipeline.from_engines(engines, model, image_encoder, device)
 
     def enable_cuda_graphs(self, enabled: bool = True) -> None:
         """Replay the UNet step from CUDA graphs, captured once per shape (rows, size) on first use; a new
