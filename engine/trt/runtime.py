@@ -117,12 +117,14 @@ class TensorRTGraph:
             raise EngineError(f"{os.path.basename(self.path)}: {name} {dims(shape)} is outside the engine's profile "
                               f"({dims(lo)} to {dims(hi)}); rebuild with `python -m export trt --min/--max`")
 
-    def _bind(self, feeds: dict) -> tuple[dict, torch.Tensor]:
+    def _bind(self, feeds: dict, own: bool = False) -> tuple[dict, torch.Tensor]:
+        # own: copy every input into a buffer of our own (a CUDA graph's static inputs), never the caller's tensor
         args = {}
         for n in self.inputs:
             if n not in feeds:
                 raise EngineError(f"{os.path.basename(self.path)} needs input {n}")
             t = feeds[n].to(self.device, self.dtypes[n]).contiguous()
+            t = t.clone() if own else t
             self._check(n, tuple(t.shape))
             self.context.set_input_shape(n, tuple(t.shape))
             self.context.set_tensor_address(n, t.data_ptr())
@@ -148,16 +150,16 @@ class TensorRTGraph:
         key = tuple((n, tuple(feeds[n].shape)) for n in self.inputs)
         entry = self.graphs.get(key)
         if entry is None:
-            args, out = self._bind(feeds)
+            args, out = self._bind(feeds, own=True)
             self._execute()  # TensorRT wants one run at these shapes before a capture
-            stream = torch.cuda.current_stream(self.device)
-            if not self.context.is_stream_capturable(stream.cuda_stream):
-                log.warning("%s: TensorRT says this stream cannot be captured; running without CUDA graphs",
+            side = torch.cuda.Stream(self.device)  # capture needs a stream other than the legacy default one
+            if not self.context.is_stream_capturable(side.cuda_stream):
+                log.warning("%s: TensorRT says its work cannot be captured here; running without CUDA graphs",
                             self.path)
                 self.graphs = None
                 return out
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
+            with torch.cuda.graph(graph, stream=side):  # inside, torch's current stream is `side`
                 self._execute()
             self.graphs[key] = entry = (graph, args, out)
         graph, args, out = entry
