@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # With an NVIDIA GPU take pip's default (CUDA) torch; without one, the small CPU build.
 TORCH  ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
 
-.PHONY: install demo test clean gpu-wheels browser
+.PHONY: install demo test clean gpu-wheels gpu-wheels-trt browser
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,19 @@ gpu-wheels:
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 		--platform manylinux2014_x86_64 -d .whl -r bench/gpu-requirements.txt $(GPU_EXTRA)
+
+# TensorRT for RTX for the GPU machine, for `bash bench/gpu_session.sh trt-libs` (carry .whl-trt): the cp312 bindings
+# wheel, and the libs wheel's two libraries xz-compressed (89 MB as a wheel, 60 MB as xz: under the 64 MiB a device
+# call may carry, with the working tree). xz -9 takes about 3 minutes on 2 cores.
+gpu-wheels-trt:
+	rm -rf .whl-trt && mkdir -p .whl-trt/libs
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 -d .whl-trt tensorrt-rtx-cu12-bindings==1.7.1.116 \
+		tensorrt-rtx-cu12-libs==1.7.1.116
+	cd .whl-trt && unzip -q -o tensorrt_rtx_cu12_libs-*.whl 'tensorrt_rtx_libs/*' -d unpacked && rm tensorrt_rtx_cu12_libs-*.whl
+	for f in .whl-trt/unpacked/tensorrt_rtx_libs/*; do case $$f in *.so*) xz -9 -T0 -c $$f > .whl-trt/libs/$$(basename $$f).xz ;; \
+		*) cp $$f .whl-trt/libs/ ;; esac; done
+	rm -rf .whl-trt/unpacked && du -sh .whl-trt
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -11,6 +11,14 @@
 #   gpu-tests  pytest -m gpu: kernels at SD1.5 shapes, CUDA-graph capture and replay, the cubin launches, the fused
 #              engine's latents, each ladder step against eager; ENGINE_GPU_CHECK=1 makes a skip a failure
 #   ops        python -m bench ops: launch-inclusive and kernel-only (CUDA-graph) times per SD1.5 shape
+#   trt        TensorRT: the tiny export built into plans here (TensorRT for RTX builds on the CPU), run with
+#              --backend tensorrt, and the GPU tests of tests/test_export_trt.py (plans' latents against the
+#              PyTorch path, CUDA graphs, the plugin's enqueue); where TensorRT refuses this GPU, its exact words
+#              land in trt.log. Needs TensorRT for RTX in .trt-site/ from an earlier call on the same machine:
+#                here, once:  make gpu-wheels-trt
+#                there:       device run, carry [".whl-trt"], command `bash bench/gpu_session.sh trt-libs`
+#              (the libraries are 57 MiB compressed: with the other wheels they exceed one call's 64 MiB), then,
+#              while the machine is still warm, the `all` call. Without .trt-site the part fails with that reason.
 #   e2e-short  python -m bench at SD1.5 shapes, batch 2, 30 steps: engine vs diffusers
 #   (the random SD1.5 weights, ~3.4 GB, are built once in the background from the start: stage `weights`)
 # Separate stages, for another call each (they do not fit in `all`):
@@ -21,7 +29,7 @@
 # Everything lands in $OUT as it goes (logs tee'd, JSON per stage, stages.txt with each part's rc and seconds), or
 # in bench/results/<date>/ elsewhere. PYTHON (default python3), WHEELS (.whl) and BENCH_CACHE may be set.
 set -uo pipefail
-stage=${1:?usage: bash bench/gpu_session.sh all|envcheck|gpu-tests|ops|e2e-short|weights|tests|e2e|ladder|profile}
+stage=${1:?usage: bash bench/gpu_session.sh all|envcheck|gpu-tests|trt|ops|e2e-short|weights|trt-libs|tests|e2e|ladder|profile}
 out=${OUT:-bench/results/$(date +%Y%m%d)}
 py=${PYTHON:-python3}
 wheels=${WHEELS:-.whl}
@@ -31,8 +39,14 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
+trt_site() {  # TensorRT for RTX, unpacked by an earlier `trt-libs` call on this machine (an ignored folder, kept)
+    [ -d "$PWD/.trt-site" ] && export PYTHONPATH="$PWD/.trt-site:$PYTHONPATH"
+    return 0
+}
+
 install_wheels() {  # the carried wheels into $site, ahead of the image's packages; again only if the list changed
     local list
+    trt_site
     list=$(cd "$wheels" 2>/dev/null && ls -- *.whl 2>/dev/null)
     [ -n "$list" ] || return 0
     if [ "$(cat "$site/.installed" 2>/dev/null)" != "$list" ]; then
@@ -80,7 +94,31 @@ if "$py" -c "import pytest_timeout" 2>/dev/null; then pytest_args+=(--timeout=15
 # cubin launches, then every other file in name order (pytest keeps the order of the files it is given)
 gpu_files=(tests/test_kernels_attention.py tests/test_kernels_norms.py tests/test_kernels_packed.py
            tests/test_kernels_projector.py tests/test_graphs.py tests/test_export_launch.py)
-for f in tests/test_*.py; do [[ " ${gpu_files[*]} " == *" $f "* ]] || gpu_files+=("$f"); done
+for f in tests/test_*.py; do  # test_export_trt.py: in the trt part, with TensorRT on the path
+    [[ " ${gpu_files[*]} " == *" $f "* ]] || [ "$f" = tests/test_export_trt.py ] || gpu_files+=("$f")
+done
+
+trt_check() {  # the trt part: build the tiny plans on this machine, generate with them, then the GPU tests
+    local tmp=/tmp/gpu-session-trt arch
+    trt_site
+    "$py" -c "import sys; from engine.trt import tensorrt_unavailable as u; r = u(); print(r or 'TensorRT: ok'); \
+sys.exit(1 if r else 0)" || { echo "no TensorRT here: carry .whl-trt in a first call running" \
+        "\`bash bench/gpu_session.sh trt-libs\` (make gpu-wheels-trt makes it)"; return 1; }
+    arch=$("$py" -c "import torch; a, b = torch.cuda.get_device_capability(); print(a * 10 + b)")
+    rm -rf "$tmp" && mkdir -p "$tmp"
+    "$py" -m engine make-tiny "$tmp/tiny" > /dev/null &&
+    "$py" -m export onnx --model "$tmp/tiny/model" --image-encoder "$tmp/tiny/image_encoder" \
+        --adapter "$tmp/tiny/adapter.safetensors" --out "$tmp/onnx" > /dev/null &&
+    "$py" -m export trt "$tmp/onnx" --out "$tmp/plans" --arch "$arch" || return 1
+    cp "$tmp/plans/engines.json" "$out/trt-engines.json"
+    "$py" -c "from PIL import Image; Image.new('RGB', (64, 64), (200, 40, 40)).save('$tmp/cond.png')"
+    echo "generate --backend tensorrt (the line below is the image, or TensorRT's refusal of this GPU):"
+    "$py" -m engine generate --model "$tmp/tiny/model" --image-encoder "$tmp/tiny/image_encoder" \
+        --adapter "$tmp/tiny/adapter.safetensors" --image "$tmp/cond.png" --instruct "use the style of this image" \
+        --steps 4 --backend tensorrt --engines "$tmp/plans" --out "$out/trt-tiny.png" --no-progress
+    ENGINE_GPU_CHECK=1 "$py" -m pytest -m gpu "${pytest_args[@]}" --junitxml "$out/trt-tests.xml" \
+        tests/test_export_trt.py
+}
 
 case $stage in
     all)
@@ -92,8 +130,9 @@ case $stage in
         (OMP_NUM_THREADS=8 timeout -k 10 "$wlimit" bash "$0" weights > "$out/weights.log" 2>&1
          echo "== weights (background): rc $?, done at ${SECONDS}s" >> "$out/stages.txt") &
         wpid=$!
-        run gpu-tests 250 bash "$0" gpu-tests
-        run ops 70 bash "$0" ops
+        run gpu-tests 220 bash "$0" gpu-tests
+        run trt 70 bash "$0" trt
+        run ops 60 bash "$0" ops
         wait "$wpid"
         run e2e-short 130 bash "$0" e2e-short
         echo "== all: $( [ $failed = 0 ] && echo ok || echo FAILED ), ${SECONDS}s" | tee -a "$out/stages.txt"
@@ -107,6 +146,17 @@ case $stage in
                 ENGINE_GPU_CHECK=1 "$py" -m pytest -m gpu "${pytest_args[@]}" --junitxml "$out/gpu-tests.xml" \
                     "${gpu_files[@]}" ;;
     ops)        install_wheels; "$py" -m bench ops --json "$out/ops.json" ;;
+    trt-libs)   # TensorRT for RTX from the carried .whl-trt into .trt-site (make gpu-wheels-trt; see `trt` above)
+                rm -rf .trt-site && mkdir -p .trt-site/tensorrt_rtx_libs &&
+                "$py" -m pip install -q --no-index --no-deps --no-compile --target .trt-site .whl-trt/*.whl &&
+                "$py" -c "import lzma, os, shutil, sys
+for name in os.listdir('.whl-trt/libs'):
+    src, dst = os.path.join('.whl-trt/libs', name), os.path.join('.trt-site/tensorrt_rtx_libs', name)
+    opener = lzma.open if name.endswith('.xz') else open
+    with opener(src, 'rb') as f, open(dst.removesuffix('.xz'), 'wb') as g:
+        shutil.copyfileobj(f, g)" && trt_site && "$py" -c "from engine.trt import load_tensorrt as l; t = l(); \
+print(t.__name__, t.__version__)" ;;
+    trt)        install_wheels; device_info; trt_check ;;
     e2e-short)  install_wheels
                 "$py" -m bench --preset sd15 --cache "$cache" --batch 2 --steps 30 --repeats 3 \
                     --providers engine,diffusers --json "$out/e2e-short.json" ;;
@@ -122,7 +172,7 @@ case $stage in
                 "$py" -m bench --preset sd15 --cache "$cache" --batch 2 --steps 5 --repeats 3 \
                     --providers engine,diffusers --profile "$out/profile" --json "$out/profile.json" 2>&1 \
                     | tee "$out/profile.log" ;;
-    *)          echo "unknown stage $stage: all | envcheck | gpu-tests | ops | e2e-short | weights | tests | e2e |" \
-                     "ladder | profile" >&2
+    *)          echo "unknown stage $stage: all | envcheck | gpu-tests | trt | ops | e2e-short | weights | trt-libs |" \
+                     "tests | e2e | ladder | profile" >&2
                 exit 2 ;;
 esac
