@@ -1,9 +1,10 @@
 """The UNet's adapter cross-attention as ONNX sees it: one plugin node, or the same maths in standard ops.
 
 `--attention plugin` puts one node per cross-attention layer into the graph, spelled as TensorRT's ONNX
-parser expects for a plugin defined with `tensorrt.plugin`: op type = the plugin's name, a string attribute
-`plugin_namespace`, and `aot` = 1 to pick the ahead-of-time implementation. Its inputs are the tensors right
-after the projections, packed (B, L, H*D), and the graph input `ip_scale` (B,) fp32:
+parser expects for a registered plugin creator (engine/trt/plugin.py, export/cpp/plugin.cpp): op type = the
+plugin's name, a string attribute `plugin_namespace`; the other attributes reach the creator as fields
+(num_heads; `aot` = 1, which the creators accept and ignore, so exports made before stay valid). Its inputs are
+the tensors right after the projections, packed (B, L, H*D), and the graph input `ip_scale` (B,) fp32:
 
     DecoupledAttention(q, k, v, k_ip, v_ip, ip_scale; num_heads) -> (B, Lq, H*D)
 

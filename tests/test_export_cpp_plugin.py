@@ -228,3 +228,20 @@ def test_unet_bench_times_the_engine(unet_bench, engine, kernels_dir, cpp):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert " ms/step " in res.stdout, res.stdout
+
+
+def test_export_trt_builds_every_graph_with_the_library_embedded(cpp, tiny, tmp_path):
+    """`python -m export trt --plugin-library`: the plugin nodes import through the C++ creator (the Python one is
+    not registered in that process), every plan builds, the UNet's engine lists the plugin layers, and the
+    library travels inside unet.plan."""
+    onnx_dir, plans = tmp_path / "onnx", tmp_path / "plans"
+    res = export("onnx", "--model", tiny["model"], "--image-encoder", tiny["image_encoder"], "--adapter",
+                 tiny["adapter"], "--out", str(onnx_dir), "--device", "cpu")
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = export("trt", str(onnx_dir), "--out", str(plans), "--arch", "86", "--plugin-library", str(cpp / LIB))
+    assert res.returncode == 0, res.stderr[-3000:]
+    index = json.loads((plans / "engines.json").read_text())
+    assert index["plugin_library"] == LIB and index["plugin_dir"] == "plugin"
+    assert index["graphs"]["unet"]["engine"]["plugin_layers"] == index["graphs"]["unet"]["plugin_layers"] == 4
+    assert LIB.encode() in (plans / "unet.plan").read_bytes() or \
+        (cpp / LIB).read_bytes()[:4096] in (plans / "unet.plan").read_bytes()
