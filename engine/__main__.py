@@ -43,14 +43,12 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_runtime_args(p: argparse.ArgumentParser, backend: bool = True) -> None:
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
     p.add_argument("--dtype", choices=list(DTYPE_NAMES), default=None, help="default: float16 on cuda, float32 on cpu")
     p.add_argument("--attention-backend", choices=list(BACKENDS), default="auto",
                    help="cross-attention: the fused Triton kernel, two SDPA calls, or the plain reference "
                         "(auto: triton on CUDA, sdpa elsewhere)")
-    if not backend:
-        return
     p.add_argument("--backend", choices=list(RUNTIMES), default="pytorch",
                    help="what runs the model: pytorch, or tensorrt (the .plan files of `python -m export trt`, "
                         "given with --engines; a CUDA GPU TensorRT supports)")
@@ -119,7 +117,7 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--tiny", action="store_true", help="the tiny random weights (built once, as `make demo` does)")
     s.add_argument("--host", default=C.host, help="bind address (default: loopback only)")
     s.add_argument("--port", type=int, default=C.port, help="0 picks a free port")
-    add_runtime_args(s, backend=False)
+    add_runtime_args(s)
     s.add_argument("--max-batch-rows", type=positive_int, default=C.max_batch_rows,
                    help="UNet rows per call: requests x guidance branches (2 simple, 4 full) x images")
     s.add_argument("--max-wait-ms", type=float, default=C.max_wait_ms,
@@ -270,8 +268,9 @@ def check_serve_args(parser: Parser, a) -> None:
                  if v is not None]
         if given:
             parser.error(f"--tiny takes no {', '.join(given)} (it serves the tiny random weights)")
-    elif a.model is None:
-        parser.error("serve needs --model (and --image-encoder/--adapter for the adapter), or --tiny")
+    elif a.model is None and a.engines is None:
+        parser.error("serve needs --model (and --image-encoder/--adapter for the adapter), --tiny, or "
+                     "--backend tensorrt --engines DIR")
     if a.adapter is not None and a.image_encoder is None:
         parser.error("--adapter needs --image-encoder too")
     if a.image_encoder is not None and a.adapter is None:

@@ -85,6 +85,7 @@ class ExportedPipeline(Pipeline):
                  image_encoder: str | None = None, manifest: dict | None = None):
         # (not Pipeline.__init__: its torch modules are the graphs here)
         from diffusers import schedulers as dsched
+        from diffusers.configuration_utils import FrozenDict
         from transformers import CLIPTokenizer
 
         from .loading import load_image_encoder
@@ -103,10 +104,16 @@ class ExportedPipeline(Pipeline):
         _, self.image_processor = load_image_encoder(src["image_encoder"], torch.float32)
         sample = manifest["graphs"]["unet"]["inputs"][0]["shape"]
         native = manifest["graphs"]["unet"]["axes"]["latent_height"]["opt"]
-        self.unet = SimpleNamespace(config=SimpleNamespace(sample_size=native, in_channels=sample[1]))
+        levels = (manifest["vae_scale_factor"]).bit_length()  # 2^(levels - 1) = the VAE factor, as diffusers counts
+        # what callers read of the modules' configs (the server: native size and VAE factor), as diffusers' FrozenDicts
+        self.unet = SimpleNamespace(config=FrozenDict(sample_size=native, in_channels=sample[1]))
+        self.vae = SimpleNamespace(config=FrozenDict(block_out_channels=[0] * levels))
+        self.attention_backend = f"{self.runtime} ({manifest.get('attention', 'plugin')} attention)"
         self.adapter = SimpleNamespace(kind=manifest["source"]["adapter_kind"], projector=self._project_graph)
         self.cross, self._static, self._fused_projector = {}, None, False
         self._progress, self.timings = {}, {}
+
+    runtime = "exported graphs"  # what runs them, for logs and the server's /v1/models
 
     @property
     def vae_scale_factor(self) -> int:

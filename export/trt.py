@@ -198,6 +198,7 @@ def build_engines(onnx_dir: str, out_dir: str | None = None, fp16: bool = False,
     staging = os.path.join(out_dir, f".trt-staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
+    env_before = os.environ.get("IPADAPTER_INSTRUCT_PLUGIN_DIR")
     try:
         index = _build_all(trt, manifest, onnx_dir, names, profiles, mode, plugin, plugin_library, staging,
                            archs, log)
@@ -215,6 +216,10 @@ def build_engines(onnx_dir: str, out_dir: str | None = None, fp16: bool = False,
         written = [os.path.join(out_dir, g["file"]) for g in index["graphs"].values()]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if env_before is None:
+            os.environ.pop("IPADAPTER_INSTRUCT_PLUGIN_DIR", None)
+        else:
+            os.environ["IPADAPTER_INSTRUCT_PLUGIN_DIR"] = env_before
     return written
 
 
@@ -257,7 +262,10 @@ def _build_all(trt, manifest, onnx_dir, names, profiles, mode, plugin, plugin_li
         onnx_path = os.path.join(onnx_dir, g["file"])
         network, parser = _parse(trt, builder, logger, onnx_path, mode == "strong", log)
         layers = plugin_layers(trt, network, onnx_path) if plugin else []
-        combos |= {(p["dtype"], p["heads"], p["width"] // p["heads"]) for p in layers}
+        new = {(p["dtype"], p["heads"], p["width"] // p["heads"]) for p in layers} - combos
+        if new:  # cubins before the build: a TensorRT that times tactics on a GPU runs the plugin's enqueue
+            combos |= new
+            _write_cubins(staging, archs, combos)
         config = builder.create_builder_config()
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the layer listing, with the plugin's names
         logger.layers = []
@@ -288,17 +296,25 @@ def _build_all(trt, manifest, onnx_dir, names, profiles, mode, plugin, plugin_li
         del network, parser, config, data
     index["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if combos:
-        from kernels._runtime import interpreting
-
-        from .plugin import write_plugin
-
-        if interpreting():
-            raise EngineError("unset TRITON_INTERPRET: the plugin's cubins must be compiled, not interpreted")
-        write_plugin(os.path.join(staging, "plugin"), tuple(archs), log=lambda line: None, combos=combos)
         index.update(plugin_dir="plugin", archs=[f"sm_{a}" for a in archs],
                      plugin_variants=[dict(dtype=t, heads=h, head_dim=d) for t, h, d in sorted(combos)])
         log(f"plugin/: {len(combos)} kernel variant(s) x {len(archs)} arch(s) (sm_{', sm_'.join(map(str, archs))})")
     return index
+
+
+def _write_cubins(staging: str, archs, combos: set) -> None:
+    """The plugin's cubins for `combos` x `archs` into staging/plugin, named for this process's plugin (a build
+    on a GPU may run it)."""
+    from engine.trt.plugin import PLUGIN_DIR_ENV
+    from kernels._runtime import interpreting
+
+    from .plugin import write_plugin
+
+    if interpreting():
+        raise EngineError("unset TRITON_INTERPRET: the plugin's cubins must be compiled, not interpreted")
+    folder = os.path.join(staging, "plugin")
+    write_plugin(folder, tuple(archs), log=lambda line: None, combos=combos)
+    os.environ[PLUGIN_DIR_ENV] = folder  # (the Python plugin and a C++ library loaded here both read it)
 
 
 def _write_manifest(manifest: dict, onnx_dir: str, out_dir: str, staging: str) -> None:

@@ -469,3 +469,50 @@ def test_plugin_enqueue_matches_the_reference(tmp_path, monkeypatch):
     torch.cuda.synchronize()
     want = packed_attention_ref(*feeds.values(), 8)
     torch.testing.assert_close(out, want, atol=2e-3, rtol=2e-3)
+
+
+# ----- serving the exported graphs -------------------------------------------------------------------------------
+
+def test_the_server_serves_a_pipeline_of_exported_graphs(exports, cond_image):
+    """The server around engine.exported's loop (ONNX Runtime here; TensorRT runs the same loop on a GPU): a request
+    gives the pipeline's own image, /v1/models names the runtime, and a per-block scale is a 422 on its field."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from engine.server.config import ServerConfig
+    from export.runtime import OnnxPipeline
+    from server_utils import InProcessServer, decode_png, png_base64
+
+    pipe = OnnxPipeline.from_export(str(exports["plugin", "float32"]))
+    server = InProcessServer(ServerConfig(max_wait_ms=0), pipe)
+    try:
+        req = dict(prompt="a red house", image=png_base64(cond_image), instruct="use the style of this image",
+                   num_inference_steps=2, seed=4, scale=0.6)
+        r = server.request("POST", "/v1/generate", json=req)
+        assert r.status_code == 200, r.text
+        want = pipe(prompt="a red house", image=cond_image, instruct="use the style of this image",
+                    num_inference_steps=2, seed=4, scale=0.6)[0]
+        want = Image.open(io.BytesIO(base64.b64decode(png_base64(want)))).convert("RGB")
+        assert np.abs(np.asarray(decode_png(r.json()["images"][0]), int) - np.asarray(want, int)).max() <= 1
+        models = server.request("GET", "/v1/models").json()
+        assert "onnxruntime (plugin attention)" in json.dumps(models)
+        r = server.request("POST", "/v1/generate", json={**req, "scale": {"down": 0.5}})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "scale", r.text
+    finally:
+        server.close()
+
+
+@needs_trt
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no GPU")
+def test_serve_with_tensorrt_stops_with_one_line_where_the_plans_cannot_run(built):
+    import subprocess
+    import sys
+
+    folder, _ = built["plugin", "float32"]
+    r = subprocess.run([sys.executable, "-m", "engine", "serve", "--backend", "tensorrt", "--engines", str(folder),
+                        "--port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "get_engine_validity says INVALID" in err[0], r.stderr

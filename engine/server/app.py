@@ -84,7 +84,8 @@ class ServerState:
         if self.pipe is None:
             from ..pipeline import Pipeline
             self.pipe = Pipeline.from_pretrained(c.model, image_encoder=c.image_encoder, adapter=c.adapter,
-                                                 device=c.device, dtype=c.dtype, attention_backend=c.attention_backend)
+                                                 device=c.device, dtype=c.dtype, attention_backend=c.attention_backend,
+                                                 backend=c.backend, engines=c.engines)
         self.pipe.set_progress_bar_config(disable=True)
         if c.compile:
             self.pipe.compile()

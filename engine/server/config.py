@@ -15,6 +15,8 @@ class ServerConfig:
     device: str | None = None             # default: cuda when present
     dtype: str | None = None              # default: float16 on cuda, float32 on cpu
     attention_backend: str = "auto"
+    backend: str = "pytorch"              # or tensorrt: the plans in `engines` (python -m export trt --out DIR)
+    engines: str | None = None
     max_batch_rows: int = 16              # UNet rows in one call: requests x guidance branches x images
     max_wait_ms: float = 10.0             # how long the oldest waiting request waits for company
     max_queue: int = 64                   # waiting requests; one more is answered 429

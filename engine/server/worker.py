@@ -61,6 +61,9 @@ class PipelineRunner:
             if self.kind == "instruct" and not (req.instruct or "").strip():
                 raise FieldError("instruct", "instruction is empty: say what to take from the image, "
                                              "e.g. 'use the style of this image'")
+        if isinstance(req.scale, dict) and not self.pipe.cross:  # exported graphs: one strength per UNet row
+            raise FieldError("scale", f"this server runs {getattr(self.pipe, 'runtime', 'exported graphs')}, which "
+                                      "takes one adapter strength per request (a number), not per-block scales")
         if isinstance(req.scale, dict):
             from ..attention import expand_scale
             try:

@@ -100,6 +100,13 @@ def plugin_dir() -> str:
     return folder
 
 
+@functools.cache
+def _arch(device: int) -> str:
+    import cupy
+
+    return "sm_" + cupy.cuda.Device(device).compute_capability
+
+
 # ----- the TensorRT classes ------------------------------------------------------------------------------------
 
 @functools.cache
@@ -166,7 +173,7 @@ def plugin_classes(trt):
                 return
             dtype = "float16" if input_desc[0].type == trt.DataType.HALF else "float32"
             device = cupy.cuda.runtime.getDevice()
-            arch = "sm_" + cupy.cuda.Device(device).compute_capability
+            arch = _arch(device)
             pointers = dict(zip(("Q", "K", "V", "KI", "VI", "Scale"), (int(p) for p in inputs)), Out=int(outputs[0]))
             launch_pointers(plugin_dir(), pointers, dtype, self.heads, int(input_desc[0].dims[2]), (b, lq, lt, li),
                             arch, int(stream), device)
