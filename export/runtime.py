@@ -37,6 +37,8 @@ class _Graph:
 class OnnxPipeline(ExportedPipeline):
     """engine.Pipeline whose text encoder, image encoder, projector, UNet and VAE decoder are the ONNX graphs."""
 
+    runtime = "onnxruntime"
+
     def __init__(self, folder: str, model: str | None = None, image_encoder: str | None = None):
         manifest = read_manifest(folder)
         graphs = {g: _Graph(os.path.join(folder, e["file"]), e) for g, e in manifest["graphs"].items()}
