@@ -167,10 +167,12 @@ def _parse(trt, builder, logger, path: str, strong: bool, log):
 
 
 def build_engines(onnx_dir: str, out_dir: str | None = None, fp16: bool = False, shapes: dict | None = None,
-                  graphs=None, archs=ARCHS, plugin_library: str | None = None, log=print) -> list[str]:
+                  graphs=None, archs=ARCHS, plugin_library: str | None = None, tf32: bool = True,
+                  log=print) -> list[str]:
     """One engine per graph of the manifest (or of `graphs`) -> the .plan paths in out_dir (default onnx_dir).
     shapes: {"min"|"opt"|"max": {input: dims}} over the manifest's profiles; archs: the GPU archs the plugin's
-    cubins are compiled for; plugin_library: the C++ plugin (.so) to import and embed, in place of Python's."""
+    cubins are compiled for; plugin_library: the C++ plugin (.so) to import and embed, in place of Python's;
+    tf32: let float32 layers use TF32 tensor cores (TensorRT's default; off for comparisons at fp32 precision)."""
     manifest = read_manifest(onnx_dir)
     names = list(graphs or manifest["graphs"])
     unknown = [g for g in names if g not in manifest["graphs"]]
@@ -201,8 +203,9 @@ def build_engines(onnx_dir: str, out_dir: str | None = None, fp16: bool = False,
     env_before = os.environ.get("IPADAPTER_INSTRUCT_PLUGIN_DIR")
     try:
         index = _build_all(trt, manifest, onnx_dir, names, profiles, mode, plugin, plugin_library, staging,
-                           archs, log)
+                           archs, tf32, log)
         _write_manifest(manifest, onnx_dir, out_dir, staging)
+        _keep_earlier_plans(index, out_dir)
         with open(os.path.join(staging, "engines.json"), "w") as f:
             json.dump(index, f, indent=1)
         written = []
@@ -247,12 +250,14 @@ def engine_layers(listing: list[str]) -> dict:
                                                        for line in listing))
 
 
-def _build_all(trt, manifest, onnx_dir, names, profiles, mode, plugin, plugin_library, staging, archs, log) -> dict:
+def _build_all(trt, manifest, onnx_dir, names, profiles, mode, plugin, plugin_library, staging, archs, tf32,
+               log) -> dict:
     logger = build_logger(trt, log)
     builder = trt.Builder(logger)
     index = {"format": ENGINES_FORMAT, "tensorrt": {"package": trt.__name__, "name": flavour(trt),
                                                    "version": trt.__version__},
-             "dtype": manifest.get("dtype", "float32"), "precision": mode, "attention": manifest.get("attention"),
+             "dtype": manifest.get("dtype", "float32"), "precision": mode, "tf32": tf32,
+             "attention": manifest.get("attention"),
              "plugin_library": os.path.basename(plugin_library) if plugin and plugin_library else None,
              "plugin_dir": None, "archs": [], "graphs": {}}
     combos = set()
@@ -271,6 +276,8 @@ def _build_all(trt, manifest, onnx_dir, names, profiles, mode, plugin, plugin_li
         logger.layers = []
         if mode == "weak":
             config.set_flag(trt.BuilderFlag.FP16)
+        if not tf32:
+            config.clear_flag(trt.BuilderFlag.TF32)
         if layers and plugin_library:
             config.plugins_to_serialize = [os.path.abspath(plugin_library)]
         profile = builder.create_optimization_profile()
@@ -291,6 +298,7 @@ def _build_all(trt, manifest, onnx_dir, names, profiles, mode, plugin, plugin_li
         seconds = time.perf_counter() - t0
         index["graphs"][name] = dict(file=f"{name}.plan", bytes=os.path.getsize(path), build_s=round(seconds, 2),
                                      inputs=inputs, plugin_layers=len(layers), engine=engine_layers(logger.layers),
+                                     tf32=tf32,
                                      profile={i: [list(s) for s in profiles[name][i]] for i in inputs})
         log(f"{name}: {name}.plan, {os.path.getsize(path) / 2 ** 20:.1f} MiB in {seconds:.1f} s")
         del network, parser, config, data
@@ -300,6 +308,24 @@ def _build_all(trt, manifest, onnx_dir, names, profiles, mode, plugin, plugin_li
                      plugin_variants=[dict(dtype=t, heads=h, head_dim=d) for t, h, d in sorted(combos)])
         log(f"plugin/: {len(combos)} kernel variant(s) x {len(archs)} arch(s) (sm_{', sm_'.join(map(str, archs))})")
     return index
+
+
+def _keep_earlier_plans(index: dict, out_dir: str) -> None:
+    """A --graphs rebuild keeps the other graphs' plans in the index when the earlier build matches (dtype,
+    TensorRT, plugin): rebuilding the UNet at new profiles leaves the encoders usable."""
+    try:
+        with open(os.path.join(out_dir, "engines.json")) as f:
+            before = json.load(f)
+    except (OSError, ValueError):
+        return
+    same = ("format", "tensorrt", "dtype", "attention", "plugin_library")
+    if not isinstance(before, dict) or any(before.get(k) != index.get(k) for k in same):
+        return
+    for name, g in (before.get("graphs") or {}).items():
+        if name not in index["graphs"] and os.path.isfile(os.path.join(out_dir, g.get("file", ""))):
+            index["graphs"][name] = g
+    if index.get("plugin_dir") is None and before.get("plugin_dir"):  # their cubins stay too
+        index.update({k: before[k] for k in ("plugin_dir", "archs", "plugin_variants") if k in before})
 
 
 def _write_cubins(staging: str, archs, combos: set) -> None:
@@ -339,6 +365,9 @@ def add_arguments(p) -> None:
     p.add_argument("--fp16", action="store_true",
                    help="let TensorRT pick half-precision kernels in a float32 export (TensorRT 10.x weak typing; "
                         "with TensorRT for RTX build a `--dtype float16` export instead)")
+    p.add_argument("--no-tf32", dest="tf32", action="store_false",
+                   help="keep float32 layers off TF32 tensor cores (TensorRT's default lets them use TF32), e.g. to "
+                        "compare with PyTorch at fp32 precision")
     p.add_argument("--graphs", default=None, help=f"comma-separated subset (default: all of {', '.join(GRAPHS)})")
     p.add_argument("--arch", type=int, action="append", choices=ARCHS, default=None,
                    help="GPU arch the plugin's cubins are compiled for, repeatable "
@@ -357,7 +386,8 @@ def run(args) -> int:
     try:
         shapes = {b: parse_shapes(getattr(args, b, None), f"--{b}") for b in BOUNDS}
         graphs = [g for g in (args.graphs or "").split(",") if g] or None
-        build_engines(args.dir, args.out, args.fp16, shapes, graphs, tuple(args.arch or ARCHS), args.plugin_library)
+        build_engines(args.dir, args.out, args.fp16, shapes, graphs, tuple(args.arch or ARCHS), args.plugin_library,
+                      args.tf32)
     except EngineError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
