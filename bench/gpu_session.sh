@@ -19,6 +19,8 @@
 #                there:       device run, carry [".whl-trt"], command `bash bench/gpu_session.sh trt-libs`
 #              (the libraries are 57 MiB compressed: with the other wheels they exceed one call's 64 MiB), then,
 #              while the machine is still warm, the `all` call. Without .trt-site the part fails with that reason.
+#              With export/cpp/build carried too (the C++ plugin and unet_bench, built here against the TensorRT
+#              headers), it also times the tiny UNet plan from C++ with the library inside it.
 #   e2e-short  python -m bench at SD1.5 shapes, batch 2, 30 steps: engine vs diffusers
 #   (the random SD1.5 weights, ~3.4 GB, are built once in the background from the start: stage `weights`)
 # Separate stages, for another call each (they do not fit in `all`):
@@ -118,6 +120,20 @@ sys.exit(1 if r else 0)" || { echo "no TensorRT here: carry .whl-trt in a first 
         --steps 4 --backend tensorrt --engines "$tmp/plans" --out "$out/trt-tiny.png" --no-progress
     ENGINE_GPU_CHECK=1 "$py" -m pytest -m gpu "${pytest_args[@]}" --junitxml "$out/trt-tests.xml" \
         tests/test_export_trt.py
+    local rc=$? cpp=export/cpp/build
+    # the C++ plugin and unet_bench, when built here and carried (make -C export/cpp plugin unet_bench
+    # TRT_INCLUDE_DIR=...; carry export/cpp/build): the UNet plan with the library inside, timed from C++
+    if [ -x "$cpp/unet_bench" ] && [ -f "$cpp/libipadapter_instruct_plugin.so" ]; then
+        "$py" -m export trt "$tmp/onnx" --out "$tmp/plans-cpp" --graphs unet --arch "$arch" \
+            --plugin-library "$cpp/libipadapter_instruct_plugin.so" > /dev/null &&
+        LD_LIBRARY_PATH="$("$py" -c "import os, tensorrt_rtx_libs as l; print(os.path.dirname(l.__file__))"):${LD_LIBRARY_PATH:-}" \
+        IPADAPTER_INSTRUCT_PLUGIN_DIR="$tmp/plans-cpp/plugin" "$cpp/unet_bench" "$tmp/plans-cpp/unet.plan" \
+            --plugin "$cpp/libipadapter_instruct_plugin.so" --batch 2 --latent-height 16 --latent-width 16 \
+            --warmup 3 --steps 20 || rc=1
+    else
+        echo "C++ plugin and unet_bench not carried (export/cpp/build): not run"
+    fi
+    return $rc
 }
 
 case $stage in
