@@ -11,13 +11,16 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")  # torch dtypes by name (engine
 RUNTIMES = ("pytorch", "tensorrt")                # what runs the model
 MAX_SIZE_FACTOR = 4  # the largest height/width a call accepts by default: the model's native size x 4
 
-__all__ = ["Pipeline", "EngineError", "DEFAULT_PROMPT", "DEFAULT_NEGATIVE"]
+__all__ = ["Pipeline", "EditPipeline", "EngineError", "DEFAULT_PROMPT", "DEFAULT_NEGATIVE"]
 
 
 def __getattr__(name):
     # the pipeline (torch, diffusers, transformers, kernels) loads on first use, so `python -m engine --help`
-    # and `engine.errors` (which `kernels` imports) stay light
+    # stays light
     if name == "Pipeline":
         from .pipeline import Pipeline
         return Pipeline
+    if name == "EditPipeline":
+        from .edit import EditPipeline
+        return EditPipeline
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""python -m engine {generate, make-tiny, demo, serve}: the command-line contract (README, "CLI").
+"""python -m engine {generate, edit, make-tiny, demo, serve}: the command-line contract (README, "CLI").
 
 Arguments, output paths, sizes and the condition image are checked before torch, diffusers or triton is
 imported, so `--help` and every bad argument answer at once, and nothing heavy loads for a run that would fail.
@@ -87,9 +87,35 @@ def build_parser() -> Parser:
     g.add_argument("--out", required=True, help="PATH.png, .jpg, .jpeg or .webp (PATH-0.png, ... for several images)")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files (refused otherwise)")
 
+    e = sub.add_parser("edit", help="edit a photo by instruction (InstructPix2Pix); with --adapter also following a "
+                                    "reference image")
+    e.add_argument("--model", required=True, help="diffusers InstructPix2Pix folder (or hub id), 8-channel UNet")
+    e.add_argument("--image", required=True, help="the photo to edit")
+    e.add_argument("--prompt", required=True, help="the edit, e.g. 'make it winter'")
+    e.add_argument("--negative-prompt", default="")
+    e.add_argument("--guidance-scale", type=float, default=7.5, help="text guidance s_T")
+    e.add_argument("--image-guidance-scale", type=float, default=1.5, help="image guidance s_I (closeness to the photo)")
+    e.add_argument("--steps", type=positive_int, default=100)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--scheduler", choices=["default", *SCHEDULERS], default="default")
+    e.add_argument("--height", type=positive_int, default=None, help="default: the photo's, rounded to the VAE grid")
+    e.add_argument("--width", type=positive_int, default=None)
+    e.add_argument("--max-size", type=positive_int, default=None)
+    e.add_argument("--num-images", type=positive_int, default=1)
+    e.add_argument("--image-encoder", help="CLIPVisionModelWithProjection folder (with --adapter)")
+    e.add_argument("--adapter", help="IP-Adapter+ or IPAdapter-Instruct file: also follow --adapter-image")
+    e.add_argument("--adapter-image", help="the reference image the adapter reads (with --adapter)")
+    e.add_argument("--instruct", default=None, help="what to take from the reference (IPAdapter-Instruct)")
+    e.add_argument("--scale", type=float, default=0.8, help="adapter strength (0 = plain InstructPix2Pix)")
+    add_runtime_args(e)
+    e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    e.add_argument("--out", required=True, help="PATH.png, .jpg, .jpeg or .webp (PATH-0.png, ... for several images)")
+    e.add_argument("--overwrite", action="store_true", help="replace existing output files (refused otherwise)")
+
     t = sub.add_parser("make-tiny", help="write tiny random weights in the real on-disk formats")
     t.add_argument("dir")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--edit", action="store_true", help="the model is an InstructPix2Pix one (8-channel UNet)")
 
     d = sub.add_parser("demo", help="what `make demo` runs (tiny random weights unless real ones are given)")
     d.add_argument("--model")
@@ -182,6 +208,32 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def cmd_edit(a) -> int:
+    # the cheap checks, before torch loads: output paths, the images, the adapter flags
+    paths = output_paths(a.out, a.num_images, a.overwrite)
+    given = [f for f, v in (("--image-encoder", a.image_encoder), ("--adapter-image", a.adapter_image)) if v is None]
+    if a.adapter is not None and given:
+        raise EngineError(f"--adapter needs {' and '.join(given)} too")
+    if a.adapter is None and (a.image_encoder or a.adapter_image or a.instruct):
+        raise EngineError("--image-encoder, --adapter-image and --instruct need --adapter")
+    photo = load_image(a.image)
+    reference = load_image(a.adapter_image) if a.adapter_image else None
+    quiet_libraries()
+    from .edit import EditPipeline
+
+    pipe = EditPipeline.from_pretrained(a.model, image_encoder=a.image_encoder, adapter=a.adapter, device=a.device,
+                                        dtype=a.dtype, attention_backend=a.attention_backend, backend=a.backend,
+                                        engines=a.engines)
+    pipe.set_progress_bar_config(disable=a.no_progress)
+    images = pipe(a.prompt, photo, a.negative_prompt, guidance_scale=a.guidance_scale,
+                  image_guidance_scale=a.image_guidance_scale, num_inference_steps=a.steps, seed=a.seed,
+                  scheduler=a.scheduler, num_images_per_prompt=a.num_images, height=a.height, width=a.width,
+                  max_size=a.max_size, adapter_image=reference, instruct=a.instruct, scale=a.scale)
+    write_images(images, paths, overwrite=a.overwrite)
+    print(" ".join(paths))
+    return 0
+
+
 def cmd_demo(a) -> int:
     given = [a.model, a.image_encoder, a.adapter]
     if any(given) and not all(given):
@@ -212,7 +264,7 @@ def cmd_make_tiny(a) -> int:
     quiet_libraries()
     from .tiny import make_tiny
 
-    for name, path in make_tiny(a.dir, seed=a.seed).items():
+    for name, path in make_tiny(a.dir, seed=a.seed, edit=a.edit).items():
         print(f"{name}: {path}")
     return 0
 
@@ -312,7 +364,8 @@ def cmd_serve(a) -> int:
     return serve(config)
 
 
-COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "make-tiny": cmd_make_tiny, "serve": cmd_serve}
+COMMANDS = {"generate": cmd_generate, "edit": cmd_edit, "demo": cmd_demo, "make-tiny": cmd_make_tiny,
+            "serve": cmd_serve}
 
 
 def main(argv=None) -> int:

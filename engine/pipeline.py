@@ -56,9 +56,26 @@ def as_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_channels(unet_channels: int, latent_channels: int, edit: bool) -> None:
+    """A text-to-image UNet takes the latents alone; an InstructPix2Pix one the latents and the image latent."""
+    if edit and unet_channels == latent_channels:
+        raise EngineError(f"this is a text-to-image model ({unet_channels} UNet input channels); editing needs an "
+                          f"InstructPix2Pix model ({2 * latent_channels} channels): generate with Pipeline / "
+                          "`python -m engine generate`")
+    if not edit and unet_channels == 2 * latent_channels:
+        raise EngineError(f"this is an InstructPix2Pix model ({unet_channels} UNet input channels: latents + image "
+                          "latent): edit with EditPipeline / `python -m engine edit`")
+    if unet_channels != latent_channels * (2 if edit else 1):
+        raise EngineError(f"the UNet takes {unet_channels} input channels and the VAE makes {latent_channels}: "
+                          "not a Stable Diffusion text-to-image or InstructPix2Pix model")
+
+
 class Pipeline:
+    EDIT = False  # EditPipeline (engine/edit.py): an InstructPix2Pix UNet
+
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, image_encoder=None, image_processor=None,
                  adapter: Adapter | None = None, device="cpu", dtype=torch.float32, attention_backend="auto"):
+        check_channels(unet.config.in_channels, vae.config.latent_channels, self.EDIT)
         self.device, self.dtype = torch.device(device), dtype
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.scheduler = tokenizer, scheduler
@@ -226,8 +243,13 @@ class Pipeline:
         self.timings = {}
         t_start = time.perf_counter()
         reqs = self._requests(locals())
-        f = self.vae_scale_factor
-        height, width = check_size(height, width, self.unet.config.sample_size * f, f, max_size)
+        return self._generate(reqs, num_inference_steps, height, width, scheduler, output_type, max_size,
+                              progress_callback, t_start)
+
+    def _generate(self, reqs: list, num_inference_steps, height, width, scheduler, output_type, max_size,
+                  progress_callback, t_start):
+        """The call itself, for requests already checked (`_requests`; EditPipeline makes its own)."""
+        height, width = self._size(reqs, height, width, max_size)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise EngineError(f"steps must be a positive integer, got {num_inference_steps!r}")
         if output_type not in ("pil", "latent"):
@@ -278,6 +300,10 @@ class Pipeline:
             images = self.decode(latents)
         self.timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
         return images
+
+    def _size(self, reqs: list[Request], height, width, max_size) -> tuple[int, int]:
+        f = self.vae_scale_factor
+        return check_size(height, width, self.unet.config.sample_size * f, f, max_size)
 
     def _unet_inputs(self, text_rows, ip_rows, reqs: list[Request], plan: dict):
         """Per-row UNet inputs that hold for every step: text rows and, in the adapter context, the encoder K/V of
@@ -412,7 +438,7 @@ class Pipeline:
     def _latents(self, reqs: list[Request], sched, height: int, width: int) -> torch.Tensor:
         from diffusers.utils.torch_utils import randn_tensor
         f = self.vae_scale_factor
-        shape = (self.unet.config.in_channels, height // f, width // f)
+        shape = (self.vae.config.latent_channels, height // f, width // f)  # (the UNet may take more: IP2P's 8)
         parts = [randn_tensor((req.num_images, *shape), generator=req.generator, device=self.device, dtype=self.dtype)
                  for req in reqs]
         return torch.cat(parts) * sched.init_noise_sigma

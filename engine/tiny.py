@@ -3,6 +3,7 @@
 `make_tiny(DIR)` writes:
   DIR/model/               a diffusers Stable Diffusion folder (model_index.json, unet, vae, text_encoder,
                            tokenizer, scheduler), SD1.5's layout at toy widths; VAE factor 4, not 8
+                           (`make_tiny(DIR, edit=True)`: an InstructPix2Pix folder, its UNet taking 8 channels)
   DIR/image_encoder/       a transformers CLIPVisionModelWithProjection folder with its preprocessor_config.json
   DIR/adapter.safetensors  an IPAdapter-Instruct adapter in the two-key layout
   DIR/clip/                a transformers CLIPModel folder (both towers, tokenizer, image processor) for
@@ -46,14 +47,16 @@ def tiny_tokenizer(folder: str):
     return tok
 
 
-def tiny_base(folder: str) -> None:
+def tiny_base(folder: str, edit: bool = False) -> None:
+    """The tiny SD1.5-layout model; edit: an InstructPix2Pix one (8-channel UNet, Euler ancestral scheduler,
+    diffusers' StableDiffusionInstructPix2PixPipeline folder), as timbrooks/instruct-pix2pix is laid out."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with tempfile.TemporaryDirectory() as tmp:
         tok = tiny_tokenizer(tmp)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=16, in_channels=8 if edit else 4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=TEXT_DIM, attention_head_dim=8, norm_num_groups=8)
     vae = AutoencoderKL(
@@ -63,7 +66,17 @@ def tiny_base(folder: str) -> None:
         vocab_size=len(tok), hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id))
-    sd_pipeline(unet, vae, text, tok).save_pretrained(folder)
+    (ip2p_pipeline if edit else sd_pipeline)(unet, vae, text, tok).save_pretrained(folder)
+
+
+def ip2p_pipeline(unet, vae, text, tok):
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+
+    scheduler = EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                num_train_timesteps=1000, steps_offset=1)
+    return StableDiffusionInstructPix2PixPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                                  scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                                  requires_safety_checker=False)
 
 
 def sd_pipeline(unet, vae, text, tok):
@@ -122,14 +135,15 @@ def tiny_adapter(path: str, unet, kind: str = "instruct", num_queries: int = 4) 
     save_adapter(path, projector, layers)
 
 
-def make_tiny(folder: str, seed: int = 0) -> dict[str, str]:
-    """Write the four tiny pieces under `folder` (replacing what is there, atomically). -> their paths."""
+def make_tiny(folder: str, seed: int = 0, edit: bool = False) -> dict[str, str]:
+    """Write the four tiny pieces under `folder` (replacing what is there, atomically). -> their paths.
+    edit: the model is an InstructPix2Pix one (the image encoder, adapter and CLIP as always)."""
     from diffusers import UNet2DConditionModel
 
     folder = os.path.abspath(folder)
     with atomic_folder(folder) as tmp:
         torch.manual_seed(seed)
-        tiny_base(os.path.join(tmp, "model"))
+        tiny_base(os.path.join(tmp, "model"), edit)
         tiny_image_encoder(os.path.join(tmp, "image_encoder"))
         unet = UNet2DConditionModel.from_pretrained(os.path.join(tmp, "model"), subfolder="unet")
         tiny_adapter(os.path.join(tmp, "adapter.safetensors"), unet)
