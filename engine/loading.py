@@ -52,6 +52,20 @@ def native_size(model) -> tuple[int, int] | None:
         return None
 
 
+def is_edit_model(model) -> bool:
+    """Whether a local diffusers folder is an InstructPix2Pix model (its UNet takes twice the VAE's latent
+    channels), read from the configs without loading weights; False for a hub id or an unreadable folder."""
+    src = os.path.expanduser(os.fspath(model))
+    try:
+        with open(os.path.join(src, "unet", "config.json")) as fh:
+            unet = json.load(fh)
+        with open(os.path.join(src, "vae", "config.json")) as fh:
+            vae = json.load(fh)
+        return unet.get("in_channels") == 2 * vae.get("latent_channels", 4)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def native_from_configs(unet_config, vae_config) -> tuple[int, int]:
     """(native height/width in pixels, VAE factor) from the UNet's and the VAE's configs (dicts or diffusers'
     FrozenDicts): sample_size x 2^(len(block_out_channels) - 1)."""

@@ -27,9 +27,9 @@ from .config import ServerConfig
 from .errors import ApiError, BodyLimit, RequestId, error_body
 from .images import ImageRejected, decode
 from .metrics import Metrics
-from .parsing import raise_first, read_request
-from .schemas import ErrorResponse, GenerateRequest, GenerateResponse, ModelList
-from .worker import FieldError, PipelineRunner
+from .parsing import raise_first, read_body
+from .schemas import EditRequest, ErrorResponse, GenerateRequest, GenerateResponse, ModelList
+from .worker import EditRunner, FieldError, PipelineRunner
 
 log = logging.getLogger("engine.server")
 POLL_S = 0.1          # how often a waiting handler checks for a client that went away
@@ -82,7 +82,11 @@ class ServerState:
     def _load(self) -> None:
         c = self.config
         if self.pipe is None:
-            from ..pipeline import Pipeline
+            from ..loading import is_edit_model
+            if c.model is not None and c.backend == "pytorch" and is_edit_model(c.model):
+                from ..edit import EditPipeline as Pipeline  # an InstructPix2Pix model: this server edits
+            else:
+                from ..pipeline import Pipeline
             self.pipe = Pipeline.from_pretrained(c.model, image_encoder=c.image_encoder, adapter=c.adapter,
                                                  device=c.device, dtype=c.dtype, attention_backend=c.attention_backend,
                                                  backend=c.backend, engines=c.engines)
@@ -93,13 +97,9 @@ class ServerState:
             self.pipe.enable_cuda_graphs()  # EngineError off CUDA
         self.cache = ConditioningCache(c.cache_size)
         self.cache.attach(self.pipe)
-        self.runner = PipelineRunner(self.pipe)
+        self.runner = (EditRunner if getattr(self.pipe, "EDIT", False) else PipelineRunner)(self.pipe)
         if c.warmup:  # one 1-step request at the native size: kernels, allocator and caches ready before /ready
-            from PIL import Image
-            image = Image.new("RGB", (64, 64), (127, 127, 127)) if self.runner.kind else None
-            instruct = "everything" if self.runner.kind == "instruct" else None
-            work = self.runner.prepare(GenerateRequest(num_inference_steps=1, instruct=instruct), image)
-            self.runner([work])
+            self.runner([self.runner.warmup_work()])
         self.cache.on_lookup = self.metrics.lookup  # counted from the first real request on
 
     async def drain(self) -> None:
@@ -225,31 +225,50 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
             raise ApiError(503, "unavailable", "the model is still loading", headers={"retry-after": RETRY_AFTER_S})
         return {"object": "list", "data": [state.runner.describe(config)]}
 
-    schema = GenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    schema.pop("$defs", None)
-    errors = {str(s): {"model": ErrorResponse} for s in (401, 413, 422, 429, 500, 503, 504)}
+    errors = {str(s): {"model": ErrorResponse} for s in (401, 404, 413, 422, 429, 500, 503, 504)}
+
+    def body_schema(model) -> dict:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schema.pop("$defs", None)
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema},
+                                                              "multipart/form-data": {"schema": {"type": "object"}}}}}
 
     @app.post("/v1/generate", response_model=GenerateResponse, dependencies=[Depends(authorize)], responses={
-        **errors, 200: {"content": {"image/png": {}, "text/event-stream": {}}}}, openapi_extra={"requestBody": {
-            "required": True, "content": {"application/json": {"schema": schema},
-                                          "multipart/form-data": {"schema": {"type": "object"}}}}})
+        **errors, 200: {"content": {"image/png": {}, "text/event-stream": {}}}},
+        openapi_extra=body_schema(GenerateRequest))
     async def generate(request: Request):
         """One request of `Pipeline.__call__`. JSON (image as base64 or a data URL) or multipart/form-data (image as
         a file part). `Accept: image/png` with one image answers the PNG; `stream: true` or
         `Accept: text/event-stream` answers server-sent events (`progress`, then `result` or `error`)."""
+        return await handle(request, "generate", GenerateRequest, ("image",))
+
+    @app.post("/v1/edit", response_model=GenerateResponse, dependencies=[Depends(authorize)], responses={
+        **errors, 200: {"content": {"image/png": {}, "text/event-stream": {}}}}, openapi_extra=body_schema(EditRequest))
+    async def edit(request: Request):
+        """One request of `EditPipeline.__call__` (InstructPix2Pix; the server must have loaded an IP2P model):
+        `image` is the photo to edit, `adapter_image` the reference an adapter reads. The same bodies, answers
+        and errors as /v1/generate."""
+        return await handle(request, "edit", EditRequest, ("image", "adapter_image"))
+
+    async def handle(request: Request, task: str, model, image_fields: tuple[str, ...]):
         if not state.ready:
             why = "shutting down" if state.draining else ("failed to load: " + state.failed if state.failed
                                                           else "still loading")
             raise ApiError(503, "unavailable", f"the server is {why}", headers={"retry-after": RETRY_AFTER_S})
-        req, data = await read_request(request, config.max_upload_mb)
-        image = None
-        if data is not None:
+        if state.runner.task != task:
+            other = "an InstructPix2Pix model: POST /v1/edit" if state.runner.task == "edit" else \
+                "a text-to-image model: POST /v1/generate"
+            raise ApiError(404, "wrong_task", f"this server has loaded {other}")
+        req, files = await read_body(request, config.max_upload_mb, model, image_fields)
+        images = {}
+        for name, data in files.items():
             try:
-                image = await run_in_threadpool(decode, data, config.max_pixels, int(config.max_upload_mb * 2**20))
+                images[name] = await run_in_threadpool(decode, data, config.max_pixels,
+                                                       int(config.max_upload_mb * 2**20))
             except ImageRejected as e:
-                raise ApiError(e.status, e.code, str(e), "image") from None
+                raise ApiError(e.status, e.code, str(e), name) from None
         try:
-            work = state.runner.prepare(req, image)
+            work = state.runner.prepare(req, images if task == "edit" else images.get("image"))
         except FieldError as e:
             raise ApiError(422, "invalid_request", str(e), e.field) from None
         rows = work.rows

@@ -62,6 +62,35 @@ class GenerateRequest(BaseModel):
         return v
 
 
+class EditRequest(BaseModel):
+    """POST /v1/edit: one request of `EditPipeline.__call__` (InstructPix2Pix), the names and defaults of
+    `python -m engine edit`. `image` is the photo to edit; `adapter_image` the reference an adapter reads."""
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(max_length=4096, description="the edit, e.g. 'make it winter'")
+    negative_prompt: str = Field("", max_length=4096)
+    image: Optional[str] = Field(None, description="the photo to edit: base64 or data:image/...;base64,...")
+    adapter_image: Optional[str] = Field(None, description="with an adapter: the reference image, base64")
+    instruct: Optional[str] = Field(None, max_length=4096, description="what to take from the reference")
+    scale: float = Field(0.8, description="adapter strength (0 = plain InstructPix2Pix)")
+    guidance_scale: float = 7.5
+    image_guidance_scale: float = 1.5
+    num_inference_steps: int = Field(100, ge=1, le=MAX_STEPS)
+    seed: int = Field(0, ge=0, lt=2**63)
+    height: Optional[int] = Field(None, ge=1, description="default: the photo's, rounded down to the VAE grid")
+    width: Optional[int] = Field(None, ge=1)
+    num_images: int = Field(1, ge=1, le=MAX_NUM_IMAGES)
+    scheduler: Literal[SCHEDULER_NAMES] = "default"  # type: ignore[valid-type]
+    stream: bool = Field(False, description="server-sent events: progress, then result")
+
+    @field_validator("guidance_scale", "image_guidance_scale", "scale")
+    @classmethod
+    def finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
 class Timings(BaseModel):
     model_config = ConfigDict(extra="allow")  # the pipeline's per-stage milliseconds of the batch come along
     queue_ms: float
@@ -100,6 +129,7 @@ class ModelCard(BaseModel):
     native_size: int
     vae_scale_factor: int
     schedulers: list[str]
+    task: str = Field("generate", description="generate (POST /v1/generate) | edit (InstructPix2Pix, POST /v1/edit)")
 
 
 class ModelList(BaseModel):

@@ -39,6 +39,8 @@ class Work:
 
 
 class PipelineRunner:
+    task = "generate"  # POST /v1/generate; EditRunner: /v1/edit
+
     def __init__(self, pipe):
         self.pipe = pipe
         self.kind = pipe.adapter.kind if pipe.adapter is not None else None
@@ -109,4 +111,70 @@ class PipelineRunner:
                 "image_encoder": config.image_encoder, "dtype": str(pipe.dtype).replace("torch.", ""),
                 "device": str(pipe.device), "attention_backend": pipe.attention_backend,
                 "native_size": self.native, "vae_scale_factor": self.factor,
-                "schedulers": ["default", *SCHEDULERS]}
+                "schedulers": ["default", *SCHEDULERS], "task": self.task}
+
+    def warmup_work(self) -> Work:
+        """One 1-step request at the native size: kernels, allocator and caches ready before /ready."""
+        image = Image.new("RGB", (64, 64), (127, 127, 127)) if self.kind else None
+        instruct = "everything" if self.kind == "instruct" else None
+        return self.prepare(GenerateRequest(num_inference_steps=1, instruct=instruct), image)
+
+
+@dataclass
+class EditWork(Work):
+    """An edit as the worker runs it: `image` is the photo; `reference` what an adapter reads."""
+    reference: Image.Image | None = None
+
+
+class EditRunner(PipelineRunner):
+    """The runner of an InstructPix2Pix server (engine.EditPipeline): POST /v1/edit."""
+
+    task = "edit"
+
+    def prepare(self, req, images: dict) -> EditWork:
+        photo, reference = images.get("image"), images.get("adapter_image")
+        if photo is None:
+            raise FieldError("image", "the photo to edit is required (base64 PNG, JPEG or WebP, or a file part)")
+        f = self.factor
+        height, width = req.height, req.width
+        if height is None and width is None:  # the photo's size on the VAE grid, as the pipeline takes it
+            height, width = photo.height // f * f, photo.width // f * f
+        try:
+            height, width = check_size(height, width, self.native, f)
+        except EngineError as e:
+            raise FieldError("height" if req.height is not None else "image", str(e)) from None
+        if self.kind is None and (reference is not None or req.instruct):
+            raise FieldError("adapter_image" if reference is not None else "instruct",
+                             "this server has no adapter loaded: send no adapter_image or instruct")
+        if self.kind is not None:
+            if reference is None:
+                raise FieldError("adapter_image", "an adapter is loaded: the reference image is required")
+            if self.kind == "instruct" and not (req.instruct or "").strip():
+                raise FieldError("instruct", "instruction is empty: say what to take from the reference image")
+        from ..edit import edit_branches
+        rows = len(edit_branches(req.guidance_scale, req.image_guidance_scale)) * req.num_images
+        return EditWork(req, photo, height, width, rows, reference)
+
+    def __call__(self, works: list[EditWork], progress=None) -> list[dict]:
+        first = works[0].req
+        per = {k: [getattr(w.req, k) for w in works] for k in (
+            "prompt", "negative_prompt", "guidance_scale", "image_guidance_scale", "seed")}
+        kwargs = dict(per, image=[w.image for w in works], num_inference_steps=first.num_inference_steps,
+                      height=works[0].height, width=works[0].width, num_images_per_prompt=first.num_images,
+                      scheduler=first.scheduler, progress_callback=progress)
+        if self.kind is not None:
+            kwargs.update(adapter_image=[w.reference for w in works], instruct=[w.req.instruct for w in works],
+                          scale=[w.req.scale for w in works])
+        t0 = time.perf_counter()
+        images = self.pipe(**kwargs)
+        stages = {k: round(v, 3) for k, v in self.pipe.timings.items() if k in (*STAGES, "image_latent_ms")}
+        stages["compute_ms"] = (time.perf_counter() - t0) * 1e3
+        n = first.num_images
+        return [{"images": images[i * n:(i + 1) * n], "timings": stages} for i in range(len(works))]
+
+    def warmup_work(self) -> EditWork:
+        from .schemas import EditRequest
+        grey = Image.new("RGB", (self.native, self.native), (127, 127, 127))
+        images = {"image": grey, **({"adapter_image": grey} if self.kind else {})}
+        instruct = "everything" if self.kind == "instruct" else None
+        return self.prepare(EditRequest(prompt="warm up", num_inference_steps=1, instruct=instruct), images)
