@@ -3,6 +3,7 @@
     from engine.client import Client
     images = Client("http://127.0.0.1:8000").generate(prompt="a lighthouse", image="cond.png",
                                                       instruct="use the style of this image", seed=0)
+    edited = Client(url).edit("make it winter", image="photo.png", seed=0)   # an InstructPix2Pix server
 
 Images go as PIL images or paths, read on the client side (the server never reads a path). `AsyncClient` is the
 async twin. A non-2xx answer raises `ServerError` (an `EngineError`) with the server's status, code and field.
@@ -20,6 +21,8 @@ from .errors import EngineError
 
 FIELDS = ("prompt", "negative_prompt", "instruct", "scale", "guidance_scale", "instruct_guidance_scale",
           "image_guidance_scale", "guidance_mode", "num_inference_steps", "seed", "height", "width", "scheduler")
+EDIT_FIELDS = ("prompt", "negative_prompt", "adapter_image", "instruct", "scale", "guidance_scale",
+               "image_guidance_scale", "num_inference_steps", "seed", "height", "width", "scheduler")
 
 
 class ServerError(EngineError):
@@ -45,15 +48,23 @@ def encode_image(image) -> str:
     return base64.b64encode(data).decode()
 
 
-def build_body(image=None, num_images_per_prompt: int = 1, **kwargs) -> dict:
-    unknown = set(kwargs) - set(FIELDS)
+def build_body(image=None, num_images_per_prompt: int = 1, fields=None, **kwargs) -> dict:
+    fields = fields or FIELDS
+    unknown = set(kwargs) - set(fields)
     if unknown:
-        raise TypeError(f"unknown argument(s) {', '.join(sorted(unknown))}; the server takes {', '.join(FIELDS)}")
+        raise TypeError(f"unknown argument(s) {', '.join(sorted(unknown))}; the server takes {', '.join(fields)}")
     body = {k: v for k, v in kwargs.items() if v is not None}
     body["num_images"] = num_images_per_prompt
     if image is not None:
         body["image"] = encode_image(image)
+    if body.get("adapter_image") is not None:
+        body["adapter_image"] = encode_image(body["adapter_image"])
     return body
+
+
+def edit_body(prompt, image, negative_prompt, num_images_per_prompt, kwargs) -> dict:
+    return build_body(image, num_images_per_prompt, EDIT_FIELDS, prompt=prompt, negative_prompt=negative_prompt,
+                      **kwargs)
 
 
 def parse(response: httpx.Response) -> dict:
@@ -91,6 +102,15 @@ class Client(_Base):
         self.last_result = result
         return decode_images(result)
 
+    def edit(self, prompt, image, negative_prompt=None, *, num_images_per_prompt: int = 1,
+             **kwargs) -> list[Image.Image]:
+        """One InstructPix2Pix edit (POST /v1/edit; EditPipeline's argument names). -> PIL images."""
+        body = edit_body(prompt, image, negative_prompt, num_images_per_prompt, kwargs)
+        with httpx.Client(timeout=self.timeout) as http:
+            result = parse(http.post(self.url + "/v1/edit", json=body, headers=self.headers))
+        self.last_result = result
+        return decode_images(result)
+
     def ready(self) -> bool:
         return httpx.get(self.url + "/ready", timeout=self.timeout).status_code == 200
 
@@ -105,6 +125,14 @@ class AsyncClient(_Base):
                           negative_prompt=negative_prompt, **kwargs)
         async with httpx.AsyncClient(timeout=self.timeout) as http:
             result = parse(await http.post(self.url + "/v1/generate", json=body, headers=self.headers))
+        self.last_result = result
+        return decode_images(result)
+
+    async def edit(self, prompt, image, negative_prompt=None, *, num_images_per_prompt: int = 1,
+                   **kwargs) -> list[Image.Image]:
+        body = edit_body(prompt, image, negative_prompt, num_images_per_prompt, kwargs)
+        async with httpx.AsyncClient(timeout=self.timeout) as http:
+            result = parse(await http.post(self.url + "/v1/edit", json=body, headers=self.headers))
         self.last_result = result
         return decode_images(result)
 

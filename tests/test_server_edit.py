@@ -104,3 +104,23 @@ def test_each_endpoint_refuses_the_other_kind_of_model(server, tiny):
         assert gen.request("GET", "/v1/models").json()["data"][0]["task"] == "generate"
     finally:
         gen.close()
+
+
+def test_serve_on_an_ip2p_folder_and_the_python_client(tiny_edit, server, photo):
+    """`python -m engine serve --model IP2P_DIR` (a real process) edits; engine.client.Client.edit talks to it."""
+    from engine.client import Client, ServerError
+    from server_utils import ServerProcess
+
+    proc = ServerProcess(["--model", tiny_edit["model"], "--device", "cpu"])
+    try:
+        client = Client(proc.url)
+        got = client.edit(EDIT, photo, num_inference_steps=2, seed=3)[0]
+        assert close(got, alone(server.state.pipe, photo, seed=3)[0]) and client.last_result["seed"] == 3
+        assert client.models()["data"][0]["task"] == "edit"
+        with pytest.raises(ServerError) as e:
+            client.edit(EDIT, photo, num_inference_steps=2, adapter_image=photo)
+        assert e.value.status == 422 and e.value.field == "adapter_image"
+        with pytest.raises(TypeError, match="guidance_mode"):
+            client.edit(EDIT, photo, guidance_mode="full")
+    finally:
+        proc.terminate()
