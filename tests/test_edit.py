@@ -242,3 +242,20 @@ def test_fast_path_equals_eager_on_the_gpu(tiny_edit, photo):
     want = eager(EDIT, photo, **kw)
     for _ in range(2):  # capture, then replay with the image latent in the static buffers
         torch.testing.assert_close(fast(EDIT, photo, **kw), want, atol=2e-3, rtol=2e-3)
+
+
+def test_static_buffers_carry_the_image_latent(edit_pipe, photo, other_image):
+    """The CUDA-graph path's static buffers, run eagerly (capture needs a GPU): the 8-channel input (latents and
+    the photo latent) goes through them, and a second call with another photo and seed reuses the entry."""
+    from engine.graphs import StaticUNet
+
+    kw = dict(num_inference_steps=STEPS, output_type="latent")
+    want = [edit_pipe(EDIT, photo, seed=3, **kw), edit_pipe(EDIT, other_image.resize((54, 70)), seed=4, **kw)]
+    edit_pipe._static = StaticUNet(edit_pipe.unet, capture=False)
+    try:
+        got = [edit_pipe(EDIT, photo, seed=3, **kw), edit_pipe(EDIT, other_image.resize((54, 70)), seed=4, **kw)]
+        assert len(edit_pipe._static.entries) == 1
+    finally:
+        edit_pipe._static = None
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
