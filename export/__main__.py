@@ -24,13 +24,14 @@ def add_source_args(p, names) -> None:
 
 
 def _parser() -> Parser:
-    from .onnx import DEFAULT_OPSET, GRAPHS
+    from .onnx import DEFAULT_OPSET, EDIT_GRAPHS, GRAPHS
     from .plugin import ARCHS, DTYPES, HEAD_DIMS, HEADS
 
     p = Parser(prog="python -m export", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    on = sub.add_parser("onnx", help="write the five ONNX graphs and manifest.json")
-    on.add_argument("--model", required=True, help="diffusers Stable Diffusion 1.5 folder")
+    on = sub.add_parser("onnx", help="write the five ONNX graphs (six for InstructPix2Pix) and manifest.json")
+    on.add_argument("--model", required=True, help="diffusers Stable Diffusion 1.5 folder, or an InstructPix2Pix "
+                    "one (adds vae_encoder)")
     on.add_argument("--image-encoder", required=True, help="CLIP vision folder")
     on.add_argument("--adapter", required=True, help="two-key adapter file (.bin or .safetensors)")
     on.add_argument("--out", required=True, help="output folder")
@@ -38,7 +39,8 @@ def _parser() -> Parser:
     on.add_argument("--attention", choices=("plugin", "onnx"), default="plugin",
                     help="adapter attention as the TensorRT plugin node (default) or in standard ONNX ops")
     on.add_argument("--dtype", choices=("float32", "float16"), default="float32")
-    on.add_argument("--graphs", default=",".join(GRAPHS), help="comma-separated subset (default: all five)")
+    on.add_argument("--graphs", default=None, help=f"comma-separated subset (default: all of {', '.join(GRAPHS)}; "
+                    f"and {EDIT_GRAPHS[-1]} for an InstructPix2Pix model)")
     on.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="where to trace (default: cuda when present; fp16 tracing on a CPU takes minutes for SD1.5)")
     ve = sub.add_parser("verify", help="run every graph with ONNX Runtime against PyTorch")
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
         if a.command == "onnx":
             from .onnx import export_onnx
             print(export_onnx(a.model, a.image_encoder, a.adapter, a.out, a.opset, a.attention, a.dtype,
-                              tuple(g for g in a.graphs.split(",") if g), a.device))
+                              tuple(g for g in (a.graphs or "").split(",") if g), a.device))
             return 0
         if a.command == "verify":
             from .verify import verify

@@ -1,5 +1,8 @@
 """`python -m export onnx`: text_encoder, image_encoder, projector, unet and vae_decoder as ONNX, plus manifest.json.
 
+An InstructPix2Pix model (its UNet takes twice the VAE's latent channels) is loaded as `engine.EditPipeline` and
+exports vae_encoder too; its manifest says `"kind": "edit"` (a text-to-image model's: "text_to_image").
+
 The graphs are traced from the same modules the engine runs (loaded by `engine.Pipeline.from_pretrained`),
 with the UNet's adapter cross-attentions as plugin nodes or standard ops (graph_attention.py). Everything is
 written into a staging folder beside OUT and moved into OUT only when every graph exported and passed
@@ -23,6 +26,21 @@ from .plugin import PLUGIN
 from .specs import build_specs
 
 DEFAULT_OPSET = 17
+EDIT_GRAPHS = GRAPHS + ("vae_encoder",)  # an InstructPix2Pix export's
+KINDS = {"text_to_image": GRAPHS, "edit": EDIT_GRAPHS}  # manifest "kind" -> its graphs
+
+
+def model_kind(model) -> str:
+    """"edit" when the model's UNet takes twice the VAE's latent channels (InstructPix2Pix), else "text_to_image";
+    a folder whose configs do not read is left to the pipeline's loader to name what is wrong."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    try:
+        unet = UNet2DConditionModel.load_config(model, subfolder="unet")
+        vae = AutoencoderKL.load_config(model, subfolder="vae")
+    except Exception:  # missing folder or config, bad JSON, an unreachable hub id: all reported on load
+        return "text_to_image"
+    return "edit" if unet.get("in_channels") == 2 * vae.get("latent_channels", 4) else "text_to_image"
 
 
 def _tensor_entry(t) -> dict:
@@ -106,9 +124,10 @@ def _remove_stale_stages(out: str) -> None:
 
 
 def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OPSET, attention: str = "plugin",
-                dtype: str = "float32", graphs=GRAPHS, device=None, log=print) -> str:
-    """Export the graphs of one base model + image encoder + adapter into `out`; returns manifest.json's path."""
-    from engine import Pipeline
+                dtype: str = "float32", graphs=None, device=None, log=print) -> str:
+    """Export the graphs (default: all of the model's kind) of one base model + image encoder + adapter into `out`;
+    returns manifest.json's path."""
+    from engine import EditPipeline, Pipeline
 
     if attention not in ATTENTION:
         raise EngineError(f"--attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
@@ -116,9 +135,13 @@ def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OP
         raise EngineError(f"--dtype must be float32 or float16, got {dtype!r}")
     if not 14 <= opset <= 21:
         raise EngineError(f"--opset must be between 14 and 21 (scaled dot-product attention needs 14), got {opset}")
-    unknown = sorted(set(graphs) - set(GRAPHS))
+    kind = model_kind(model)
+    graphs = tuple(graphs or KINDS[kind])
+    unknown = sorted(set(graphs) - set(KINDS[kind]))
     if unknown:
-        raise EngineError(f"unknown graph(s) {', '.join(unknown)}; choose from {', '.join(GRAPHS)}")
+        what = "an InstructPix2Pix" if kind == "edit" else "a text-to-image"
+        raise EngineError(f"unknown graph(s) {', '.join(unknown)} for {what} model; choose from "
+                          f"{', '.join(KINDS[kind])}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise EngineError(f"--out {out} exists and is not a folder")
     if adapter is None:
@@ -127,8 +150,9 @@ def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OP
     # traced where it runs fastest: a CUDA GPU when there is one (fp16 convolutions on a CPU are slow; tracing on
     # CUDA runs in the GPU stage of the tests, not yet run)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = Pipeline.from_pretrained(model, image_encoder=image_encoder, adapter=adapter, device=device, dtype=dtype,
-                                    attention_backend="reference")
+    loader = EditPipeline if kind == "edit" else Pipeline
+    pipe = loader.from_pretrained(model, image_encoder=image_encoder, adapter=adapter, device=device, dtype=dtype,
+                                  attention_backend="reference")
     specs = [s for s in build_specs(pipe, attention) if s.name in graphs]
     log(f"loaded in {time.perf_counter() - t0:.1f} s")
     out = os.path.abspath(out)
@@ -136,7 +160,7 @@ def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OP
     stage = f"{out}.partial-{os.getpid()}"
     os.makedirs(stage)
     try:
-        manifest = {"format": FORMAT, "opset": opset, "dtype": dtype, "attention": attention,
+        manifest = {"format": FORMAT, "kind": kind, "opset": opset, "dtype": dtype, "attention": attention,
                     "plugin": {**PLUGIN, "domain": DOMAIN, "op_type": PLUGIN["name"],
                                "inputs": ["q", "k", "v", "k_ip", "v_ip", "ip_scale"],
                                "attributes": {"plugin_namespace": PLUGIN["namespace"], "num_heads": "int", "aot": 1},
@@ -164,7 +188,7 @@ def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OP
                 "inputs": [_tensor_entry(t) for t in spec.inputs],
                 "outputs": [_tensor_entry(t) for t in spec.outputs], "dynamic_axes": spec.dynamic_axes(),
                 "axes": {a: dict(zip(("min", "opt", "max"), v)) for a, v in spec.axes.items()},
-                "profiles": spec.profiles(), "plugin_nodes": plugins, "nodes": sum(counts.values()),
+                "profiles": spec.profiles(), "plugin_nodes": plugins, "nodes": sum(counts.values()), **spec.notes,
                 **({"vocab": spec.vocab} if spec.vocab else {})}
             log(f"{spec.name}.onnx: {sum(counts.values())} nodes"
                 + (f", {plugins} {PLUGIN['name']} plugin nodes" if plugins else "")

@@ -8,14 +8,25 @@ handling, guidance and scheduler around them (engine.exported.ExportedPipeline).
 It runs on the CPU; it is the reference, not the fast path, and a check that the graphs and the manifest carry
 everything generation needs (tests/test_export_onnx.py: same latents as the engine). The TensorRT runtime
 (engine.trt.runtime) is the same loop around the .plan files.
+
+An InstructPix2Pix export (manifest kind "edit") runs as OnnxEditPipeline: engine.EditPipeline's requests,
+three guidance branches and photo latents, with the photo encoded by the vae_encoder graph.
+
+    pipe = OnnxEditPipeline.from_export("out/onnx-ip2p")
+    images = pipe("make it winter", image="photo.png", adapter_image="style.png")
 """
 from __future__ import annotations
 
 import os
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
+from diffusers.configuration_utils import FrozenDict
 
+from engine.edit import EditPipeline
+from engine.errors import EngineError
 from engine.exported import ExportedPipeline, read_manifest
 
 from .ort_ops import session
@@ -41,9 +52,39 @@ class OnnxPipeline(ExportedPipeline):
 
     def __init__(self, folder: str, model: str | None = None, image_encoder: str | None = None):
         manifest = read_manifest(folder)
+        kind = manifest.get("kind", "text_to_image")
+        if (kind == "edit") != self.EDIT:
+            right = "OnnxEditPipeline" if kind == "edit" else "OnnxPipeline"
+            what = "an InstructPix2Pix" if kind == "edit" else "a text-to-image"
+            raise EngineError(f"{folder} is {what} export (manifest.json kind {kind!r}): run it with {right}, not "
+                              f"{type(self).__name__}")
         graphs = {g: _Graph(os.path.join(folder, e["file"]), e) for g, e in manifest["graphs"].items()}
         super().__init__(folder, graphs, "cpu", model, image_encoder, manifest)
 
     @classmethod
     def from_export(cls, folder: str, model: str | None = None, image_encoder: str | None = None) -> "OnnxPipeline":
         return cls(folder, model, image_encoder)
+
+
+class _GraphVae:
+    """The VAE as EditPipeline reads it: a config, and encode(pixels).latent_dist.mode() from the vae_encoder graph."""
+
+    def __init__(self, config, graph):
+        self.config, self.graph = config, graph
+
+    def encode(self, pixels):
+        # pixels: (B, 3, H, W) in [-1, 1] -> (B, 4, H/f, W/f), unscaled
+        latent = self.graph(pixels=pixels)
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: latent))
+
+
+class OnnxEditPipeline(EditPipeline, OnnxPipeline):
+    """engine.EditPipeline (InstructPix2Pix) around the six ONNX graphs of an edit export: the 8-channel UNet and
+    vae_encoder for the photo latents."""
+
+    def __init__(self, folder: str, model: str | None = None, image_encoder: str | None = None):
+        super().__init__(folder, model, image_encoder)  # OnnxPipeline's (EditPipeline has none)
+        if "vae_encoder" not in self.graphs:
+            raise EngineError(f"{folder} lacks vae_encoder: editing encodes the photo with it")
+        latent = self.manifest["graphs"]["vae_decoder"]["inputs"][0]["shape"][1]
+        self.vae = _GraphVae(FrozenDict({**self.vae.config, "latent_channels": latent}), self.graphs["vae_encoder"])

@@ -2,8 +2,11 @@
 min/opt/max profiles (what TensorRT's optimisation profile and `python -m export verify` read).
 
 Axis names: `batch` (UNet and projector: guidance branches x images), `latent_height`/`latent_width`
-(pixels / VAE factor). Profiles: latent sizes from half to twice the UNet's native size (SD1.5: 32..128,
-i.e. 256..1024 px, opt 512 px).
+(pixels / VAE factor), `image_height`/`image_width` (pixels, the VAE encoder's input). Profiles: latent sizes from
+half to twice the UNet's native size (SD1.5: 32..128, i.e. 256..1024 px, opt 512 px).
+
+An InstructPix2Pix model (engine.EditPipeline) adds a sixth graph, vae_encoder (the photo's latent), and its UNet's
+`sample` has twice the latent channels: the scheduler-scaled noisy latent, then the photo latent.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ class Tensor:
     dtype: str                     # float32 | float16 | int64
     shape: tuple                   # ints and axis names
     meaning: str
-    fill: str = "normal"           # sample values: normal | timestep | scale | ids
+    fill: str = "normal"           # sample values: normal | timestep | scale | ids | pixels
 
 
 @dataclass
@@ -35,6 +38,7 @@ class GraphSpec:
     axes: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # axis -> (min, opt, max)
     vocab: int = 0
     trace: dict[str, int] = field(default_factory=dict)  # axis sizes to trace at, over the opt ones
+    notes: dict = field(default_factory=dict)  # extra keys for the graph's manifest entry
 
     def trace_sizes(self) -> dict[str, int]:
         return {**self.sizes("opt"), **self.trace}
@@ -72,6 +76,8 @@ def sample_inputs(inputs, sizes: dict[str, int], vocab: int = 0, seed: int = 0) 
             x = torch.rand(shape, generator=g) * 999
         elif t.fill == "scale":
             x = torch.rand(shape, generator=g) * 1.5
+        elif t.fill == "pixels":
+            x = torch.rand(shape, generator=g) * 2 - 1
         else:
             x = torch.randn(shape, generator=g)
         out[t.name] = x.to(getattr(torch, t.dtype))
@@ -117,7 +123,8 @@ class UNet(nn.Module):
         self.unet, self.layers = unet, layers
 
     def forward(self, sample, timestep, encoder_hidden_states, ip_tokens, ip_scale):
-        # sample: (B, 4, h, w); timestep: (B,); text: (B, 77, cross); ip_tokens: (B, Q, cross); ip_scale: (B,)
+        # sample: (B, C, h, w), C = 8 for InstructPix2Pix (latent, photo latent); timestep: (B,);
+        # text: (B, 77, cross); ip_tokens: (B, Q, cross); ip_scale: (B,)
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
                          cross_attention_kwargs={"ip_tokens": ip_tokens, "ip_scale": ip_scale})[0]
 
@@ -134,8 +141,20 @@ class VaeDecoder(nn.Module):
         return self.vae.decode(latent / self.scale + self.shift, return_dict=False)[0]
 
 
+class VaeEncoder(nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels):
+        # pixels: (B, 3, H, W) in [-1, 1] -> the posterior's mode (B, 4, H/f, W/f), unscaled, as
+        # EditPipeline.encode_photos takes it
+        return self.vae.encode(pixels).latent_dist.mode()
+
+
 def build_specs(pipe, attention: str) -> list[GraphSpec]:
-    """The five graph specs of a loaded engine.Pipeline (its UNet gets the export processors)."""
+    """The graph specs of a loaded engine.Pipeline (its UNet gets the export processors): five, and vae_encoder for
+    an engine.EditPipeline."""
     dt = ONNX_DTYPES[pipe.dtype]
     unet_cfg, proj_cfg = pipe.unet.config, pipe.adapter.projector.config
     text_dim = pipe.text_encoder.config.hidden_size
@@ -145,7 +164,7 @@ def build_specs(pipe, attention: str) -> list[GraphSpec]:
     native = unet_cfg.sample_size
     latent = (native // 2, native, native * 2)
     f = pipe.vae_scale_factor
-    c = unet_cfg.in_channels
+    c, lc = unet_cfg.in_channels, pipe.vae.config.latent_channels
     cross = unet_cfg.cross_attention_dim
     b = {"batch": (1, 2, 16)}
     # traced small (the axes stay dynamic): one forward pass at 512x512 in fp16 takes minutes on a CPU, where
@@ -159,7 +178,13 @@ def build_specs(pipe, attention: str) -> list[GraphSpec]:
     if proj_cfg.is_instruct:
         proj_in += [Tensor("instruct_tokens", dt, ("batch", lt, text_dim), "text_encoder output of the instruction"),
                     Tensor("prompt_tokens", dt, ("batch", lt, text_dim), "text_encoder output of the prompt")]
-    return [
+    sample = f"scaled model input, {rows}"
+    unet_notes = {}
+    if pipe.EDIT:
+        sample = (f"channels 0-{lc - 1}: the scheduler-scaled noisy latent; channels {lc}-{c - 1}: the photo latent "
+                  f"(vae_encoder's output, unscaled; zeros in the unconditional branch); {rows}")
+        unet_notes = {"channels": {"latent": [0, lc], "photo_latent": [lc, c]}}  # half-open ranges of `sample`
+    specs = [
         GraphSpec("text_encoder", TextEncoder(pipe.text_encoder),
                   [Tensor("input_ids", "int64", ("batch", lt), "CLIP token ids from the model's tokenizer/, "
                           f"padded to {lt}", fill="ids")],
@@ -173,17 +198,29 @@ def build_specs(pipe, attention: str) -> list[GraphSpec]:
         GraphSpec("projector", Projector(pipe.adapter.projector), proj_in,
                   [Tensor("ip_tokens", dt, ("batch", proj_cfg.num_queries, cross), "adapter tokens per row")], b),
         GraphSpec("unet", UNet(pipe.unet, pipe.adapter.layers, attention),
-                  [Tensor("sample", dt, ("batch", c, "latent_height", "latent_width"), f"scaled model input, {rows}"),
+                  [Tensor("sample", dt, ("batch", c, "latent_height", "latent_width"), sample),
                    Tensor("timestep", "float32", ("batch",), "the scheduler's timestep per row", fill="timestep"),
                    Tensor("encoder_hidden_states", dt, ("batch", lt, cross), "text_encoder output per row"),
                    Tensor("ip_tokens", dt, ("batch", proj_cfg.num_queries, cross), "projector output per row"),
                    Tensor("ip_scale", "float32", ("batch",), "adapter strength per row (0 = base model)",
                           fill="scale")],
-                  [Tensor("noise_pred", dt, ("batch", c, "latent_height", "latent_width"), "predicted noise")],
-                  {**b, **lat_axes}, trace=unet_trace),
+                  [Tensor("noise_pred", dt, ("batch", unet_cfg.out_channels, "latent_height", "latent_width"),
+                          "predicted noise")],
+                  {**b, **lat_axes}, trace=unet_trace, notes=unet_notes),
         GraphSpec("vae_decoder", VaeDecoder(pipe.vae),
-                  [Tensor("latent", dt, ("batch", c, "latent_height", "latent_width"),
+                  [Tensor("latent", dt, ("batch", lc, "latent_height", "latent_width"),
                           "denoised latents, unscaled (the graph divides by the VAE's scaling factor)")],
                   [Tensor("image", dt, ("batch", 3, "image_height", "image_width"), f"RGB in [-1, 1], {f}x the latent")],
                   {"batch": (1, 1, 8), **lat_axes}, trace={"latent_height": 8, "latent_width": 8}),
     ]
+    if pipe.EDIT:  # the VAE encoder traced at 8 latents a side, like the decoder; its axes are in pixels
+        px = tuple(f * v for v in latent)
+        specs.append(GraphSpec(
+            "vae_encoder", VaeEncoder(pipe.vae),
+            [Tensor("pixels", dt, ("batch", 3, "image_height", "image_width"), "the photo, resized to the output "
+                    f"size (a multiple of {f}) and mapped to [-1, 1] (diffusers' VaeImageProcessor)", fill="pixels")],
+            [Tensor("photo_latent", dt, ("batch", lc, "latent_height", "latent_width"),
+                    "latent_dist.mode(), unscaled: the UNet's photo-latent channels")],
+            {"batch": (1, 1, 8), "image_height": px, "image_width": px},
+            trace={"image_height": 8 * f, "image_width": 8 * f}))
+    return specs

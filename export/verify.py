@@ -5,7 +5,8 @@ export folder, or absolute in older manifests; `sources` overrides them, as --mo
 do). For the UNet that is the engine's own cross-attention path (K/V precomputed, `reference` backend), not the
 export wrapper, so the check covers the export processors and the plugin node too. unet.onnx runs three
 adapter-strength cases: 0 (the base model), 0.5, and a different strength per row. Plugin nodes run through
-`export.ort_ops`.
+`export.ort_ops`. An InstructPix2Pix export (manifest kind "edit") loads as engine.EditPipeline: its 8-channel UNet
+runs the same cases, and vae_encoder is checked against the VAE encoder's mode as EditPipeline.encode_photos takes it.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from engine.errors import EngineError
 
-from .onnx import GRAPHS, read_manifest, source_paths
+from .onnx import EDIT_GRAPHS, read_manifest, source_paths
 from .specs import Tensor, sample_inputs
 
 TOLERANCE = {"float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2)}  # (atol, rtol against the output's max)
@@ -49,15 +50,17 @@ def load_graph(folder: str, name: str, entry: dict):
 
 
 def axis_sizes(manifest: dict, entry: dict, batch=None, height=None, width=None) -> dict[str, int]:
-    """The axis sizes to run at: the profile's opt unless given; out-of-profile or misaligned sizes are errors."""
+    """The axis sizes to run at: the profile's opt unless given; out-of-profile or misaligned sizes are errors.
+    height/width (pixels) set latent_* axes (pixels / VAE factor) and image_* axes (pixels)."""
     f = manifest["vae_scale_factor"]
     sizes = {a: v["opt"] for a, v in entry["axes"].items()}
     asked = {"batch": batch}
-    for axis, px in (("latent_height", height), ("latent_width", width)):
-        if px is not None and axis in sizes:
-            if px <= 0 or px % f:
-                raise EngineError(f"--{axis.split('_')[1]} {px} must be a positive multiple of the VAE factor {f}")
-            asked[axis] = px // f
+    for side, px in (("height", height), ("width", width)):
+        for axis, per in ((f"latent_{side}", f), (f"image_{side}", 1)):
+            if px is not None and axis in sizes:
+                if px <= 0 or px % f:
+                    raise EngineError(f"--{side} {px} must be a positive multiple of the VAE factor {f}")
+                asked[axis] = px // per
     for axis, v in asked.items():
         if v is None or axis not in sizes:
             continue
@@ -89,6 +92,7 @@ def references(pipe):
                                                         x.get("prompt_tokens")),
         "unet": unet,
         "vae_decoder": lambda latent: pipe.vae.decode(latent / cfg.scaling_factor + shift, return_dict=False)[0],
+        "vae_encoder": lambda pixels: pipe.vae.encode(pixels).latent_dist.mode(),  # as EditPipeline.encode_photos
     }
 
 
@@ -102,7 +106,7 @@ def verify(folder: str, batch=None, height=None, width=None, graphs=None, atol=N
            sources=None) -> list:
     """Run every graph; returns rows (graph, case, max_abs_diff, ref_max, ok). Raises EngineError on bad input.
     sources: {"model" | "image_encoder" | "adapter": path} in place of the manifest's (None: the manifest's)."""
-    from engine import Pipeline
+    from engine import EditPipeline, Pipeline
 
     from .ort_ops import session
 
@@ -112,11 +116,12 @@ def verify(folder: str, batch=None, height=None, width=None, graphs=None, atol=N
     unknown = sorted(set(graphs or ()) - set(entries))
     if unknown:
         raise EngineError(f"{folder} has no graph(s) {', '.join(unknown)}; it has {', '.join(entries)}")
-    names = [g for g in GRAPHS if g in entries and (not graphs or g in graphs)]
+    names = [g for g in EDIT_GRAPHS if g in entries and (not graphs or g in graphs)]
     paths = {g: load_graph(folder, g, entries[g]) for g in names}  # every file checked before any runs
     sizes = {g: axis_sizes(manifest, entries[g], batch, height, width) for g in names}
-    pipe = Pipeline.from_pretrained(src["model"], image_encoder=src["image_encoder"], adapter=src["adapter"],
-                                    device="cpu", dtype="float32", attention_backend="reference")
+    loader = EditPipeline if manifest.get("kind") == "edit" else Pipeline
+    pipe = loader.from_pretrained(src["model"], image_encoder=src["image_encoder"], adapter=src["adapter"],
+                                  device="cpu", dtype="float32", attention_backend="reference")
     refs = references(pipe)
     a_tol, r_tol = TOLERANCE[manifest["dtype"]]
     a_tol, r_tol = atol if atol is not None else a_tol, rtol if rtol is not None else r_tol
