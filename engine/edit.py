@@ -71,7 +71,8 @@ class EditPipeline(Pipeline):
         """model: a diffusers InstructPix2Pix folder (or hub id), e.g. timbrooks/instruct-pix2pix or MagicBrush in
         that layout; image_encoder + adapter: an IP-Adapter+ or IPAdapter-Instruct adapter on top (optional)."""
         if backend != "pytorch":
-            raise EngineError("editing runs on the PyTorch backend (the 8-channel UNet is not exported yet)")
+            raise EngineError("editing runs on the PyTorch backend here (an edit export runs under ONNX Runtime with "
+                              "export.runtime.OnnxEditPipeline; a TensorRT edit runtime is not built yet)")
         return super().from_pretrained(model, image_encoder=image_encoder, adapter=adapter, device=device,
                                        dtype=dtype, attention_backend=attention_backend)
 

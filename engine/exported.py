@@ -107,7 +107,10 @@ class ExportedPipeline(Pipeline):
         levels = (manifest["vae_scale_factor"]).bit_length()  # 2^(levels - 1) = the VAE factor, as diffusers counts
         # what callers read of the modules' configs (the server: native size and VAE factor), as diffusers' FrozenDicts
         self.unet = SimpleNamespace(config=FrozenDict(sample_size=native, in_channels=sample[1]))
-        self.vae = SimpleNamespace(config=FrozenDict(block_out_channels=[0] * levels, latent_channels=sample[1]))
+        decoder = manifest["graphs"].get("vae_decoder", {}).get("inputs") or [{"shape": sample}]
+        latent_channels = decoder[0]["shape"][1]  # (the UNet's sample may hold more: InstructPix2Pix's photo latent)
+        self.vae = SimpleNamespace(config=FrozenDict(block_out_channels=[0] * levels,
+                                                     latent_channels=latent_channels))
         self.attention_backend = f"{self.runtime} ({manifest.get('attention', 'plugin')} attention)"
         self.adapter = SimpleNamespace(kind=manifest["source"]["adapter_kind"], projector=self._project_graph)
         self.cross, self._static, self._fused_projector = {}, None, False

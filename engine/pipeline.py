@@ -141,6 +141,10 @@ class Pipeline:
             raise EngineError("backend tensorrt needs the engine folder (engines=, --engines DIR): what "
                               "`python -m export trt --out DIR` wrote")
         manifest = read_manifest(engines)
+        if manifest.get("kind") == "edit":
+            raise EngineError(f"the engines in {engines} are an InstructPix2Pix export: editing runs on the PyTorch "
+                              "backend (EditPipeline) or ONNX Runtime (export.runtime.OnnxEditPipeline); a TensorRT "
+                              "edit runtime is not built yet")
         if dtype is not None and as_dtype(dtype) != getattr(torch, manifest["dtype"]):
             raise EngineError(f"the engines in {engines} are {manifest['dtype']}; dtype {dtype} needs engines built "
                               f"from a `python -m export onnx --dtype {str(as_dtype(dtype)).removeprefix('torch.')}` "

@@ -112,6 +112,15 @@ def test_runtimes_and_graphs_follow_the_model_kind(edit_export, tiny):
         export_onnx(tiny["model"], tiny["image_encoder"], tiny["adapter"], "unused", graphs=("vae_encoder",), **QUIET)
 
 
+def test_the_tensorrt_backend_names_an_edit_export(edit_export, tiny_edit):
+    from engine import EditPipeline, Pipeline
+
+    with pytest.raises(EngineError, match="InstructPix2Pix export: editing runs on the PyTorch backend"):
+        Pipeline.from_pretrained(tiny_edit["model"], backend="tensorrt", engines=str(edit_export))
+    with pytest.raises(EngineError, match="OnnxEditPipeline; a TensorRT edit runtime is not built yet"):
+        EditPipeline.from_pretrained(tiny_edit["model"], backend="tensorrt", engines=str(edit_export))
+
+
 @pytest.mark.skipif(NO_TRT is not None, reason=f"TensorRT does not import: {NO_TRT}")
 def test_trt_builds_every_edit_graph(edit_export, tmp_path):
     dest = tmp_path / "plans"
