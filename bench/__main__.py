@@ -75,9 +75,15 @@ def add_e2e_args(p: argparse.ArgumentParser) -> None:
     from .e2e import ACCEPTED, PROVIDERS
     from .weights import PRESETS
 
+    p.add_argument("--task", choices=["generate", "edit"], default="generate",
+                   help="generate: IPAdapter-Instruct text-to-image (default); edit: InstructPix2Pix, a photo edited "
+                        "by instruction (engine.EditPipeline vs diffusers' StableDiffusionInstructPix2PixPipeline, "
+                        "3 UNet rows per image, guidance 7.5 / image guidance 1.5)")
     p.add_argument("--preset", choices=PRESETS, default="tiny",
-                   help="tiny: toy weights (CPU-friendly); sd15: full SD1.5/ViT-H/16-token shapes, random weights")
-    p.add_argument("--model", help="real weights: diffusers SD1.5 folder (with --image-encoder and --adapter)")
+                   help="tiny: toy weights (CPU-friendly); sd15: full SD1.5/ViT-H/16-token shapes, random weights "
+                        "(edit: the SD1.5 UNet with 8 input channels, SD1.5's VAE and text encoder)")
+    p.add_argument("--model", help="real weights: diffusers SD1.5 folder (with --image-encoder and --adapter); "
+                                   "edit: a diffusers InstructPix2Pix folder, alone")
     p.add_argument("--image-encoder", help="CLIPVisionModelWithProjection folder")
     p.add_argument("--adapter", help="IPAdapter-Instruct file for the engine providers")
     p.add_argument("--plus-adapter", help="IP-Adapter+ file of the same base for the diffusers provider")
@@ -86,11 +92,13 @@ def add_e2e_args(p: argparse.ArgumentParser) -> None:
                    help="default: float16 on cuda, float32 on cpu")
     p.add_argument("--batch", type=positive_ints, default=None, help="requests per call, e.g. 1,2,4 "
                    "(default: 1,4 on cuda, 1 on cpu)")
-    p.add_argument("--steps", type=int, default=None, help="default: 30 on cuda, 10 on cpu")
-    p.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--steps", type=int, default=None, help="default: 30 on cuda, 10 on cpu, for both tasks "
+                   "(InstructPix2Pix's own default is 100 steps)")
+    p.add_argument("--height", type=int, default=None, help="default: the model's native size (edit: the photo is "
+                   "resized to it: 64 px tiny, 512 px sd15)")
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--guidance-mode", choices=["simple", "full"], default="simple",
-                   help="simple (2 UNet rows, equal work to diffusers' CFG) or full (4 rows)")
+    p.add_argument("--guidance-mode", choices=["simple", "full"], default=None,
+                   help="generate: simple (2 UNet rows, equal work to diffusers' CFG; default) or full (4 rows)")
     p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {','.join(ACCEPTED)}")
     p.add_argument("--engines", default=None, metavar="DIR",
                    help="the tensorrt provider's plans (`python -m export trt --out DIR` of the same weights; "
@@ -163,23 +171,30 @@ def run_e2e_command(a) -> int:
     unknown = [p for p in providers if p not in ACCEPTED]
     if unknown or not providers:
         return fail(f"unknown provider(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ACCEPTED)}")
-    real = [a.model, a.image_encoder, a.adapter]
+    edit = a.task == "edit"
+    if edit and edit_conflicts(a, providers):
+        return fail(edit_conflicts(a, providers))
+    real = [a.model] if edit else [a.model, a.image_encoder, a.adapter]
     if any(real) and not all(real):
         return fail("give all of --model, --image-encoder and --adapter for real weights, or none for a preset")
-    if all(real):
+    if all(real) and not edit:
         paths = dict(model=a.model, image_encoder=a.image_encoder, adapter=a.adapter, plus_adapter=a.plus_adapter)
         if "diffusers" in providers and not a.plus_adapter:
             return fail("the diffusers provider needs --plus-adapter (an IP-Adapter+ file): diffusers cannot load "
                         "IPAdapter-Instruct; or leave it out of --providers")
+    elif all(real):
+        paths = dict(model=a.model)
     else:
-        paths = bench_weights(a.preset, a.cache)
+        paths = bench_weights(a.preset, a.cache, a.task)
     cuda = device.type == "cuda"
+    task = dict(task="edit", guidance_mode="ip2p", guidance_scale=7.5) if edit else \
+        dict(guidance_mode=a.guidance_mode or "simple")  # 7.5: InstructPix2Pix's default text guidance
     cfg = E2EConfig(preset="real" if all(real) else a.preset, device=str(device),
                     dtype=a.dtype or ("float16" if cuda else "float32"),
                     batches=tuple(a.batch or ((1, 4) if cuda else (1,))),
                     steps=a.steps or (30 if cuda else 10), height=a.height, width=a.width,
-                    guidance_mode=a.guidance_mode, providers=providers, repeats=a.repeats or (10 if cuda else 3),
-                    compile=a.compile, cuda_graphs=a.cuda_graphs, profile_dir=a.profile, engines=a.engines)
+                    providers=providers, repeats=a.repeats or (10 if cuda else 3), compile=a.compile,
+                    cuda_graphs=a.cuda_graphs, profile_dir=a.profile, engines=a.engines, **task)
     rows, table = run_e2e(cfg, paths)
     print()
     print(table)
@@ -190,6 +205,17 @@ def run_e2e_command(a) -> int:
         plot_e2e(rows, a.plot)
         print(f"plot written to {a.plot}")
     return 0
+
+
+def edit_conflicts(a, providers) -> str | None:
+    """What the edit task cannot take, or None."""
+    if a.guidance_mode:
+        return "--guidance-mode is the generate task's: --task edit runs InstructPix2Pix's three guidance branches"
+    if a.image_encoder or a.adapter or a.plus_adapter:
+        return "--task edit takes --model alone (a diffusers InstructPix2Pix folder), no adapter or image encoder"
+    if "tensorrt" in providers:
+        return "the tensorrt provider runs the generate task only (no TensorRT edit runtime is built yet)"
+    return None
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ Per provider and batch size (requests per call, one image each): latency p50/p90
 the per-stage breakdown, achieved TFLOP/s against the FLOP count of the work, peak memory (CUDA's allocator,
 per batch size; not measured on the CPU), and the ratio to `diffusers`. Warm-up is one call per provider and
 batch size, reported on its own line.
+
+`--task edit` times InstructPix2Pix the same way: `engine`/`engine-eager` are engine.EditPipeline, `diffusers` is
+StableDiffusionInstructPix2PixPipeline, on one IP2P folder; each request edits its own copy of one photo (the
+engine encodes a photo shared by requests once) at the output size, 3 UNet rows per image in both.
 """
 from __future__ import annotations
 
@@ -25,12 +29,14 @@ import time
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from .common import Row, device_name, format_table, git_sha, percentiles, quiet_loaders
 
 PROMPT = "a lighthouse on a cliff at sunset, best quality, high quality"
 NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
 INSTRUCT = "use the style of this image"
+EDIT_PROMPT = "make it look like winter"
 PROVIDERS = ("engine", "engine-eager", "diffusers")
 ACCEPTED = (*PROVIDERS, "tensorrt", "+channels-last", "+fused-attention", "+fused-norms", "+cuda-graphs",
             "+compile")  # tensorrt: on request only; "+...": the --ladder steps
@@ -54,6 +60,8 @@ class E2EConfig:
     cuda_graphs: bool = False  # replay the engine's UNet step from CUDA graphs (the `engine` provider, CUDA)
     profile_dir: str | None = None  # one more request per provider and batch under torch.profiler (bench.profiling)
     engines: str | None = None  # the `tensorrt` provider's plans (default: built into the bench cache)
+    task: str = "generate"  # or "edit": InstructPix2Pix, three guidance branches (guidance_mode "ip2p")
+    image_guidance_scale: float = 1.5  # the edit task's s_I
 
 
 def _sync(device: torch.device) -> None:
@@ -101,14 +109,15 @@ def fast_path(name: str, device: torch.device, cfg: "E2EConfig") -> FastPath:
 
 class EngineProvider:
     def __init__(self, name: str, paths: dict, device: torch.device, dtype: torch.dtype, cfg: E2EConfig):
-        from engine import Pipeline, fastpath
+        from engine import EditPipeline, Pipeline, fastpath
 
         self.name, self.cfg = name, cfg
         fast = fast_path(name, device, cfg)
         backend = "sdpa" if not fast.fused_attention else "auto" if name == "engine" else "triton"
-        self.pipe = Pipeline.from_pretrained(paths["model"], image_encoder=paths["image_encoder"],
-                                             adapter=paths["adapter"], device=device, dtype=dtype,
-                                             attention_backend=backend)
+        cls, extra = (EditPipeline, {}) if cfg.task == "edit" else \
+            (Pipeline, dict(image_encoder=paths["image_encoder"], adapter=paths["adapter"]))
+        self.pipe = cls.from_pretrained(paths["model"], **extra, device=device, dtype=dtype,
+                                        attention_backend=backend)
         if fast.fused_attention and not fast.fused_norms:
             for m in (self.pipe.unet, self.pipe.vae):
                 fastpath.unfuse(m)
@@ -124,6 +133,8 @@ class EngineProvider:
 
     def __call__(self, image, batch: int, output_type: str = "pil"):
         c = self.cfg
+        if c.task == "edit":
+            return self.pipe(**edit_args(c, image, batch), seed=list(range(batch)), output_type=output_type)
         return self.pipe(prompt=[PROMPT] * batch, image=[image] * batch, instruct=[INSTRUCT] * batch,
                          negative_prompt=[NEGATIVE] * batch, scale=c.scale, guidance_scale=c.guidance_scale,
                          guidance_mode=c.guidance_mode, num_inference_steps=c.steps, height=c.height,
@@ -131,7 +142,8 @@ class EngineProvider:
 
     def stages(self) -> dict[str, float]:
         t = self.pipe.timings
-        keys = ("text_encoder_ms", "image_encoder_ms", "projector_ms", "kv_ms", "unet_ms_per_step", "vae_decode_ms")
+        keys = ("text_encoder_ms", "image_encoder_ms", "image_latent_ms", "projector_ms", "kv_ms", "unet_ms_per_step",
+                "vae_decode_ms")
         return {k: t[k] for k in keys if k in t}
 
 
@@ -176,22 +188,24 @@ class DiffusersProvider:
     name = "diffusers"
 
     def __init__(self, paths: dict, device: torch.device, dtype: torch.dtype, cfg: E2EConfig):
-        import os
-
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
         from transformers import CLIPVisionModelWithProjection
 
         from engine.loading import _image_processor_class
 
         self.cfg, self.device = cfg, device
-        encoder = CLIPVisionModelWithProjection.from_pretrained(paths["image_encoder"]).to(dtype)
-        self.pipe = StableDiffusionPipeline.from_pretrained(
-            paths["model"], safety_checker=None, requires_safety_checker=False,
-            image_encoder=encoder, feature_extractor=_image_processor_class().from_pretrained(paths["image_encoder"]))
-        plus = paths["plus_adapter"]
-        self.pipe.load_ip_adapter(os.path.dirname(plus), subfolder="", weight_name=os.path.basename(plus),
-                                  image_encoder_folder=None)
-        self.pipe.set_ip_adapter_scale(cfg.scale)
+        if cfg.task == "edit":
+            self.pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+                paths["model"], safety_checker=None, requires_safety_checker=False)
+        else:
+            encoder = CLIPVisionModelWithProjection.from_pretrained(paths["image_encoder"]).to(dtype)
+            self.pipe = StableDiffusionPipeline.from_pretrained(
+                paths["model"], safety_checker=None, requires_safety_checker=False, image_encoder=encoder,
+                feature_extractor=_image_processor_class().from_pretrained(paths["image_encoder"]))
+            plus = paths["plus_adapter"]
+            self.pipe.load_ip_adapter(os.path.dirname(plus), subfolder="", weight_name=os.path.basename(plus),
+                                      image_encoder_folder=None)
+            self.pipe.set_ip_adapter_scale(cfg.scale)
         self.pipe.to(device=device, dtype=dtype)  # (not torch_dtype=: deprecated in newer diffusers)
         self.pipe.set_progress_bar_config(disable=True)
         self.unet = self.pipe.unet
@@ -204,8 +218,10 @@ class DiffusersProvider:
         p = self.pipe
         ranges = {}
         for key, module in (("text_encoder_ms", p.text_encoder), ("image_encoder_ms", p.image_encoder),
-                            ("projector_ms", p.unet.encoder_hid_proj), ("unet_ms", p.unet),
-                            ("vae_decode_ms", p.vae.decoder)):
+                            ("image_latent_ms", p.vae.encoder), ("projector_ms", p.unet.encoder_hid_proj),
+                            ("unet_ms", p.unet), ("vae_decode_ms", p.vae.decoder)):
+            if module is None:  # IP2P: no image encoder, no projector
+                continue
             def pre(_m, _a, key=key):
                 stage = "unet_step" if key == "unet_ms" else key.removesuffix("_ms")
                 ranges[key] = torch.profiler.record_function("diffusers::" + stage)
@@ -224,6 +240,8 @@ class DiffusersProvider:
         c = self.cfg
         self._times.clear()
         gens = [torch.Generator("cpu").manual_seed(i) for i in range(batch)]
+        if c.task == "edit":
+            return self.pipe(**edit_args(c, image, batch), generator=gens).images
         return self.pipe(prompt=[PROMPT] * batch, negative_prompt=[NEGATIVE] * batch, ip_adapter_image=image,
                          guidance_scale=c.guidance_scale, num_inference_steps=c.steps, height=c.height,
                          width=c.width, generator=gens).images
@@ -233,6 +251,14 @@ class DiffusersProvider:
         if "unet_ms" in out:
             out["unet_ms_per_step"] = out.pop("unet_ms") / self.cfg.steps
         return out
+
+
+def edit_args(cfg: E2EConfig, image, batch: int) -> dict:
+    """The edit task's request for both sides: one photo per request (copies: the engine would encode a photo
+    shared by requests once), at the output size (the photo's size is IP2P's output size, as in diffusers)."""
+    return dict(prompt=[EDIT_PROMPT] * batch, image=[image] + [image.copy() for _ in range(batch - 1)],
+                guidance_scale=cfg.guidance_scale, image_guidance_scale=cfg.image_guidance_scale,
+                num_inference_steps=cfg.steps)
 
 
 def count_flops(provider, image, batch: int) -> float:
@@ -247,10 +273,15 @@ def count_flops(provider, image, batch: int) -> float:
 def run_e2e(cfg: E2EConfig, paths: dict, log=print) -> tuple[list[Row], str]:
     from engine.demo import draw_condition_image
 
+    from .weights import native_size
+
     quiet_loaders()
     device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
     env = dict(device=device_name(device), dtype=cfg.dtype, git_sha=git_sha())
     image = draw_condition_image(256)
+    if cfg.task == "edit":  # the photo to edit, at the output size (IP2P's output is the photo's size)
+        native = native_size(paths["model"])
+        image = image.resize((cfg.width or native, cfg.height or native), Image.BICUBIC)
     rows, results = [], {}
     flops = {}
     # FLOPs are counted on a plain PyTorch path (Triton kernels are opaque to torch's counter)
@@ -328,9 +359,11 @@ def _quantiles(times: list[float]) -> dict[str, float]:
 
 
 def _report(cfg: E2EConfig, env: dict, results: dict, flops: dict, rows: list[Row]) -> tuple[list[Row], str]:
-    config = dict(preset=cfg.preset, steps=cfg.steps, height=cfg.height, width=cfg.width,
-                  guidance_mode=cfg.guidance_mode, repeats=cfg.repeats, compile=cfg.compile,
-                  cuda_graphs=cfg.cuda_graphs)
+    config = dict(task=cfg.task, preset=cfg.preset, steps=cfg.steps, height=cfg.height, width=cfg.width,
+                  guidance_mode=cfg.guidance_mode, guidance_scale=cfg.guidance_scale, repeats=cfg.repeats,
+                  compile=cfg.compile, cuda_graphs=cfg.cuda_graphs)
+    if cfg.task == "edit":
+        config["image_guidance_scale"] = cfg.image_guidance_scale
     lines = []
     for (name, b), r in results.items():
         q = _quantiles(r["times"])
@@ -359,8 +392,10 @@ def _report(cfg: E2EConfig, env: dict, results: dict, flops: dict, rows: list[Ro
                       f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-", ratio, vs_eager])
     headers = ["batch", "provider", "p50 ms", "p90 ms", "p99 ms", "images/s", "UNet ms/step", "TFLOP/s",
                "peak GiB", "vs diffusers", "vs eager"]
-    head = (f"device: {env['device']}   dtype: {env['dtype']}   git: {env['git_sha']}   preset: {cfg.preset}   "
-            f"steps: {cfg.steps}   guidance: {cfg.guidance_mode}   repeats: {cfg.repeats}")
+    guidance = cfg.guidance_mode if cfg.task == "generate" else \
+        f"{cfg.guidance_mode}, 3 UNet rows per image (s_T {cfg.guidance_scale:g}, s_I {cfg.image_guidance_scale:g})"
+    head = (f"device: {env['device']}   dtype: {env['dtype']}   git: {env['git_sha']}   task: {cfg.task}   "
+            f"preset: {cfg.preset}   steps: {cfg.steps}   guidance: {guidance}   repeats: {cfg.repeats}")
     stage_lines = []
     for (name, b), r in results.items():
         stage_lines.append(f"  {name:<16} batch {b}: " + ", ".join(f"{k.removesuffix('_ms')} {v:.1f} ms"

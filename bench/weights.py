@@ -5,11 +5,15 @@
   text encoder 123 M, image encoder 632 M, projector 68.9 M parameters), stored in fp16 (~3.4 GB). Random
   weights do the same work as real ones, so the timings hold; the images are noise.
 - Real weights: `--model/--image-encoder/--adapter` (and `--plus-adapter` for the diffusers provider).
+The edit task (InstructPix2Pix) has its own: `tiny` is `make_tiny(DIR, edit=True)`, `sd15` the SD1.5 UNet with
+8 input channels (859.5 M) and the same VAE and text encoder, with timbrooks/instruct-pix2pix's Euler ancestral
+scheduler, in diffusers' StableDiffusionInstructPix2PixPipeline layout (fp16, ~2.1 GB).
 """
 from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -21,19 +25,23 @@ def cache_root() -> str:
     return os.path.join(root, "ipadapter-instruct-engine")
 
 
-def sd15_modules():
+def sd15_modules(edit: bool = False):
     """SD1.5's UNet, VAE and text encoder and CLIP ViT-H/14's vision tower with random weights (any device
-    context: the tests build them on the meta device)."""
+    context: the tests build them on the meta device). edit: InstructPix2Pix's UNet (8 input channels: the noisy
+    latent and the photo's), and no vision tower (None)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)  # diffusers' defaults are SD1.5's
+    # diffusers' defaults are SD1.5's
+    unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64, in_channels=8 if edit else 4)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         layers_per_block=2, sample_size=512)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
                                         num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
                                         hidden_act="quick_gelu", projection_dim=768))
+    if edit:
+        return unet, vae, text, None
     vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, image_size=224,
         patch_size=14, projection_dim=1024, hidden_act="gelu"))
@@ -68,13 +76,58 @@ def build_sd15(folder: str) -> None:
         _write_adapter(os.path.join(tmp, "plus.safetensors"), unet, "sd15-plus")
 
 
-def bench_weights(preset: str, cache: str | None = None) -> dict[str, str]:
-    """Paths of model, image_encoder, adapter (instruct) and plus_adapter (IP-Adapter+), built once."""
+def build_sd15_edit(folder: str) -> None:
+    """Write random SD1.5-shaped InstructPix2Pix weights to `folder`/model (diffusers' IP2P layout)."""
+    from engine.tiny import atomic_folder, ip2p_pipeline, tiny_tokenizer
+
+    from .common import quiet_loaders
+
+    quiet_loaders()
+    with atomic_folder(folder) as tmp:
+        torch.manual_seed(0)
+        unet, vae, text, _ = sd15_modules(edit=True)
+        with tempfile.TemporaryDirectory() as tok_dir:
+            tok = tiny_tokenizer(tok_dir)
+        text.config.bos_token_id, text.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+        ip2p_pipeline(unet, vae, text, tok).to(torch.float16).save_pretrained(os.path.join(tmp, "model"))
+
+
+def edit_weights(preset: str, root: str) -> dict[str, str]:
+    """The edit task's InstructPix2Pix model folder, built once."""
+    from engine.tiny import make_tiny
+
+    if preset == "tiny":
+        folder = os.path.join(root, "tiny-edit-v1")
+        if not os.path.isdir(folder):  # make_tiny replaces the folder atomically: there means complete
+            make_tiny(folder, edit=True)
+        return {"model": os.path.join(folder, "model")}
+    folder = os.path.join(root, "sd15-ip2p-random-v1")
+    if not os.path.isdir(folder):
+        print(f"building random SD1.5-shaped InstructPix2Pix weights into {folder} (once, ~2.1 GB)", flush=True)
+        build_sd15_edit(folder)
+    return {"model": os.path.join(folder, "model")}
+
+
+def native_size(model: str) -> int:
+    """A diffusers model folder's native output size in pixels: the UNet's sample size times the VAE's factor."""
+    import json
+
+    unet, vae = (json.loads(Path(model, sub, "config.json").read_text()) for sub in ("unet", "vae"))
+    return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def bench_weights(preset: str, cache: str | None = None, task: str = "generate") -> dict[str, str]:
+    """Paths of model, image_encoder, adapter (instruct) and plus_adapter (IP-Adapter+), built once; for the
+    edit task the InstructPix2Pix model alone."""
     from diffusers import UNet2DConditionModel
 
     from engine.demo import ensure_tiny
 
     root = cache or cache_root()
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if task == "edit":
+        return edit_weights(preset, root)
     if preset == "tiny":
         paths = ensure_tiny(os.path.join(root, "tiny-v1"))
         plus = os.path.join(root, "tiny-v1-plus.safetensors")
@@ -84,8 +137,6 @@ def bench_weights(preset: str, cache: str | None = None) -> dict[str, str]:
             unet = UNet2DConditionModel.from_pretrained(paths["model"], subfolder="unet")
             tiny_adapter(plus, unet, kind="plus")  # written atomically
         return {**paths, "plus_adapter": plus}
-    if preset != "sd15":
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     folder = os.path.join(root, "sd15-random-v1")
     if not os.path.isdir(folder):
         print(f"building random SD1.5-shaped weights into {folder} (once, ~3.4 GB)", flush=True)
