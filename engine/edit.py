@@ -160,8 +160,7 @@ class EditPipeline(Pipeline):
 
     def _unet_inputs(self, text_rows, ip_rows, reqs, plan):
         text_rows, ctx = super()._unet_inputs(text_rows, ip_rows, reqs, plan)
-        with self._timed("image_latent_ms"):
-            latents = self.encode_photos(reqs, *self._call_size)
+        latents = self._photo_latents
         zero = torch.zeros_like(latents[:1])
         per_branch = torch.cat([latents, zero])
         pick = [b["r"] if b["photo"] else len(reqs) for b in plan["branches"]]
@@ -170,9 +169,14 @@ class EditPipeline(Pipeline):
 
     def _generate(self, reqs, num_inference_steps, height, width, scheduler, output_type, max_size,
                   progress_callback, t_start):
-        self._call_size = self._size(reqs, height, width, max_size)  # the photo latents are made at this size
-        return super()._generate(reqs, num_inference_steps, *self._call_size, scheduler, output_type, max_size,
-                                 progress_callback, t_start)
+        size = self._size(reqs, height, width, max_size)  # the photo latents are made at this size
+        with self._timed("image_latent_ms"):  # (its own stage, before the K/V work)
+            self._photo_latents = self.encode_photos(reqs, *size)
+        try:
+            return super()._generate(reqs, num_inference_steps, *size, scheduler, output_type, max_size,
+                                     progress_callback, t_start)
+        finally:
+            self._photo_latents = None
 
     def encode_photos(self, reqs, height: int, width: int) -> torch.Tensor:
         """(requests, 4, h, w): each request's photo through diffusers' VaeImageProcessor (resize to the grid,
