@@ -16,7 +16,7 @@ import torch
 from torch.autograd import DeviceType
 
 PREFIXES = ("engine::", "diffusers::")
-STAGES = ("text_encoder", "image_encoder", "projector", "kv", "unet_step", "vae_decode")
+STAGES = ("text_encoder", "image_encoder", "projector", "image_latent", "kv", "unet_step", "vae_decode")
 
 
 def profile_request(call, device: torch.device, stem: str) -> dict[str, int]:
