@@ -27,11 +27,13 @@
 #   tests    the whole suite on the GPU
 #   e2e      python -m bench at SD1.5 shapes, batch 1,2,4: engine, engine-eager, diffusers
 #   ladder   the fast path one piece at a time, batch 2: each step's effect
+#   e2e-edit InstructPix2Pix (python -m bench --task edit) at the sd15 IP2P preset's shapes, batch 1,2, 30 steps:
+#            engine, engine-eager, diffusers' StableDiffusionInstructPix2PixPipeline
 #   profile  one 5-step request at batch 2 per provider under torch.profiler
 # Everything lands in $OUT as it goes (logs tee'd, JSON per stage, stages.txt with each part's rc and seconds), or
 # in bench/results/<date>/ elsewhere. PYTHON (default python3), WHEELS (.whl) and BENCH_CACHE may be set.
 set -uo pipefail
-stage=${1:?usage: bash bench/gpu_session.sh all|envcheck|gpu-tests|trt|ops|e2e-short|weights|trt-libs|tests|e2e|ladder|profile}
+stage=${1:?usage: bash bench/gpu_session.sh all|envcheck|gpu-tests|trt|ops|e2e-short|weights|trt-libs|tests|e2e|e2e-edit|ladder|profile}
 out=${OUT:-bench/results/$(date +%Y%m%d)}
 py=${PYTHON:-python3}
 wheels=${WHEELS:-.whl}
@@ -181,6 +183,9 @@ print(t.__name__, t.__version__)" ;;
     e2e)        install_wheels; device_info
                 "$py" -m bench --preset sd15 --cache "$cache" --batch 1,2,4 --json "$out/e2e.json" \
                     --plot "$out/e2e.png" 2>&1 | tee "$out/e2e.log" ;;
+    e2e-edit)   install_wheels; device_info
+                "$py" -m bench --task edit --preset sd15 --cache "$cache" --batch 1,2 --steps 30 --repeats 3 \
+                    --json "$out/e2e-edit.json" 2>&1 | tee "$out/e2e-edit.log" ;;
     ladder)     install_wheels; device_info
                 "$py" -m bench --preset sd15 --cache "$cache" --batch 2 --repeats 5 --ladder \
                     --json "$out/ladder.json" 2>&1 | tee "$out/ladder.log" ;;
@@ -189,6 +194,6 @@ print(t.__name__, t.__version__)" ;;
                     --providers engine,diffusers --profile "$out/profile" --json "$out/profile.json" 2>&1 \
                     | tee "$out/profile.log" ;;
     *)          echo "unknown stage $stage: all | envcheck | gpu-tests | trt | ops | e2e-short | weights | trt-libs |" \
-                     "tests | e2e | ladder | profile" >&2
+                     "tests | e2e | e2e-edit | ladder | profile" >&2
                 exit 2 ;;
 esac
