@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from .errors import EngineError
-from .loading import check_size, load_image
+from .loading import load_image
 from .pipeline import Pipeline, Request
 
 EDIT_NEGATIVE = ""  # diffusers' IP2P default
@@ -128,7 +128,7 @@ class EditPipeline(Pipeline):
             height, width = sizes.pop()
             if height < f or width < f:
                 raise EngineError(f"the image is smaller than the VAE's {f} px grid")
-        return check_size(height or native, width or native, native, f, max_size)
+        return super()._size(reqs, height or native, width or native, max_size)  # (+ an export's own rules)
 
     def _plan(self, reqs) -> dict:
         branches, texts = [], set()

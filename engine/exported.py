@@ -122,6 +122,14 @@ class ExportedPipeline(Pipeline):
     def vae_scale_factor(self) -> int:
         return self.manifest["vae_scale_factor"]
 
+    def _size(self, reqs, height, width, max_size) -> tuple[int, int]:
+        height, width = super()._size(reqs, height, width, max_size)
+        m, f = self.manifest["graphs"]["unet"].get("latent_multiple"), self.vae_scale_factor  # (older exports: none)
+        if m and ((height // f) % m or (width // f) % m):
+            raise EngineError(f"the exported UNet takes heights and widths that are multiples of {m * f} px (its "
+                              f"latent halves {m.bit_length() - 1} times); got {height}x{width}")
+        return height, width
+
     def enable_cuda_graphs(self, enabled: bool = True) -> None:
         raise EngineError(f"{type(self).__name__} runs exported graphs; CUDA graphs are the PyTorch backend's")
 

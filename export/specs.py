@@ -179,11 +179,12 @@ def build_specs(pipe, attention: str) -> list[GraphSpec]:
         proj_in += [Tensor("instruct_tokens", dt, ("batch", lt, text_dim), "text_encoder output of the instruction"),
                     Tensor("prompt_tokens", dt, ("batch", lt, text_dim), "text_encoder output of the prompt")]
     sample = f"scaled model input, {rows}"
-    unet_notes = {}
+    # the UNet halves the latent once per down block but the last: other sizes fail inside a runtime's Concat
+    unet_notes = {"latent_multiple": 2 ** (len(unet_cfg.block_out_channels) - 1)}
     if pipe.EDIT:
         sample = (f"channels 0-{lc - 1}: the scheduler-scaled noisy latent; channels {lc}-{c - 1}: the photo latent "
                   f"(vae_encoder's output, unscaled; zeros in the unconditional branch); {rows}")
-        unet_notes = {"channels": {"latent": [0, lc], "photo_latent": [lc, c]}}  # half-open ranges of `sample`
+        unet_notes["channels"] = {"latent": [0, lc], "photo_latent": [lc, c]}  # half-open ranges of `sample`
     specs = [
         GraphSpec("text_encoder", TextEncoder(pipe.text_encoder),
                   [Tensor("input_ids", "int64", ("batch", lt), "CLIP token ids from the model's tokenizer/, "

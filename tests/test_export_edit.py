@@ -101,6 +101,10 @@ def test_edits_from_the_graphs_match_the_engine(edit_export, edit_pipe):
     got = pipe(**kw, output_type="latent")
     assert got.shape == want.shape == (2, 4, 18, 14) and (got - want).abs().max() < 1e-4
     assert [im.size for im in pipe(**kw)] == [(56, 72)] * 2
+    odd = dict(kw, image=[random_image(70, 54, 0)] * 2)  # 68 x 52 px: 17 x 13 latents, which the graph cannot take
+    with pytest.raises(EngineError, match=r"multiples of 8 px \(its latent halves 1 times\); got 68x52"):
+        pipe(**odd)
+    assert edit_pipe(**odd, output_type="latent").shape == (2, 4, 17, 13)  # the PyTorch UNet takes them
 
 
 def test_runtimes_and_graphs_follow_the_model_kind(edit_export, tiny):
