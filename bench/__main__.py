@@ -72,6 +72,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_e2e_args(p: argparse.ArgumentParser) -> None:
+    from engine.loading import SCHEDULERS
+
     from .e2e import ACCEPTED, PROVIDERS
     from .weights import PRESETS
 
@@ -99,7 +101,11 @@ def add_e2e_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--guidance-mode", choices=["simple", "full"], default=None,
                    help="generate: simple (2 UNet rows, equal work to diffusers' CFG; default) or full (4 rows)")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {','.join(ACCEPTED)}")
+    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {','.join(ACCEPTED)} "
+                   "(engine-lcm: the engine with the LCM scheduler at --few-steps, what an LCM-LoRA user runs)")
+    p.add_argument("--scheduler", choices=["default", *SCHEDULERS], default="default",
+                   help="every provider's scheduler (default: the model's own)")
+    p.add_argument("--few-steps", type=int, default=4, help="the engine-lcm provider's steps (default 4)")
     p.add_argument("--engines", default=None, metavar="DIR",
                    help="the tensorrt provider's plans (`python -m export trt --out DIR` of the same weights; "
                         "default: exported and built once into the bench cache)")
@@ -194,7 +200,8 @@ def run_e2e_command(a) -> int:
                     batches=tuple(a.batch or ((1, 4) if cuda else (1,))),
                     steps=a.steps or (30 if cuda else 10), height=a.height, width=a.width,
                     providers=providers, repeats=a.repeats or (10 if cuda else 3), compile=a.compile,
-                    cuda_graphs=a.cuda_graphs, profile_dir=a.profile, engines=a.engines, **task)
+                    cuda_graphs=a.cuda_graphs, profile_dir=a.profile, engines=a.engines,
+                    scheduler=None if a.scheduler == "default" else a.scheduler, few_steps=a.few_steps, **task)
     rows, table = run_e2e(cfg, paths)
     print()
     print(table)

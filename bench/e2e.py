@@ -38,7 +38,7 @@ NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
 INSTRUCT = "use the style of this image"
 EDIT_PROMPT = "make it look like winter"
 PROVIDERS = ("engine", "engine-eager", "diffusers")
-ACCEPTED = (*PROVIDERS, "tensorrt", "+channels-last", "+fused-attention", "+fused-norms", "+cuda-graphs",
+ACCEPTED = (*PROVIDERS, "tensorrt", "engine-lcm", "+channels-last", "+fused-attention", "+fused-norms", "+cuda-graphs",
             "+compile")  # tensorrt: on request only; "+...": the --ladder steps
 
 
@@ -53,6 +53,8 @@ class E2EConfig:
     width: int | None = None
     guidance_mode: str = "simple"
     providers: tuple[str, ...] = PROVIDERS
+    scheduler: str | None = None  # every provider's (default: the model's own)
+    few_steps: int = 4            # the `engine-lcm` provider: the fast path with the LCM scheduler at this many steps
     repeats: int = 5
     scale: float = 0.8
     guidance_scale: float = 6.0
@@ -100,7 +102,7 @@ LADDER = {
 
 
 def fast_path(name: str, device: torch.device, cfg: "E2EConfig") -> FastPath:
-    if name == "engine":  # the whole fast path where it applies, plus the options asked for
+    if name in ("engine", "engine-lcm"):  # the whole fast path where it applies, plus the options asked for
         cuda = device.type == "cuda"
         return FastPath(channels_last=cuda, fused_attention=cuda, fused_norms=cuda, cuda_graphs=cfg.cuda_graphs,
                         compile=cfg.compile)
@@ -112,8 +114,11 @@ class EngineProvider:
         from engine import EditPipeline, Pipeline, fastpath
 
         self.name, self.cfg = name, cfg
+        # engine-lcm: what an LCM-LoRA user runs, few steps with the LCM scheduler (the weights are the same: random
+        # weights do the same work per step whatever they are)
+        self.steps, self.scheduler = (cfg.few_steps, "lcm") if name == "engine-lcm" else (cfg.steps, cfg.scheduler)
         fast = fast_path(name, device, cfg)
-        backend = "sdpa" if not fast.fused_attention else "auto" if name == "engine" else "triton"
+        backend = "sdpa" if not fast.fused_attention else "auto" if name in ("engine", "engine-lcm") else "triton"
         cls, extra = (EditPipeline, {}) if cfg.task == "edit" else \
             (Pipeline, dict(image_encoder=paths["image_encoder"], adapter=paths["adapter"]))
         self.pipe = cls.from_pretrained(paths["model"], **extra, device=device, dtype=dtype,
@@ -134,11 +139,12 @@ class EngineProvider:
     def __call__(self, image, batch: int, output_type: str = "pil"):
         c = self.cfg
         if c.task == "edit":
-            return self.pipe(**edit_args(c, image, batch), seed=list(range(batch)), output_type=output_type)
+            args = dict(edit_args(c, image, batch), num_inference_steps=self.steps, scheduler=self.scheduler)
+            return self.pipe(**args, seed=list(range(batch)), output_type=output_type)
         return self.pipe(prompt=[PROMPT] * batch, image=[image] * batch, instruct=[INSTRUCT] * batch,
                          negative_prompt=[NEGATIVE] * batch, scale=c.scale, guidance_scale=c.guidance_scale,
-                         guidance_mode=c.guidance_mode, num_inference_steps=c.steps, height=c.height,
-                         width=c.width, seed=list(range(batch)), output_type=output_type)
+                         guidance_mode=c.guidance_mode, num_inference_steps=self.steps, height=c.height,
+                         width=c.width, seed=list(range(batch)), output_type=output_type, scheduler=self.scheduler)
 
     def stages(self) -> dict[str, float]:
         t = self.pipe.timings
@@ -207,6 +213,9 @@ class DiffusersProvider:
                                       image_encoder_folder=None)
             self.pipe.set_ip_adapter_scale(cfg.scale)
         self.pipe.to(device=device, dtype=dtype)  # (not torch_dtype=: deprecated in newer diffusers)
+        if cfg.scheduler:  # the same scheduler class on both sides, from the model's own config
+            from engine.loading import make_scheduler
+            self.pipe.scheduler = make_scheduler(self.pipe.scheduler, cfg.scheduler)
         self.pipe.set_progress_bar_config(disable=True)
         self.unet = self.pipe.unet
         self._times: dict[str, float] = {}
@@ -288,7 +297,7 @@ def run_e2e(cfg: E2EConfig, paths: dict, log=print) -> tuple[list[Row], str]:
     countable = [n for n in ("engine-eager", "engine", "diffusers") if n in cfg.providers
                  and not (n == "engine" and device.type == "cuda")]
     for name in cfg.providers:
-        reason = None if name in ("diffusers", "engine", "tensorrt") else LADDER[name].unavailable(device)
+        reason = None if name in ("diffusers", "engine", "engine-lcm", "tensorrt") else LADDER[name].unavailable(device)
         if name == "tensorrt" and device.type != "cuda":
             reason = f"TensorRT engines run on a CUDA GPU; this run is on {device}"
         if reason:
@@ -326,7 +335,9 @@ def run_e2e(cfg: E2EConfig, paths: dict, log=print) -> tuple[list[Row], str]:
                 _sync(device)
                 times.append((time.perf_counter() - t0) * 1e3)
             peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-            results[(name, b)] = dict(times=times, stages=provider.stages(), peak_gib=peak)
+            results[(name, b)] = dict(times=times, stages=provider.stages(), peak_gib=peak,
+                                      steps=getattr(provider, "steps", cfg.steps),
+                                      scheduler=getattr(provider, "scheduler", cfg.scheduler))
             if cfg.profile_dir:
                 from .profiling import format_counts, profile_request
                 stem = os.path.join(cfg.profile_dir, f"{name}-batch{b}")
@@ -367,12 +378,13 @@ def _report(cfg: E2EConfig, env: dict, results: dict, flops: dict, rows: list[Ro
     lines = []
     for (name, b), r in results.items():
         q = _quantiles(r["times"])
-        c = {**config, "batch": b, "p90": q["p90"], "p99": q["p99"]}
+        c = {**config, "batch": b, "p90": q["p90"], "p99": q["p99"], "steps": r["steps"],
+             "scheduler": r["scheduler"] or "default"}
         rows.append(Row("e2e", name, "latency", "ms", "batch", b, q["p20"], q["p50"], q["p80"], config=c, **env))
         ips = [b / (q[k] / 1e3) for k in ("p80", "p50", "p20")]
         rows.append(Row("e2e", name, "throughput", "images/s", "batch", b, *ips, config=c, **env))
         tflops = "-"
-        if b in flops:
+        if b in flops and r["steps"] == cfg.steps:  # (the count is of cfg.steps' work: not engine-lcm's few steps)
             t = [flops[b] / (q[k] / 1e3) / 1e12 for k in ("p80", "p50", "p20")]
             rows.append(Row("e2e", name, "throughput", "TFLOP/s", "batch", b, *t, config=c, **env))
             tflops = f"{t[1]:.3g}"

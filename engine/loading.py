@@ -166,6 +166,9 @@ SCHEDULERS = {
     "euler_a": "EulerAncestralDiscreteScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
     "pndm": "PNDMScheduler",
+    # few-step sampling with an LCM-LoRA / LCM model (4-8 steps, guidance 1-2) and TCD (its LoRAs likewise)
+    "lcm": "LCMScheduler",
+    "tcd": "TCDScheduler",
 }
 
 

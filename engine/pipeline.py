@@ -449,10 +449,13 @@ class Pipeline:
 
     def _step_kwargs(self, sched, reqs: list[Request]) -> dict:
         # ancestral/stochastic schedulers draw noise each step: one generator per image row, shared within a request
-        if "generator" not in inspect.signature(sched.step).parameters:
-            return {}
+        params = inspect.signature(sched.step).parameters
+        # eta 0, as diffusers' pipelines pass it to every scheduler that takes one (DDIM's default; TCD's is 0.3)
+        extra = {"eta": 0.0} if "eta" in params else {}
+        if "generator" not in params:
+            return extra
         if len(reqs) == 1:
-            return {"generator": reqs[0].generator}
+            return {**extra, "generator": reqs[0].generator}
         if any(r.generator is None for r in reqs):
-            return {}
-        return {"generator": [r.generator for r in reqs for _ in range(r.num_images)]}
+            return extra
+        return {**extra, "generator": [r.generator for r in reqs for _ in range(r.num_images)]}

@@ -71,7 +71,8 @@ def test_plus_adapter_images_match_diffusers(d_plus, plus_pipe, cond_image):
 
 @pytest.mark.parametrize("name,cls", [("ddim", "DDIMScheduler"), ("euler", "EulerDiscreteScheduler"),
                                       ("euler_a", "EulerAncestralDiscreteScheduler"),
-                                      ("dpmpp_2m", "DPMSolverMultistepScheduler"), ("pndm", "PNDMScheduler")])
+                                      ("dpmpp_2m", "DPMSolverMultistepScheduler"), ("pndm", "PNDMScheduler"),
+                                      ("lcm", "LCMScheduler"), ("tcd", "TCDScheduler")])
 def test_schedulers_and_seeds_match_diffusers(d_plus, plus_pipe, cond_image, name, cls):
     import diffusers
     original = d_plus.scheduler
