@@ -28,6 +28,7 @@ setup(
         "transformers>=4.45,<5.25",
         "safetensors>=0.4",
         "accelerate>=0.30",
+        "peft>=0.13",  # LoRA: diffusers' loaders inject through it (engine/lora.py)
         "pillow>=9",
         "numpy>=1.24",
         "tqdm>=4.60",

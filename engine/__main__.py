@@ -43,6 +43,25 @@ def positive_int(text: str) -> int:
     return value
 
 
+def lora_arg(text: str) -> tuple[str, float]:
+    """--lora FILE[:SCALE] -> (FILE, SCALE); SCALE defaults to 1."""
+    path, sep, scale = text.rpartition(":")
+    if not sep:
+        return text, 1.0
+    try:
+        return path, float(scale)
+    except ValueError:
+        if "/" in scale or "." in scale:  # a path with a colon in it, no scale
+            return text, 1.0
+        raise argparse.ArgumentTypeError(f"expected FILE or FILE:SCALE with a number, got {text!r}") from None
+
+
+def add_lora_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA (diffusers, kohya or A1111 .safetensors) at SCALE (default 1), fused into the "
+                        "weights; repeatable")
+
+
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
     p.add_argument("--dtype", choices=list(DTYPE_NAMES), default=None, help="default: float16 on cuda, float32 on cpu")
@@ -82,6 +101,7 @@ def build_parser() -> Parser:
                    help="largest height/width accepted (default: the model's native size x 4, 2048 for SD1.5)")
     g.add_argument("--num-images", type=positive_int, default=1)
     g.add_argument("--scheduler", choices=["default", *SCHEDULERS], default="default")
+    add_lora_arg(g)
     add_runtime_args(g)
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.add_argument("--out", required=True, help="PATH.png, .jpg, .jpeg or .webp (PATH-0.png, ... for several images)")
@@ -107,6 +127,7 @@ def build_parser() -> Parser:
     e.add_argument("--adapter-image", help="the reference image the adapter reads (with --adapter)")
     e.add_argument("--instruct", default=None, help="what to take from the reference (IPAdapter-Instruct)")
     e.add_argument("--scale", type=float, default=0.8, help="adapter strength (0 = plain InstructPix2Pix)")
+    add_lora_arg(e)
     add_runtime_args(e)
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e.add_argument("--out", required=True, help="PATH.png, .jpg, .jpeg or .webp (PATH-0.png, ... for several images)")
@@ -197,6 +218,8 @@ def cmd_generate(a) -> int:
     pipe = Pipeline.from_pretrained(a.model, image_encoder=a.image_encoder, adapter=a.adapter,
                                     device=a.device, dtype=a.dtype, attention_backend=a.attention_backend,
                                     backend=a.backend, engines=a.engines)
+    for path, scale in a.lora:
+        pipe.load_lora_weights(path, scale=scale)
     pipe.set_progress_bar_config(disable=a.no_progress)
     images = pipe(prompt=a.prompt, image=image, instruct=a.instruct, negative_prompt=a.negative_prompt,
                   scale=a.scale, guidance_scale=a.guidance_scale, instruct_guidance_scale=a.instruct_guidance_scale,
@@ -224,6 +247,8 @@ def cmd_edit(a) -> int:
     pipe = EditPipeline.from_pretrained(a.model, image_encoder=a.image_encoder, adapter=a.adapter, device=a.device,
                                         dtype=a.dtype, attention_backend=a.attention_backend, backend=a.backend,
                                         engines=a.engines)
+    for path, scale in a.lora:
+        pipe.load_lora_weights(path, scale=scale)
     pipe.set_progress_bar_config(disable=a.no_progress)
     images = pipe(a.prompt, photo, a.negative_prompt, guidance_scale=a.guidance_scale,
                   image_guidance_scale=a.image_guidance_scale, num_inference_steps=a.steps, seed=a.seed,

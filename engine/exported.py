@@ -133,6 +133,10 @@ class ExportedPipeline(Pipeline):
     def enable_cuda_graphs(self, enabled: bool = True) -> None:
         raise EngineError(f"{type(self).__name__} runs exported graphs; CUDA graphs are the PyTorch backend's")
 
+    def load_lora_weights(self, *args, **kwargs):
+        raise EngineError(f"{type(self).__name__} runs exported graphs, which take no LoRA (LoRAs are not part of "
+                          "the export yet)")
+
     def compile(self, **kwargs) -> None:
         raise EngineError(f"{type(self).__name__} runs exported graphs; torch.compile is the PyTorch backend's")
 

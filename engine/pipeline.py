@@ -27,6 +27,7 @@ from .attention import AdapterContext, choose_impls, expand_scale, install_proce
 from .errors import EngineError
 from .guidance import branch_weights, resolve_mode
 from .loading import check_size, load_base, load_image, load_image_encoder, make_scheduler, resolve
+from .lora import LoraMixin
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def check_channels(unet_channels: int, latent_channels: int, edit: bool) -> None
                           "not a Stable Diffusion text-to-image or InstructPix2Pix model")
 
 
-class Pipeline:
+class Pipeline(LoraMixin):
     EDIT = False  # EditPipeline (engine/edit.py): an InstructPix2Pix UNet
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, image_encoder=None, image_processor=None,
