@@ -378,13 +378,13 @@ def _report(cfg: E2EConfig, env: dict, results: dict, flops: dict, rows: list[Ro
     lines = []
     for (name, b), r in results.items():
         q = _quantiles(r["times"])
-        c = {**config, "batch": b, "p90": q["p90"], "p99": q["p99"], "steps": r["steps"],
-             "scheduler": r["scheduler"] or "default"}
+        c = {**config, "batch": b, "p90": q["p90"], "p99": q["p99"], "steps": r.get("steps", cfg.steps),
+             "scheduler": r.get("scheduler") or cfg.scheduler or "default"}
         rows.append(Row("e2e", name, "latency", "ms", "batch", b, q["p20"], q["p50"], q["p80"], config=c, **env))
         ips = [b / (q[k] / 1e3) for k in ("p80", "p50", "p20")]
         rows.append(Row("e2e", name, "throughput", "images/s", "batch", b, *ips, config=c, **env))
         tflops = "-"
-        if b in flops and r["steps"] == cfg.steps:  # (the count is of cfg.steps' work: not engine-lcm's few steps)
+        if b in flops and r.get("steps", cfg.steps) == cfg.steps:  # (the count is of cfg.steps' work: not engine-lcm's few steps)
             t = [flops[b] / (q[k] / 1e3) / 1e12 for k in ("p80", "p50", "p20")]
             rows.append(Row("e2e", name, "throughput", "TFLOP/s", "batch", b, *t, config=c, **env))
             tflops = f"{t[1]:.3g}"

@@ -97,6 +97,9 @@ class Adapter:
 
     @property
     def kind(self) -> str:
+        """instruct (IPAdapter-Instruct), plus (IP-Adapter+) or plain (IP-Adapter: pooled embedding, 4 tokens)."""
+        if getattr(self.projector.config, "pooled", False):
+            return "plain"
         return "instruct" if self.projector.config.is_instruct else "plus"
 
 

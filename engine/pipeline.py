@@ -123,7 +123,9 @@ class Pipeline(LoraMixin):
         if adapter is not None:
             encoder, processor = load_image_encoder(image_encoder, dtype)
             loaded = load_adapter(adapter, parts["unet"])
-            if loaded.projector.config.image_dim != encoder.config.hidden_size:
+            # a plain IP-Adapter reads the projected, pooled embedding; the others the hidden states
+            width = encoder.config.projection_dim if loaded.kind == "plain" else encoder.config.hidden_size
+            if loaded.projector.config.image_dim != width:
                 raise EngineError(f"adapter expects {loaded.projector.config.image_dim}-wide image tokens but the "
                                   f"image encoder makes {encoder.config.hidden_size}-wide ones")
             text_dim = loaded.projector.config.text_dim
@@ -189,7 +191,7 @@ class Pipeline(LoraMixin):
         # the other fused kernels follow the same choice: the projector's blocks (head size 64 in every
         # released checkpoint), GroupNorm+SiLU in the UNet's and VAE's resnets, GEGLU
         fused = choose(self.device, self.dtype, 64, backend) == "triton"
-        self._fused_projector = self.adapter is not None and fused
+        self._fused_projector = self.adapter is not None and self.adapter.kind != "plain" and fused
         for m in (self.unet, self.vae):
             if fused:
                 fastpath.fuse(m)
@@ -228,6 +230,9 @@ class Pipeline(LoraMixin):
         # -> (N + 1, Ni, image_dim) penultimate hidden states; the last row is the all-zero image (with_zero)
         pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
         pixels = pixels.to(self.device, self.dtype)
+        if self.adapter is not None and self.adapter.kind == "plain":  # diffusers' convention for plain IP-Adapter:
+            embeds = self.image_encoder(pixels).image_embeds       # the pooled embedding; zeros are unconditional
+            return torch.cat([embeds, torch.zeros_like(embeds[:1])]) if with_zero else embeds
         if with_zero:
             pixels = torch.cat([pixels, torch.zeros_like(pixels[:1])])
         return self.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
@@ -378,7 +383,7 @@ class Pipeline(LoraMixin):
                 if self.adapter.kind == "instruct" and (not isinstance(p["instruct"], str) or not p["instruct"].strip()):
                     raise EngineError("instruction is empty: say what to take from the image, "
                                       "e.g. 'use the style of this image'")
-                if self.adapter.kind == "plus" and p["instruct"]:
+                if self.adapter.kind in ("plus", "plain") and p["instruct"]:
                     log.warning("the instruction %r is ignored: the loaded adapter is IP-Adapter+, which takes "
                                 "no instruction", p["instruct"])
             gen = p["generator"]

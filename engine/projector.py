@@ -51,9 +51,6 @@ class ProjectorConfig:
         need = ["latents", "proj_in.weight", "proj_out.weight", "layers.0.0.to_q.weight", "layers.0.1.1.weight"]
         missing = [k for k in need if k not in sd]
         if missing:
-            if "proj.weight" in sd and "norm.weight" in sd:
-                raise EngineError("adapter is a plain IP-Adapter (pooled-embedding projection): only IP-Adapter+ "
-                                  "and IPAdapter-Instruct checkpoints are supported")
             raise EngineError(f"adapter image_proj is missing keys needed to infer its sizes: {', '.join(missing)}")
         latents = sd["latents"]
         if latents.ndim != 3:
@@ -182,7 +179,43 @@ def check_state_dict(module: nn.Module, sd: dict[str, torch.Tensor], what: str) 
         raise EngineError(f"{what} does not match the model: " + "; ".join(problems))
 
 
-def load_projector(sd: dict[str, torch.Tensor]) -> InstructProjector:
+@dataclass(frozen=True)
+class PlainConfig:
+    """Plain IP-Adapter (ip-adapter_sd15.bin): the pooled, projected CLIP image embedding -> num_tokens tokens."""
+    image_dim: int      # CLIP's projected embedding width (1024 for ViT-H/14), not the hidden width
+    output_dim: int     # UNet cross-attention width (768)
+    num_tokens: int     # 4 in every release
+    text_dim = None
+    is_instruct = False
+    pooled = True       # the pipeline feeds image_embeds, and zeros (not the zero image) for unconditional rows
+
+
+class PlainProjector(nn.Module):
+    """The release's ImageProjModel: Linear(image_dim, tokens x width), reshape, LayerNorm. Keys proj.*, norm.*."""
+
+    def __init__(self, cfg: PlainConfig):
+        super().__init__()
+        self.config = cfg
+        self.proj = nn.Linear(cfg.image_dim, cfg.output_dim * cfg.num_tokens)
+        self.norm = nn.LayerNorm(cfg.output_dim)
+
+    def forward(self, image: torch.Tensor, instruct=None, prompt=None) -> torch.Tensor:
+        # image: (B, image_dim) pooled embeddings -> (B, num_tokens, output_dim)
+        return self.norm(self.proj(image).reshape(-1, self.config.num_tokens, self.config.output_dim))
+
+
+def load_projector(sd: dict[str, torch.Tensor]) -> nn.Module:
+    if "proj.weight" in sd and "norm.weight" in sd and "latents" not in sd:  # a plain IP-Adapter
+        width = sd["norm.weight"].shape[0]
+        if sd["proj.weight"].ndim != 2 or sd["proj.weight"].shape[0] % width:
+            raise EngineError(f"adapter image_proj.proj.weight {tuple(sd['proj.weight'].shape)} is not a multiple "
+                              f"of the token width {width}")
+        cfg = PlainConfig(image_dim=sd["proj.weight"].shape[1], output_dim=width,
+                          num_tokens=sd["proj.weight"].shape[0] // width)
+        module = PlainProjector(cfg)
+        check_state_dict(module, sd, "adapter image_proj")
+        module.load_state_dict(sd, strict=True)
+        return module
     cfg = ProjectorConfig.from_state_dict(sd)
     module = InstructProjector(cfg)
     check_state_dict(module, sd, "adapter image_proj")

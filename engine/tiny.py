@@ -123,10 +123,17 @@ def tiny_clip(folder: str) -> None:
 
 
 def tiny_adapter(path: str, unet, kind: str = "instruct", num_queries: int = 4) -> None:
-    """A random adapter for `unet` in the two-key layout. kind: "instruct" or "plus" (IP-Adapter+).
+    """A random adapter for `unet` in the two-key layout. kind: "instruct", "plus" (IP-Adapter+) or "plain"
+    (IP-Adapter: the projected CLIP embedding, TEXT_DIM wide, to 4 tokens).
 
     Depth 4 and heads = width / 64, as in every released checkpoint (diffusers' converter needs both).
     """
+    if kind == "plain":
+        from .projector import PlainConfig, PlainProjector
+        projector = PlainProjector(PlainConfig(image_dim=TEXT_DIM, output_dim=unet.config.cross_attention_dim,
+                                               num_tokens=4))
+        save_adapter(path, projector, AdapterLayers(unet, unet.config.cross_attention_dim))
+        return
     cfg = ProjectorConfig(dim=TEXT_DIM, depth=4, heads=1, num_queries=num_queries, image_dim=IMAGE_DIM,
                           output_dim=unet.config.cross_attention_dim, ff_mult=4,
                           text_dim=TEXT_DIM if kind == "instruct" else None)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from engine.errors import EngineError
+
 from .graph_attention import install_export_processors
 
 ONNX_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
@@ -156,6 +158,9 @@ def build_specs(pipe, attention: str) -> list[GraphSpec]:
     """The graph specs of a loaded engine.Pipeline (its UNet gets the export processors): five, and vae_encoder for
     an engine.EditPipeline."""
     dt = ONNX_DTYPES[pipe.dtype]
+    if pipe.adapter.kind == "plain":
+        raise EngineError("a plain IP-Adapter (pooled embedding, 4 tokens) is not exported yet: export an "
+                          "IP-Adapter+ or IPAdapter-Instruct one")
     unet_cfg, proj_cfg = pipe.unet.config, pipe.adapter.projector.config
     text_dim = pipe.text_encoder.config.hidden_size
     lt = pipe.tokenizer.model_max_length

@@ -82,12 +82,16 @@ def test_missing_and_misplaced_layer_keys(tiny, ckpt, tmp_path):
         load_with(tiny, tmp_path, image_proj, moved)
 
 
-def test_plain_ip_adapter_is_refused_by_name(tiny, ckpt, tmp_path):
+def test_plain_ip_adapter_loads_as_plain(tiny, ckpt, tmp_path):
+    """ip-adapter_sd15.bin's layout (proj + norm): 4 tokens of the UNet's width (tests/test_plain_adapter.py checks
+    it against diffusers); a proj that is no multiple of the token width is one line."""
     _, ip = ckpt
     plain = {"proj.weight": torch.zeros(128, 32), "proj.bias": torch.zeros(128), "norm.weight": torch.ones(32),
              "norm.bias": torch.zeros(32)}
-    with pytest.raises(EngineError, match="plain IP-Adapter"):
-        load_with(tiny, tmp_path, plain, ip)
+    adapter = load_with(tiny, tmp_path, plain, ip).adapter
+    assert adapter.kind == "plain" and adapter.projector.config.num_tokens == 4
+    with pytest.raises(EngineError, match=r"proj.weight \(130, 32\) is not a multiple of the token width 32"):
+        load_with(tiny, tmp_path, {**plain, "proj.weight": torch.zeros(130, 32)}, ip)
 
 
 @pytest.mark.parametrize("suffix", [".bin", ".safetensors"])

@@ -71,6 +71,9 @@ def init_adapter(unet, image_dim: int, text_dim: int, init: str | None = None) -
     if init is None:
         return _from_scratch(unet, image_dim, text_dim)
     loaded = load_adapter(init, unet)
+    if loaded.kind == "plain":
+        raise EngineError(f"{init} is a plain IP-Adapter (pooled embedding, 4 tokens): --init-adapter takes an "
+                          "IP-Adapter+ or IPAdapter-Instruct file")
     if loaded.projector.config.image_dim != image_dim:
         raise EngineError(f"{init} expects {loaded.projector.config.image_dim}-wide image tokens but the image "
                           f"encoder makes {image_dim}-wide ones")
