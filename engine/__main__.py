@@ -101,6 +101,11 @@ def build_parser() -> Parser:
                    help="largest height/width accepted (default: the model's native size x 4, 2048 for SD1.5)")
     g.add_argument("--num-images", type=positive_int, default=1)
     g.add_argument("--scheduler", choices=["default", *SCHEDULERS], default="default")
+    g.add_argument("--controlnet", action="append", default=[], metavar="DIR",
+                   help="a diffusers ControlNetModel folder (repeatable: one --control-image each, in order)")
+    g.add_argument("--control-image", action="append", default=[], metavar="PATH", help="the ControlNet's input")
+    g.add_argument("--controlnet-scale", type=float, action="append", default=[], metavar="F",
+                   help="conditioning scale (default 1; repeatable: one per --controlnet)")
     add_lora_arg(g)
     add_runtime_args(g)
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -215,9 +220,13 @@ def cmd_generate(a) -> int:
     quiet_libraries()
     from .pipeline import Pipeline
 
+    if len(a.control_image) != len(a.controlnet) or len(a.controlnet_scale) not in (0, len(a.controlnet)):
+        raise EngineError(f"give one --control-image (and at most one --controlnet-scale) per --controlnet: got "
+                          f"{len(a.controlnet)} nets, {len(a.control_image)} images, {len(a.controlnet_scale)} scales")
+    controls = [load_image(p, "control image") for p in a.control_image]
     pipe = Pipeline.from_pretrained(a.model, image_encoder=a.image_encoder, adapter=a.adapter,
                                     device=a.device, dtype=a.dtype, attention_backend=a.attention_backend,
-                                    backend=a.backend, engines=a.engines)
+                                    backend=a.backend, engines=a.engines, controlnet=a.controlnet or None)
     for path, scale in a.lora:
         pipe.load_lora_weights(path, scale=scale)
     pipe.set_progress_bar_config(disable=a.no_progress)
@@ -225,7 +234,11 @@ def cmd_generate(a) -> int:
                   scale=a.scale, guidance_scale=a.guidance_scale, instruct_guidance_scale=a.instruct_guidance_scale,
                   image_guidance_scale=a.image_guidance_scale, guidance_mode=a.guidance_mode,
                   num_inference_steps=a.steps, height=a.height, width=a.width, num_images_per_prompt=a.num_images,
-                  seed=a.seed, scheduler=a.scheduler, max_size=a.max_size)
+                  seed=a.seed, scheduler=a.scheduler, max_size=a.max_size,
+                  **({} if not controls else dict(
+                      control_image=controls[0] if len(controls) == 1 else controls,
+                      controlnet_conditioning_scale=(a.controlnet_scale or [1.0] * len(controls))
+                      if len(controls) > 1 else (a.controlnet_scale or [1.0])[0])))
     write_images(images, paths, overwrite=a.overwrite)
     print(" ".join(paths))
     return 0

@@ -67,9 +67,12 @@ class EditPipeline(Pipeline):
 
     @classmethod
     def from_pretrained(cls, model, image_encoder=None, adapter=None, device=None, dtype=None,
-                        attention_backend="auto", backend="pytorch", engines=None) -> "EditPipeline":
+                        attention_backend="auto", backend="pytorch", engines=None,
+                        controlnet=None) -> "EditPipeline":
         """model: a diffusers InstructPix2Pix folder (or hub id), e.g. timbrooks/instruct-pix2pix or MagicBrush in
         that layout; image_encoder + adapter: an IP-Adapter+ or IPAdapter-Instruct adapter on top (optional)."""
+        if controlnet is not None:
+            raise EngineError("ControlNet with InstructPix2Pix is not built: edit without controlnet=")
         if backend != "pytorch":
             raise EngineError("editing runs on the PyTorch backend here (an edit export runs under ONNX Runtime with "
                               "export.runtime.OnnxEditPipeline; a TensorRT edit runtime is not built yet)")
@@ -191,7 +194,7 @@ class EditPipeline(Pipeline):
         slot = {key: i for i, key in enumerate(unique)}
         return latents[[slot[id(r.photo)] for r in reqs]]
 
-    def _unet_step(self, x, t, text_rows, ctx) -> torch.Tensor:
+    def _unet_step(self, x, t, text_rows, ctx, control=None) -> torch.Tensor:
         return super()._unet_step(torch.cat([x, ctx.image_rows.to(x.dtype)], dim=1), t, text_rows, ctx.adapter)
 
 

@@ -75,14 +75,16 @@ class Pipeline(LoraMixin):
     EDIT = False  # EditPipeline (engine/edit.py): an InstructPix2Pix UNet
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, image_encoder=None, image_processor=None,
-                 adapter: Adapter | None = None, device="cpu", dtype=torch.float32, attention_backend="auto"):
+                 adapter: Adapter | None = None, device="cpu", dtype=torch.float32, attention_backend="auto",
+                 controlnets=None):
         check_channels(unet.config.in_channels, vae.config.latent_channels, self.EDIT)
         self.device, self.dtype = torch.device(device), dtype
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.scheduler = tokenizer, scheduler
         self.image_encoder, self.image_processor, self.adapter = image_encoder, image_processor, adapter
         extra = (adapter.projector, adapter.layers) if adapter else ()
-        for m in (unet, vae, text_encoder, image_encoder, *extra):
+        self.controlnets = list(controlnets or [])  # engine/controlnet.py
+        for m in (unet, vae, text_encoder, image_encoder, *extra, *self.controlnets):
             if m is not None:
                 if next(m.parameters()).dtype != dtype:
                     m.to(dtype=dtype)
@@ -95,7 +97,7 @@ class Pipeline(LoraMixin):
 
     @classmethod
     def from_pretrained(cls, model, image_encoder=None, adapter=None, device=None, dtype=None,
-                        attention_backend="auto", backend="pytorch", engines=None) -> "Pipeline":
+                        attention_backend="auto", backend="pytorch", engines=None, controlnet=None) -> "Pipeline":
         """model: a diffusers SD folder (or hub id); image_encoder: a CLIPVisionModelWithProjection folder;
         adapter: a two-key `.bin`/`.safetensors` file. device defaults to cuda when present, dtype to
         float16 on cuda and float32 on the CPU. attention_backend: auto | triton | sdpa | reference
@@ -105,6 +107,8 @@ class Pipeline(LoraMixin):
         if backend not in RUNTIMES:
             raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(RUNTIMES)}")
         if backend == "tensorrt":
+            if controlnet is not None:
+                raise EngineError("ControlNet runs on the PyTorch backend (it is not exported yet)")
             return cls._from_engines(model, image_encoder, adapter, device, dtype, engines)
         if engines is not None:
             raise EngineError("engines= is for backend='tensorrt'")
@@ -132,8 +136,12 @@ class Pipeline(LoraMixin):
             if text_dim is not None and text_dim != parts["text_encoder"].config.hidden_size:
                 raise EngineError(f"adapter expects {text_dim}-wide instruction tokens but the text encoder "
                                   f"makes {parts['text_encoder'].config.hidden_size}-wide ones")
+        nets = None
+        if controlnet is not None:
+            from .controlnet import load_controlnets
+            nets = load_controlnets(controlnet, parts["unet"], dtype)
         return cls(**parts, image_encoder=encoder, image_processor=processor, adapter=loaded,
-                   device=device, dtype=dtype, attention_backend=attention_backend)
+                   device=device, dtype=dtype, attention_backend=attention_backend, controlnets=nets)
 
     @staticmethod
     def _from_engines(model, image_encoder, adapter, device, dtype, engines):
@@ -243,7 +251,9 @@ class Pipeline(LoraMixin):
     def __call__(self, prompt=DEFAULT_PROMPT, image=None, instruct=None, negative_prompt=DEFAULT_NEGATIVE, *,
                  scale=0.8, guidance_scale=6.0, instruct_guidance_scale=6.0, image_guidance_scale=1.0,
                  guidance_mode="auto", num_inference_steps=30, height=None, width=None, num_images_per_prompt=1,
-                 seed=None, generator=None, scheduler=None, output_type="pil", max_size=None, progress_callback=None):
+                 seed=None, generator=None, scheduler=None, output_type="pil", max_size=None, progress_callback=None,
+                 control_image=None, controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
+                 control_guidance_end=1.0, guess_mode=False):
         """Generate images. `prompt`, `image`, `instruct`, `negative_prompt`, `scale`, the guidance scales,
         `guidance_mode` and `seed` each take one value or a list with one per request; all requests run in
         one UNet batch. `scale` is a float or an InstantStyle-style per-block dict. Returns a list of PIL
@@ -253,11 +263,17 @@ class Pipeline(LoraMixin):
         self.timings = {}
         t_start = time.perf_counter()
         reqs = self._requests(locals())
+        control = None
+        if self.controlnets:  # (ControlNet: engine/controlnet.py; per request: control_image and its scale)
+            control = dict(control_image=control_image, scale=controlnet_conditioning_scale,
+                           start=control_guidance_start, end=control_guidance_end, guess_mode=bool(guess_mode))
+        elif control_image is not None:
+            raise EngineError("control_image was given but no ControlNet is loaded (from_pretrained(controlnet=...))")
         return self._generate(reqs, num_inference_steps, height, width, scheduler, output_type, max_size,
-                              progress_callback, t_start)
+                              progress_callback, t_start, control)
 
     def _generate(self, reqs: list, num_inference_steps, height, width, scheduler, output_type, max_size,
-                  progress_callback, t_start):
+                  progress_callback, t_start, control=None):
         """The call itself, for requests already checked (`_requests`; EditPipeline makes its own)."""
         height, width = self._size(reqs, height, width, max_size)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -281,6 +297,11 @@ class Pipeline(LoraMixin):
                 ip_rows = self._project(hidden, [slot[id(r.image)] for r in reqs], emb, plan)
         with self._timed("kv_ms"):
             text_rows, ctx = self._unet_inputs(text_rows, ip_rows, reqs, plan)
+        state = None
+        if control is not None:
+            from .controlnet import control_state, residuals
+            state = control_state(self, self.controlnets, reqs, plan, height, width, control["control_image"],
+                                  control["scale"], control["start"], control["end"], control["guess_mode"])
 
         trained = sched.config.num_train_timesteps  # at that many steps diffusers' schedulers index past the end
         if num_inference_steps >= trained:
@@ -296,8 +317,13 @@ class Pipeline(LoraMixin):
             total = len(sched.timesteps)
             for step, t in enumerate(tqdm(sched.timesteps, **{"desc": "denoise", **self._progress}), 1):
                 x = sched.scale_model_input(latents.index_select(0, latent_of_row), t)
+                res = None
+                if state is not None:
+                    with torch.profiler.record_function("engine::controlnet"):
+                        res = residuals(self.controlnets, state, x, t, text_rows, step - 1, total,
+                                        control["guess_mode"])
                 with torch.profiler.record_function("engine::unet_step"):
-                    eps_rows = self._unet_step(x, t, text_rows, ctx)
+                    eps_rows = self._unet_step(x, t, text_rows, ctx, res)
                 eps = (weights @ eps_rows.flatten(1).float()).view(latents.shape).to(latents.dtype)
                 latents = sched.step(eps, t, latents, **extra, return_dict=False)[0]
                 if progress_callback is not None:
@@ -324,8 +350,12 @@ class Pipeline(LoraMixin):
                                  for n, kvs in kv.items()}, scale=self._scales(reqs, plan))
         return text_rows.index_select(0, index), ctx
 
-    def _unet_step(self, x, t, text_rows, ctx) -> torch.Tensor:
-        # x: (rows, C, h, w) -> noise prediction per row
+    def _unet_step(self, x, t, text_rows, ctx, control=None) -> torch.Tensor:
+        # x: (rows, C, h, w) -> noise prediction per row; control: ControlNet (down, mid) residuals or None
+        if control is not None:  # (eager: the CUDA-graph buffers hold no residuals yet)
+            return self.unet(x, t, encoder_hidden_states=text_rows, return_dict=False,
+                             cross_attention_kwargs={"adapter": ctx}, down_block_additional_residuals=control[0],
+                             mid_block_additional_residual=control[1])[0]
         if self._static is not None:  # CUDA graphs: static buffers, replayed
             return self._static(x, t, text_rows, ctx)
         return self.unet(x, t, encoder_hidden_states=text_rows, return_dict=False,
@@ -403,7 +433,7 @@ class Pipeline(LoraMixin):
             for br, w in branch_weights(mode, req.guidance_scale, req.instruct_guidance_scale, req.image_guidance_scale):
                 src = {"prompt": req.prompt, "negative": req.negative_prompt,
                        "instruction": req.instruct, "everything": "everything", "empty": ""}
-                row = {"r": r, "w": w, "image": br.image, "text": src[br.text],
+                row = {"r": r, "w": w, "name": br.name, "image": br.image, "text": src[br.text],
                        "instruct": src[br.instruct], "ip_prompt": src[br.ip_prompt]}
                 texts.add(row["text"])
                 if instruct:

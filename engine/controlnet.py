@@ -1,0 +1,122 @@
+"""ControlNet on the engine's pipeline: what diffusers' StableDiffusionControlNetPipeline does, with the adapter on top.
+
+    pipe = Pipeline.from_pretrained(model, image_encoder=..., adapter=..., controlnet="path/to/controlnet-canny")
+    images = pipe(prompt, image, instruct, control_image="edges.png", controlnet_conditioning_scale=0.8)
+
+Every UNet row (each guidance branch of each request) gets its request's control image, as diffusers gives both
+halves of its CFG batch the image; the ControlNet's cross-attention reads that row's text tokens only (the
+adapter lives in the UNet's processors alone). Each step, the nets' down and mid residuals (several nets: summed,
+as MultiControlNetModel does) are scaled per row, by the request's conditioning scale times 0 or 1 for the step's
+place in [control_guidance_start, control_guidance_end), and added inside the UNet. guess_mode keeps the
+residuals on the rows of the prompt branch only (zeros elsewhere, as diffusers runs the net on the conditional
+half only) with the net's own scales from 0.1 to 1 across the blocks.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import EngineError
+from .loading import load_image
+
+
+def load_controlnets(paths, unet, dtype: torch.dtype) -> list:
+    """diffusers ControlNetModel folders -> models, checked against the UNet they feed."""
+    from diffusers import ControlNetModel
+
+    nets = []
+    for path in ([paths] if isinstance(paths, (str, os.PathLike)) else list(paths)):
+        if not os.path.isdir(path):
+            raise EngineError(f"ControlNet folder not found: {os.fspath(path)}")
+        try:
+            net = ControlNetModel.from_pretrained(path, torch_dtype=dtype)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise EngineError(f"cannot load the ControlNet {os.fspath(path)}: "
+                              f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
+        mine = (tuple(net.config.block_out_channels), net.config.cross_attention_dim, net.config.in_channels)
+        theirs = (tuple(unet.config.block_out_channels), unet.config.cross_attention_dim, unet.config.in_channels)
+        if mine != theirs:
+            raise EngineError(f"the ControlNet {os.fspath(path)} does not fit this UNet: block channels, "
+                              f"cross-attention width, input channels {mine} against the UNet's {theirs}")
+        nets.append(net.eval().requires_grad_(False))
+    if not nets:
+        raise EngineError("controlnet= names no folder")
+    return nets
+
+
+@dataclass
+class ControlState:
+    """One call's control inputs per UNet row."""
+    images: list[torch.Tensor]  # per net: (rows, 3, H, W) in [0, 1]
+    scales: torch.Tensor        # (nets, rows) conditioning scale per net and row
+    starts: list[float]         # per net
+    ends: list[float]
+    guess_rows: torch.Tensor | None  # (rows,) 1 for prompt-branch rows in guess mode, else None
+
+
+def per_net(value, n: int, name: str) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise EngineError(f"{name} has {len(values)} values for {n} ControlNets")
+    return [float(v) for v in values]
+
+
+def control_state(pipe, nets, reqs, plan, height: int, width: int, control_image, scale, start, end,
+                  guess_mode: bool) -> ControlState:
+    """Control images preprocessed as diffusers does (resize to the output size, [0, 1]) and indexed per row.
+    control_image: one image or one per request; with several nets, a list with that per net (diffusers' order)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    n = len(reqs)
+    if control_image is None:
+        raise EngineError("a ControlNet is loaded: give control_image= (one per request)")
+    several = isinstance(control_image, (list, tuple))
+    per_net_images = list(control_image) if len(nets) > 1 and several else [control_image]
+    if len(per_net_images) != len(nets):
+        raise EngineError(f"{len(nets)} ControlNets are loaded: give control_image as a list of {len(nets)} "
+                          "(one per net, each an image or one per request)")
+    scales = scale if isinstance(scale, (list, tuple)) and len(nets) == 1 and len(scale) == n else None
+    per_req = [[float(s)] for s in scales] if scales is not None else \
+        [per_net(scale, len(nets), "controlnet_conditioning_scale")] * n
+    proc = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor, do_convert_rgb=True, do_normalize=False)
+    rows = torch.tensor(plan["row_request"])
+    loaded, pixels = {}, []
+    for given in per_net_images:
+        images = list(given) if isinstance(given, (list, tuple)) else [given] * n
+        if len(images) != n:
+            raise EngineError(f"control_image has {len(images)} images for {n} requests")
+        if any(im is None for im in images):
+            raise EngineError("a ControlNet is loaded: give control_image= (one per request)")
+        for im in images:
+            if id(im) not in loaded:
+                loaded[id(im)] = proc.preprocess(load_image(im, "control image"), height=height, width=width)
+        pixels.append(torch.cat([loaded[id(im)] for im in images])[rows].to(pipe.device, pipe.dtype))
+    table = torch.tensor(per_req, dtype=torch.float32).T[:, rows].to(pipe.device)  # (nets, rows)
+    guess = None
+    if guess_mode:  # the prompt branch's rows: diffusers' conditional half
+        prompt_rows = [plan["branches"][j]["name"] == "full" for j in plan["branch_of_row"].tolist()]
+        guess = torch.tensor(prompt_rows, dtype=torch.float32, device=pipe.device)
+    return ControlState(pixels, table, per_net(start, len(nets), "control_guidance_start"),
+                        per_net(end, len(nets), "control_guidance_end"), guess)
+
+
+def residuals(nets, state: ControlState, x, t, text_rows, step: int, total: int, guess_mode: bool):
+    """(down residuals, mid residual) for this step, summed over the nets, scaled per row; None when every scale
+    is 0 this step (the UNet then runs as without a ControlNet)."""
+    down = mid = None
+    for k, net in enumerate(nets):
+        keep = 0.0 if (step / total < state.starts[k] or (step + 1) / total > state.ends[k]) else 1.0
+        scale = state.scales[k] * keep
+        if guess_mode:
+            scale = scale * state.guess_rows
+        if not bool(scale.any()):
+            continue
+        d, m = net(x, t, encoder_hidden_states=text_rows, controlnet_cond=state.images[k], conditioning_scale=1.0,
+                   guess_mode=guess_mode, return_dict=False)
+        w = scale.to(x.dtype).view(-1, 1, 1, 1)
+        d, m = [r * w for r in d], m * w
+        down = d if down is None else [a + b for a, b in zip(down, d)]
+        mid = m if mid is None else mid + m
+    return None if down is None else (down, mid)

@@ -1,0 +1,152 @@
+"""ControlNet (engine/controlnet.py) against diffusers' StableDiffusionControlNetPipeline on the same tiny weights:
+plain, with a conditioning scale and a guidance window, guess mode, two nets, and with an IP-Adapter+ image
+(diffusers' ControlNet pipeline with load_ip_adapter); scale 0 is no ControlNet; requests with different control
+images in one call equal each alone; a ControlNet that does not fit the UNet is one line naming the folder."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import NEGATIVE, PROMPT
+from engine.errors import EngineError
+
+STEPS = 4
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_controlnet(tiny, folder, seed, unet=None):
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    unet = unet or UNet2DConditionModel.from_pretrained(tiny["model"], subfolder="unet")
+    torch.manual_seed(seed)
+    # the conditioning embedding halves twice: the tiny VAE's factor is 4 (SD1.5's three times, for 8)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32))
+    with torch.no_grad():  # a trained net's zero convolutions are not zero: make them matter
+        for n, p in net.named_parameters():
+            if "controlnet_down_blocks" in n or "controlnet_mid_block" in n or "conv_out" in n:
+                p.normal_(0, 0.05)
+    net.save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def nets(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("controlnet")
+    return [make_controlnet(tiny, root / "a", 0), make_controlnet(tiny, root / "b", 1)]
+
+
+@pytest.fixture(scope="module")
+def controls():
+    g = np.random.RandomState(1)
+    return [Image.fromarray((g.rand(64, 64, 3) * 255).astype("uint8")) for _ in range(2)]
+
+
+def engine(tiny, nets, adapter=None):
+    from engine import Pipeline
+    extra = dict(image_encoder=tiny["image_encoder"], adapter=adapter) if adapter else {}
+    pipe = Pipeline.from_pretrained(tiny["model"], device="cpu", controlnet=nets, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_cn(tiny, nets, plus=None):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from transformers import CLIPVisionModelWithProjection
+
+    from engine.loading import _image_processor_class
+    models = [ControlNetModel.from_pretrained(n) for n in nets]
+    extra = {}
+    if plus is not None:
+        extra = dict(image_encoder=CLIPVisionModelWithProjection.from_pretrained(tiny["image_encoder"]),
+                     feature_extractor=_image_processor_class().from_pretrained(tiny["image_encoder"]))
+    d = StableDiffusionControlNetPipeline.from_pretrained(
+        tiny["model"], controlnet=models[0] if len(models) == 1 else models, safety_checker=None,
+        requires_safety_checker=False, **extra)
+    if plus is not None:
+        d.load_ip_adapter(str(plus.parent), subfolder="", weight_name=plus.name, image_encoder_folder=None)
+    d.set_progress_bar_config(disable=True)
+    return d
+
+
+def run_d(d, image, **kw):
+    return d(PROMPT, image=image, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=6.0,
+             generator=torch.Generator("cpu").manual_seed(1), output_type="latent", **kw).images
+
+
+def run_e(pipe, control, **kw):
+    return pipe(PROMPT, negative_prompt=NEGATIVE, control_image=control, num_inference_steps=STEPS, seed=1,
+                output_type="latent", **kw)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(controlnet_conditioning_scale=0.5, control_guidance_start=0.25,
+                                        control_guidance_end=0.75), dict(guess_mode=True)])
+def test_one_controlnet_matches_diffusers(tiny, nets, controls, kw):
+    got = run_e(engine(tiny, nets[0]), controls[0], **kw)
+    torch.testing.assert_close(got, run_d(diffusers_cn(tiny, nets[:1]), controls[0], **kw), atol=1e-4, rtol=1e-4)
+
+
+def test_two_controlnets_match_diffusers(tiny, nets, controls):
+    kw = dict(controlnet_conditioning_scale=[0.7, 1.2])
+    got = run_e(engine(tiny, nets), list(controls), **kw)
+    torch.testing.assert_close(got, run_d(diffusers_cn(tiny, nets), list(controls), **kw), atol=1e-4, rtol=1e-4)
+    with pytest.raises(EngineError, match="2 ControlNets are loaded: give control_image as a list of 2"):
+        run_e(engine(tiny, nets), controls[0])
+
+
+def test_with_an_ip_adapter_plus_image(tiny, nets, controls, plus_dir, cond_image):
+    d = diffusers_cn(tiny, nets[:1], plus_dir / "plus.safetensors")
+    d.set_ip_adapter_scale(0.7)
+    want = run_d(d, controls[0], ip_adapter_image=cond_image)
+    pipe = engine(tiny, nets[0], str(plus_dir / "plus.safetensors"))
+    got = pipe(PROMPT, cond_image, negative_prompt=NEGATIVE, scale=0.7, control_image=controls[0],
+               num_inference_steps=STEPS, seed=1, output_type="latent")
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_scale_zero_is_no_controlnet_and_a_batch_equals_each_alone(tiny, nets, controls):
+    from engine import Pipeline
+    base = Pipeline.from_pretrained(tiny["model"], device="cpu")
+    base.set_progress_bar_config(disable=True)
+    pipe = engine(tiny, nets[0])
+    kw = dict(negative_prompt=NEGATIVE, num_inference_steps=STEPS, output_type="latent")
+    assert torch.equal(pipe(PROMPT, control_image=controls[0], controlnet_conditioning_scale=0.0, seed=1, **kw),
+                       base(PROMPT, seed=1, **kw))
+    both = pipe([PROMPT, "a blue boat"], control_image=list(controls), controlnet_conditioning_scale=[1.0, 0.4],
+                seed=[1, 2], **kw)
+    alone = torch.cat([pipe(PROMPT, control_image=controls[0], seed=1, **kw),
+                       pipe("a blue boat", control_image=controls[1], controlnet_conditioning_scale=0.4, seed=2, **kw)])
+    torch.testing.assert_close(both, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_controlnets_are_one_line(tiny, nets, controls, tmp_path):
+    from diffusers import UNet2DConditionModel
+    other = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                 block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                 attention_head_dim=8, norm_num_groups=8)
+    wrong = make_controlnet(tiny, tmp_path / "wrong", 0, unet=other)
+    with pytest.raises(EngineError, match=r"the ControlNet .*wrong does not fit this UNet"):
+        engine(tiny, wrong)
+    with pytest.raises(EngineError, match="ControlNet folder not found: .*none"):
+        engine(tiny, str(tmp_path / "none"))
+    with pytest.raises(EngineError, match="give control_image="):
+        run_e(engine(tiny, nets[0]), None)
+    from engine import Pipeline
+    with pytest.raises(EngineError, match="no ControlNet is loaded"):
+        Pipeline.from_pretrained(tiny["model"], device="cpu")(PROMPT, control_image=controls[0], num_inference_steps=1)
+
+
+def test_cli_controlnet_flags(tiny, nets, controls, tmp_path):
+    src, out = tmp_path / "edges.png", tmp_path / "x.png"
+    controls[0].save(src)
+    r = subprocess.run([sys.executable, "-m", "engine", "generate", "--model", tiny["model"], "--prompt", PROMPT,
+                        "--negative-prompt", NEGATIVE, "--steps", str(STEPS), "--seed", "1", "--device", "cpu",
+                        "--controlnet", nets[0], "--control-image", str(src), "--controlnet-scale", "0.5",
+                        "--no-progress", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    want = engine(tiny, nets[0])(PROMPT, negative_prompt=NEGATIVE, control_image=controls[0],
+                                 controlnet_conditioning_scale=0.5, num_inference_steps=STEPS, seed=1)[0]
+    assert np.abs(np.asarray(Image.open(out).convert("RGB"), int) - np.asarray(want, int)).max() <= 1
