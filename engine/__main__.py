@@ -169,6 +169,9 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--tiny", action="store_true", help="the tiny random weights (built once, as `make demo` does)")
     s.add_argument("--host", default=C.host, help="bind address (default: loopback only)")
     s.add_argument("--port", type=int, default=C.port, help="0 picks a free port")
+    s.add_argument("--controlnet", action="append", default=[], metavar="DIR",
+                   help="a diffusers ControlNetModel folder (one): requests then send control_image")
+    add_lora_arg(s)
     add_runtime_args(s)
     s.add_argument("--max-batch-rows", type=positive_int, default=C.max_batch_rows,
                    help="UNet rows per call: requests x guidance branches (2 simple, 4 full) x images")
@@ -372,6 +375,8 @@ def check_serve_args(parser: Parser, a) -> None:
                      "--max-upload-mb must be positive")
     if a.cuda_graphs and a.device == "cpu":
         parser.error("--cuda-graphs needs a CUDA device (not --device cpu)")
+    if len(a.controlnet) > 1:
+        parser.error("serve takes one --controlnet (requests carry one control_image)")
     if (a.replicas != 1 or a.gpus_per_replica is not None) and not a.ray:
         parser.error("--replicas and --gpus-per-replica need --ray")
 

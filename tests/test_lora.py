@@ -182,3 +182,23 @@ def test_cli_lora_flag(tiny, loras, pipe, tmp_path):
                         "--lora", f"{loras['a']}:x", "--out", str(tmp_path / "y.png")], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--lora" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_serve_with_a_lora(tiny, loras, pipe):
+    """serve --lora FILE:SCALE fuses it at start-up: answers equal the pipeline with the same LoRA."""
+    import numpy as np
+
+    from engine.server.config import ServerConfig
+    from server_utils import InProcessServer, decode_png
+
+    server = InProcessServer(ServerConfig(model=tiny["model"], device="cpu", lora=((str(loras["a"]), 0.7),)), None)
+    try:
+        r = server.request("POST", "/v1/generate", json={"prompt": PROMPT, "negative_prompt": NEGATIVE,
+                                                         "num_inference_steps": STEPS, "seed": 1})
+        assert r.status_code == 200, r.text
+        assert server.state.pipe.loras == {"lora_0": 0.7}
+    finally:
+        server.close()
+    pipe.load_lora_weights(loras["a"], scale=0.7)
+    want = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, seed=1)[0]
+    assert np.abs(np.asarray(decode_png(r.json()["images"][0]), int) - np.asarray(want, int)).max() <= 1

@@ -89,7 +89,10 @@ class ServerState:
                 from ..pipeline import Pipeline
             self.pipe = Pipeline.from_pretrained(c.model, image_encoder=c.image_encoder, adapter=c.adapter,
                                                  device=c.device, dtype=c.dtype, attention_backend=c.attention_backend,
-                                                 backend=c.backend, engines=c.engines)
+                                                 backend=c.backend, engines=c.engines,
+                                                 **({"controlnet": list(c.controlnet)} if c.controlnet else {}))
+            for path, scale in c.lora:  # fused: nothing per step
+                self.pipe.load_lora_weights(path, scale=scale)
         self.pipe.set_progress_bar_config(disable=True)
         if c.compile:
             self.pipe.compile()
@@ -240,7 +243,7 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
         """One request of `Pipeline.__call__`. JSON (image as base64 or a data URL) or multipart/form-data (image as
         a file part). `Accept: image/png` with one image answers the PNG; `stream: true` or
         `Accept: text/event-stream` answers server-sent events (`progress`, then `result` or `error`)."""
-        return await handle(request, "generate", GenerateRequest, ("image",))
+        return await handle(request, "generate", GenerateRequest, ("image", "control_image"))
 
     @app.post("/v1/edit", response_model=GenerateResponse, dependencies=[Depends(authorize)], responses={
         **errors, 200: {"content": {"image/png": {}, "text/event-stream": {}}}}, openapi_extra=body_schema(EditRequest))
@@ -268,7 +271,8 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
             except ImageRejected as e:
                 raise ApiError(e.status, e.code, str(e), name) from None
         try:
-            work = state.runner.prepare(req, images if task == "edit" else images.get("image"))
+            work = state.runner.prepare(req, images) if task == "edit" else \
+                state.runner.prepare(req, images.get("image"), images.get("control_image"))
         except FieldError as e:
             raise ApiError(422, "invalid_request", str(e), e.field) from None
         rows = work.rows

@@ -17,6 +17,8 @@ class ServerConfig:
     attention_backend: str = "auto"
     backend: str = "pytorch"              # or tensorrt: the plans in `engines` (python -m export trt --out DIR)
     engines: str | None = None
+    controlnet: tuple = ()                # ControlNet folder (one; requests then send control_image)
+    lora: tuple = ()                      # (file, scale) pairs, fused into the weights at start-up
     max_batch_rows: int = 16              # UNet rows in one call: requests x guidance branches x images
     max_wait_ms: float = 10.0             # how long the oldest waiting request waits for company
     max_queue: int = 64                   # waiting requests; one more is answered 429
@@ -33,7 +35,8 @@ class ServerConfig:
     @classmethod
     def from_args(cls, args) -> "ServerConfig":
         """The fields of an argparse namespace whose names match (the CLI flags)."""
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
     def api_key(self) -> str | None:
         if self.api_key_file is None:

@@ -46,8 +46,15 @@ class GenerateRequest(BaseModel):
     num_images: int = Field(1, ge=1, le=MAX_NUM_IMAGES)
     scheduler: Literal[SCHEDULER_NAMES] = "default"  # type: ignore[valid-type]
     stream: bool = Field(False, description="server-sent events: progress, then result")
+    # a server started with --controlnet: the net's input and its strength
+    control_image: Optional[str] = Field(None, description="the ControlNet's input: base64 or a data URL")
+    controlnet_conditioning_scale: float = 1.0
+    control_guidance_start: float = Field(0.0, ge=0.0, le=1.0)
+    control_guidance_end: float = Field(1.0, ge=0.0, le=1.0)
+    guess_mode: bool = False
 
-    @field_validator("guidance_scale", "instruct_guidance_scale", "image_guidance_scale")
+    @field_validator("guidance_scale", "instruct_guidance_scale", "image_guidance_scale",
+                     "controlnet_conditioning_scale")
     @classmethod
     def finite(cls, v: float) -> float:
         if not math.isfinite(v):

@@ -36,6 +36,7 @@ class Work:
     height: int
     width: int
     rows: int   # UNet rows in a call: guidance branches x images
+    control: Image.Image | None = None  # the ControlNet's input (a server started with --controlnet)
 
 
 class PipelineRunner:
@@ -46,8 +47,13 @@ class PipelineRunner:
         self.kind = pipe.adapter.kind if pipe.adapter is not None else None
         self.native, self.factor = native_from_configs(pipe.unet.config, pipe.vae.config)
 
-    def prepare(self, req: GenerateRequest, image: Image.Image | None) -> Work:
+    def prepare(self, req: GenerateRequest, image: Image.Image | None, control: Image.Image | None = None) -> Work:
         """The checks that need the model, before the request is queued; raises FieldError."""
+        nets = getattr(self.pipe, "controlnets", None)
+        if nets and control is None:
+            raise FieldError("control_image", "this server runs a ControlNet: control_image is required")
+        if not nets and (control is not None or req.controlnet_conditioning_scale != 1.0):
+            raise FieldError("control_image", "this server runs no ControlNet: send no control_image")
         try:
             height, width = check_size(req.height, req.width, self.native, self.factor)
         except EngineError as e:
@@ -76,12 +82,15 @@ class PipelineRunner:
             mode = resolve_mode(req.guidance_mode, req.instruct, req.guidance_scale, self.kind == "instruct")
         except EngineError as e:
             raise FieldError("guidance_mode", str(e)) from None
-        return Work(req, image, height, width, BRANCH_ROWS[mode] * req.num_images)
+        return Work(req, image, height, width, BRANCH_ROWS[mode] * req.num_images, control)
 
     @staticmethod
     def key(work: Work) -> tuple:
         """Requests with equal keys can share one Pipeline call."""
-        return work.height, work.width, work.req.num_inference_steps, work.req.scheduler, work.req.num_images
+        r = work.req
+        control = (getattr(r, "control_guidance_start", 0.0), getattr(r, "control_guidance_end", 1.0),
+                   getattr(r, "guess_mode", False))  # per call in the pipeline
+        return work.height, work.width, r.num_inference_steps, r.scheduler, r.num_images, *control
 
     def __call__(self, works: list[Work], progress=None) -> list[dict]:
         """One Pipeline call for requests of one key -> per request {"images": [PIL], "timings": {...}}."""
@@ -95,6 +104,11 @@ class PipelineRunner:
         if self.kind is not None:
             kwargs["image"] = [w.image for w in works]
             kwargs["instruct"] = [w.req.instruct for w in works]
+        if getattr(self.pipe, "controlnets", None):
+            kwargs.update(control_image=[w.control for w in works],
+                          controlnet_conditioning_scale=[w.req.controlnet_conditioning_scale for w in works],
+                          control_guidance_start=first.control_guidance_start,
+                          control_guidance_end=first.control_guidance_end, guess_mode=first.guess_mode)
         t0 = time.perf_counter()
         images = self.pipe(**kwargs)
         stages = {k: round(v, 3) for k, v in self.pipe.timings.items() if k in STAGES}
@@ -115,9 +129,10 @@ class PipelineRunner:
 
     def warmup_work(self) -> Work:
         """One 1-step request at the native size: kernels, allocator and caches ready before /ready."""
-        image = Image.new("RGB", (64, 64), (127, 127, 127)) if self.kind else None
+        grey = Image.new("RGB", (64, 64), (127, 127, 127))
         instruct = "everything" if self.kind == "instruct" else None
-        return self.prepare(GenerateRequest(num_inference_steps=1, instruct=instruct), image)
+        return self.prepare(GenerateRequest(num_inference_steps=1, instruct=instruct), grey if self.kind else None,
+                            grey if getattr(self.pipe, "controlnets", None) else None)
 
 
 @dataclass
