@@ -114,6 +114,7 @@ class ExportedPipeline(Pipeline):
         self.attention_backend = f"{self.runtime} ({manifest.get('attention', 'plugin')} attention)"
         self.adapter = SimpleNamespace(kind=manifest["source"]["adapter_kind"], projector=self._project_graph)
         self.cross, self._static, self._fused_projector = {}, None, False
+        self.controlnets = []  # (the graphs take no ControlNet residuals yet)
         self._progress, self.timings = {}, {}
 
     runtime = "exported graphs"  # what runs them, for logs and the server's /v1/models
