@@ -28,6 +28,8 @@ class _Entry:
     ctx: AdapterContext
     run: object = None                     # () -> eps rows (replays the graph, or calls the UNet)
     request: object = field(default=None)  # the AdapterContext whose K/V and scales are in the buffers now
+    down: list | None = None               # ControlNet residuals (an entry of its own: copied every step)
+    mid: torch.Tensor | None = None
 
 
 def _clone(t):
@@ -42,18 +44,21 @@ class StaticUNet:
         self.entries: dict[tuple, _Entry] = {}
 
     @staticmethod
-    def _key(x, t, text, ctx: AdapterContext) -> tuple:
+    def _key(x, t, text, ctx: AdapterContext, control=None) -> tuple:
         # the timestep's dtype too: PNDM/DDIM give int64 timesteps, Euler fractional float ones, and a float
         # copied into an int buffer would be truncated silently
         layers = tuple((n, *(None if v is None else tuple(v.shape) for v in kv)) for n, kv in sorted(ctx.kv.items()))
-        return tuple(x.shape), tuple(text.shape), x.dtype, torch.as_tensor(t).dtype, layers
+        residuals = None if control is None else tuple(tuple(r.shape) for r in (*control[0], control[1]))
+        return tuple(x.shape), tuple(text.shape), x.dtype, torch.as_tensor(t).dtype, layers, residuals
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, ctx: AdapterContext) -> torch.Tensor:
-        # x: (rows, 4, h, w) scaled model input; t: () timestep; text: (rows, Lt, cross_dim) -> eps (rows, 4, h, w)
-        key = self._key(x, t, text, ctx)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, ctx: AdapterContext,
+                 control=None) -> torch.Tensor:
+        # x: (rows, 4, h, w) scaled model input; t: () timestep; text: (rows, Lt, cross_dim) -> eps (rows, 4, h, w);
+        # control: ControlNet (down residuals, mid residual) of this step, or None
+        key = self._key(x, t, text, ctx, control)
         e = self.entries.get(key)
         if e is None:
-            e = self.entries[key] = self._build(x, t, text, ctx)
+            e = self.entries[key] = self._build(x, t, text, ctx, control)
         if e.request is not ctx:  # a new request: its step-invariant tensors into the buffers, once
             for name, kv in ctx.kv.items():
                 for dst, src in zip(e.ctx.kv[name], kv):
@@ -65,17 +70,24 @@ class StaticUNet:
             e.request = ctx
         e.x.copy_(x)
         e.t.copy_(t)
+        if control is not None:
+            for dst, src in zip((*e.down, e.mid), (*control[0], control[1])):
+                dst.copy_(src)
         return e.run()
 
-    def _build(self, x, t, text, ctx) -> _Entry:
+    def _build(self, x, t, text, ctx, control=None) -> _Entry:
         static_ctx = AdapterContext(kv={n: tuple(_clone(v) for v in kv) for n, kv in ctx.kv.items()},
                                     scale={n: s.clone() for n, s in ctx.scale.items()})
         e = _Entry(x=x.clone(), t=torch.as_tensor(t, device=x.device).clone(), text=text.clone(), ctx=static_ctx,
                    request=ctx)
+        if control is not None:
+            e.down, e.mid = [r.clone() for r in control[0]], control[1].clone()
 
         def step():
+            extra = {} if e.down is None else dict(down_block_additional_residuals=e.down,
+                                                   mid_block_additional_residual=e.mid)
             return self.unet(e.x, e.t, encoder_hidden_states=e.text, return_dict=False,
-                             cross_attention_kwargs={"adapter": e.ctx})[0]
+                             cross_attention_kwargs={"adapter": e.ctx}, **extra)[0]
 
         if not self.capture:
             e.run = step

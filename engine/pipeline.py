@@ -197,10 +197,10 @@ class Pipeline(LoraMixin):
         if self._static is not None:
             self._static.entries.clear()  # graphs captured before hold the previous backend's kernels
         # the other fused kernels follow the same choice: the projector's blocks (head size 64 in every
-        # released checkpoint), GroupNorm+SiLU in the UNet's and VAE's resnets, GEGLU
+        # released checkpoint), GroupNorm+SiLU in the UNet's, VAE's and ControlNets' resnets, GEGLU
         fused = choose(self.device, self.dtype, 64, backend) == "triton"
         self._fused_projector = self.adapter is not None and self.adapter.kind != "plain" and fused
-        for m in (self.unet, self.vae):
+        for m in (self.unet, self.vae, *getattr(self, "controlnets", ())):
             if fused:
                 fastpath.fuse(m)
             else:
@@ -352,14 +352,12 @@ class Pipeline(LoraMixin):
 
     def _unet_step(self, x, t, text_rows, ctx, control=None) -> torch.Tensor:
         # x: (rows, C, h, w) -> noise prediction per row; control: ControlNet (down, mid) residuals or None
-        if control is not None:  # (eager: the CUDA-graph buffers hold no residuals yet)
-            return self.unet(x, t, encoder_hidden_states=text_rows, return_dict=False,
-                             cross_attention_kwargs={"adapter": ctx}, down_block_additional_residuals=control[0],
-                             mid_block_additional_residual=control[1])[0]
-        if self._static is not None:  # CUDA graphs: static buffers, replayed
-            return self._static(x, t, text_rows, ctx)
+        if self._static is not None:  # CUDA graphs: static buffers (the residuals among them), replayed
+            return self._static(x, t, text_rows, ctx, control)
+        extra = {} if control is None else dict(down_block_additional_residuals=control[0],
+                                                mid_block_additional_residual=control[1])
         return self.unet(x, t, encoder_hidden_states=text_rows, return_dict=False,
-                         cross_attention_kwargs={"adapter": ctx})[0]
+                         cross_attention_kwargs={"adapter": ctx}, **extra)[0]
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         from diffusers.image_processor import VaeImageProcessor
