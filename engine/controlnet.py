@@ -54,6 +54,7 @@ class ControlState:
     starts: list[float]         # per net
     ends: list[float]
     guess_rows: torch.Tensor | None  # (rows,) 1 for prompt-branch rows in guess mode, else None
+    active: list[bool]          # per net: any row with a non-zero scale (read once: no host sync per step)
 
 
 def per_net(value, n: int, name: str) -> list:
@@ -98,8 +99,10 @@ def control_state(pipe, nets, reqs, plan, height: int, width: int, control_image
     if guess_mode:  # the prompt branch's rows: diffusers' conditional half
         prompt_rows = [plan["branches"][j]["name"] == "full" for j in plan["branch_of_row"].tolist()]
         guess = torch.tensor(prompt_rows, dtype=torch.float32, device=pipe.device)
+    weight = table * (guess if guess is not None else 1.0)
     return ControlState(pixels, table, per_net(start, len(nets), "control_guidance_start"),
-                        per_net(end, len(nets), "control_guidance_end"), guess)
+                        per_net(end, len(nets), "control_guidance_end"), guess,
+                        [bool(weight[k].any()) for k in range(len(nets))])
 
 
 def residuals(nets, state: ControlState, x, t, text_rows, step: int, total: int, guess_mode: bool):
@@ -107,12 +110,9 @@ def residuals(nets, state: ControlState, x, t, text_rows, step: int, total: int,
     is 0 this step (the UNet then runs as without a ControlNet)."""
     down = mid = None
     for k, net in enumerate(nets):
-        keep = 0.0 if (step / total < state.starts[k] or (step + 1) / total > state.ends[k]) else 1.0
-        scale = state.scales[k] * keep
-        if guess_mode:
-            scale = scale * state.guess_rows
-        if not bool(scale.any()):
-            continue
+        if not state.active[k] or step / total < state.starts[k] or (step + 1) / total > state.ends[k]:
+            continue  # every scale 0 this step: the UNet runs as without this net
+        scale = state.scales[k] if not guess_mode else state.scales[k] * state.guess_rows
         d, m = net(x, t, encoder_hidden_states=text_rows, controlnet_cond=state.images[k], conditioning_scale=1.0,
                    guess_mode=guess_mode, return_dict=False)
         w = scale.to(x.dtype).view(-1, 1, 1, 1)

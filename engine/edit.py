@@ -30,7 +30,7 @@ from PIL import Image
 
 from .errors import EngineError
 from .loading import load_image
-from .pipeline import Pipeline, Request
+from .pipeline import Pipeline, Request, expand_rows
 
 EDIT_NEGATIVE = ""  # diffusers' IP2P default
 
@@ -146,20 +146,7 @@ class EditPipeline(Pipeline):
                 if self.adapter is not None and self.adapter.kind == "instruct":
                     texts.update((row["instruct"], row["ip_prompt"]))
                 branches.append(row)
-        offsets = [0]
-        for req in reqs:
-            offsets.append(offsets[-1] + req.num_images)
-        branch_of_row, latent_of_row, cols = [], [], []
-        for j, row in enumerate(branches):
-            for k in range(reqs[row["r"]].num_images):
-                branch_of_row.append(j)
-                latent_of_row.append(offsets[row["r"]] + k)
-                cols.append(row["w"])
-        weights = torch.zeros(offsets[-1], len(cols), dtype=torch.float32)
-        weights[torch.tensor(latent_of_row), torch.arange(len(cols))] = torch.tensor(cols, dtype=torch.float32)
-        return {"branches": branches, "texts": texts, "text": [b["text"] for b in branches],
-                "branch_of_row": torch.tensor(branch_of_row), "latent_of_row": torch.tensor(latent_of_row),
-                "row_request": [branches[j]["r"] for j in branch_of_row], "weights": weights}
+        return expand_rows(branches, texts, reqs)
 
     def _unet_inputs(self, text_rows, ip_rows, reqs, plan):
         text_rows, ctx = super()._unet_inputs(text_rows, ip_rows, reqs, plan)

@@ -37,33 +37,34 @@ def resolve(path_or_id, what: str) -> str:
     raise EngineError(f"{what} not found: {p}")
 
 
-def native_size(model) -> tuple[int, int] | None:
-    """(native height/width in pixels, VAE factor) of a local diffusers folder, read from unet/config.json
-    (sample_size) and vae/config.json (block_out_channels) without loading weights; None when `model` is not a
-    local folder with both configs (a hub id: the pipeline checks once it has loaded)."""
+def read_configs(model) -> tuple[dict, dict] | None:
+    """(unet/config.json, vae/config.json) of a local diffusers folder, without loading weights; None when `model`
+    is not a local folder with both (a hub id: the pipeline checks once it has loaded)."""
     src = os.path.expanduser(os.fspath(model))
     try:
         with open(os.path.join(src, "unet", "config.json")) as fh:
             unet = json.load(fh)
         with open(os.path.join(src, "vae", "config.json")) as fh:
             vae = json.load(fh)
-        return native_from_configs(unet, vae)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
+        return None
+    return (unet, vae) if isinstance(unet, dict) and isinstance(vae, dict) else None
+
+
+def native_size(model) -> tuple[int, int] | None:
+    """(native height/width in pixels, VAE factor) of a local diffusers folder (read_configs), or None."""
+    configs = read_configs(model)
+    try:
+        return None if configs is None else native_from_configs(*configs)
+    except (KeyError, TypeError):
         return None
 
 
 def is_edit_model(model) -> bool:
     """Whether a local diffusers folder is an InstructPix2Pix model (its UNet takes twice the VAE's latent
-    channels), read from the configs without loading weights; False for a hub id or an unreadable folder."""
-    src = os.path.expanduser(os.fspath(model))
-    try:
-        with open(os.path.join(src, "unet", "config.json")) as fh:
-            unet = json.load(fh)
-        with open(os.path.join(src, "vae", "config.json")) as fh:
-            vae = json.load(fh)
-        return unet.get("in_channels") == 2 * vae.get("latent_channels", 4)
-    except (OSError, ValueError, AttributeError):
-        return False
+    channels); False for a hub id or an unreadable folder."""
+    configs = read_configs(model)
+    return configs is not None and configs[0].get("in_channels") == 2 * configs[1].get("latent_channels", 4)
 
 
 def native_from_configs(unet_config, vae_config) -> tuple[int, int]:

@@ -71,6 +71,25 @@ def check_channels(unet_channels: int, latent_channels: int, edit: bool) -> None
                           "not a Stable Diffusion text-to-image or InstructPix2Pix model")
 
 
+def expand_rows(branches: list[dict], texts: set, reqs: list) -> dict:
+    """The plan from branch rows ({"r": request, "w": weight, "text": ...}): UNet rows (branches x each request's
+    images), which latent each row predicts for, and the weight matrix combining rows into latents."""
+    offsets = [0]
+    for req in reqs:
+        offsets.append(offsets[-1] + req.num_images)
+    branch_of_row, latent_of_row, cols = [], [], []
+    for j, row in enumerate(branches):
+        for k in range(reqs[row["r"]].num_images):
+            branch_of_row.append(j)
+            latent_of_row.append(offsets[row["r"]] + k)
+            cols.append(row["w"])
+    weights = torch.zeros(offsets[-1], len(cols), dtype=torch.float32)
+    weights[torch.tensor(latent_of_row), torch.arange(len(cols))] = torch.tensor(cols, dtype=torch.float32)
+    return {"branches": branches, "texts": texts, "text": [b["text"] for b in branches],
+            "branch_of_row": torch.tensor(branch_of_row), "latent_of_row": torch.tensor(latent_of_row),
+            "row_request": [branches[j]["r"] for j in branch_of_row], "weights": weights}
+
+
 class Pipeline(LoraMixin):
     EDIT = False  # EditPipeline (engine/edit.py): an InstructPix2Pix UNet
 
@@ -437,20 +456,7 @@ class Pipeline(LoraMixin):
                 if instruct:
                     texts.update((row["instruct"], row["ip_prompt"]))
                 branches.append(row)
-        offsets = [0]
-        for req in reqs:
-            offsets.append(offsets[-1] + req.num_images)
-        branch_of_row, latent_of_row, cols = [], [], []
-        for j, row in enumerate(branches):
-            for k in range(reqs[row["r"]].num_images):
-                branch_of_row.append(j)
-                latent_of_row.append(offsets[row["r"]] + k)
-                cols.append(row["w"])
-        weights = torch.zeros(offsets[-1], len(cols), dtype=torch.float32)
-        weights[torch.tensor(latent_of_row), torch.arange(len(cols))] = torch.tensor(cols, dtype=torch.float32)
-        return {"branches": branches, "texts": texts, "text": [b["text"] for b in branches],
-                "branch_of_row": torch.tensor(branch_of_row), "latent_of_row": torch.tensor(latent_of_row),
-                "row_request": [branches[j]["r"] for j in branch_of_row], "weights": weights}
+        return expand_rows(branches, texts, reqs)
 
     def _project(self, hidden: torch.Tensor, image_of_req: list[int], emb: dict, plan: dict) -> torch.Tensor:
         # hidden: (unique images + 1, Ni, image_dim), last row the zero image -> (branch rows, Q, cross_dim)

@@ -31,16 +31,11 @@ KINDS = {"text_to_image": GRAPHS, "edit": EDIT_GRAPHS}  # manifest "kind" -> its
 
 
 def model_kind(model) -> str:
-    """"edit" when the model's UNet takes twice the VAE's latent channels (InstructPix2Pix), else "text_to_image";
-    a folder whose configs do not read is left to the pipeline's loader to name what is wrong."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    """"edit" for an InstructPix2Pix folder (engine.loading.is_edit_model), else "text_to_image"; a folder whose
+    configs do not read is left to the pipeline's loader to name what is wrong."""
+    from engine.loading import is_edit_model
 
-    try:
-        unet = UNet2DConditionModel.load_config(model, subfolder="unet")
-        vae = AutoencoderKL.load_config(model, subfolder="vae")
-    except Exception:  # missing folder or config, bad JSON, an unreachable hub id: all reported on load
-        return "text_to_image"
-    return "edit" if unet.get("in_channels") == 2 * vae.get("latent_channels", 4) else "text_to_image"
+    return "edit" if is_edit_model(model) else "text_to_image"
 
 
 def _tensor_entry(t) -> dict:
