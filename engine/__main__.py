@@ -83,12 +83,24 @@ def build_parser() -> Parser:
                                         "instruction (with --adapter)")
     g.add_argument("--model", required=True, help="diffusers SD1.5 folder (or hub id)")
     g.add_argument("--image-encoder", help="CLIPVisionModelWithProjection folder (with --adapter)")
-    g.add_argument("--adapter", help="two-key adapter file (.bin or .safetensors); without it: text to image")
-    g.add_argument("--image", help="condition image (with --adapter)")
+    g.add_argument("--adapter", action="append", default=[], metavar="FILE",
+                   help="two-key adapter file (.bin or .safetensors); repeatable: several adapters act together; "
+                        "without it: text to image")
+    g.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="condition image (with --adapter); repeatable: one per --adapter, or with one adapter "
+                        "several images whose tokens are concatenated")
     g.add_argument("--prompt", default=DEFAULT_PROMPT)
     g.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE)
     g.add_argument("--instruct", default=None, help="what to take from the image (required by IPAdapter-Instruct)")
-    g.add_argument("--scale", type=float, default=0.8, help="adapter strength (0 = base model)")
+    g.add_argument("--scale", type=float, action="append", default=[], metavar="F",
+                   help="adapter strength (default 0.8; 0 = base model); repeatable: one per --adapter")
+    g.add_argument("--adapter-mask", action="append", default=[], metavar="PATH",
+                   help="where an adapter acts (white) in the output, as diffusers' IPAdapterMaskProcessor reads it; "
+                        "one per --adapter, '-' for none")
+    g.add_argument("--adapter-start", type=float, action="append", default=[], metavar="F",
+                   help="fraction of the steps where the adapter begins to act (default 0; one, or one per --adapter)")
+    g.add_argument("--adapter-end", type=float, action="append", default=[], metavar="F",
+                   help="fraction of the steps where it stops (default 1; one, or one per --adapter)")
     g.add_argument("--guidance-scale", type=float, default=6.0)
     g.add_argument("--instruct-guidance-scale", type=float, default=6.0)
     g.add_argument("--image-guidance-scale", type=float, default=1.0)
@@ -201,16 +213,48 @@ def add_serve_parser(sub) -> None:
 
 def check_generate_args(parser: Parser, a) -> None:
     """Flag combinations: an adapter run needs its image encoder and a condition image; a text-only run none."""
-    if a.adapter is not None:
+    if a.adapter:
         for flag, value in (("--image-encoder", a.image_encoder), ("--image", a.image)):
-            if value is None:
+            if not value:
                 parser.error(f"--adapter needs {flag} too (or drop --adapter for text-only generation)")
+        n = len(a.adapter)
+        for flag, values, allowed in (("--image", a.image, None), ("--scale", a.scale, (0, 1, n)),
+                                      ("--adapter-mask", a.adapter_mask, (0, n)),
+                                      ("--adapter-start", a.adapter_start, (0, 1, n)),
+                                      ("--adapter-end", a.adapter_end, (0, 1, n))):
+            if n > 1 and allowed is None:
+                allowed = (1, n)
+            if allowed is not None and len(values) not in allowed:
+                parser.error(f"{flag} is given {len(values)} times for {n} --adapter: give it "
+                             f"{' or '.join(str(k) for k in allowed if k)} times")
     else:
         given = [f for f, v in (("--image-encoder", a.image_encoder), ("--image", a.image),
-                                ("--instruct", a.instruct)) if v is not None]
+                                ("--instruct", a.instruct), ("--scale", a.scale), ("--adapter-mask", a.adapter_mask),
+                                ("--adapter-start", a.adapter_start), ("--adapter-end", a.adapter_end)) if v]
         if given:
             verb = "needs" if len(given) == 1 else "need"
             parser.error(f"{' and '.join(given)} {verb} --adapter (text-only generation takes none of them)")
+
+
+def adapter_call_args(a) -> dict:
+    """The generate flags of one request as Pipeline.__call__ takes them (several adapters: a list per adapter
+    inside the request's entry)."""
+    if not a.adapter:
+        return {"image": None, "scale": 0.8}
+    n = len(a.adapter)
+    images = [load_image(p) for p in a.image]
+
+    def per_adapter(values, default):
+        if not values:
+            return default
+        return values[0] if len(values) == 1 else [list(values)]
+    # one image for every adapter; else one per adapter, or (one adapter) several whose tokens are concatenated
+    image = images[0] if len(images) == 1 else [images]
+    masks = [None if m == "-" else load_image(m, "adapter mask") for m in a.adapter_mask]
+    return {"image": image, "scale": per_adapter(a.scale, 0.8),
+            "adapter_masks": None if not masks or all(m is None for m in masks) else
+            (masks[0] if n == 1 else [masks]),
+            "adapter_start": per_adapter(a.adapter_start, 0.0), "adapter_end": per_adapter(a.adapter_end, 1.0)}
 
 
 def cmd_generate(a) -> int:
@@ -219,7 +263,7 @@ def cmd_generate(a) -> int:
     native = native_size(a.model)
     if native is not None:  # a hub id is checked by the pipeline once loaded
         check_size(a.height, a.width, *native, a.max_size)
-    image = load_image(a.image) if a.image else None
+    adapter_args = adapter_call_args(a)
     quiet_libraries()
     from .pipeline import Pipeline
 
@@ -227,14 +271,15 @@ def cmd_generate(a) -> int:
         raise EngineError(f"give one --control-image (and at most one --controlnet-scale) per --controlnet: got "
                           f"{len(a.controlnet)} nets, {len(a.control_image)} images, {len(a.controlnet_scale)} scales")
     controls = [load_image(p, "control image") for p in a.control_image]
-    pipe = Pipeline.from_pretrained(a.model, image_encoder=a.image_encoder, adapter=a.adapter,
+    adapter = None if not a.adapter else (a.adapter[0] if len(a.adapter) == 1 else a.adapter)
+    pipe = Pipeline.from_pretrained(a.model, image_encoder=a.image_encoder, adapter=adapter,
                                     device=a.device, dtype=a.dtype, attention_backend=a.attention_backend,
                                     backend=a.backend, engines=a.engines, controlnet=a.controlnet or None)
     for path, scale in a.lora:
         pipe.load_lora_weights(path, scale=scale)
     pipe.set_progress_bar_config(disable=a.no_progress)
-    images = pipe(prompt=a.prompt, image=image, instruct=a.instruct, negative_prompt=a.negative_prompt,
-                  scale=a.scale, guidance_scale=a.guidance_scale, instruct_guidance_scale=a.instruct_guidance_scale,
+    images = pipe(prompt=a.prompt, instruct=a.instruct, negative_prompt=a.negative_prompt, **adapter_args,
+                  guidance_scale=a.guidance_scale, instruct_guidance_scale=a.instruct_guidance_scale,
                   image_guidance_scale=a.image_guidance_scale, guidance_mode=a.guidance_mode,
                   num_inference_steps=a.steps, height=a.height, width=a.width, num_images_per_prompt=a.num_images,
                   seed=a.seed, scheduler=a.scheduler, max_size=a.max_size,

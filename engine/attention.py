@@ -27,9 +27,20 @@ from .errors import EngineError
 
 @dataclass
 class AdapterContext:
-    """Per-call state: encoder K/V per cross-attention layer and per-row adapter scales."""
+    """Per-call state: encoder K/V per cross-attention layer, per-row adapter scales, and regional masks.
+
+    One adapter: k_ip, v_ip are tensors and a scale is one (B, 1, 1, 1) tensor. Several adapters (or several
+    separately attended images of one): k_ip, v_ip and the scale are tuples with one entry per adapter, and
+    `mask` may hold per layer a tuple of (B, Lq) float masks, one per adapter (ones where an adapter has none).
+    """
     kv: dict[str, tuple] = field(default_factory=dict)        # name -> (k, v, k_ip, v_ip), each (B, H, L, D)
-    scale: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, 1, 1, 1)
+    scale: dict[str, object] = field(default_factory=dict)    # name -> (B, 1, 1, 1), or a tuple of them
+    mask: dict[str, tuple] = field(default_factory=dict)      # name -> ((B, Lq) per adapter); absent: unmasked
+
+
+def flat_scale(scale):
+    """A context's scale entry as the kernels take it: (B,) or a tuple of (B,)."""
+    return tuple(s.view(-1) for s in scale) if isinstance(scale, tuple) else scale.view(-1)
 
 
 def _heads(attn, x: torch.Tensor) -> torch.Tensor:
@@ -46,10 +57,19 @@ class SelfAttnProcessor(AttnProcessor2_0):
 
 
 class DecoupledCrossAttnProcessor:
-    def __init__(self, name: str, to_k_ip=None, to_v_ip=None, impl=decoupled_attention_sdpa):
+    def __init__(self, name: str, to_k_ip=None, to_v_ip=None, impl=decoupled_attention_sdpa, ips=None):
         self.name = name
-        self.to_k_ip, self.to_v_ip = to_k_ip, to_v_ip
+        # (to_k_ip, to_v_ip) per loaded adapter; `to_k_ip`/`to_v_ip` are the first one's
+        self.ips = list(ips) if ips is not None else ([] if to_k_ip is None else [(to_k_ip, to_v_ip)])
         self.impl = impl  # chosen once by the kernels' registry (Pipeline.set_attention_backend), not per call
+
+    @property
+    def to_k_ip(self):
+        return self.ips[0][0] if self.ips else None
+
+    @property
+    def to_v_ip(self):
+        return self.ips[0][1] if self.ips else None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  adapter: AdapterContext | None = None, *args, **kwargs):
@@ -64,20 +84,23 @@ class DecoupledCrossAttnProcessor:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         batch = hidden_states.shape[0]
 
+        ip_mask = None
         if adapter is not None and self.name in adapter.kv:
             k, v, k_ip, v_ip = adapter.kv[self.name]
-            scale = adapter.scale[self.name]
+            scale = flat_scale(adapter.scale[self.name])
+            ip_mask = adapter.mask.get(self.name)
         else:
             if encoder_hidden_states is None:
                 encoder_hidden_states = hidden_states
             k, v = encoder_kv(attn, encoder_hidden_states)
-            k_ip = v_ip = scale = None
+            k_ip = v_ip = None
+            scale = 0.0
         keep = None if attention_mask is None else _key_mask(attention_mask, batch, k.shape[2])
 
         q = _heads(attn, attn.to_q(hidden_states))
         if attn.norm_q is not None:
             q = attn.norm_q(q)
-        out = self.impl(q, k, v, k_ip, v_ip, 0.0 if scale is None else scale.view(-1), keep)
+        out = self.impl(q, k, v, k_ip, v_ip, scale, keep, ip_mask)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if ndim == 4:
@@ -110,15 +133,18 @@ def encoder_kv(attn, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def install_processors(unet, adapter_layers=None) -> dict[str, DecoupledCrossAttnProcessor]:
-    """Put our processors on every attention of `unet`; returns the cross-attention ones by name."""
-    by_name = adapter_layers.by_name() if adapter_layers is not None else {}
+    """Put our processors on every attention of `unet`; returns the cross-attention ones by name.
+    adapter_layers: one AdapterLayers, a list of them (several adapters), or None."""
+    if adapter_layers is None:
+        adapter_layers = []
+    elif not isinstance(adapter_layers, (list, tuple)):
+        adapter_layers = [adapter_layers]
+    by_name = [layers.by_name() for layers in adapter_layers]
     procs, cross = {}, {}
     for name in unet.attn_processors:
         if name.endswith("attn2.processor"):
-            layer = by_name.get(name)
-            proc = DecoupledCrossAttnProcessor(name, layer["to_k_ip"] if layer else None,
-                                               layer["to_v_ip"] if layer else None)
-            procs[name] = cross[name] = proc
+            ips = [(layers[name]["to_k_ip"], layers[name]["to_v_ip"]) for layers in by_name if name in layers]
+            procs[name] = cross[name] = DecoupledCrossAttnProcessor(name, ips=ips)
         else:
             procs[name] = SelfAttnProcessor()
     unet.set_attn_processor(procs)
@@ -135,10 +161,12 @@ def choose_impls(unet, cross: dict[str, DecoupledCrossAttnProcessor], device, dt
 
 
 def precompute_kv(unet, cross: dict[str, DecoupledCrossAttnProcessor], text: torch.Tensor,
-                  ip: torch.Tensor | None) -> dict[str, tuple]:
+                  ip) -> dict[str, tuple]:
     """K/V of the encoder tokens for every cross-attention layer, once per request.
 
-    text: (B, Lt, cross_dim) text tokens; ip: (B, Li, cross_dim) adapter tokens or None.
+    text: (B, Lt, cross_dim) text tokens; ip: (B, Li, cross_dim) adapter tokens, None, or (several adapters) a
+    list with one entry per loaded adapter: its tokens, or a list of token tensors attended separately (one per
+    masked image). With a list, k_ip and v_ip are tuples in that order (the flattened entries).
     """
     modules = dict(unet.named_modules())
     kv = {}
@@ -146,10 +174,42 @@ def precompute_kv(unet, cross: dict[str, DecoupledCrossAttnProcessor], text: tor
         attn = modules[name[: -len(".processor")]]
         k, v = encoder_kv(attn, text)
         k_ip = v_ip = None
-        if ip is not None and proc.to_k_ip is not None:
+        if isinstance(ip, (list, tuple)):
+            ks, vs = [], []
+            for (to_k_ip, to_v_ip), tokens in zip(proc.ips, ip):
+                for t in (tokens if isinstance(tokens, (list, tuple)) else [tokens]):
+                    ks.append(_heads(attn, to_k_ip(t)))
+                    vs.append(_heads(attn, to_v_ip(t)))
+            k_ip, v_ip = tuple(ks), tuple(vs)
+        elif ip is not None and proc.to_k_ip is not None:
             k_ip, v_ip = _heads(attn, proc.to_k_ip(ip)), _heads(attn, proc.to_v_ip(ip))
         kv[name] = (k, v, k_ip, v_ip)
     return kv
+
+
+def query_lengths(unet, height: int, width: int) -> dict[str, tuple[int, int]]:
+    """(h, w) of the hidden states every cross-attention layer attends from, for a latent of height x width:
+    down block i runs after i stride-2 downsamplers (each ceil-halves), the mid block at the smallest size, and up
+    block j at the size of down block n-1-j (its upsamplers match the skip connections' sizes)."""
+    sizes, size = [], (height, width)
+    for block in unet.down_blocks:
+        sizes.append(size)
+        if getattr(block, "downsamplers", None):
+            size = (-(-size[0] // 2), -(-size[1] // 2))
+    out = {}
+    for name in unet.attn_processors:
+        if not name.endswith("attn2.processor"):
+            continue
+        head, index = name.split(".")[:2]
+        if head == "down_blocks":
+            out[name] = sizes[int(index)]
+        elif head == "up_blocks":
+            out[name] = sizes[len(sizes) - 1 - int(index)]
+        elif head == "mid_block":
+            out[name] = size
+        else:
+            raise EngineError(f"cannot place the cross-attention {name} in the UNet's resolutions")
+    return out
 
 
 def expand_scale(unet, names: list[str], scale) -> dict[str, float]:

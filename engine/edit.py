@@ -73,6 +73,8 @@ class EditPipeline(Pipeline):
         that layout; image_encoder + adapter: an IP-Adapter+ or IPAdapter-Instruct adapter on top (optional)."""
         if controlnet is not None:
             raise EngineError("ControlNet with InstructPix2Pix is not built: edit without controlnet=")
+        if isinstance(adapter, (list, tuple)) and len(adapter) > 1:
+            raise EngineError("editing takes one adapter; several adapters at once are for generation (Pipeline)")
         if backend != "pytorch":
             raise EngineError("editing runs on the PyTorch backend here (an edit export runs under ONNX Runtime with "
                               "export.runtime.OnnxEditPipeline; a TensorRT edit runtime is not built yet)")

@@ -5,7 +5,8 @@ large part of a 7 ms step. `StaticUNet` keeps one entry per input shape (rows, l
 tokens): static tensors for the latents, the timestep, the text rows and every layer's K/V and per-row
 adapter scale. Everything a request changes (latents, timestep, K/V of its prompts and images, scales,
 guidance rows) is copied into those tensors, so a new request replays the same graph and never
-re-captures. K/V and scales are copied once per request, the latents and timestep every step.
+re-captures. K/V, masks and scales are copied once per request (scales again at a step where an adapter's step
+range begins or ends), the latents and timestep every step.
 
 With `capture=False` the same static-buffer path runs eagerly: that is how the plumbing is tested on a
 machine without a GPU. Capture itself (`capture=True`) needs CUDA and has not run on this project's
@@ -27,13 +28,31 @@ class _Entry:
     text: torch.Tensor
     ctx: AdapterContext
     run: object = None                     # () -> eps rows (replays the graph, or calls the UNet)
-    request: object = field(default=None)  # the AdapterContext whose K/V and scales are in the buffers now
+    request: object = field(default=None)  # the K/V dict (AdapterContext.kv) whose tensors are in the buffers now
+    scales: object = field(default=None)   # the scale dict in the buffers now
     down: list | None = None               # ControlNet residuals (an entry of its own: copied every step)
     mid: torch.Tensor | None = None
 
 
 def _clone(t):
+    # a tensor, None, or a tuple of them (several adapters' K/V, scales, masks)
+    if isinstance(t, tuple):
+        return tuple(_clone(x) for x in t)
     return None if t is None else t.clone()
+
+
+def _copy(dst, src) -> None:
+    if isinstance(src, tuple):
+        for d, s in zip(dst, src):
+            _copy(d, s)
+    elif src is not None:
+        dst.copy_(src)
+
+
+def _shape(t):
+    if isinstance(t, tuple):
+        return tuple(_shape(x) for x in t)
+    return None if t is None else tuple(t.shape)
 
 
 class StaticUNet:
@@ -47,7 +66,7 @@ class StaticUNet:
     def _key(x, t, text, ctx: AdapterContext, control=None) -> tuple:
         # the timestep's dtype too: PNDM/DDIM give int64 timesteps, Euler fractional float ones, and a float
         # copied into an int buffer would be truncated silently
-        layers = tuple((n, *(None if v is None else tuple(v.shape) for v in kv)) for n, kv in sorted(ctx.kv.items()))
+        layers = tuple((n, _shape(kv), _shape(ctx.scale[n]), _shape(ctx.mask.get(n))) for n, kv in sorted(ctx.kv.items()))
         residuals = None if control is None else tuple(tuple(r.shape) for r in (*control[0], control[1]))
         return tuple(x.shape), tuple(text.shape), x.dtype, torch.as_tensor(t).dtype, layers, residuals
 
@@ -59,15 +78,17 @@ class StaticUNet:
         e = self.entries.get(key)
         if e is None:
             e = self.entries[key] = self._build(x, t, text, ctx, control)
-        if e.request is not ctx:  # a new request: its step-invariant tensors into the buffers, once
+        if e.request is not ctx.kv:  # a new request: its step-invariant tensors into the buffers, once
             for name, kv in ctx.kv.items():
-                for dst, src in zip(e.ctx.kv[name], kv):
-                    if src is not None:
-                        dst.copy_(src)
-            for name, s in ctx.scale.items():
-                e.ctx.scale[name].copy_(s)
+                _copy(e.ctx.kv[name], kv)
+            for name, m in ctx.mask.items():
+                _copy(e.ctx.mask[name], m)
             e.text.copy_(text)
-            e.request = ctx
+            e.request = ctx.kv
+        if e.scales is not ctx.scale:  # the scales also change where an adapter's step range begins or ends
+            for name, s in ctx.scale.items():
+                _copy(e.ctx.scale[name], s)
+            e.scales = ctx.scale
         e.x.copy_(x)
         e.t.copy_(t)
         if control is not None:
@@ -76,10 +97,11 @@ class StaticUNet:
         return e.run()
 
     def _build(self, x, t, text, ctx, control=None) -> _Entry:
-        static_ctx = AdapterContext(kv={n: tuple(_clone(v) for v in kv) for n, kv in ctx.kv.items()},
-                                    scale={n: s.clone() for n, s in ctx.scale.items()})
+        static_ctx = AdapterContext(kv={n: _clone(kv) for n, kv in ctx.kv.items()},
+                                    scale={n: _clone(s) for n, s in ctx.scale.items()},
+                                    mask={n: _clone(m) for n, m in ctx.mask.items()})
         e = _Entry(x=x.clone(), t=torch.as_tensor(t, device=x.device).clone(), text=text.clone(), ctx=static_ctx,
-                   request=ctx)
+                   request=ctx.kv, scales=ctx.scale)
         if control is not None:
             e.down, e.mid = [r.clone() for r in control[0]], control[1].clone()
 

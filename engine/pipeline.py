@@ -14,7 +14,7 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -23,7 +23,8 @@ from kernels import BACKENDS, choose
 
 from . import DEFAULT_NEGATIVE, DEFAULT_PROMPT, DTYPE_NAMES, RUNTIMES, fastpath
 from .adapter import Adapter, load_adapter
-from .attention import AdapterContext, choose_impls, expand_scale, install_processors, precompute_kv
+from .attention import (AdapterContext, choose_impls, expand_scale, install_processors, precompute_kv,
+                        query_lengths)
 from .errors import EngineError
 from .guidance import branch_weights, resolve_mode
 from .loading import check_size, load_base, load_image, load_image_encoder, make_scheduler, resolve
@@ -32,6 +33,20 @@ from .lora import LoraMixin
 log = logging.getLogger(__name__)
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+
+
+@dataclass
+class Slot:
+    """One loaded adapter's part of one request (several adapters: one slot each, in load order)."""
+    images: list                   # PIL images; several: their tokens are concatenated, as diffusers does
+    scale: float | dict
+    mask: object = None            # a mask image/array/tensor for IPAdapterMaskProcessor; None: everywhere
+    start: float = 0.0             # the fraction of the steps where the adapter begins to act
+    end: float = 1.0               # ... and where it stops (diffusers' control_guidance_start/end rule)
+
+    def active(self, step: int, total: int) -> bool:
+        # step counts from 0, as diffusers' ControlNet pipelines' `controlnet_keep`
+        return not (step / total < self.start or (step + 1) / total > self.end)
 
 
 @dataclass
@@ -47,6 +62,7 @@ class Request:
     guidance_mode: str
     num_images: int
     generator: torch.Generator | None
+    slots: list = field(default_factory=list)  # one Slot per loaded adapter
 
 
 def as_dtype(dtype) -> torch.dtype:
@@ -94,21 +110,24 @@ class Pipeline(LoraMixin):
     EDIT = False  # EditPipeline (engine/edit.py): an InstructPix2Pix UNet
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, image_encoder=None, image_processor=None,
-                 adapter: Adapter | None = None, device="cpu", dtype=torch.float32, attention_backend="auto",
+                 adapter: Adapter | list | None = None, device="cpu", dtype=torch.float32, attention_backend="auto",
                  controlnets=None):
         check_channels(unet.config.in_channels, vae.config.latent_channels, self.EDIT)
         self.device, self.dtype = torch.device(device), dtype
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.scheduler = tokenizer, scheduler
-        self.image_encoder, self.image_processor, self.adapter = image_encoder, image_processor, adapter
-        extra = (adapter.projector, adapter.layers) if adapter else ()
+        # several adapters act together (diffusers' load_ip_adapter with lists); `adapter` is the first
+        self._adapters = list(adapter) if isinstance(adapter, (list, tuple)) else ([adapter] if adapter else [])
+        self.adapter = self._adapters[0] if self._adapters else None
+        self.image_encoder, self.image_processor = image_encoder, image_processor
+        extra = [m for a in self.adapters for m in (a.projector, a.layers)]
         self.controlnets = list(controlnets or [])  # engine/controlnet.py
         for m in (unet, vae, text_encoder, image_encoder, *extra, *self.controlnets):
             if m is not None:
                 if next(m.parameters()).dtype != dtype:
                     m.to(dtype=dtype)
                 m.to(self.device).eval().requires_grad_(False)
-        self.cross = install_processors(unet, adapter.layers if adapter else None)
+        self.cross = install_processors(unet, [a.layers for a in self.adapters])
         self._static = None  # engine.graphs.StaticUNet once enable_cuda_graphs() is called
         self.set_attention_backend(attention_backend)
         self._progress = {}
@@ -118,14 +137,19 @@ class Pipeline(LoraMixin):
     def from_pretrained(cls, model, image_encoder=None, adapter=None, device=None, dtype=None,
                         attention_backend="auto", backend="pytorch", engines=None, controlnet=None) -> "Pipeline":
         """model: a diffusers SD folder (or hub id); image_encoder: a CLIPVisionModelWithProjection folder;
-        adapter: a two-key `.bin`/`.safetensors` file. device defaults to cuda when present, dtype to
+        adapter: a two-key `.bin`/`.safetensors` file, or a list of them (several adapters at once). device defaults to cuda when present, dtype to
         float16 on cuda and float32 on the CPU. attention_backend: auto | triton | sdpa | reference
         (`kernels.BACKENDS`) for the cross-attention. backend: pytorch, or tensorrt with engines= the folder of
         `python -m export trt` (engine.trt.runtime.TensorRTPipeline: the adapter and dtype are the engines'; model
         and image_encoder, when given, say where the tokenizer, scheduler and image processor are now)."""
         if backend not in RUNTIMES:
             raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(RUNTIMES)}")
+        several = isinstance(adapter, (list, tuple))
+        if several and len(adapter) == 1:
+            adapter, several = adapter[0], False
         if backend == "tensorrt":
+            if several:
+                raise EngineError("the TensorRT engines hold one adapter: several adapters run on the PyTorch backend")
             if controlnet is not None:
                 raise EngineError("ControlNet runs on the PyTorch backend (it is not exported yet)")
             return cls._from_engines(model, image_encoder, adapter, device, dtype, engines)
@@ -135,32 +159,39 @@ class Pipeline(LoraMixin):
         if device.type == "cuda" and not torch.cuda.is_available():
             raise EngineError("device cuda requested but no CUDA GPU is available")
         dtype = as_dtype(dtype or ("float16" if device.type == "cuda" else "float32"))
-        if adapter is not None:  # the cheap checks first, before gigabytes of base weights load
+        files = list(adapter) if several else ([] if adapter is None else [adapter])
+        if several and not files:
+            raise EngineError("adapter= is an empty list: give adapter files, or None for text to image")
+        if files:  # the cheap checks first, before gigabytes of base weights load
             if image_encoder is None:
                 raise EngineError("an adapter needs its image encoder: pass image_encoder= (a CLIP vision folder)")
-            if not os.path.isfile(adapter):
-                raise EngineError(f"adapter file not found: {os.fspath(adapter)}")
+            for f in files:
+                if not os.path.isfile(f):
+                    raise EngineError(f"adapter file not found: {os.fspath(f)}")
             resolve(image_encoder, "image encoder")
         parts = load_base(model, dtype)
-        encoder = processor = loaded = None
-        if adapter is not None:
+        encoder = processor = None
+        loaded = []
+        if files:
             encoder, processor = load_image_encoder(image_encoder, dtype)
-            loaded = load_adapter(adapter, parts["unet"])
+        for f in files:
+            one = load_adapter(f, parts["unet"])
             # a plain IP-Adapter reads the projected, pooled embedding; the others the hidden states
-            width = encoder.config.projection_dim if loaded.kind == "plain" else encoder.config.hidden_size
-            if loaded.projector.config.image_dim != width:
-                raise EngineError(f"adapter expects {loaded.projector.config.image_dim}-wide image tokens but the "
-                                  f"image encoder makes {encoder.config.hidden_size}-wide ones")
-            text_dim = loaded.projector.config.text_dim
+            width = encoder.config.projection_dim if one.kind == "plain" else encoder.config.hidden_size
+            if one.projector.config.image_dim != width:
+                raise EngineError(f"adapter {os.fspath(f)} expects {one.projector.config.image_dim}-wide image tokens "
+                                  f"but the image encoder makes {width}-wide ones")
+            text_dim = one.projector.config.text_dim
             if text_dim is not None and text_dim != parts["text_encoder"].config.hidden_size:
-                raise EngineError(f"adapter expects {text_dim}-wide instruction tokens but the text encoder "
-                                  f"makes {parts['text_encoder'].config.hidden_size}-wide ones")
+                raise EngineError(f"adapter {os.fspath(f)} expects {text_dim}-wide instruction tokens but the text "
+                                  f"encoder makes {parts['text_encoder'].config.hidden_size}-wide ones")
+            loaded.append(one)
         nets = None
         if controlnet is not None:
             from .controlnet import load_controlnets
             nets = load_controlnets(controlnet, parts["unet"], dtype)
-        return cls(**parts, image_encoder=encoder, image_processor=processor, adapter=loaded,
-                   device=device, dtype=dtype, attention_backend=attention_backend, controlnets=nets)
+        return cls(**parts, image_encoder=encoder, image_processor=processor,
+                   adapter=(loaded if several else loaded[0]) if loaded else None, device=device, dtype=dtype, attention_backend=attention_backend, controlnets=nets)
 
     @staticmethod
     def _from_engines(model, image_encoder, adapter, device, dtype, engines):
@@ -218,7 +249,8 @@ class Pipeline(LoraMixin):
         # the other fused kernels follow the same choice: the projector's blocks (head size 64 in every
         # released checkpoint), GroupNorm+SiLU in the UNet's, VAE's and ControlNets' resnets, GEGLU
         fused = choose(self.device, self.dtype, 64, backend) == "triton"
-        self._fused_projector = self.adapter is not None and self.adapter.kind != "plain" and fused
+        # every adapter's projector but a plain one's (a Linear + LayerNorm)
+        self._fused_projector = fused and any(a.kind != "plain" for a in self.adapters)
         for m in (self.unet, self.vae, *getattr(self, "controlnets", ())):
             if fused:
                 fastpath.fuse(m)
@@ -228,6 +260,11 @@ class Pipeline(LoraMixin):
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def adapters(self) -> list:
+        """Every loaded adapter in load order (`adapter` is the first); exported pipelines hold one."""
+        return self.__dict__.get("_adapters") or ([self.adapter] if self.adapter is not None else [])
 
     def set_progress_bar_config(self, **kwargs) -> None:
         """As in diffusers: e.g. `pipe.set_progress_bar_config(disable=True)`."""
@@ -253,11 +290,14 @@ class Pipeline(LoraMixin):
                              truncation=True, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.device))[0].to(self.dtype)
 
-    def encode_images(self, images: list[Image.Image], with_zero: bool = True) -> torch.Tensor:
-        # -> (N + 1, Ni, image_dim) penultimate hidden states; the last row is the all-zero image (with_zero)
+    def encode_images(self, images: list[Image.Image], with_zero: bool = True, pooled: bool | None = None) -> torch.Tensor:
+        # -> (N + 1, Ni, image_dim) penultimate hidden states; the last row is the all-zero image (with_zero).
+        # pooled (default: whether the first adapter is a plain one): (N + 1, projection_dim) pooled embeddings
         pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
         pixels = pixels.to(self.device, self.dtype)
-        if self.adapter is not None and self.adapter.kind == "plain":  # diffusers' convention for plain IP-Adapter:
+        if pooled is None:
+            pooled = self.adapter is not None and self.adapter.kind == "plain"
+        if pooled:  # diffusers' convention for plain IP-Adapter:
             embeds = self.image_encoder(pixels).image_embeds       # the pooled embedding; zeros are unconditional
             return torch.cat([embeds, torch.zeros_like(embeds[:1])]) if with_zero else embeds
         if with_zero:
@@ -272,13 +312,22 @@ class Pipeline(LoraMixin):
                  guidance_mode="auto", num_inference_steps=30, height=None, width=None, num_images_per_prompt=1,
                  seed=None, generator=None, scheduler=None, output_type="pil", max_size=None, progress_callback=None,
                  control_image=None, controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
-                 control_guidance_end=1.0, guess_mode=False):
+                 control_guidance_end=1.0, guess_mode=False, adapter_masks=None, adapter_start=0.0, adapter_end=1.0):
         """Generate images. `prompt`, `image`, `instruct`, `negative_prompt`, `scale`, the guidance scales,
-        `guidance_mode` and `seed` each take one value or a list with one per request; all requests run in
-        one UNet batch. `scale` is a float or an InstantStyle-style per-block dict. Returns a list of PIL
-        images (request-major, `num_images_per_prompt` each), or latents with output_type="latent". height and
-        width default to the model's native size and may be at most `max_size` (default: native x 4).
-        `progress_callback(step, total)` is called after each denoising step (step counts from 1)."""
+        `guidance_mode`, `seed`, `adapter_masks`, `adapter_start` and `adapter_end` each take one value or a list
+        with one per request; all requests run in one UNet batch. `scale` is a float or an InstantStyle-style
+        per-block dict. Returns a list of PIL images (request-major, `num_images_per_prompt` each), or latents with
+        output_type="latent". height and width default to the model's native size and may be at most `max_size`
+        (default: native x 4). `progress_callback(step, total)` is called after each denoising step (from 1).
+
+        Several adapters (from_pretrained(adapter=[a, b])): a request's `image`, `scale`, `adapter_masks`,
+        `adapter_start` and `adapter_end` are one value for every adapter, or a list with one per adapter; so one
+        request with two adapters is `image=[[style_img, face_img]], scale=[[0.6, 0.4]]` (the outer list is the
+        requests). A list of images in one adapter's entry (or, with one adapter, in the request's) is read as
+        several images whose tokens are concatenated, as diffusers does. `adapter_masks`: a mask image per adapter
+        (None: everywhere), diffusers' IPAdapterMaskProcessor conventions. `adapter_start`/`adapter_end`: the
+        fraction of the steps during which an adapter acts (diffusers' ControlNet rule); outside it that layer is
+        the base cross-attention."""
         self.timings = {}
         t_start = time.perf_counter()
         reqs = self._requests(locals())
@@ -290,6 +339,18 @@ class Pipeline(LoraMixin):
             raise EngineError("control_image was given but no ControlNet is loaded (from_pretrained(controlnet=...))")
         return self._generate(reqs, num_inference_steps, height, width, scheduler, output_type, max_size,
                               progress_callback, t_start, control)
+
+    def _features(self, reqs: list[Request]):
+        """Image features once per distinct image. -> ({"hidden"|"pooled": (unique + 1, ...)}, per request per
+        adapter the feature rows of its images); the last row of each is the unconditional (zero) image."""
+        unique = {id(im): im for r in reqs for slot in r.slots for im in slot.images}  # shared images once
+        row = {key: i for i, key in enumerate(unique)}
+        kinds = {"pooled" if a.kind == "plain" else "hidden" for a in self.adapters}
+        first = "pooled" if self.adapter.kind == "plain" else "hidden"
+        feats = {first: self.encode_images(list(unique.values()))}  # (the server's cache wraps this one)
+        for kind in kinds - {first}:  # plain and IP-Adapter+ together: the other output of the image encoder
+            feats[kind] = Pipeline.encode_images(self, list(unique.values()), pooled=kind == "pooled")
+        return feats, [[[row[id(im)] for im in slot.images] for slot in r.slots] for r in reqs]
 
     def _generate(self, reqs: list, num_inference_steps, height, width, scheduler, output_type, max_size,
                   progress_callback, t_start, control=None):
@@ -308,14 +369,14 @@ class Pipeline(LoraMixin):
         text_rows = torch.stack([emb[t] for t in plan["text"]])
         ip_rows = None
         if self.adapter is not None:
-            unique = {id(r.image): r.image for r in reqs}  # a shared condition image is encoded once
-            slot = {key: i for i, key in enumerate(unique)}
             with self._timed("image_encoder_ms"):
-                hidden = self.encode_images(list(unique.values()))
+                feats, rows = self._features(reqs)
             with self._timed("projector_ms"):
-                ip_rows = self._project(hidden, [slot[id(r.image)] for r in reqs], emb, plan)
+                ip_rows = self._project(feats, rows, emb, plan)
         with self._timed("kv_ms"):
             text_rows, ctx = self._unet_inputs(text_rows, ip_rows, reqs, plan)
+            if self.adapter is not None and any(s.mask is not None for r in reqs for s in r.slots):
+                ctx.mask = self._masks(reqs, plan, height, width)
         state = None
         if control is not None:
             from .controlnet import control_state, residuals
@@ -331,10 +392,12 @@ class Pipeline(LoraMixin):
         latent_of_row = plan["latent_of_row"].to(self.device)
         weights = plan["weights"].to(self.device)
         extra = self._step_kwargs(sched, reqs)
+        total = len(sched.timesteps)
+        contexts = self._step_contexts(ctx, reqs, plan, total)
         from tqdm.auto import tqdm
         with self._timed("denoise_ms"):
-            total = len(sched.timesteps)
             for step, t in enumerate(tqdm(sched.timesteps, **{"desc": "denoise", **self._progress}), 1):
+                ctx = contexts[step - 1]
                 x = sched.scale_model_input(latents.index_select(0, latent_of_row), t)
                 res = None
                 if state is not None:
@@ -365,8 +428,12 @@ class Pipeline(LoraMixin):
         every cross-attention layer and the per-row scales. -> (text rows, context)."""
         kv = precompute_kv(self.unet, self.cross, text_rows, ip_rows)
         index = plan["branch_of_row"].to(self.device)
-        ctx = AdapterContext(kv={n: tuple(t.index_select(0, index) if t is not None else None for t in kvs)
-                                 for n, kvs in kv.items()}, scale=self._scales(reqs, plan))
+
+        def rows(t):
+            if isinstance(t, tuple):
+                return tuple(rows(x) for x in t)
+            return None if t is None else t.index_select(0, index)
+        ctx = AdapterContext(kv={n: rows(kvs) for n, kvs in kv.items()}, scale=self._scales(reqs, plan))
         return text_rows.index_select(0, index), ctx
 
     def _unet_step(self, x, t, text_rows, ctx, control=None) -> torch.Tensor:
@@ -395,7 +462,10 @@ class Pipeline(LoraMixin):
 
     def _requests(self, args: dict) -> list[Request]:
         per_request = ("prompt", "image", "instruct", "negative_prompt", "scale", "guidance_scale",
-                       "instruct_guidance_scale", "image_guidance_scale", "guidance_mode", "seed", "generator")
+                       "instruct_guidance_scale", "image_guidance_scale", "guidance_mode", "seed", "generator",
+                       "adapter_masks", "adapter_start", "adapter_end")
+        defaults = {"adapter_masks": None, "adapter_start": 0.0, "adapter_end": 1.0}  # (EditPipeline has none)
+        args = {**defaults, **args}
         lengths = {len(args[k]) for k in per_request if isinstance(args[k], (list, tuple))}
         if len(lengths) > 1:
             raise EngineError(f"per-request lists must have one length, got lengths {sorted(lengths)}")
@@ -412,34 +482,91 @@ class Pipeline(LoraMixin):
             for k in ("guidance_scale", "instruct_guidance_scale", "image_guidance_scale"):
                 if not isinstance(p[k], (int, float)) or not math.isfinite(p[k]):
                     raise EngineError(f"{k} must be a finite number, got {p[k]!r}")
-            if isinstance(p["scale"], (int, float)) and not math.isfinite(p["scale"]):
-                raise EngineError(f"adapter scale must be finite, got {p['scale']!r}")
             for k in ("prompt", "negative_prompt"):
                 if not isinstance(p[k], str):
                     raise EngineError(f"{k} must be a string, got {type(p[k]).__name__}")
-            img = None
+            slots = []
             if self.adapter is None:
                 if p["image"] is not None:
                     raise EngineError("a condition image was given but no adapter is loaded (from_pretrained(adapter=...))")
+                given = [k for k, off in (("adapter_masks", p["adapter_masks"] is None),
+                                          ("adapter_start", p["adapter_start"] == 0.0),
+                                          ("adapter_end", p["adapter_end"] == 1.0)) if not off]
+                if given:
+                    raise EngineError(f"{given[0]} was given but no adapter is loaded (from_pretrained(adapter=...))")
             else:
-                if p["image"] is None:
-                    raise EngineError("a condition image is required with an adapter")
-                if id(p["image"]) not in loaded:
-                    loaded[id(p["image"])] = load_image(p["image"])
-                img = loaded[id(p["image"])]
-                if self.adapter.kind == "instruct" and (not isinstance(p["instruct"], str) or not p["instruct"].strip()):
+                slots = self._slots(p, i, loaded)
+                kinds = {a.kind for a in self.adapters}
+                if "instruct" in kinds and (not isinstance(p["instruct"], str) or not p["instruct"].strip()):
                     raise EngineError("instruction is empty: say what to take from the image, "
                                       "e.g. 'use the style of this image'")
-                if self.adapter.kind in ("plus", "plain") and p["instruct"]:
+                if "instruct" not in kinds and p["instruct"]:
                     log.warning("the instruction %r is ignored: the loaded adapter is IP-Adapter+, which takes "
                                 "no instruction", p["instruct"])
             gen = p["generator"]
             if gen is None and p["seed"] is not None:
                 gen = torch.Generator(self.device).manual_seed(int(p["seed"]))
-            reqs.append(Request(p["prompt"], p["negative_prompt"], img, p["instruct"], p["scale"],
+            reqs.append(Request(p["prompt"], p["negative_prompt"], slots[0].images[0] if slots else None,
+                                p["instruct"], slots[0].scale if slots else p["scale"],
                                 float(p["guidance_scale"]), float(p["instruct_guidance_scale"]),
-                                float(p["image_guidance_scale"]), p["guidance_mode"], num, gen))
+                                float(p["image_guidance_scale"]), p["guidance_mode"], num, gen, slots))
+        if self.adapter is not None:
+            counts = {tuple(len(s.images) for s in r.slots) for r in reqs}
+            if len(counts) > 1:
+                raise EngineError(f"the requests of one call must give each adapter the same number of images, got "
+                                  f"{sorted(counts)} (images per adapter): run them in separate calls")
         return reqs
+
+    def _slots(self, p: dict, i: int, loaded: dict) -> list[Slot]:
+        """Request i's part for each loaded adapter: images, scale, mask and step range, checked."""
+        n = len(self.adapters)
+        where = f"request {i}" if n == 1 else f"request {i} (with {n} adapters)"
+
+        def per_adapter(key, value, is_list=lambda v: isinstance(v, (list, tuple))):
+            if n > 1 and is_list(value):
+                if len(value) != n:
+                    raise EngineError(f"{key} of {where}: got {len(value)} values, give one for every adapter "
+                                      f"or one list with {n} (the outer list is one entry per request)")
+                return list(value)
+            return [value] * n
+
+        def image_list(value) -> list:
+            items = list(value) if isinstance(value, (list, tuple)) else [value]
+            if not items or any(v is None for v in items):
+                raise EngineError(f"a condition image is required with an adapter ({where})")
+            for v in items:
+                if id(v) not in loaded:
+                    loaded[id(v)] = load_image(v)
+            return [loaded[id(v)] for v in items]
+
+        images = per_adapter("image", p["image"])
+        scales = per_adapter("scale", p["scale"])
+        masks = per_adapter("adapter_masks", p["adapter_masks"])
+        starts = per_adapter("adapter_start", p["adapter_start"])
+        ends = per_adapter("adapter_end", p["adapter_end"])
+        slots = []
+        for a in range(n):
+            scale = scales[a]
+            if isinstance(scale, bool) or not isinstance(scale, (int, float, dict)):
+                raise EngineError(f"adapter scale of {where} must be a number or a per-block dict, got "
+                                  f"{type(scale).__name__}")
+            if not isinstance(scale, dict) and not math.isfinite(scale):
+                raise EngineError(f"adapter scale must be finite, got {scale!r}")
+            for key, v in (("adapter_start", starts[a]), ("adapter_end", ends[a])):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                    raise EngineError(f"{key} of {where} must be a number in [0, 1] (a fraction of the steps), "
+                                      f"got {v!r}")
+            if starts[a] > ends[a]:
+                raise EngineError(f"adapter_start {starts[a]} is after adapter_end {ends[a]} ({where})")
+            slot = Slot(image_list(images[a]), scale, masks[a], float(starts[a]), float(ends[a]))
+            if not self.cross and (slot.mask is not None or slot.start > 0.0 or slot.end < 1.0):
+                raise EngineError("adapter masks and step ranges run on the PyTorch backend (these are exported "
+                                  "graphs, whose adapter attention takes one strength per row)")
+            if slot.mask is not None and len(slot.images) > 1:
+                raise EngineError(f"a masked adapter reads one image; {where} gives adapter {a} "
+                                  f"{len(slot.images)} images and a mask")
+            slots.append(slot)
+        return slots
 
     def _plan(self, reqs: list[Request]) -> dict:
         """Branch rows (one per request x guidance branch), UNet rows (x images) and the combination weights."""
@@ -458,26 +585,88 @@ class Pipeline(LoraMixin):
                 branches.append(row)
         return expand_rows(branches, texts, reqs)
 
-    def _project(self, hidden: torch.Tensor, image_of_req: list[int], emb: dict, plan: dict) -> torch.Tensor:
-        # hidden: (unique images + 1, Ni, image_dim), last row the zero image -> (branch rows, Q, cross_dim)
-        zero = hidden.shape[0] - 1
-        image = hidden[[image_of_req[b["r"]] if b["image"] else zero for b in plan["branches"]]]
-        instruct = prompt = None
-        if self.adapter.kind == "instruct":
-            instruct = torch.stack([emb[b["instruct"]] for b in plan["branches"]])
-            prompt = torch.stack([emb[b["ip_prompt"]] for b in plan["branches"]])
-        if self._fused_projector:
-            from kernels.projector import projector_forward
-            return projector_forward(self.adapter.projector, image, instruct, prompt)
-        return self.adapter.projector(image, instruct, prompt)
+    def _project(self, feats: dict, image_rows: list, emb: dict, plan: dict):
+        """Adapter tokens per branch row: (branch rows, n x Q, cross_dim) for an adapter that reads n images per
+        request (their tokens concatenated; an unconditional branch gets n zero-image projections, as diffusers'
+        negative embeds). One adapter: that tensor; several: a list, one per adapter."""
+        from kernels.projector import projector_forward
 
-    def _scales(self, reqs: list[Request], plan: dict) -> dict[str, torch.Tensor]:
+        branches = plan["branches"]
+        out = []
+        for a, adapter in enumerate(self.adapters):
+            hidden = feats["pooled" if adapter.kind == "plain" else "hidden"]
+            zero = hidden.shape[0] - 1
+            n = len(image_rows[0][a])
+            image = hidden[[i for b in branches for i in (image_rows[b["r"]][a] if b["image"] else [zero] * n)]]
+            instruct = prompt = None
+            if adapter.kind == "instruct":
+                instruct = torch.stack([emb[b["instruct"]] for b in branches for _ in range(n)])
+                prompt = torch.stack([emb[b["ip_prompt"]] for b in branches for _ in range(n)])
+            if self._fused_projector and adapter.kind != "plain":
+                tokens = projector_forward(adapter.projector, image, instruct, prompt)
+            else:
+                tokens = adapter.projector(image, instruct, prompt)
+            out.append(tokens if n == 1 else tokens.reshape(len(branches), n * tokens.shape[1], tokens.shape[2]))
+        return out if len(out) > 1 else out[0]
+
+    def _scales(self, reqs: list[Request], plan: dict, active: tuple | None = None) -> dict:
+        """Per-row scale per cross-attention layer: (rows, 1, 1, 1), or with several adapters a tuple of them.
+        active[r][a]: whether adapter a acts for request r at this step (None: every adapter everywhere)."""
         names = list(self.cross)
-        per_req = [expand_scale(self.unet, names, req.scale) for req in reqs]
+        per_req = [[expand_scale(self.unet, names, slot.scale) for slot in req.slots] for req in reqs]
         rows = plan["row_request"]
-        # fp32 whatever the pipeline's dtype: what the kernels take, so no per-layer cast at every step
-        return {n: torch.tensor([per_req[r][n] for r in rows], device=self.device,
-                                dtype=torch.float32).view(-1, 1, 1, 1) for n in names}
+
+        def column(n, a):  # fp32 whatever the pipeline's dtype: what the kernels take, no per-layer cast per step
+            values = [per_req[r][a][n] * (active is None or active[r][a]) for r in rows]
+            return torch.tensor(values, device=self.device, dtype=torch.float32).view(-1, 1, 1, 1)
+        if len(self.adapters) == 1:
+            return {n: column(n, 0) for n in names}
+        return {n: tuple(column(n, a) for a in range(len(self.adapters))) for n in names}
+
+    def _step_contexts(self, ctx, reqs: list[Request], plan: dict, total: int) -> list:
+        """The adapter context of every step: `ctx` itself unless an adapter has a step range; then, per pattern of
+        active adapters, one context sharing ctx's K/V and masks with its own scales (the zeros switch it off)."""
+        if self.adapter is None or all(s.start <= 0.0 and s.end >= 1.0 for r in reqs for s in r.slots):
+            return [ctx] * total
+        made, out = {}, []
+        for step in range(total):
+            active = tuple(tuple(s.active(step, total) for s in r.slots) for r in reqs)
+            if active not in made:
+                made[active] = AdapterContext(kv=ctx.kv, scale=self._scales(reqs, plan, active), mask=ctx.mask)
+            out.append(made[active])
+        return out
+
+    def _masks(self, reqs: list[Request], plan: dict, height: int, width: int) -> dict:
+        """Regional masks per cross-attention layer: a tuple (one per adapter) of (rows, Lq) floats, downsampled to
+        each layer's queries by diffusers' IPAdapterMaskProcessor (ones for an adapter without a mask)."""
+        from diffusers.image_processor import IPAdapterMaskProcessor
+
+        f = self.vae_scale_factor
+        processor = IPAdapterMaskProcessor(vae_scale_factor=f)
+        full = {}  # (request, adapter) -> (1, 1, H, W) binarised mask
+        for r, req in enumerate(reqs):
+            for a, slot in enumerate(req.slots):
+                if slot.mask is not None:
+                    try:
+                        full[r, a] = processor.preprocess(slot.mask, height=height, width=width)
+                    except (ValueError, TypeError) as e:
+                        raise EngineError(f"adapter mask of request {r}, adapter {a} cannot be read: {e}") from e
+        rows = plan["row_request"]
+        out, cache = {}, {}
+        for name, (h, w) in query_lengths(self.unet, height // f, width // f).items():
+            lq = h * w
+            per_adapter = []
+            for a in range(len(self.adapters)):
+                cols = []
+                for r in range(len(reqs)):
+                    if (r, a, lq) not in cache:
+                        m = full.get((r, a))
+                        cache[r, a, lq] = (torch.ones(1, lq) if m is None else
+                                           IPAdapterMaskProcessor.downsample(m[:, 0], 1, lq, 1)[..., 0].float())
+                    cols.append(cache[r, a, lq])
+                per_adapter.append(torch.cat([cols[r] for r in rows]).to(self.device))
+            out[name] = tuple(per_adapter)
+        return out
 
     def _latents(self, reqs: list[Request], sched, height: int, width: int) -> torch.Tensor:
         from diffusers.utils.torch_utils import randn_tensor

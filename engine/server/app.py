@@ -243,7 +243,7 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
         """One request of `Pipeline.__call__`. JSON (image as base64 or a data URL) or multipart/form-data (image as
         a file part). `Accept: image/png` with one image answers the PNG; `stream: true` or
         `Accept: text/event-stream` answers server-sent events (`progress`, then `result` or `error`)."""
-        return await handle(request, "generate", GenerateRequest, ("image", "control_image"))
+        return await handle(request, "generate", GenerateRequest, ("image", "control_image", "adapter_mask"))
 
     @app.post("/v1/edit", response_model=GenerateResponse, dependencies=[Depends(authorize)], responses={
         **errors, 200: {"content": {"image/png": {}, "text/event-stream": {}}}}, openapi_extra=body_schema(EditRequest))
@@ -272,7 +272,7 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
                 raise ApiError(e.status, e.code, str(e), name) from None
         try:
             work = state.runner.prepare(req, images) if task == "edit" else \
-                state.runner.prepare(req, images.get("image"), images.get("control_image"))
+                state.runner.prepare(req, images.get("image"), images.get("control_image"), images.get("adapter_mask"))
         except FieldError as e:
             raise ApiError(422, "invalid_request", str(e), e.field) from None
         rows = work.rows

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .. import DEFAULT_NEGATIVE, DEFAULT_PROMPT
 from ..guidance import MODES
@@ -52,6 +52,17 @@ class GenerateRequest(BaseModel):
     control_guidance_start: float = Field(0.0, ge=0.0, le=1.0)
     control_guidance_end: float = Field(1.0, ge=0.0, le=1.0)
     guess_mode: bool = False
+    # where and when the adapter acts: a regional mask (white = the adapter acts there, diffusers'
+    # IPAdapterMaskProcessor conventions) and the fraction of the steps it acts in
+    adapter_mask: Optional[str] = Field(None, description="mask image: base64 or a data URL")
+    adapter_start: float = Field(0.0, ge=0.0, le=1.0)
+    adapter_end: float = Field(1.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def start_before_end(self):
+        if self.adapter_start > self.adapter_end:
+            raise ValueError(f"adapter_start {self.adapter_start} is after adapter_end {self.adapter_end}")
+        return self
 
     @field_validator("guidance_scale", "instruct_guidance_scale", "image_guidance_scale",
                      "controlnet_conditioning_scale")

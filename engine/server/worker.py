@@ -37,6 +37,7 @@ class Work:
     width: int
     rows: int   # UNet rows in a call: guidance branches x images
     control: Image.Image | None = None  # the ControlNet's input (a server started with --controlnet)
+    mask: Image.Image | None = None     # where the adapter acts (adapter_mask)
 
 
 class PipelineRunner:
@@ -47,7 +48,8 @@ class PipelineRunner:
         self.kind = pipe.adapter.kind if pipe.adapter is not None else None
         self.native, self.factor = native_from_configs(pipe.unet.config, pipe.vae.config)
 
-    def prepare(self, req: GenerateRequest, image: Image.Image | None, control: Image.Image | None = None) -> Work:
+    def prepare(self, req: GenerateRequest, image: Image.Image | None, control: Image.Image | None = None,
+                mask: Image.Image | None = None) -> Work:
         """The checks that need the model, before the request is queued; raises FieldError."""
         nets = getattr(self.pipe, "controlnets", None)
         if nets and control is None:
@@ -63,7 +65,15 @@ class PipelineRunner:
                 raise FieldError("image", "this server has no adapter loaded: send no condition image")
             if req.instruct:
                 raise FieldError("instruct", "this server has no adapter loaded: send no instruction")
+            for name, off in (("adapter_mask", mask is None), ("adapter_start", req.adapter_start == 0.0),
+                              ("adapter_end", req.adapter_end == 1.0)):
+                if not off:
+                    raise FieldError(name, f"this server has no adapter loaded: send no {name}")
         else:
+            if not self.pipe.cross and (mask is not None or req.adapter_start > 0.0 or req.adapter_end < 1.0):
+                field = "adapter_mask" if mask is not None else "adapter_start" if req.adapter_start else "adapter_end"
+                raise FieldError(field, f"this server runs {getattr(self.pipe, 'runtime', 'exported graphs')}: "
+                                        "adapter masks and step ranges run on the PyTorch backend")
             if image is None:
                 raise FieldError("image", "a condition image is required (base64 PNG, JPEG or WebP)")
             if self.kind == "instruct" and not (req.instruct or "").strip():
@@ -82,7 +92,7 @@ class PipelineRunner:
             mode = resolve_mode(req.guidance_mode, req.instruct, req.guidance_scale, self.kind == "instruct")
         except EngineError as e:
             raise FieldError("guidance_mode", str(e)) from None
-        return Work(req, image, height, width, BRANCH_ROWS[mode] * req.num_images, control)
+        return Work(req, image, height, width, BRANCH_ROWS[mode] * req.num_images, control, mask)
 
     @staticmethod
     def key(work: Work) -> tuple:
@@ -97,13 +107,17 @@ class PipelineRunner:
         first = works[0].req
         per = {k: [getattr(w.req, k) for w in works] for k in (
             "prompt", "negative_prompt", "scale", "guidance_scale", "instruct_guidance_scale",
-            "image_guidance_scale", "guidance_mode", "seed")}
+            "image_guidance_scale", "guidance_mode", "seed", "adapter_start", "adapter_end")}
         kwargs = dict(per, num_inference_steps=first.num_inference_steps, height=works[0].height,
                       width=works[0].width, num_images_per_prompt=first.num_images, scheduler=first.scheduler,
                       progress_callback=progress)
         if self.kind is not None:
             kwargs["image"] = [w.image for w in works]
             kwargs["instruct"] = [w.req.instruct for w in works]
+            if any(w.mask is not None for w in works):
+                kwargs["adapter_masks"] = [w.mask for w in works]
+        else:
+            del kwargs["adapter_start"], kwargs["adapter_end"]
         if getattr(self.pipe, "controlnets", None):
             kwargs.update(control_image=[w.control for w in works],
                           controlnet_conditioning_scale=[w.req.controlnet_conditioning_scale for w in works],
