@@ -19,7 +19,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "export", "export.*",
                                     "train", "train.*", "bench", "bench.*"]),
-    package_data={"train": ["instructions/*.txt"], "engine.server": ["static/*"]},  # data files: instruction banks, web page
+    # data files: instruction banks, web page, the configs and tokenizer single-file checkpoints load with
+    package_data={"train": ["instructions/*.txt"], "engine.server": ["static/*"],
+                  "engine": ["configs/*/*.json", "configs/*/*/*.json", "configs/tokenizer/merges.txt"]},
     install_requires=[
         "torch>=2.4",
         "diffusers>=0.35,<0.43",

@@ -1,7 +1,9 @@
 """Loading the pieces users already have on disk (or on the hub, when online), with one-line errors.
 
 Light at import (no torch or diffusers until a loader runs): the command line checks sizes and paths with it
-before anything heavy loads.
+before anything heavy loads. The base model is a diffusers folder (or hub id), or one original-layout checkpoint
+file (.safetensors / .ckpt, as A1111 and ComfyUI keep SD1.5 and InstructPix2Pix) read by diffusers'
+`from_single_file` with local configs only: a diffusers folder the user names, or the ones shipped in configs/.
 """
 from __future__ import annotations
 
@@ -24,6 +26,17 @@ log = logging.getLogger(__name__)
 BASE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
+CHECKPOINT_EXTS = (".safetensors", ".ckpt")
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+SHIPPED = {False: "sd15", True: "ip2p"}  # the configs for a file without config=, by "is InstructPix2Pix"
+CONFIG_PARTS = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
+                "scheduler/scheduler_config.json")
+# the original (LDM) layout's parts, under the prefixes diffusers' single-file converters read
+LDM_PARTS = {"UNet": ("model.diffusion_model.",), "VAE": ("first_stage_model.", "vae."),
+             "text encoder": ("cond_stage_model.transformer.",)}
+LDM_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+OTHER_FAMILIES = {"conditioner.": "an SDXL checkpoint", "cond_stage_model.model.": "an SD2 checkpoint (OpenCLIP)"}
+
 
 def resolve(path_or_id, what: str) -> str:
     """A local folder, or a hub id ("org/name") left for from_pretrained to fetch."""
@@ -37,10 +50,16 @@ def resolve(path_or_id, what: str) -> str:
     raise EngineError(f"{what} not found: {p}")
 
 
-def read_configs(model) -> tuple[dict, dict] | None:
-    """(unet/config.json, vae/config.json) of a local diffusers folder, without loading weights; None when `model`
-    is not a local folder with both (a hub id: the pipeline checks once it has loaded)."""
+def read_configs(model, config=None) -> tuple[dict, dict] | None:
+    """(unet/config.json, vae/config.json) of a local diffusers folder, without loading weights; for a single-file
+    checkpoint, those of the config folder it would load with (`config`, or the shipped one its header asks for).
+    None when there is nothing to read or the file and its configs disagree: the loader then names what is wrong."""
     src = os.path.expanduser(os.fspath(model))
+    if is_checkpoint_file(src):
+        try:
+            src = config_folder(src, checkpoint_kind(src, checkpoint_shapes(src)), config)
+        except EngineError:
+            return None
     try:
         with open(os.path.join(src, "unet", "config.json")) as fh:
             unet = json.load(fh)
@@ -51,19 +70,20 @@ def read_configs(model) -> tuple[dict, dict] | None:
     return (unet, vae) if isinstance(unet, dict) and isinstance(vae, dict) else None
 
 
-def native_size(model) -> tuple[int, int] | None:
-    """(native height/width in pixels, VAE factor) of a local diffusers folder (read_configs), or None."""
-    configs = read_configs(model)
+def native_size(model, config=None) -> tuple[int, int] | None:
+    """(native height/width in pixels, VAE factor) of a local diffusers folder or single file (read_configs), or
+    None."""
+    configs = read_configs(model, config)
     try:
         return None if configs is None else native_from_configs(*configs)
     except (KeyError, TypeError):
         return None
 
 
-def is_edit_model(model) -> bool:
-    """Whether a local diffusers folder is an InstructPix2Pix model (its UNet takes twice the VAE's latent
-    channels); False for a hub id or an unreadable folder."""
-    configs = read_configs(model)
+def is_edit_model(model, config=None) -> bool:
+    """Whether a local diffusers folder or single file is an InstructPix2Pix model (its UNet takes twice the VAE's
+    latent channels); False for a hub id or an unreadable folder or file."""
+    configs = read_configs(model, config)
     return configs is not None and configs[0].get("in_channels") == 2 * configs[1].get("latent_channels", 4)
 
 
@@ -104,30 +124,178 @@ def _load(what: str, fn, *args, **kwargs):
         raise EngineError(f"cannot load {what}: {_first_line(e)}") from e
 
 
-def load_base(model, dtype: torch.dtype):
-    """-> dict of unet, vae, text_encoder, tokenizer, scheduler from a diffusers SD folder or hub id."""
+def load_base(model, dtype: torch.dtype, config=None):
+    """-> dict of unet, vae, text_encoder, tokenizer, scheduler from a diffusers SD folder or hub id, or from a
+    single-file original-layout checkpoint (load_single_file; `config` is for that case only)."""
+    if is_checkpoint_file(model):
+        return load_single_file(model, dtype, config)
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers import schedulers as dsched
     from transformers import CLIPTextModel, CLIPTokenizer
 
     src = resolve(model, "base model")
+    if config is not None:
+        raise EngineError(f"config= names the configs of a single-file checkpoint (.safetensors/.ckpt); the base "
+                          f"model {src} is a diffusers folder (or hub id) with its own: drop config=")
     if os.path.isdir(src):
         missing = [p for p in BASE_PARTS if not os.path.isdir(os.path.join(src, p))]
         if missing:
             raise EngineError(f"base model {src} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}/")
-    parts = {
+    return {
         "unet": _load(f"UNet from {src}", UNet2DConditionModel.from_pretrained, src, subfolder="unet", torch_dtype=dtype),
         "vae": _load(f"VAE from {src}", AutoencoderKL.from_pretrained, src, subfolder="vae", torch_dtype=dtype),
         "text_encoder": _load(f"text encoder from {src}", CLIPTextModel.from_pretrained, src,
                               subfolder="text_encoder", torch_dtype=dtype),
         "tokenizer": _load(f"tokenizer from {src}", CLIPTokenizer.from_pretrained, src, subfolder="tokenizer"),
+        "scheduler": _scheduler(src),
     }
+
+
+def _scheduler(src: str):
+    """The scheduler of a diffusers folder (or hub id), of the class its scheduler_config.json names."""
+    from diffusers import schedulers as dsched
+
     config = _load(f"scheduler config from {src}", dsched.DDIMScheduler.load_config, src, subfolder="scheduler")
     cls = getattr(dsched, config.get("_class_name", ""), None)
     if cls is None:
         raise EngineError(f"unknown scheduler class {config.get('_class_name')!r} in {src}/scheduler")
-    parts["scheduler"] = cls.from_config(config)
-    return parts
+    return cls.from_config(config)
+
+
+def is_checkpoint_file(model) -> bool:
+    """Whether `model` names a single-file checkpoint (.safetensors / .ckpt), there or not, rather than a folder."""
+    path = os.path.expanduser(os.fspath(model))
+    return path.endswith(CHECKPOINT_EXTS) and not os.path.isdir(path)
+
+
+def checkpoint_shapes(path) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of a single-file checkpoint without reading its weights: the safetensors header, or a .ckpt's
+    pickle mapped to the meta device (nested "state_dict"s unwrapped, as diffusers' loader does)."""
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.isfile(path):
+        raise EngineError(f"base model file not found: {path}")
+    try:
+        if path.endswith(".safetensors"):  # by extension, as diffusers' loader tells them apart
+            from safetensors import safe_open
+            with safe_open(path, framework="np") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        import torch
+        state = torch.load(path, map_location="meta", weights_only=True)
+        while isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+    except Exception as e:  # a truncated or foreign file: safetensors', pickle's or zip's error
+        raise EngineError(f"cannot read checkpoint {path}: {_first_line(e)}") from e
+
+
+def checkpoint_kind(path: str, shapes: dict) -> bool:
+    """Whether an original-layout checkpoint is InstructPix2Pix (UNet input conv over 8 channels) rather than SD1.5
+    (4); anything else is an EngineError saying what the file is."""
+    for prefix, what in OTHER_FAMILIES.items():
+        if any(k.startswith(prefix) for k in shapes):
+            raise EngineError(f"{path} is {what}: single files load for SD1.5 and InstructPix2Pix")
+    missing = [part for part, prefixes in LDM_PARTS.items() if not any(k.startswith(prefixes) for k in shapes)]
+    if missing:
+        raise EngineError(f"{path} is not an original-layout SD1.5 / InstructPix2Pix checkpoint: it has no "
+                          f"{', '.join(missing)} weights ({', '.join(LDM_PARTS[p][0] + '*' for p in missing)})")
+    conv = shapes.get(LDM_CONV_IN, ())
+    channels = conv[1] if len(conv) == 4 else None
+    if channels not in (4, 8):
+        raise EngineError(f"{path}: the UNet's input conv ({LDM_CONV_IN}) takes {channels} channels; SD1.5 takes 4 "
+                          "and InstructPix2Pix 8 (9 is an inpainting model, not supported)")
+    return channels == 8
+
+
+def config_folder(path: str, edit: bool, config=None) -> str:
+    """The folder a single file's configs, tokenizer and scheduler come from: `config` (a local diffusers folder
+    of the same kind of model, checked part by part), else the shipped SD1.5 or InstructPix2Pix one."""
+    if config is None:
+        return os.path.join(CONFIGS, SHIPPED[edit])
+    folder = os.path.expanduser(os.fspath(config))
+    if not os.path.isdir(folder):
+        raise EngineError(f"config folder not found: {folder} (a local diffusers folder of the checkpoint's model)")
+    missing = [p for p in CONFIG_PARTS if not os.path.exists(os.path.join(folder, p))]
+    if missing:
+        raise EngineError(f"config folder {folder} is not a diffusers Stable Diffusion folder: missing "
+                          f"{', '.join(missing)}")
+    try:
+        with open(os.path.join(folder, "unet", "config.json")) as fh:
+            channels = json.load(fh).get("in_channels")
+    except (OSError, ValueError, AttributeError) as e:
+        raise EngineError(f"cannot read {folder}/unet/config.json: {_first_line(e)}") from e
+    want = 8 if edit else 4
+    if channels != want:
+        raise EngineError(f"{path} is {'an InstructPix2Pix' if edit else 'a text-to-image SD1.5'} checkpoint ({want} "
+                          f"UNet input channels) but the config folder {folder} has a {channels}-channel UNet: name "
+                          "a config folder of the same kind of model")
+    return folder
+
+
+def _key_problems(part: str, model, converted: dict) -> str | None:
+    """What differs between a meta model's state dict and the checkpoint's keys for it, in one phrase."""
+    want = model.state_dict()
+    recomputed = {name for name, _ in model.named_buffers()} - set(want)  # e.g. CLIP's position ids, often saved
+    misshaped = [f"{k} {tuple(converted[k].shape)} vs {tuple(want[k].shape)}"
+                 for k in sorted(set(want) & set(converted)) if converted[k].shape != want[k].shape]
+    missing = sorted(set(want) - set(converted))
+    unexpected = sorted(set(converted) - set(want) - recomputed)
+    found = [f"{len(keys)} {what} ({', '.join(keys[:2])}{', ...' if len(keys) > 2 else ''})"
+             for what, keys in (("mis-shaped", misshaped), ("missing", missing), ("unexpected", unexpected)) if keys]
+    return f"{part}: {', '.join(found)}" if found else None
+
+
+def check_checkpoint_keys(path: str, shapes: dict, folder: str, shipped: bool) -> None:
+    """The file's UNet, VAE and text-encoder keys, as diffusers' own single-file converters map them, must be the
+    keys (and shapes) of the models `folder` configures, exactly; run on meta tensors, so no weight is read."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    try:
+        with torch.device("meta"):
+            state = {k: torch.empty(shape) for k, shape in shapes.items()}
+            unet_config = UNet2DConditionModel.load_config(folder, subfolder="unet")
+            vae_config = AutoencoderKL.load_config(folder, subfolder="vae")
+            text = CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"))
+            clip = sfu.convert_ldm_clip_checkpoint(state)
+            if not hasattr(text, "text_model"):  # transformers' flattened CLIPTextModel: diffusers strips it too
+                clip = {k.removeprefix("text_model."): v for k, v in clip.items()}
+            parts = [("UNet", UNet2DConditionModel.from_config(unet_config),
+                      sfu.convert_ldm_unet_checkpoint(state, unet_config)),
+                     ("VAE", AutoencoderKL.from_config(vae_config), sfu.convert_ldm_vae_checkpoint(state, vae_config)),
+                     ("text encoder", text, clip)]
+    except Exception as e:  # a config that does not read, or blocks the converters look for and do not find
+        raise EngineError(f"{path} does not convert with the configs in {folder}: {_first_line(e)}") from e
+    problems = [p for p in (_key_problems(*part) for part in parts) if p]
+    if problems:
+        hint = ("a model of another size or layout: name its diffusers folder with config=" if shipped
+                else "is the config folder this model's?")
+        raise EngineError(f"{path} does not match the configs in {folder} ({hint}): {'; '.join(problems)}")
+
+
+def load_single_file(path, dtype: torch.dtype, config=None):
+    """-> load_base's parts from an original-layout SD1.5 / InstructPix2Pix checkpoint, through diffusers'
+    `StableDiffusion(InstructPix2Pix)Pipeline.from_single_file(path, config=folder, local_files_only=True)`: the
+    configs, tokenizer and scheduler from `config` (a local diffusers folder) or the shipped configs; nothing is
+    fetched. The header is checked first (kind, keys, shapes), so a wrong file fails before any weight loads."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    path = os.path.expanduser(os.fspath(path))
+    shapes = checkpoint_shapes(path)
+    edit = checkpoint_kind(path, shapes)
+    folder = config_folder(path, edit, config)
+    check_checkpoint_keys(path, shapes, folder, shipped=config is None)
+    given = {}
+    if config is None:  # the shipped configs share one tokenizer (CLIP ViT-L/14's, as every SD1.5-family model)
+        tokenizer = os.path.join(CONFIGS, "tokenizer")
+        given["tokenizer"] = _load(f"tokenizer from {tokenizer}", CLIPTokenizer.from_pretrained, tokenizer)
+    cls = StableDiffusionInstructPix2PixPipeline if edit else StableDiffusionPipeline
+    pipe = _load(f"single-file checkpoint {path}", cls.from_single_file, path, config=folder,
+                 local_files_only=True, torch_dtype=dtype, safety_checker=None, feature_extractor=None,
+                 requires_safety_checker=False, **given)
+    # the scheduler as a folder's (load_base): the class its config names, untouched by the pipeline's fix-ups
+    return {**{name: getattr(pipe, name) for name in BASE_PARTS[:-1]}, "scheduler": _scheduler(folder)}
 
 
 def _image_processor_class():

@@ -8,11 +8,14 @@
   DIR/adapter.safetensors  an IPAdapter-Instruct adapter in the two-key layout
   DIR/clip/                a transformers CLIPModel folder (both towers, tokenizer, image processor) for
                            `python -m bench quality --clip`
+`make_tiny_single_file(DIR)` writes DIR/model/ (the tiny diffusers folder) and DIR/model.safetensors, the same
+weights as one original-layout (LDM) checkpoint, as A1111 and ComfyUI users keep SD1.5 and InstructPix2Pix.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -178,3 +181,96 @@ def atomic_folder(folder: str):
 def tiny_paths(folder: str) -> dict[str, str]:
     return {"model": os.path.join(folder, "model"), "image_encoder": os.path.join(folder, "image_encoder"),
             "adapter": os.path.join(folder, "adapter.safetensors"), "clip": os.path.join(folder, "clip")}
+
+
+# diffusers -> original (LDM) layout: the reverse of diffusers' single-file converters (convert_ldm_unet_checkpoint,
+# convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint in diffusers/loaders/single_file_utils.py)
+UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+               "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _unet_key(key: str, config) -> str:
+    """A diffusers UNet2DConditionModel key -> its key under model.diffusion_model. (input/middle/output blocks)."""
+    top = key.rsplit(".", 1)[0]
+    if top in UNET_TOP:
+        return UNET_TOP[top] + key[len(top):]
+    per = config.layers_per_block + 1  # LDM: a level's resnets (each with its attention), then its down/upsampler
+    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)", key)
+    if m:
+        side, b, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+        if kind == "downsamplers":
+            return f"input_blocks.{(b + 1) * per}.0.op.{rest.removeprefix('conv.')}"
+        if kind == "upsamplers":
+            return f"output_blocks.{b * per + per - 1}.{2 if 'CrossAttn' in config.up_block_types[b] else 1}.{rest}"
+        index = f"input_blocks.{1 + b * per + j}" if side == "down" else f"output_blocks.{b * per + j}"
+        resnet, attention = f"{index}.0", f"{index}.1"
+    else:
+        kind, j, rest = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key).groups()
+        resnet, attention = f"middle_block.{2 * int(j)}", "middle_block.1"
+    if kind == "attentions":
+        return f"{attention}.{rest}"
+    name, tail = rest.split(".", 1)
+    return f"{resnet}.{UNET_RESNET[name]}.{tail}"
+
+
+def _vae_key(key: str, levels: int) -> str:
+    """A diffusers AutoencoderKL key -> its key under first_stage_model. (the decoder's levels count upwards)."""
+    key = re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", key)
+    key = re.sub(r"^encoder\.down_blocks\.(\d+)\.(resnets|downsamplers\.0)\.",
+                 lambda m: f"encoder.down.{m.group(1)}.{'block' if m.group(2) == 'resnets' else 'downsample'}.", key)
+    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.",
+                 lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}."
+                           f"{'block' if m.group(2) == 'resnets' else 'upsample'}.", key)
+    key = re.sub(r"\.mid_block\.resnets\.(\d+)\.", lambda m: f".mid.block_{int(m.group(1)) + 1}.", key)
+    m = re.fullmatch(r"(.+)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", key)
+    if m:
+        key = f"{m.group(1)}.mid.attn_1.{VAE_ATTENTION[m.group(2)]}.{m.group(3)}"
+    return key.replace(".conv_shortcut.", ".nin_shortcut.")
+
+
+def ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
+    """SD1.5-layout diffusers modules' weights as one original-layout checkpoint: UNet under model.diffusion_model.,
+    VAE under first_stage_model. (its attention projections as 1x1 convs), CLIP under cond_stage_model.transformer.,
+    plus what such files carry beside them (CLIP's position ids, the DDPM noise schedule)."""
+    out = {"model.diffusion_model." + _unet_key(k, unet.config): v for k, v in unet.state_dict().items()}
+    for k, v in vae.state_dict().items():
+        key = _vae_key(k, len(vae.config.block_out_channels))
+        out["first_stage_model." + key] = v[:, :, None, None] if ".attn_1." in key and v.ndim == 2 else v
+    for k, v in text_encoder.state_dict().items():
+        out["cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    positions = text_encoder.config.max_position_embeddings
+    out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    out["betas"], out["alphas_cumprod"] = betas.float(), torch.cumprod(1 - betas, 0).float()
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def to_single_file(model: str, path: str) -> str:
+    """Write the diffusers SD folder `model` as one original-layout checkpoint at `path` (.safetensors, or .ckpt:
+    a pickle holding {"state_dict": ...} as the original training code saved). -> path."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    state = ldm_state_dict(UNet2DConditionModel.from_pretrained(model, subfolder="unet"),
+                           AutoencoderKL.from_pretrained(model, subfolder="vae"),
+                           CLIPTextModel.from_pretrained(model, subfolder="text_encoder"))
+    if path.endswith(".ckpt"):
+        torch.save({"state_dict": state}, path)
+    else:
+        save_file(state, path, metadata={"format": "pt"})
+    return path
+
+
+def make_tiny_single_file(folder: str, seed: int = 0, edit: bool = False) -> str:
+    """The tiny model twice under `folder`: model/ (diffusers, make_tiny's for the same seed) and model.safetensors
+    (original layout, the same weights). -> the file's path. edit: InstructPix2Pix."""
+    folder = os.path.abspath(folder)
+    with atomic_folder(folder) as tmp:
+        torch.manual_seed(seed)
+        tiny_base(os.path.join(tmp, "model"), edit)
+        to_single_file(os.path.join(tmp, "model"), os.path.join(tmp, "model.safetensors"))
+    return os.path.join(folder, "model.safetensors")

@@ -1,0 +1,197 @@
+"""Single-file checkpoints (`model.safetensors` in the original LDM layout, as A1111 and ComfyUI keep SD1.5 and
+InstructPix2Pix) through diffusers' `from_single_file` with local configs only: the parts equal the diffusers
+folder's bitwise and generate the same latents; the shipped configs are SD1.5's and InstructPix2Pix's at full size;
+no socket is opened; every wrong file or config folder is one line naming it, before any weight loads."""
+import os
+import shutil
+import socket
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from conftest import PROMPT
+from engine.errors import EngineError
+from engine.loading import (CONFIGS, check_checkpoint_keys, checkpoint_kind, checkpoint_shapes, config_folder,
+                            is_edit_model, load_base, native_size, read_configs)
+
+KINDS = ("sd15", "ip2p")
+MODULES = ("unet", "vae", "text_encoder")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """kind -> the tiny original-layout file; its diffusers folder (the same weights) is model/ beside it."""
+    from engine.tiny import make_tiny_single_file
+    root = tmp_path_factory.mktemp("single")
+    return {kind: make_tiny_single_file(str(root / kind), edit=kind == "ip2p") for kind in KINDS}
+
+
+def folder_of(path):
+    return os.path.join(os.path.dirname(path), "model")
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any attempt to reach the network fails the test (HF_HUB_OFFLINE=1 is set too, by conftest)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:]}")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def one_line(excinfo, *names):
+    text = str(excinfo.value)
+    assert "\n" not in text and all(os.fspath(n) in text for n in names), text
+    return text
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_parts_equal_the_folders_bitwise(files, kind, offline):
+    single = load_base(files[kind], torch.float32, config=folder_of(files[kind]))
+    folder = load_base(folder_of(files[kind]), torch.float32)
+    for name in MODULES:
+        a, b = single[name].state_dict(), folder[name].state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert single["tokenizer"](PROMPT).input_ids == folder["tokenizer"](PROMPT).input_ids
+    assert type(single["scheduler"]) is type(folder["scheduler"])
+    assert dict(single["scheduler"].config) == dict(folder["scheduler"].config)
+
+
+def test_ckpt_and_half_precision(files, tmp_path, offline):
+    from engine.tiny import to_single_file
+    folder = folder_of(files["sd15"])
+    ckpt = load_base(to_single_file(folder, str(tmp_path / "model.ckpt")), torch.float32, config=folder)
+    ref = load_base(folder, torch.float32)
+    for name in MODULES:
+        a, b = ckpt[name].state_dict(), ref[name].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b), name
+    half = load_base(files["sd15"], torch.float16, config=folder)
+    assert all(p.dtype == torch.float16 for name in MODULES for p in half[name].parameters())
+
+
+def test_same_latents_as_the_folder(files):
+    from engine import EditPipeline, Pipeline
+    kw = dict(num_inference_steps=2, seed=3, output_type="latent")
+    photo = Image.new("RGB", (64, 64), (120, 40, 200))
+    for kind, cls, args in (("sd15", Pipeline, (PROMPT,)), ("ip2p", EditPipeline, ("make it winter", photo))):
+        folder = folder_of(files[kind])
+        single = cls(**load_base(files[kind], torch.float32, config=folder), device="cpu")
+        ref = cls.from_pretrained(folder, device="cpu", dtype="float32")
+        for pipe in (single, ref):
+            pipe.set_progress_bar_config(disable=True)
+        assert torch.equal(single(*args, **kw), ref(*args, **kw)), kind
+
+
+def test_header_answers_without_loading(files):
+    t2i, ip2p = files["sd15"], files["ip2p"]
+    assert native_size(t2i, folder_of(t2i)) == (64, 4)  # the tiny configs
+    assert native_size(t2i) == (512, 8)  # the shipped SD1.5 configs
+    assert is_edit_model(ip2p) and is_edit_model(ip2p, folder_of(ip2p))
+    assert not is_edit_model(t2i) and not is_edit_model(t2i, folder_of(t2i))
+    assert read_configs(ip2p, folder_of(t2i)) is None  # file and configs disagree: load_base says why
+    assert read_configs(os.path.join(os.path.dirname(t2i), "gone.safetensors")) is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_shipped_configs_are_chosen_and_a_mismatch_names_the_file(files, kind, offline):
+    path = files[kind]
+    assert config_folder(path, checkpoint_kind(path, checkpoint_shapes(path))) == os.path.join(CONFIGS, kind)
+    with pytest.raises(EngineError, match=r"UNet: \d+ mis-shaped \(conv_in.bias \(32,\) vs \(320,\)") as e:
+        load_base(path, torch.float32)
+    one_line(e, path, os.path.join(CONFIGS, kind), "config=")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_shipped_configs_are_sd15_at_full_size(kind):
+    """On the meta device: the public parameter counts, and an SD1.5-shaped original-layout file's keys (what
+    ldm_state_dict writes, the reverse of diffusers' converters) are exactly what the shipped configs expect."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from engine.loading import _scheduler
+    from engine.tiny import ldm_state_dict
+
+    folder = os.path.join(CONFIGS, kind)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae"))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"))
+    count = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, text)]
+    edit = kind == "ip2p"
+    assert unet.config.in_channels == (8 if edit else 4)
+    assert count == [859_520_964 + (320 * 4 * 3 * 3 if edit else 0), 83_653_863, 123_060_480]
+    shapes = {k: tuple(v.shape) for k, v in ldm_state_dict(unet, vae, text).items()}
+    assert checkpoint_kind("sd.safetensors", shapes) is edit
+    check_checkpoint_keys("sd.safetensors", shapes, folder, shipped=True)
+    assert type(_scheduler(folder)).__name__ == ("EulerAncestralDiscreteScheduler" if edit else "PNDMScheduler")
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(CONFIGS, "tokenizer"))  # CLIP ViT-L/14's
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+UNET, VAE = "model.diffusion_model.", "first_stage_model."
+BAD_FILES = {  # name: (change to the tiny SD1.5 file's tensors, what the error says)
+    "missing": (lambda sd: sd.pop(UNET + "out.2.bias"), r"UNet: 1 missing \(conv_out.bias\)"),
+    "unexpected": (lambda sd: sd.update({UNET + "input_blocks.1.1.extra.weight": torch.ones(2)}),
+                   r"UNet: 1 unexpected \(down_blocks.0.attentions.0.extra.weight\)"),
+    "mis-shaped": (lambda sd: sd.update({VAE + "quant_conv.weight": torch.ones(8, 8, 1, 2)}),
+                   r"VAE: 1 mis-shaped \(quant_conv.weight \(8, 8, 1, 2\) vs \(8, 8, 1, 1\)\)"),
+    "no VAE": (lambda sd: [sd.pop(k) for k in list(sd) if k.startswith(VAE)], r"no VAE weights \(first_stage_model"),
+    "SDXL": (lambda sd: sd.update({"conditioner.embedders.0.x": torch.ones(2)}), "is an SDXL checkpoint"),
+    "inpainting": (lambda sd: sd.update({UNET + "input_blocks.0.0.weight": torch.ones(32, 9, 3, 3)}),
+                   "takes 9 channels; SD1.5 takes 4 and InstructPix2Pix 8"),
+    "LoRA": (lambda sd: [sd.clear(), sd.update({"lora_unet_x.alpha": torch.ones(())})],
+             "not an original-layout SD1.5 / InstructPix2Pix checkpoint: it has no UNet, VAE, text encoder"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_FILES)
+def test_a_wrong_file_is_one_line_naming_it(files, tmp_path, bad, offline):
+    change, message = BAD_FILES[bad]
+    sd = load_file(files["sd15"])
+    change(sd)
+    path = str(tmp_path / f"{bad}.safetensors")
+    save_file(sd, path)
+    with pytest.raises(EngineError, match=message) as e:
+        load_base(path, torch.float32, config=folder_of(files["sd15"]))
+    one_line(e, path)
+
+
+def test_unreadable_and_absent_files(tmp_path):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all")
+    with pytest.raises(EngineError, match="cannot read checkpoint") as e:
+        load_base(garbage, torch.float32)
+    one_line(e, garbage)
+    with pytest.raises(EngineError, match="base model file not found") as e:
+        load_base(tmp_path / "absent.ckpt", torch.float32)
+    one_line(e, tmp_path / "absent.ckpt")
+
+
+def test_config_folder_errors(files, tmp_path):
+    t2i, ip2p = files["sd15"], files["ip2p"]
+    with pytest.raises(EngineError, match="config folder not found") as e:
+        load_base(t2i, torch.float32, config=tmp_path / "nowhere")
+    one_line(e, tmp_path / "nowhere")
+    partial = tmp_path / "partial"
+    shutil.copytree(folder_of(t2i), partial, ignore=shutil.ignore_patterns("tokenizer"))
+    with pytest.raises(EngineError, match="is not a diffusers Stable Diffusion folder: missing tokenizer$") as e:
+        load_base(t2i, torch.float32, config=partial)
+    one_line(e, partial)
+    with pytest.raises(EngineError, match="is an InstructPix2Pix checkpoint .* has a 4-channel UNet") as e:
+        load_base(ip2p, torch.float32, config=folder_of(t2i))
+    one_line(e, ip2p, folder_of(t2i))
+    with pytest.raises(EngineError, match="config= names the configs of a single-file checkpoint") as e:
+        load_base(folder_of(t2i), torch.float32, config=folder_of(t2i))
+    one_line(e, folder_of(t2i))
+
+
+def test_text_to_image_file_to_edit_and_the_reverse(files):
+    from engine import EditPipeline, Pipeline
+    t2i, ip2p = files["sd15"], files["ip2p"]
+    with pytest.raises(EngineError, match="this is a text-to-image model"):
+        EditPipeline(**load_base(t2i, torch.float32, config=folder_of(t2i)))
+    with pytest.raises(EngineError, match="this is an InstructPix2Pix model"):
+        Pipeline(**load_base(ip2p, torch.float32, config=folder_of(ip2p)))
