@@ -81,7 +81,11 @@ def build_parser() -> Parser:
 
     g = sub.add_parser("generate", help="generate images from a prompt, and optionally a condition image and an "
                                         "instruction (with --adapter)")
-    g.add_argument("--model", required=True, help="diffusers SD1.5 folder (or hub id)")
+    g.add_argument("--model", required=True, help="diffusers SD1.5 folder (or hub id), or a single-file checkpoint "
+                                                  "(.safetensors/.ckpt, original layout)")
+    g.add_argument("--model-config", metavar="DIR",
+                   help="with a single-file --model: a local diffusers folder to take the configs, tokenizer and "
+                        "scheduler from (default: the SD1.5 / InstructPix2Pix ones shipped with the package)")
     g.add_argument("--image-encoder", help="CLIPVisionModelWithProjection folder (with --adapter)")
     g.add_argument("--adapter", action="append", default=[], metavar="FILE",
                    help="two-key adapter file (.bin or .safetensors); repeatable: several adapters act together; "
@@ -126,7 +130,11 @@ def build_parser() -> Parser:
 
     e = sub.add_parser("edit", help="edit a photo by instruction (InstructPix2Pix); with --adapter also following a "
                                     "reference image")
-    e.add_argument("--model", required=True, help="diffusers InstructPix2Pix folder (or hub id), 8-channel UNet")
+    e.add_argument("--model", required=True, help="diffusers InstructPix2Pix folder (or hub id), 8-channel UNet, or "
+                                                  "a single-file checkpoint")
+    e.add_argument("--model-config", metavar="DIR",
+                   help="with a single-file --model: a local diffusers folder to take the configs, tokenizer and "
+                        "scheduler from (default: the SD1.5 / InstructPix2Pix ones shipped with the package)")
     e.add_argument("--image", required=True, help="the photo to edit")
     e.add_argument("--prompt", required=True, help="the edit, e.g. 'make it winter'")
     e.add_argument("--negative-prompt", default="")
@@ -154,6 +162,8 @@ def build_parser() -> Parser:
     t.add_argument("dir")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--edit", action="store_true", help="the model is an InstructPix2Pix one (8-channel UNet)")
+    t.add_argument("--single-file", action="store_true",
+                   help="also DIR/model.safetensors: the same model as one original-layout checkpoint")
 
     d = sub.add_parser("demo", help="what `make demo` runs (tiny random weights unless real ones are given)")
     d.add_argument("--model")
@@ -175,7 +185,10 @@ def add_serve_parser(sub) -> None:
 
     s = sub.add_parser("serve", help="an HTTP server with dynamic batching (FastAPI + uvicorn; --ray for Ray Serve)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--model", help="diffusers SD1.5 folder")
+    s.add_argument("--model", help="diffusers SD1.5 (or InstructPix2Pix) folder, or a single-file checkpoint")
+    s.add_argument("--model-config", metavar="DIR",
+                   help="with a single-file --model: a local diffusers folder to take the configs, tokenizer and "
+                        "scheduler from (default: the SD1.5 / InstructPix2Pix ones shipped with the package)")
     s.add_argument("--image-encoder", help="CLIPVisionModelWithProjection folder (with --adapter)")
     s.add_argument("--adapter", help="two-key adapter file; without it the server is text to image")
     s.add_argument("--tiny", action="store_true", help="the tiny random weights (built once, as `make demo` does)")
@@ -260,7 +273,7 @@ def adapter_call_args(a) -> dict:
 def cmd_generate(a) -> int:
     # the cheap checks, before torch loads: output paths, size, condition image
     paths = output_paths(a.out, a.num_images, a.overwrite)
-    native = native_size(a.model)
+    native = native_size(a.model, a.model_config)
     if native is not None:  # a hub id is checked by the pipeline once loaded
         check_size(a.height, a.width, *native, a.max_size)
     adapter_args = adapter_call_args(a)
@@ -272,7 +285,7 @@ def cmd_generate(a) -> int:
                           f"{len(a.controlnet)} nets, {len(a.control_image)} images, {len(a.controlnet_scale)} scales")
     controls = [load_image(p, "control image") for p in a.control_image]
     adapter = None if not a.adapter else (a.adapter[0] if len(a.adapter) == 1 else a.adapter)
-    pipe = Pipeline.from_pretrained(a.model, image_encoder=a.image_encoder, adapter=adapter,
+    pipe = Pipeline.from_pretrained(a.model, image_encoder=a.image_encoder, adapter=adapter, config=a.model_config,
                                     device=a.device, dtype=a.dtype, attention_backend=a.attention_backend,
                                     backend=a.backend, engines=a.engines, controlnet=a.controlnet or None)
     for path, scale in a.lora:
@@ -307,7 +320,7 @@ def cmd_edit(a) -> int:
 
     pipe = EditPipeline.from_pretrained(a.model, image_encoder=a.image_encoder, adapter=a.adapter, device=a.device,
                                         dtype=a.dtype, attention_backend=a.attention_backend, backend=a.backend,
-                                        engines=a.engines)
+                                        engines=a.engines, config=a.model_config)
     for path, scale in a.lora:
         pipe.load_lora_weights(path, scale=scale)
     pipe.set_progress_bar_config(disable=a.no_progress)
@@ -348,9 +361,13 @@ def cmd_demo(a) -> int:
 
 def cmd_make_tiny(a) -> int:
     quiet_libraries()
-    from .tiny import make_tiny
+    from .tiny import make_tiny, to_single_file
 
-    for name, path in make_tiny(a.dir, seed=a.seed, edit=a.edit).items():
+    paths = make_tiny(a.dir, seed=a.seed, edit=a.edit)
+    if a.single_file:
+        paths["single_file"] = to_single_file(paths["model"],
+                                              os.path.join(os.path.dirname(paths["model"]), "model.safetensors"))
+    for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
 
@@ -433,8 +450,8 @@ def cmd_serve(a) -> int:
         from .demo import cache_dir, ensure_tiny
         tiny = ensure_tiny(cache_dir())
         a.model, a.image_encoder, a.adapter = tiny["model"], tiny["image_encoder"], tiny["adapter"]
-    for what, path in (("model", a.model), ("image encoder", a.image_encoder)):
-        if path is not None and not os.path.isdir(path):
+    for what, path in (("model", a.model), ("image encoder", a.image_encoder), ("model config", a.model_config)):
+        if path is not None and not os.path.isdir(path) and not (what == "model" and os.path.isfile(path)):
             raise EngineError(f"{what} folder not found: {path}")
     if a.adapter is not None and not os.path.isfile(a.adapter):
         raise EngineError(f"adapter file not found: {a.adapter}")

@@ -135,7 +135,7 @@ def load_base(model, dtype: torch.dtype, config=None):
     src = resolve(model, "base model")
     if config is not None:
         raise EngineError(f"config= names the configs of a single-file checkpoint (.safetensors/.ckpt); the base "
-                          f"model {src} is a diffusers folder (or hub id) with its own: drop config=")
+                          f"model {src} is a diffusers folder (or hub id) with its own: drop config= (--model-config)")
     if os.path.isdir(src):
         missing = [p for p in BASE_PARTS if not os.path.isdir(os.path.join(src, p))]
         if missing:
@@ -268,8 +268,8 @@ def check_checkpoint_keys(path: str, shapes: dict, folder: str, shipped: bool) -
         raise EngineError(f"{path} does not convert with the configs in {folder}: {_first_line(e)}") from e
     problems = [p for p in (_key_problems(*part) for part in parts) if p]
     if problems:
-        hint = ("a model of another size or layout: name its diffusers folder with config=" if shipped
-                else "is the config folder this model's?")
+        hint = ("a model of another size or layout: name its diffusers folder with config= or --model-config"
+                if shipped else "is the config folder this model's?")
         raise EngineError(f"{path} does not match the configs in {folder} ({hint}): {'; '.join(problems)}")
 
 

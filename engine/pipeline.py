@@ -135,19 +135,26 @@ class Pipeline(LoraMixin):
 
     @classmethod
     def from_pretrained(cls, model, image_encoder=None, adapter=None, device=None, dtype=None,
-                        attention_backend="auto", backend="pytorch", engines=None, controlnet=None) -> "Pipeline":
-        """model: a diffusers SD folder (or hub id); image_encoder: a CLIPVisionModelWithProjection folder;
-        adapter: a two-key `.bin`/`.safetensors` file, or a list of them (several adapters at once). device defaults to cuda when present, dtype to
-        float16 on cuda and float32 on the CPU. attention_backend: auto | triton | sdpa | reference
-        (`kernels.BACKENDS`) for the cross-attention. backend: pytorch, or tensorrt with engines= the folder of
-        `python -m export trt` (engine.trt.runtime.TensorRTPipeline: the adapter and dtype are the engines'; model
-        and image_encoder, when given, say where the tokenizer, scheduler and image processor are now)."""
+                        attention_backend="auto", backend="pytorch", engines=None, controlnet=None,
+                        config=None) -> "Pipeline":
+        """model: a diffusers SD folder (or hub id), or a single-file checkpoint (an original-layout
+        `.safetensors`/`.ckpt`, read by diffusers' from_single_file) whose configs come from `config` (a local
+        diffusers folder; default: the SD1.5 / InstructPix2Pix ones shipped with the package).
+        image_encoder: a CLIPVisionModelWithProjection folder; adapter: a two-key `.bin`/`.safetensors` file, or a
+        list of them (several adapters at once). device defaults to cuda when present, dtype to float16 on cuda and
+        float32 on the CPU. attention_backend: auto | triton | sdpa | reference (`kernels.BACKENDS`) for the
+        cross-attention. backend: pytorch, or tensorrt with engines= the folder of `python -m export trt`
+        (engine.trt.runtime.TensorRTPipeline: the adapter and dtype are the engines'; model and image_encoder, when
+        given, say where the tokenizer, scheduler and image processor are now)."""
         if backend not in RUNTIMES:
             raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(RUNTIMES)}")
         several = isinstance(adapter, (list, tuple))
         if several and len(adapter) == 1:
             adapter, several = adapter[0], False
         if backend == "tensorrt":
+            if config is not None:
+                raise EngineError("config= is for a single-file model on the PyTorch backend; the TensorRT engines "
+                                  "carry their own")
             if several:
                 raise EngineError("the TensorRT engines hold one adapter: several adapters run on the PyTorch backend")
             if controlnet is not None:
@@ -169,7 +176,7 @@ class Pipeline(LoraMixin):
                 if not os.path.isfile(f):
                     raise EngineError(f"adapter file not found: {os.fspath(f)}")
             resolve(image_encoder, "image encoder")
-        parts = load_base(model, dtype)
+        parts = load_base(model, dtype, config=config)
         encoder = processor = None
         loaded = []
         if files:
@@ -191,7 +198,8 @@ class Pipeline(LoraMixin):
             from .controlnet import load_controlnets
             nets = load_controlnets(controlnet, parts["unet"], dtype)
         return cls(**parts, image_encoder=encoder, image_processor=processor,
-                   adapter=(loaded if several else loaded[0]) if loaded else None, device=device, dtype=dtype, attention_backend=attention_backend, controlnets=nets)
+                   adapter=(loaded if several else loaded[0]) if loaded else None, device=device, dtype=dtype,
+                   attention_backend=attention_backend, controlnets=nets)
 
     @staticmethod
     def _from_engines(model, image_encoder, adapter, device, dtype, engines):
@@ -290,7 +298,8 @@ class Pipeline(LoraMixin):
                              truncation=True, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.device))[0].to(self.dtype)
 
-    def encode_images(self, images: list[Image.Image], with_zero: bool = True, pooled: bool | None = None) -> torch.Tensor:
+    def encode_images(self, images: list[Image.Image], with_zero: bool = True,
+                      pooled: bool | None = None) -> torch.Tensor:
         # -> (N + 1, Ni, image_dim) penultimate hidden states; the last row is the all-zero image (with_zero).
         # pooled (default: whether the first adapter is a plain one): (N + 1, projection_dim) pooled embeddings
         pixels = self.image_processor(images=images, return_tensors="pt").pixel_values

@@ -195,3 +195,28 @@ def test_text_to_image_file_to_edit_and_the_reverse(files):
         EditPipeline(**load_base(t2i, torch.float32, config=folder_of(t2i)))
     with pytest.raises(EngineError, match="this is an InstructPix2Pix model"):
         Pipeline(**load_base(ip2p, torch.float32, config=folder_of(ip2p)))
+
+
+def test_cli_and_api_take_a_single_file(files, tmp_path, capsys):
+    """`generate --model FILE --model-config DIR` and `edit` the same: the images equal the folder's through the API;
+    a config folder given with a diffusers folder is one line."""
+    import numpy as np
+
+    from engine import EditPipeline, Pipeline
+    from engine.__main__ import main
+
+    out = tmp_path / "gen.png"
+    assert main(["generate", "--model", files["sd15"], "--model-config", folder_of(files["sd15"]), "--prompt", PROMPT,
+                 "--steps", "2", "--no-progress", "--out", str(out)]) == 0, capsys.readouterr().err
+    want = Pipeline.from_pretrained(folder_of(files["sd15"]), device="cpu")(PROMPT, num_inference_steps=2, seed=0)[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(want))
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 64), (90, 140, 200)).save(photo)
+    out = tmp_path / "edit.png"
+    assert main(["edit", "--model", files["ip2p"], "--model-config", folder_of(files["ip2p"]), "--image", str(photo),
+                 "--prompt", "make it red", "--steps", "2", "--no-progress", "--out", str(out)]) == 0
+    want = EditPipeline.from_pretrained(folder_of(files["ip2p"]), device="cpu")("make it red", str(photo),
+                                                                               num_inference_steps=2)[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(want))
+    with pytest.raises(EngineError, match="drop config="):
+        Pipeline.from_pretrained(folder_of(files["sd15"]), config=folder_of(files["sd15"]))

@@ -83,13 +83,14 @@ class ServerState:
         c = self.config
         if self.pipe is None:
             from ..loading import is_edit_model
-            if c.model is not None and c.backend == "pytorch" and is_edit_model(c.model):
+            if c.model is not None and c.backend == "pytorch" and is_edit_model(c.model, c.model_config):
                 from ..edit import EditPipeline as Pipeline  # an InstructPix2Pix model: this server edits
             else:
                 from ..pipeline import Pipeline
             self.pipe = Pipeline.from_pretrained(c.model, image_encoder=c.image_encoder, adapter=c.adapter,
                                                  device=c.device, dtype=c.dtype, attention_backend=c.attention_backend,
                                                  backend=c.backend, engines=c.engines,
+                                                 **({"config": c.model_config} if c.model_config else {}),
                                                  **({"controlnet": list(c.controlnet)} if c.controlnet else {}))
             for path, scale in c.lora:  # fused: nothing per step
                 self.pipe.load_lora_weights(path, scale=scale)

@@ -7,7 +7,8 @@ from dataclasses import dataclass, fields
 
 @dataclass(frozen=True)
 class ServerConfig:
-    model: str | None = None              # diffusers SD1.5 folder
+    model: str | None = None              # diffusers SD1.5 folder, or a single-file checkpoint
+    model_config: str | None = None       # with a single file: a diffusers folder for its configs (default: shipped)
     image_encoder: str | None = None      # CLIPVisionModelWithProjection folder (with adapter)
     adapter: str | None = None            # two-key adapter file; without it the server is text to image
     host: str = "127.0.0.1"
