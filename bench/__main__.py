@@ -106,6 +106,11 @@ def add_e2e_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", choices=["default", *SCHEDULERS], default="default",
                    help="every provider's scheduler (default: the model's own)")
     p.add_argument("--few-steps", type=int, default=4, help="the engine-lcm provider's steps (default 4)")
+    p.add_argument("--adapters", type=int, default=1, metavar="N",
+                   help="generate: N adapters at once on every provider (the adapter file N times; diffusers: "
+                        "load_ip_adapter with lists), each reading the condition image")
+    p.add_argument("--adapter-masks", action="store_true",
+                   help="with --adapters: each adapter acts in its own vertical stripe of the image (regional masks)")
     p.add_argument("--engines", default=None, metavar="DIR",
                    help="the tensorrt provider's plans (`python -m export trt --out DIR` of the same weights; "
                         "default: exported and built once into the bench cache)")
@@ -180,6 +185,11 @@ def run_e2e_command(a) -> int:
     edit = a.task == "edit"
     if edit and edit_conflicts(a, providers):
         return fail(edit_conflicts(a, providers))
+    if a.adapters < 1 or (a.adapter_masks and a.adapters < 2):
+        return fail("--adapters takes a positive count, and --adapter-masks needs --adapters 2 or more")
+    if a.adapters > 1 and (edit or "tensorrt" in providers):
+        return fail("--adapters N > 1 is for the generate task on the PyTorch providers (the TensorRT engines and "
+                    "editing hold one adapter)")
     real = [a.model] if edit else [a.model, a.image_encoder, a.adapter]
     if any(real) and not all(real):
         return fail("give all of --model, --image-encoder and --adapter for real weights, or none for a preset")
@@ -201,7 +211,8 @@ def run_e2e_command(a) -> int:
                     steps=a.steps or (30 if cuda else 10), height=a.height, width=a.width,
                     providers=providers, repeats=a.repeats or (10 if cuda else 3), compile=a.compile,
                     cuda_graphs=a.cuda_graphs, profile_dir=a.profile, engines=a.engines,
-                    scheduler=None if a.scheduler == "default" else a.scheduler, few_steps=a.few_steps, **task)
+                    scheduler=None if a.scheduler == "default" else a.scheduler, few_steps=a.few_steps,
+                    adapters=a.adapters, adapter_masks=a.adapter_masks, **task)
     rows, table = run_e2e(cfg, paths)
     print()
     print(table)

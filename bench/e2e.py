@@ -64,6 +64,19 @@ class E2EConfig:
     engines: str | None = None  # the `tensorrt` provider's plans (default: built into the bench cache)
     task: str = "generate"  # or "edit": InstructPix2Pix, three guidance branches (guidance_mode "ip2p")
     image_guidance_scale: float = 1.5  # the edit task's s_I
+    adapters: int = 1             # generate: this many adapters at once (the adapter file repeated)
+    adapter_masks: bool = False   # ... each in its own vertical stripe of the image
+
+
+def stripe_masks(n: int, height: int, width: int) -> list:
+    """n masks, mask i white on the i-th of n vertical stripes (diffusers' IPAdapterMaskProcessor input)."""
+    import numpy as np
+    out = []
+    for i in range(n):
+        m = np.zeros((height, width), dtype=np.uint8)
+        m[:, i * width // n:(i + 1) * width // n] = 255
+        out.append(Image.fromarray(m))
+    return out
 
 
 def _sync(device: torch.device) -> None:
@@ -119,8 +132,9 @@ class EngineProvider:
         self.steps, self.scheduler = (cfg.few_steps, "lcm") if name == "engine-lcm" else (cfg.steps, cfg.scheduler)
         fast = fast_path(name, device, cfg)
         backend = "sdpa" if not fast.fused_attention else "auto" if name in ("engine", "engine-lcm") else "triton"
+        adapter = paths["adapter"] if cfg.adapters == 1 else [paths["adapter"]] * cfg.adapters
         cls, extra = (EditPipeline, {}) if cfg.task == "edit" else \
-            (Pipeline, dict(image_encoder=paths["image_encoder"], adapter=paths["adapter"]))
+            (Pipeline, dict(image_encoder=paths["image_encoder"], adapter=adapter))
         self.pipe = cls.from_pretrained(paths["model"], **extra, device=device, dtype=dtype,
                                         attention_backend=backend)
         if fast.fused_attention and not fast.fused_norms:
@@ -141,8 +155,13 @@ class EngineProvider:
         if c.task == "edit":
             args = dict(edit_args(c, image, batch), num_inference_steps=self.steps, scheduler=self.scheduler)
             return self.pipe(**args, seed=list(range(batch)), output_type=output_type)
+        several = {}
+        if c.adapter_masks:
+            from engine.loading import native_from_configs
+            native, _ = native_from_configs(self.pipe.unet.config, self.pipe.vae.config)
+            several["adapter_masks"] = [stripe_masks(c.adapters, c.height or native, c.width or native)] * batch
         return self.pipe(prompt=[PROMPT] * batch, image=[image] * batch, instruct=[INSTRUCT] * batch,
-                         negative_prompt=[NEGATIVE] * batch, scale=c.scale, guidance_scale=c.guidance_scale,
+                         negative_prompt=[NEGATIVE] * batch, scale=c.scale, guidance_scale=c.guidance_scale, **several,
                          guidance_mode=c.guidance_mode, num_inference_steps=self.steps, height=c.height,
                          width=c.width, seed=list(range(batch)), output_type=output_type, scheduler=self.scheduler)
 
@@ -208,10 +227,14 @@ class DiffusersProvider:
             self.pipe = StableDiffusionPipeline.from_pretrained(
                 paths["model"], safety_checker=None, requires_safety_checker=False, image_encoder=encoder,
                 feature_extractor=_image_processor_class().from_pretrained(paths["image_encoder"]))
-            plus = paths["plus_adapter"]
-            self.pipe.load_ip_adapter(os.path.dirname(plus), subfolder="", weight_name=os.path.basename(plus),
-                                      image_encoder_folder=None)
-            self.pipe.set_ip_adapter_scale(cfg.scale)
+            plus, n = paths["plus_adapter"], cfg.adapters
+            if n == 1:
+                self.pipe.load_ip_adapter(os.path.dirname(plus), subfolder="", weight_name=os.path.basename(plus),
+                                          image_encoder_folder=None)
+            else:
+                self.pipe.load_ip_adapter([os.path.dirname(plus)] * n, subfolder=[""] * n,
+                                          weight_name=[os.path.basename(plus)] * n, image_encoder_folder=None)
+            self.pipe.set_ip_adapter_scale(cfg.scale if n == 1 else [cfg.scale] * n)
         self.pipe.to(device=device, dtype=dtype)  # (not torch_dtype=: deprecated in newer diffusers)
         if cfg.scheduler:  # the same scheduler class on both sides, from the model's own config
             from engine.loading import make_scheduler
@@ -251,9 +274,17 @@ class DiffusersProvider:
         gens = [torch.Generator("cpu").manual_seed(i) for i in range(batch)]
         if c.task == "edit":
             return self.pipe(**edit_args(c, image, batch), generator=gens).images
-        return self.pipe(prompt=[PROMPT] * batch, negative_prompt=[NEGATIVE] * batch, ip_adapter_image=image,
+        extra = {}
+        if c.adapter_masks:
+            from diffusers.image_processor import IPAdapterMaskProcessor
+            size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+            h, w = c.height or size, c.width or size
+            masks = IPAdapterMaskProcessor().preprocess(stripe_masks(c.adapters, h, w), height=h, width=w)
+            extra["cross_attention_kwargs"] = {"ip_adapter_masks": [masks[i:i + 1] for i in range(c.adapters)]}
+        return self.pipe(prompt=[PROMPT] * batch, negative_prompt=[NEGATIVE] * batch,
+                         ip_adapter_image=image if c.adapters == 1 else [image] * c.adapters,
                          guidance_scale=c.guidance_scale, num_inference_steps=c.steps, height=c.height,
-                         width=c.width, generator=gens).images
+                         width=c.width, generator=gens, **extra).images
 
     def stages(self) -> dict[str, float]:
         out = {k: v for k, v in self._times.items() if not k.endswith("_start")}
@@ -372,7 +403,8 @@ def _quantiles(times: list[float]) -> dict[str, float]:
 def _report(cfg: E2EConfig, env: dict, results: dict, flops: dict, rows: list[Row]) -> tuple[list[Row], str]:
     config = dict(task=cfg.task, preset=cfg.preset, steps=cfg.steps, height=cfg.height, width=cfg.width,
                   guidance_mode=cfg.guidance_mode, guidance_scale=cfg.guidance_scale, repeats=cfg.repeats,
-                  compile=cfg.compile, cuda_graphs=cfg.cuda_graphs)
+                  compile=cfg.compile, cuda_graphs=cfg.cuda_graphs, adapters=cfg.adapters,
+                  adapter_masks=cfg.adapter_masks)
     if cfg.task == "edit":
         config["image_guidance_scale"] = cfg.image_guidance_scale
     lines = []
@@ -408,6 +440,8 @@ def _report(cfg: E2EConfig, env: dict, results: dict, flops: dict, rows: list[Ro
         f"{cfg.guidance_mode}, 3 UNet rows per image (s_T {cfg.guidance_scale:g}, s_I {cfg.image_guidance_scale:g})"
     head = (f"device: {env['device']}   dtype: {env['dtype']}   git: {env['git_sha']}   task: {cfg.task}   "
             f"preset: {cfg.preset}   steps: {cfg.steps}   guidance: {guidance}   repeats: {cfg.repeats}")
+    if cfg.adapters > 1:
+        head += f"   adapters: {cfg.adapters}{' (regional masks)' if cfg.adapter_masks else ''}"
     stage_lines = []
     for (name, b), r in results.items():
         stage_lines.append(f"  {name:<16} batch {b}: " + ", ".join(f"{k.removesuffix('_ms')} {v:.1f} ms"

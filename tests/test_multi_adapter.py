@@ -102,8 +102,8 @@ def test_several_images_for_one_adapter_match_diffusers(plus_pipe, plus_dir, tin
 
 
 def test_step_range_matches_a_diffusers_scale_callback(two, d_two, cond_image, other_image):
-    # adapter 1 acts on the middle half of the steps only (start 0.25, end 0.75); diffusers has no step range, so its reference
-    # switches the scale from a step callback: the callback after step i sets the scales step i + 1 uses
+    # adapter 1 acts on the middle half of the steps only (start 0.25, end 0.75); diffusers has no step range, so its
+    # reference switches the scale from a step callback: the callback after step i sets the scales step i + 1 uses
     # (a fraction of the scheduler's timesteps, as diffusers' ControlNet rule: PNDM makes 5 for 4 steps)
     pipe, _, _ = two
     scales = [0.6, 0.9]
@@ -318,3 +318,36 @@ def test_the_server_takes_a_mask_and_a_step_range_per_request(tiny, plus_dir, co
         assert r.status_code == 422 and r.json()["error"]["field"] == "adapter_end", r.text
     finally:
         text_only.close()
+
+
+def test_bench_runs_both_providers_with_two_masked_adapters(tmp_path, capsys):
+    """`python -m bench e2e --adapters 2 --adapter-masks`: both sides really hold two adapters and take the masks."""
+    import json
+
+    from bench.__main__ import main
+    from bench.e2e import DiffusersProvider, E2EConfig, EngineProvider
+    from bench.weights import bench_weights
+
+    cache = str(tmp_path / "w")
+    path = tmp_path / "e2e.json"
+    assert main(["e2e", "--device", "cpu", "--providers", "engine,diffusers", "--adapters", "2", "--adapter-masks",
+                 "--batch", "1", "--steps", "2", "--repeats", "1", "--cache", cache, "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())
+    assert {r["provider"] for r in rows} == {"engine", "diffusers"}
+    assert {(r["config"]["adapters"], r["config"]["adapter_masks"]) for r in rows} == {(2, True)}
+    cfg = E2EConfig(steps=2, adapters=2, adapter_masks=True)
+    paths = bench_weights("tiny", cache)
+    engine = EngineProvider("engine", paths, torch.device("cpu"), torch.float32, cfg)
+    d = DiffusersProvider(paths, torch.device("cpu"), torch.float32, cfg)
+    assert len(engine.pipe.adapters) == 2 and len(d.pipe.unet.encoder_hid_proj.image_projection_layers) == 2
+    masked = engine(cond_image_of(64), 1, "latent")
+    engine.cfg = E2EConfig(steps=2, adapters=2)
+    plain = engine(cond_image_of(64), 1, "latent")
+    assert (masked - plain).abs().max() > 1e-4  # the masks reach the engine's call
+    assert main(["e2e", "--adapter-masks", "--json", str(tmp_path / "x.json")]) == 2
+    assert "--adapter-masks needs --adapters 2" in capsys.readouterr().err
+
+
+def cond_image_of(size):
+    from engine.demo import draw_condition_image
+    return draw_condition_image(size)
