@@ -5,6 +5,10 @@
         [--mixed-precision no|fp16|bf16] [--save-every N] [--resume]
     python -m train make-synthetic DIR --n N
 
+Several processes (data parallel, DDP through accelerate; --batch-size is per process):
+    accelerate launch --multi_gpu --num_processes N -m train ...     (on the CPU too: gloo)
+    torchrun --nproc_per_node N -m train ...
+
 `--help` shows every default; --resolution defaults to the model's native size (UNet sample_size x VAE factor).
 """
 from __future__ import annotations
@@ -62,7 +66,7 @@ def train_parser() -> Parser:
                    help="training image size in pixels (default: the model's native size, UNet sample_size x VAE "
                         "factor: 512 for SD1.5, 64 for the tiny model)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
-                   help="autocast dtype for the forward and backward")
+                   help="accelerate's autocast for the forward and backward (fp16: with loss scaling, GPU only)")
     p.add_argument("--save-every", type=positive(int), default=500, help="checkpoint + validation every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up")

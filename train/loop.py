@@ -1,11 +1,15 @@
 """The training loop: MSE on the noise, frozen SD1.5, trained projector + to_k_ip/to_v_ip (one readable loop).
 
+It runs on accelerate, as IP-Adapter's training script does: one module (`AdapterModel`: frozen UNet,
+projector, adapter layers) goes through `accelerator.prepare`, so under `accelerate launch` or torchrun it
+is DistributedDataParallel (gloo on the CPU, nccl on GPUs) and the gradient all-reduce overlaps the backward
+pass; `accelerator.accumulate` skips it on all but the last micro-batch of an optimizer step. Mixed precision
+(autocast, fp16 loss scaling) is accelerate's too. Checkpoints are our own file (below), not `save_state`.
+
 Determinism is by construction, not by saved RNG streams: every example's randomness (conditioning
 dropout, timestep, noise, the VAE sample) comes from a generator seeded by (seed, optimizer step,
 micro-step, its slot in the global batch), and the data order from (seed, epoch). So a resumed run
-continues bit-identically, and N processes with batch B see exactly what one process with batch N*B sees
-(gradients are averaged across processes after each micro-batch's backward: data parallel over gloo on
-the CPU or nccl on GPUs, launched with torchrun or accelerate launch).
+continues bit-identically, and N processes with batch B see exactly what one process with batch N*B sees.
 """
 from __future__ import annotations
 
@@ -20,15 +24,18 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import GradientAccumulationPlugin
 
 from engine.adapter import save_adapter
-from engine.attention import AdapterContext, choose_impls, install_processors, precompute_kv
+from engine.attention import choose_impls
 from engine.errors import EngineError
 from engine.loading import load_base, load_image_encoder
 
 from .data import TrainDataset, collate, read_manifest
 from .instructions import load_banks
-from .model import init_adapter, native_resolution, trainable
+from .model import AdapterModel, init_adapter, native_resolution
 
 log = logging.getLogger(__name__)
 DROP_IMAGE, DROP_TEXT, DROP_BOTH = 0.05, 0.05, 0.05  # IP-Adapter's conditioning dropout
@@ -47,7 +54,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-5
     resolution: int | None = None       # pixels; None: the model's native size
-    mixed_precision: str = "no"          # no | fp16 | bf16
+    mixed_precision: str = "no"          # no | fp16 (GPU) | bf16
     save_every: int = 500
     resume: bool = False
     warmup_steps: int = 100
@@ -62,16 +69,42 @@ class TrainConfig:
     progress: bool = True
 
 
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """One process, or one of the processes torchrun / `accelerate launch` started (DDP; gloo on the CPU)."""
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EngineError("--device cuda but torch sees no CUDA GPU; use --device cpu")
+    asked = {"--mixed-precision": ("ACCELERATE_MIXED_PRECISION", "no", cfg.mixed_precision),
+             "--grad-accum": ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1", str(cfg.grad_accum))}
+    for flag, (var, default, ours) in asked.items():  # what accelerate launch's flags or config ask for
+        launched = os.environ.get(var, default)
+        if launched not in (default, ours):
+            raise EngineError(f"accelerate launch sets {var}={launched} but the trainer's {flag} is {ours}: "
+                              f"pass {flag} {launched} to python -m train (it decides)")
+    if not dist.is_initialized():  # accelerate's state is per process: a fresh one per run, so train() can run again
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    acc = Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision,
+                      gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.grad_accum),
+                      step_scheduler_with_optimizer=False)  # the warm-up counts optimizer steps, for any world size
+    if cfg.mixed_precision == "fp16" and acc.device.type == "cpu":
+        raise EngineError("--mixed-precision fp16 needs a GPU (fp16 loss scaling); on the CPU use bf16 or no")
+    kind = acc.distributed_type.name
+    if kind != "NO" and not kind.startswith("MULTI_"):
+        raise EngineError(f"accelerate launched the trainer with {kind}; it runs on one device or data parallel "
+                          "(DDP: torchrun, accelerate launch --multi_gpu) only, its checkpoints hold whole tensors")
+    if (acc.num_processes == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"
+            and "MASTER_ADDR" in os.environ):
+        log.warning("accelerate launch --cpu started one process (more need --mpirun_hostfile); for N processes "
+                    "on the CPU use accelerate launch --multi_gpu --num_processes N -m train ... (gloo)")
+    return acc
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.world > 1 and not dist.is_initialized():
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.accelerator = acc = make_accelerator(cfg)
+        self.world, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
         banks = load_banks()  # the data first: a bad manifest fails before gigabytes of weights load
         examples = read_manifest(cfg.data, tasks=tuple(banks), on_error=cfg.on_bad_data)
         parts = load_base(cfg.model, torch.float32)
@@ -83,21 +116,24 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # a fresh adapter's initial weights
         self.adapter = init_adapter(self.unet, self.image_encoder.config.hidden_size,
                                     self.text_encoder.config.hidden_size, cfg.init_adapter)
-        for m in (self.unet, self.vae, self.text_encoder, self.image_encoder):
+        for m in (self.vae, self.text_encoder, self.image_encoder):
             m.to(self.device).eval().requires_grad_(False)
-        self.model = trainable(self.adapter).to(self.device).train()
-        self.cross = install_processors(self.unet, self.adapter.layers)
+        self.net = AdapterModel(self.unet, self.adapter).to(self.device).train()
+        self.trained, self.cross = self.net.trained, self.net.cross
         choose_impls(self.unet, self.cross, self.device, torch.float32, "auto")
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))  # linear warm-up, then constant
+        self.params = [p for p in self.trained.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))  # linear warm-up, then constant
+        # self.net is the AdapterModel; self.model what accelerate makes of it: DDP around it when distributed,
+        # its forward under autocast with mixed precision
+        self.model, self.opt, self.sched = acc.prepare(self.net, opt, sched)
         self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay else None
-        # fp16 gradients underflow without loss scaling (bf16 has fp32's range and needs none)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16"
-                                           and self.device.type == "cuda")
+        # fp16 gradients underflow without loss scaling: accelerate's GradScaler (GPU); bf16 (fp32's range) and
+        # fp32 need none, and a disabled one keeps the checkpoint's "scaler" entry
+        self.scaler = acc.scaler or torch.amp.GradScaler(self.device.type, enabled=False)
         self._split(examples, banks)
         self.step = self.epoch = self.pos = 0
         self._perm = (-1, None)
@@ -140,8 +176,10 @@ class Trainer:
                              truncation=True, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.device))[0]
 
-    def loss(self, batch: dict, seeds: list[int]) -> torch.Tensor:
-        """MSE between the UNet's noise prediction and the noise, for one micro-batch."""
+    def loss(self, batch: dict, seeds: list[int], model=None) -> torch.Tensor:
+        """MSE between the UNet's noise prediction and the noise, for one micro-batch, through `model` (the
+        prepared one, DDP when distributed; validation passes the bare AdapterModel: no collectives)."""
+        model = self.model if model is None else model
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         pixels = batch["pixel_values"].to(self.device)
         clip = batch["clip_pixels"].to(self.device)
@@ -166,44 +204,31 @@ class Trainer:
         noisy = self.noise_sched.add_noise(latents, noise, t)
         target = noise if self.noise_sched.config.prediction_type == "epsilon" else \
             self.noise_sched.get_velocity(latents, noise, t)
-        ip = self.adapter.projector(image, instruct, text)
-        ctx = AdapterContext(kv=precompute_kv(self.unet, self.cross, text, ip),
-                             scale={n: torch.ones(len(seeds), 1, 1, 1, device=self.device) for n in self.cross})
-        pred = self.unet(noisy, t, encoder_hidden_states=text, cross_attention_kwargs={"adapter": ctx}).sample
+        pred = model(noisy, t, text, image, instruct)
         return F.mse_loss(pred.float(), target.float())
 
     def _seeds(self, micro: int, slots: list[int]) -> list[int]:
         base = (self.cfg.seed * 1_000_003 + self.step * self.cfg.grad_accum + micro) * self.global_batch
         return [base + s for s in slots]
 
-    def _autocast(self):
-        mp = self.cfg.mixed_precision
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
-
     # ---- one optimizer step -------------------------------------------------------------------------------
 
     def train_step(self) -> float:
-        self.opt.zero_grad(set_to_none=True)
+        acc = self.accelerator
+        self.opt.zero_grad(set_to_none=True)  # here, not after the step: the step's gradients stay readable
         total = 0.0
         for micro in range(self.cfg.grad_accum):
             batch, slots = self._next_batch()
-            with self._autocast():
-                loss = self.loss(batch, self._seeds(micro, slots)) / self.cfg.grad_accum
-            self.scaler.scale(loss).backward()
-            total += loss.item()
-        if self.world > 1:  # data parallel: average gradients (and the logged loss) over processes
-            for p in self.params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= self.world
-            t = torch.tensor([total], device=self.device)
-            dist.all_reduce(t)
-            total = t.item() / self.world
-        self.scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.scaler.step(self.opt)
-        self.scaler.update()
+            with acc.accumulate(self.model):  # DDP's all-reduce on the last micro-batch only
+                with acc.autocast():  # the frozen encoders too, not only the prepared module
+                    loss = self.loss(batch, self._seeds(micro, slots))
+                acc.backward(loss)  # divides by grad_accum; fp16: scaled
+            total += loss.item() / self.cfg.grad_accum
+        assert acc.sync_gradients, "accumulate() ended an optimizer step before its last micro-batch"
+        if self.world > 1:  # the logged loss: the mean over processes
+            total = acc.reduce(torch.tensor(total, dtype=torch.float64, device=self.device), "mean").item()
+        acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm)  # fp16: unscales first
+        self.opt.step()  # fp16: skipped on an inf/nan, and the scale lowered
         self.sched.step()
         self.step += 1
         if self.ema is not None:
@@ -218,19 +243,19 @@ class Trainer:
         if self.val is None:
             return None
         losses = []
-        self.model.eval()
+        self.net.eval()
         for start in range(0, len(self.val), self.cfg.batch_size):
             idx = range(start, min(start + self.cfg.batch_size, len(self.val)))
             batch = collate([self.val[i] for i in idx])
-            with self._autocast():
-                losses.append(self.loss(batch, [VAL_SEED + i for i in idx]).item() * len(idx))
-        self.model.train()
+            with self.accelerator.autocast():
+                losses.append(self.loss(batch, [VAL_SEED + i for i in idx], self.net).item() * len(idx))
+        self.net.train()
         return sum(losses) / len(self.val)
 
     # ---- checkpoints --------------------------------------------------------------------------------------
 
     def state(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "pos": self.pos, "model": self.model.state_dict(),
+        return {"step": self.step, "epoch": self.epoch, "pos": self.pos, "model": self.trained.state_dict(),
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "ema": self.ema,
                 "scaler": self.scaler.state_dict(),
                 "config": asdict(self.cfg), "world": self.world}
@@ -251,7 +276,7 @@ class Trainer:
         if st["world"] * st["config"]["batch_size"] != self.global_batch:
             raise EngineError(f"{found[-1]} was written with a global batch of "
                               f"{st['world'] * st['config']['batch_size']}; this run has {self.global_batch}")
-        self.model.load_state_dict(st["model"])
+        self.trained.load_state_dict(st["model"])
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
         self.scaler.load_state_dict(st["scaler"])
@@ -313,7 +338,10 @@ def train(cfg: TrainConfig) -> str:
 
     trainer = Trainer(cfg)
     resumed = trainer.resume() if cfg.resume else None
-    main = trainer.rank == 0
+    main = trainer.accelerator.is_main_process
+    if main:
+        print(f"training on {trainer.device.type}, {trainer.world} process(es), global batch "
+              f"{trainer.global_batch} x {cfg.grad_accum} accumulated, mixed precision {cfg.mixed_precision}")
     if main and resumed:
         print(f"resumed from {resumed} at step {trainer.step}")
     logger = Logger(cfg.out, trainer.step, main)
@@ -334,6 +362,6 @@ def train(cfg: TrainConfig) -> str:
         bar.set_postfix(loss=f"{loss:.4f}")
     bar.close()
     path = trainer.save_adapter() if main else os.path.join(cfg.out, "adapter.safetensors")
-    if trainer.world > 1:
-        dist.barrier()
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()  # ends the process group of a distributed run
     return path

@@ -7,6 +7,10 @@ Starting points (SPEC.md, Training):
 - from an IPAdapter-Instruct checkpoint: everything is loaded and training continues;
 - from scratch: a projector of the SD1.5 layout (sizes from the base model and image encoder), and
   to_k_ip/to_v_ip copied from each layer's to_k/to_v, as IP-Adapter initialises them.
+
+`AdapterModel` is what accelerate prepares: the frozen UNet and the trained modules in one nn.Module whose
+forward is the trained part of a micro-step (projector, K/V, UNet), as IP-Adapter's training script wraps them,
+so DDP all-reduces the gradients while the backward pass is still running.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 from torch import nn
 
 from engine.adapter import Adapter, AdapterLayers, cross_attention_layers, load_adapter
+from engine.attention import AdapterContext, install_processors, precompute_kv
 from engine.errors import EngineError
 from engine.loading import native_from_configs
 from engine.projector import DIM_HEAD, InstructProjector, ProjectorConfig
@@ -87,6 +92,25 @@ def native_resolution(unet, vae) -> int:
     return native_from_configs(unet.config, vae.config)[0]
 
 
-def trainable(adapter: Adapter) -> nn.ModuleDict:
-    """The trained modules as one ModuleDict (what the optimizer, EMA and checkpoints see)."""
-    return nn.ModuleDict({"projector": adapter.projector, "layers": adapter.layers})
+class AdapterModel(nn.Module):
+    """Frozen UNet + trained projector and to_k_ip/to_v_ip; forward -> the UNet's noise (or v) prediction."""
+
+    def __init__(self, unet, adapter: Adapter):
+        super().__init__()
+        self.unet = unet.eval().requires_grad_(False)
+        # what the optimizer, EMA and checkpoints see ("projector.*", "layers.*")
+        self.trained = nn.ModuleDict({"projector": adapter.projector, "layers": adapter.layers})
+        self.cross = install_processors(unet, adapter.layers)  # processor name -> processor (not a module)
+
+    def train(self, mode: bool = True) -> "AdapterModel":
+        super().train(mode)
+        self.unet.eval()  # frozen: always in inference mode, as the engine runs it
+        return self
+
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor, image: torch.Tensor,
+                instruct: torch.Tensor) -> torch.Tensor:
+        # noisy: (B, C, h, w); t: (B,); text, instruct: (B, 77, text_dim); image: (B, Ni, image_dim)
+        ip = self.trained["projector"](image, instruct, text)
+        ones = torch.ones(len(noisy), 1, 1, 1, device=noisy.device)
+        ctx = AdapterContext(kv=precompute_kv(self.unet, self.cross, text, ip), scale=dict.fromkeys(self.cross, ones))
+        return self.unet(noisy, t, encoder_hidden_states=text, cross_attention_kwargs={"adapter": ctx}).sample
