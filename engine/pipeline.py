@@ -364,11 +364,46 @@ class Pipeline(LoraMixin):
     def _generate(self, reqs: list, num_inference_steps, height, width, scheduler, output_type, max_size,
                   progress_callback, t_start, control=None):
         """The call itself, for requests already checked (`_requests`; EditPipeline makes its own)."""
+        if output_type not in ("pil", "latent"):
+            raise EngineError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+        p = self._prepare(reqs, num_inference_steps, height, width, scheduler, max_size, control)
+        sched, latents, total = p.sched, p.latents, p.total
+        if control is not None:
+            from .controlnet import residuals
+        from tqdm.auto import tqdm
+        with self._timed("denoise_ms"):
+            for step, t in enumerate(tqdm(sched.timesteps, **{"desc": "denoise", **self._progress}), 1):
+                ctx = p.contexts[step - 1]
+                x = sched.scale_model_input(latents.index_select(0, p.latent_of_row), t)
+                res = None
+                if p.control is not None:
+                    with torch.profiler.record_function("engine::controlnet"):
+                        res = residuals(self.controlnets, p.control, x, t, p.text_rows, step - 1, total,
+                                        control["guess_mode"])
+                with torch.profiler.record_function("engine::unet_step"):
+                    eps_rows = self._unet_step(x, t, p.text_rows, ctx, res)
+                eps = (p.weights @ eps_rows.flatten(1).float()).view(latents.shape).to(latents.dtype)
+                latents = sched.step(eps, t, latents, **p.extra, return_dict=False)[0]
+                if progress_callback is not None:
+                    progress_callback(step, total)
+        self.timings["unet_ms_per_step"] = self.timings["denoise_ms"] / total
+        if output_type == "latent":
+            self.timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
+            return latents
+        with self._timed("vae_decode_ms"):
+            images = self.decode(latents)
+        self.timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
+        return images
+
+    def _prepare(self, reqs: list, num_inference_steps, height, width, scheduler, max_size, control=None):
+        """Everything of a call that holds for all its steps: the plan, encodings, projector tokens, K/V, masks,
+        each step's adapter context, ControlNet inputs, the scheduler with its timesteps and the initial latents.
+        -> a namespace the denoising loop reads (also what engine/stepping.py's flights hold)."""
+        from types import SimpleNamespace
+
         height, width = self._size(reqs, height, width, max_size)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise EngineError(f"steps must be a positive integer, got {num_inference_steps!r}")
-        if output_type not in ("pil", "latent"):
-            raise EngineError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
         sched = make_scheduler(self.scheduler, scheduler)
 
         plan = self._plan(reqs)
@@ -388,7 +423,7 @@ class Pipeline(LoraMixin):
                 ctx.mask = self._masks(reqs, plan, height, width)
         state = None
         if control is not None:
-            from .controlnet import control_state, residuals
+            from .controlnet import control_state
             state = control_state(self, self.controlnets, reqs, plan, height, width, control["control_image"],
                                   control["scale"], control["start"], control["end"], control["guess_mode"])
 
@@ -397,36 +432,12 @@ class Pipeline(LoraMixin):
             raise EngineError(f"steps must be fewer than the scheduler's {trained} training timesteps, "
                               f"got {num_inference_steps}")
         sched.set_timesteps(num_inference_steps, device=self.device)  # before the latents: sets init_noise_sigma
-        latents = self._latents(reqs, sched, height, width)
-        latent_of_row = plan["latent_of_row"].to(self.device)
-        weights = plan["weights"].to(self.device)
-        extra = self._step_kwargs(sched, reqs)
         total = len(sched.timesteps)
-        contexts = self._step_contexts(ctx, reqs, plan, total)
-        from tqdm.auto import tqdm
-        with self._timed("denoise_ms"):
-            for step, t in enumerate(tqdm(sched.timesteps, **{"desc": "denoise", **self._progress}), 1):
-                ctx = contexts[step - 1]
-                x = sched.scale_model_input(latents.index_select(0, latent_of_row), t)
-                res = None
-                if state is not None:
-                    with torch.profiler.record_function("engine::controlnet"):
-                        res = residuals(self.controlnets, state, x, t, text_rows, step - 1, total,
-                                        control["guess_mode"])
-                with torch.profiler.record_function("engine::unet_step"):
-                    eps_rows = self._unet_step(x, t, text_rows, ctx, res)
-                eps = (weights @ eps_rows.flatten(1).float()).view(latents.shape).to(latents.dtype)
-                latents = sched.step(eps, t, latents, **extra, return_dict=False)[0]
-                if progress_callback is not None:
-                    progress_callback(step, total)
-        self.timings["unet_ms_per_step"] = self.timings["denoise_ms"] / len(sched.timesteps)
-        if output_type == "latent":
-            self.timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
-            return latents
-        with self._timed("vae_decode_ms"):
-            images = self.decode(latents)
-        self.timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
-        return images
+        return SimpleNamespace(
+            height=height, width=width, plan=plan, text_rows=text_rows, control=state, sched=sched, total=total,
+            latents=self._latents(reqs, sched, height, width), latent_of_row=plan["latent_of_row"].to(self.device),
+            weights=plan["weights"].to(self.device), extra=self._step_kwargs(sched, reqs),
+            contexts=self._step_contexts(ctx, reqs, plan, total))
 
     def _size(self, reqs: list[Request], height, width, max_size) -> tuple[int, int]:
         f = self.vae_scale_factor
