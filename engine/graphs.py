@@ -66,9 +66,11 @@ class StaticUNet:
     def _key(x, t, text, ctx: AdapterContext, control=None) -> tuple:
         # the timestep's dtype too: PNDM/DDIM give int64 timesteps, Euler fractional float ones, and a float
         # copied into an int buffer would be truncated silently
-        layers = tuple((n, _shape(kv), _shape(ctx.scale[n]), _shape(ctx.mask.get(n))) for n, kv in sorted(ctx.kv.items()))
+        layers = tuple((n, _shape(kv), _shape(ctx.scale[n]), _shape(ctx.mask.get(n)))
+                       for n, kv in sorted(ctx.kv.items()))
         residuals = None if control is None else tuple(tuple(r.shape) for r in (*control[0], control[1]))
-        return tuple(x.shape), tuple(text.shape), x.dtype, torch.as_tensor(t).dtype, layers, residuals
+        t = torch.as_tensor(t)  # (a step-level batch gives one timestep per row)
+        return tuple(x.shape), tuple(text.shape), x.dtype, t.dtype, tuple(t.shape), layers, residuals
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, ctx: AdapterContext,
                  control=None) -> torch.Tensor:

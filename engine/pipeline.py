@@ -361,6 +361,25 @@ class Pipeline(LoraMixin):
             feats[kind] = Pipeline.encode_images(self, list(unique.values()), pooled=kind == "pooled")
         return feats, [[[row[id(im)] for im in slot.images] for slot in r.slots] for r in reqs]
 
+    # ---- step-level batching (engine/stepping.py) -----------------------------------------------------------
+
+    def start(self, **kwargs):
+        """Admit one request (the keyword arguments of a call, one value each) for step-level batching: its
+        step-invariant work runs now. -> an engine.stepping.Flight; `step([flights])` advances several flights of one
+        image size, at any steps, by one step in one UNet call; `finish(flight)` decodes a finished one."""
+        from .stepping import start
+        return start(self, **kwargs)
+
+    def step(self, flights: list) -> None:
+        from .stepping import Packer, step
+        if getattr(self, "_packer", None) is None:
+            self._packer = Packer()
+        step(self, flights, self._packer)
+
+    def finish(self, flight):
+        from .stepping import finish
+        return finish(self, flight)
+
     def _generate(self, reqs: list, num_inference_steps, height, width, scheduler, output_type, max_size,
                   progress_callback, t_start, control=None):
         """The call itself, for requests already checked (`_requests`; EditPipeline makes its own)."""

@@ -1,0 +1,200 @@
+"""Step-level (continuous) batching: requests at different steps share each UNet call.
+
+A `Flight` is one request in progress: what `Pipeline._prepare` computed for it once (its plan, text rows, K/V,
+per-row scales and masks per step, its own scheduler object with its timesteps, its generator) plus its latents
+and step index. `step(pipe, flights)` packs the running flights into one UNet batch (rows concatenated, one
+timestep per row, which diffusers' UNet takes as a (rows,) tensor), then combines each flight's rows by its own
+guidance weights and steps it with its own scheduler. Flights join and leave between any two steps:
+
+    queue --admit (text, image, projector, K/V: once)--> running set --step--> ... --last step--> decode --> done
+                                                         \\___ one UNet call per step for every running flight
+
+A flight's latents equal those of the same request run alone (tests/test_stepping.py), whatever joins or leaves.
+The packed inputs are cached while the running set (and each flight's per-step adapter context) stays the same,
+so a steady batch copies nothing per step but the latents. With CUDA graphs (`Pipeline.enable_cuda_graphs`) the
+rows are padded to a bucket (1, 2, 4, 8, ...) so one capture serves every running set of that size; padded rows
+never reach a result.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import AdapterContext
+from .errors import EngineError
+
+
+@dataclass(eq=False)
+class Flight:
+    prep: object                  # Pipeline._prepare's namespace for this one request
+    latents: torch.Tensor
+    output_type: str = "pil"
+    progress: object = None       # progress(step, total) after each of its steps
+    index: int = 0                # steps done
+    timings: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def total(self) -> int:
+        return self.prep.total
+
+    @property
+    def done(self) -> bool:
+        return self.index >= self.prep.total
+
+    @property
+    def rows(self) -> int:
+        return int(self.prep.latent_of_row.numel())
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.prep.height, self.prep.width
+
+
+def _call_defaults(pipe) -> dict:
+    from .pipeline import Pipeline
+    params = inspect.signature(Pipeline.__call__).parameters
+    return {k: p.default for k, p in params.items() if k != "self"}
+
+
+def start(pipe, **kwargs) -> Flight:
+    """Admit one request (the keyword arguments of `Pipeline.__call__`, one value each): its step-invariant work
+    runs now, once. -> a Flight at step 0."""
+    if getattr(pipe, "EDIT", False) or not pipe.cross:
+        raise EngineError("step-level batching runs text-to-image pipelines on the PyTorch backend (not editing, "
+                          "not exported graphs)")
+    if pipe.controlnets:
+        raise EngineError("step-level batching runs without ControlNet (use request-level batching for it)")
+    args = _call_defaults(pipe)
+    unknown = sorted(set(kwargs) - set(args))
+    if unknown:
+        raise EngineError(f"unknown argument(s) for a request: {', '.join(unknown)}")
+    args.update(kwargs)
+    if args["output_type"] not in ("pil", "latent"):
+        raise EngineError(f"output_type must be 'pil' or 'latent', got {args['output_type']!r}")
+    if args["control_image"] is not None:
+        raise EngineError("control_image was given but no ControlNet is loaded")
+    reqs = pipe._requests(args)
+    if len(reqs) != 1:
+        raise EngineError(f"a flight is one request; got {len(reqs)} (give single values, not lists)")
+    pipe.timings = {}
+    t0 = time.perf_counter()
+    prep = pipe._prepare(reqs, args["num_inference_steps"], args["height"], args["width"], args["scheduler"],
+                         args["max_size"])
+    timings = dict(pipe.timings, prepare_ms=(time.perf_counter() - t0) * 1e3)
+    return Flight(prep, prep.latents, args["output_type"], args["progress_callback"], timings=timings)
+
+
+def _cat(parts):
+    # per-flight context entries -> one: tensors concatenated along rows, tuples entry by entry, None stays None
+    first = parts[0]
+    if isinstance(first, tuple):
+        return tuple(_cat([p[i] for p in parts]) for i in range(len(first)))
+    return None if first is None else torch.cat(parts)
+
+
+def _masks(flights, contexts, name):
+    # a flight without masks acts everywhere: ones of its rows for every adapter
+    like = next(c.mask[name] for c in contexts if name in c.mask)
+    return tuple(torch.cat([c.mask[name][a] if name in c.mask else
+                            torch.ones(f.rows, like[a].shape[1], device=like[a].device, dtype=like[a].dtype)
+                            for f, c in zip(flights, contexts)]) for a in range(len(like)))
+
+
+class Packer:
+    """The packed text rows and adapter context of a running set, rebuilt only when the set (or a flight's per-step
+    context, at an adapter step-range boundary) changes."""
+
+    def __init__(self):
+        self.flights: tuple = ()
+        self.contexts: tuple = ()
+        self.value = None
+
+    def __call__(self, flights, pad_to: int = 0):
+        contexts = tuple(f.prep.contexts[f.index] for f in flights)
+        same = len(flights) == len(self.flights) and all(a is b for a, b in zip(flights, self.flights)) \
+            and all(a is b for a, b in zip(contexts, self.contexts))
+        if same and self.value is not None and self.value[2] == pad_to:
+            return self.value[:2]
+        text = torch.cat([f.prep.text_rows for f in flights])
+        names = list(contexts[0].kv)
+        masked = {n for c in contexts for n in c.mask}
+        ctx = AdapterContext(kv={n: _cat([c.kv[n] for c in contexts]) for n in names},
+                             scale={n: _cat([c.scale[n] for c in contexts]) for n in names},
+                             mask={n: _masks(flights, contexts, n) for n in masked})
+        if pad_to > text.shape[0]:
+            text, ctx = _pad(text, ctx, pad_to)
+        self.flights, self.contexts, self.value = tuple(flights), contexts, (text, ctx, pad_to)
+        return text, ctx
+
+
+def _pad_rows(t, n):
+    # repeat the last row up to n rows (a padded row's output is thrown away; it only has to be finite)
+    if isinstance(t, tuple):
+        return tuple(_pad_rows(x, n) for x in t)
+    if t is None:
+        return None
+    return torch.cat([t, t[-1:].expand(n - t.shape[0], *t.shape[1:])])
+
+
+def _pad(text, ctx, n):
+    return _pad_rows(text, n), AdapterContext(kv={k: _pad_rows(v, n) for k, v in ctx.kv.items()},
+                                              scale={k: _pad_rows(v, n) for k, v in ctx.scale.items()},
+                                              mask={k: _pad_rows(v, n) for k, v in ctx.mask.items()})
+
+
+def bucket(rows: int) -> int:
+    """The CUDA-graph row bucket: the next power of two."""
+    return 1 << (rows - 1).bit_length()
+
+
+def step(pipe, flights: list[Flight], packer: Packer | None = None) -> None:
+    """One denoising step for every flight in one UNet call (flights of one image size, none done)."""
+    if not flights:
+        return
+    if len({f.size for f in flights}) > 1:
+        raise EngineError(f"flights of one step must share an image size, got {sorted({f.size for f in flights})}")
+    if any(f.done for f in flights):
+        raise EngineError("a flight that has finished its steps cannot step again")
+    xs, ts = [], []
+    for f in flights:
+        t = f.prep.sched.timesteps[f.index]
+        x = f.prep.sched.scale_model_input(f.latents.index_select(0, f.prep.latent_of_row), t)
+        xs.append(x)
+        # one timestep per row; float32 for every scheduler (the UNet's time embedding takes timesteps.float())
+        ts.append(torch.as_tensor(t, device=x.device).float().reshape(1).expand(x.shape[0]))
+    x, t = torch.cat(xs), torch.cat(ts)
+    rows = x.shape[0]
+    pad = bucket(rows) if pipe._static is not None else 0
+    text, ctx = (packer or Packer())(flights, pad)
+    if pad > rows:
+        x = torch.cat([x, x.new_zeros(pad - rows, *x.shape[1:])])
+        t = torch.cat([t, t[-1:].expand(pad - rows)])
+    with torch.profiler.record_function("engine::unet_step"):
+        eps_rows = pipe._unet_step(x, t, text, ctx)
+    offset = 0
+    for f in flights:
+        e = eps_rows[offset:offset + f.rows]
+        offset += f.rows
+        eps = (f.prep.weights @ e.flatten(1).float()).view(f.latents.shape).to(f.latents.dtype)
+        t_f = f.prep.sched.timesteps[f.index]
+        f.latents = f.prep.sched.step(eps, t_f, f.latents, **f.prep.extra, return_dict=False)[0]
+        f.index += 1
+        if f.progress is not None:
+            f.progress(f.index, f.total)
+
+
+def finish(pipe, flight: Flight):
+    """A finished flight's output: PIL images, or its latents with output_type="latent"."""
+    if not flight.done:
+        raise EngineError(f"the flight is at step {flight.index} of {flight.total}: not finished")
+    if flight.output_type == "latent":
+        return flight.latents
+    t0 = time.perf_counter()
+    images = pipe.decode(flight.latents)
+    flight.timings["vae_decode_ms"] = (time.perf_counter() - t0) * 1e3
+    flight.timings["total_ms"] = (time.perf_counter() - flight.started) * 1e3
+    return images
