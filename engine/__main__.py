@@ -198,6 +198,9 @@ def add_serve_parser(sub) -> None:
                    help="a diffusers ControlNetModel folder (one): requests then send control_image")
     add_lora_arg(s)
     add_runtime_args(s)
+    s.add_argument("--batching", choices=["request", "step"], default=C.batching,
+                   help="request: requests that arrive together share a call; step: a request joins the running "
+                        "UNet batch at the next step and leaves after its last (continuous batching)")
     s.add_argument("--max-batch-rows", type=positive_int, default=C.max_batch_rows,
                    help="UNet rows per call: requests x guidance branches (2 simple, 4 full) x images")
     s.add_argument("--max-wait-ms", type=float, default=C.max_wait_ms,

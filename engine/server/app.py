@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import EngineError
 from .batcher import Batcher, DeadlineExceeded, Draining, Job, QueueFull, worker_thread
+from .stepper import Cancelled
 from .cache import ConditioningCache
 from .config import ServerConfig
 from .errors import ApiError, BodyLimit, RequestId, error_body
@@ -65,15 +66,21 @@ class ServerState:
         if self.draining:  # SIGTERM came while loading: never turn ready
             return
         c = self.config
-        self.batcher = Batcher(self.run, c.max_batch_rows, c.max_wait_ms, c.max_queue, observer=self.metrics,
-                               executor=self.worker)
+        if c.batching == "step":
+            from .stepper import StepBatcher
+            self.batcher = StepBatcher(self.runner, c.max_batch_rows, c.max_queue, observer=self.metrics,
+                                       executor=self.worker)
+        else:
+            self.batcher = Batcher(self.run, c.max_batch_rows, c.max_wait_ms, c.max_queue, observer=self.metrics,
+                                   executor=self.worker)
         self.batcher.start()
         self.ready_s = time.monotonic() - self.t_created
         self.ready = True
         self.metrics.ready.set(1)
         p = self.pipe
         print(f"ready: {self.url or 'app'} ({self.runner.kind or 'text-to-image'}, {p.device}, "
-              f"{str(p.dtype).replace('torch.', '')}, {p.attention_backend} attention; {self.ready_s:.1f} s "
+              f"{str(p.dtype).replace('torch.', '')}, {p.attention_backend} attention, {c.batching}-level batching; "
+              f"{self.ready_s:.1f} s "
               f"after the process started)", flush=True)
 
     def run(self, jobs: list[Job], progress) -> list[dict]:
@@ -102,6 +109,11 @@ class ServerState:
         self.cache = ConditioningCache(c.cache_size)
         self.cache.attach(self.pipe)
         self.runner = (EditRunner if getattr(self.pipe, "EDIT", False) else PipelineRunner)(self.pipe)
+        if c.batching == "step" and (self.runner.task != "generate" or not self.pipe.cross or self.pipe.controlnets):
+            raise EngineError("--batching step runs text-to-image on the PyTorch backend without ControlNet; this "
+                              "server loads " + ("an InstructPix2Pix model" if self.runner.task != "generate" else
+                                                 "exported graphs" if not self.pipe.cross else "a ControlNet") +
+                              ": use --batching request")
         if c.warmup:  # one 1-step request at the native size: kernels, allocator and caches ready before /ready
             self.runner([self.runner.warmup_work()])
         self.cache.on_lookup = self.metrics.lookup  # counted from the first real request on
@@ -306,7 +318,13 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
             done, _ = await asyncio.wait({job.future}, timeout=POLL_S)
             if done:
                 return outcome(job)
-            if job.started is None:
+            if job.started is not None and getattr(state.batcher, "mid_flight", False):
+                # step-level batching: a running request leaves the batch at the next step when its client goes
+                # (its deadline the stepper enforces itself)
+                if await request.is_disconnected() and state.batcher.withdraw(job):
+                    log.info("client went away: request %s leaves the running batch", job.id)
+                    raise ApiError(499, "client_closed", "client closed the request")
+            elif job.started is None:
                 if time.monotonic() >= job.deadline and state.batcher.withdraw(job):
                     raise ApiError(504, "deadline_exceeded", f"still queued after --request-timeout-s "
                                    f"{config.request_timeout_s:g} s; it was dropped before compute")
@@ -342,6 +360,8 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
             return job.future.result()
         except DeadlineExceeded as e:
             raise ApiError(504, "deadline_exceeded", str(e)) from None
+        except Cancelled as e:
+            raise ApiError(499, "client_closed", str(e)) from None
         except Draining as e:
             raise ApiError(503, "unavailable", str(e)) from None
         except FieldError as e:

@@ -20,6 +20,7 @@ class ServerConfig:
     engines: str | None = None
     controlnet: tuple = ()                # ControlNet folder (one; requests then send control_image)
     lora: tuple = ()                      # (file, scale) pairs, fused into the weights at start-up
+    batching: str = "request"             # request: calls of whole requests; step: requests join at the next step
     max_batch_rows: int = 16              # UNet rows in one call: requests x guidance branches x images
     max_wait_ms: float = 10.0             # how long the oldest waiting request waits for company
     max_queue: int = 64                   # waiting requests; one more is answered 429

@@ -26,6 +26,11 @@ class Metrics:
         self.images_per_s = Gauge("engine_images_per_second", "images / compute seconds of the last call", registry=r)
         self.cache = Counter("engine_cache_lookups", "conditioning cache lookups", ["kind", "result"], registry=r)
         self.ready = Gauge("engine_ready", "1 when weights are loaded, warmed up and not draining", registry=r)
+        # --batching step
+        self.step_rows = Histogram("engine_step_rows", "UNet rows per step (step-level batching)",
+                                   buckets=ROW_BUCKETS, registry=r)
+        self.step_requests = Histogram("engine_step_requests", "requests in flight per step (step-level batching)",
+                                       buckets=ROW_BUCKETS, registry=r)
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -37,7 +42,12 @@ class Metrics:
         self.depth.set(n)
 
     def waited(self, seconds: float) -> None:
+        # request-level: until its call starts; step-level: until it joins the running batch (its join latency)
         self.queue_wait.observe(seconds)
+
+    def step(self, rows: int, requests: int) -> None:
+        self.step_rows.observe(rows)
+        self.step_requests.observe(requests)
 
     def batch(self, jobs, seconds: float, ok: bool) -> None:
         self.compute.observe(seconds)

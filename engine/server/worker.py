@@ -105,6 +105,30 @@ class PipelineRunner:
     def __call__(self, works: list[Work], progress=None) -> list[dict]:
         """One Pipeline call for requests of one key -> per request {"images": [PIL], "timings": {...}}."""
         first = works[0].req
+        kwargs = self._kwargs(works, progress)
+        t0 = time.perf_counter()
+        images = self.pipe(**kwargs)
+        stages = {k: round(v, 3) for k, v in self.pipe.timings.items() if k in STAGES}
+        stages["compute_ms"] = (time.perf_counter() - t0) * 1e3
+        n = first.num_images
+        return [{"images": images[i * n:(i + 1) * n], "timings": stages} for i in range(len(works))]
+
+    # step-level batching (stepper.py): one request admitted, stepped with others, finished
+    def start(self, work: Work, progress=None):
+        return self.pipe.start(**self._kwargs([work], progress))
+
+    def step(self, flights: list, packer) -> None:
+        from ..stepping import step
+        step(self.pipe, flights, packer)
+
+    def finish(self, work: Work, flight) -> dict:
+        images = self.pipe.finish(flight)
+        stages = {k: round(v, 3) for k, v in flight.timings.items() if k in STAGES or k == "prepare_ms"}
+        stages["compute_ms"] = (time.perf_counter() - flight.started) * 1e3
+        return {"images": images, "timings": stages}
+
+    def _kwargs(self, works: list[Work], progress=None) -> dict:
+        first = works[0].req
         per = {k: [getattr(w.req, k) for w in works] for k in (
             "prompt", "negative_prompt", "scale", "guidance_scale", "instruct_guidance_scale",
             "image_guidance_scale", "guidance_mode", "seed", "adapter_start", "adapter_end")}
@@ -123,12 +147,7 @@ class PipelineRunner:
                           controlnet_conditioning_scale=[w.req.controlnet_conditioning_scale for w in works],
                           control_guidance_start=first.control_guidance_start,
                           control_guidance_end=first.control_guidance_end, guess_mode=first.guess_mode)
-        t0 = time.perf_counter()
-        images = self.pipe(**kwargs)
-        stages = {k: round(v, 3) for k, v in self.pipe.timings.items() if k in STAGES}
-        stages["compute_ms"] = (time.perf_counter() - t0) * 1e3
-        n = first.num_images
-        return [{"images": images[i * n:(i + 1) * n], "timings": stages} for i in range(len(works))]
+        return kwargs
 
     def describe(self, config) -> dict:
         """What /v1/models reports."""

@@ -1,0 +1,151 @@
+"""`serve --batching step`: requests join the running UNet batch at the next step. Each answer equals its request
+alone; a request arriving while another runs joins it mid-flight (and finishes first when it is shorter); a
+request cancelled or past its deadline mid-flight leaves at the next step and the others are unchanged; a bad
+request fails alone; models the step scheduler does not run are refused at start-up."""
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import NEGATIVE, PROMPT
+from engine.server.batcher import DeadlineExceeded, Job
+from engine.server.schemas import GenerateRequest
+from engine.server.stepper import Cancelled, StepBatcher
+from engine.server.worker import PipelineRunner
+
+BODIES = [
+    dict(prompt=PROMPT, instruct="use the style of this image", num_inference_steps=6, seed=1, scheduler="ddim"),
+    dict(prompt="a blue boat", instruct="take the object", guidance_mode="full", num_inference_steps=3, seed=2,
+         scheduler="euler_a", scale=0.5),
+    dict(prompt="a cat", instruct="use everything from this image", num_inference_steps=4, seed=3, num_images=2,
+         adapter_end=0.5),
+]
+
+
+def alone(pipe, image, body):
+    b = dict(body)
+    n = b.pop("num_images", 1)
+    return pipe(image=image, negative_prompt=NEGATIVE, num_images_per_prompt=n, **b)
+
+
+def same_images(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert np.abs(np.asarray(g, int) - np.asarray(w, int)).max() <= 1
+
+
+def run_jobs(pipe, image, bodies, delays=None, deadlines=None, cancel_at=None, max_batch_rows=16):
+    """Submit each body after its delay (s) to a StepBatcher over the real pipeline; cancel_at: {index: step} withdraws
+    that job once its progress reaches the step. -> (outcomes: value or exception, jobs)."""
+    runner = PipelineRunner(pipe)
+
+    async def go():
+        batcher = StepBatcher(runner, max_batch_rows=max_batch_rows)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        jobs = []
+
+        async def submit(i, body):
+            await asyncio.sleep((delays or {}).get(i, 0.0))
+            work = runner.prepare(GenerateRequest(negative_prompt=NEGATIVE, **body), image)
+
+            def progress(step, total, i=i):
+                if cancel_at and cancel_at.get(i) == step:
+                    loop.call_soon_threadsafe(batcher.withdraw, jobs_by[i])
+            deadline = time.monotonic() + (deadlines or {}).get(i, 300.0)
+            job = Job(work, runner.key(work), work.rows, deadline, progress)
+            jobs_by[i] = job
+            jobs.append(job)
+            fut = batcher.submit(job)
+            try:
+                return await fut
+            except Exception as e:
+                return e
+        jobs_by = {}
+        out = await asyncio.gather(*(submit(i, b) for i, b in enumerate(bodies)))
+        await batcher.stop()
+        return out, jobs_by
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def step_pipe(tiny):
+    from conftest import load_pipe
+    return load_pipe(tiny, tiny["adapter"])
+
+
+def test_each_answer_equals_its_request_alone(step_pipe, cond_image):
+    out, jobs = run_jobs(step_pipe, cond_image, BODIES)
+    for body, value in zip(BODIES, out):
+        assert not isinstance(value, BaseException), value
+        same_images(value["images"], alone(step_pipe, cond_image, body))
+    assert max(j.batch_requests for j in jobs.values()) == 3  # all three were in one step at some point
+
+
+def test_a_short_request_joins_mid_flight_and_leaves_first(step_pipe, cond_image):
+    long = dict(BODIES[0], num_inference_steps=30)
+    short = dict(BODIES[1])
+    out, jobs = run_jobs(step_pipe, cond_image, [long, short], delays={1: 0.3})
+    for i, body in enumerate((long, short)):
+        same_images(out[i]["images"], alone(step_pipe, cond_image, body))
+    # the short one started while the long one ran, shared its steps, and was answered before it
+    assert jobs[1].started > jobs[0].started and jobs[1].batch_requests == 2
+    assert jobs[1].future.result()["timings"]["compute_ms"] < jobs[0].future.result()["timings"]["compute_ms"]
+
+
+def test_cancel_and_deadline_mid_flight_leave_the_others_unchanged(step_pipe, cond_image):
+    bodies = [dict(BODIES[0], num_inference_steps=12), BODIES[1], dict(BODIES[2], num_inference_steps=40)]
+    out, jobs = run_jobs(step_pipe, cond_image, bodies, cancel_at={0: 3}, deadlines={2: 1.0})
+    assert isinstance(out[0], Cancelled)
+    assert isinstance(out[2], DeadlineExceeded) and "passed its deadline at step" in str(out[2])
+    same_images(out[1]["images"], alone(step_pipe, cond_image, bodies[1]))
+
+
+def test_a_bad_request_fails_alone(step_pipe, cond_image):
+    bad = dict(BODIES[1], scheduler="lcm", num_inference_steps=60)  # over LCM's 50 original steps: fails at admission
+    out, _ = run_jobs(step_pipe, cond_image, [BODIES[1], bad])
+    assert isinstance(out[1], ValueError) and "original_steps" in str(out[1]), out[1]
+    same_images(out[0]["images"], alone(step_pipe, cond_image, BODIES[1]))
+
+
+def test_admission_is_bounded_and_oldest_first(step_pipe, cond_image):
+    # 2 rows each (simple guidance); a bound of 4 rows: the third waits until one of the first two leaves
+    bodies = [dict(BODIES[0], num_inference_steps=5), dict(BODIES[0], num_inference_steps=2, seed=7),
+              dict(BODIES[0], num_inference_steps=2, seed=8)]
+    out, jobs = run_jobs(step_pipe, cond_image, bodies, delays={1: 0.01, 2: 0.02}, max_batch_rows=4)
+    assert all(not isinstance(v, BaseException) for v in out)
+    assert max(j.batch_rows for j in jobs.values()) <= 4 and max(j.batch_requests for j in jobs.values()) == 2
+    assert jobs[2].started > jobs[1].started > jobs[0].started
+
+
+def test_http_server_in_step_mode(step_pipe, cond_image, tiny):
+    from engine.server.config import ServerConfig
+    from server_utils import InProcessServer, decode_png, png_base64
+
+    server = InProcessServer(ServerConfig(batching="step"), step_pipe)
+    try:
+        bodies = [dict(b, negative_prompt=NEGATIVE, image=png_base64(cond_image)) for b in BODIES[:2]]
+        answers = server.concurrently(*[("POST", "/v1/generate", {"json": b}) for b in bodies])
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        for body, answer in zip(BODIES, answers):
+            same_images([decode_png(x) for x in answer.json()["images"]], alone(step_pipe, cond_image, body))
+        text = server.request("GET", "/metrics").text
+        assert "engine_step_rows_count" in text and "engine_step_requests_bucket" in text
+    finally:
+        server.close()
+
+
+def test_step_mode_refuses_what_it_does_not_run(tiny):
+    from engine import EditPipeline
+    from engine.server.config import ServerConfig
+    from engine.tiny import make_tiny
+    from server_utils import InProcessServer
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        edit = make_tiny(d, edit=True)
+        pipe = EditPipeline.from_pretrained(edit["model"], device="cpu")
+        with pytest.raises(RuntimeError, match="--batching step runs text-to-image"):
+            InProcessServer(ServerConfig(batching="step"), pipe)
