@@ -1,11 +1,17 @@
 """Generation from exported graphs: the engine's own request handling, guidance and scheduler around five
-graphs (text_encoder, image_encoder, projector, unet, vae_decoder) that some runtime executes.
+graphs (text_encoder, image_encoder, projector, unet, vae_decoder) that some runtime executes, and a controlnet
+graph per ControlNet when the export has them (`python -m export onnx --controlnet DIR`).
 
 Everything between the graphs is engine.Pipeline's (requests, guidance branches and their weights, the zero
 image for unconditional rows, latents, scheduler), so this is the loop a C++ or TensorRT deployment reimplements
 around the same graphs. Two runtimes use it: ONNX Runtime (export.runtime.OnnxPipeline, the CPU reference) and
 TensorRT (engine.trt.runtime.TensorRTPipeline, the .plan files of `python -m export trt`). One adapter strength
 per request (a float), since the UNet graph takes one per row.
+
+ControlNet: engine/controlnet.py's control images, scales, guidance window and guess mode, unchanged; its
+`residuals` calls each net as diffusers' ControlNetModel is called, and GraphControlNet answers that call from the
+net's graph. The UNet graph of such an export takes the residuals as inputs (manifest: unet's
+"controlnet_residuals"); a step without them (outside the guidance window, every scale 0) feeds zeros.
 
 The folder format is the export's manifest.json (format FORMAT), read here so that the engine can run an export
 without importing the exporter.
@@ -24,6 +30,19 @@ from .pipeline import Pipeline
 FORMAT = "ipadapter-instruct-onnx/1"
 GRAPHS = ("text_encoder", "image_encoder", "projector", "unet", "vae_decoder")
 SOURCES = {"model": "--model", "image_encoder": "--image-encoder", "adapter": "--adapter"}  # -> the override flag
+
+
+def resolve_shape(shape, sizes: dict[str, int]) -> tuple[int, ...]:
+    """A manifest shape at the given axis sizes: ints as they are, axis names, and "axis/d" (a ControlNet
+    residual's side: the axis over d, rounded up as the UNet's stride-2 convolutions round)."""
+    out = []
+    for a in shape:
+        if isinstance(a, str):
+            name, _, d = a.partition("/")
+            out.append(-(-sizes[name] // int(d or 1)))
+        else:
+            out.append(a)
+    return tuple(out)
 
 
 def read_manifest(onnx_dir: str) -> dict:
@@ -73,13 +92,33 @@ def source_paths(manifest: dict, onnx_dir: str, names=tuple(SOURCES), overrides=
     return found
 
 
+class GraphControlNet:
+    """A controlnet graph called as engine.controlnet.residuals calls diffusers' ControlNetModel: the graph gives the
+    residuals times the per-row conditioning_scale; guess mode's block scales (0.1 to 1, as diffusers) are applied
+    here, from the manifest. -> (down residuals, mid residual)."""
+
+    def __init__(self, graph, entry: dict):
+        self.graph, self.guess = graph, entry["guess_mode_scales"]
+
+    def __call__(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0,
+                 guess_mode=False, return_dict=False):
+        # sample: (rows, C, h, w); controlnet_cond: (rows, 3, f*h, f*w) in [0, 1]
+        rows = sample.shape[0]
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1).expand(rows)
+        out = self.graph(sample=sample, timestep=t, encoder_hidden_states=encoder_hidden_states,
+                         controlnet_cond=controlnet_cond,
+                         conditioning_scale=torch.full((rows,), float(conditioning_scale), device=sample.device))
+        if guess_mode:  # diffusers multiplies by its float32 logspace, one 0-d tensor per residual
+            out = [r * torch.tensor(s, device=r.device) for r, s in zip(out, self.guess)]
+        return list(out[:-1]), out[-1]
+
 
 class ExportedPipeline(Pipeline):
     """engine.Pipeline whose text encoder, image encoder, projector, UNet and VAE decoder are exported graphs.
 
-    graphs: {name: callable(**inputs) -> torch.Tensor}, one per GRAPHS entry, taking and returning tensors on
-    `device`; model / image_encoder: where the tokenizer, scheduler and image processor are, in place of the
-    manifest's sources."""
+    graphs: {name: callable(**inputs) -> torch.Tensor}, one per GRAPHS entry (and one per manifest "controlnets"
+    entry, returning a tuple: its outputs), taking and returning tensors on `device`; model / image_encoder: where
+    the tokenizer, scheduler and image processor are, in place of the manifest's sources."""
 
     def __init__(self, folder: str, graphs: dict, device="cpu", model: str | None = None,
                  image_encoder: str | None = None, manifest: dict | None = None):
@@ -114,7 +153,16 @@ class ExportedPipeline(Pipeline):
         self.attention_backend = f"{self.runtime} ({manifest.get('attention', 'plugin')} attention)"
         self.adapter = SimpleNamespace(kind=manifest["source"]["adapter_kind"], projector=self._project_graph)
         self.cross, self._static, self._fused_projector = {}, None, False
-        self.controlnets = []  # (the graphs take no ControlNet residuals yet)
+        nets = manifest.get("controlnets") or []
+        lacking = [c["graph"] for c in nets if c["graph"] not in graphs]
+        if lacking:
+            raise EngineError(f"{folder} lacks {', '.join(lacking)}: its UNet takes ControlNet residuals "
+                              "(manifest.json controlnets); export them with --controlnet")
+        self.controlnets = [GraphControlNet(graphs[c["graph"]], c) for c in nets]
+        unet = manifest["graphs"]["unet"]
+        shapes = {t["name"]: t["shape"] for t in unet["inputs"]}
+        self._residuals = [(n, shapes[n]) for n in unet.get("controlnet_residuals", ())]
+        self._zeros = {}  # shape -> zeros: the residuals of a step without ControlNet
         self._progress, self.timings = {}, {}
 
     runtime = "exported graphs"  # what runs them, for logs and the server's /v1/models
@@ -172,7 +220,22 @@ class ExportedPipeline(Pipeline):
     def _unet_step(self, x, t, text_rows, ctx, control=None) -> torch.Tensor:
         timestep = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
         return self.graphs["unet"](sample=x, timestep=timestep, encoder_hidden_states=text_rows,
-                                   ip_tokens=ctx["ip"], ip_scale=ctx["scale"])
+                                   ip_tokens=ctx["ip"], ip_scale=ctx["scale"], **self._residual_feeds(x, control))
+
+    def _residual_feeds(self, x, control) -> dict:
+        """The UNet graph's ControlNet inputs: this step's (down, mid) residuals, or zeros (no ControlNet)."""
+        if not self._residuals:
+            return {}
+        if control is not None:
+            return dict(zip((n for n, _ in self._residuals), (*control[0], control[1])))
+        sizes = {"batch": x.shape[0], "latent_height": x.shape[2], "latent_width": x.shape[3]}
+        feeds = {}
+        for name, shape in self._residuals:
+            shape = resolve_shape(shape, sizes)
+            if shape not in self._zeros:
+                self._zeros[shape] = torch.zeros(shape, dtype=x.dtype, device=x.device)
+            feeds[name] = self._zeros[shape]
+        return feeds
 
     def _decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         return self.graphs["vae_decoder"](latent=latents).float()

@@ -29,7 +29,8 @@ def _parser() -> Parser:
 
     p = Parser(prog="python -m export", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    on = sub.add_parser("onnx", help="write the five ONNX graphs (six for InstructPix2Pix) and manifest.json")
+    on = sub.add_parser("onnx", help="write the five ONNX graphs (six for InstructPix2Pix; and one per ControlNet) "
+                        "and manifest.json")
     on.add_argument("--model", required=True, help="diffusers Stable Diffusion 1.5 folder, or an InstructPix2Pix "
                     "one (adds vae_encoder)")
     on.add_argument("--image-encoder", required=True, help="CLIP vision folder")
@@ -40,9 +41,13 @@ def _parser() -> Parser:
                     help="adapter attention as the TensorRT plugin node (default) or in standard ONNX ops")
     on.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     on.add_argument("--graphs", default=None, help=f"comma-separated subset (default: all of {', '.join(GRAPHS)}; "
-                    f"and {EDIT_GRAPHS[-1]} for an InstructPix2Pix model)")
+                    f"and {EDIT_GRAPHS[-1]} for an InstructPix2Pix model, controlnet, controlnet_1, ... with "
+                    "--controlnet)")
     on.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="where to trace (default: cuda when present; fp16 tracing on a CPU takes minutes for SD1.5)")
+    on.add_argument("--controlnet", action="append", default=None, metavar="DIR",
+                    help="diffusers ControlNetModel folder, repeatable: a controlnet graph per net (controlnet, "
+                         "controlnet_1, ...) and the residual inputs on the UNet graph")
     ve = sub.add_parser("verify", help="run every graph with ONNX Runtime against PyTorch")
     ve.add_argument("dir")
     ve.add_argument("--batch", type=int, default=None, help="rows (default: each graph's opt profile)")
@@ -52,6 +57,8 @@ def _parser() -> Parser:
     ve.add_argument("--atol", type=float, default=None, help="absolute tolerance (fp32 1e-4, fp16 1e-2)")
     ve.add_argument("--rtol", type=float, default=None, help="tolerance relative to the output's max (same)")
     add_source_args(ve, ("model", "image_encoder", "adapter"))
+    ve.add_argument("--controlnet", action="append", default=None, metavar="DIR",
+                    help="the export's ControlNet folders, one per net in its order, in place of the manifest's")
     ru = sub.add_parser("run", help="generate from an export folder with ONNX Runtime (the reference loop)")
     ru.add_argument("dir")
     ru.add_argument("--prompt", required=True)
@@ -61,6 +68,10 @@ def _parser() -> Parser:
     ru.add_argument("--scale", type=float, default=0.8, help="adapter strength (default 0.8)")
     ru.add_argument("--steps", type=int, default=30)
     ru.add_argument("--seed", type=int, default=0)
+    ru.add_argument("--control-image", action="append", default=None, metavar="PATH",
+                    help="control image of an export with ControlNets, one per net in the export's order")
+    ru.add_argument("--controlnet-scale", type=float, action="append", default=None, metavar="F",
+                    help="conditioning scale, once or once per net (default 1.0)")
     ru.add_argument("--out", required=True, help="output .png")
     add_source_args(ru, ("model", "image_encoder"))
     pl = sub.add_parser("plugin", help="compile the plugin's attention kernels (cubin + PTX) and their index")
@@ -84,13 +95,14 @@ def main(argv=None) -> int:
         if a.command == "onnx":
             from .onnx import export_onnx
             print(export_onnx(a.model, a.image_encoder, a.adapter, a.out, a.opset, a.attention, a.dtype,
-                              tuple(g for g in (a.graphs or "").split(",") if g), a.device))
+                              tuple(g for g in (a.graphs or "").split(",") if g), a.device,
+                              controlnet=a.controlnet))
             return 0
         if a.command == "verify":
             from .verify import verify
             rows = verify(a.dir, a.batch, a.height, a.width, a.graphs.split(",") if a.graphs else None,
                           a.atol, a.rtol, sources=dict(model=a.model, image_encoder=a.image_encoder,
-                                                       adapter=a.adapter))
+                                                       adapter=a.adapter, controlnet=a.controlnet))
             bad = [r for r in rows if not r["ok"]]
             print(f"{len(rows) - len(bad)}/{len(rows)} checks within tolerance")
             return 1 if bad else 0
@@ -102,8 +114,17 @@ def main(argv=None) -> int:
             paths = output_paths(a.out, 1)
             image = load_image(a.image)
             pipe = OnnxPipeline.from_export(a.dir, a.model, a.image_encoder)
+            control = {}
+            if a.control_image:
+                if not pipe.controlnets:
+                    raise EngineError(f"{a.dir} has no controlnet graph: --control-image needs an export made with "
+                                      "--controlnet")
+                controls = [load_image(p, "control image") for p in a.control_image]
+                scale = a.controlnet_scale or [1.0]
+                control = dict(control_image=controls if len(controls) > 1 else controls[0],
+                               controlnet_conditioning_scale=scale if len(scale) > 1 else scale[0])
             images = pipe(a.prompt, image, a.instruct, a.negative_prompt or DEFAULT_NEGATIVE, scale=a.scale,
-                          num_inference_steps=a.steps, seed=a.seed)
+                          num_inference_steps=a.steps, seed=a.seed, **control)
             write_images(images, paths)
             print(f"{paths[0]} ({', '.join(f'{k} {v:.0f} ms' for k, v in pipe.timings.items())})")
             return 0

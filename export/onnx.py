@@ -2,6 +2,8 @@
 
 An InstructPix2Pix model (its UNet takes twice the VAE's latent channels) is loaded as `engine.EditPipeline` and
 exports vae_encoder too; its manifest says `"kind": "edit"` (a text-to-image model's: "text_to_image").
+With `controlnet=` (diffusers ControlNetModel folders) a text-to-image export adds a controlnet graph per net, the
+UNet graph takes their residuals, and the manifest lists the nets under "controlnets" (export/controlnet.py).
 
 The graphs are traced from the same modules the engine runs (loaded by `engine.Pipeline.from_pretrained`),
 with the UNet's adapter cross-attentions as plugin nodes or standard ops (graph_attention.py). Everything is
@@ -119,10 +121,12 @@ def _remove_stale_stages(out: str) -> None:
 
 
 def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OPSET, attention: str = "plugin",
-                dtype: str = "float32", graphs=None, device=None, log=print) -> str:
-    """Export the graphs (default: all of the model's kind) of one base model + image encoder + adapter into `out`;
-    returns manifest.json's path."""
+                dtype: str = "float32", graphs=None, device=None, log=print, controlnet=None) -> str:
+    """Export the graphs (default: all of the model's kind, and the nets' controlnet graphs) of one base model +
+    image encoder + adapter (+ ControlNet folders: one path or a list) into `out`; returns manifest.json's path."""
     from engine import EditPipeline, Pipeline
+
+    from .controlnet import graph_names, manifest_entries
 
     if attention not in ATTENTION:
         raise EngineError(f"--attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
@@ -131,12 +135,17 @@ def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OP
     if not 14 <= opset <= 21:
         raise EngineError(f"--opset must be between 14 and 21 (scaled dot-product attention needs 14), got {opset}")
     kind = model_kind(model)
-    graphs = tuple(graphs or KINDS[kind])
-    unknown = sorted(set(graphs) - set(KINDS[kind]))
+    nets = [] if controlnet is None else [controlnet] if isinstance(controlnet, (str, os.PathLike)) \
+        else list(controlnet)
+    if nets and kind == "edit":
+        raise EngineError("ControlNet with InstructPix2Pix is not built: export the edit model without --controlnet")
+    known = KINDS[kind] + tuple(graph_names(len(nets)) if nets else ())
+    graphs = tuple(graphs or known)
+    unknown = sorted(set(graphs) - set(known))
     if unknown:
         what = "an InstructPix2Pix" if kind == "edit" else "a text-to-image"
-        raise EngineError(f"unknown graph(s) {', '.join(unknown)} for {what} model; choose from "
-                          f"{', '.join(KINDS[kind])}")
+        raise EngineError(f"unknown graph(s) {', '.join(unknown)} for {what} model"
+                          f"{f' with {len(nets)} ControlNet(s)' if nets else ''}; choose from {', '.join(known)}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise EngineError(f"--out {out} exists and is not a folder")
     if adapter is None:
@@ -147,7 +156,7 @@ def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OP
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loader = EditPipeline if kind == "edit" else Pipeline
     pipe = loader.from_pretrained(model, image_encoder=image_encoder, adapter=adapter, device=device, dtype=dtype,
-                                  attention_backend="reference")
+                                  attention_backend="reference", **({"controlnet": nets} if nets else {}))
     specs = [s for s in build_specs(pipe, attention) if s.name in graphs]
     log(f"loaded in {time.perf_counter() - t0:.1f} s")
     out = os.path.abspath(out)
@@ -165,6 +174,8 @@ def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OP
                     "vae_scale_factor": pipe.vae_scale_factor, "vae_scaling_factor": pipe.vae.config.scaling_factor,
                     "tokenizer": {"folder": "tokenizer/ of the model", "max_length": pipe.tokenizer.model_max_length},
                     "graphs": {}}
+        if nets:
+            manifest["controlnets"] = manifest_entries(pipe, nets, out)
         for spec in specs:
             t1 = time.perf_counter()
             path = os.path.join(stage, f"{spec.name}.onnx")

@@ -9,6 +9,11 @@ It runs on the CPU; it is the reference, not the fast path, and a check that the
 everything generation needs (tests/test_export_onnx.py: same latents as the engine). The TensorRT runtime
 (engine.trt.runtime) is the same loop around the .plan files.
 
+An export with ControlNets (`python -m export onnx --controlnet DIR`) takes the PyTorch pipeline's ControlNet
+arguments, control_image= first among them:
+
+    images = pipe("a red house", image="cond.png", control_image="edges.png", controlnet_conditioning_scale=0.8)
+
 An InstructPix2Pix export (manifest kind "edit") runs as OnnxEditPipeline: engine.EditPipeline's requests,
 three guidance branches and photo latents, with the photo encoded by the vae_encoder graph.
 
@@ -33,16 +38,18 @@ from .ort_ops import session
 
 
 class _Graph:
-    """One ONNX Runtime session called with and returning torch tensors."""
+    """One ONNX Runtime session called with and returning torch tensors (a tuple for a graph of several outputs:
+    a controlnet graph's residuals)."""
 
     def __init__(self, path: str, entry: dict):
         self.sess = session(path, plugin=entry.get("plugin_nodes", 0) > 0)
         self.inputs = [t["name"] for t in entry["inputs"]]
         self.dtypes = {t["name"]: t["dtype"] for t in entry["inputs"]}
 
-    def __call__(self, **feeds) -> torch.Tensor:
+    def __call__(self, **feeds):
         args = {n: feeds[n].detach().cpu().to(getattr(torch, self.dtypes[n])).numpy() for n in self.inputs}
-        return torch.from_numpy(np.ascontiguousarray(self.sess.run(None, args)[0]))
+        out = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in self.sess.run(None, args))
+        return out if len(out) > 1 else out[0]
 
 
 class OnnxPipeline(ExportedPipeline):

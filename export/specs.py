@@ -7,6 +7,9 @@ half to twice the UNet's native size (SD1.5: 32..128, i.e. 256..1024 px, opt 512
 
 An InstructPix2Pix model (engine.EditPipeline) adds a sixth graph, vae_encoder (the photo's latent), and its UNet's
 `sample` has twice the latent channels: the scheduler-scaled noisy latent, then the photo latent.
+
+A pipeline with ControlNets adds a controlnet graph per net and the residual inputs on the UNet (export/controlnet.py);
+their sides are derived axes, "latent_height/2" (engine.exported.resolve_shape).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 from torch import nn
 
 from engine.errors import EngineError
+from engine.exported import resolve_shape
 
 from .graph_attention import install_export_processors
 
@@ -28,7 +32,7 @@ class Tensor:
     dtype: str                     # float32 | float16 | int64
     shape: tuple                   # ints and axis names
     meaning: str
-    fill: str = "normal"           # sample values: normal | timestep | scale | ids | pixels
+    fill: str = "normal"           # sample values: normal | timestep | scale | ids | pixels | unit
 
 
 @dataclass
@@ -62,10 +66,6 @@ class GraphSpec:
         return sample_inputs(self.inputs, sizes, self.vocab, seed)
 
 
-def resolve_shape(shape, sizes: dict[str, int]) -> tuple[int, ...]:
-    return tuple(sizes[a] if isinstance(a, str) else a for a in shape)
-
-
 def sample_inputs(inputs, sizes: dict[str, int], vocab: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random inputs of the given axis sizes, each kind in its meaningful range."""
     g = torch.Generator().manual_seed(seed)
@@ -80,6 +80,8 @@ def sample_inputs(inputs, sizes: dict[str, int], vocab: int = 0, seed: int = 0) 
             x = torch.rand(shape, generator=g) * 1.5
         elif t.fill == "pixels":
             x = torch.rand(shape, generator=g) * 2 - 1
+        elif t.fill == "unit":
+            x = torch.rand(shape, generator=g)
         else:
             x = torch.randn(shape, generator=g)
         out[t.name] = x.to(getattr(torch, t.dtype))
@@ -124,11 +126,14 @@ class UNet(nn.Module):
         install_export_processors(unet, layers, attention)
         self.unet, self.layers = unet, layers
 
-    def forward(self, sample, timestep, encoder_hidden_states, ip_tokens, ip_scale):
+    def forward(self, sample, timestep, encoder_hidden_states, ip_tokens, ip_scale, *residuals):
         # sample: (B, C, h, w), C = 8 for InstructPix2Pix (latent, photo latent); timestep: (B,);
-        # text: (B, 77, cross); ip_tokens: (B, Q, cross); ip_scale: (B,)
+        # text: (B, 77, cross); ip_tokens: (B, Q, cross); ip_scale: (B,);
+        # residuals (with ControlNets only): the down residuals, then the mid one, each (B, C_i, h/d_i, w/d_i)
+        extra = {} if not residuals else dict(down_block_additional_residuals=list(residuals[:-1]),
+                                              mid_block_additional_residual=residuals[-1])
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
-                         cross_attention_kwargs={"ip_tokens": ip_tokens, "ip_scale": ip_scale})[0]
+                         cross_attention_kwargs={"ip_tokens": ip_tokens, "ip_scale": ip_scale}, **extra)[0]
 
 
 class VaeDecoder(nn.Module):
@@ -155,8 +160,10 @@ class VaeEncoder(nn.Module):
 
 
 def build_specs(pipe, attention: str) -> list[GraphSpec]:
-    """The graph specs of a loaded engine.Pipeline (its UNet gets the export processors): five, and vae_encoder for
-    an engine.EditPipeline."""
+    """The graph specs of a loaded engine.Pipeline (its UNet gets the export processors): five, vae_encoder for
+    an engine.EditPipeline, and a controlnet graph per net of `pipe.controlnets` (the UNet then takes residuals)."""
+    from .controlnet import controlnet_specs, residual_inputs
+
     dt = ONNX_DTYPES[pipe.dtype]
     if pipe.adapter.kind == "plain":
         raise EngineError("a plain IP-Adapter (pooled embedding, 4 tokens) is not exported yet: export an "
@@ -186,6 +193,9 @@ def build_specs(pipe, attention: str) -> list[GraphSpec]:
     sample = f"scaled model input, {rows}"
     # the UNet halves the latent once per down block but the last: other sizes fail inside a runtime's Concat
     unet_notes = {"latent_multiple": 2 ** (len(unet_cfg.block_out_channels) - 1)}
+    residuals = residual_inputs(pipe, dt) if pipe.controlnets else []
+    if residuals:
+        unet_notes["controlnet_residuals"] = [t.name for t in residuals]
     if pipe.EDIT:
         sample = (f"channels 0-{lc - 1}: the scheduler-scaled noisy latent; channels {lc}-{c - 1}: the photo latent "
                   f"(vae_encoder's output, unscaled; zeros in the unconditional branch); {rows}")
@@ -209,7 +219,7 @@ def build_specs(pipe, attention: str) -> list[GraphSpec]:
                    Tensor("encoder_hidden_states", dt, ("batch", lt, cross), "text_encoder output per row"),
                    Tensor("ip_tokens", dt, ("batch", proj_cfg.num_queries, cross), "projector output per row"),
                    Tensor("ip_scale", "float32", ("batch",), "adapter strength per row (0 = base model)",
-                          fill="scale")],
+                          fill="scale"), *residuals],
                   [Tensor("noise_pred", dt, ("batch", unet_cfg.out_channels, "latent_height", "latent_width"),
                           "predicted noise")],
                   {**b, **lat_axes}, trace=unet_trace, notes=unet_notes),
@@ -229,4 +239,5 @@ def build_specs(pipe, attention: str) -> list[GraphSpec]:
                     "latent_dist.mode(), unscaled: the UNet's photo-latent channels")],
             {"batch": (1, 1, 8), "image_height": px, "image_width": px},
             trace={"image_height": 8 * f, "image_width": 8 * f}))
-    return specs
+    unet = next(s for s in specs if s.name == "unet")
+    return specs + controlnet_specs(pipe, unet)

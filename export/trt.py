@@ -347,12 +347,16 @@ def _write_manifest(manifest: dict, onnx_dir: str, out_dir: str, staging: str) -
     """The export's manifest beside the plans, its weight paths relative to out_dir (the runtime reads it)."""
     if os.path.abspath(out_dir) == os.path.abspath(onnx_dir):
         return
+    from .controlnet import relocated
+
     m = dict(manifest)
     try:
         paths = source_paths(manifest, onnx_dir)
         m["source"] = {**manifest["source"], **source_entry(out_dir, **paths)}
     except EngineError:
         pass  # weights moved or a hub id: keep the entries as they were; the runtime takes --model overrides
+    if manifest.get("controlnets"):
+        m["controlnets"] = relocated(manifest, onnx_dir, out_dir)
     with open(os.path.join(staging, "manifest.json"), "w") as f:
         json.dump(m, f, indent=1)
 
@@ -368,7 +372,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-tf32", dest="tf32", action="store_false",
                    help="keep float32 layers off TF32 tensor cores (TensorRT's default lets them use TF32), e.g. to "
                         "compare with PyTorch at fp32 precision")
-    p.add_argument("--graphs", default=None, help=f"comma-separated subset (default: all of {', '.join(GRAPHS)})")
+    p.add_argument("--graphs", default=None, help=f"comma-separated subset (default: every graph of the manifest: "
+                   f"{', '.join(GRAPHS)}, and controlnet, controlnet_1, ... in an export with ControlNets)")
     p.add_argument("--arch", type=int, action="append", choices=ARCHS, default=None,
                    help="GPU arch the plugin's cubins are compiled for, repeatable "
                         f"(default: all of {', '.join(map(str, ARCHS))})")

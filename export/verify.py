@@ -7,6 +7,9 @@ export wrapper, so the check covers the export processors and the plugin node to
 adapter-strength cases: 0 (the base model), 0.5, and a different strength per row. Plugin nodes run through
 `export.ort_ops`. An InstructPix2Pix export (manifest kind "edit") loads as engine.EditPipeline: its 8-channel UNet
 runs the same cases, and vae_encoder is checked against the VAE encoder's mode as EditPipeline.encode_photos takes it.
+An export with ControlNets: the UNet runs its cases with random residuals fed to diffusers' UNet, and each
+controlnet graph runs two conditioning-scale cases (1, and one per row) against engine.controlnet.residuals on
+the net loaded from the manifest's folder (`controlnets`, overridden by --controlnet), every output compared.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 
 from engine.errors import EngineError
 
+from .controlnet import controlnet_paths
 from .onnx import EDIT_GRAPHS, read_manifest, source_paths
 from .specs import Tensor, sample_inputs
 
@@ -71,19 +75,35 @@ def axis_sizes(manifest: dict, entry: dict, batch=None, height=None, width=None)
     return sizes
 
 
-def references(pipe):
-    """graph name -> f(inputs dict of fp32 tensors) -> PyTorch output, from the engine's own modules."""
+def references(pipe, manifest=None):
+    """graph name -> f(inputs dict of fp32 tensors) -> PyTorch output (a tuple for several), from the engine's own
+    modules; manifest: the export's, for its ControlNet graphs (pipe.controlnets, in its order)."""
     from engine.attention import AdapterContext, precompute_kv
 
     cfg = pipe.vae.config
     shift = getattr(cfg, "shift_factor", None) or 0.0
+    residual_names = ((manifest or {}).get("graphs", {}).get("unet") or {}).get("controlnet_residuals", [])
 
-    def unet(sample, timestep, encoder_hidden_states, ip_tokens, ip_scale):
+    def unet(sample, timestep, encoder_hidden_states, ip_tokens, ip_scale, **residuals):
         kv = precompute_kv(pipe.unet, pipe.cross, encoder_hidden_states, ip_tokens)
         ctx = AdapterContext(kv=kv, scale={n: ip_scale.view(-1, 1, 1, 1) for n in pipe.cross})
+        res = [residuals[n] for n in residual_names]
+        extra = dict(down_block_additional_residuals=res[:-1], mid_block_additional_residual=res[-1]) if res else {}
         return pipe.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
-                         cross_attention_kwargs={"adapter": ctx})[0]
+                         cross_attention_kwargs={"adapter": ctx}, **extra)[0]
 
+    def controlnet(net):
+        from engine.controlnet import ControlState, residuals
+
+        def run(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale):
+            state = ControlState(images=[controlnet_cond], scales=conditioning_scale[None], starts=[0.0], ends=[1.0],
+                                 guess_rows=None, active=[True])
+            down, mid = residuals([net], state, sample, timestep, encoder_hidden_states, 0, 1, False)
+            return (*down, mid)
+        return run
+
+    nets = {e["graph"]: controlnet(net) for e, net in zip((manifest or {}).get("controlnets") or [],
+                                                          getattr(pipe, "controlnets", ()))}
     return {
         "text_encoder": lambda input_ids: pipe.text_encoder(input_ids=input_ids).last_hidden_state,
         "image_encoder": lambda pixel_values: pipe.image_encoder(pixel_values, output_hidden_states=True)
@@ -93,36 +113,43 @@ def references(pipe):
         "unet": unet,
         "vae_decoder": lambda latent: pipe.vae.decode(latent / cfg.scaling_factor + shift, return_dict=False)[0],
         "vae_encoder": lambda pixels: pipe.vae.encode(pixels).latent_dist.mode(),  # as EditPipeline.encode_photos
+        **nets,
     }
 
 
-def scale_cases(b: int) -> list[tuple[str, torch.Tensor]]:
+def scale_cases(b: int, name: str = "ip_scale") -> list[tuple[str, torch.Tensor]]:
+    """(label, value of the scale input) per case: ip_scale 0, 0.5 and per row; conditioning_scale 1 and per row."""
     per_row = torch.linspace(0.0, 1.5, b) if b > 1 else torch.tensor([0.7])
-    return [("ip_scale 0", torch.zeros(b)), ("ip_scale 0.5", torch.full((b,), 0.5)),
-            ("ip_scale per row " + "/".join(f"{v:g}" for v in per_row.tolist()), per_row)]
+    fixed = (0.0, 0.5) if name == "ip_scale" else (1.0,)
+    return [(f"{name} {v:g}", torch.full((b,), v)) for v in fixed] + \
+        [(f"{name} per row " + "/".join(f"{v:g}" for v in per_row.tolist()), per_row)]
 
 
 def verify(folder: str, batch=None, height=None, width=None, graphs=None, atol=None, rtol=None, log=print,
            sources=None) -> list:
     """Run every graph; returns rows (graph, case, max_abs_diff, ref_max, ok). Raises EngineError on bad input.
-    sources: {"model" | "image_encoder" | "adapter": path} in place of the manifest's (None: the manifest's)."""
+    sources: {"model" | "image_encoder" | "adapter": path} in place of the manifest's (None: the manifest's), and
+    "controlnet": a list of folders, one per net of the export."""
     from engine import EditPipeline, Pipeline
 
     from .ort_ops import session
 
     manifest = read_manifest(folder)
     src = source_paths(manifest, folder, overrides=sources)  # a moved source fails before anything loads
+    nets = controlnet_paths(manifest, folder, (sources or {}).get("controlnet"))
     entries = manifest["graphs"]
     unknown = sorted(set(graphs or ()) - set(entries))
     if unknown:
         raise EngineError(f"{folder} has no graph(s) {', '.join(unknown)}; it has {', '.join(entries)}")
-    names = [g for g in EDIT_GRAPHS if g in entries and (not graphs or g in graphs)]
+    order = [*EDIT_GRAPHS, *(g for g in entries if g not in EDIT_GRAPHS)]  # the ControlNets' last
+    names = [g for g in order if g in entries and (not graphs or g in graphs)]
     paths = {g: load_graph(folder, g, entries[g]) for g in names}  # every file checked before any runs
     sizes = {g: axis_sizes(manifest, entries[g], batch, height, width) for g in names}
     loader = EditPipeline if manifest.get("kind") == "edit" else Pipeline
     pipe = loader.from_pretrained(src["model"], image_encoder=src["image_encoder"], adapter=src["adapter"],
-                                  device="cpu", dtype="float32", attention_backend="reference")
-    refs = references(pipe)
+                                  device="cpu", dtype="float32", attention_backend="reference",
+                                  **({"controlnet": nets} if nets else {}))
+    refs = references(pipe, manifest)
     a_tol, r_tol = TOLERANCE[manifest["dtype"]]
     a_tol, r_tol = atol if atol is not None else a_tol, rtol if rtol is not None else r_tol
     rows = []
@@ -132,19 +159,24 @@ def verify(folder: str, batch=None, height=None, width=None, graphs=None, atol=N
         inputs = [Tensor(t["name"], t["dtype"], tuple(t["shape"]), t["meaning"], t.get("fill", "normal"))
                   for t in entry["inputs"]]
         feeds = sample_inputs(inputs, sizes[g], pipe.text_encoder.config.vocab_size)
-        cases = scale_cases(sizes[g]["batch"]) if "ip_scale" in feeds else [("", None)]
+        knob = next((k for k in ("ip_scale", "conditioning_scale") if k in feeds), None)
+        cases = scale_cases(sizes[g]["batch"], knob) if knob else [("", None)]
         for case, scale in cases:
             if scale is not None:
-                feeds["ip_scale"] = scale
-            got = torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in feeds.items()})[0]).float()
+                feeds[knob] = scale
+            got = [torch.from_numpy(a).float() for a in sess.run(None, {k: v.numpy() for k, v in feeds.items()})]
             with torch.no_grad():
-                want = refs[g](**{k: v.float() if v.is_floating_point() else v for k, v in feeds.items()}).float()
-            if got.shape != want.shape:
-                raise EngineError(f"{g}: ONNX Runtime returned {tuple(got.shape)}, PyTorch {tuple(want.shape)}")
-            diff, top = (got - want).abs().max().item(), want.abs().max().item()
+                want = refs[g](**{k: v.float() if v.is_floating_point() else v for k, v in feeds.items()})
+            want = [w.float() for w in (want if isinstance(want, (tuple, list)) else (want,))]
+            shapes = [tuple(a.shape) for a in got], [tuple(w.shape) for w in want]
+            if shapes[0] != shapes[1]:
+                raise EngineError(f"{g}: ONNX Runtime returned {shapes[0]}, PyTorch {shapes[1]}")
+            diff = max((a - w).abs().max().item() for a, w in zip(got, want))
+            top = max(w.abs().max().item() for w in want)
             ok = diff <= a_tol + r_tol * top
-            rows.append(dict(graph=g, case=case, max_abs_diff=diff, ref_max=top, ok=ok,
-                             shape=list(got.shape)))
+            rows.append(dict(graph=g, case=case, max_abs_diff=diff, ref_max=top, ok=ok, shape=list(got[0].shape),
+                             outputs=len(got)))
             log(f"{g}{' (' + case + ')' if case else ''}: max |ORT - PyTorch| = {diff:.3g} "
-                f"(output max {top:.3g}, shape {list(got.shape)}) {'ok' if ok else 'FAIL'}")
+                f"(output max {top:.3g}, shape {list(got[0].shape)}"
+                f"{f', {len(got)} outputs' if len(got) > 1 else ''}) {'ok' if ok else 'FAIL'}")
     return rows

@@ -6,7 +6,8 @@ engines=DIR)` and the CLI's `--backend tensorrt --engines DIR`.
 
 Requests, guidance branches, scheduler and per-row adapter scales are the engine's own (engine.exported, the same
 loop the ONNX Runtime reference runs and tests against the PyTorch path); the five graphs, the UNet step and the
-VAE decode among them, run inside TensorRT on torch's current CUDA stream, with torch tensors as their buffers.
+VAE decode among them (and an export's controlnet graphs), run inside TensorRT on torch's current CUDA stream,
+with torch tensors as their buffers.
 The UNet's adapter attention is the Python plugin (engine/trt/plugin.py), launching the cubins of DIR/plugin.
 `enable_cuda_graphs()` replays the UNet step from a CUDA graph per input shape where the execution context says
 the stream is capturable.
@@ -89,9 +90,10 @@ def cannot_run(trt, runtime, data: bytes, path: str, logger) -> str | None:
 
 
 class TensorRTGraph:
-    """One deserialised plan and its execution context, called with torch tensors like the ONNX graphs."""
+    """One deserialised plan and its execution context, called with torch tensors like the ONNX graphs: one output
+    tensor, or a tuple of them in `outputs`' order (the manifest's) for a graph of several (a controlnet's)."""
 
-    def __init__(self, trt, runtime, logger, path: str, device: torch.device):
+    def __init__(self, trt, runtime, logger, path: str, device: torch.device, outputs=None):
         with open(path, "rb") as f:
             data = f.read()
         reason = cannot_run(trt, runtime, data, path, logger)
@@ -106,6 +108,11 @@ class TensorRTGraph:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
+        if outputs is not None:
+            if sorted(outputs) != sorted(self.outputs):
+                raise EngineError(f"{path} has outputs {', '.join(self.outputs)}; the manifest lists "
+                                  f"{', '.join(outputs)}: rebuild it with `python -m export trt`")
+            self.outputs = list(outputs)
         self.dtypes = {n: _TORCH[self.engine.get_tensor_dtype(n).name] for n in names}
         self.profile = {n: [tuple(s) for s in self.engine.get_tensor_profile_shape(n, 0)] for n in self.inputs}
         self.graphs = None  # {shapes: (CUDAGraph, static inputs, output)} once CUDA graphs are on
@@ -117,7 +124,7 @@ class TensorRTGraph:
             raise EngineError(f"{os.path.basename(self.path)}: {name} {dims(shape)} is outside the engine's profile "
                               f"({dims(lo)} to {dims(hi)}); rebuild with `python -m export trt --min/--max`")
 
-    def _bind(self, feeds: dict, own: bool = False) -> tuple[dict, torch.Tensor]:
+    def _bind(self, feeds: dict, own: bool = False) -> tuple[dict, tuple]:
         # own: copy every input into a buffer of our own (a CUDA graph's static inputs), never the caller's tensor
         args = {}
         for n in self.inputs:
@@ -129,47 +136,53 @@ class TensorRTGraph:
             self.context.set_input_shape(n, tuple(t.shape))
             self.context.set_tensor_address(n, t.data_ptr())
             args[n] = t
-        out = torch.empty(tuple(self.context.get_tensor_shape(self.outputs[0])), dtype=self.dtypes[self.outputs[0]],
-                          device=self.device)
-        self.context.set_tensor_address(self.outputs[0], out.data_ptr())
-        return args, out
+        outs = tuple(torch.empty(tuple(self.context.get_tensor_shape(n)), dtype=self.dtypes[n], device=self.device)
+                     for n in self.outputs)
+        for n, o in zip(self.outputs, outs):
+            self.context.set_tensor_address(n, o.data_ptr())
+        return args, outs
+
+    @staticmethod
+    def _result(outs: tuple):
+        return outs[0] if len(outs) == 1 else outs
 
     def _execute(self) -> None:
         if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise EngineError(f"{os.path.basename(self.path)}: TensorRT's execute_async_v3 failed (its log says why)")
 
-    def __call__(self, **feeds) -> torch.Tensor:
+    def __call__(self, **feeds):
         if self.graphs is not None:
             return self._replay(feeds)
-        args, out = self._bind(feeds)
+        args, outs = self._bind(feeds)
         self._execute()
         del args  # the caching allocator keeps them for this stream's queued work
-        return out
+        return self._result(outs)
 
-    def _replay(self, feeds: dict) -> torch.Tensor:
+    def _replay(self, feeds: dict):
         key = tuple((n, tuple(feeds[n].shape)) for n in self.inputs)
         entry = self.graphs.get(key)
         if entry is None:
-            args, out = self._bind(feeds, own=True)
+            args, outs = self._bind(feeds, own=True)
             self._execute()  # TensorRT wants one run at these shapes before a capture
             side = torch.cuda.Stream(self.device)  # capture needs a stream other than the legacy default one
             if not self.context.is_stream_capturable(side.cuda_stream):
                 log.warning("%s: TensorRT says its work cannot be captured here; running without CUDA graphs",
                             self.path)
                 self.graphs = None
-                return out
+                return self._result(outs)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=side):  # inside, torch's current stream is `side`
                 self._execute()
-            self.graphs[key] = entry = (graph, args, out)
-        graph, args, out = entry
+            self.graphs[key] = entry = (graph, args, outs)
+        graph, args, outs = entry
         for n in self.inputs:
             self.context.set_input_shape(n, tuple(args[n].shape))
             self.context.set_tensor_address(n, args[n].data_ptr())
             args[n].copy_(feeds[n].to(self.device, self.dtypes[n]))
-        self.context.set_tensor_address(self.outputs[0], out.data_ptr())
+        for n, o in zip(self.outputs, outs):
+            self.context.set_tensor_address(n, o.data_ptr())
         graph.replay()
-        return out.clone()
+        return self._result(tuple(o.clone() for o in outs))
 
 
 class TensorRTPipeline(ExportedPipeline):
@@ -184,10 +197,11 @@ class TensorRTPipeline(ExportedPipeline):
         image processor are, in place of the manifest's sources; device: a CUDA device (default cuda)."""
         manifest = read_manifest(folder)
         index = read_engines(folder)
-        missing = [g for g in GRAPHS if g not in index["graphs"]]
+        names = [*GRAPHS, *(c["graph"] for c in manifest.get("controlnets") or [])]
+        missing = [g for g in names if g not in index["graphs"]]
         if missing:
-            raise EngineError(f"{folder} has no plan for {', '.join(missing)}: build all five graphs with "
-                              "`python -m export trt`")
+            raise EngineError(f"{folder} has no plan for {', '.join(missing)}: build every graph of the export "
+                              "with `python -m export trt`")
         device = torch.device(device or "cuda")
         if device.type != "cuda":
             raise EngineError(f"TensorRT engines run on a CUDA device, not {device}")
@@ -201,9 +215,10 @@ class TensorRTPipeline(ExportedPipeline):
             else:
                 register_plugin(trt)
         graphs = {}
-        for name in GRAPHS:
+        for name in names:  # (the ControlNets' graphs return their residuals in the manifest's order)
+            outputs = [t["name"] for t in manifest["graphs"].get(name, {}).get("outputs") or []] or None
             graphs[name] = TensorRTGraph(trt, runtime, logger, os.path.join(folder, index["graphs"][name]["file"]),
-                                         device)
+                                         device, outputs)
         pipe = cls(folder, graphs, device, model, image_encoder, manifest)
         pipe.engines, pipe.runtime = index, runtime
         return pipe
