@@ -158,7 +158,8 @@ class Pipeline(LoraMixin):
             if several:
                 raise EngineError("the TensorRT engines hold one adapter: several adapters run on the PyTorch backend")
             if controlnet is not None:
-                raise EngineError("ControlNet runs on the PyTorch backend (it is not exported yet)")
+                raise EngineError("the TensorRT engines carry their ControlNets (exported with `python -m export onnx "
+                                  "--controlnet DIR`): drop controlnet=")
             return cls._from_engines(model, image_encoder, adapter, device, dtype, engines)
         if engines is not None:
             raise EngineError("engines= is for backend='tensorrt'")
@@ -345,7 +346,8 @@ class Pipeline(LoraMixin):
             control = dict(control_image=control_image, scale=controlnet_conditioning_scale,
                            start=control_guidance_start, end=control_guidance_end, guess_mode=bool(guess_mode))
         elif control_image is not None:
-            raise EngineError("control_image was given but no ControlNet is loaded (from_pretrained(controlnet=...))")
+            raise EngineError("control_image was given but no ControlNet is loaded (from_pretrained(controlnet=...), "
+                              "or an export made with --controlnet)")
         return self._generate(reqs, num_inference_steps, height, width, scheduler, output_type, max_size,
                               progress_callback, t_start, control)
 
