@@ -23,6 +23,16 @@ def positive_ints(text: str) -> list[int]:
     return values
 
 
+def positive_floats(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}")
+    return values
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="python -m bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
@@ -38,13 +48,17 @@ def build_parser() -> Parser:
     add_e2e_args(e2e)
     from .quality import add_quality_args
     add_quality_args(sub.add_parser("quality", help="the paper's CLIP-I/T/P/S on a held-out manifest"))
-    add_serve_args(sub.add_parser("serve", help="the HTTP server under load: engine vs engine-single vs diffusers"))
+    add_serve_args(sub.add_parser("serve", help="the HTTP server under load: engine (request- and step-level "
+                                                "batching) vs engine-single vs diffusers"))
     return parser
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    from .serve import SERVERS, ServeConfig, loopback_url
+    from .serve import MIXES, SERVERS, ServeConfig, loopback_url
     from .weights import PRESETS
+
+    def rates(text: str) -> str | list[float]:
+        return "auto" if text == "auto" else positive_floats(text)
 
     def url(text: str) -> str:
         try:
@@ -55,20 +69,36 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     c = ServeConfig
     p.add_argument("--url", type=url, default=None,
                    help="measure this running server (127.0.0.1, localhost or [::1] only) instead of starting "
-                        "engine, engine-single and diffusers")
+                        "the servers")
     p.add_argument("--servers", default=",".join(SERVERS), help=f"comma-separated subset of {','.join(SERVERS)}")
     p.add_argument("--preset", choices=PRESETS, default="tiny", help="the weights every server loads")
     p.add_argument("--concurrency", type=positive_ints, default=list(c.concurrency),
                    help="client workers per level, e.g. 1,4,8,16 (default)")
-    p.add_argument("--requests", type=int, default=c.requests, help="requests per server and level (default 32)")
+    p.add_argument("--requests", type=int, default=c.requests,
+                   help="requests per server and level or rate (default 32)")
     p.add_argument("--steps", type=int, default=c.steps, help="denoising steps per request (default 10)")
     p.add_argument("--duration-s", type=float, default=None,
                    help="soak: the engine server alone at the highest concurrency for S seconds; RSS growth")
     p.add_argument("--timeout-s", type=float, default=c.timeout_s, help="per request, 429 retries included")
-    p.add_argument("--max-batch-rows", type=int, default=c.max_batch_rows, help="the engine server's batching")
+    p.add_argument("--max-batch-rows", type=int, default=c.max_batch_rows,
+                   help="the engine and engine-step servers' batching")
     p.add_argument("--max-wait-ms", type=float, default=c.max_wait_ms, help="the engine servers' batching wait")
+    p.add_argument("--arrival", choices=["closed", "poisson"], default=c.arrival,
+                   help="closed: --concurrency workers, each sending its next request when answered (default); "
+                        "poisson: open loop, requests arrive at random times at each of --rates")
+    p.add_argument("--rates", type=rates, default="auto",
+                   help="poisson: offered requests/s, e.g. 2,5,8; auto (default): --loads times what the engine "
+                        "server sustains, measured first")
+    p.add_argument("--loads", type=positive_floats, default=list(c.loads),
+                   help="--rates auto: multiples of the measured capacity (default 0.5,0.9,1.2)")
+    p.add_argument("--mix", choices=list(MIXES), default=c.mix,
+                   help="same: every request --steps with simple guidance (default); mixed: by request index, also "
+                        "full guidance and half and double steps (the same sequence for every server)")
+    p.add_argument("--seed", type=int, default=c.seed, help="poisson: the arrival times' random seed")
     p.add_argument("--cache", default=None, help="where preset weights are built (default: ~/.cache/...)")
     p.add_argument("--json", default=os.path.join("out", "bench-serve.json"), help="where the result rows go")
+    p.add_argument("--plot", default=None, help="PATH.png: latency (p50, p99) against offered load (poisson) or "
+                                                "concurrency, one line per server")
 
 
 def add_e2e_args(p: argparse.ArgumentParser) -> None:

@@ -1,8 +1,10 @@
 """`python -m bench serve`: the HTTP server under load, against the same server without batching and against a
 diffusers server, on the same weights, one after another.
 
-Servers (each a subprocess on a free 127.0.0.1 port, started, measured at every concurrency level, then SIGTERM):
-- `engine`: `python -m engine serve` with its dynamic batching (`--max-batch-rows 16 --max-wait-ms 10`).
+Servers (each a subprocess on a free 127.0.0.1 port, started, measured at every level, then SIGTERM):
+- `engine`: `python -m engine serve` with its request-level dynamic batching (`--max-batch-rows 16
+  --max-wait-ms 10`).
+- `engine-step`: the same server with `--batching step`: a request joins the running UNet batch at the next step.
 - `engine-single`: the same server with `--max-batch-rows 2`: one simple-guidance request per call.
 - `diffusers`: `python -m bench.serve_baseline`, StableDiffusionPipeline with `load_ip_adapter` on the IP-Adapter+
   file of the same shapes, one request at a time (equal work: `simple` guidance is 2 UNet rows like its CFG).
@@ -11,6 +13,7 @@ and instruction), bounded in count and in time; every answer is counted by statu
 Reported: images/s (images answered 200 / wall time of the level), client latency p50/p90/p99, the server's queue
 wait and compute (means of each 200 body's timings), UNet rows per call (mean from /metrics, max from the bodies),
 the server's resident memory (psutil), and the throughput ratios. `--duration-s` is a soak of the engine server.
+`--arrival poisson` replaces the closed loop by open-loop arrivals at fixed rates (bench/serve_open.py).
 """
 from __future__ import annotations
 
@@ -21,7 +24,6 @@ import ipaddress
 import itertools
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -30,10 +32,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from .common import Row, format_table, percentiles
+from .common import Row
 from .e2e import INSTRUCT, NEGATIVE, PROMPT
 
-SERVERS = ("engine", "engine-single", "diffusers")
+SERVERS = ("engine", "engine-step", "engine-single", "diffusers")
 STATUSES = ("200", "429", "503", "504", "other", "transport")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE = {"tiny": 64, "sd15": 512}   # the condition image: the preset's native size
@@ -61,9 +63,28 @@ class ServeConfig:
     servers: tuple[str, ...] = SERVERS
     duration_s: float | None = None  # soak: the engine server alone at the highest concurrency for this long
     timeout_s: float = 120.0      # per request, retries included
-    max_batch_rows: int = 16      # the `engine` server's batching; `engine-single` gets 2
+    max_batch_rows: int = 16      # the `engine` and `engine-step` servers' batching; `engine-single` gets 2
     max_wait_ms: float = 10.0
     guidance_scale: float = 6.0
+    arrival: str = "closed"       # closed: --concurrency workers; poisson: open-loop arrivals (serve_open.py)
+    rates: tuple[float, ...] = ()  # poisson: requests/s; empty: `--rates auto`, `loads` x the measured capacity
+    loads: tuple[float, ...] = (0.5, 0.9, 1.2)
+    mix: str = "same"             # the requests' shapes by index (MIXES), the same sequence for every server
+    seed: int = 0                 # the arrival times' random generator
+
+
+# (steps factor, guidance mode) by request index, cycled: `same` is every request at --steps with simple guidance;
+# `mixed` has full guidance (4 UNet rows) and half and double step counts among them, as real traffic would
+MIXES = {"same": ((1.0, "simple"),),
+         "mixed": ((1.0, "simple"), (1.0, "full"), (0.5, "simple"), (2.0, "simple"))}
+
+
+def request_body(i: int, cfg: ServeConfig, image_b64: str) -> dict:
+    """The i-th request of a level: its own seed, and its steps and guidance mode from the mix."""
+    factor, mode = MIXES[cfg.mix][i % len(MIXES[cfg.mix])]
+    return dict(prompt=PROMPT, negative_prompt=NEGATIVE, image=image_b64, instruct=INSTRUCT, scale=0.8,
+                guidance_scale=cfg.guidance_scale, guidance_mode=mode,
+                num_inference_steps=max(1, round(cfg.steps * factor)), seed=i, num_images=1)
 
 
 def loopback_url(text: str) -> str:
@@ -132,13 +153,16 @@ def server_argv(name: str, paths: dict, cfg: ServeConfig) -> list[str]:
     rows = 2 if name == "engine-single" else cfg.max_batch_rows
     return [*py, "engine", "serve", "--model", paths["model"], "--image-encoder", paths["image_encoder"],
             "--adapter", paths["adapter"], "--port", "0", "--max-batch-rows", str(rows),
-            "--max-wait-ms", str(cfg.max_wait_ms)]
+            "--max-wait-ms", str(cfg.max_wait_ms), *(["--batching", "step"] if name == "engine-step" else [])]
 
 
 @dataclass
 class Level:
     server: str
-    concurrency: int
+    concurrency: int | None           # closed loop: client workers
+    rate: float | None = None         # open loop: offered requests/s
+    load: float | None = None         # `--rates auto`: the rate over the measured capacity
+    arrived: float | None = None      # open loop: the rate the arrivals drawn had, (n - 1) / (last - first)
     wall_s: float = 0.0
     sent: int = 0
     ok: int = 0
@@ -147,11 +171,16 @@ class Level:
     latency_ms: list = field(default_factory=list)
     queue_ms: list = field(default_factory=list)
     compute_ms: list = field(default_factory=list)
-    batch_rows: list = field(default_factory=list)     # per 200 body: the rows of the call it ran in
-    rows_per_call: float | None = None                 # from /metrics
+    batch_rows: list = field(default_factory=list)     # per 200 body: the rows of the call (step) it ran in
+    rows_per_call: float | None = None                 # from /metrics: per call, or per UNet step (`per`)
     requests_per_call: float | None = None
     calls: int | None = None
+    per: str = "call"                                  # step: --batching step (a request-level call is all steps)
     rss: list = field(default_factory=list)            # (seconds into the level, bytes)
+
+    @property
+    def x(self) -> float | int:
+        return self.concurrency if self.rate is None else self.rate
 
 
 async def metrics(client) -> dict[str, float] | None:
@@ -159,6 +188,47 @@ async def metrics(client) -> dict[str, float] | None:
     r = await client.get("/metrics")
     pairs = (line.rpartition(" ") for line in r.text.splitlines() if line and not line.startswith("#"))
     return {key: float(value) for key, _, value in pairs} if r.status_code == 200 else None
+
+
+def batch_stats(level: Level, before: dict, after: dict) -> None:
+    """UNet rows and requests per call from two /metrics readings; per step under --batching step (its
+    engine_batch_rows counts each finished request alone)."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in (f"engine_{kind}_{what}_{end}" for kind in (
+        "batch", "step") for what in ("rows", "requests") for end in ("sum", "count"))}
+    kind = "step" if d["engine_step_rows_count"] > 0 else "batch"
+    level.per = "step" if kind == "step" else "call"
+    level.calls = int(d[f"engine_{kind}_rows_count"])
+    if level.calls:
+        level.rows_per_call = d[f"engine_{kind}_rows_sum"] / level.calls
+        level.requests_per_call = d[f"engine_{kind}_requests_sum"] / level.calls
+
+
+async def send(client, body: dict, cfg: ServeConfig, level: Level, t: float) -> None:
+    """POST one request, 429 retried after Retry-After while within timeout_s of `t`, and count its answers.
+    Latency runs from `t`: when it was sent (closed loop) or when it arrived (open loop: a late send counts)."""
+    import httpx
+
+    for attempt in range(MAX_RETRIES + 1):
+        left = cfg.timeout_s - (time.perf_counter() - t)
+        try:
+            r = await asyncio.wait_for(client.post("/v1/generate", json=body), max(left, 0.001))
+        except (httpx.TransportError, asyncio.TimeoutError):
+            level.statuses["transport"] += 1
+            return
+        level.statuses[str(r.status_code) if str(r.status_code) in STATUSES else "other"] += 1
+        if r.status_code != 429 or attempt == MAX_RETRIES:
+            break
+        wait = float(r.headers.get("retry-after", "1") or 1)
+        await asyncio.sleep(max(0.0, min(wait, cfg.timeout_s - (time.perf_counter() - t))))
+    if r.status_code == 200:
+        out = r.json()
+        level.latency_ms.append((time.perf_counter() - t) * 1e3)
+        level.ok += 1
+        level.images += len(out["images"])
+        tm = out["timings"]
+        level.queue_ms.append(tm["queue_ms"])
+        level.compute_ms.append(tm["compute_ms"])
+        level.batch_rows.append(tm["batch_rows"])
 
 
 async def sample_rss(pid: int | None, level: Level, t0: float, stop: asyncio.Event) -> None:
@@ -180,36 +250,7 @@ async def sample_rss(pid: int | None, level: Level, t0: float, stop: asyncio.Eve
 async def run_level(server: str, url: str, c: int, cfg: ServeConfig, image_b64: str, pid: int | None,
                     n: int | None, duration_s: float) -> Level:
     """C workers send `n` requests in all (None: as many as fit) until done or `duration_s` has passed."""
-    import httpx
-
     level, counter = Level(server, c), itertools.count()
-
-    async def one(client, i: int) -> None:
-        body = dict(prompt=PROMPT, negative_prompt=NEGATIVE, image=image_b64, instruct=INSTRUCT, scale=0.8,
-                    guidance_scale=cfg.guidance_scale, guidance_mode="simple", num_inference_steps=cfg.steps,
-                    seed=i, num_images=1)
-        t = time.perf_counter()
-        for attempt in range(MAX_RETRIES + 1):
-            left = cfg.timeout_s - (time.perf_counter() - t)
-            try:
-                r = await asyncio.wait_for(client.post("/v1/generate", json=body), max(left, 0.001))
-            except (httpx.TransportError, asyncio.TimeoutError):
-                level.statuses["transport"] += 1
-                return
-            level.statuses[str(r.status_code) if str(r.status_code) in STATUSES else "other"] += 1
-            if r.status_code != 429 or attempt == MAX_RETRIES:
-                break
-            wait = float(r.headers.get("retry-after", "1") or 1)
-            await asyncio.sleep(max(0.0, min(wait, cfg.timeout_s - (time.perf_counter() - t))))
-        if r.status_code == 200:
-            out = r.json()
-            level.latency_ms.append((time.perf_counter() - t) * 1e3)
-            level.ok += 1
-            level.images += len(out["images"])
-            tm = out["timings"]
-            level.queue_ms.append(tm["queue_ms"])
-            level.compute_ms.append(tm["compute_ms"])
-            level.batch_rows.append(tm["batch_rows"])
 
     async def worker(client, end: float) -> None:
         while time.perf_counter() < end:
@@ -217,26 +258,32 @@ async def run_level(server: str, url: str, c: int, cfg: ServeConfig, image_b64: 
             if n is not None and i >= n:
                 return
             level.sent += 1
-            await one(client, i)
+            await send(client, request_body(i, cfg, image_b64), cfg, level, time.perf_counter())
 
-    limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
+    async def load(client, t0: float) -> None:
+        await asyncio.gather(*(worker(client, t0 + duration_s) for _ in range(c)))
+
+    return await drive(url, level, pid, cfg, c, load)
+
+
+async def drive(url: str, level: Level, pid: int | None, cfg: ServeConfig, connections: int, load) -> Level:
+    """`await load(client, t0)` sends a level's requests; around it the server's RSS is sampled and its /metrics
+    read (batch_stats). level.wall_s: from t0 to the end of `load`."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     async with httpx.AsyncClient(base_url=url, timeout=cfg.timeout_s, limits=limits, trust_env=False) as client:
-        before = await metrics(client) if server != "diffusers" else None
+        before = await metrics(client) if level.server != "diffusers" else None
         stop = asyncio.Event()
         t0 = time.perf_counter()
         sampler = asyncio.create_task(sample_rss(pid, level, t0, stop))
-        await asyncio.gather(*(worker(client, t0 + duration_s) for _ in range(c)))
+        await load(client, t0)
         level.wall_s = time.perf_counter() - t0
         stop.set()
         await sampler
         after = await metrics(client) if before is not None else None
         if before is not None and after is not None:
-            d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in (
-                "engine_batch_rows_sum", "engine_batch_requests_sum", "engine_batch_rows_count")}
-            level.calls = int(d["engine_batch_rows_count"])
-            if level.calls:
-                level.rows_per_call = d["engine_batch_rows_sum"] / level.calls
-                level.requests_per_call = d["engine_batch_requests_sum"] / level.calls
+            batch_stats(level, before, after)
     return level
 
 
@@ -256,6 +303,11 @@ def run_serve(cfg: ServeConfig, paths: dict | None, log=print) -> tuple[list[Row
     ready: dict[str, float] = {}
     soak = cfg.duration_s is not None
     names = ("url",) if cfg.url else ("engine",) if soak else cfg.servers
+    if cfg.arrival == "poisson":
+        from .serve_open import OpenLoop
+        plan = OpenLoop(cfg, image, log)
+        if not cfg.rates and "engine" in names:  # `--rates auto` measures the request-level server: first
+            names = ("engine", *(n for n in names if n != "engine"))
     for name in names:
         server = None if cfg.url else ServerProcess(name, server_argv(name, paths, cfg))
         url, pid = cfg.url, None
@@ -268,6 +320,9 @@ def run_serve(cfg: ServeConfig, paths: dict | None, log=print) -> tuple[list[Row
             if warm.ok != 1:
                 raise ServeBenchError(f"server {name}: the warm-up request failed: {status_line(warm)}")
             log(f"{name}: warm-up request {warm.latency_ms[0]:.0f} ms (not counted)")
+            if cfg.arrival == "poisson":
+                levels.extend(plan.run(name, url, pid))
+                continue
             for c in ([max(cfg.concurrency)] if soak else cfg.concurrency):
                 n, limit = (None, cfg.duration_s) if soak else (cfg.requests, LEVEL_LIMIT_S)
                 lv = asyncio.run(run_level(name, url, c, cfg, image, pid, n, limit))
@@ -282,7 +337,8 @@ def run_serve(cfg: ServeConfig, paths: dict | None, log=print) -> tuple[list[Row
                 rc = server.stop()
                 if rc != 0 and server.url:  # (one that never got ready said why already)
                     log(f"{name}: exited with code {rc} after SIGTERM (expected 0)")
-    return report(cfg, levels, ready)
+    from .serve_report import open_report, report
+    return (open_report if cfg.arrival == "poisson" else report)(cfg, levels, ready)
 
 
 def status_line(lv: Level) -> str:
@@ -292,97 +348,6 @@ def status_line(lv: Level) -> str:
 def lost(cfg: ServeConfig, lv: Level) -> int:
     """Requests that did not end in 200: answered otherwise, or never sent (the level's time bound)."""
     return (lv.sent if cfg.duration_s is not None else cfg.requests) - lv.ok
-
-
-def rss_growth(lv: Level, duration_s: float) -> tuple[float, float, float, float] | None:
-    """(warm_at_s, RSS at warm, RSS at the end in bytes, growth %): warm is after the first minute, or after 20 %
-    of the run when that is shorter."""
-    if not lv.rss:
-        return None
-    warm_at = min(60.0, 0.2 * duration_s)
-    warm = next((b for t, b in lv.rss if t >= warm_at), lv.rss[-1][1])
-    end = lv.rss[-1][1]
-    return warm_at, warm, end, (end - warm) / warm * 100
-
-
-def _env() -> dict:
-    import torch
-
-    from .common import device_name, git_sha
-    cuda = torch.cuda.is_available()  # the servers' default device (the same machine: loopback only)
-    return dict(device=device_name(torch.device("cuda" if cuda else "cpu")), dtype="float16" if cuda else "float32",
-                git_sha=git_sha())
-
-
-def report(cfg: ServeConfig, levels: list[Level], ready: dict) -> tuple[list[Row], str]:
-    env = _env()
-    config = dict(preset=cfg.preset, steps=cfg.steps, requests=cfg.requests, guidance_mode="simple",
-                  timeout_s=cfg.timeout_s, max_wait_ms=cfg.max_wait_ms, image_size=IMAGE_SIZE.get(cfg.preset, 256),
-                  url=cfg.url, duration_s=cfg.duration_s)
-    rows, lines, notes = [], [], []
-
-    def row(server, metric, unit, x, values, x_name="concurrency", **extra):
-        p = values if isinstance(values, tuple) else (values,) * 3
-        rows.append(Row("serve", server, metric, unit, x_name, x, *p, config={**config, **extra}, **env))
-
-    for name, s in ready.items():
-        row(name, "ready", "s", "start", s, x_name="phase")
-    ips = {(lv.server, lv.concurrency): lv.images / lv.wall_s for lv in levels}
-    for lv in levels:
-        c, name, batched = lv.concurrency, lv.server, lv.rows_per_call is not None
-        extra = dict(wall_s=lv.wall_s, sent=lv.sent, ok=lv.ok, lost=lost(cfg, lv), max_batch_rows=None
-                     if name == "diffusers" else 2 if name == "engine-single" else cfg.max_batch_rows)
-        row(name, "throughput", "images/s", c, ips[(name, c)], **extra)
-        q = dict(zip(("p20", "p50", "p80", "p90", "p99"), percentiles(lv.latency_ms, (20, 50, 80, 90, 99)))) \
-            if lv.latency_ms else {}
-        if q:
-            row(name, "latency", "ms", c, (q["p20"], q["p50"], q["p80"]), p90=q["p90"], p99=q["p99"], **extra)
-            for metric, samples in (("queue_wait", lv.queue_ms), ("compute", lv.compute_ms)):
-                row(name, metric, "ms", c, percentiles(samples), mean=statistics.fmean(samples), **extra)
-        if batched:
-            row(name, "batch_rows", "rows", c, lv.rows_per_call, max=max(lv.batch_rows, default=None),
-                calls=lv.calls, **extra)
-            row(name, "batch_requests", "requests", c, lv.requests_per_call, calls=lv.calls, **extra)
-        for status, count in lv.statuses.items():
-            row(name, f"responses:{status}", "responses", c, count, **extra)
-        row(name, "lost", "requests", c, lost(cfg, lv), **extra)
-        if lv.rss:
-            mib = [b / 2**20 for _, b in lv.rss]
-            row(name, "rss", "MiB", c, percentiles(mib), max=max(mib), samples=len(mib), **extra)
-        parts = []
-        for other in ("engine-single", "diffusers"):
-            if name == "engine" and ips.get((other, c)):
-                ratio = ips[(name, c)] / ips[(other, c)]
-                row(name, f"throughput_ratio:{other}", "x", c, ratio, **extra)
-                parts.append(f"engine / {other} {ratio:.2f}x")
-        if parts:
-            notes.append(f"  concurrency {c}: " + ", ".join(parts))
-        lines.append([name, str(c), f"{ips[(name, c)]:.3g}",
-                      *(f"{q[k]:.0f}" if q else "-" for k in ("p50", "p90", "p99")),
-                      *(f"{statistics.fmean(s):.0f}" if s else "-" for s in (lv.queue_ms, lv.compute_ms)),
-                      f"{lv.rows_per_call:.1f}" if batched else "-", str(max(lv.batch_rows)) if batched else "-",
-                      f"{max(b for _, b in lv.rss) / 2**20:.0f}" if lv.rss else "-", status_line(lv),
-                      str(lost(cfg, lv))])
-    if notes:
-        notes.insert(0, "throughput ratios (images/s):")
-    for lv in levels if cfg.duration_s is not None else ():
-        g = rss_growth(lv, cfg.duration_s)
-        if g is None:
-            notes.append("RSS: not sampled (a server given by --url)")
-            continue
-        warm_at, warm, end, pct = g
-        row(lv.server, "rss_growth", "%", lv.concurrency, pct, warm_at_s=warm_at, warm_mib=warm / 2**20,
-            end_mib=end / 2**20, end_at_s=lv.rss[-1][0])
-        notes.append(f"RSS of {lv.server} after {warm_at:.0f} s: {warm / 2**20:.0f} MiB; at the end "
-                     f"({lv.rss[-1][0]:.0f} s): {end / 2**20:.0f} MiB; growth {pct:+.1f} % (target < 10 %)")
-    headers = ["server", "C", "images/s", "p50 ms", "p90 ms", "p99 ms", "queue ms", "compute ms", "rows/call",
-               "max rows", "RSS MiB", "responses", "lost"]
-    head = (f"device: {env['device']}   dtype: {env['dtype']}   git: {env['git_sha']}   preset: {cfg.preset}   "
-            f"steps: {cfg.steps}   guidance: simple (2 UNet rows)   "
-            + (f"soak: {cfg.duration_s:g} s" if cfg.duration_s is not None else f"requests per level: {cfg.requests}"))
-    if ready:
-        notes.insert(0, "start to ready: " + ", ".join(f"{n} {s:.1f} s" for n, s in ready.items()))
-    return rows, "\n".join([head, "", format_table(headers, lines), "", *notes])
 
 
 def serve_main(a) -> int:
@@ -398,6 +363,10 @@ def serve_main(a) -> int:
     print(f"\n{table}")
     write_json(rows, a.json)
     print(f"\n{len(rows)} rows written to {a.json}")
+    if a.plot:
+        from .plot import plot_serve
+        plot_serve(rows, a.plot)
+        print(f"plot written to {a.plot}")
     return 0
 
 
@@ -407,12 +376,23 @@ def config_from_args(a) -> ServeConfig:
     if unknown or not servers:
         raise ServeBenchError(f"unknown server(s) {', '.join(unknown) or '(none given)'}; choose from "
                               f"{', '.join(SERVERS)}", 2)
-    if len(set(a.concurrency)) != len(a.concurrency):
-        raise ServeBenchError(f"--concurrency lists a level twice: {','.join(map(str, a.concurrency))}", 2)
     if min(a.requests, a.steps, a.max_batch_rows) < 1 or a.timeout_s <= 0 or a.max_wait_ms < 0 or \
             (a.duration_s is not None and a.duration_s <= 0):
         raise ServeBenchError("--requests, --steps and --max-batch-rows must be positive integers, --timeout-s and "
                               "--duration-s positive, --max-wait-ms not negative", 2)
+    rates = () if a.rates == "auto" else tuple(a.rates)
+    for flag, values in (("--concurrency", a.concurrency), ("--rates", rates), ("--loads", a.loads)):
+        if len(set(values)) != len(values):
+            raise ServeBenchError(f"{flag} lists a value twice: {','.join(map(str, values))}", 2)
+    if a.arrival == "poisson" and a.duration_s is not None:
+        raise ServeBenchError("--duration-s is a closed-loop soak; leave out --arrival poisson", 2)
+    if a.arrival == "poisson" and not rates and not a.url and "engine" not in servers:
+        raise ServeBenchError("--rates auto measures what the request-level server sustains: add engine to "
+                              "--servers, or give --rates R1,R2,...", 2)
+    if a.mix == "mixed" and "diffusers" in servers and not a.url:
+        raise ServeBenchError("--mix mixed sends full-guidance requests (4 UNet rows), which the diffusers baseline "
+                              "does not run: leave diffusers out of --servers", 2)
     return ServeConfig(preset=a.preset, concurrency=tuple(a.concurrency), requests=a.requests, steps=a.steps,
                        url=a.url, servers=servers, duration_s=a.duration_s, timeout_s=a.timeout_s,
-                       max_batch_rows=a.max_batch_rows, max_wait_ms=a.max_wait_ms)
+                       max_batch_rows=a.max_batch_rows, max_wait_ms=a.max_wait_ms, arrival=a.arrival, rates=rates,
+                       loads=tuple(a.loads), mix=a.mix, seed=a.seed)

@@ -1,4 +1,4 @@
-"""`python -m bench serve` on the CPU: three real servers under load, rows in the agreed format."""
+"""`python -m bench serve` on the CPU: four real servers under load, rows in the agreed format."""
 import json
 
 import pytest
@@ -8,7 +8,7 @@ from bench.__main__ import main
 KEYS = {"op", "provider", "metric", "unit", "x_name", "x", "p20", "p50", "p80", "device", "dtype", "git_sha", "config"}
 
 
-def test_serve_runs_three_servers_at_two_levels(tmp_path, capsys):
+def test_serve_runs_four_servers_at_two_levels(tmp_path, capsys):
     path = tmp_path / "serve.json"
     # --max-wait-ms 100 (default 10): the first two requests must meet in the batcher even on a busy machine;
     # once they share a call they come back together and stay in step
@@ -17,7 +17,7 @@ def test_serve_runs_three_servers_at_two_levels(tmp_path, capsys):
     rows = json.loads(path.read_text())
     assert rows and all(set(r) == KEYS for r in rows) and {r["op"] for r in rows} == {"serve"}
     by = {(r["provider"], r["metric"], r["x"]): r for r in rows}
-    for server in ("engine", "engine-single", "diffusers"):
+    for server in ("engine", "engine-step", "engine-single", "diffusers"):
         assert by[(server, "ready", "start")]["p50"] > 0
         for c in (1, 2):
             assert by[(server, "responses:200", c)]["p50"] == 4, (server, c)  # every request ended in 200 ...
@@ -32,9 +32,13 @@ def test_serve_runs_three_servers_at_two_levels(tmp_path, capsys):
     assert by[("engine", "batch_rows", 2)]["config"]["max"] > 2
     assert by[("engine-single", "batch_rows", 2)]["config"]["max"] == 2
     assert ("diffusers", "batch_rows", 2) not in by
+    assert by[("engine", "batch_rows", 2)]["config"]["per"] == "call"
+    assert by[("engine-step", "batch_rows", 2)]["config"]["per"] == "step"  # rows per UNet step
     assert by[("engine", "throughput_ratio:diffusers", 2)]["unit"] == "x"
+    assert by[("engine-step", "throughput_ratio:engine", 2)]["p50"] > 0
     out = capsys.readouterr().out
-    assert "engine / engine-single" in out and "start to ready" in out and "exited with code" not in out
+    assert "engine / engine-single" in out and "engine-step / engine" in out and "start to ready" in out
+    assert "exited with code" not in out
 
 
 @pytest.mark.parametrize("url", ["http://example.com:8000", "http://10.0.0.1:8000", "http://[::2]:8000",
