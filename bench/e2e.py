@@ -132,9 +132,11 @@ class EngineProvider:
         self.steps, self.scheduler = (cfg.few_steps, "lcm") if name == "engine-lcm" else (cfg.steps, cfg.scheduler)
         fast = fast_path(name, device, cfg)
         backend = "sdpa" if not fast.fused_attention else "auto" if name in ("engine", "engine-lcm") else "triton"
-        adapter = paths["adapter"] if cfg.adapters == 1 else [paths["adapter"]] * cfg.adapters
-        cls, extra = (EditPipeline, {}) if cfg.task == "edit" else \
-            (Pipeline, dict(image_encoder=paths["image_encoder"], adapter=adapter))
+        if cfg.task == "edit":  # InstructPix2Pix: no adapter
+            cls, extra = EditPipeline, {}
+        else:
+            adapter = paths["adapter"] if cfg.adapters == 1 else [paths["adapter"]] * cfg.adapters
+            cls, extra = Pipeline, dict(image_encoder=paths["image_encoder"], adapter=adapter)
         self.pipe = cls.from_pretrained(paths["model"], **extra, device=device, dtype=dtype,
                                         attention_backend=backend)
         if fast.fused_attention and not fast.fused_norms:
