@@ -372,6 +372,12 @@ class Pipeline(LoraMixin):
         from .stepping import start
         return start(self, **kwargs)
 
+    def start_many(self, **kwargs) -> list:
+        """Admit several requests of one step count, scheduler and size at once (per-request lists, as a call takes
+        them): one batch of text, image and projector work, then one flight per request."""
+        from .stepping import start_many
+        return start_many(self, **kwargs)
+
     def step(self, flights: list) -> None:
         from .stepping import Packer, step
         if getattr(self, "_packer", None) is None:
@@ -381,6 +387,11 @@ class Pipeline(LoraMixin):
     def finish(self, flight):
         from .stepping import finish
         return finish(self, flight)
+
+    def finish_many(self, flights: list) -> list:
+        """Finished flights' outputs, decoded in one VAE call per image size."""
+        from .stepping import finish_many
+        return finish_many(self, flights)
 
     def _generate(self, reqs: list, num_inference_steps, height, width, scheduler, output_type, max_size,
                   progress_callback, t_start, control=None):

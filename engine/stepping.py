@@ -17,6 +17,7 @@ never reach a result.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -63,6 +64,19 @@ def _call_defaults(pipe) -> dict:
 def start(pipe, **kwargs) -> Flight:
     """Admit one request (the keyword arguments of `Pipeline.__call__`, one value each): its step-invariant work
     runs now, once. -> a Flight at step 0."""
+    flights = _admit(pipe, kwargs, one=True)
+    return flights[0]
+
+
+def start_many(pipe, **kwargs) -> list[Flight]:
+    """Admit several requests of one step count, scheduler and image size at once (per-request lists, as
+    `Pipeline.__call__` takes them): their text, image, projector and K/V work runs as one batch, then each
+    request becomes its own flight (its rows, latents, guidance weights and a scheduler of its own), the same as
+    `start` would have made it alone. -> one Flight per request, in order."""
+    return _admit(pipe, kwargs, one=False)
+
+
+def _admit(pipe, kwargs: dict, one: bool) -> list[Flight]:
     if getattr(pipe, "EDIT", False) or not pipe.cross:
         raise EngineError("step-level batching runs text-to-image pipelines on the PyTorch backend (not editing, "
                           "not exported graphs)")
@@ -78,14 +92,60 @@ def start(pipe, **kwargs) -> Flight:
     if args["control_image"] is not None:
         raise EngineError("control_image was given but no ControlNet is loaded")
     reqs = pipe._requests(args)
-    if len(reqs) != 1:
-        raise EngineError(f"a flight is one request; got {len(reqs)} (give single values, not lists)")
+    if one and len(reqs) != 1:
+        raise EngineError(f"a flight is one request; got {len(reqs)} (give single values, not lists, or use "
+                          "start_many)")
     pipe.timings = {}
     t0 = time.perf_counter()
     prep = pipe._prepare(reqs, args["num_inference_steps"], args["height"], args["width"], args["scheduler"],
                          args["max_size"])
     timings = dict(pipe.timings, prepare_ms=(time.perf_counter() - t0) * 1e3)
-    return Flight(prep, prep.latents, args["output_type"], args["progress_callback"], timings=timings)
+    preps = [prep] if len(reqs) == 1 else _split(pipe, prep, reqs)
+    progress = args["progress_callback"]  # one for every flight, or a list of one per request
+    callbacks = list(progress) if isinstance(progress, (list, tuple)) else [progress] * len(preps)
+    if len(callbacks) != len(preps):
+        raise EngineError(f"{len(preps)} requests but {len(callbacks)} progress callbacks")
+    return [Flight(p, p.latents, args["output_type"], cb, timings=dict(timings)) for p, cb in zip(preps, callbacks)]
+
+
+def _rows(t, index):
+    # a per-row entry (tensor, tuple of them, or None) -> the rows at `index`
+    if isinstance(t, tuple):
+        return tuple(_rows(x, index) for x in t)
+    return None if t is None else t.index_select(0, index)
+
+
+def _split(pipe, prep, reqs) -> list:
+    """One request's share of a batch's `_prepare`: its UNet rows (text, K/V, scales, masks of every step's context,
+    the identity of repeated contexts kept), its latents, its block of the guidance weights, and a copy of the
+    scheduler with its own generator for ancestral steps."""
+    from types import SimpleNamespace
+
+    owner = torch.tensor(prep.plan["row_request"], device=prep.text_rows.device)
+    offsets = [0]
+    for req in reqs:
+        offsets.append(offsets[-1] + req.num_images)
+    out = []
+    for r, req in enumerate(reqs):
+        rows = (owner == r).nonzero().flatten()
+        lat = torch.arange(offsets[r], offsets[r + 1], device=prep.latents.device)
+        made: dict = {}
+
+        def context(c):
+            if id(c) not in made:
+                made[id(c)] = AdapterContext(kv={n: _rows(v, rows) for n, v in c.kv.items()},
+                                             scale={n: _rows(v, rows) for n, v in c.scale.items()},
+                                             mask={n: _rows(v, rows) for n, v in c.mask.items()})
+            return made[id(c)]
+        sched = copy.deepcopy(prep.sched)
+        out.append(SimpleNamespace(
+            height=prep.height, width=prep.width, plan=None, text_rows=prep.text_rows.index_select(0, rows),
+            control=None, sched=sched, total=prep.total, latents=prep.latents.index_select(0, lat),
+            latent_of_row=prep.latent_of_row.index_select(0, rows) - offsets[r],
+            weights=prep.weights.index_select(0, lat.to(prep.weights.device)).index_select(
+                1, rows.to(prep.weights.device)),
+            extra=pipe._step_kwargs(sched, [req]), contexts=[context(c) for c in prep.contexts]))
+    return out
 
 
 def _cat(parts):
@@ -189,12 +249,31 @@ def step(pipe, flights: list[Flight], packer: Packer | None = None) -> None:
 
 def finish(pipe, flight: Flight):
     """A finished flight's output: PIL images, or its latents with output_type="latent"."""
-    if not flight.done:
-        raise EngineError(f"the flight is at step {flight.index} of {flight.total}: not finished")
-    if flight.output_type == "latent":
-        return flight.latents
-    t0 = time.perf_counter()
-    images = pipe.decode(flight.latents)
-    flight.timings["vae_decode_ms"] = (time.perf_counter() - t0) * 1e3
-    flight.timings["total_ms"] = (time.perf_counter() - flight.started) * 1e3
-    return images
+    return finish_many(pipe, [flight])[0]
+
+
+def finish_many(pipe, flights: list[Flight]) -> list:
+    """Finished flights' outputs (as `finish`), their images decoded in one VAE call per image size."""
+    for f in flights:
+        if not f.done:
+            raise EngineError(f"the flight is at step {f.index} of {f.total}: not finished")
+    out: dict = {}
+    groups: dict = {}
+    for k, f in enumerate(flights):
+        if f.output_type == "latent":
+            out[k] = f.latents
+        else:
+            groups.setdefault(f.size, []).append(k)
+    for ks in groups.values():
+        t0 = time.perf_counter()
+        images = pipe.decode(torch.cat([flights[k].latents for k in ks]))
+        decode_ms = (time.perf_counter() - t0) * 1e3
+        at = 0
+        for k in ks:
+            n = flights[k].latents.shape[0]
+            out[k], at = images[at:at + n], at + n
+            flights[k].timings["vae_decode_ms"] = decode_ms
+    now = time.perf_counter()
+    for f in flights:
+        f.timings["total_ms"] = (now - f.started) * 1e3
+    return [out[k] for k in range(len(flights))]

@@ -36,10 +36,10 @@ def same_images(got, want):
         assert np.abs(np.asarray(g, int) - np.asarray(w, int)).max() <= 1
 
 
-def run_jobs(pipe, image, bodies, delays=None, deadlines=None, cancel_at=None, max_batch_rows=16):
+def run_jobs(pipe, image, bodies, delays=None, deadlines=None, cancel_at=None, max_batch_rows=16, runner=None):
     """Submit each body after its delay (s) to a StepBatcher over the real pipeline; cancel_at: {index: step} withdraws
     that job once its progress reaches the step. -> (outcomes: value or exception, jobs)."""
-    runner = PipelineRunner(pipe)
+    runner = runner or PipelineRunner(pipe)
 
     async def go():
         batcher = StepBatcher(runner, max_batch_rows=max_batch_rows)
@@ -149,3 +149,32 @@ def test_step_mode_refuses_what_it_does_not_run(tiny):
         pipe = EditPipeline.from_pretrained(edit["model"], device="cpu")
         with pytest.raises(RuntimeError, match="--batching step runs text-to-image"):
             InProcessServer(ServerConfig(batching="step"), pipe)
+
+
+class CountingRunner(PipelineRunner):
+    """Records each batched admission's size; `fail_many` makes batched admission fail (the one-by-one fallback)."""
+
+    def __init__(self, pipe, fail_many=False):
+        super().__init__(pipe)
+        self.many, self.fail_many = [], fail_many
+
+    def start_many(self, works, progress):
+        self.many.append(len(works))
+        if self.fail_many:
+            raise RuntimeError("batched admission broke")
+        return super().start_many(works, progress)
+
+
+SAME_KEY = [dict(BODIES[0], num_inference_steps=3, seed=s, scale=sc, guidance_mode=m)
+            for s, sc, m in ((31, 0.8, "simple"), (32, 0.4, "full"), (33, 1.0, "simple"))]
+
+
+@pytest.mark.parametrize("fail_many", [False, True], ids=["batched", "fallback"])
+def test_requests_of_one_key_are_admitted_together(step_pipe, cond_image, fail_many):
+    runner = CountingRunner(step_pipe, fail_many)
+    out, jobs = run_jobs(step_pipe, cond_image, SAME_KEY, runner=runner)
+    assert runner.many == [3]  # the three arrived together: one batched admission (failed: each alone, below)
+    for body, value in zip(SAME_KEY, out):
+        assert not isinstance(value, BaseException), value
+        same_images(value["images"], alone(step_pipe, cond_image, body))
+    assert max(j.batch_requests for j in jobs.values()) == 3

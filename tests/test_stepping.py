@@ -109,3 +109,58 @@ def test_bad_flights(instruct_pipe, cond_image):
         instruct_pipe.step([a, b])
     with pytest.raises(EngineError, match="not finished"):
         instruct_pipe.finish(a)
+
+
+def half_mask():
+    from PIL import Image
+    m = Image.new("L", (64, 64), 0)
+    m.paste(255, (0, 0, 32, 64))
+    return m
+
+
+# one step count and scheduler (what start_many batches), everything else per request: guidance modes, scales,
+# seeds through an ancestral scheduler, a step range and a regional mask
+TOGETHER = [
+    dict(prompt=PROMPT, instruct="use the style of this image", seed=11, scale=0.8),
+    dict(prompt="a blue boat", instruct="take the object", guidance_mode="full", seed=12, scale=0.5),
+    dict(prompt="a cat", instruct="use everything from this image", seed=13, scale=1.0, guidance_scale=4.0,
+         adapter_end=0.5, adapter_masks=half_mask()),
+]
+SHARED = dict(num_inference_steps=4, scheduler="euler_a", height=64, width=64)
+
+
+def test_admitted_together_equals_alone(instruct_pipe, cond_image):
+    wants = [alone(instruct_pipe, cond_image, dict(r, **SHARED)) for r in TOGETHER]
+    import inspect
+    defaults = {k: p.default for k, p in inspect.signature(type(instruct_pipe).__call__).parameters.items()}
+    lists = {k: [r.get(k, defaults[k]) for r in TOGETHER] for k in sorted({k for r in TOGETHER for k in r})}
+    flights = instruct_pipe.start_many(image=[cond_image] * 3, negative_prompt=NEGATIVE, output_type="latent",
+                                       **lists, **SHARED)
+    assert [f.rows for f in flights] == [2, 4, 2]
+    late = flight(instruct_pipe, cond_image, REQUESTS[3])  # one admitted alone joins the three at their second step
+    running = [flights[0], flights[1], flights[2]]
+    instruct_pipe.step(running)
+    running.append(late)
+    while running:
+        instruct_pipe.step(running)
+        running = [f for f in running if not f.done]
+    for i, (f, want) in enumerate(zip(flights, wants)):
+        torch.testing.assert_close(instruct_pipe.finish(f), want, atol=1e-4, rtol=1e-4,
+                                   msg=lambda m, i=i: f"request {i}: {m}")
+    want_late = alone(instruct_pipe, cond_image, REQUESTS[3])
+    torch.testing.assert_close(instruct_pipe.finish(late), want_late, atol=1e-4, rtol=1e-4)
+
+
+def test_finish_many_decodes_each_flight_as_alone(instruct_pipe, cond_image):
+    import numpy as np
+    reqs = [dict(prompt=PROMPT, seed=21, num_inference_steps=2), dict(prompt="a cat", seed=22, num_inference_steps=3)]
+    flights = [instruct_pipe.start(image=cond_image, instruct="use the style of this image", **r) for r in reqs]
+    while any(not f.done for f in flights):
+        instruct_pipe.step([f for f in flights if not f.done])
+    got = instruct_pipe.finish_many(flights)
+    for r, images in zip(reqs, got):
+        want = instruct_pipe(image=cond_image, instruct="use the style of this image", **r)
+        assert len(images) == 1
+        assert np.abs(np.asarray(images[0], int) - np.asarray(want[0], int)).max() <= 1
+    with pytest.raises(EngineError, match="not finished"):
+        instruct_pipe.finish_many([instruct_pipe.start(image=cond_image, instruct="x", prompt=PROMPT)])

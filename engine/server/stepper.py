@@ -4,12 +4,14 @@ batch at the next step instead of waiting for the whole batch to finish.
 Each turn of the loop, on the one worker thread:
 
     admit   queued requests, oldest first, while the rows in flight stay within --max-batch-rows: their text,
-            image, projector and K/V work runs now, once (Pipeline.start -> a flight)
+            image, projector and K/V work runs now, once, as one batch for those of one step count, scheduler
+            and size (Pipeline.start_many -> a flight each)
     drop    flights whose client went away or whose deadline passed (their rows are free at this step)
     step    every running flight one step: one UNet call per image size (Pipeline.step packs the rows; each flight
             keeps its own scheduler, timesteps, generator, guidance weights and scales)
-    decode  finished flights, one per turn while others still step (so a finishing request adds one VAE decode to
-            one step of the others, not to every step), all at once when nothing else runs
+    decode  finished flights in one VAE call, at most `decode_chunk` of them per turn while others still step (so
+            finishing requests add one bounded decode to one step of the others, not a decode each to every
+            step), all at once when nothing else runs
 
 Between turns the event loop answers finished requests and queues new ones. The request-level `Batcher` stays the
 default; this one shares its queue, bounds, draining and metrics observer.
@@ -33,10 +35,10 @@ class StepBatcher(Batcher):
     mid_flight = True  # withdraw() also works on a running request: it leaves at the next step
 
     def __init__(self, runner, max_batch_rows: int = 16, max_queue: int = 64, observer=None, executor=None,
-                 decode_per_step: int = 1):
+                 decode_chunk: int = 4):
         super().__init__(runner, max_batch_rows, 0.0, max_queue, observer=observer, executor=executor)
         self.runner = runner
-        self.decode_per_step = decode_per_step
+        self.decode_chunk = decode_chunk
         self.packers: dict = {}   # image size -> engine.stepping.Packer (the packed inputs of that size's set)
 
     def withdraw(self, job: Job) -> bool:
@@ -92,14 +94,7 @@ class StepBatcher(Batcher):
     # ---- on the worker thread ----------------------------------------------------------------------------
 
     def _turn(self, admitted: list[Job], running: list[Job]) -> list[tuple[Job, object]]:
-        outcomes = []
-        for job in admitted:
-            try:
-                job.flight = self.runner.start(job.payload, job.progress)
-                job.t_compute = time.perf_counter()
-            except Exception as e:  # a bad request fails alone, at admission
-                job.flight = None
-                outcomes.append((job, e))
+        outcomes = self._admit(admitted)
         now = time.monotonic()
         live = []
         for job in running:
@@ -122,8 +117,34 @@ class StepBatcher(Batcher):
         failed = {id(j) for j, _ in outcomes}
         finished = [j for j in live if j.flight.done and id(j) not in failed]
         still = any(not j.flight.done for j in live if id(j) not in failed)
-        for job in finished[:self.decode_per_step] if still else finished:
-            outcomes.append((job, self._finish(job)))
+        outcomes.extend(self._finish(finished[:self.decode_chunk] if still else finished))
+        return outcomes
+
+    def _admit(self, admitted: list[Job]) -> list[tuple[Job, object]]:
+        """Flights for the admitted jobs: one batched admission per key; a failed batch is retried one by one, so
+        a bad request fails alone."""
+        groups: dict = {}
+        for job in admitted:
+            job.flight = None
+            groups.setdefault(job.key, []).append(job)
+        outcomes = []
+        for jobs in groups.values():
+            if len(jobs) > 1:
+                try:
+                    flights = self.runner.start_many([j.payload for j in jobs], [j.progress for j in jobs])
+                    now = time.perf_counter()
+                    for job, flight in zip(jobs, flights):
+                        job.flight, job.t_compute = flight, now
+                    continue
+                except Exception as e:
+                    log.warning("admitting %d requests together failed (%s: %s); admitting them one at a time",
+                                len(jobs), type(e).__name__, e)
+            for job in jobs:
+                try:
+                    job.flight = self.runner.start(job.payload, job.progress)
+                    job.t_compute = time.perf_counter()
+                except Exception as e:
+                    outcomes.append((job, e))
         return outcomes
 
     def _step(self, size, jobs: list[Job]) -> list[tuple[Job, object]]:
@@ -152,14 +173,20 @@ class StepBatcher(Batcher):
                     out.append((job, one))
             return out
 
-    def _finish(self, job: Job):
+    def _finish(self, jobs: list[Job]) -> list[tuple[Job, object]]:
+        """Finished jobs' answers from one batched decode; if it fails, each is decoded alone (a failure is its own)."""
+        if not jobs:
+            return []
         t0 = time.perf_counter()
         try:
-            value = self.runner.finish(job.payload, job.flight)
+            values = self.runner.finish_many([j.payload for j in jobs], [j.flight for j in jobs])
         except Exception as e:
-            if self.observer is not None:
-                self.observer.batch([job], time.perf_counter() - t0, False)
-            return e
+            if len(jobs) == 1:
+                if self.observer is not None:
+                    self.observer.batch(jobs, time.perf_counter() - t0, False)
+                return [(jobs[0], e)]
+            return [out for job in jobs for out in self._finish([job])]
         if self.observer is not None:
-            self.observer.batch([job], time.perf_counter() - job.t_compute, True)
-        return value
+            for job in jobs:
+                self.observer.batch([job], time.perf_counter() - job.t_compute, True)
+        return list(zip(jobs, values))

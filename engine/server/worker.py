@@ -117,15 +117,26 @@ class PipelineRunner:
     def start(self, work: Work, progress=None):
         return self.pipe.start(**self._kwargs([work], progress))
 
+    def start_many(self, works: list[Work], progress: list) -> list:
+        """Requests of one key admitted together: one batch of their encoder and projector work -> a flight each."""
+        return self.pipe.start_many(**self._kwargs(works, list(progress)))
+
     def step(self, flights: list, packer) -> None:
         from ..stepping import step
         step(self.pipe, flights, packer)
 
     def finish(self, work: Work, flight) -> dict:
-        images = self.pipe.finish(flight)
-        stages = {k: round(v, 3) for k, v in flight.timings.items() if k in STAGES or k == "prepare_ms"}
-        stages["compute_ms"] = (time.perf_counter() - flight.started) * 1e3
-        return {"images": images, "timings": stages}
+        return self.finish_many([work], [flight])[0]
+
+    def finish_many(self, works: list[Work], flights: list) -> list[dict]:
+        """Finished flights decoded in one VAE call -> per request {"images": [PIL], "timings": {...}}."""
+        outputs = self.pipe.finish_many(flights)
+        now, out = time.perf_counter(), []
+        for images, flight in zip(outputs, flights):
+            stages = {k: round(v, 3) for k, v in flight.timings.items() if k in STAGES or k == "prepare_ms"}
+            stages["compute_ms"] = (now - flight.started) * 1e3
+            out.append({"images": images, "timings": stages})
+        return out
 
     def _kwargs(self, works: list[Work], progress=None) -> dict:
         first = works[0].req
