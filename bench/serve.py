@@ -168,6 +168,7 @@ class Level:
     ok: int = 0
     images: int = 0
     statuses: dict = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
+    planned: int | None = None        # requests the level meant to send (None: as many as fit its time)
     latency_ms: list = field(default_factory=list)
     queue_ms: list = field(default_factory=list)
     compute_ms: list = field(default_factory=list)
@@ -250,7 +251,7 @@ async def sample_rss(pid: int | None, level: Level, t0: float, stop: asyncio.Eve
 async def run_level(server: str, url: str, c: int, cfg: ServeConfig, image_b64: str, pid: int | None,
                     n: int | None, duration_s: float) -> Level:
     """C workers send `n` requests in all (None: as many as fit) until done or `duration_s` has passed."""
-    level, counter = Level(server, c), itertools.count()
+    level, counter = Level(server, c, planned=n), itertools.count()
 
     async def worker(client, end: float) -> None:
         while time.perf_counter() < end:
@@ -304,10 +305,7 @@ def run_serve(cfg: ServeConfig, paths: dict | None, log=print) -> tuple[list[Row
     soak = cfg.duration_s is not None
     names = ("url",) if cfg.url else ("engine",) if soak else cfg.servers
     if cfg.arrival == "poisson":
-        from .serve_open import OpenLoop
-        plan = OpenLoop(cfg, image, log)
-        if not cfg.rates and "engine" in names:  # `--rates auto` measures the request-level server: first
-            names = ("engine", *(n for n in names if n != "engine"))
+        return run_open(cfg, paths, names, image, log)
     for name in names:
         server = None if cfg.url else ServerProcess(name, server_argv(name, paths, cfg))
         url, pid = cfg.url, None
@@ -316,13 +314,7 @@ def run_serve(cfg: ServeConfig, paths: dict | None, log=print) -> tuple[list[Row
                 url, pid = server.wait_ready(), server.proc.pid
                 ready[name] = server.ready_s
                 log(f"{name}: ready {server.ready_s:.1f} s after the process started ({url})")
-            warm = asyncio.run(run_level(name, url, 1, cfg, image, None, 1, cfg.timeout_s))
-            if warm.ok != 1:
-                raise ServeBenchError(f"server {name}: the warm-up request failed: {status_line(warm)}")
-            log(f"{name}: warm-up request {warm.latency_ms[0]:.0f} ms (not counted)")
-            if cfg.arrival == "poisson":
-                levels.extend(plan.run(name, url, pid))
-                continue
+            warm_up(name, url, cfg, image, log)
             for c in ([max(cfg.concurrency)] if soak else cfg.concurrency):
                 n, limit = (None, cfg.duration_s) if soak else (cfg.requests, LEVEL_LIMIT_S)
                 lv = asyncio.run(run_level(name, url, c, cfg, image, pid, n, limit))
@@ -334,11 +326,58 @@ def run_serve(cfg: ServeConfig, paths: dict | None, log=print) -> tuple[list[Row
             raise ServeBenchError(f"server {name} at {url}: {type(e).__name__}: {e}") from None
         finally:
             if server is not None:
-                rc = server.stop()
-                if rc != 0 and server.url:  # (one that never got ready said why already)
-                    log(f"{name}: exited with code {rc} after SIGTERM (expected 0)")
-    from .serve_report import open_report, report
-    return (open_report if cfg.arrival == "poisson" else report)(cfg, levels, ready)
+                stop_server(name, server, log)
+    from .serve_report import report
+    return report(cfg, levels, ready)
+
+
+def warm_up(name: str, url: str, cfg: ServeConfig, image: str, log) -> None:
+    warm = asyncio.run(run_level(name, url, 1, cfg, image, None, 1, cfg.timeout_s))
+    if warm.ok != 1:
+        raise ServeBenchError(f"server {name}: the warm-up request failed: {status_line(warm)}")
+    log(f"{name}: warm-up request {warm.latency_ms[0]:.0f} ms (not counted)")
+
+
+def stop_server(name: str, server: ServerProcess, log) -> None:
+    rc = server.stop()
+    if rc != 0 and server.url:  # (one that never got ready said why already)
+        log(f"{name}: exited with code {rc} after SIGTERM (expected 0)")
+
+
+def run_open(cfg: ServeConfig, paths: dict | None, names: tuple, image: str, log) -> tuple[list[Row], str]:
+    """`--arrival poisson`: every server started and warmed up first (an idle one takes no CPU), then the rates in
+    turn, each on every server (serve_open.OpenLoop.run_all)."""
+    import httpx
+
+    from .serve_open import OpenLoop
+    from .serve_report import open_report
+
+    ready: dict[str, float] = {}
+    procs: dict[str, ServerProcess] = {}
+    up: dict[str, tuple[str, int | None]] = {}
+    name = names[0]
+    try:
+        for name in names:
+            if cfg.url:
+                up[name] = (cfg.url, None)
+            else:
+                procs[name] = ServerProcess(name, server_argv(name, paths, cfg))
+        for name, server in procs.items():
+            up[name] = (server.wait_ready(), server.proc.pid)
+            ready[name] = server.ready_s
+            log(f"{name}: ready {server.ready_s:.1f} s after the process started ({up[name][0]})")
+        for name, (url, _) in up.items():
+            warm_up(name, url, cfg, image, log)
+        levels = OpenLoop(cfg, image, log).run_all(up)
+    except httpx.TransportError as e:
+        raise ServeBenchError(f"server {name} at {up.get(name, (cfg.url,))[0]}: {type(e).__name__}: {e}") from None
+    finally:
+        for name, server in procs.items():
+            if server.url is None:
+                server.stop(kill=True)
+            else:
+                stop_server(name, server, log)
+    return open_report(cfg, levels, ready)
 
 
 def status_line(lv: Level) -> str:
@@ -347,7 +386,7 @@ def status_line(lv: Level) -> str:
 
 def lost(cfg: ServeConfig, lv: Level) -> int:
     """Requests that did not end in 200: answered otherwise, or never sent (the level's time bound)."""
-    return (lv.sent if cfg.duration_s is not None else cfg.requests) - lv.ok
+    return (lv.sent if lv.planned is None else lv.planned) - lv.ok
 
 
 def serve_main(a) -> int:

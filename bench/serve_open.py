@@ -37,7 +37,7 @@ async def run_open_level(server: str, url: str, rate: float, seed: int, cfg: Ser
                          pid: int | None) -> Level:
     """Request i of `cfg.requests` arrives at arrival_times(rate, n, seed)[i] and is sent then, on its own
     connection if need be; those due after LEVEL_LIMIT_S are not sent (lost)."""
-    level = Level(server, None, rate=rate)
+    level = Level(server, None, rate=rate, planned=cfg.requests)
     times = [t for t in arrival_times(rate, cfg.requests, seed) if t < LEVEL_LIMIT_S]
     level.arrived = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None
 
@@ -55,34 +55,48 @@ async def run_open_level(server: str, url: str, rate: float, seed: int, cfg: Ser
 
 
 class OpenLoop:
-    """The open-loop levels of every server at the same rates: given (`--rates`), or measured on the first
-    server that runs (`--rates auto`: its closed-loop capacity times `--loads`)."""
+    """The open-loop levels of every server at the same rates: given (`--rates`), or measured on the request-level
+    server (`--rates auto`: its closed-loop capacity times `--loads`). Rate by rate, every server in turn
+    (`run_all`), so a drift in the machine's speed during the run falls on every server alike."""
 
     def __init__(self, cfg: ServeConfig, image_b64: str, log=print):
         self.cfg, self.image, self.log = cfg, image_b64, log
         self.rates: tuple[float, ...] = cfg.rates
         self.loads: tuple[float | None, ...] = (None,) * len(cfg.rates)
 
-    def run(self, name: str, url: str, pid: int | None) -> list[Level]:
-        cfg, out = self.cfg, []
+    def capacity(self, name: str, url: str, pid: int | None) -> Level:
+        """`--rates auto`: `name`'s closed-loop throughput with as many workers as fill one call; sets the rates."""
+        cfg = self.cfg
+        c = max(1, cfg.max_batch_rows // 2)  # simple-guidance requests that fill one call
+        cap = asyncio.run(run_level(name, url, c, cfg, self.image, pid, CAPACITY_ROUNDS * c, LEVEL_LIMIT_S))
+        capacity = cap.images / cap.wall_s
+        if not capacity:
+            raise ServeBenchError(f"--rates auto: {name} answered none of its capacity requests: {status_line(cap)}")
+        self.rates = tuple(float(f"{f * capacity:.3g}") for f in cfg.loads)
+        self.loads = cfg.loads
+        self.log(f"{name}: capacity {capacity:.3g} images/s (closed loop, concurrency {c}, {status_line(cap)}); "
+                 f"rates {', '.join(f'{r:g}' for r in self.rates)} requests/s "
+                 f"({', '.join(f'{f:g}x' for f in cfg.loads)})")
+        return cap
+
+    def level(self, k: int, name: str, url: str, pid: int | None) -> Level:
+        """`name` at the k-th rate: the k-th seeded arrival times (the same for every server)."""
+        cfg, rate = self.cfg, self.rates[k]
+        lv = asyncio.run(run_open_level(name, url, rate, cfg.seed + k, cfg, self.image, pid))
+        lv.load = self.loads[k]
+        if lv.sent < cfg.requests:
+            self.log(f"{name}: rate {rate:g}/s: {lv.sent} of {cfg.requests} arrived within {LEVEL_LIMIT_S:.0f} s")
+        self.log(f"{name}: rate {rate:g}/s: {lv.images / lv.wall_s:.3g} images/s, {status_line(lv)}")
+        return lv
+
+    def run_all(self, servers: dict) -> list[Level]:
+        """servers: name -> (url, pid), all up. The capacity first (`--rates auto`: on `engine`, else the first),
+        then each rate on each server in turn."""
+        out = []
         if not self.rates:
-            c = max(1, cfg.max_batch_rows // 2)  # simple-guidance requests that fill one call
-            cap = asyncio.run(run_level(name, url, c, cfg, self.image, pid, CAPACITY_ROUNDS * c, LEVEL_LIMIT_S))
-            capacity = cap.images / cap.wall_s
-            if not capacity:
-                raise ServeBenchError(f"--rates auto: {name} answered none of its capacity requests: "
-                                      f"{status_line(cap)}")
-            self.rates = tuple(float(f"{f * capacity:.3g}") for f in cfg.loads)
-            self.loads = cfg.loads
-            self.log(f"{name}: capacity {capacity:.3g} images/s (closed loop, concurrency {c}, {status_line(cap)}); "
-                     f"rates {', '.join(f'{r:g}' for r in self.rates)} requests/s "
-                     f"({', '.join(f'{f:g}x' for f in cfg.loads)})")
-            out.append(cap)
-        for k, (rate, load) in enumerate(zip(self.rates, self.loads)):
-            lv = asyncio.run(run_open_level(name, url, rate, cfg.seed + k, cfg, self.image, pid))
-            lv.load = load
-            if lv.sent < cfg.requests:
-                self.log(f"{name}: rate {rate:g}/s: {lv.sent} of {cfg.requests} arrived within {LEVEL_LIMIT_S:.0f} s")
-            self.log(f"{name}: rate {rate:g}/s: {lv.images / lv.wall_s:.3g} images/s, {status_line(lv)}")
-            out.append(lv)
+            first = "engine" if "engine" in servers else next(iter(servers))
+            out.append(self.capacity(first, *servers[first]))
+        for k in range(len(self.rates)):
+            for name, (url, pid) in servers.items():
+                out.append(self.level(k, name, url, pid))
         return out

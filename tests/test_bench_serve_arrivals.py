@@ -73,6 +73,8 @@ def test_poisson_arrivals_on_request_and_step_batching(tmp_path, capsys):
     by = {(r["provider"], r["metric"], r["x"]): r for r in rows}
     capacity = [r for r in rows if r["metric"] == "capacity"]
     assert len(capacity) == 1 and capacity[0]["provider"] == "engine" and capacity[0]["p50"] > 0
+    # the capacity level sends its own count (workers x rounds), all answered: none lost
+    assert capacity[0]["config"]["sent"] == capacity[0]["config"]["ok"] and capacity[0]["config"]["lost"] == 0
     rates = capacity[0]["config"]["rates"]
     assert rates == pytest.approx([0.25 * capacity[0]["p50"], 0.5 * capacity[0]["p50"]], rel=0.01)
     for server in ("engine", "engine-step"):
