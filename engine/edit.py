@@ -183,7 +183,7 @@ class EditPipeline(Pipeline):
         slot = {key: i for i, key in enumerate(unique)}
         return latents[[slot[id(r.photo)] for r in reqs]]
 
-    def _unet_step(self, x, t, text_rows, ctx, control=None) -> torch.Tensor:
+    def _unet_step(self, x, t, text_rows, ctx, control=None, added=None) -> torch.Tensor:
         return super()._unet_step(torch.cat([x, ctx.image_rows.to(x.dtype)], dim=1), t, text_rows, ctx.adapter)
 
 

@@ -217,7 +217,7 @@ class ExportedPipeline(Pipeline):
         return text_rows.index_select(0, index), dict(ip=ip_rows.index_select(0, index.to(ip_rows.device)),
                                                       scale=scale)
 
-    def _unet_step(self, x, t, text_rows, ctx, control=None) -> torch.Tensor:
+    def _unet_step(self, x, t, text_rows, ctx, control=None, added=None) -> torch.Tensor:
         timestep = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
         return self.graphs["unet"](sample=x, timestep=timestep, encoder_hidden_states=text_rows,
                                    ip_tokens=ctx["ip"], ip_scale=ctx["scale"], **self._residual_feeds(x, control))

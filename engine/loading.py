@@ -141,7 +141,7 @@ def load_base(model, dtype: torch.dtype, config=None):
         missing = [p for p in BASE_PARTS if not os.path.isdir(os.path.join(src, p))]
         if missing:
             raise EngineError(f"base model {src} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}/")
-    return {
+    parts = {
         "unet": _load(f"UNet from {src}", UNet2DConditionModel.from_pretrained, src, subfolder="unet", torch_dtype=dtype),
         "vae": _load(f"VAE from {src}", AutoencoderKL.from_pretrained, src, subfolder="vae", torch_dtype=dtype),
         "text_encoder": _load(f"text encoder from {src}", CLIPTextModel.from_pretrained, src,
@@ -149,6 +149,21 @@ def load_base(model, dtype: torch.dtype, config=None):
         "tokenizer": _load(f"tokenizer from {src}", CLIPTokenizer.from_pretrained, src, subfolder="tokenizer"),
         "scheduler": _scheduler(src),
     }
+    if is_sdxl_folder(src):  # SDXL: the second text encoder (with its pooled projection) and its tokenizer
+        from transformers import CLIPTextModelWithProjection
+        parts["text_encoder_2"] = _load(f"second text encoder from {src}", CLIPTextModelWithProjection.from_pretrained,
+                                        src, subfolder="text_encoder_2", torch_dtype=dtype)
+        parts["tokenizer_2"] = _load(f"second tokenizer from {src}", CLIPTokenizer.from_pretrained, src,
+                                     subfolder="tokenizer_2")
+    elif parts["unet"].config.get("addition_embed_type") == "text_time":
+        raise EngineError(f"base model {src} has an SDXL UNet (added text/time conditioning) but no text_encoder_2/ "
+                          "and tokenizer_2/: an SDXL model is a diffusers StableDiffusionXLPipeline folder")
+    return parts
+
+
+def is_sdxl_folder(src) -> bool:
+    """Whether a local diffusers folder is an SDXL one (a second text encoder and tokenizer beside the first)."""
+    return all(os.path.isdir(os.path.join(src, p)) for p in ("text_encoder_2", "tokenizer_2"))
 
 
 def _scheduler(src: str):

@@ -178,6 +178,15 @@ class Pipeline(LoraMixin):
                     raise EngineError(f"adapter file not found: {os.fspath(f)}")
             resolve(image_encoder, "image encoder")
         parts = load_base(model, dtype, config=config)
+        if "text_encoder_2" in parts:  # an SDXL folder: engine/sdxl.py
+            from .sdxl import SDXLPipeline
+            if cls.EDIT or (cls is not Pipeline and not issubclass(cls, SDXLPipeline)):
+                raise EngineError(f"{os.fspath(model)} is an SDXL model; {cls.__name__} runs SD1.5-layout models")
+            if controlnet is not None:
+                raise EngineError("ControlNet with SDXL is not built yet: drop controlnet= for an SDXL model")
+            cls = SDXLPipeline
+        elif issubclass(cls, Pipeline) and getattr(cls, "SDXL", False):
+            raise EngineError(f"{os.fspath(model)} is not an SDXL folder (no text_encoder_2/ and tokenizer_2/)")
         encoder = processor = None
         loaded = []
         if files:
@@ -190,6 +199,10 @@ class Pipeline(LoraMixin):
                 raise EngineError(f"adapter {os.fspath(f)} expects {one.projector.config.image_dim}-wide image tokens "
                                   f"but the image encoder makes {width}-wide ones")
             text_dim = one.projector.config.text_dim
+            if getattr(cls, "SDXL", False) and one.kind != "plus":
+                what = "IPAdapter-Instruct" if one.kind == "instruct" else "a plain IP-Adapter"
+                raise EngineError(f"adapter {os.fspath(f)} is {what}: on SDXL only IP-Adapter+ runs yet "
+                                  "(IPAdapter-Instruct SDXL is not built)")
             if text_dim is not None and text_dim != parts["text_encoder"].config.hidden_size:
                 raise EngineError(f"adapter {os.fspath(f)} expects {text_dim}-wide instruction tokens but the text "
                                   f"encoder makes {parts['text_encoder'].config.hidden_size}-wide ones")
@@ -413,7 +426,7 @@ class Pipeline(LoraMixin):
                         res = residuals(self.controlnets, p.control, x, t, p.text_rows, step - 1, total,
                                         control["guess_mode"])
                 with torch.profiler.record_function("engine::unet_step"):
-                    eps_rows = self._unet_step(x, t, p.text_rows, ctx, res)
+                    eps_rows = self._unet_step(x, t, p.text_rows, ctx, res, p.added)
                 eps = (p.weights @ eps_rows.flatten(1).float()).view(latents.shape).to(latents.dtype)
                 latents = sched.step(eps, t, latents, **p.extra, return_dict=False)[0]
                 if progress_callback is not None:
@@ -466,7 +479,8 @@ class Pipeline(LoraMixin):
         sched.set_timesteps(num_inference_steps, device=self.device)  # before the latents: sets init_noise_sigma
         total = len(sched.timesteps)
         return SimpleNamespace(
-            height=height, width=width, plan=plan, text_rows=text_rows, control=state, sched=sched, total=total,
+            height=height, width=width, plan=plan, text_rows=text_rows, control=state, added=None, sched=sched,
+            total=total,
             latents=self._latents(reqs, sched, height, width), latent_of_row=plan["latent_of_row"].to(self.device),
             weights=plan["weights"].to(self.device), extra=self._step_kwargs(sched, reqs),
             contexts=self._step_contexts(ctx, reqs, plan, total))
@@ -488,12 +502,15 @@ class Pipeline(LoraMixin):
         ctx = AdapterContext(kv={n: rows(kvs) for n, kvs in kv.items()}, scale=self._scales(reqs, plan))
         return text_rows.index_select(0, index), ctx
 
-    def _unet_step(self, x, t, text_rows, ctx, control=None) -> torch.Tensor:
-        # x: (rows, C, h, w) -> noise prediction per row; control: ControlNet (down, mid) residuals or None
+    def _unet_step(self, x, t, text_rows, ctx, control=None, added=None) -> torch.Tensor:
+        # x: (rows, C, h, w) -> noise prediction per row; control: ControlNet (down, mid) residuals or None;
+        # added: SDXL's added conditioning per row ({"text_embeds", "time_ids"}) or None
         if self._static is not None:  # CUDA graphs: static buffers (the residuals among them), replayed
             return self._static(x, t, text_rows, ctx, control)
         extra = {} if control is None else dict(down_block_additional_residuals=control[0],
                                                 mid_block_additional_residual=control[1])
+        if added is not None:
+            extra["added_cond_kwargs"] = added
         return self.unet(x, t, encoder_hidden_states=text_rows, return_dict=False,
                          cross_attention_kwargs={"adapter": ctx}, **extra)[0]
 

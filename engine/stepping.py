@@ -82,6 +82,8 @@ def _admit(pipe, kwargs: dict, one: bool) -> list[Flight]:
                           "not exported graphs)")
     if pipe.controlnets:
         raise EngineError("step-level batching runs without ControlNet (use request-level batching for it)")
+    if getattr(pipe, "SDXL", False):
+        raise EngineError("step-level batching does not run SDXL yet (use request-level batching for it)")
     args = _call_defaults(pipe)
     unknown = sorted(set(kwargs) - set(args))
     if unknown:
@@ -140,7 +142,7 @@ def _split(pipe, prep, reqs) -> list:
         sched = copy.deepcopy(prep.sched)
         out.append(SimpleNamespace(
             height=prep.height, width=prep.width, plan=None, text_rows=prep.text_rows.index_select(0, rows),
-            control=None, sched=sched, total=prep.total, latents=prep.latents.index_select(0, lat),
+            control=None, added=None, sched=sched, total=prep.total, latents=prep.latents.index_select(0, lat),
             latent_of_row=prep.latent_of_row.index_select(0, rows) - offsets[r],
             weights=prep.weights.index_select(0, lat.to(prep.weights.device)).index_select(
                 1, rows.to(prep.weights.device)),

@@ -92,6 +92,57 @@ def sd_pipeline(unet, vae, text, tok):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+def tiny_sdxl_base(folder: str) -> None:
+    """The tiny SDXL-layout model: two text encoders (CLIP-L-like, and a CLIPTextModelWithProjection whose pooled
+    projection feeds the added conditioning), a UNet with `text_time` added conditioning (6 time ids) and
+    cross-attention width = both encoders' widths side by side, SDXL's Euler scheduler config and VAE scaling
+    factor, as diffusers' StableDiffusionXLPipeline saves them."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = tiny_tokenizer(tmp)
+        tok2 = tiny_tokenizer(tmp)
+    text_cfg = dict(vocab_size=len(tok), hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    text = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    text2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg, projection_dim=TEXT_DIM))
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+        cross_attention_dim=2 * TEXT_DIM, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + TEXT_DIM, norm_num_groups=8)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, sample_size=64,
+        scaling_factor=0.13025)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
+                                       interpolation_type="linear", prediction_type="epsilon")
+    StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=tok, tokenizer_2=tok2,
+                              unet=unet, scheduler=scheduler).save_pretrained(folder)
+
+
+def make_tiny_sdxl(folder: str, seed: int = 0) -> dict[str, str]:
+    """Tiny SDXL weights under `folder` (atomically): model/ (a diffusers SDXL folder), image_encoder/ and
+    plus.safetensors (an IP-Adapter+ SDXL checkpoint in the two-key layout, its ip_adapter indices in the SDXL
+    UNet's attn_processors order). -> {"model", "image_encoder", "adapter"}."""
+    from diffusers import UNet2DConditionModel
+
+    folder = os.path.abspath(folder)
+    with atomic_folder(folder) as tmp:
+        torch.manual_seed(seed)
+        tiny_sdxl_base(os.path.join(tmp, "model"))
+        tiny_image_encoder(os.path.join(tmp, "image_encoder"))
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(tmp, "model"), subfolder="unet")
+        tiny_adapter(os.path.join(tmp, "plus.safetensors"), unet, kind="plus")
+    return {"model": os.path.join(folder, "model"), "image_encoder": os.path.join(folder, "image_encoder"),
+            "adapter": os.path.join(folder, "plus.safetensors")}
+
+
 def tiny_image_encoder(folder: str) -> None:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 

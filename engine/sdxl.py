@@ -1,0 +1,104 @@
+"""`engine.sdxl.SDXLPipeline`: IP-Adapter+ on Stable Diffusion XL, through the same batched call as SD1.5.
+
+`Pipeline.from_pretrained(sdxl_folder, image_encoder=..., adapter="ip-adapter-plus_sdxl_vit-h.safetensors")`
+returns one (a diffusers StableDiffusionXLPipeline folder: text_encoder_2/ and tokenizer_2/ beside the rest).
+What differs from SD1.5, as diffusers' StableDiffusionXLPipeline computes it:
+  - text tokens: both encoders' penultimate hidden states side by side (768 + 1280 = 2048 wide in SDXL);
+  - added conditioning per UNet row: the second encoder's pooled projection of that row's text ("text_embeds")
+    and six time ids, original_size + crops_coords_top_left + target_size ("time_ids"; the sizes default to
+    the output size, the crop to (0, 0), the same for the unconditional rows, as diffusers does without
+    negative_original_size);
+  - the negative prompt is encoded like the prompt. diffusers' zeros for a negative prompt of None
+    (force_zeros_for_empty_prompt) have no counterpart: the engine's negative prompt is always a string.
+Everything else is the SD1.5 path: per-row adapter K/V and scales, the fused decoupled attention, one UNet batch
+for every request's guidance rows.
+
+Not built yet for SDXL (each refused with one line): IPAdapter-Instruct SDXL and plain IP-Adapter, ControlNet,
+LoRA, step-level batching, CUDA graphs, the ONNX/TensorRT export.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import EngineError
+from .pipeline import Pipeline
+
+
+class SDXLPipeline(Pipeline):
+    SDXL = True
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, tokenizer_2=None,
+                 **kwargs):
+        if text_encoder_2 is None or tokenizer_2 is None:
+            raise EngineError("an SDXL pipeline needs text_encoder_2 and tokenizer_2 (an SDXL diffusers folder)")
+        if kwargs.get("controlnets"):
+            raise EngineError("ControlNet with SDXL is not built yet")
+        super().__init__(unet, vae, text_encoder, tokenizer, scheduler, **kwargs)
+        for a in self.adapters:
+            if a.kind != "plus":
+                raise EngineError(f"a {a.kind} adapter on SDXL is not built yet: on SDXL only IP-Adapter+ runs")
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        text_encoder_2.to(self.device, self.dtype).eval().requires_grad_(False)
+        time_dim = unet.config.addition_time_embed_dim
+        pooled = text_encoder_2.config.projection_dim
+        want = unet.add_embedding.linear_1.in_features
+        if time_dim is None or 6 * time_dim + pooled != want:
+            raise EngineError(f"the SDXL UNet's added conditioning takes {want} values per row, but 6 time ids x "
+                              f"{time_dim} + the second text encoder's {pooled}-wide pooled projection make "
+                              f"{6 * (time_dim or 0) + pooled}: the UNet and text_encoder_2 are not one model")
+        self._size_cond = (None, (0, 0), None)
+        self._pooled: dict = {}
+
+    # ---- what differs from SD1.5 ----------------------------------------------------------------------
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """-> (N, 77, width 1 + width 2): both encoders' penultimate hidden states side by side; each text's pooled
+        projection (the second encoder's) is kept for the added conditioning."""
+        hidden, pooled = [], None
+        for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            out = enc(ids.to(self.device), output_hidden_states=True)
+            if out[0].ndim == 2:  # the projection model's text_embeds (diffusers: the last encoder's)
+                pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+        self._pooled.update(zip(texts, pooled.to(self.dtype)))
+        return torch.cat(hidden, dim=-1).to(self.dtype)
+
+    @torch.inference_mode()
+    def __call__(self, *args, original_size=None, target_size=None, crops_coords_top_left=(0, 0), **kwargs):
+        """`Pipeline.__call__`, plus SDXL's size conditioning: `original_size` and `target_size` as (height, width)
+        (default: the output size) and `crops_coords_top_left` as (top, left), as diffusers takes them."""
+        for name, value in (("original_size", original_size), ("target_size", target_size),
+                            ("crops_coords_top_left", crops_coords_top_left)):
+            if value is not None and (not isinstance(value, (tuple, list)) or len(value) != 2
+                                      or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+                raise EngineError(f"{name} must be two integers, got {value!r}")
+        self._size_cond = (original_size, tuple(crops_coords_top_left), target_size)
+        return super().__call__(*args, **kwargs)
+
+    def _prepare(self, reqs, num_inference_steps, height, width, scheduler, max_size, control=None):
+        self._pooled = {}
+        p = super()._prepare(reqs, num_inference_steps, height, width, scheduler, max_size, control)
+        texts = p.plan["text"]  # one per branch row
+        missing = sorted({t for t in texts if t not in self._pooled})
+        if missing:  # encode_text was answered from elsewhere (a cache wrapping it): the pooled ones now
+            self.encode_text(missing)
+        branch = p.plan["branch_of_row"].to(self.device)
+        pooled = torch.stack([self._pooled[t] for t in texts]).index_select(0, branch)
+        original, crop, target = self._size_cond
+        size = (p.height, p.width)
+        ids = list(original or size) + list(crop) + list(target or size)
+        time_ids = torch.tensor([ids], device=self.device, dtype=self.dtype).expand(pooled.shape[0], 6)
+        p.added = {"text_embeds": pooled, "time_ids": time_ids}
+        return p
+
+    # ---- refused until built ----------------------------------------------------------------------------
+
+    def enable_cuda_graphs(self, enabled: bool = True) -> None:
+        if enabled:
+            raise EngineError("CUDA graphs for SDXL (the added conditioning in the static buffers) are not built yet")
+        super().enable_cuda_graphs(False)
+
+    def load_lora_weights(self, *args, **kwargs):
+        raise EngineError("LoRA on SDXL is not built yet (SD1.5-layout LoRAs only)")

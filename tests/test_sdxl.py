@@ -1,0 +1,178 @@
+"""IP-Adapter+ on SDXL (engine/sdxl.py) against diffusers' StableDiffusionXLPipeline + load_ip_adapter on tiny random
+SDXL weights (two text encoders, `text_time` added conditioning, the adapter in the two-key layout): latents
+within 1e-4 and PNGs within one grey level, for two schedulers, size conditioning and a per-block scale dict; scale
+0 equals the SDXL base bitwise; a batch equals each request alone; what is not built for SDXL is one line. And the
+layout at full size: a meta-device UNet from SDXL's public config has 70 cross-attention layers at odd
+attn_processors indices, which the adapter's keys follow."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.errors import EngineError
+
+STEPS = 4
+NEG = "blurry, low quality"
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    from engine.tiny import make_tiny_sdxl
+    return make_tiny_sdxl(str(tmp_path_factory.mktemp("sdxl") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def pipe(sdxl):
+    from engine import Pipeline
+    p = Pipeline.from_pretrained(sdxl["model"], image_encoder=sdxl["image_encoder"], adapter=sdxl["adapter"],
+                                 device="cpu")
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def reference(sdxl):
+    import os
+
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPVisionModelWithProjection
+
+    from engine.loading import _image_processor_class
+    d = StableDiffusionXLPipeline.from_pretrained(
+        sdxl["model"], image_encoder=CLIPVisionModelWithProjection.from_pretrained(sdxl["image_encoder"]),
+        feature_extractor=_image_processor_class().from_pretrained(sdxl["image_encoder"]))
+    d.load_ip_adapter(os.path.dirname(sdxl["adapter"]), subfolder="", weight_name=os.path.basename(sdxl["adapter"]),
+                      image_encoder_folder=None)
+    d.set_progress_bar_config(disable=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def image():
+    return Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8"))
+
+
+def theirs(d, image, scale=0.7, seed=3, prompt="a cat", output_type="latent", **kw):
+    d.set_ip_adapter_scale(scale)
+    return d(prompt, negative_prompt=NEG, ip_adapter_image=image, guidance_scale=6.0, num_inference_steps=STEPS,
+             generator=torch.Generator("cpu").manual_seed(seed), output_type=output_type, **kw).images
+
+
+def ours(p, image, scale=0.7, seed=3, prompt="a cat", output_type="latent", **kw):
+    return p(prompt, image, negative_prompt=NEG, scale=scale, guidance_scale=6.0, num_inference_steps=STEPS,
+             seed=seed, output_type=output_type, **kw)
+
+
+def test_an_sdxl_folder_loads_as_sdxl(pipe):
+    from engine.sdxl import SDXLPipeline
+    assert isinstance(pipe, SDXLPipeline) and pipe.adapter.kind == "plus"
+    assert pipe.unet.config.cross_attention_dim == 64  # both tiny encoders (32 + 32) side by side
+
+
+@pytest.mark.parametrize("scheduler", [None, "dpmpp_2m"], ids=["euler", "dpmpp_2m"])
+def test_plus_sdxl_matches_diffusers(pipe, reference, image, scheduler):
+    from diffusers import DPMSolverMultistepScheduler
+    saved = reference.scheduler
+    if scheduler:
+        reference.scheduler = DPMSolverMultistepScheduler.from_config(saved.config)
+    try:
+        want = theirs(reference, image)
+    finally:
+        reference.scheduler = saved
+    got = ours(pipe, image, scheduler=scheduler)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (got - ours(pipe, image, scale=0.0, scheduler=scheduler)).abs().max() > 1e-3  # the adapter acts
+
+
+def test_size_conditioning_matches_diffusers(pipe, reference, image):
+    kw = dict(original_size=(128, 96), target_size=(64, 64), crops_coords_top_left=(8, 4))
+    want = theirs(reference, image, **kw)
+    got = ours(pipe, image, **kw)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (got - ours(pipe, image)).abs().max() > 1e-3  # the time ids reach the UNet
+
+
+def test_per_block_scales_match_diffusers(pipe, reference, image):
+    scale = {"down": {"block_1": 0.4}, "up": {"block_0": [0.0, 1.0]}}
+    want = theirs(reference, image, scale=scale)
+    got = ours(pipe, image, scale=scale)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_png_within_one_grey_level(pipe, reference, image):
+    want = theirs(reference, image, output_type="pil")[0]
+    got = ours(pipe, image, output_type="pil")[0]
+    assert np.abs(np.asarray(got, int) - np.asarray(want, int)).max() <= 1
+
+
+def test_scale_zero_equals_the_sdxl_base_bitwise(sdxl, pipe, image):
+    from engine import Pipeline
+    base = Pipeline.from_pretrained(sdxl["model"], device="cpu")
+    base.set_progress_bar_config(disable=True)
+    want = base("a cat", negative_prompt=NEG, guidance_scale=6.0, num_inference_steps=STEPS, seed=3,
+                output_type="latent")
+    assert torch.equal(ours(pipe, image, scale=0.0), want)
+
+
+def test_a_batch_equals_each_request_alone(pipe, image):
+    other = image.transpose(Image.FLIP_LEFT_RIGHT)
+    batch = pipe(["a cat", "a red boat"], [image, other], negative_prompt=NEG, scale=[0.7, 0.3],
+                 guidance_scale=[6.0, 4.0], num_inference_steps=STEPS, seed=[3, 4], output_type="latent")
+    for i, (prompt, im, s, g, seed) in enumerate((("a cat", image, 0.7, 6.0, 3), ("a red boat", other, 0.3, 4.0, 4))):
+        alone = pipe(prompt, im, negative_prompt=NEG, scale=s, guidance_scale=g, num_inference_steps=STEPS,
+                     seed=seed, output_type="latent")
+        torch.testing.assert_close(batch[i:i + 1], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_what_sdxl_does_not_run_yet_is_one_line(sdxl, pipe, image, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from engine import Pipeline
+    from engine.tiny import tiny_adapter
+    unet = UNet2DConditionModel.from_pretrained(sdxl["model"], subfolder="unet")
+    tiny_adapter(str(tmp_path / "instruct.safetensors"), unet, kind="instruct")
+    with pytest.raises(EngineError, match="only IP-Adapter\\+ runs yet"):
+        Pipeline.from_pretrained(sdxl["model"], image_encoder=sdxl["image_encoder"],
+                                 adapter=str(tmp_path / "instruct.safetensors"), device="cpu")
+    with pytest.raises(EngineError, match="step-level batching does not run SDXL"):
+        pipe.start(prompt="a cat", image=image, num_inference_steps=2)
+    with pytest.raises(EngineError, match="CUDA graphs for SDXL"):
+        pipe.enable_cuda_graphs()
+    with pytest.raises(EngineError, match="LoRA on SDXL"):
+        pipe.load_lora_weights("any.safetensors")
+    with pytest.raises(EngineError, match="original_size must be two integers"):
+        ours(pipe, image, original_size=(64,))
+
+
+def test_sdxl_layout_at_full_size():
+    """SDXL base 1.0's UNet config (public): 70 cross-attention layers, at the odd attn_processors indices 1..139,
+    2048-wide tokens, head dim 64; the adapter's layers follow that order."""
+    from diffusers import UNet2DConditionModel
+
+    from engine.adapter import AdapterLayers
+    config = dict(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+        cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816, norm_num_groups=32)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+        layers = AdapterLayers(unet, 2048)
+    assert len(layers.layers) == 70
+    assert sorted(int(i) for i in layers.layers) == list(range(1, 140, 2))
+    processors = list(unet.attn_processors)
+    for i, name in layers.names.items():
+        assert processors[int(i)] == name and name.endswith("attn2.processor")
+        k = layers.layers[i]["to_k_ip"]
+        assert k.in_features == 2048 and k.out_features % 64 == 0
+    total = sum(p.numel() for p in layers.parameters())
+    from engine.projector import InstructProjector, ProjectorConfig
+    with torch.device("meta"):  # IP-Adapter+ SDXL's Resampler: dim 1280, depth 4, 20 heads, 16 queries -> 2048
+        projector = InstructProjector(ProjectorConfig(dim=1280, depth=4, heads=20, num_queries=16, image_dim=1280,
+                                                      output_dim=2048, ff_mult=4, text_dim=None))
+    print(f"SDXL adapter layers: {total / 1e6:.1f} M parameters; IP-Adapter+ SDXL projector: "
+          f"{sum(p.numel() for p in projector.parameters()) / 1e6:.1f} M")
+    assert total == sum(2 * 2048 * unet.get_submodule(n.removesuffix(".processor")).to_k.out_features
+                        for n in layers.names.values())
