@@ -82,8 +82,8 @@ class SDXLPipeline(Pipeline):
         p = super()._prepare(reqs, num_inference_steps, height, width, scheduler, max_size, control)
         texts = p.plan["text"]  # one per branch row
         missing = sorted({t for t in texts if t not in self._pooled})
-        if missing:  # encode_text was answered from elsewhere (a cache wrapping it): the pooled ones now
-            self.encode_text(missing)
+        if missing:  # encode_text was answered from elsewhere (the server's cache wraps it): the pooled ones now,
+            SDXLPipeline.encode_text(self, missing)  # past any wrapper on the instance
         branch = p.plan["branch_of_row"].to(self.device)
         pooled = torch.stack([self._pooled[t] for t in texts]).index_select(0, branch)
         original, crop, target = self._size_cond

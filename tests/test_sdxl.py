@@ -4,6 +4,8 @@ within 1e-4 and PNGs within one grey level, for two schedulers, size conditionin
 0 equals the SDXL base bitwise; a batch equals each request alone; what is not built for SDXL is one line. And the
 layout at full size: a meta-device UNet from SDXL's public config has 70 cross-attention layers at odd
 attn_processors indices, which the adapter's keys follow."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -176,3 +178,43 @@ def test_sdxl_layout_at_full_size():
           f"{sum(p.numel() for p in projector.parameters()) / 1e6:.1f} M")
     assert total == sum(2 * 2048 * unet.get_submodule(n.removesuffix(".processor")).to_k.out_features
                         for n in layers.names.values())
+
+
+def test_cli_make_tiny_sdxl_and_generate(pipe, image, tmp_path):
+    """`make-tiny DIR --sdxl` writes what loads; `generate --model SDXL_DIR` gives the Python API's image."""
+    from engine.__main__ import main
+    assert main(["make-tiny", str(tmp_path / "t"), "--sdxl"]) == 0
+    assert sorted(os.listdir(tmp_path / "t")) == ["image_encoder", "model", "plus.safetensors"]
+    assert main(["make-tiny", str(tmp_path / "u"), "--sdxl", "--edit"]) == 2
+    image.save(tmp_path / "cond.png")
+    out = tmp_path / "out.png"
+    t = tmp_path / "t"
+    assert main(["generate", "--model", str(t / "model"), "--image-encoder", str(t / "image_encoder"), "--adapter",
+                 str(t / "plus.safetensors"), "--image", str(tmp_path / "cond.png"), "--prompt", "a cat",
+                 "--negative-prompt", NEG, "--scale", "0.7", "--guidance-scale", "6", "--steps", str(STEPS),
+                 "--seed", "3", "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
+    want = ours(pipe, image, output_type="pil")[0]  # the same weights: make-tiny at seed 0 both times
+    with Image.open(out) as got:
+        assert np.abs(np.asarray(got.convert("RGB"), int) - np.asarray(want, int)).max() <= 1
+
+
+def test_server_runs_sdxl(pipe, image):
+    """`serve --model SDXL_DIR`: the answer equals the pipeline's (its encoder cache wraps encode_text; the pooled
+    projections are still computed)."""
+    from server_utils import InProcessServer, decode_png, png_base64
+
+    from engine.server.config import ServerConfig
+    srv = InProcessServer(ServerConfig(warmup=False), pipe)
+    try:
+        body = dict(prompt="a cat", negative_prompt=NEG, image=png_base64(image), scale=0.7, guidance_scale=6.0,
+                    num_inference_steps=STEPS, seed=3)
+        for _ in range(2):  # the second one with the texts cached
+            r = srv.request("POST", "/v1/generate", json=body)
+            assert r.status_code == 200, r.text
+            got = decode_png(r.json()["images"][0])
+            want = ours(pipe, image, output_type="pil")[0]
+            assert np.abs(np.asarray(got, int) - np.asarray(want, int)).max() <= 1
+    finally:
+        srv.close()
+        for name in ("encode_text", "encode_images"):  # the cache patched the shared pipeline's instance
+            pipe.__dict__.pop(name, None)
