@@ -33,6 +33,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def int_pair(text: str) -> tuple[int, int]:
+    """'H,W' (or 'T,L') -> two non-negative integers, for SDXL's size conditioning."""
+    parts = text.split(",")
+    try:
+        pair = tuple(int(p) for p in parts)
+    except ValueError:
+        pair = ()
+    if len(pair) != 2 or min(pair) < 0:
+        raise argparse.ArgumentTypeError(f"expected two non-negative integers as A,B, got {text!r}")
+    return pair
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -117,6 +129,10 @@ def build_parser() -> Parser:
                    help="largest height/width accepted (default: the model's native size x 4, 2048 for SD1.5)")
     g.add_argument("--num-images", type=positive_int, default=1)
     g.add_argument("--scheduler", choices=["default", *SCHEDULERS], default="default")
+    for flag, what in (("--original-size", "H,W (default: the output size)"),
+                       ("--target-size", "H,W (default: the output size)"), ("--crops-top-left", "T,L (default 0,0)")):
+        g.add_argument(flag, type=int_pair, default=None, metavar=what.split()[0],
+                       help=f"SDXL models only: size conditioning, {what}")
     g.add_argument("--controlnet", action="append", default=[], metavar="DIR",
                    help="a diffusers ControlNetModel folder (repeatable: one --control-image each, in order)")
     g.add_argument("--control-image", action="append", default=[], metavar="PATH", help="the ControlNet's input")
@@ -296,7 +312,12 @@ def cmd_generate(a) -> int:
     for path, scale in a.lora:
         pipe.load_lora_weights(path, scale=scale)
     pipe.set_progress_bar_config(disable=a.no_progress)
-    images = pipe(prompt=a.prompt, instruct=a.instruct, negative_prompt=a.negative_prompt, **adapter_args,
+    sizes = {k: v for k, v in (("original_size", a.original_size), ("target_size", a.target_size),
+                               ("crops_coords_top_left", a.crops_top_left)) if v is not None}
+    if sizes and not getattr(pipe, "SDXL", False):
+        raise EngineError("--original-size, --target-size and --crops-top-left are SDXL's size conditioning; "
+                          f"{a.model} is not an SDXL model")
+    images = pipe(prompt=a.prompt, **sizes, instruct=a.instruct, negative_prompt=a.negative_prompt, **adapter_args,
                   guidance_scale=a.guidance_scale, instruct_guidance_scale=a.instruct_guidance_scale,
                   image_guidance_scale=a.image_guidance_scale, guidance_mode=a.guidance_mode,
                   num_inference_steps=a.steps, height=a.height, width=a.width, num_images_per_prompt=a.num_images,

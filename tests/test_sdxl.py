@@ -192,10 +192,23 @@ def test_cli_make_tiny_sdxl_and_generate(pipe, image, tmp_path):
     assert main(["generate", "--model", str(t / "model"), "--image-encoder", str(t / "image_encoder"), "--adapter",
                  str(t / "plus.safetensors"), "--image", str(tmp_path / "cond.png"), "--prompt", "a cat",
                  "--negative-prompt", NEG, "--scale", "0.7", "--guidance-scale", "6", "--steps", str(STEPS),
-                 "--seed", "3", "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
-    want = ours(pipe, image, output_type="pil")[0]  # the same weights: make-tiny at seed 0 both times
+                 "--seed", "3", "--no-progress", "--device", "cpu", "--original-size", "128,96",
+                 "--crops-top-left", "8,4", "--out", str(out)]) == 0
+    # the same weights (make-tiny at seed 0 both times), the same size conditioning
+    want = ours(pipe, image, output_type="pil", original_size=(128, 96), crops_coords_top_left=(8, 4))[0]
     with Image.open(out) as got:
         assert np.abs(np.asarray(got.convert("RGB"), int) - np.asarray(want, int)).max() <= 1
+
+
+def test_cli_refuses_size_conditioning_off_sdxl(tiny, tmp_path, capsys):
+    from engine.__main__ import main
+    code = main(["generate", "--model", tiny["model"], "--prompt", "a cat", "--steps", "1", "--no-progress",
+                 "--original-size", "64,64", "--out", str(tmp_path / "x.png")])
+    assert code != 0 and "not an SDXL model" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", tiny["model"], "--original-size", "64", "--out", str(tmp_path / "y.png")])
+    assert "expected two non-negative integers" in capsys.readouterr().err
 
 
 def test_server_runs_sdxl(pipe, image):
@@ -208,13 +221,42 @@ def test_server_runs_sdxl(pipe, image):
     try:
         body = dict(prompt="a cat", negative_prompt=NEG, image=png_base64(image), scale=0.7, guidance_scale=6.0,
                     num_inference_steps=STEPS, seed=3)
-        for _ in range(2):  # the second one with the texts cached
-            r = srv.request("POST", "/v1/generate", json=body)
+        sizes = dict(original_size=[128, 96], crops_coords_top_left=[8, 4])
+        for extra in ({}, {}, sizes):  # the second one with the texts cached; the third with size conditioning
+            r = srv.request("POST", "/v1/generate", json={**body, **extra})
             assert r.status_code == 200, r.text
             got = decode_png(r.json()["images"][0])
-            want = ours(pipe, image, output_type="pil")[0]
+            want = ours(pipe, image, output_type="pil", **{k: tuple(v) for k, v in extra.items()})[0]
             assert np.abs(np.asarray(got, int) - np.asarray(want, int)).max() <= 1
+        r = srv.request("POST", "/v1/generate", json={**body, "target_size": [0, 64]})
+        assert r.status_code == 422 and "target_size" in r.text
     finally:
         srv.close()
         for name in ("encode_text", "encode_images"):  # the cache patched the shared pipeline's instance
+            pipe.__dict__.pop(name, None)
+
+
+def test_an_sd15_server_refuses_sdxl_fields(tiny, cond_image):
+    from conftest import load_pipe
+    from server_utils import InProcessServer, png_base64
+
+    from engine.server.config import ServerConfig
+    srv = InProcessServer(ServerConfig(warmup=False), load_pipe(tiny, tiny["adapter"]))
+    try:
+        r = srv.request("POST", "/v1/generate", json=dict(image=png_base64(cond_image), instruct="use the style",
+                                                          num_inference_steps=1, original_size=[64, 64]))
+        assert r.status_code == 422 and "original_size" in r.text and "SD1.5" in r.text
+    finally:
+        srv.close()
+
+
+def test_step_batching_refuses_sdxl_at_start_up(pipe):
+    from server_utils import InProcessServer
+
+    from engine.server.config import ServerConfig
+    try:
+        with pytest.raises(RuntimeError, match="this server loads an SDXL model: use --batching request"):
+            InProcessServer(ServerConfig(batching="step", warmup=False), pipe)
+    finally:
+        for name in ("encode_text", "encode_images"):
             pipe.__dict__.pop(name, None)

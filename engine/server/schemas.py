@@ -57,6 +57,13 @@ class GenerateRequest(BaseModel):
     adapter_mask: Optional[str] = Field(None, description="mask image: base64 or a data URL")
     adapter_start: float = Field(0.0, ge=0.0, le=1.0)
     adapter_end: float = Field(1.0, ge=0.0, le=1.0)
+    # SDXL's size conditioning (diffusers' names; an SDXL server only): [height, width] and [top, left]
+    original_size: Optional[list[int]] = Field(None, min_length=2, max_length=2,
+                                               description="SDXL: [height, width]; default: the output size")
+    target_size: Optional[list[int]] = Field(None, min_length=2, max_length=2,
+                                             description="SDXL: [height, width]; default: the output size")
+    crops_coords_top_left: Optional[list[int]] = Field(None, min_length=2, max_length=2,
+                                                       description="SDXL: [top, left]; default [0, 0]")
 
     @model_validator(mode="after")
     def start_before_end(self):
@@ -70,6 +77,14 @@ class GenerateRequest(BaseModel):
     def finite(cls, v: float) -> float:
         if not math.isfinite(v):
             raise ValueError("must be a finite number")
+        return v
+
+    @field_validator("original_size", "target_size", "crops_coords_top_left")
+    @classmethod
+    def size_pair(cls, v, info):
+        low = 0 if info.field_name == "crops_coords_top_left" else 1
+        if v is not None and any(x < low or x > 1 << 16 for x in v):
+            raise ValueError(f"must be two integers from {low} to {1 << 16}")
         return v
 
     @field_validator("scale")

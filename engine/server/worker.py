@@ -20,6 +20,9 @@ STAGES = ("text_encoder_ms", "image_encoder_ms", "projector_ms", "kv_ms", "denoi
           "vae_decode_ms", "total_ms")
 
 
+SDXL_FIELDS = ("original_size", "target_size", "crops_coords_top_left")  # per call, SDXL only
+
+
 class FieldError(EngineError):
     """A request that the loaded model cannot run, naming the field (HTTP 422)."""
 
@@ -88,6 +91,10 @@ class PipelineRunner:
                 expand_scale(self.pipe.unet, list(self.pipe.cross), req.scale)
             except (EngineError, ValueError, TypeError, KeyError) as e:
                 raise FieldError("scale", f"bad per-block scale: {e}") from None
+        if not getattr(self.pipe, "SDXL", False):
+            for name in SDXL_FIELDS:
+                if getattr(req, name, None) is not None:
+                    raise FieldError(name, f"{name} is SDXL's size conditioning; this server loads an SD1.5 model")
         try:
             mode = resolve_mode(req.guidance_mode, req.instruct, req.guidance_scale, self.kind == "instruct")
         except EngineError as e:
@@ -100,7 +107,8 @@ class PipelineRunner:
         r = work.req
         control = (getattr(r, "control_guidance_start", 0.0), getattr(r, "control_guidance_end", 1.0),
                    getattr(r, "guess_mode", False))  # per call in the pipeline
-        return work.height, work.width, r.num_inference_steps, r.scheduler, r.num_images, *control
+        sdxl = tuple(tuple(v) if v is not None else None for v in (getattr(r, n, None) for n in SDXL_FIELDS))
+        return work.height, work.width, r.num_inference_steps, r.scheduler, r.num_images, *control, sdxl
 
     def __call__(self, works: list[Work], progress=None) -> list[dict]:
         """One Pipeline call for requests of one key -> per request {"images": [PIL], "timings": {...}}."""
@@ -153,6 +161,8 @@ class PipelineRunner:
                 kwargs["adapter_masks"] = [w.mask for w in works]
         else:
             del kwargs["adapter_start"], kwargs["adapter_end"]
+        if getattr(self.pipe, "SDXL", False):  # per call, as the key groups them
+            kwargs.update({n: tuple(getattr(first, n)) for n in SDXL_FIELDS if getattr(first, n, None) is not None})
         if getattr(self.pipe, "controlnets", None):
             kwargs.update(control_image=[w.control for w in works],
                           controlnet_conditioning_scale=[w.req.controlnet_conditioning_scale for w in works],
