@@ -162,6 +162,7 @@ def test_sdxl_layout_at_full_size():
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
         layers = AdapterLayers(unet, 2048)
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # stabilityai/stable-diffusion-xl-base-1.0
     assert len(layers.layers) == 70
     assert sorted(int(i) for i in layers.layers) == list(range(1, 140, 2))
     processors = list(unet.attn_processors)
@@ -174,8 +175,14 @@ def test_sdxl_layout_at_full_size():
     with torch.device("meta"):  # IP-Adapter+ SDXL's Resampler: dim 1280, depth 4, 20 heads, 16 queries -> 2048
         projector = InstructProjector(ProjectorConfig(dim=1280, depth=4, heads=20, num_queries=16, image_dim=1280,
                                                       output_dim=2048, ff_mult=4, text_dim=None))
+    from torch.utils.flop_counter import FlopCounterMode
+    x, t = torch.empty(2, 4, 128, 128, device="meta"), torch.full((2,), 999.0, device="meta")
+    added = {"text_embeds": torch.empty(2, 1280, device="meta"), "time_ids": torch.empty(2, 6, device="meta")}
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:  # one CFG step (2 rows) at 1024 x 1024
+        unet(x, t, encoder_hidden_states=torch.empty(2, 77, 2048, device="meta"), added_cond_kwargs=added)
     print(f"SDXL adapter layers: {total / 1e6:.1f} M parameters; IP-Adapter+ SDXL projector: "
-          f"{sum(p.numel() for p in projector.parameters()) / 1e6:.1f} M")
+          f"{sum(p.numel() for p in projector.parameters()) / 1e6:.1f} M; UNet, 2 rows at 1024 x 1024: "
+          f"{counter.get_total_flops() / 1e9:.0f} GFLOP per step")
     assert total == sum(2 * 2048 * unet.get_submodule(n.removesuffix(".processor")).to_k.out_features
                         for n in layers.names.values())
 
