@@ -1,4 +1,5 @@
-"""`engine.sdxl.SDXLPipeline`: IP-Adapter+ on Stable Diffusion XL, through the same batched call as SD1.5.
+"""`engine.sdxl.SDXLPipeline`: IP-Adapter+ and IPAdapter-Instruct on Stable Diffusion XL, through the same
+batched call as SD1.5.
 
 `Pipeline.from_pretrained(sdxl_folder, image_encoder=..., adapter="ip-adapter-plus_sdxl_vit-h.safetensors")`
 returns one (a diffusers StableDiffusionXLPipeline folder: text_encoder_2/ and tokenizer_2/ beside the rest).
@@ -10,10 +11,16 @@ What differs from SD1.5, as diffusers' StableDiffusionXLPipeline computes it:
     negative_original_size);
   - the negative prompt is encoded like the prompt. diffusers' zeros for a negative prompt of None
     (force_zeros_for_empty_prompt) have no counterpart: the engine's negative prompt is always a string.
+IPAdapter-Instruct SDXL follows the reference release (ip_adapter_instruct.py, IPAdapterInstructSDXL, and its
+pipeline_stable_diffusion_sdxl_extra_cfg.py): the projector (the same three-stream resampler as SD1.5's, 1280 wide,
+20 heads, 16 queries, 2048 out) reads the instruction and the prompt as the first text encoder's last hidden
+states; its image-only and unconditional branches read "" for both (the SD1.5 release reads the negative
+prompt); every branch but the unconditional one takes the prompt's pooled embedding, the release's quirk kept;
+the guidance formulas are SD1.5's (simple and 4-branch, chosen by the same keywords).
 Everything else is the SD1.5 path: per-row adapter K/V and scales, the fused decoupled attention, one UNet batch
 for every request's guidance rows.
 
-Not built yet for SDXL (each refused with one line): IPAdapter-Instruct SDXL and plain IP-Adapter, ControlNet,
+Not built yet for SDXL (each refused with one line): plain IP-Adapter, ControlNet,
 LoRA, step-level batching, CUDA graphs, the ONNX/TensorRT export.
 """
 from __future__ import annotations
@@ -35,8 +42,9 @@ class SDXLPipeline(Pipeline):
             raise EngineError("ControlNet with SDXL is not built yet")
         super().__init__(unet, vae, text_encoder, tokenizer, scheduler, **kwargs)
         for a in self.adapters:
-            if a.kind != "plus":
-                raise EngineError(f"a {a.kind} adapter on SDXL is not built yet: on SDXL only IP-Adapter+ runs")
+            if a.kind == "plain":
+                raise EngineError("a plain IP-Adapter on SDXL is not built yet: on SDXL IP-Adapter+ and "
+                                  "IPAdapter-Instruct run")
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         text_encoder_2.to(self.device, self.dtype).eval().requires_grad_(False)
         time_dim = unet.config.addition_time_embed_dim
@@ -77,10 +85,34 @@ class SDXLPipeline(Pipeline):
         self._size_cond = (original_size, tuple(crops_coords_top_left), target_size)
         return super().__call__(*args, **kwargs)
 
+    def _plan(self, reqs) -> dict:
+        """SD1.5's branches, with the release's SDXL projector inputs: its image-only and unconditional branches
+        read the empty string as instruction and prompt (IPAdapterInstructSDXL.generate), where its SD1.5 class
+        reads the negative prompt."""
+        plan = super()._plan(reqs)
+        if self.adapter is not None and self.adapter.kind == "instruct":
+            for b in plan["branches"]:
+                if b["name"] in ("img_only", "uncond"):
+                    b["instruct"] = b["ip_prompt"] = ""
+            plan["texts"].add("")
+        return plan
+
+    def _project(self, feats: dict, image_rows: list, emb: dict, plan: dict):
+        """IPAdapter-Instruct SDXL's projector reads the instruction and the prompt as the first text encoder's
+        last hidden states (768 wide in SDXL), not the UNet's two-encoder tokens."""
+        if self.adapter.kind != "instruct":
+            return super()._project(feats, image_rows, emb, plan)
+        texts = sorted({b[k] for b in plan["branches"] for k in ("instruct", "ip_prompt")})
+        small = dict(zip(texts, Pipeline.encode_text(self, texts)))  # CLIP-L's last_hidden_state, as SD1.5's
+        return super()._project(feats, image_rows, small, plan)
+
     def _prepare(self, reqs, num_inference_steps, height, width, scheduler, max_size, control=None):
         self._pooled = {}
         p = super()._prepare(reqs, num_inference_steps, height, width, scheduler, max_size, control)
-        texts = p.plan["text"]  # one per branch row
+        # the pooled projection per branch: the prompt's, except in the unconditional branch (the release's
+        # image-only and everything branches pair the negative tokens with the prompt's pooled embedding)
+        texts = [reqs[b["r"]].negative_prompt if b["name"] == "uncond" else reqs[b["r"]].prompt
+                 for b in p.plan["branches"]]
         missing = sorted({t for t in texts if t not in self._pooled})
         if missing:  # encode_text was answered from elsewhere (the server's cache wraps it): the pooled ones now,
             SDXLPipeline.encode_text(self, missing)  # past any wrapper on the instance

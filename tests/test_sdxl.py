@@ -132,10 +132,10 @@ def test_what_sdxl_does_not_run_yet_is_one_line(sdxl, pipe, image, tmp_path):
     from engine import Pipeline
     from engine.tiny import tiny_adapter
     unet = UNet2DConditionModel.from_pretrained(sdxl["model"], subfolder="unet")
-    tiny_adapter(str(tmp_path / "instruct.safetensors"), unet, kind="instruct")
-    with pytest.raises(EngineError, match="only IP-Adapter\\+ runs yet"):
+    tiny_adapter(str(tmp_path / "plain.safetensors"), unet, kind="plain")
+    with pytest.raises(EngineError, match="plain IP-Adapter: on SDXL IP-Adapter\\+ and IPAdapter-Instruct run"):
         Pipeline.from_pretrained(sdxl["model"], image_encoder=sdxl["image_encoder"],
-                                 adapter=str(tmp_path / "instruct.safetensors"), device="cpu")
+                                 adapter=str(tmp_path / "plain.safetensors"), device="cpu")
     with pytest.raises(EngineError, match="step-level batching does not run SDXL"):
         pipe.start(prompt="a cat", image=image, num_inference_steps=2)
     with pytest.raises(EngineError, match="CUDA graphs for SDXL"):
