@@ -33,6 +33,10 @@ QUERIES = {40: 4096, 64: 1024, 80: 1024, 160: 256}
 # the projector's (IP-Adapter+ / IPAdapter-Instruct for SD1.5): width 768, 12 heads of 64, 16 queries,
 # 257 ViT-H/14 image tokens, FF hidden width 4 x 768
 PROJ_DIM, PROJ_HEADS, PROJ_QUERIES, PROJ_TOKENS, PROJ_HIDDEN = 768, 12, 16, 257, 3072
+# SDXL at 1024 px (`--sdxl`): head dim 64 throughout, 10 heads (640 wide) at 64x64 latents and 20 (1280) at 32x32;
+# the projector 1280 wide, 20 heads of 64, FF hidden 4 x 1280 (image stream) and 2 x 1280 (prompt, instruction)
+SDXL_ATTENTION = ((10, 4096), (20, 1024))  # (heads, queries) per UNet level
+SDXL_PROJ_DIM, SDXL_PROJ_HEADS, SDXL_PROJ_HIDDEN = 1280, 20, (5120, 2560)
 TABLE_DTYPES, TABLE_HEAD_DIMS = ("float16", "bfloat16"), (40, 80, 160)
 TABLE_KERNELS = {  # README row label and the constexprs that make the tile
     "attention_fwd": ("attention forward", ("BLOCK_M", "BLOCK_D")),
@@ -151,7 +155,7 @@ def jit_compiling(arch: int):
         driver.set_active(previous)
 
 
-def _attention_workloads(dtype: str, d: int) -> None:
+def _attention_workloads(dtype: str, d: int, num_heads: int = HEADS, lq: int | None = None) -> None:
     # the UNet's call: q, k, v, k_ip, v_ip are (B, L, H*D) projections viewed as (B, H, L, D); scale (B,)
     import torch
 
@@ -159,7 +163,8 @@ def _attention_workloads(dtype: str, d: int) -> None:
     from .decoupled_attention_bwd import DecoupledAttentionFn
 
     t = getattr(torch, dtype)
-    lq = QUERIES[d]
+    lq = QUERIES[d] if lq is None else lq
+    HEADS = num_heads  # noqa: N806 (the SD1.5 constant's name, this workload's value)
 
     def heads(n, grad):
         return torch.empty(BATCH, n, HEADS * d, dtype=t, requires_grad=grad).unflatten(-1, (HEADS, d)).transpose(1, 2)
@@ -175,7 +180,8 @@ def _attention_workloads(dtype: str, d: int) -> None:
         out.transpose(1, 2).reshape(BATCH, lq, HEADS * d).backward(torch.empty(BATCH, lq, HEADS * d, dtype=t))
 
 
-def _projector_workloads(dtype: str) -> None:
+def _projector_workloads(dtype: str, dim: int = PROJ_DIM, num_heads: int = PROJ_HEADS,
+                         hidden: tuple = (PROJ_HIDDEN,)) -> None:
     import torch
 
     from .projector import _attention_heads
@@ -183,26 +189,38 @@ def _projector_workloads(dtype: str) -> None:
 
     t = getattr(torch, dtype)
     e = lambda *shape: torch.empty(*shape, dtype=t)  # noqa: E731
-    inner = PROJ_HEADS * 64
-    _attention_heads(e(BATCH, PROJ_TOKENS, PROJ_DIM), e(BATCH, PROJ_QUERIES, PROJ_DIM), e(PROJ_DIM), e(PROJ_DIM),
-                     e(PROJ_DIM), e(PROJ_DIM), e(inner, PROJ_DIM), e(2 * inner, PROJ_DIM), PROJ_HEADS, 1e-5)
-    _ln_linear_gelu(e(BATCH * PROJ_QUERIES, PROJ_DIM), e(PROJ_DIM), e(PROJ_DIM), e(PROJ_HIDDEN, PROJ_DIM), 1e-5)
+    inner = num_heads * 64
+    _attention_heads(e(BATCH, PROJ_TOKENS, dim), e(BATCH, PROJ_QUERIES, dim), e(dim), e(dim),
+                     e(dim), e(dim), e(inner, dim), e(2 * inner, dim), num_heads, 1e-5)
+    for h in hidden:
+        _ln_linear_gelu(e(BATCH * PROJ_QUERIES, dim), e(dim), e(dim), e(h, dim), 1e-5)
 
 
-def _elementwise_workloads(dtype: str) -> None:
-    # the first resnet block's GroupNorm+SiLU (320 channels at 64x64, 32 groups, time embedding), both layouts,
-    # and the first transformer block's GEGLU (4096 tokens, 2 x 1280)
+def _elementwise_workloads(dtype: str, side: int = 64, geglu_width: int = 1280) -> None:
+    # the first resnet block's GroupNorm+SiLU (320 channels at side x side, 32 groups, time embedding), both
+    # layouts, and the first transformer block's GEGLU (4096 tokens, 2 x geglu_width); SD1.5: 64, 1280
     import torch
 
     from .geglu import _geglu
     from .groupnorm_silu import _group_norm_silu
 
     t = getattr(torch, dtype)
-    x = torch.empty(BATCH, 320, 64, 64, dtype=t)
+    x = torch.empty(BATCH, 320, side, side, dtype=t)
     for layout in (x, x.to(memory_format=torch.channels_last)):
         _group_norm_silu(layout, torch.empty(320, dtype=t), torch.empty(320, dtype=t), 32, 1e-5, True,
                          torch.empty(BATCH, 320, dtype=t))
-    _geglu(torch.empty(BATCH, 4096, 2 * 1280, dtype=t))
+    _geglu(torch.empty(BATCH, 4096, 2 * geglu_width, dtype=t))
+
+
+def _sdxl_workloads(dtype: str, projector: bool, elementwise: bool) -> None:
+    """What an SDXL request at 1024 px launches: attention at head dim 64 on both cross-attention levels, the
+    IP-Adapter+ / IPAdapter-Instruct SDXL projector, GroupNorm+SiLU at 128x128 and GEGLU at 2 x 2560."""
+    for heads, lq in SDXL_ATTENTION:
+        _attention_workloads(dtype, 64, heads, lq)
+    if projector:
+        _projector_workloads(dtype, SDXL_PROJ_DIM, SDXL_PROJ_HEADS, SDXL_PROJ_HIDDEN)
+    if elementwise:
+        _elementwise_workloads(dtype, 128, 2560)
 
 
 def packed_variant(dtype: str, heads: int, head_dim: int) -> dict:
@@ -250,17 +268,21 @@ def _row(kernel: str, dtype: str, d: int, arch: int, compiled, args: dict, const
                 args=described, **usage)
 
 
-def compile_all(arch: int, dtypes, head_dims, projector=True, elementwise=True, log=lambda row: None) -> list[dict]:
-    """One row per compiled variant: the launches of the SD1.5 workloads, then the plugin's packed kernel."""
+def compile_all(arch: int, dtypes, head_dims, projector=True, elementwise=True, log=lambda row: None,
+                sdxl: bool = False) -> list[dict]:
+    """One row per compiled variant: the launches of the SD1.5 workloads (sdxl: SDXL's at 1024 px), then the
+    plugin's packed kernel."""
     rows = []
     half = [t for t in dtypes if t != "float32"]
     for dtype in dtypes:
         with jit_compiling(arch) as launches:
-            for d in head_dims:
+            if sdxl:
+                _sdxl_workloads(dtype, projector and dtype in half, elementwise and dtype in half)
+            for d in head_dims if not sdxl else ():
                 _attention_workloads(dtype, d)
-            if projector and dtype in half:
+            if projector and dtype in half and not sdxl:
                 _projector_workloads(dtype)
-            if elementwise and dtype in half:
+            if elementwise and dtype in half and not sdxl:
                 _elementwise_workloads(dtype)
         for la in launches:
             const = la["constexprs"]
@@ -269,7 +291,7 @@ def compile_all(arch: int, dtypes, head_dims, projector=True, elementwise=True, 
             rows.append(_row(la["kernel"], dtype, d, arch, la["compiled"], la["args"], const, la["compile_s"],
                              "x".join(str(const[k]) for k in keys)))
             log(rows[-1])
-        for d in head_dims if dtype != "bfloat16" else ():
+        for d in (64,) if sdxl and dtype != "bfloat16" else head_dims if dtype != "bfloat16" else ():
             t0 = time.perf_counter()
             v = packed_variant(dtype, HEADS, d)
             compiled = compile_kernel(v, arch)
@@ -315,17 +337,24 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, choices=HEAD_DIMS, action="append", help="repeatable; default: all")
     p.add_argument("--no-projector", action="store_true", help="only the attention kernels")
     p.add_argument("--no-elementwise", action="store_true", help="leave out GroupNorm+SiLU and GEGLU")
+    p.add_argument("--sdxl", action="store_true",
+                   help="SDXL's launches at 1024 px (head dim 64, 10 and 20 heads; the 1280-wide projector) instead "
+                        "of SD1.5's; --head-dim and --markdown do not apply")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     p.add_argument("--markdown", action="store_true",
                    help="print only the README's table on stdout (progress on stderr)")
     a = p.parse_args(argv)
+    if a.sdxl and (a.markdown or a.head_dim):
+        print("python -m kernels.aot: error: --sdxl compiles SDXL's own launches (head dim 64): drop --head-dim and "
+              "--markdown (the README table is SD1.5's)", file=sys.stderr)
+        return 2
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("python -m kernels.aot: error: unset TRITON_INTERPRET (the interpreter cannot compile)", file=sys.stderr)
         return 2
     out = sys.stderr if a.markdown else sys.stdout
     try:
         rows = compile_all(a.arch, tuple(a.dtype or DTYPES), tuple(a.head_dim or HEAD_DIMS), not a.no_projector,
-                           not a.no_elementwise, log=lambda r: print(_line(r), file=out, flush=True))
+                           not a.no_elementwise, log=lambda r: print(_line(r), file=out, flush=True), sdxl=a.sdxl)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(rows, f, indent=1)

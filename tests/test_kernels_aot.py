@@ -143,3 +143,30 @@ def test_aot_refuses_the_interpreter():
     res = subprocess.run([sys.executable, "-m", "kernels.aot", "--no-projector"], cwd=ROOT,
                          env={**ENV, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "unset TRITON_INTERPRET" in res.stderr
+
+
+def test_sdxl_launches_compile_without_spills(tmp_path):
+    """`python -m kernels.aot --sdxl`: SDXL's launches at 1024 px (head dim 64 at 10 and 20 heads, the 1280-wide
+    projector with both FF widths, GroupNorm+SiLU at 128x128, GEGLU at 2 x 2560) compile for sm_90 without spills."""
+    out = tmp_path / "sdxl.json"
+    res = subprocess.run([sys.executable, "-m", "kernels.aot", "--sdxl", "--arch", "90", "--dtype", "float16",
+                          "--dtype", "bfloat16", "--json", str(out)], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    kernels = {(r["kernel"], r["dtype"]) for r in rows}
+    for t in DTYPES:
+        for k in (*ATTENTION, "projector_attention", "projector_ln_linear_gelu", *ELEMENTWISE):
+            assert (k, t) in kernels, (k, t)
+    assert ("packed_attention", "float16") in kernels
+    assert {r["head_dim"] for r in rows if r["kernel"].startswith(("attention", "packed"))} == {64}
+    for r in rows:
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["registers"] <= 255, r
+    # two levels x (forward + training forward + two backward) attention launches per dtype
+    assert sum(r["kernel"].startswith("attention") and r["dtype"] == "float16" for r in rows) == 8
+
+
+def test_sdxl_flag_refuses_the_sd15_table(capsys):
+    from kernels.aot import main
+    assert main(["--sdxl", "--markdown"]) == 2
+    assert "--sdxl compiles SDXL's own launches" in capsys.readouterr().err
