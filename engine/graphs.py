@@ -32,6 +32,8 @@ class _Entry:
     scales: object = field(default=None)   # the scale dict in the buffers now
     down: list | None = None               # ControlNet residuals (an entry of its own: copied every step)
     mid: torch.Tensor | None = None
+    added: dict | None = None              # SDXL's added conditioning per row (text_embeds, time_ids)
+    added_src: object = None               # the dict whose tensors are in `added` now
 
 
 def _clone(t):
@@ -63,23 +65,29 @@ class StaticUNet:
         self.entries: dict[tuple, _Entry] = {}
 
     @staticmethod
-    def _key(x, t, text, ctx: AdapterContext, control=None) -> tuple:
+    def _key(x, t, text, ctx: AdapterContext, control=None, added=None) -> tuple:
         # the timestep's dtype too: PNDM/DDIM give int64 timesteps, Euler fractional float ones, and a float
         # copied into an int buffer would be truncated silently
         layers = tuple((n, _shape(kv), _shape(ctx.scale[n]), _shape(ctx.mask.get(n)))
                        for n, kv in sorted(ctx.kv.items()))
         residuals = None if control is None else tuple(tuple(r.shape) for r in (*control[0], control[1]))
         t = torch.as_tensor(t)  # (a step-level batch gives one timestep per row)
-        return tuple(x.shape), tuple(text.shape), x.dtype, t.dtype, tuple(t.shape), layers, residuals
+        cond = None if added is None else tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(added.items()))
+        return tuple(x.shape), tuple(text.shape), x.dtype, t.dtype, tuple(t.shape), layers, residuals, cond
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, ctx: AdapterContext,
-                 control=None) -> torch.Tensor:
+                 control=None, added=None) -> torch.Tensor:
         # x: (rows, 4, h, w) scaled model input; t: () timestep; text: (rows, Lt, cross_dim) -> eps (rows, 4, h, w);
-        # control: ControlNet (down residuals, mid residual) of this step, or None
-        key = self._key(x, t, text, ctx, control)
+        # control: ControlNet (down residuals, mid residual) of this step, or None; added: SDXL's added
+        # conditioning ({"text_embeds", "time_ids"} per row; step-invariant, copied once per call) or None
+        key = self._key(x, t, text, ctx, control, added)
         e = self.entries.get(key)
         if e is None:
-            e = self.entries[key] = self._build(x, t, text, ctx, control)
+            e = self.entries[key] = self._build(x, t, text, ctx, control, added)
+        if added is not None and e.added_src is not added:
+            for k, v in added.items():
+                e.added[k].copy_(v)
+            e.added_src = added
         if e.request is not ctx.kv:  # a new request: its step-invariant tensors into the buffers, once
             for name, kv in ctx.kv.items():
                 _copy(e.ctx.kv[name], kv)
@@ -98,7 +106,7 @@ class StaticUNet:
                 dst.copy_(src)
         return e.run()
 
-    def _build(self, x, t, text, ctx, control=None) -> _Entry:
+    def _build(self, x, t, text, ctx, control=None, added=None) -> _Entry:
         static_ctx = AdapterContext(kv={n: _clone(kv) for n, kv in ctx.kv.items()},
                                     scale={n: _clone(s) for n, s in ctx.scale.items()},
                                     mask={n: _clone(m) for n, m in ctx.mask.items()})
@@ -106,10 +114,14 @@ class StaticUNet:
                    request=ctx.kv, scales=ctx.scale)
         if control is not None:
             e.down, e.mid = [r.clone() for r in control[0]], control[1].clone()
+        if added is not None:
+            e.added, e.added_src = {k: v.clone() for k, v in added.items()}, added
 
         def step():
             extra = {} if e.down is None else dict(down_block_additional_residuals=e.down,
                                                    mid_block_additional_residual=e.mid)
+            if e.added is not None:
+                extra["added_cond_kwargs"] = e.added
             return self.unet(e.x, e.t, encoder_hidden_states=e.text, return_dict=False,
                              cross_attention_kwargs={"adapter": e.ctx}, **extra)[0]
 

@@ -504,8 +504,8 @@ class Pipeline(LoraMixin):
     def _unet_step(self, x, t, text_rows, ctx, control=None, added=None) -> torch.Tensor:
         # x: (rows, C, h, w) -> noise prediction per row; control: ControlNet (down, mid) residuals or None;
         # added: SDXL's added conditioning per row ({"text_embeds", "time_ids"}) or None
-        if self._static is not None:  # CUDA graphs: static buffers (the residuals among them), replayed
-            return self._static(x, t, text_rows, ctx, control)
+        if self._static is not None:  # CUDA graphs: static buffers (the residuals, SDXL's added conditioning), replayed
+            return self._static(x, t, text_rows, ctx, control, added)
         extra = {} if control is None else dict(down_block_additional_residuals=control[0],
                                                 mid_block_additional_residual=control[1])
         if added is not None:

@@ -21,7 +21,8 @@ Everything else is the SD1.5 path: per-row adapter K/V and scales, the fused dec
 for every request's guidance rows.
 
 Not built yet for SDXL (each refused with one line): plain IP-Adapter, ControlNet,
-LoRA, step-level batching, CUDA graphs, the ONNX/TensorRT export.
+LoRA, step-level batching, the ONNX/TensorRT export. CUDA graphs keep the added conditioning among their static
+buffers (copied once per call).
 """
 from __future__ import annotations
 
@@ -126,11 +127,6 @@ class SDXLPipeline(Pipeline):
         return p
 
     # ---- refused until built ----------------------------------------------------------------------------
-
-    def enable_cuda_graphs(self, enabled: bool = True) -> None:
-        if enabled:
-            raise EngineError("CUDA graphs for SDXL (the added conditioning in the static buffers) are not built yet")
-        super().enable_cuda_graphs(False)
 
     def load_lora_weights(self, *args, **kwargs):
         raise EngineError("LoRA on SDXL is not built yet (SD1.5-layout LoRAs only)")

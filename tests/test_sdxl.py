@@ -138,8 +138,6 @@ def test_what_sdxl_does_not_run_yet_is_one_line(sdxl, pipe, image, tmp_path):
                                  adapter=str(tmp_path / "plain.safetensors"), device="cpu")
     with pytest.raises(EngineError, match="step-level batching does not run SDXL"):
         pipe.start(prompt="a cat", image=image, num_inference_steps=2)
-    with pytest.raises(EngineError, match="CUDA graphs for SDXL"):
-        pipe.enable_cuda_graphs()
     with pytest.raises(EngineError, match="LoRA on SDXL"):
         pipe.load_lora_weights("any.safetensors")
     with pytest.raises(EngineError, match="original_size must be two integers"):
@@ -267,3 +265,21 @@ def test_step_batching_refuses_sdxl_at_start_up(pipe):
     finally:
         for name in ("encode_text", "encode_images"):
             pipe.__dict__.pop(name, None)
+
+
+def test_static_buffers_carry_the_added_conditioning(pipe, image):
+    """The CUDA-graph path (its static buffers, run eagerly here): SDXL's pooled embeddings and time ids are copied
+    in once per call, so a second call with another prompt and size conditioning replays the same entry and gives
+    its own image."""
+    from engine.graphs import StaticUNet
+    calls = [dict(prompt="a cat"), dict(prompt="a red boat", original_size=(128, 96), crops_coords_top_left=(8, 4))]
+    wants = [ours(pipe, image, **c) for c in calls]
+    pipe._static = StaticUNet(pipe.unet, capture=False)
+    try:
+        gots = [ours(pipe, image, **c) for c in calls]
+        entries = len(pipe._static.entries)
+    finally:
+        pipe._static = None
+    assert entries == 1
+    for got, want in zip(gots, wants):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
