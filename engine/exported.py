@@ -130,6 +130,10 @@ class ExportedPipeline(Pipeline):
         from .loading import load_image_encoder
 
         manifest = manifest or read_manifest(folder)
+        if manifest.get("kind") == "sdxl":
+            raise EngineError(f"{folder} is an SDXL export: running SDXL graphs (ONNX Runtime, TensorRT) is not built "
+                              "yet; its graphs export and verify (python -m export verify), and SDXL generates on the "
+                              "PyTorch backend")
         missing = [g for g in GRAPHS if g not in graphs]
         if missing:
             raise EngineError(f"{folder} lacks {', '.join(missing)}: generation needs all five graphs")

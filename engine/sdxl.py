@@ -21,8 +21,8 @@ Everything else is the SD1.5 path: per-row adapter K/V and scales, the fused dec
 for every request's guidance rows.
 
 Not built yet for SDXL (each refused with one line): plain IP-Adapter, ControlNet,
-LoRA, step-level batching, the ONNX/TensorRT export. CUDA graphs keep the added conditioning among their static
-buffers (copied once per call).
+LoRA, step-level batching, running an SDXL export (the graphs export and verify: export/specs.py). CUDA graphs keep
+the added conditioning among their static buffers (copied once per call).
 """
 from __future__ import annotations
 

@@ -29,14 +29,18 @@ from .specs import build_specs
 
 DEFAULT_OPSET = 17
 EDIT_GRAPHS = GRAPHS + ("vae_encoder",)  # an InstructPix2Pix export's
-KINDS = {"text_to_image": GRAPHS, "edit": EDIT_GRAPHS}  # manifest "kind" -> its graphs
+SDXL_GRAPHS = GRAPHS + ("text_encoder_2",)  # an SDXL export's: the second text encoder (tokens and pooled)
+KINDS = {"text_to_image": GRAPHS, "edit": EDIT_GRAPHS, "sdxl": SDXL_GRAPHS}  # manifest "kind" -> its graphs
 
 
 def model_kind(model) -> str:
-    """"edit" for an InstructPix2Pix folder (engine.loading.is_edit_model), else "text_to_image"; a folder whose
-    configs do not read is left to the pipeline's loader to name what is wrong."""
-    from engine.loading import is_edit_model
+    """"edit" for an InstructPix2Pix folder (engine.loading.is_edit_model), "sdxl" for an SDXL folder (a second
+    text encoder and tokenizer), else "text_to_image"; a folder whose configs do not read is left to the pipeline's
+    loader to name what is wrong."""
+    from engine.loading import is_edit_model, is_sdxl_folder
 
+    if os.path.isdir(os.fspath(model)) and is_sdxl_folder(os.fspath(model)):
+        return "sdxl"
     return "edit" if is_edit_model(model) else "text_to_image"
 
 
@@ -137,8 +141,9 @@ def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OP
     kind = model_kind(model)
     nets = [] if controlnet is None else [controlnet] if isinstance(controlnet, (str, os.PathLike)) \
         else list(controlnet)
-    if nets and kind == "edit":
-        raise EngineError("ControlNet with InstructPix2Pix is not built: export the edit model without --controlnet")
+    if nets and kind in ("edit", "sdxl"):
+        what = "InstructPix2Pix" if kind == "edit" else "SDXL"
+        raise EngineError(f"ControlNet with {what} is not built: export the model without --controlnet")
     known = KINDS[kind] + tuple(graph_names(len(nets)) if nets else ())
     graphs = tuple(graphs or known)
     unknown = sorted(set(graphs) - set(known))
@@ -174,6 +179,14 @@ def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OP
                     "vae_scale_factor": pipe.vae_scale_factor, "vae_scaling_factor": pipe.vae.config.scaling_factor,
                     "tokenizer": {"folder": "tokenizer/ of the model", "max_length": pipe.tokenizer.model_max_length},
                     "graphs": {}}
+        if kind == "sdxl":  # what a runtime needs beside the graphs (engine/sdxl.py computes the same)
+            manifest["tokenizer_2"] = {"folder": "tokenizer_2/ of the model",
+                                       "max_length": pipe.tokenizer_2.model_max_length}
+            manifest["sdxl"] = {
+                "encoder_hidden_states": "concat(text_encoder penultimate, text_encoder_2 penultimate), last axis",
+                "text_embeds": "text_encoder_2 pooled: the prompt's, the negative prompt's in unconditional rows",
+                "time_ids": "original_size + crops_coords_top_left + target_size per row, (h, w, top, left, h, w)",
+                "projector_text": "text_encoder text_tokens (last hidden state)"}
         if nets:
             manifest["controlnets"] = manifest_entries(pipe, nets, out)
         for spec in specs:

@@ -101,6 +101,23 @@ class TextEncoder(nn.Module):
         return self.encoder(input_ids=input_ids).last_hidden_state
 
 
+class SDXLTextEncoder(nn.Module):
+    """SDXL's text encoders: the first gives (last hidden state: the Instruct projector's input, penultimate hidden
+    state: the UNet's first channels); the second, a CLIPTextModelWithProjection, (penultimate hidden state,
+    pooled projection)."""
+
+    def __init__(self, encoder, second: bool):
+        super().__init__()
+        encoder.set_attn_implementation("eager")  # as TextEncoder
+        self.encoder, self.second = encoder, second
+
+    def forward(self, input_ids):
+        out = self.encoder(input_ids=input_ids, output_hidden_states=True)
+        if self.second:
+            return out.hidden_states[-2], out.text_embeds
+        return out.last_hidden_state, out.hidden_states[-2]
+
+
 class ImageEncoder(nn.Module):
     def __init__(self, encoder):
         super().__init__()
@@ -134,6 +151,14 @@ class UNet(nn.Module):
                                               mid_block_additional_residual=residuals[-1])
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
                          cross_attention_kwargs={"ip_tokens": ip_tokens, "ip_scale": ip_scale}, **extra)[0]
+
+
+class SDXLUNet(UNet):
+    def forward(self, sample, timestep, encoder_hidden_states, ip_tokens, ip_scale, text_embeds, time_ids):
+        # as UNet, plus SDXL's added conditioning per row: text_embeds (B, pooled), time_ids (B, 6)
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
+                         cross_attention_kwargs={"ip_tokens": ip_tokens, "ip_scale": ip_scale},
+                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})[0]
 
 
 class VaeDecoder(nn.Module):
@@ -239,5 +264,38 @@ def build_specs(pipe, attention: str) -> list[GraphSpec]:
                     "latent_dist.mode(), unscaled: the UNet's photo-latent channels")],
             {"batch": (1, 1, 8), "image_height": px, "image_width": px},
             trace={"image_height": 8 * f, "image_width": 8 * f}))
+    if getattr(pipe, "SDXL", False):
+        _sdxl_specs(pipe, specs, dt, lt, attention)
     unet = next(s for s in specs if s.name == "unet")
     return specs + controlnet_specs(pipe, unet)
+
+
+def _sdxl_specs(pipe, specs: list, dt: str, lt: int, attention: str) -> None:
+    """An SDXL export: text_encoder gives its penultimate state too, text_encoder_2 is added (penultimate state and
+    pooled projection), and the UNet takes the added conditioning per row."""
+    t1, t2 = pipe.text_encoder.config, pipe.text_encoder_2.config
+    pooled = t2.projection_dim
+
+    def ids(tok):
+        return [Tensor("input_ids", "int64", ("batch", lt), f"CLIP token ids from the model's {tok}/, padded to {lt}",
+                       fill="ids")]
+    at = {s.name: i for i, s in enumerate(specs)}
+    specs[at["text_encoder"]] = GraphSpec(
+        "text_encoder", SDXLTextEncoder(pipe.text_encoder, second=False), ids("tokenizer"),
+        [Tensor("text_tokens", dt, ("batch", lt, t1.hidden_size), "last hidden state per token (the projector's)"),
+         Tensor("penultimate", dt, ("batch", lt, t1.hidden_size),
+                f"penultimate hidden state (the UNet's first {t1.hidden_size} channels)")],
+        {"batch": (1, 4, 16)}, vocab=t1.vocab_size)
+    unet = specs[at["unet"]]
+    specs[at["unet"]] = GraphSpec(
+        "unet", SDXLUNet(pipe.unet, pipe.adapter.layers, attention), [
+            *unet.inputs,
+            Tensor("text_embeds", dt, ("batch", pooled), "text_encoder_2's pooled projection per row"),
+            Tensor("time_ids", dt, ("batch", 6), "original_size + crops_coords_top_left + target_size per row")],
+        unet.outputs, unet.axes, trace=unet.trace, notes=unet.notes)
+    specs.insert(at["text_encoder"] + 1, GraphSpec(
+        "text_encoder_2", SDXLTextEncoder(pipe.text_encoder_2, second=True), ids("tokenizer_2"),
+        [Tensor("penultimate", dt, ("batch", lt, t2.hidden_size),
+                f"penultimate hidden state (the UNet's last {t2.hidden_size} channels)"),
+         Tensor("text_embeds", dt, ("batch", pooled), "pooled projection (the UNet's added conditioning)")],
+        {"batch": (1, 4, 16)}, vocab=t2.vocab_size))

@@ -104,6 +104,22 @@ def references(pipe, manifest=None):
 
     nets = {e["graph"]: controlnet(net) for e, net in zip((manifest or {}).get("controlnets") or [],
                                                           getattr(pipe, "controlnets", ()))}
+    if getattr(pipe, "SDXL", False):  # engine/sdxl.py's encodings and the UNet's added conditioning
+        def sdxl_unet(sample, timestep, encoder_hidden_states, ip_tokens, ip_scale, text_embeds, time_ids):
+            kv = precompute_kv(pipe.unet, pipe.cross, encoder_hidden_states, ip_tokens)
+            ctx = AdapterContext(kv=kv, scale={n: ip_scale.view(-1, 1, 1, 1) for n in pipe.cross})
+            return pipe.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
+                             cross_attention_kwargs={"adapter": ctx},
+                             added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})[0]
+
+        def text(encoder, second):
+            def run(input_ids):
+                out = encoder(input_ids=input_ids, output_hidden_states=True)
+                return (out.hidden_states[-2], out.text_embeds) if second else \
+                    (out.last_hidden_state, out.hidden_states[-2])
+            return run
+        nets.update(unet=sdxl_unet, text_encoder=text(pipe.text_encoder, False),
+                    text_encoder_2=text(pipe.text_encoder_2, True))
     return {
         "text_encoder": lambda input_ids: pipe.text_encoder(input_ids=input_ids).last_hidden_state,
         "image_encoder": lambda pixel_values: pipe.image_encoder(pixel_values, output_hidden_states=True)
@@ -113,7 +129,7 @@ def references(pipe, manifest=None):
         "unet": unet,
         "vae_decoder": lambda latent: pipe.vae.decode(latent / cfg.scaling_factor + shift, return_dict=False)[0],
         "vae_encoder": lambda pixels: pipe.vae.encode(pixels).latent_dist.mode(),  # as EditPipeline.encode_photos
-        **nets,
+        **nets,  # (and an SDXL pipeline's text encoders and UNet, in place of the SD1.5 ones)
     }
 
 
