@@ -6,7 +6,7 @@ Providers (equal work: `simple` guidance, 2 UNet rows per image, against diffuse
   `--cuda-graphs` the UNet step replayed from CUDA graphs.
 - `engine-eager`: the same pipeline on the plain PyTorch backend (two SDPA calls per cross-attention).
 - `diffusers`: StableDiffusionPipeline with its own IP-Adapter+ support (`load_ip_adapter`) on an IP-Adapter+
-  file of the same shapes.
+  file of the same shapes (StableDiffusionXLPipeline with IP-Adapter+ SDXL for the `sdxl`/`tiny-sdxl` presets).
 - `tensorrt` (only when named in --providers): the engine's own loop around the TensorRT plans of
   `python -m export trt` (`--engines DIR`, or exported and built here once per weights and dtype into the bench
   cache, for this GPU's arch only); `--cuda-graphs` replays its UNet plan from CUDA graphs. On the CPU, or where
@@ -221,14 +221,22 @@ class DiffusersProvider:
         from engine.loading import _image_processor_class
 
         self.cfg, self.device = cfg, device
+        from engine.loading import is_sdxl_folder
+
         if cfg.task == "edit":
             self.pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
                 paths["model"], safety_checker=None, requires_safety_checker=False)
         else:
             encoder = CLIPVisionModelWithProjection.from_pretrained(paths["image_encoder"]).to(dtype)
-            self.pipe = StableDiffusionPipeline.from_pretrained(
-                paths["model"], safety_checker=None, requires_safety_checker=False, image_encoder=encoder,
-                feature_extractor=_image_processor_class().from_pretrained(paths["image_encoder"]))
+            extractor = _image_processor_class().from_pretrained(paths["image_encoder"])
+            if is_sdxl_folder(paths["model"]):  # the SDXL presets: diffusers' SDXL pipeline, IP-Adapter+ SDXL
+                from diffusers import StableDiffusionXLPipeline
+                self.pipe = StableDiffusionXLPipeline.from_pretrained(paths["model"], image_encoder=encoder,
+                                                                      feature_extractor=extractor)
+            else:
+                self.pipe = StableDiffusionPipeline.from_pretrained(
+                    paths["model"], safety_checker=None, requires_safety_checker=False, image_encoder=encoder,
+                    feature_extractor=extractor)
             plus, n = paths["plus_adapter"], cfg.adapters
             if n == 1:
                 self.pipe.load_ip_adapter(os.path.dirname(plus), subfolder="", weight_name=os.path.basename(plus),

@@ -4,6 +4,9 @@
 - `sd15`: random weights at the full SD1.5 / CLIP ViT-H/14 / 16-token adapter shapes (UNet 860 M, VAE 84 M,
   text encoder 123 M, image encoder 632 M, projector 68.9 M parameters), stored in fp16 (~3.4 GB). Random
   weights do the same work as real ones, so the timings hold; the images are noise.
+- `sdxl`: random weights at SDXL base 1.0's shapes (UNet 2.57 B, two text encoders 123 M + 695 M, VAE 84 M) with
+  ViT-H/14 and IPAdapter-Instruct SDXL / IP-Adapter+ SDXL adapters, fp16 (~9 GB); `tiny-sdxl`: the tiny SDXL
+  weights (engine.tiny.make_tiny_sdxl) with a tiny Instruct adapter.
 - Real weights: `--model/--image-encoder/--adapter` (and `--plus-adapter` for the diffusers provider).
 The edit task (InstructPix2Pix) has its own: `tiny` is `make_tiny(DIR, edit=True)`, `sd15` the SD1.5 UNet with
 8 input channels (859.5 M) and the same VAE and text encoder, with timbrooks/instruct-pix2pix's Euler ancestral
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-PRESETS = ("tiny", "sd15")
+PRESETS = ("tiny", "sd15", "tiny-sdxl", "sdxl")
 
 
 def cache_root() -> str:
@@ -46,6 +49,73 @@ def sd15_modules(edit: bool = False):
         hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, image_size=224,
         patch_size=14, projection_dim=1024, hidden_act="gelu"))
     return unet, vae, text, vision
+
+
+def sdxl_modules():
+    """SDXL base 1.0's UNet, VAE and two text encoders (CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 with its
+    projection) with random weights, plus CLIP ViT-H/14's vision tower (any device context: the tests build them on
+    the meta device)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = UNet2DConditionModel(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+        cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816, norm_num_groups=32)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=2, sample_size=1024, scaling_factor=0.13025)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                        hidden_act="quick_gelu", projection_dim=768))
+    text2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+        max_position_embeddings=77, hidden_act="gelu", projection_dim=1280))
+    return unet, vae, text, text2, _vit_h()
+
+
+def _vit_h():
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, image_size=224,
+        patch_size=14, projection_dim=1024, hidden_act="gelu"))
+
+
+def build_sdxl(folder: str) -> None:
+    """Write random SDXL-shaped weights to `folder`: model/ (a StableDiffusionXLPipeline folder, fp16),
+    image_encoder/ (ViT-H/14), adapter.safetensors (IPAdapter-Instruct SDXL: 1280 wide, 20 heads, 16 queries,
+    768-wide text, 2048 out) and plus.safetensors (IP-Adapter+ SDXL). About 9 GB; building needs ~20 GB of RAM."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from engine.adapter import AdapterLayers, save_adapter
+    from engine.loading import _image_processor_class
+    from engine.projector import InstructProjector, ProjectorConfig
+    from engine.tiny import atomic_folder, tiny_tokenizer
+
+    from .common import quiet_loaders
+
+    quiet_loaders()
+    with atomic_folder(folder) as tmp:
+        torch.manual_seed(0)
+        unet, vae, text, text2, vision = sdxl_modules()
+        with tempfile.TemporaryDirectory() as tok_dir:
+            tok = tiny_tokenizer(tok_dir)  # byte-level: any text, 77 tokens, ids within CLIP's vocabulary
+        for t in (text, text2):
+            t.config.bos_token_id, t.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+        sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+        StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=tok, tokenizer_2=tok,
+                                  unet=unet, scheduler=sched).to(torch.float16).save_pretrained(
+            os.path.join(tmp, "model"))
+        vision.to(torch.float16).save_pretrained(os.path.join(tmp, "image_encoder"))
+        _image_processor_class()().save_pretrained(os.path.join(tmp, "image_encoder"))
+        for name, text_dim in (("adapter.safetensors", 768), ("plus.safetensors", None)):
+            cfg = ProjectorConfig(dim=1280, depth=4, heads=20, num_queries=16, image_dim=1280, output_dim=2048,
+                                  ff_mult=4, text_dim=text_dim)
+            save_adapter(os.path.join(tmp, name), InstructProjector(cfg), AdapterLayers(unet, 2048))
 
 
 def _write_adapter(path: str, unet, preset: str) -> None:
@@ -128,6 +198,8 @@ def bench_weights(preset: str, cache: str | None = None, task: str = "generate")
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if task == "edit":
         return edit_weights(preset, root)
+    if preset in ("tiny-sdxl", "sdxl"):
+        return sdxl_weights(preset, root)
     if preset == "tiny":
         paths = ensure_tiny(os.path.join(root, "tiny-v1"))
         plus = os.path.join(root, "tiny-v1-plus.safetensors")
@@ -141,6 +213,31 @@ def bench_weights(preset: str, cache: str | None = None, task: str = "generate")
     if not os.path.isdir(folder):
         print(f"building random SD1.5-shaped weights into {folder} (once, ~3.4 GB)", flush=True)
         build_sd15(folder)
+    return {"model": os.path.join(folder, "model"), "image_encoder": os.path.join(folder, "image_encoder"),
+            "adapter": os.path.join(folder, "adapter.safetensors"),
+            "plus_adapter": os.path.join(folder, "plus.safetensors")}
+
+
+def sdxl_weights(preset: str, root: str) -> dict[str, str]:
+    """The SDXL presets, built once: `tiny-sdxl` (engine.tiny.make_tiny_sdxl plus a tiny IPAdapter-Instruct SDXL
+    adapter) and `sdxl` (build_sdxl: the public shapes). adapter: IPAdapter-Instruct; plus_adapter: IP-Adapter+."""
+    if preset == "tiny-sdxl":
+        from diffusers import UNet2DConditionModel
+
+        from engine.tiny import make_tiny_sdxl, tiny_adapter
+        folder = os.path.join(root, "tiny-sdxl-v1")
+        instruct = os.path.join(folder, "instruct.safetensors")
+        if not os.path.exists(instruct):  # written last: there means complete
+            make_tiny_sdxl(folder)
+            unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "model"), subfolder="unet")
+            torch.manual_seed(5)
+            tiny_adapter(instruct, unet, kind="instruct")
+        return {"model": os.path.join(folder, "model"), "image_encoder": os.path.join(folder, "image_encoder"),
+                "adapter": instruct, "plus_adapter": os.path.join(folder, "plus.safetensors")}
+    folder = os.path.join(root, "sdxl-random-v1")
+    if not os.path.isdir(folder):
+        print(f"building random SDXL-shaped weights into {folder} (once, ~9 GB)", flush=True)
+        build_sdxl(folder)
     return {"model": os.path.join(folder, "model"), "image_encoder": os.path.join(folder, "image_encoder"),
             "adapter": os.path.join(folder, "adapter.safetensors"),
             "plus_adapter": os.path.join(folder, "plus.safetensors")}

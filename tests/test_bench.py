@@ -41,6 +41,37 @@ def test_ops_writes_rows_for_every_shape_and_provider(tmp_path, capsys):
     assert "not measured: kernel_latency: CUDA graphs need CUDA" in out
 
 
+def test_sdxl_preset_has_the_published_sizes():
+    """The sdxl preset's random models: SDXL base 1.0's UNet, VAE and two text encoders, ViT-H/14, and the
+    IPAdapter-Instruct SDXL projector at the reference release's ResamplerInstructBigger size (built from the
+    release's code: 189,849,344 parameters), all on the meta device."""
+    import torch
+
+    from bench.weights import sdxl_modules
+    from engine.projector import InstructProjector, ProjectorConfig
+    with torch.device("meta"):
+        unet, vae, text, text2, vision = sdxl_modules()
+        projector = InstructProjector(ProjectorConfig(dim=1280, depth=4, heads=20, num_queries=16, image_dim=1280,
+                                                      output_dim=2048, ff_mult=4, text_dim=768))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert (count(unet), count(vae), count(text), count(text2), count(vision), count(projector)) == (
+        2_567_463_684, 83_653_863, 123_060_480, 694_659_840, 632_076_800, 189_849_344)
+    assert unet.config.cross_attention_dim == text.config.hidden_size + text2.config.hidden_size == 2048
+
+
+def test_e2e_runs_the_tiny_sdxl_preset(tmp_path, capsys):
+    """`--preset tiny-sdxl`: the engine (IPAdapter-Instruct SDXL) against diffusers' StableDiffusionXLPipeline with
+    IP-Adapter+ SDXL, in one run, with a FLOP count."""
+    path = tmp_path / "e2e.json"
+    assert main(["--preset", "tiny-sdxl", "--device", "cpu", "--batch", "1", "--steps", "2", "--repeats", "1",
+                 "--providers", "engine,diffusers", "--cache", str(tmp_path / "w"), "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())
+    latency = {r["provider"] for r in rows if r["metric"] == "latency"}
+    assert latency == {"engine", "diffusers"} and all(r["config"]["preset"] == "tiny-sdxl" for r in rows)
+    assert any(r["unit"] == "TFLOP/s" and r["p50"] > 0 for r in rows)
+    assert "vs diffusers" in capsys.readouterr().out
+
+
 def test_e2e_compares_the_providers_in_one_run(tmp_path, capsys):
     path, plot = tmp_path / "e2e.json", tmp_path / "e2e.png"
     # no subcommand: `python -m bench [options]` is the end-to-end benchmark
