@@ -213,31 +213,26 @@ def bench_weights(preset: str, cache: str | None = None, task: str = "generate")
     if not os.path.isdir(folder):
         print(f"building random SD1.5-shaped weights into {folder} (once, ~3.4 GB)", flush=True)
         build_sd15(folder)
-    return {"model": os.path.join(folder, "model"), "image_encoder": os.path.join(folder, "image_encoder"),
-            "adapter": os.path.join(folder, "adapter.safetensors"),
-            "plus_adapter": os.path.join(folder, "plus.safetensors")}
+    return preset_paths(folder)
 
 
 def sdxl_weights(preset: str, root: str) -> dict[str, str]:
-    """The SDXL presets, built once: `tiny-sdxl` (engine.tiny.make_tiny_sdxl plus a tiny IPAdapter-Instruct SDXL
-    adapter) and `sdxl` (build_sdxl: the public shapes). adapter: IPAdapter-Instruct; plus_adapter: IP-Adapter+."""
+    """The SDXL presets, built once: `tiny-sdxl` (engine.tiny.make_tiny_sdxl) and `sdxl` (build_sdxl: the public
+    shapes). adapter: IPAdapter-Instruct; plus_adapter: IP-Adapter+."""
     if preset == "tiny-sdxl":
-        from diffusers import UNet2DConditionModel
-
-        from engine.tiny import make_tiny_sdxl, tiny_adapter
+        from engine.tiny import make_tiny_sdxl
         folder = os.path.join(root, "tiny-sdxl-v1")
-        instruct = os.path.join(folder, "instruct.safetensors")
-        if not os.path.exists(instruct):  # written last: there means complete
+        if not os.path.isdir(folder):  # make_tiny_sdxl replaces the folder atomically: there means complete
             make_tiny_sdxl(folder)
-            unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "model"), subfolder="unet")
-            torch.manual_seed(5)
-            tiny_adapter(instruct, unet, kind="instruct")
-        return {"model": os.path.join(folder, "model"), "image_encoder": os.path.join(folder, "image_encoder"),
-                "adapter": instruct, "plus_adapter": os.path.join(folder, "plus.safetensors")}
+        return preset_paths(folder, "instruct.safetensors")
     folder = os.path.join(root, "sdxl-random-v1")
     if not os.path.isdir(folder):
         print(f"building random SDXL-shaped weights into {folder} (once, ~9 GB)", flush=True)
         build_sdxl(folder)
+    return preset_paths(folder)
+
+
+def preset_paths(folder: str, adapter: str = "adapter.safetensors") -> dict[str, str]:
+    """A built preset's paths: model/, image_encoder/, the Instruct adapter and plus.safetensors."""
     return {"model": os.path.join(folder, "model"), "image_encoder": os.path.join(folder, "image_encoder"),
-            "adapter": os.path.join(folder, "adapter.safetensors"),
-            "plus_adapter": os.path.join(folder, "plus.safetensors")}
+            "adapter": os.path.join(folder, adapter), "plus_adapter": os.path.join(folder, "plus.safetensors")}

@@ -127,9 +127,10 @@ def tiny_sdxl_base(folder: str) -> None:
 
 
 def make_tiny_sdxl(folder: str, seed: int = 0) -> dict[str, str]:
-    """Tiny SDXL weights under `folder` (atomically): model/ (a diffusers SDXL folder), image_encoder/ and
-    plus.safetensors (an IP-Adapter+ SDXL checkpoint in the two-key layout, its ip_adapter indices in the SDXL
-    UNet's attn_processors order). -> {"model", "image_encoder", "adapter"}."""
+    """Tiny SDXL weights under `folder` (atomically): model/ (a diffusers SDXL folder), image_encoder/,
+    plus.safetensors (IP-Adapter+ SDXL) and instruct.safetensors (IPAdapter-Instruct SDXL: its text inputs as wide
+    as the first text encoder), both in the two-key layout with ip_adapter indices in the SDXL UNet's
+    attn_processors order. -> {"model", "image_encoder", "adapter" (the IP-Adapter+ one), "instruct"}."""
     from diffusers import UNet2DConditionModel
 
     folder = os.path.abspath(folder)
@@ -139,8 +140,11 @@ def make_tiny_sdxl(folder: str, seed: int = 0) -> dict[str, str]:
         tiny_image_encoder(os.path.join(tmp, "image_encoder"))
         unet = UNet2DConditionModel.from_pretrained(os.path.join(tmp, "model"), subfolder="unet")
         tiny_adapter(os.path.join(tmp, "plus.safetensors"), unet, kind="plus")
+        torch.manual_seed(seed + 5)  # its own seed: the pieces above stay what they were before it was added
+        tiny_adapter(os.path.join(tmp, "instruct.safetensors"), unet, kind="instruct")
     return {"model": os.path.join(folder, "model"), "image_encoder": os.path.join(folder, "image_encoder"),
-            "adapter": os.path.join(folder, "plus.safetensors")}
+            "adapter": os.path.join(folder, "plus.safetensors"),
+            "instruct": os.path.join(folder, "instruct.safetensors")}
 
 
 def tiny_image_encoder(folder: str) -> None:

@@ -16,15 +16,8 @@ QUIET = dict(log=lambda *a, **k: None)
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
-    from diffusers import UNet2DConditionModel
-
-    from engine.tiny import make_tiny_sdxl, tiny_adapter
-    paths = make_tiny_sdxl(str(tmp_path_factory.mktemp("sdxl-export") / "tiny"))
-    unet = UNet2DConditionModel.from_pretrained(paths["model"], subfolder="unet")
-    torch.manual_seed(5)
-    instruct = os.path.join(os.path.dirname(paths["adapter"]), "instruct.safetensors")
-    tiny_adapter(instruct, unet, kind="instruct")
-    return {**paths, "instruct": instruct}
+    from engine.tiny import make_tiny_sdxl
+    return make_tiny_sdxl(str(tmp_path_factory.mktemp("sdxl-export") / "tiny"))
 
 
 @pytest.mark.parametrize("attention, adapter", [("plugin", "instruct"), ("onnx", "instruct"), ("onnx", "adapter")],

@@ -43,17 +43,23 @@ def ref_projector(sd, image, instruct, prompt, heads):
     return F.layer_norm(lin(lat, "proj_out"), (sd["proj_out.weight"].shape[0],), sd["norm_out.weight"], sd["norm_out.bias"])
 
 
-def reference_generate(tiny, image, instruction, scale, g, gi, gimg, seed, simple):
-    from diffusers import StableDiffusionPipeline
+def release_guidance(eps, simple, g, gi, gimg):
+    """The release's combination of the branch predictions: [full, uncond] or [full, img_only, every, uncond]."""
+    if simple:
+        c, u = eps.chunk(2)
+        return u + g * (c - u)
+    f, io, ev, u = eps.chunk(4)
+    return u + gi * (f - ev) + g * (ev - io) + gimg * (io - u)
+
+
+def reference_ip_processors(unet, adapter_file, scale):
+    """diffusers' own IPAdapterAttnProcessor2_0 on every attn2 of `unet`, loaded from the adapter file's raw
+    ip_adapter tensors by attn_processors index (AttnProcessor2_0 on attn1). -> the file's image_proj tensors."""
     from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
-    from transformers import CLIPVisionModelWithProjection
 
     from engine.adapter import read_adapter_file
-    from engine.loading import _image_processor_class
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny["model"], safety_checker=None, requires_safety_checker=False)
-    unet, sched = pipe.unet, pipe.scheduler
-    proj_sd, ip_sd = read_adapter_file(tiny["adapter"])
+    proj_sd, ip_sd = read_adapter_file(adapter_file)
     q_tokens = proj_sd["latents"].shape[1]
     procs, modules = {}, dict(unet.named_modules())
     for idx, name in enumerate(unet.attn_processors):
@@ -66,6 +72,18 @@ def reference_generate(tiny, image, instruction, scale, g, gi, gimg, seed, simpl
         p.to_v_ip[0].weight.data.copy_(ip_sd[f"{idx}.to_v_ip.weight"])
         procs[name] = p
     unet.set_attn_processor(procs)
+    return proj_sd
+
+
+def reference_generate(tiny, image, instruction, scale, g, gi, gimg, seed, simple):
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPVisionModelWithProjection
+
+    from engine.loading import _image_processor_class
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny["model"], safety_checker=None, requires_safety_checker=False)
+    unet, sched = pipe.unet, pipe.scheduler
+    proj_sd = reference_ip_processors(unet, tiny["adapter"], scale)
 
     def enc(text):
         ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -89,13 +107,7 @@ def reference_generate(tiny, image, instruction, scale, g, gi, gimg, seed, simpl
     latents = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed)) * sched.init_noise_sigma
     for t in sched.timesteps:
         x = sched.scale_model_input(torch.cat([latents] * cond.shape[0]), t)
-        eps = unet(x, t, encoder_hidden_states=cond).sample
-        if simple:
-            c, u = eps.chunk(2)
-            eps = u + g * (c - u)
-        else:
-            f, io, ev, u = eps.chunk(4)
-            eps = u + gi * (f - ev) + g * (ev - io) + gimg * (io - u)
+        eps = release_guidance(unet(x, t, encoder_hidden_states=cond).sample, simple, g, gi, gimg)
         latents = sched.step(eps, t, latents).prev_sample
     return latents
 

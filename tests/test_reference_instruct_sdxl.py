@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_reference_instruct import ref_projector
+from test_reference_instruct import ref_projector, reference_ip_processors, release_guidance
 
 STEPS = 3
 PROMPT, NEG = "a photo of a firefighter", "monochrome, lowres, bad anatomy, worst quality, low quality"
@@ -23,15 +23,9 @@ PROMPT, NEG = "a photo of a firefighter", "monochrome, lowres, bad anatomy, wors
 
 @pytest.fixture(scope="module")
 def sdxl_instruct(tmp_path_factory):
-    from diffusers import UNet2DConditionModel
-
-    from engine.tiny import make_tiny_sdxl, tiny_adapter
+    from engine.tiny import make_tiny_sdxl
     paths = make_tiny_sdxl(str(tmp_path_factory.mktemp("sdxl-instruct") / "tiny"))
-    unet = UNet2DConditionModel.from_pretrained(paths["model"], subfolder="unet")
-    torch.manual_seed(5)
-    adapter = os.path.join(os.path.dirname(paths["adapter"]), "instruct.safetensors")
-    tiny_adapter(adapter, unet, kind="instruct")
-    return {**paths, "adapter": adapter}
+    return {**paths, "adapter": paths["instruct"]}
 
 
 @pytest.fixture(scope="module")
@@ -50,28 +44,14 @@ def image():
 
 def reference_generate(paths, image, instruction, scale, g, gi, gimg, seed, simple):
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
-    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
     from transformers import CLIPVisionModelWithProjection
 
-    from engine.adapter import read_adapter_file
     from engine.loading import _image_processor_class
 
     pipe = StableDiffusionXLPipeline.from_pretrained(paths["model"])
     unet = pipe.unet
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
-    proj_sd, ip_sd = read_adapter_file(paths["adapter"])
-    q_tokens = proj_sd["latents"].shape[1]
-    procs, modules = {}, dict(unet.named_modules())
-    for idx, name in enumerate(unet.attn_processors):
-        if name.endswith("attn1.processor"):
-            procs[name] = AttnProcessor2_0()
-            continue
-        attn = modules[name[: -len(".processor")]]
-        p = IPAdapterAttnProcessor2_0(attn.to_k.out_features, unet.config.cross_attention_dim, (q_tokens,), scale)
-        p.to_k_ip[0].weight.data.copy_(ip_sd[f"{idx}.to_k_ip.weight"])
-        p.to_v_ip[0].weight.data.copy_(ip_sd[f"{idx}.to_v_ip.weight"])
-        procs[name] = p
-    unet.set_attn_processor(procs)
+    proj_sd = reference_ip_processors(unet, paths["adapter"], scale)
 
     def small(text):  # the release: pipe.text_encoder(ids)[0], the first encoder's last hidden state
         ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -106,12 +86,7 @@ def reference_generate(paths, image, instruction, scale, g, gi, gimg, seed, simp
         x = sched.scale_model_input(torch.cat([latents] * cond.shape[0]), t)
         eps = unet(x, t, encoder_hidden_states=cond,
                    added_cond_kwargs={"text_embeds": pooled_rows, "time_ids": time_ids}).sample
-        if simple:
-            c, u = eps.chunk(2)
-            eps = u + g * (c - u)
-        else:
-            f, io, ev, u = eps.chunk(4)
-            eps = u + gi * (f - ev) + g * (ev - io) + gimg * (io - u)
+        eps = release_guidance(eps, simple, g, gi, gimg)  # (its SDXL pipeline batches [uncond, cond]: same sum)
         latents = sched.step(eps, t, latents, eta=0.0).prev_sample
     return latents
 

@@ -147,18 +147,10 @@ def test_what_sdxl_does_not_run_yet_is_one_line(sdxl, pipe, image, tmp_path):
 def test_sdxl_layout_at_full_size():
     """SDXL base 1.0's UNet config (public): 70 cross-attention layers, at the odd attn_processors indices 1..139,
     2048-wide tokens, head dim 64; the adapter's layers follow that order."""
-    from diffusers import UNet2DConditionModel
-
+    from bench.weights import sdxl_modules
     from engine.adapter import AdapterLayers
-    config = dict(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-        cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816, norm_num_groups=32)
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**config)
+        unet = sdxl_modules()[0]
         layers = AdapterLayers(unet, 2048)
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # stabilityai/stable-diffusion-xl-base-1.0
     assert len(layers.layers) == 70
@@ -189,7 +181,7 @@ def test_cli_make_tiny_sdxl_and_generate(pipe, image, tmp_path):
     """`make-tiny DIR --sdxl` writes what loads; `generate --model SDXL_DIR` gives the Python API's image."""
     from engine.__main__ import main
     assert main(["make-tiny", str(tmp_path / "t"), "--sdxl"]) == 0
-    assert sorted(os.listdir(tmp_path / "t")) == ["image_encoder", "model", "plus.safetensors"]
+    assert sorted(os.listdir(tmp_path / "t")) == ["image_encoder", "instruct.safetensors", "model", "plus.safetensors"]
     assert main(["make-tiny", str(tmp_path / "u"), "--sdxl", "--edit"]) == 2
     image.save(tmp_path / "cond.png")
     out = tmp_path / "out.png"
