@@ -58,7 +58,8 @@ def reference_generate(paths, image, instruction, scale, g, gi, gimg, seed, simp
         return pipe.text_encoder(ids)[0]
 
     tokens, neg_tokens, pooled, neg_pooled = pipe.encode_prompt(
-        PROMPT, device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=NEG)
+        PROMPT, device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=True,
+        negative_prompt=NEG)
     encoder = CLIPVisionModelWithProjection.from_pretrained(paths["image_encoder"])
     pixels = _image_processor_class().from_pretrained(paths["image_encoder"])(
         images=[image], return_tensors="pt").pixel_values
