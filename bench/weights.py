@@ -87,7 +87,7 @@ def _vit_h():
 def build_sdxl(folder: str) -> None:
     """Write random SDXL-shaped weights to `folder`: model/ (a StableDiffusionXLPipeline folder, fp16),
     image_encoder/ (ViT-H/14), adapter.safetensors (IPAdapter-Instruct SDXL: 1280 wide, 20 heads, 16 queries,
-    768-wide text, 2048 out) and plus.safetensors (IP-Adapter+ SDXL). About 9 GB; building needs ~20 GB of RAM."""
+    768-wide text, 2048 out) and plus.safetensors (IP-Adapter+ SDXL), all fp16: about 9 GB."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     from engine.adapter import AdapterLayers, save_adapter
@@ -100,7 +100,12 @@ def build_sdxl(folder: str) -> None:
     quiet_loaders()
     with atomic_folder(folder) as tmp:
         torch.manual_seed(0)
-        unet, vae, text, text2, vision = sdxl_modules()
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float16)  # built in fp16 (fp32 would need ~16 GB before the cast)
+        try:
+            unet, vae, text, text2, vision = sdxl_modules()
+        finally:
+            torch.set_default_dtype(default)
         with tempfile.TemporaryDirectory() as tok_dir:
             tok = tiny_tokenizer(tok_dir)  # byte-level: any text, 77 tokens, ids within CLIP's vocabulary
         for t in (text, text2):
@@ -115,7 +120,7 @@ def build_sdxl(folder: str) -> None:
         for name, text_dim in (("adapter.safetensors", 768), ("plus.safetensors", None)):
             cfg = ProjectorConfig(dim=1280, depth=4, heads=20, num_queries=16, image_dim=1280, output_dim=2048,
                                   ff_mult=4, text_dim=text_dim)
-            save_adapter(os.path.join(tmp, name), InstructProjector(cfg), AdapterLayers(unet, 2048))
+            save_adapter(os.path.join(tmp, name), InstructProjector(cfg).half(), AdapterLayers(unet, 2048).half())
 
 
 def _write_adapter(path: str, unet, preset: str) -> None:
