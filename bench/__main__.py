@@ -95,6 +95,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="same: every request --steps with simple guidance (default); mixed: by request index, also "
                         "full guidance and half and double steps (the same sequence for every server)")
     p.add_argument("--seed", type=int, default=c.seed, help="poisson: the arrival times' random seed")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="start the engine servers with serve --cuda-graphs (a CUDA GPU only; engine-step pads its "
+                        "rows to power-of-two buckets, one capture each)")
     p.add_argument("--cache", default=None, help="where preset weights are built (default: ~/.cache/...)")
     p.add_argument("--json", default=os.path.join("out", "bench-serve.json"), help="where the result rows go")
     p.add_argument("--plot", default=None, help="PATH.png: latency (p50, p99) against offered load (poisson) or "

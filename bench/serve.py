@@ -71,6 +71,7 @@ class ServeConfig:
     loads: tuple[float, ...] = (0.5, 0.9, 1.2)
     mix: str = "same"             # the requests' shapes by index (MIXES), the same sequence for every server
     seed: int = 0                 # the arrival times' random generator
+    cuda_graphs: bool = False     # the engine servers replay their UNet steps from CUDA graphs (serve --cuda-graphs)
 
 
 # (steps factor, guidance mode) by request index, cycled: `same` is every request at --steps with simple guidance;
@@ -153,7 +154,8 @@ def server_argv(name: str, paths: dict, cfg: ServeConfig) -> list[str]:
     rows = 2 if name == "engine-single" else cfg.max_batch_rows
     return [*py, "engine", "serve", "--model", paths["model"], "--image-encoder", paths["image_encoder"],
             "--adapter", paths["adapter"], "--port", "0", "--max-batch-rows", str(rows),
-            "--max-wait-ms", str(cfg.max_wait_ms), *(["--batching", "step"] if name == "engine-step" else [])]
+            "--max-wait-ms", str(cfg.max_wait_ms), *(["--batching", "step"] if name == "engine-step" else []),
+            *(["--cuda-graphs"] if cfg.cuda_graphs else [])]
 
 
 @dataclass
@@ -428,10 +430,17 @@ def config_from_args(a) -> ServeConfig:
     if a.arrival == "poisson" and not rates and not a.url and "engine" not in servers:
         raise ServeBenchError("--rates auto measures what the request-level server sustains: add engine to "
                               "--servers, or give --rates R1,R2,...", 2)
+    if getattr(a, "cuda_graphs", False):
+        if a.url:
+            raise ServeBenchError("--cuda-graphs starts the engine servers with it; a server given by --url runs "
+                                  "as it was started", 2)
+        import torch
+        if not torch.cuda.is_available():
+            raise ServeBenchError("--cuda-graphs needs a CUDA GPU; this machine has none", 2)
     if a.mix == "mixed" and "diffusers" in servers and not a.url:
         raise ServeBenchError("--mix mixed sends full-guidance requests (4 UNet rows), which the diffusers baseline "
                               "does not run: leave diffusers out of --servers", 2)
     return ServeConfig(preset=a.preset, concurrency=tuple(a.concurrency), requests=a.requests, steps=a.steps,
                        url=a.url, servers=servers, duration_s=a.duration_s, timeout_s=a.timeout_s,
                        max_batch_rows=a.max_batch_rows, max_wait_ms=a.max_wait_ms, arrival=a.arrival, rates=rates,
-                       loads=tuple(a.loads), mix=a.mix, seed=a.seed)
+                       loads=tuple(a.loads), mix=a.mix, seed=a.seed, cuda_graphs=getattr(a, "cuda_graphs", False))

@@ -101,3 +101,17 @@ def test_poisson_arrivals_on_request_and_step_batching(tmp_path, capsys):
     assert "engine-step / engine at the same arrivals" in out and "capacity of engine" in out
     assert "exited with code" not in out
     assert png.stat().st_size > 10_000
+
+
+def test_cuda_graphs_flag_reaches_the_engine_servers_or_is_refused(capsys):
+    import torch
+
+    from bench.serve import ServeConfig, server_argv
+    paths = dict(model="m", image_encoder="e", adapter="a", plus_adapter="p")
+    cfg = ServeConfig(cuda_graphs=True)
+    for name in ("engine", "engine-step", "engine-single"):
+        assert "--cuda-graphs" in server_argv(name, paths, cfg)
+    assert "--cuda-graphs" not in server_argv("engine", paths, ServeConfig())
+    if not torch.cuda.is_available():
+        assert main(["serve", "--servers", "engine", "--cuda-graphs"]) == 2
+        assert "--cuda-graphs needs a CUDA GPU" in capsys.readouterr().err
