@@ -87,6 +87,13 @@ def check_channels(unet_channels: int, latent_channels: int, edit: bool) -> None
                           "not a Stable Diffusion text-to-image or InstructPix2Pix model")
 
 
+def select_rows(t, index):
+    """A per-row entry (a tensor, a tuple of them for several adapters, or None) -> its rows at `index`."""
+    if isinstance(t, tuple):
+        return tuple(select_rows(x, index) for x in t)
+    return None if t is None else t.index_select(0, index)
+
+
 def expand_rows(branches: list[dict], texts: set, reqs: list) -> dict:
     """The plan from branch rows ({"r": request, "w": weight, "text": ...}): UNet rows (branches x each request's
     images), which latent each row predicts for, and the weight matrix combining rows into latents."""
@@ -493,12 +500,7 @@ class Pipeline(LoraMixin):
         every cross-attention layer and the per-row scales. -> (text rows, context)."""
         kv = precompute_kv(self.unet, self.cross, text_rows, ip_rows)
         index = plan["branch_of_row"].to(self.device)
-
-        def rows(t):
-            if isinstance(t, tuple):
-                return tuple(rows(x) for x in t)
-            return None if t is None else t.index_select(0, index)
-        ctx = AdapterContext(kv={n: rows(kvs) for n, kvs in kv.items()}, scale=self._scales(reqs, plan))
+        ctx = AdapterContext(kv={n: select_rows(kvs, index) for n, kvs in kv.items()}, scale=self._scales(reqs, plan))
         return text_rows.index_select(0, index), ctx
 
     def _unet_step(self, x, t, text_rows, ctx, control=None, added=None) -> torch.Tensor:

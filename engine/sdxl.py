@@ -95,7 +95,9 @@ class SDXLPipeline(Pipeline):
             for b in plan["branches"]:
                 if b["name"] in ("img_only", "uncond"):
                     b["instruct"] = b["ip_prompt"] = ""
-            plan["texts"].add("")
+        # the two-encoder encoding is the UNet's only: the projector's instruction and prompt tokens are the first
+        # encoder's own (_project), so the instruction strings are not run through both encoders for nothing
+        plan["texts"] = {b["text"] for b in plan["branches"]}
         return plan
 
     def _project(self, feats: dict, image_rows: list, emb: dict, plan: dict):

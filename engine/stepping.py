@@ -26,6 +26,7 @@ import torch
 
 from .attention import AdapterContext
 from .errors import EngineError
+from .pipeline import select_rows
 
 
 @dataclass(eq=False)
@@ -110,13 +111,6 @@ def _admit(pipe, kwargs: dict, one: bool) -> list[Flight]:
     return [Flight(p, p.latents, args["output_type"], cb, timings=dict(timings)) for p, cb in zip(preps, callbacks)]
 
 
-def _rows(t, index):
-    # a per-row entry (tensor, tuple of them, or None) -> the rows at `index`
-    if isinstance(t, tuple):
-        return tuple(_rows(x, index) for x in t)
-    return None if t is None else t.index_select(0, index)
-
-
 def _split(pipe, prep, reqs) -> list:
     """One request's share of a batch's `_prepare`: its UNet rows (text, K/V, scales, masks of every step's context,
     the identity of repeated contexts kept), its latents, its block of the guidance weights, and a copy of the
@@ -135,9 +129,9 @@ def _split(pipe, prep, reqs) -> list:
 
         def context(c):
             if id(c) not in made:
-                made[id(c)] = AdapterContext(kv={n: _rows(v, rows) for n, v in c.kv.items()},
-                                             scale={n: _rows(v, rows) for n, v in c.scale.items()},
-                                             mask={n: _rows(v, rows) for n, v in c.mask.items()})
+                made[id(c)] = AdapterContext(kv={n: select_rows(v, rows) for n, v in c.kv.items()},
+                                             scale={n: select_rows(v, rows) for n, v in c.scale.items()},
+                                             mask={n: select_rows(v, rows) for n, v in c.mask.items()})
             return made[id(c)]
         sched = copy.deepcopy(prep.sched)
         out.append(SimpleNamespace(
