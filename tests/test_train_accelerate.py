@@ -40,9 +40,10 @@ def one(tiny, synthetic, tmp_path_factory):
 
 
 def launch(cmd, tmp_path, timeout=300):
-    """Run a launcher in its own process group. A launch that hangs (seen once, in 1 of 4 fresh-clone runs on 2026-12-04: one of
-    torchrun's two workers gone, the other waiting on the rendezvous store for its default 30 minutes) is killed
-    with all its workers and tried once more, with a warning that shows what it printed; a second hang fails."""
+    """Run a launcher in its own process group. A launch that hangs (seen in 1 of 4 fresh-clone runs on
+    2026-12-04: one of torchrun's two workers gone, the other waiting on the rendezvous store for its default 30
+    minutes) is killed with all its workers and tried once more, with a warning that shows what it printed; a
+    second hang fails."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
            and not k.startswith("ACCELERATE_")}
