@@ -13,6 +13,9 @@ ControlNet: engine/controlnet.py's control images, scales, guidance window and g
 net's graph. The UNet graph of such an export takes the residuals as inputs (manifest: unet's
 "controlnet_residuals"); a step without them (outside the guidance window, every scale 0) feeds zeros.
 
+SDXL (manifest kind "sdxl"): ExportedSDXLPipeline puts engine/sdxl.py's maths around the six graphs of an SDXL
+export (text_encoder_2 beside the five); each runtime's loader picks it from the manifest.
+
 The folder format is the export's manifest.json (format FORMAT), read here so that the engine can run an export
 without importing the exporter.
 """
@@ -26,9 +29,11 @@ import torch
 
 from .errors import EngineError
 from .pipeline import Pipeline
+from .sdxl import SDXLPipeline
 
 FORMAT = "ipadapter-instruct-onnx/1"
 GRAPHS = ("text_encoder", "image_encoder", "projector", "unet", "vae_decoder")
+SDXL_GRAPHS = GRAPHS + ("text_encoder_2",)  # an SDXL export's (manifest kind "sdxl")
 SOURCES = {"model": "--model", "image_encoder": "--image-encoder", "adapter": "--adapter"}  # -> the override flag
 
 
@@ -130,15 +135,19 @@ class ExportedPipeline(Pipeline):
         from .loading import load_image_encoder
 
         manifest = manifest or read_manifest(folder)
-        if manifest.get("kind") == "sdxl":
-            raise EngineError(f"{folder} is an SDXL export: running SDXL graphs (ONNX Runtime, TensorRT) is not built "
-                              "yet; its graphs export and verify (python -m export verify), and SDXL generates on the "
-                              "PyTorch backend")
-        missing = [g for g in GRAPHS if g not in graphs]
+        sdxl = manifest.get("kind") == "sdxl"
+        if sdxl != getattr(self, "SDXL", False):
+            raise EngineError(f"{folder} is {'an SDXL' if sdxl else 'an SD1.5'} export (manifest.json kind "
+                              f"{manifest.get('kind', 'text_to_image')!r}): {type(self).__name__} runs "
+                              f"{'SD1.5' if sdxl else 'SDXL'} ones; open it with from_export / from_engines")
+        needed = SDXL_GRAPHS if sdxl else GRAPHS
+        missing = [g for g in needed if g not in graphs]
         if missing:
-            raise EngineError(f"{folder} lacks {', '.join(missing)}: generation needs all five graphs")
+            raise EngineError(f"{folder} lacks {', '.join(missing)}: generation needs all {len(needed)} graphs "
+                              f"({', '.join(needed)})")
         src = source_paths(manifest, folder, ("model", "image_encoder"),
                            dict(model=model, image_encoder=image_encoder))
+        self.sources = src
         self.device, self.dtype = torch.device(device), getattr(torch, manifest["dtype"])
         self.graphs, self.manifest = graphs, manifest
         self.tokenizer = CLIPTokenizer.from_pretrained(src["model"], subfolder="tokenizer")
@@ -224,7 +233,8 @@ class ExportedPipeline(Pipeline):
     def _unet_step(self, x, t, text_rows, ctx, control=None, added=None) -> torch.Tensor:
         timestep = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
         return self.graphs["unet"](sample=x, timestep=timestep, encoder_hidden_states=text_rows,
-                                   ip_tokens=ctx["ip"], ip_scale=ctx["scale"], **self._residual_feeds(x, control))
+                                   ip_tokens=ctx["ip"], ip_scale=ctx["scale"], **self._residual_feeds(x, control),
+                                   **(added or {}))  # an SDXL UNet's text_embeds and time_ids per row
 
     def _residual_feeds(self, x, control) -> dict:
         """The UNet graph's ControlNet inputs: this step's (down, mid) residuals, or zeros (no ControlNet)."""
@@ -243,3 +253,31 @@ class ExportedPipeline(Pipeline):
 
     def _decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         return self.graphs["vae_decoder"](latent=latents).float()
+
+
+class ExportedSDXLPipeline(SDXLPipeline, ExportedPipeline):
+    """engine.sdxl.SDXLPipeline's maths (two-encoder tokens, pooled embeddings and time ids per row, the Instruct
+    projector's CLIP-L text) around the six graphs of an SDXL export: text_encoder gives the last and penultimate
+    hidden states, text_encoder_2 the penultimate state and the pooled projection, and the UNet takes text_embeds
+    and time_ids per row (manifest.json "sdxl" says how they are assembled)."""
+
+    def __init__(self, *args, **kwargs):
+        super(SDXLPipeline, self).__init__(*args, **kwargs)  # the exported pipeline's, not SDXLPipeline's modules
+        from transformers import CLIPTokenizer
+
+        self.tokenizer_2 = CLIPTokenizer.from_pretrained(self.sources["model"], subfolder="tokenizer_2")
+        self._size_cond = (None, (0, 0), None)
+        self._pooled = {}
+
+    def _ids(self, tokenizer, texts: list[str]) -> torch.Tensor:
+        return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(self.device)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        _, first = self.graphs["text_encoder"](input_ids=self._ids(self.tokenizer, texts))
+        second, pooled = self.graphs["text_encoder_2"](input_ids=self._ids(self.tokenizer_2, texts))
+        self._pooled.update(zip(texts, pooled.to(self.device, self.dtype)))
+        return torch.cat([first, second], dim=-1).to(self.device, self.dtype)
+
+    def projector_text(self, texts: list[str]) -> torch.Tensor:
+        return self.graphs["text_encoder"](input_ids=self._ids(self.tokenizer, texts))[0].to(self.device, self.dtype)

@@ -20,9 +20,11 @@ the guidance formulas are SD1.5's (simple and 4-branch, chosen by the same keywo
 Everything else is the SD1.5 path: per-row adapter K/V and scales, the fused decoupled attention, one UNet batch
 for every request's guidance rows.
 
-Not built yet for SDXL (each refused with one line): plain IP-Adapter, ControlNet,
-LoRA, step-level batching, running an SDXL export (the graphs export and verify: export/specs.py). CUDA graphs keep
-the added conditioning among their static buffers (copied once per call).
+An SDXL export (`python -m export onnx` on an SDXL folder) runs the same maths around its six graphs
+(engine.exported.ExportedSDXLPipeline: ONNX Runtime's export.runtime.OnnxPipeline, TensorRT's
+engine.trt.runtime.TensorRTPipeline pick it from the manifest's kind).
+Not built yet for SDXL (each refused with one line): plain IP-Adapter, ControlNet, LoRA, step-level batching. CUDA
+graphs keep the added conditioning among their static buffers (copied once per call).
 """
 from __future__ import annotations
 
@@ -106,8 +108,13 @@ class SDXLPipeline(Pipeline):
         if self.adapter.kind != "instruct":
             return super()._project(feats, image_rows, emb, plan)
         texts = sorted({b[k] for b in plan["branches"] for k in ("instruct", "ip_prompt")})
-        small = dict(zip(texts, Pipeline.encode_text(self, texts)))  # CLIP-L's last_hidden_state, as SD1.5's
+        small = dict(zip(texts, self.projector_text(texts)))
         return super()._project(feats, image_rows, small, plan)
+
+    def projector_text(self, texts: list[str]) -> torch.Tensor:
+        """-> (N, 77, width 1): the first text encoder's last hidden states, as SD1.5's encode_text gives them (the
+        Instruct projector's instruction and prompt tokens)."""
+        return Pipeline.encode_text(self, texts)
 
     def _prepare(self, reqs, num_inference_steps, height, width, scheduler, max_size, control=None):
         self._pooled = {}
@@ -118,7 +125,7 @@ class SDXLPipeline(Pipeline):
                  for b in p.plan["branches"]]
         missing = sorted({t for t in texts if t not in self._pooled})
         if missing:  # encode_text was answered from elsewhere (the server's cache wraps it): the pooled ones now,
-            SDXLPipeline.encode_text(self, missing)  # past any wrapper on the instance
+            type(self).encode_text(self, missing)  # past any wrapper on the instance
         branch = p.plan["branch_of_row"].to(self.device)
         pooled = torch.stack([self._pooled[t] for t in texts]).index_select(0, branch)
         original, crop, target = self._size_cond

@@ -24,6 +24,8 @@ def add_source_args(p, names) -> None:
 
 
 def _parser() -> Parser:
+    from engine.__main__ import int_pair
+
     from .onnx import DEFAULT_OPSET, EDIT_GRAPHS, GRAPHS
     from .plugin import ARCHS, DTYPES, HEAD_DIMS, HEADS
 
@@ -72,6 +74,10 @@ def _parser() -> Parser:
                     help="control image of an export with ControlNets, one per net in the export's order")
     ru.add_argument("--controlnet-scale", type=float, action="append", default=None, metavar="F",
                     help="conditioning scale, once or once per net (default 1.0)")
+    for flag, what in (("--original-size", "H,W (default: the output size)"),
+                       ("--target-size", "H,W (default: the output size)"), ("--crops-top-left", "T,L (default 0,0)")):
+        ru.add_argument(flag, type=int_pair, default=None, metavar=what.split()[0],
+                        help=f"an SDXL export only: size conditioning, {what}")
     ru.add_argument("--out", required=True, help="output .png")
     add_source_args(ru, ("model", "image_encoder"))
     pl = sub.add_parser("plugin", help="compile the plugin's attention kernels (cubin + PTX) and their index")
@@ -123,8 +129,13 @@ def main(argv=None) -> int:
                 scale = a.controlnet_scale or [1.0]
                 control = dict(control_image=controls if len(controls) > 1 else controls[0],
                                controlnet_conditioning_scale=scale if len(scale) > 1 else scale[0])
+            sizes = {k: v for k, v in (("original_size", a.original_size), ("target_size", a.target_size),
+                                       ("crops_coords_top_left", a.crops_top_left)) if v is not None}
+            if sizes and not getattr(pipe, "SDXL", False):
+                raise EngineError("--original-size, --target-size and --crops-top-left are SDXL's size conditioning; "
+                                  f"{a.dir} is not an SDXL export")
             images = pipe(a.prompt, image, a.instruct, a.negative_prompt or DEFAULT_NEGATIVE, scale=a.scale,
-                          num_inference_steps=a.steps, seed=a.seed, **control)
+                          num_inference_steps=a.steps, seed=a.seed, **control, **sizes)
             write_images(images, paths)
             print(f"{paths[0]} ({', '.join(f'{k} {v:.0f} ms' for k, v in pipe.timings.items())})")
             return 0

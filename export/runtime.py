@@ -14,6 +14,11 @@ arguments, control_image= first among them:
 
     images = pipe("a red house", image="cond.png", control_image="edges.png", controlnet_conditioning_scale=0.8)
 
+An SDXL export (manifest kind "sdxl") opens as OnnxSDXLPipeline, with SDXL's size conditioning:
+
+    pipe = OnnxPipeline.from_export("out/onnx-sdxl")
+    images = pipe("a red house", image="cond.png", instruct="use the style of this image", original_size=(1024, 1024))
+
 An InstructPix2Pix export (manifest kind "edit") runs as OnnxEditPipeline: engine.EditPipeline's requests,
 three guidance branches and photo latents, with the photo encoded by the vae_encoder graph.
 
@@ -32,7 +37,7 @@ from diffusers.configuration_utils import FrozenDict
 
 from engine.edit import EditPipeline
 from engine.errors import EngineError
-from engine.exported import ExportedPipeline, read_manifest
+from engine.exported import ExportedPipeline, ExportedSDXLPipeline, read_manifest
 
 from .ort_ops import session
 
@@ -60,9 +65,9 @@ class OnnxPipeline(ExportedPipeline):
     def __init__(self, folder: str, model: str | None = None, image_encoder: str | None = None):
         manifest = read_manifest(folder)
         kind = manifest.get("kind", "text_to_image")
-        if (kind == "edit") != self.EDIT:
-            right = "OnnxEditPipeline" if kind == "edit" else "OnnxPipeline"
-            what = "an InstructPix2Pix" if kind == "edit" else "a text-to-image"
+        if (kind == "edit") != self.EDIT or (kind == "sdxl") != getattr(self, "SDXL", False):
+            right = {"edit": "OnnxEditPipeline", "sdxl": "OnnxSDXLPipeline"}.get(kind, "OnnxPipeline")
+            what = {"edit": "an InstructPix2Pix", "sdxl": "an SDXL"}.get(kind, "a text-to-image")
             raise EngineError(f"{folder} is {what} export (manifest.json kind {kind!r}): run it with {right}, not "
                               f"{type(self).__name__}")
         graphs = {g: _Graph(os.path.join(folder, e["file"]), e) for g, e in manifest["graphs"].items()}
@@ -70,7 +75,15 @@ class OnnxPipeline(ExportedPipeline):
 
     @classmethod
     def from_export(cls, folder: str, model: str | None = None, image_encoder: str | None = None) -> "OnnxPipeline":
+        """The export in `folder`; an SDXL export (manifest kind "sdxl") opens as OnnxSDXLPipeline."""
+        if cls is OnnxPipeline and read_manifest(folder).get("kind") == "sdxl":
+            cls = OnnxSDXLPipeline
         return cls(folder, model, image_encoder)
+
+
+class OnnxSDXLPipeline(ExportedSDXLPipeline, OnnxPipeline):
+    """engine.sdxl.SDXLPipeline's maths around the six ONNX graphs of an SDXL export (text_encoder_2 beside the
+    five), with its size conditioning: original_size, target_size and crops_coords_top_left per call."""
 
 
 class _GraphVae:

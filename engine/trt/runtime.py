@@ -25,7 +25,7 @@ import os
 import torch
 
 from ..errors import EngineError
-from ..exported import GRAPHS, ExportedPipeline, read_manifest
+from ..exported import GRAPHS, SDXL_GRAPHS, ExportedPipeline, ExportedSDXLPipeline, read_manifest
 from . import RTX_ARCHS, flavour, load_tensorrt
 from .plugin import PLUGIN_DIR_ENV, register_plugin
 
@@ -197,7 +197,10 @@ class TensorRTPipeline(ExportedPipeline):
         image processor are, in place of the manifest's sources; device: a CUDA device (default cuda)."""
         manifest = read_manifest(folder)
         index = read_engines(folder)
-        names = [*GRAPHS, *(c["graph"] for c in manifest.get("controlnets") or [])]
+        sdxl = manifest.get("kind") == "sdxl"
+        if sdxl and cls is TensorRTPipeline:
+            cls = TensorRTSDXLPipeline
+        names = [*(SDXL_GRAPHS if sdxl else GRAPHS), *(c["graph"] for c in manifest.get("controlnets") or [])]
         missing = [g for g in names if g not in index["graphs"]]
         if missing:
             raise EngineError(f"{folder} has no plan for {', '.join(missing)}: build every graph of the export "
@@ -226,3 +229,8 @@ class TensorRTPipeline(ExportedPipeline):
     def enable_cuda_graphs(self, enabled: bool = True) -> None:
         """Replay the UNet engine from a CUDA graph per input shape (captured on first use at that shape)."""
         self.graphs["unet"].graphs = {} if enabled else None
+
+
+class TensorRTSDXLPipeline(ExportedSDXLPipeline, TensorRTPipeline):
+    """engine.sdxl.SDXLPipeline's maths around the six TensorRT engines of an SDXL export (text_encoder_2 beside
+    the five); `TensorRTPipeline.from_engines` returns one for an SDXL folder."""
