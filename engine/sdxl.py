@@ -23,8 +23,9 @@ for every request's guidance rows.
 An SDXL export (`python -m export onnx` on an SDXL folder) runs the same maths around its six graphs
 (engine.exported.ExportedSDXLPipeline: ONNX Runtime's export.runtime.OnnxPipeline, TensorRT's
 engine.trt.runtime.TensorRTPipeline pick it from the manifest's kind).
-Not built yet for SDXL (each refused with one line): plain IP-Adapter, ControlNet, LoRA, step-level batching. CUDA
-graphs keep the added conditioning among their static buffers (copied once per call).
+Step-level batching (engine/stepping.py) carries each flight's added conditioning rows beside its text rows.
+Not built yet for SDXL (each refused with one line): plain IP-Adapter, ControlNet, LoRA. CUDA graphs keep the
+added conditioning among their static buffers (copied once per call).
 """
 from __future__ import annotations
 
@@ -80,13 +81,17 @@ class SDXLPipeline(Pipeline):
     def __call__(self, *args, original_size=None, target_size=None, crops_coords_top_left=(0, 0), **kwargs):
         """`Pipeline.__call__`, plus SDXL's size conditioning: `original_size` and `target_size` as (height, width)
         (default: the output size) and `crops_coords_top_left` as (top, left), as diffusers takes them."""
+        self.set_size_conditioning(original_size, target_size, crops_coords_top_left)
+        return super().__call__(*args, **kwargs)
+
+    def set_size_conditioning(self, original_size=None, target_size=None, crops_coords_top_left=(0, 0)) -> None:
+        """The size conditioning of the next `_prepare` (a call, or an admission for step-level batching)."""
         for name, value in (("original_size", original_size), ("target_size", target_size),
                             ("crops_coords_top_left", crops_coords_top_left)):
             if value is not None and (not isinstance(value, (tuple, list)) or len(value) != 2
                                       or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
                 raise EngineError(f"{name} must be two integers, got {value!r}")
-        self._size_cond = (original_size, tuple(crops_coords_top_left), target_size)
-        return super().__call__(*args, **kwargs)
+        self._size_cond = (original_size, tuple(crops_coords_top_left or (0, 0)), target_size)
 
     def _plan(self, reqs) -> dict:
         """SD1.5's branches, with the release's SDXL projector inputs: its image-only and unconditional branches

@@ -10,6 +10,8 @@ guidance weights and steps it with its own scheduler. Flights join and leave bet
                                                          \\___ one UNet call per step for every running flight
 
 A flight's latents equal those of the same request run alone (tests/test_stepping.py), whatever joins or leaves.
+On SDXL a flight also holds its added conditioning (pooled embeddings and time ids per row), packed beside its text
+rows, so flights of different size conditioning share a step (tests/test_sdxl.py).
 The packed inputs are cached while the running set (and each flight's per-step adapter context) stays the same,
 so a steady batch copies nothing per step but the latents. With CUDA graphs (`Pipeline.enable_cuda_graphs`) the
 rows are padded to a bucket (1, 2, 4, 8, ...) so one capture serves every running set of that size; padded rows
@@ -27,6 +29,8 @@ import torch
 from .attention import AdapterContext
 from .errors import EngineError
 from .pipeline import select_rows
+
+SIZE_CONDITIONING = ("original_size", "target_size", "crops_coords_top_left")  # SDXL's, per admission
 
 
 @dataclass(eq=False)
@@ -79,12 +83,12 @@ def start_many(pipe, **kwargs) -> list[Flight]:
 
 def _admit(pipe, kwargs: dict, one: bool) -> list[Flight]:
     if getattr(pipe, "EDIT", False) or not pipe.cross:
-        raise EngineError("step-level batching runs text-to-image pipelines on the PyTorch backend (not editing, "
-                          "not exported graphs)")
+        raise EngineError("step-level batching runs text-to-image pipelines (SD1.5, SDXL) on the PyTorch backend "
+                          "(not editing, not exported graphs)")
     if pipe.controlnets:
         raise EngineError("step-level batching runs without ControlNet (use request-level batching for it)")
-    if getattr(pipe, "SDXL", False):
-        raise EngineError("step-level batching does not run SDXL yet (use request-level batching for it)")
+    kwargs = dict(kwargs)
+    sizes = {k: kwargs.pop(k) for k in SIZE_CONDITIONING if k in kwargs} if getattr(pipe, "SDXL", False) else None
     args = _call_defaults(pipe)
     unknown = sorted(set(kwargs) - set(args))
     if unknown:
@@ -99,6 +103,8 @@ def _admit(pipe, kwargs: dict, one: bool) -> list[Flight]:
         raise EngineError(f"a flight is one request; got {len(reqs)} (give single values, not lists, or use "
                           "start_many)")
     pipe.timings = {}
+    if sizes is not None:  # SDXL: this admission's size conditioning (one for the requests admitted together)
+        pipe.set_size_conditioning(**sizes)
     t0 = time.perf_counter()
     prep = pipe._prepare(reqs, args["num_inference_steps"], args["height"], args["width"], args["scheduler"],
                          args["max_size"])
@@ -136,7 +142,8 @@ def _split(pipe, prep, reqs) -> list:
         sched = copy.deepcopy(prep.sched)
         out.append(SimpleNamespace(
             height=prep.height, width=prep.width, plan=None, text_rows=prep.text_rows.index_select(0, rows),
-            control=None, added=None, sched=sched, total=prep.total, latents=prep.latents.index_select(0, lat),
+            control=None, added=None if prep.added is None else {k: select_rows(v, rows) for k, v in prep.added.items()},
+            sched=sched, total=prep.total, latents=prep.latents.index_select(0, lat),
             latent_of_row=prep.latent_of_row.index_select(0, rows) - offsets[r],
             weights=prep.weights.index_select(0, lat.to(prep.weights.device)).index_select(
                 1, rows.to(prep.weights.device)),
@@ -173,18 +180,21 @@ class Packer:
         contexts = tuple(f.prep.contexts[f.index] for f in flights)
         same = len(flights) == len(self.flights) and all(a is b for a, b in zip(flights, self.flights)) \
             and all(a is b for a, b in zip(contexts, self.contexts))
-        if same and self.value is not None and self.value[2] == pad_to:
-            return self.value[:2]
+        if same and self.value is not None and self.value[3] == pad_to:
+            return self.value[:3]
         text = torch.cat([f.prep.text_rows for f in flights])
         names = list(contexts[0].kv)
         masked = {n for c in contexts for n in c.mask}
         ctx = AdapterContext(kv={n: _cat([c.kv[n] for c in contexts]) for n in names},
                              scale={n: _cat([c.scale[n] for c in contexts]) for n in names},
                              mask={n: _masks(flights, contexts, n) for n in masked})
+        first = flights[0].prep.added  # SDXL: text_embeds and time_ids per row
+        added = None if first is None else {k: torch.cat([f.prep.added[k] for f in flights]) for k in first}
         if pad_to > text.shape[0]:
             text, ctx = _pad(text, ctx, pad_to)
-        self.flights, self.contexts, self.value = tuple(flights), contexts, (text, ctx, pad_to)
-        return text, ctx
+            added = None if added is None else {k: _pad_rows(v, pad_to) for k, v in added.items()}
+        self.flights, self.contexts, self.value = tuple(flights), contexts, (text, ctx, added, pad_to)
+        return text, ctx, added
 
 
 def _pad_rows(t, n):
@@ -225,12 +235,12 @@ def step(pipe, flights: list[Flight], packer: Packer | None = None) -> None:
     x, t = torch.cat(xs), torch.cat(ts)
     rows = x.shape[0]
     pad = bucket(rows) if pipe._static is not None else 0
-    text, ctx = (packer or Packer())(flights, pad)
+    text, ctx, added = (packer or Packer())(flights, pad)
     if pad > rows:
         x = torch.cat([x, x.new_zeros(pad - rows, *x.shape[1:])])
         t = torch.cat([t, t[-1:].expand(pad - rows)])
     with torch.profiler.record_function("engine::unet_step"):
-        eps_rows = pipe._unet_step(x, t, text, ctx)
+        eps_rows = pipe._unet_step(x, t, text, ctx, None, added)
     offset = 0
     for f in flights:
         e = eps_rows[offset:offset + f.rows]

@@ -1,7 +1,8 @@
 """IP-Adapter+ on SDXL (engine/sdxl.py) against diffusers' StableDiffusionXLPipeline + load_ip_adapter on tiny random
 SDXL weights (two text encoders, `text_time` added conditioning, the adapter in the two-key layout): latents
 within 1e-4 and PNGs within one grey level, for two schedulers, size conditioning and a per-block scale dict; scale
-0 equals the SDXL base bitwise; a batch equals each request alone; what is not built for SDXL is one line. And the
+0 equals the SDXL base bitwise; a batch equals each request alone; step-level flights with other size conditioning
+equal each alone; what is not built for SDXL is one line. And the
 layout at full size: a meta-device UNet from SDXL's public config has 70 cross-attention layers at odd
 attn_processors indices, which the adapter's keys follow."""
 import os
@@ -136,8 +137,6 @@ def test_what_sdxl_does_not_run_yet_is_one_line(sdxl, pipe, image, tmp_path):
     with pytest.raises(EngineError, match="plain IP-Adapter: on SDXL IP-Adapter\\+ and IPAdapter-Instruct run"):
         Pipeline.from_pretrained(sdxl["model"], image_encoder=sdxl["image_encoder"],
                                  adapter=str(tmp_path / "plain.safetensors"), device="cpu")
-    with pytest.raises(EngineError, match="step-level batching does not run SDXL"):
-        pipe.start(prompt="a cat", image=image, num_inference_steps=2)
     with pytest.raises(EngineError, match="LoRA on SDXL"):
         pipe.load_lora_weights("any.safetensors")
     with pytest.raises(EngineError, match="original_size must be two integers"):
@@ -208,13 +207,14 @@ def test_cli_refuses_size_conditioning_off_sdxl(tiny, tmp_path, capsys):
     assert "expected two non-negative integers" in capsys.readouterr().err
 
 
-def test_server_runs_sdxl(pipe, image):
-    """`serve --model SDXL_DIR`: the answer equals the pipeline's (its encoder cache wraps encode_text; the pooled
-    projections are still computed)."""
+@pytest.mark.parametrize("batching", ["request", "step"])
+def test_server_runs_sdxl(pipe, image, batching):
+    """`serve --model SDXL_DIR [--batching step]`: the answer equals the pipeline's (its encoder cache wraps
+    encode_text; the pooled projections are still computed)."""
     from server_utils import InProcessServer, decode_png, png_base64
 
     from engine.server.config import ServerConfig
-    srv = InProcessServer(ServerConfig(warmup=False), pipe)
+    srv = InProcessServer(ServerConfig(warmup=False, batching=batching), pipe)
     try:
         body = dict(prompt="a cat", negative_prompt=NEG, image=png_base64(image), scale=0.7, guidance_scale=6.0,
                     num_inference_steps=STEPS, seed=3)
@@ -247,16 +247,58 @@ def test_an_sd15_server_refuses_sdxl_fields(tiny, cond_image):
         srv.close()
 
 
-def test_step_batching_refuses_sdxl_at_start_up(pipe):
-    from server_utils import InProcessServer
+STEP_REQUESTS = [dict(prompt="a cat", scale=0.7, seed=3, num_inference_steps=5),
+                 dict(prompt="a red boat", scale=0.3, seed=4, num_inference_steps=3, guidance_scale=4.0,
+                      original_size=(128, 96), crops_coords_top_left=(8, 4), scheduler="euler_a"),
+                 dict(prompt="a tree", scale=1.0, seed=5, num_inference_steps=4, target_size=(48, 64),
+                      scheduler="ddim")]
 
-    from engine.server.config import ServerConfig
+
+def sdxl_alone(pipe, image, r):
+    return pipe(image=image, negative_prompt=NEG, output_type="latent", **r)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-buffers"])
+def test_sdxl_flights_joining_mid_flight_equal_alone(pipe, image, static):
+    """Step-level batching on SDXL: each flight keeps its own pooled embeddings and time ids per row, so requests
+    with other size conditioning, steps and schedulers that join mid-flight give the latents they give alone; the
+    same through the CUDA-graph static buffers (eager here) with rows padded to a bucket."""
+    from engine.graphs import StaticUNet
+
+    wants = [sdxl_alone(pipe, image, r) for r in STEP_REQUESTS]
+    if static:
+        pipe._static = StaticUNet(pipe.unet, capture=False)
     try:
-        with pytest.raises(RuntimeError, match="this server loads an SDXL model: use --batching request"):
-            InProcessServer(ServerConfig(batching="step", warmup=False), pipe)
+        running, out = {0: pipe.start(image=image, negative_prompt=NEG, output_type="latent", **STEP_REQUESTS[0])}, {}
+        it = 0
+        while running:
+            if it == 2:  # 1 joins at 0's third step, with another size conditioning; 2 right after
+                running[1] = pipe.start(image=image, negative_prompt=NEG, output_type="latent", **STEP_REQUESTS[1])
+            if it == 3:
+                running[2] = pipe.start(image=image, negative_prompt=NEG, output_type="latent", **STEP_REQUESTS[2])
+            pipe.step(list(running.values()))
+            for i in [i for i, f in running.items() if f.done]:
+                out[i] = pipe.finish(running.pop(i))
+            it += 1
+        padded = {k[0][0] for k in pipe._static.entries} if static else None
     finally:
-        for name in ("encode_text", "encode_images"):
-            pipe.__dict__.pop(name, None)
+        pipe._static = None
+    for i, want in enumerate(wants):
+        torch.testing.assert_close(out[i], want, atol=1e-4, rtol=1e-4, msg=lambda m, i=i: f"request {i}: {m}")
+    if static:
+        assert padded <= {2, 4, 8} and 8 in padded  # 6 rows ran as 8
+    # admitted together (one size conditioning per admission, as the server's key groups them)
+    together = pipe.start_many(image=[image, image], negative_prompt=[NEG, NEG], prompt=["a cat", "a red boat"],
+                               scale=[0.7, 0.3], seed=[3, 4], num_inference_steps=3, original_size=(128, 96),
+                               output_type="latent")
+    while not together[0].done:
+        pipe.step(together)
+    for f, prompt, scale, seed in zip(together, ("a cat", "a red boat"), (0.7, 0.3), (3, 4)):
+        want = sdxl_alone(pipe, image, dict(prompt=prompt, scale=scale, seed=seed, num_inference_steps=3,
+                                            original_size=(128, 96)))
+        torch.testing.assert_close(pipe.finish(f), want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(EngineError, match="original_size must be two integers"):
+        pipe.start(image=image, prompt="a cat", original_size=(64,))
 
 
 def test_static_buffers_carry_the_added_conditioning(pipe, image):

@@ -147,7 +147,7 @@ def test_step_mode_refuses_what_it_does_not_run(tiny):
     with tempfile.TemporaryDirectory() as d:
         edit = make_tiny(d, edit=True)
         pipe = EditPipeline.from_pretrained(edit["model"], device="cpu")
-        with pytest.raises(RuntimeError, match="--batching step runs SD1.5 text-to-image"):
+        with pytest.raises(RuntimeError, match="--batching step runs text-to-image .*this server loads an InstructPix2Pix model"):
             InProcessServer(ServerConfig(batching="step"), pipe)
 
 
