@@ -206,9 +206,6 @@ class Pipeline(LoraMixin):
                 raise EngineError(f"adapter {os.fspath(f)} expects {one.projector.config.image_dim}-wide image tokens "
                                   f"but the image encoder makes {width}-wide ones")
             text_dim = one.projector.config.text_dim
-            if getattr(cls, "SDXL", False) and one.kind == "plain":
-                raise EngineError(f"adapter {os.fspath(f)} is a plain IP-Adapter: on SDXL IP-Adapter+ and "
-                                  "IPAdapter-Instruct run (plain SDXL is not built yet)")
             if text_dim is not None and text_dim != parts["text_encoder"].config.hidden_size:
                 raise EngineError(f"adapter {os.fspath(f)} expects {text_dim}-wide instruction tokens but the text "
                                   f"encoder makes {parts['text_encoder'].config.hidden_size}-wide ones")

@@ -1,5 +1,5 @@
-"""`engine.sdxl.SDXLPipeline`: IP-Adapter+ and IPAdapter-Instruct on Stable Diffusion XL, through the same
-batched call as SD1.5.
+"""`engine.sdxl.SDXLPipeline`: IP-Adapter+, IPAdapter-Instruct and the plain IP-Adapter on Stable Diffusion XL,
+through the same batched call as SD1.5.
 
 `Pipeline.from_pretrained(sdxl_folder, image_encoder=..., adapter="ip-adapter-plus_sdxl_vit-h.safetensors")`
 returns one (a diffusers StableDiffusionXLPipeline folder: text_encoder_2/ and tokenizer_2/ beside the rest).
@@ -24,7 +24,7 @@ An SDXL export (`python -m export onnx` on an SDXL folder) runs the same maths a
 (engine.exported.ExportedSDXLPipeline: ONNX Runtime's export.runtime.OnnxPipeline, TensorRT's
 engine.trt.runtime.TensorRTPipeline pick it from the manifest's kind).
 Step-level batching (engine/stepping.py) carries each flight's added conditioning rows beside its text rows.
-Not built yet for SDXL (each refused with one line): plain IP-Adapter, ControlNet, LoRA. CUDA graphs keep the
+Not built yet for SDXL (each refused with one line): ControlNet, LoRA. CUDA graphs keep the
 added conditioning among their static buffers (copied once per call).
 """
 from __future__ import annotations
@@ -45,10 +45,6 @@ class SDXLPipeline(Pipeline):
         if kwargs.get("controlnets"):
             raise EngineError("ControlNet with SDXL is not built yet")
         super().__init__(unet, vae, text_encoder, tokenizer, scheduler, **kwargs)
-        for a in self.adapters:
-            if a.kind == "plain":
-                raise EngineError("a plain IP-Adapter on SDXL is not built yet: on SDXL IP-Adapter+ and "
-                                  "IPAdapter-Instruct run")
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         text_encoder_2.to(self.device, self.dtype).eval().requires_grad_(False)
         time_dim = unet.config.addition_time_embed_dim

@@ -1,4 +1,4 @@
-"""IP-Adapter+ on SDXL (engine/sdxl.py) against diffusers' StableDiffusionXLPipeline + load_ip_adapter on tiny random
+"""IP-Adapter+ (and the plain IP-Adapter SDXL layout) on SDXL (engine/sdxl.py) against diffusers' StableDiffusionXLPipeline + load_ip_adapter on tiny random
 SDXL weights (two text encoders, `text_time` added conditioning, the adapter in the two-key layout): latents
 within 1e-4 and PNGs within one grey level, for two schedulers, size conditioning and a per-block scale dict; scale
 0 equals the SDXL base bitwise; a batch equals each request alone; step-level flights with other size conditioning
@@ -127,16 +127,35 @@ def test_a_batch_equals_each_request_alone(pipe, image):
         torch.testing.assert_close(batch[i:i + 1], alone, atol=1e-4, rtol=1e-4)
 
 
-def test_what_sdxl_does_not_run_yet_is_one_line(sdxl, pipe, image, tmp_path):
-    from diffusers import UNet2DConditionModel
+def test_plain_ip_adapter_sdxl_matches_diffusers(sdxl, image, tmp_path):
+    """The plain IP-Adapter SDXL layout (ip-adapter_sdxl*.safetensors: the image encoder's projected, pooled
+    embedding to 4 tokens, 2048 wide in SDXL) against diffusers' SDXL pipeline + load_ip_adapter."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPVisionModelWithProjection
 
     from engine import Pipeline
+    from engine.loading import _image_processor_class
     from engine.tiny import tiny_adapter
     unet = UNet2DConditionModel.from_pretrained(sdxl["model"], subfolder="unet")
+    torch.manual_seed(0)
     tiny_adapter(str(tmp_path / "plain.safetensors"), unet, kind="plain")
-    with pytest.raises(EngineError, match="plain IP-Adapter: on SDXL IP-Adapter\\+ and IPAdapter-Instruct run"):
-        Pipeline.from_pretrained(sdxl["model"], image_encoder=sdxl["image_encoder"],
-                                 adapter=str(tmp_path / "plain.safetensors"), device="cpu")
+    ours_pipe = Pipeline.from_pretrained(sdxl["model"], image_encoder=sdxl["image_encoder"],
+                                         adapter=str(tmp_path / "plain.safetensors"), device="cpu")
+    assert ours_pipe.adapter.kind == "plain"
+    ours_pipe.set_progress_bar_config(disable=True)
+    d = StableDiffusionXLPipeline.from_pretrained(
+        sdxl["model"], image_encoder=CLIPVisionModelWithProjection.from_pretrained(sdxl["image_encoder"]),
+        feature_extractor=_image_processor_class().from_pretrained(sdxl["image_encoder"]))
+    d.load_ip_adapter(str(tmp_path), subfolder="", weight_name="plain.safetensors", image_encoder_folder=None)
+    d.set_progress_bar_config(disable=True)
+    got = {s: ours(ours_pipe, image, scale=s, original_size=(96, 80)) for s in (0.7, 0.3)}
+    for scale, latents in got.items():
+        want = theirs(d, image, scale=scale, original_size=(96, 80))
+        torch.testing.assert_close(latents, want, atol=1e-4, rtol=1e-4)
+    assert (got[0.7] - got[0.3]).abs().max() > 1e-2  # the adapter acts
+
+
+def test_what_sdxl_does_not_run_yet_is_one_line(pipe, image):
     with pytest.raises(EngineError, match="LoRA on SDXL"):
         pipe.load_lora_weights("any.safetensors")
     with pytest.raises(EngineError, match="original_size must be two integers"):
