@@ -7,7 +7,7 @@
 
 `Pipeline` takes diffusers' `StableDiffusionLoraLoaderMixin`, so every format diffusers reads for SD1.5 loads
 (diffusers/peft, kohya and A1111 `.safetensors`: `lora_state_dict` converts them), into the UNet and the text
-encoder. The engine's processors and fused kernels call the wrapped Linear modules, so a LoRA applies on every
+encoder; `SDXLPipeline` takes its `StableDiffusionXLLoraLoaderMixin` the same way, the second text encoder too. The engine's processors and fused kernels call the wrapped Linear modules, so a LoRA applies on every
 path. Fusing (the default) merges every loaded LoRA at its scale into the weights, so it costs nothing per step;
 the weights before the first merge are kept, and unfusing or unloading copies them back, so the base returns
 exactly (peft's unmerge subtracts, which is off by rounding). CUDA graphs captured before a weight change are
@@ -25,10 +25,11 @@ from .errors import EngineError
 
 class LoraMixin(StableDiffusionLoraLoaderMixin):
     hf_device_map = None  # (diffusers' loaders ask: no accelerate device map here)
+    _loader = StableDiffusionLoraLoaderMixin  # diffusers' loader of this model family (SDXL: its XL loader)
 
     @property
     def components(self) -> dict:
-        return {"unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae}
+        return {**{n: getattr(self, n) for n in self._lora_loadable_modules}, "vae": self.vae}
 
     @property
     def loras(self) -> dict[str, float]:
@@ -49,7 +50,7 @@ class LoraMixin(StableDiffusionLoraLoaderMixin):
         was_fused = self._lora_fused()
         self._unfuse_exactly()  # loading into merged layers would mix the new LoRA into the saved base
         try:
-            super().load_lora_weights(path, adapter_name=name, **kwargs)
+            self._loader.load_lora_weights(self, path, adapter_name=name, **kwargs)
         except (ValueError, KeyError, RuntimeError, OSError, TypeError) as e:
             lines = [line.strip() for line in str(e).strip().splitlines()] or [type(e).__name__]
             mismatch = next((line for line in lines if "size mismatch" in line), None)
@@ -81,13 +82,13 @@ class LoraMixin(StableDiffusionLoraLoaderMixin):
     def unload_lora_weights(self, *args, **kwargs) -> None:
         """Remove every LoRA; the base weights return exactly."""
         self._unfuse_exactly()
-        super().unload_lora_weights(*args, **kwargs)
+        self._loader.unload_lora_weights(self, *args, **kwargs)
         self.__dict__["_loras"] = {}
         self._weights_changed()
 
     def _forget(self, name: str) -> None:
         # a load that failed half-way may have left an adapter of that name in a model
-        for model in (self.unet, self.text_encoder):
+        for model in self._lora_models():
             if name in getattr(model, "peft_config", {}):
                 try:
                     model.delete_adapters(name) if hasattr(model, "delete_adapters") else None
@@ -96,10 +97,13 @@ class LoraMixin(StableDiffusionLoraLoaderMixin):
 
     # ---- exact fusing ---------------------------------------------------------------------------------------
 
+    def _lora_models(self) -> list:
+        return [getattr(self, n) for n in self._lora_loadable_modules]
+
     def _lora_layers(self):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        for model in (self.unet, self.text_encoder):
+        for model in self._lora_models():
             for name, m in model.named_modules():
                 if isinstance(m, BaseTunerLayer):
                     yield m
@@ -111,13 +115,13 @@ class LoraMixin(StableDiffusionLoraLoaderMixin):
         layers = list(self._lora_layers())
         self.__dict__["_lora_snapshot"] = [(p, p.detach().clone()) for m in layers
                                            for p in m.get_base_layer().parameters(recurse=False)]
-        self.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0, adapter_names=list(loras))
+        self.fuse_lora(components=list(self._lora_loadable_modules), lora_scale=1.0, adapter_names=list(loras))
 
     def _unfuse_exactly(self) -> None:
         snapshot = self.__dict__.pop("_lora_snapshot", None)
         if not snapshot:
             return
-        self.unfuse_lora(components=["unet", "text_encoder"])
+        self.unfuse_lora(components=list(self._lora_loadable_modules))
         with torch.no_grad():
             for param, saved in snapshot:  # peft's unmerge subtracts: put the bits back
                 param.copy_(saved)

@@ -24,12 +24,14 @@ An SDXL export (`python -m export onnx` on an SDXL folder) runs the same maths a
 (engine.exported.ExportedSDXLPipeline: ONNX Runtime's export.runtime.OnnxPipeline, TensorRT's
 engine.trt.runtime.TensorRTPipeline pick it from the manifest's kind).
 Step-level batching (engine/stepping.py) carries each flight's added conditioning rows beside its text rows.
-Not built yet for SDXL (each refused with one line): ControlNet, LoRA. CUDA graphs keep the
+LoRA loads through diffusers' SDXL loader (engine/lora.py), into the UNet and both text encoders.
+Not built yet for SDXL (refused with one line): ControlNet. CUDA graphs keep the
 added conditioning among their static buffers (copied once per call).
 """
 from __future__ import annotations
 
 import torch
+from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 
 from .errors import EngineError
 from .pipeline import Pipeline
@@ -37,6 +39,10 @@ from .pipeline import Pipeline
 
 class SDXLPipeline(Pipeline):
     SDXL = True
+    # LoRA (engine/lora.py) through diffusers' SDXL loader: the UNet and both text encoders (kohya's lora_te1_/
+    # lora_te2_ keys included)
+    _loader = StableDiffusionXLLoraLoaderMixin
+    _lora_loadable_modules = StableDiffusionXLLoraLoaderMixin._lora_loadable_modules
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, tokenizer_2=None,
                  **kwargs):
@@ -135,8 +141,3 @@ class SDXLPipeline(Pipeline):
         time_ids = torch.tensor([ids], device=self.device, dtype=self.dtype).expand(pooled.shape[0], 6)
         p.added = {"text_embeds": pooled, "time_ids": time_ids}
         return p
-
-    # ---- refused until built ----------------------------------------------------------------------------
-
-    def load_lora_weights(self, *args, **kwargs):
-        raise EngineError("LoRA on SDXL is not built yet (SD1.5-layout LoRAs only)")

@@ -2,7 +2,7 @@
 SDXL weights (two text encoders, `text_time` added conditioning, the adapter in the two-key layout): latents
 within 1e-4 and PNGs within one grey level, for two schedulers, size conditioning and a per-block scale dict; scale
 0 equals the SDXL base bitwise; a batch equals each request alone; step-level flights with other size conditioning
-equal each alone; what is not built for SDXL is one line. And the
+equal each alone; bad size conditioning is one line. And the
 layout at full size: a meta-device UNet from SDXL's public config has 70 cross-attention layers at odd
 attn_processors indices, which the adapter's keys follow."""
 import os
@@ -155,9 +155,7 @@ def test_plain_ip_adapter_sdxl_matches_diffusers(sdxl, image, tmp_path):
     assert (got[0.7] - got[0.3]).abs().max() > 1e-2  # the adapter acts
 
 
-def test_what_sdxl_does_not_run_yet_is_one_line(pipe, image):
-    with pytest.raises(EngineError, match="LoRA on SDXL"):
-        pipe.load_lora_weights("any.safetensors")
+def test_bad_size_conditioning_is_one_line(pipe, image):
     with pytest.raises(EngineError, match="original_size must be two integers"):
         ours(pipe, image, original_size=(64,))
 
