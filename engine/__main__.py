@@ -179,7 +179,8 @@ def build_parser() -> Parser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--edit", action="store_true", help="the model is an InstructPix2Pix one (8-channel UNet)")
     t.add_argument("--single-file", action="store_true",
-                   help="also DIR/model.safetensors: the same model as one original-layout checkpoint")
+                   help="also DIR/model.safetensors: the same model as one original-layout checkpoint (with "
+                        "--sdxl: SDXL's layout)")
     t.add_argument("--sdxl", action="store_true",
                    help="an SDXL model (two text encoders, added conditioning) and an IP-Adapter+ SDXL adapter")
 
@@ -389,11 +390,13 @@ def cmd_make_tiny(a) -> int:
     quiet_libraries()
     from .tiny import make_tiny, make_tiny_sdxl, to_single_file
 
-    if a.sdxl and (a.edit or a.single_file):
-        print("error: make-tiny --sdxl writes a diffusers SDXL folder only (not with --edit or --single-file)",
-              file=sys.stderr)
+    if a.sdxl and a.edit:
+        print("error: make-tiny --sdxl writes an SDXL text-to-image model (not with --edit)", file=sys.stderr)
         return 2
-    paths = make_tiny_sdxl(a.dir, seed=a.seed) if a.sdxl else make_tiny(a.dir, seed=a.seed, edit=a.edit)
+    if a.sdxl:  # a single file needs the encoders' widths unlike (the loader tells them apart by width, as in SDXL)
+        paths = make_tiny_sdxl(a.dir, seed=a.seed, **({"text2_dim": 48} if a.single_file else {}))
+    else:
+        paths = make_tiny(a.dir, seed=a.seed, edit=a.edit)
     if a.single_file:
         paths["single_file"] = to_single_file(paths["model"],
                                               os.path.join(os.path.dirname(paths["model"]), "model.safetensors"))

@@ -2,7 +2,7 @@
 
 Light at import (no torch or diffusers until a loader runs): the command line checks sizes and paths with it
 before anything heavy loads. The base model is a diffusers folder (or hub id), or one original-layout checkpoint
-file (.safetensors / .ckpt, as A1111 and ComfyUI keep SD1.5 and InstructPix2Pix) read by diffusers'
+file (.safetensors / .ckpt, as A1111 and ComfyUI keep SD1.5, InstructPix2Pix and SDXL base) read by diffusers'
 `from_single_file` with local configs only: a diffusers folder the user names, or the ones shipped in configs/.
 """
 from __future__ import annotations
@@ -29,14 +29,19 @@ HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 CHECKPOINT_EXTS = (".safetensors", ".ckpt")
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-SHIPPED = {False: "sd15", True: "ip2p"}  # the configs for a file without config=, by "is InstructPix2Pix"
+KINDS = ("sd15", "ip2p", "sdxl")  # a single file's kind = the shipped configs/ folder it loads with, without config=
 CONFIG_PARTS = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
                 "scheduler/scheduler_config.json")
-# the original (LDM) layout's parts, under the prefixes diffusers' single-file converters read
+SDXL_CONFIG_PARTS = ("text_encoder_2/config.json", "tokenizer_2")
+# the original (LDM, and SDXL's SGM) layout's parts, under the prefixes diffusers' single-file converters read
 LDM_PARTS = {"UNet": ("model.diffusion_model.",), "VAE": ("first_stage_model.", "vae."),
              "text encoder": ("cond_stage_model.transformer.",)}
+SDXL_TEXT = "conditioner.embedders.0.transformer."   # CLIP ViT-L/14, in transformers' layout
+SDXL_TEXT_2 = "conditioner.embedders.1.model."       # OpenCLIP ViT-bigG/14, in OpenCLIP's layout
+SDXL_PARTS = {**LDM_PARTS, "text encoder": (SDXL_TEXT,), "second text encoder": (SDXL_TEXT_2,)}
 LDM_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
-OTHER_FAMILIES = {"conditioner.": "an SDXL checkpoint", "cond_stage_model.model.": "an SD2 checkpoint (OpenCLIP)"}
+OTHER_FAMILIES = {"conditioner.embedders.0.model.": "an SDXL refiner checkpoint (OpenCLIP only)",
+                  "cond_stage_model.model.": "an SD2 checkpoint (OpenCLIP)"}
 
 
 def resolve(path_or_id, what: str) -> str:
@@ -203,29 +208,36 @@ def checkpoint_shapes(path) -> dict[str, tuple[int, ...]]:
         raise EngineError(f"cannot read checkpoint {path}: {_first_line(e)}") from e
 
 
-def checkpoint_kind(path: str, shapes: dict) -> bool:
-    """Whether an original-layout checkpoint is InstructPix2Pix (UNet input conv over 8 channels) rather than SD1.5
-    (4); anything else is an EngineError saying what the file is."""
+def checkpoint_kind(path: str, shapes: dict) -> str:
+    """An original-layout checkpoint's kind: "sd15" (UNet input conv over 4 channels), "ip2p" (InstructPix2Pix, 8)
+    or "sdxl" (SDXL base layout: conditioner.embedders.0/1, 4 channels); anything else is an EngineError saying
+    what the file is."""
     for prefix, what in OTHER_FAMILIES.items():
         if any(k.startswith(prefix) for k in shapes):
-            raise EngineError(f"{path} is {what}: single files load for SD1.5 and InstructPix2Pix")
-    missing = [part for part, prefixes in LDM_PARTS.items() if not any(k.startswith(prefixes) for k in shapes)]
+            raise EngineError(f"{path} is {what}: single files load for SD1.5, InstructPix2Pix and SDXL base")
+    sdxl = any(k.startswith("conditioner.") for k in shapes)
+    parts = SDXL_PARTS if sdxl else LDM_PARTS
+    missing = [part for part, prefixes in parts.items() if not any(k.startswith(prefixes) for k in shapes)]
     if missing:
-        raise EngineError(f"{path} is not an original-layout SD1.5 / InstructPix2Pix checkpoint: it has no "
-                          f"{', '.join(missing)} weights ({', '.join(LDM_PARTS[p][0] + '*' for p in missing)})")
+        what = "SDXL" if sdxl else "SD1.5 / InstructPix2Pix"
+        raise EngineError(f"{path} is not an original-layout {what} checkpoint: it has no "
+                          f"{', '.join(missing)} weights ({', '.join(parts[p][0] + '*' for p in missing)})")
     conv = shapes.get(LDM_CONV_IN, ())
     channels = conv[1] if len(conv) == 4 else None
+    if sdxl and channels != 4:
+        raise EngineError(f"{path}: the SDXL UNet's input conv ({LDM_CONV_IN}) takes {channels} channels; SDXL base "
+                          "takes 4 (9 is an inpainting model, not supported)")
     if channels not in (4, 8):
         raise EngineError(f"{path}: the UNet's input conv ({LDM_CONV_IN}) takes {channels} channels; SD1.5 takes 4 "
                           "and InstructPix2Pix 8 (9 is an inpainting model, not supported)")
-    return channels == 8
+    return "sdxl" if sdxl else "ip2p" if channels == 8 else "sd15"
 
 
-def config_folder(path: str, edit: bool, config=None) -> str:
+def config_folder(path: str, kind: str, config=None) -> str:
     """The folder a single file's configs, tokenizer and scheduler come from: `config` (a local diffusers folder
-    of the same kind of model, checked part by part), else the shipped SD1.5 or InstructPix2Pix one."""
+    of the same kind of model, checked part by part), else the shipped SD1.5, InstructPix2Pix or SDXL one."""
     if config is None:
-        return os.path.join(CONFIGS, SHIPPED[edit])
+        return os.path.join(CONFIGS, kind)
     folder = os.path.expanduser(os.fspath(config))
     if not os.path.isdir(folder):
         raise EngineError(f"config folder not found: {folder} (a local diffusers folder of the checkpoint's model)")
@@ -233,6 +245,11 @@ def config_folder(path: str, edit: bool, config=None) -> str:
     if missing:
         raise EngineError(f"config folder {folder} is not a diffusers Stable Diffusion folder: missing "
                           f"{', '.join(missing)}")
+    if (kind == "sdxl") != is_sdxl_folder(folder):
+        raise EngineError(f"{path} is {'an SDXL' if kind == 'sdxl' else 'an SD1.5-layout'} checkpoint but the config "
+                          f"folder {folder} is {'not ' if kind == 'sdxl' else ''}an SDXL one (text_encoder_2/, "
+                          "tokenizer_2/): name a config folder of the same kind of model")
+    edit = kind == "ip2p"
     try:
         with open(os.path.join(folder, "unet", "config.json")) as fh:
             channels = json.load(fh).get("in_channels")
@@ -265,7 +282,7 @@ def check_checkpoint_keys(path: str, shapes: dict, folder: str, shipped: bool) -
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     try:
         with torch.device("meta"):
@@ -280,6 +297,10 @@ def check_checkpoint_keys(path: str, shapes: dict, folder: str, shipped: bool) -
                       sfu.convert_ldm_unet_checkpoint(state, unet_config)),
                      ("VAE", AutoencoderKL.from_config(vae_config), sfu.convert_ldm_vae_checkpoint(state, vae_config)),
                      ("text encoder", text, clip)]
+            if os.path.isdir(os.path.join(folder, "text_encoder_2")):  # SDXL: the second encoder, OpenCLIP's layout
+                text_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder_2"))
+                parts.append(("second text encoder", text_2,
+                              sfu.convert_open_clip_checkpoint(text_2, state, prefix=SDXL_TEXT_2)))
     except Exception as e:  # a config that does not read, or blocks the converters look for and do not find
         raise EngineError(f"{path} does not convert with the configs in {folder}: {_first_line(e)}") from e
     problems = [p for p in (_key_problems(*part) for part in parts) if p]
@@ -290,28 +311,35 @@ def check_checkpoint_keys(path: str, shapes: dict, folder: str, shipped: bool) -
 
 
 def load_single_file(path, dtype: torch.dtype, config=None):
-    """-> load_base's parts from an original-layout SD1.5 / InstructPix2Pix checkpoint, through diffusers'
-    `StableDiffusion(InstructPix2Pix)Pipeline.from_single_file(path, config=folder, local_files_only=True)`: the
-    configs, tokenizer and scheduler from `config` (a local diffusers folder) or the shipped configs; nothing is
+    """-> load_base's parts from an original-layout SD1.5 / InstructPix2Pix / SDXL base checkpoint, through diffusers'
+    `StableDiffusion(InstructPix2Pix|XL)Pipeline.from_single_file(path, config=folder, local_files_only=True)`: the
+    configs, tokenizer(s) and scheduler from `config` (a local diffusers folder) or the shipped configs; nothing is
     fetched. The header is checked first (kind, keys, shapes), so a wrong file fails before any weight loads."""
-    from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
+    from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
     path = os.path.expanduser(os.fspath(path))
     shapes = checkpoint_shapes(path)
-    edit = checkpoint_kind(path, shapes)
-    folder = config_folder(path, edit, config)
+    kind = checkpoint_kind(path, shapes)
+    folder = config_folder(path, kind, config)
     check_checkpoint_keys(path, shapes, folder, shipped=config is None)
     given = {}
     if config is None:  # the shipped configs share one tokenizer (CLIP ViT-L/14's, as every SD1.5-family model)
         tokenizer = os.path.join(CONFIGS, "tokenizer")
         given["tokenizer"] = _load(f"tokenizer from {tokenizer}", CLIPTokenizer.from_pretrained, tokenizer)
-    cls = StableDiffusionInstructPix2PixPipeline if edit else StableDiffusionPipeline
+        if kind == "sdxl":  # SDXL's second tokenizer: the same BPE, padding with "!" (as its tokenizer_2/ says)
+            given["tokenizer_2"] = _load(f"tokenizer from {tokenizer}", CLIPTokenizer.from_pretrained, tokenizer,
+                                         pad_token="!")
+    if kind == "sdxl":
+        cls, extra = StableDiffusionXLPipeline, {}
+    else:
+        cls = StableDiffusionInstructPix2PixPipeline if kind == "ip2p" else StableDiffusionPipeline
+        extra = dict(safety_checker=None, requires_safety_checker=False)
     pipe = _load(f"single-file checkpoint {path}", cls.from_single_file, path, config=folder,
-                 local_files_only=True, torch_dtype=dtype, safety_checker=None, feature_extractor=None,
-                 requires_safety_checker=False, **given)
+                 local_files_only=True, torch_dtype=dtype, feature_extractor=None, **extra, **given)
+    names = BASE_PARTS[:-1] + (("text_encoder_2", "tokenizer_2") if kind == "sdxl" else ())
     # the scheduler as a folder's (load_base): the class its config names, untouched by the pipeline's fix-ups
-    return {**{name: getattr(pipe, name) for name in BASE_PARTS[:-1]}, "scheduler": _scheduler(folder)}
+    return {**{name: getattr(pipe, name) for name in names}, "scheduler": _scheduler(folder)}
 
 
 def _image_processor_class():

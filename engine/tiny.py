@@ -92,11 +92,12 @@ def sd_pipeline(unet, vae, text, tok):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def tiny_sdxl_base(folder: str) -> None:
+def tiny_sdxl_base(folder: str, text2_dim: int = TEXT_DIM) -> None:
     """The tiny SDXL-layout model: two text encoders (CLIP-L-like, and a CLIPTextModelWithProjection whose pooled
     projection feeds the added conditioning), a UNet with `text_time` added conditioning (6 time ids) and
     cross-attention width = both encoders' widths side by side, SDXL's Euler scheduler config and VAE scaling
-    factor, as diffusers' StableDiffusionXLPipeline saves them."""
+    factor, as diffusers' StableDiffusionXLPipeline saves them. text2_dim: the second encoder's width (a
+    single-file checkpoint needs it unlike the first's, as in SDXL: diffusers tells the encoders apart by width)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -107,14 +108,15 @@ def tiny_sdxl_base(folder: str) -> None:
                     num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     text = CLIPTextModel(CLIPTextConfig(**text_cfg))
-    text2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg, projection_dim=TEXT_DIM))
+    text2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**text_cfg, "hidden_size": text2_dim},
+                                                       projection_dim=text2_dim))
     time_dim = 8
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
-        cross_attention_dim=2 * TEXT_DIM, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + TEXT_DIM, norm_num_groups=8)
+        cross_attention_dim=TEXT_DIM + text2_dim, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + text2_dim, norm_num_groups=8)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, sample_size=64,
@@ -126,17 +128,18 @@ def tiny_sdxl_base(folder: str) -> None:
                               unet=unet, scheduler=scheduler).save_pretrained(folder)
 
 
-def make_tiny_sdxl(folder: str, seed: int = 0) -> dict[str, str]:
+def make_tiny_sdxl(folder: str, seed: int = 0, text2_dim: int = TEXT_DIM) -> dict[str, str]:
     """Tiny SDXL weights under `folder` (atomically): model/ (a diffusers SDXL folder), image_encoder/,
     plus.safetensors (IP-Adapter+ SDXL) and instruct.safetensors (IPAdapter-Instruct SDXL: its text inputs as wide
     as the first text encoder), both in the two-key layout with ip_adapter indices in the SDXL UNet's
-    attn_processors order. -> {"model", "image_encoder", "adapter" (the IP-Adapter+ one), "instruct"}."""
+    attn_processors order. text2_dim: the second text encoder's width (tiny_sdxl_base).
+    -> {"model", "image_encoder", "adapter" (the IP-Adapter+ one), "instruct"}."""
     from diffusers import UNet2DConditionModel
 
     folder = os.path.abspath(folder)
     with atomic_folder(folder) as tmp:
         torch.manual_seed(seed)
-        tiny_sdxl_base(os.path.join(tmp, "model"))
+        tiny_sdxl_base(os.path.join(tmp, "model"), text2_dim)
         tiny_image_encoder(os.path.join(tmp, "image_encoder"))
         unet = UNet2DConditionModel.from_pretrained(os.path.join(tmp, "model"), subfolder="unet")
         tiny_adapter(os.path.join(tmp, "plus.safetensors"), unet, kind="plus")
@@ -241,6 +244,7 @@ def tiny_paths(folder: str) -> dict[str, str]:
 # diffusers -> original (LDM) layout: the reverse of diffusers' single-file converters (convert_ldm_unet_checkpoint,
 # convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint in diffusers/loaders/single_file_utils.py)
 UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+            "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",  # SDXL
             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
@@ -303,16 +307,65 @@ def ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def _open_clip_state(text_encoder) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection's weights in OpenCLIP's layout (SDXL's second encoder as the original checkpoint
+    holds it): the reverse of diffusers' convert_open_clip_checkpoint, from diffusers' own key table."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    table = DIFFUSERS_TO_LDM_MAPPING["openclip"]
+    state = {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
+             for k, v in text_encoder.state_dict().items()}
+    out, qkv = {}, {}
+    for key, v in state.items():
+        if key in table["layers"]:
+            out[table["layers"][key]] = v.T if key == "text_projection.weight" else v
+            continue
+        m = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)", key)
+        if m is None:
+            continue  # (position ids: recomputed)
+        layer, rest = m.groups()
+        p = re.fullmatch(r"self_attn\.(q|k|v)_proj\.(weight|bias)", rest)
+        if p:
+            qkv.setdefault((layer, p.group(2)), {})[p.group(1)] = v
+            continue
+        for new, old in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), (".fc1.", ".c_fc."), (".fc2.", ".c_proj."),
+                         ("self_attn", "attn")):
+            rest = rest.replace(new, old)
+        out[f"transformer.resblocks.{layer}.{rest}"] = v
+    for (layer, kind), parts in qkv.items():
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def sgm_state_dict(unet, vae, text_encoder, text_encoder_2) -> dict[str, torch.Tensor]:
+    """SDXL-layout diffusers modules' weights as one original (SGM) checkpoint, as sd_xl_base_1.0.safetensors is
+    laid out: UNet under model.diffusion_model. (its added-conditioning MLP as label_emb), VAE under
+    first_stage_model., CLIP-L under conditioner.embedders.0.transformer., the second encoder in OpenCLIP's layout
+    under conditioner.embedders.1.model.."""
+    out = {k: v for k, v in ldm_state_dict(unet, vae, text_encoder).items()
+           if k.startswith(("model.diffusion_model.", "first_stage_model."))}
+    for k, v in text_encoder.state_dict().items():
+        out["conditioner.embedders.0.transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    out.update({"conditioner.embedders.1.model." + k: v for k, v in _open_clip_state(text_encoder_2).items()})
+    return {k: v.contiguous() for k, v in out.items()}
+
+
 def to_single_file(model: str, path: str) -> str:
     """Write the diffusers SD folder `model` as one original-layout checkpoint at `path` (.safetensors, or .ckpt:
     a pickle holding {"state_dict": ...} as the original training code saved). -> path."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    state = ldm_state_dict(UNet2DConditionModel.from_pretrained(model, subfolder="unet"),
-                           AutoencoderKL.from_pretrained(model, subfolder="vae"),
-                           CLIPTextModel.from_pretrained(model, subfolder="text_encoder"))
+    from .loading import is_sdxl_folder
+
+    parts = (UNet2DConditionModel.from_pretrained(model, subfolder="unet"),
+             AutoencoderKL.from_pretrained(model, subfolder="vae"),
+             CLIPTextModel.from_pretrained(model, subfolder="text_encoder"))
+    if is_sdxl_folder(model):
+        state = sgm_state_dict(*parts, CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2"))
+    else:
+        state = ldm_state_dict(*parts)
     if path.endswith(".ckpt"):
         torch.save({"state_dict": state}, path)
     else:
@@ -320,12 +373,17 @@ def to_single_file(model: str, path: str) -> str:
     return path
 
 
-def make_tiny_single_file(folder: str, seed: int = 0, edit: bool = False) -> str:
+def make_tiny_single_file(folder: str, seed: int = 0, edit: bool = False, sdxl: bool = False) -> str:
     """The tiny model twice under `folder`: model/ (diffusers, make_tiny's for the same seed) and model.safetensors
-    (original layout, the same weights). -> the file's path. edit: InstructPix2Pix."""
+    (original layout, the same weights). -> the file's path. edit: InstructPix2Pix; sdxl: an SDXL model (its second
+    text encoder 48 wide, unlike the first's 32, as SDXL's are unlike: the single-file loader tells them apart by
+    width), the file in SDXL's original layout."""
     folder = os.path.abspath(folder)
     with atomic_folder(folder) as tmp:
         torch.manual_seed(seed)
-        tiny_base(os.path.join(tmp, "model"), edit)
+        if sdxl:
+            tiny_sdxl_base(os.path.join(tmp, "model"), text2_dim=48)
+        else:
+            tiny_base(os.path.join(tmp, "model"), edit)
         to_single_file(os.path.join(tmp, "model"), os.path.join(tmp, "model.safetensors"))
     return os.path.join(folder, "model.safetensors")

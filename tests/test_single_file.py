@@ -1,7 +1,8 @@
 """Single-file checkpoints (`model.safetensors` in the original LDM layout, as A1111 and ComfyUI keep SD1.5 and
-InstructPix2Pix) through diffusers' `from_single_file` with local configs only: the parts equal the diffusers
-folder's bitwise and generate the same latents; the shipped configs are SD1.5's and InstructPix2Pix's at full size;
-no socket is opened; every wrong file or config folder is one line naming it, before any weight loads."""
+InstructPix2Pix, and SDXL base's SGM layout) through diffusers' `from_single_file` with local configs only: the
+parts equal the diffusers folder's bitwise and generate the same latents; the shipped configs are SD1.5's,
+InstructPix2Pix's and SDXL base's at full size; no socket is opened; every wrong file or config folder is one line
+naming it, before any weight loads."""
 import os
 import shutil
 import socket
@@ -124,7 +125,7 @@ def test_the_shipped_configs_are_sd15_at_full_size(kind):
     assert unet.config.in_channels == (8 if edit else 4)
     assert count == [859_520_964 + (320 * 4 * 3 * 3 if edit else 0), 83_653_863, 123_060_480]
     shapes = {k: tuple(v.shape) for k, v in ldm_state_dict(unet, vae, text).items()}
-    assert checkpoint_kind("sd.safetensors", shapes) is edit
+    assert checkpoint_kind("sd.safetensors", shapes) == kind
     check_checkpoint_keys("sd.safetensors", shapes, folder, shipped=True)
     assert type(_scheduler(folder)).__name__ == ("EulerAncestralDiscreteScheduler" if edit else "PNDMScheduler")
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(CONFIGS, "tokenizer"))  # CLIP ViT-L/14's
@@ -139,7 +140,10 @@ BAD_FILES = {  # name: (change to the tiny SD1.5 file's tensors, what the error 
     "mis-shaped": (lambda sd: sd.update({VAE + "quant_conv.weight": torch.ones(8, 8, 1, 2)}),
                    r"VAE: 1 mis-shaped \(quant_conv.weight \(8, 8, 1, 2\) vs \(8, 8, 1, 1\)\)"),
     "no VAE": (lambda sd: [sd.pop(k) for k in list(sd) if k.startswith(VAE)], r"no VAE weights \(first_stage_model"),
-    "SDXL": (lambda sd: sd.update({"conditioner.embedders.0.x": torch.ones(2)}), "is an SDXL checkpoint"),
+    "SDXL refiner": (lambda sd: sd.update({"conditioner.embedders.0.model.x": torch.ones(2)}),
+                     "is an SDXL refiner checkpoint"),
+    "half SDXL": (lambda sd: sd.update({"conditioner.embedders.0.transformer.x": torch.ones(2)}),
+                  "not an original-layout SDXL checkpoint: it has no second text encoder weights"),
     "inpainting": (lambda sd: sd.update({UNET + "input_blocks.0.0.weight": torch.ones(32, 9, 3, 3)}),
                    "takes 9 channels; SD1.5 takes 4 and InstructPix2Pix 8"),
     "LoRA": (lambda sd: [sd.clear(), sd.update({"lora_unet_x.alpha": torch.ones(())})],
@@ -220,3 +224,73 @@ def test_cli_and_api_take_a_single_file(files, tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(want))
     with pytest.raises(EngineError, match="drop config="):
         Pipeline.from_pretrained(folder_of(files["sd15"]), config=folder_of(files["sd15"]))
+
+
+# ----- SDXL base ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sdxl_file(tmp_path_factory):
+    """The tiny SDXL model as an original-layout (SGM) file; its diffusers folder is model/ beside it."""
+    from engine.tiny import make_tiny_single_file
+    return make_tiny_single_file(str(tmp_path_factory.mktemp("single-sdxl") / "sdxl"), sdxl=True)
+
+
+def test_an_sdxl_file_loads_as_its_folder(sdxl_file, offline):
+    """Both text encoders (CLIP-L in transformers' layout, the second in OpenCLIP's) and the UNet's added-conditioning
+    MLP come through bitwise; the pipeline is an SDXLPipeline and generates the folder's latents."""
+    from engine import Pipeline
+    from engine.sdxl import SDXLPipeline
+
+    path, folder = sdxl_file, folder_of(sdxl_file)
+    assert checkpoint_kind(path, checkpoint_shapes(path)) == "sdxl"
+    single = load_base(path, torch.float32, config=folder)
+    ref = load_base(folder, torch.float32)
+    for name in (*MODULES, "text_encoder_2"):
+        a, b = single[name].state_dict(), ref[name].state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert single["tokenizer_2"](PROMPT).input_ids == ref["tokenizer_2"](PROMPT).input_ids
+    pipes = [Pipeline.from_pretrained(path, config=folder), Pipeline.from_pretrained(folder)]
+    for pipe in pipes:
+        assert isinstance(pipe, SDXLPipeline)
+        pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=2, seed=3, output_type="latent", original_size=(96, 80))
+    assert torch.equal(pipes[0](PROMPT, **kw), pipes[1](PROMPT, **kw))
+    assert native_size(path, folder) == (64, 4) and native_size(path) == (1024, 8)  # tiny configs; shipped SDXL
+
+
+def test_an_sdxl_file_with_another_kinds_configs_is_one_line(sdxl_file, files, offline):
+    with pytest.raises(EngineError, match="is an SDXL checkpoint but the config folder .* is not an SDXL one") as e:
+        load_base(sdxl_file, torch.float32, config=folder_of(files["sd15"]))
+    one_line(e, sdxl_file)
+    with pytest.raises(EngineError, match="is an SD1.5-layout checkpoint but the config folder .* is an SDXL one"):
+        load_base(files["sd15"], torch.float32, config=folder_of(sdxl_file))
+    assert config_folder(sdxl_file, "sdxl") == os.path.join(CONFIGS, "sdxl")
+    with pytest.raises(EngineError, match=r"UNet: \d+ mis-shaped \(add_embedding.linear_1.bias \(128,\) vs "
+                                          r"\(1280,\).*; second text encoder: \d+ mis-shaped") as e:
+        load_base(sdxl_file, torch.float32)  # the shipped (full-size) SDXL configs
+    one_line(e, sdxl_file, os.path.join(CONFIGS, "sdxl"), "config=")
+
+
+def test_the_shipped_sdxl_configs_at_full_size():
+    """On the meta device: SDXL base 1.0's public parameter counts, and an SDXL-shaped original file's keys (what
+    sgm_state_dict writes: label_emb, conditioner.embedders.0/1) are exactly what the shipped configs expect."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from engine.loading import _scheduler
+    from engine.tiny import sgm_state_dict
+
+    folder = os.path.join(CONFIGS, "sdxl")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae"))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"))
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder_2"))
+    count = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, text, text_2)]
+    assert count == [2_567_463_684, 83_653_863, 123_060_480, 694_659_840]
+    assert vae.config.scaling_factor == 0.13025 and unet.config.addition_embed_type == "text_time"
+    shapes = {k: tuple(v.shape) for k, v in sgm_state_dict(unet, vae, text, text_2).items()}
+    assert shapes["conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight"] == (3840, 1280)
+    assert checkpoint_kind("sdxl.safetensors", shapes) == "sdxl"
+    check_checkpoint_keys("sdxl.safetensors", shapes, folder, shipped=True)
+    assert type(_scheduler(folder)).__name__ == "EulerDiscreteScheduler"
