@@ -1,4 +1,5 @@
-"""ControlNet on the engine's pipeline: what diffusers' StableDiffusionControlNetPipeline does, with the adapter on top.
+"""ControlNet on the engine's pipeline: what diffusers' StableDiffusion(XL)ControlNetPipeline does, with the adapter on
+top (an SDXL ControlNet also reads each row's pooled text embedding and time ids, as the SDXL UNet does).
 
     pipe = Pipeline.from_pretrained(model, image_encoder=..., adapter=..., controlnet="path/to/controlnet-canny")
     images = pipe(prompt, image, instruct, control_image="edges.png", controlnet_conditioning_scale=0.8)
@@ -105,16 +106,17 @@ def control_state(pipe, nets, reqs, plan, height: int, width: int, control_image
                         [bool(weight[k].any()) for k in range(len(nets))])
 
 
-def residuals(nets, state: ControlState, x, t, text_rows, step: int, total: int, guess_mode: bool):
+def residuals(nets, state: ControlState, x, t, text_rows, step: int, total: int, guess_mode: bool, added=None):
     """(down residuals, mid residual) for this step, summed over the nets, scaled per row; None when every scale
-    is 0 this step (the UNet then runs as without a ControlNet)."""
+    is 0 this step (the UNet then runs as without a ControlNet). added: SDXL's added conditioning per row (pooled
+    text embeddings and time ids), which an SDXL ControlNet reads as its UNet does."""
     down = mid = None
     for k, net in enumerate(nets):
         if not state.active[k] or step / total < state.starts[k] or (step + 1) / total > state.ends[k]:
             continue  # every scale 0 this step: the UNet runs as without this net
         scale = state.scales[k] if not guess_mode else state.scales[k] * state.guess_rows
         d, m = net(x, t, encoder_hidden_states=text_rows, controlnet_cond=state.images[k], conditioning_scale=1.0,
-                   guess_mode=guess_mode, return_dict=False)
+                   guess_mode=guess_mode, return_dict=False, **({} if added is None else {"added_cond_kwargs": added}))
         w = scale.to(x.dtype).view(-1, 1, 1, 1)
         d, m = [r * w for r in d], m * w
         down = d if down is None else [a + b for a, b in zip(down, d)]

@@ -189,8 +189,6 @@ class Pipeline(LoraMixin):
             from .sdxl import SDXLPipeline
             if cls.EDIT or (cls is not Pipeline and not issubclass(cls, SDXLPipeline)):
                 raise EngineError(f"{os.fspath(model)} is an SDXL model; {cls.__name__} runs SD1.5-layout models")
-            if controlnet is not None:
-                raise EngineError("ControlNet with SDXL is not built yet: drop controlnet= for an SDXL model")
             cls = SDXLPipeline
         elif issubclass(cls, Pipeline) and getattr(cls, "SDXL", False):
             raise EngineError(f"{os.fspath(model)} is not an SDXL folder (no text_encoder_2/ and tokenizer_2/)")
@@ -427,7 +425,7 @@ class Pipeline(LoraMixin):
                 if p.control is not None:
                     with torch.profiler.record_function("engine::controlnet"):
                         res = residuals(self.controlnets, p.control, x, t, p.text_rows, step - 1, total,
-                                        control["guess_mode"])
+                                        control["guess_mode"], p.added)
                 with torch.profiler.record_function("engine::unet_step"):
                     eps_rows = self._unet_step(x, t, p.text_rows, ctx, res, p.added)
                 eps = (p.weights @ eps_rows.flatten(1).float()).view(latents.shape).to(latents.dtype)

@@ -24,8 +24,8 @@ An SDXL export (`python -m export onnx` on an SDXL folder) runs the same maths a
 (engine.exported.ExportedSDXLPipeline: ONNX Runtime's export.runtime.OnnxPipeline, TensorRT's
 engine.trt.runtime.TensorRTPipeline pick it from the manifest's kind).
 Step-level batching (engine/stepping.py) carries each flight's added conditioning rows beside its text rows.
-LoRA loads through diffusers' SDXL loader (engine/lora.py), into the UNet and both text encoders.
-Not built yet for SDXL (refused with one line): ControlNet. CUDA graphs keep the
+LoRA loads through diffusers' SDXL loader (engine/lora.py), into the UNet and both text encoders. ControlNet
+(engine/controlnet.py) passes each row's added conditioning to an SDXL ControlNet too. CUDA graphs keep the
 added conditioning among their static buffers (copied once per call).
 """
 from __future__ import annotations
@@ -48,8 +48,6 @@ class SDXLPipeline(Pipeline):
                  **kwargs):
         if text_encoder_2 is None or tokenizer_2 is None:
             raise EngineError("an SDXL pipeline needs text_encoder_2 and tokenizer_2 (an SDXL diffusers folder)")
-        if kwargs.get("controlnets"):
-            raise EngineError("ControlNet with SDXL is not built yet")
         super().__init__(unet, vae, text_encoder, tokenizer, scheduler, **kwargs)
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         text_encoder_2.to(self.device, self.dtype).eval().requires_grad_(False)

@@ -143,7 +143,8 @@ def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OP
         else list(controlnet)
     if nets and kind in ("edit", "sdxl"):
         what = "InstructPix2Pix" if kind == "edit" else "SDXL"
-        raise EngineError(f"ControlNet with {what} is not built: export the model without --controlnet")
+        raise EngineError(f"exporting a ControlNet with {what} is not built (it runs on the PyTorch backend): export "
+                          "the model without --controlnet")
     known = KINDS[kind] + tuple(graph_names(len(nets)) if nets else ())
     graphs = tuple(graphs or known)
     unknown = sorted(set(graphs) - set(known))

@@ -198,7 +198,7 @@ def test_errors_are_one_line(tiny, nets, one_net, pipes, cond_image, tmp_path, m
         export_onnx(tiny["model"], tiny["image_encoder"], tiny["adapter"], str(tmp_path / "x"), controlnet=nets[0],
                     graphs=("controlnet_1",), **QUIET)
     monkeypatch.setattr(exp, "model_kind", lambda model: "edit")
-    with pytest.raises(EngineError, match="ControlNet with InstructPix2Pix is not built"):
+    with pytest.raises(EngineError, match="exporting a ControlNet with InstructPix2Pix is not built"):
         exp.export_onnx(tiny["model"], tiny["image_encoder"], tiny["adapter"], str(tmp_path / "x"),
                         controlnet=nets[0], **QUIET)
     assert not (tmp_path / "x").exists()
