@@ -92,11 +92,17 @@ class EditPipeline(Pipeline):
         (the photo resized). Returns PIL images (request-major, `num_images_per_prompt` each), or latents."""
         self.timings = {}
         t_start = time.perf_counter()
+        reqs = self._edit_requests(dict(locals()))
+        return self._generate(reqs, num_inference_steps, height, width, scheduler, output_type, max_size,
+                              progress_callback, t_start)
+
+    def _edit_requests(self, args: dict) -> list:
+        """The keyword arguments of a call -> one EditRequest per request (its photo loaded once per object)."""
+        image, adapter_image, instruct = args["image"], args["adapter_image"], args["instruct"]
         if self.adapter is not None and adapter_image is None:
             raise EngineError("an adapter is loaded: give adapter_image= (the reference image it reads)")
-        args = dict(locals())
         photos = args["image"] if isinstance(args["image"], (list, tuple)) else None
-        base = dict(args, image=adapter_image, instruct=instruct, instruct_guidance_scale=guidance_scale,
+        base = dict(args, image=adapter_image, instruct=instruct, instruct_guidance_scale=args["guidance_scale"],
                     guidance_mode="auto")
         n = len(photos) if photos is not None else None
         if n is not None:  # a photo list sets the number of requests like any other list
@@ -117,10 +123,8 @@ class EditPipeline(Pipeline):
                 raise EngineError("an image to edit is required (image=)")
             if id(photo) not in loaded:
                 loaded[id(photo)] = load_image(photo)
-        reqs = [EditRequest(**{f.name: getattr(r, f.name) for f in fields(Request)}, photo=loaded[id(p)])
+        return [EditRequest(**{f.name: getattr(r, f.name) for f in fields(Request)}, photo=loaded[id(p)])
                 for r, p in zip(reqs, photos)]
-        return self._generate(reqs, num_inference_steps, height, width, scheduler, output_type, max_size,
-                              progress_callback, t_start)
 
     def _size(self, reqs, height, width, max_size) -> tuple[int, int]:
         f = self.vae_scale_factor

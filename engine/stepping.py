@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import AdapterContext
+from .edit import EditContext
 from .errors import EngineError
 from .pipeline import select_rows
 
@@ -61,8 +62,10 @@ class Flight:
 
 
 def _call_defaults(pipe) -> dict:
+    from .edit import EditPipeline
     from .pipeline import Pipeline
-    params = inspect.signature(Pipeline.__call__).parameters
+    call = EditPipeline.__call__ if getattr(pipe, "EDIT", False) else Pipeline.__call__  # (SDXL's wraps Pipeline's)
+    params = inspect.signature(call).parameters
     return {k: p.default for k, p in params.items() if k != "self"}
 
 
@@ -82,9 +85,9 @@ def start_many(pipe, **kwargs) -> list[Flight]:
 
 
 def _admit(pipe, kwargs: dict, one: bool) -> list[Flight]:
-    if getattr(pipe, "EDIT", False) or not pipe.cross:
-        raise EngineError("step-level batching runs text-to-image pipelines (SD1.5, SDXL) on the PyTorch backend "
-                          "(not editing, not exported graphs)")
+    if not pipe.cross:
+        raise EngineError("step-level batching runs on the PyTorch backend (not exported graphs)")
+    edit = getattr(pipe, "EDIT", False)
     if pipe.controlnets:
         raise EngineError("step-level batching runs without ControlNet (use request-level batching for it)")
     kwargs = dict(kwargs)
@@ -96,9 +99,9 @@ def _admit(pipe, kwargs: dict, one: bool) -> list[Flight]:
     args.update(kwargs)
     if args["output_type"] not in ("pil", "latent"):
         raise EngineError(f"output_type must be 'pil' or 'latent', got {args['output_type']!r}")
-    if args["control_image"] is not None:
+    if args.get("control_image") is not None:
         raise EngineError("control_image was given but no ControlNet is loaded")
-    reqs = pipe._requests(args)
+    reqs = pipe._edit_requests(args) if edit else pipe._requests(args)
     if one and len(reqs) != 1:
         raise EngineError(f"a flight is one request; got {len(reqs)} (give single values, not lists, or use "
                           "start_many)")
@@ -106,8 +109,16 @@ def _admit(pipe, kwargs: dict, one: bool) -> list[Flight]:
     if sizes is not None:  # SDXL: this admission's size conditioning (one for the requests admitted together)
         pipe.set_size_conditioning(**sizes)
     t0 = time.perf_counter()
-    prep = pipe._prepare(reqs, args["num_inference_steps"], args["height"], args["width"], args["scheduler"],
-                         args["max_size"])
+    height, width = args["height"], args["width"]
+    if edit:  # InstructPix2Pix: the photos' latents, at the output size, feed every step's UNet input
+        height, width = pipe._size(reqs, height, width, args["max_size"])
+        with pipe._timed("image_latent_ms"):
+            pipe._photo_latents = pipe.encode_photos(reqs, height, width)
+    try:
+        prep = pipe._prepare(reqs, args["num_inference_steps"], height, width, args["scheduler"], args["max_size"])
+    finally:
+        if edit:
+            pipe._photo_latents = None
     timings = dict(pipe.timings, prepare_ms=(time.perf_counter() - t0) * 1e3)
     preps = [prep] if len(reqs) == 1 else _split(pipe, prep, reqs)
     progress = args["progress_callback"]  # one for every flight, or a list of one per request
@@ -135,9 +146,12 @@ def _split(pipe, prep, reqs) -> list:
 
         def context(c):
             if id(c) not in made:
-                made[id(c)] = AdapterContext(kv={n: select_rows(v, rows) for n, v in c.kv.items()},
-                                             scale={n: select_rows(v, rows) for n, v in c.scale.items()},
-                                             mask={n: select_rows(v, rows) for n, v in c.mask.items()})
+                if isinstance(c, EditContext):  # InstructPix2Pix: the adapter's part, and the photo latent per row
+                    made[id(c)] = EditContext(context(c.adapter), c.image_rows.index_select(0, rows))
+                else:
+                    made[id(c)] = AdapterContext(kv={n: select_rows(v, rows) for n, v in c.kv.items()},
+                                                 scale={n: select_rows(v, rows) for n, v in c.scale.items()},
+                                                 mask={n: select_rows(v, rows) for n, v in c.mask.items()})
             return made[id(c)]
         sched = copy.deepcopy(prep.sched)
         out.append(SimpleNamespace(
@@ -183,16 +197,22 @@ class Packer:
         if same and self.value is not None and self.value[3] == pad_to:
             return self.value[:3]
         text = torch.cat([f.prep.text_rows for f in flights])
-        names = list(contexts[0].kv)
-        masked = {n for c in contexts for n in c.mask}
-        ctx = AdapterContext(kv={n: _cat([c.kv[n] for c in contexts]) for n in names},
-                             scale={n: _cat([c.scale[n] for c in contexts]) for n in names},
-                             mask={n: _masks(flights, contexts, n) for n in masked})
+        edit = isinstance(contexts[0], EditContext)  # InstructPix2Pix: pack the adapter parts, and the photo rows
+        adapters = [c.adapter for c in contexts] if edit else list(contexts)
+        names = list(adapters[0].kv)
+        masked = {n for c in adapters for n in c.mask}
+        ctx = AdapterContext(kv={n: _cat([c.kv[n] for c in adapters]) for n in names},
+                             scale={n: _cat([c.scale[n] for c in adapters]) for n in names},
+                             mask={n: _masks(flights, adapters, n) for n in masked})
         first = flights[0].prep.added  # SDXL: text_embeds and time_ids per row
         added = None if first is None else {k: torch.cat([f.prep.added[k] for f in flights]) for k in first}
+        photo = torch.cat([c.image_rows for c in contexts]) if edit else None
         if pad_to > text.shape[0]:
             text, ctx = _pad(text, ctx, pad_to)
             added = None if added is None else {k: _pad_rows(v, pad_to) for k, v in added.items()}
+            photo = None if photo is None else _pad_rows(photo, pad_to)
+        if edit:
+            ctx = EditContext(ctx, photo)
         self.flights, self.contexts, self.value = tuple(flights), contexts, (text, ctx, added, pad_to)
         return text, ctx, added
 

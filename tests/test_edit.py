@@ -259,3 +259,46 @@ def test_static_buffers_carry_the_image_latent(edit_pipe, photo, other_image):
         edit_pipe._static = None
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+EDIT_FLIGHTS = [dict(num_inference_steps=5, seed=3),
+                dict(num_inference_steps=3, seed=4, scheduler="euler_a", guidance_scale=5.0, image_guidance_scale=1.2,
+                     prompt="make it night"),
+                dict(num_inference_steps=4, seed=5, guidance_scale=1.0, scheduler="ddim")]  # one branch, no guidance
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-buffers"])
+def test_edit_flights_joining_mid_flight_equal_alone(edit_pipe, photo, other_image, static):
+    """Step-level batching of edits: each flight carries its photo latent per row beside its text rows, so edits
+    with other photos, steps, schedulers (an ancestral one) and guidance join mid-flight and give what each gives
+    alone; the same through the CUDA-graph static buffers (eager here) with the rows padded to a bucket."""
+    from engine.graphs import StaticUNet
+
+    photos = [photo, other_image.resize((54, 70)), photo]
+    reqs = [dict({"prompt": EDIT, **r}, image=p, output_type="latent") for r, p in zip(EDIT_FLIGHTS, photos)]
+    wants = [edit_pipe(**r) for r in reqs]
+    if static:
+        edit_pipe._static = StaticUNet(edit_pipe.unet, capture=False)
+    try:
+        running, out, it = {0: edit_pipe.start(**reqs[0])}, {}, 0
+        while running:
+            if it in (1, 2):  # 1 joins at 0's second step, 2 at its third
+                running[it] = edit_pipe.start(**reqs[it])
+            edit_pipe.step(list(running.values()))
+            for i in [i for i, f in running.items() if f.done]:
+                out[i] = edit_pipe.finish(running.pop(i))
+            it += 1
+        padded = {k[0][0] for k in edit_pipe._static.entries} if static else None
+    finally:
+        edit_pipe._static = None
+    for i, want in enumerate(wants):
+        torch.testing.assert_close(out[i], want, atol=1e-4, rtol=1e-4, msg=lambda m, i=i: f"edit {i}: {m}")
+    if static:
+        assert 8 in padded and padded <= {1, 2, 4, 8}  # 3 + 3 + 1 rows ran as 8
+    together = edit_pipe.start_many(prompt=[EDIT, "make it night"], image=photos[:2], seed=[3, 4],
+                                    num_inference_steps=3, output_type="latent")
+    while not together[0].done:
+        edit_pipe.step(together)
+    for f, prompt, p, seed in zip(together, (EDIT, "make it night"), photos[:2], (3, 4)):
+        want = edit_pipe(prompt, p, seed=seed, num_inference_steps=3, output_type="latent")
+        torch.testing.assert_close(edit_pipe.finish(f), want, atol=1e-4, rtol=1e-4)

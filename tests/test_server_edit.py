@@ -124,3 +124,24 @@ def test_serve_on_an_ip2p_folder_and_the_python_client(tiny_edit, server, photo)
             client.edit(EDIT, photo, guidance_mode="full")
     finally:
         proc.terminate()
+
+
+def test_edits_in_step_mode_join_and_each_equals_itself_alone(tiny_edit, photo):
+    """`serve --batching step` on an InstructPix2Pix model: edits with other photos, steps and guidance share the
+    running UNet steps (the photo latent rides with each flight's rows) and each answer is the pipeline's alone."""
+    srv = InProcessServer(ServerConfig(model=tiny_edit["model"], device="cpu", batching="step"), None)
+    try:
+        other = photo.transpose(Image.FLIP_LEFT_RIGHT)
+        bodies = [{"prompt": EDIT, "image": png_base64(photo), "num_inference_steps": 4, "seed": 1},
+                  {"prompt": "turn it into a painting", "image": png_base64(other), "num_inference_steps": 2,
+                   "seed": 2, "guidance_scale": 4.0, "image_guidance_scale": 1.2}]
+        answers = srv.concurrently(*[("POST", "/v1/edit", {"json": b}) for b in bodies])
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        assert max(a.json()["timings"]["batch_requests"] for a in answers) == 2  # they shared steps
+        pipe = srv.state.pipe
+        assert close(decode_png(answers[0].json()["images"][0]), alone(pipe, photo, seed=1, num_inference_steps=4)[0])
+        want = pipe("turn it into a painting", other, num_inference_steps=2, seed=2, guidance_scale=4.0,
+                    image_guidance_scale=1.2)[0]
+        assert close(decode_png(answers[1].json()["images"][0]), want)
+    finally:
+        srv.close()

@@ -137,18 +137,17 @@ def test_http_server_in_step_mode(step_pipe, cond_image, tiny):
         server.close()
 
 
-def test_step_mode_refuses_what_it_does_not_run(tiny):
-    from engine import EditPipeline
+def test_step_mode_refuses_a_controlnet(tiny, tmp_path):
+    from engine import Pipeline
     from engine.server.config import ServerConfig
-    from engine.tiny import make_tiny
     from server_utils import InProcessServer
-    import tempfile
+    from test_controlnet import make_controlnet
 
-    with tempfile.TemporaryDirectory() as d:
-        edit = make_tiny(d, edit=True)
-        pipe = EditPipeline.from_pretrained(edit["model"], device="cpu")
-        with pytest.raises(RuntimeError, match="--batching step runs text-to-image .*this server loads an InstructPix2Pix model"):
-            InProcessServer(ServerConfig(batching="step"), pipe)
+    net = make_controlnet(tiny, tmp_path / "net", 0)
+    pipe = Pipeline.from_pretrained(tiny["model"], device="cpu", controlnet=net)
+    with pytest.raises(RuntimeError, match="--batching step runs on the PyTorch backend without ControlNet; this "
+                                           "server loads a ControlNet: use --batching request"):
+        InProcessServer(ServerConfig(batching="step"), pipe)
 
 
 class CountingRunner(PipelineRunner):

@@ -224,7 +224,7 @@ class EditRunner(PipelineRunner):
         rows = len(edit_branches(req.guidance_scale, req.image_guidance_scale)) * req.num_images
         return EditWork(req, photo, height, width, rows, reference)
 
-    def __call__(self, works: list[EditWork], progress=None) -> list[dict]:
+    def _kwargs(self, works: list[EditWork], progress=None) -> dict:
         first = works[0].req
         per = {k: [getattr(w.req, k) for w in works] for k in (
             "prompt", "negative_prompt", "guidance_scale", "image_guidance_scale", "seed")}
@@ -234,6 +234,11 @@ class EditRunner(PipelineRunner):
         if self.kind is not None:
             kwargs.update(adapter_image=[w.reference for w in works], instruct=[w.req.instruct for w in works],
                           scale=[w.req.scale for w in works])
+        return kwargs
+
+    def __call__(self, works: list[EditWork], progress=None) -> list[dict]:
+        first = works[0].req
+        kwargs = self._kwargs(works, progress)
         t0 = time.perf_counter()
         images = self.pipe(**kwargs)
         stages = {k: round(v, 3) for k, v in self.pipe.timings.items() if k in (*STAGES, "image_latent_ms")}
