@@ -11,7 +11,10 @@ guidance weights and steps it with its own scheduler. Flights join and leave bet
 
 A flight's latents equal those of the same request run alone (tests/test_stepping.py), whatever joins or leaves.
 On SDXL a flight also holds its added conditioning (pooled embeddings and time ids per row), packed beside its text
-rows, so flights of different size conditioning share a step (tests/test_sdxl.py).
+rows, so flights of different size conditioning share a step (tests/test_sdxl.py). An InstructPix2Pix edit's flight
+holds its photo latent per row (engine.edit.EditContext), encoded once at admission (tests/test_edit.py). With a
+ControlNet a flight keeps its control images, scales, window and guess mode; each step runs the net once over the
+rows it acts on at their own flights' steps (tests/test_controlnet.py).
 The packed inputs are cached while the running set (and each flight's per-step adapter context) stays the same,
 so a steady batch copies nothing per step but the latents. With CUDA graphs (`Pipeline.enable_cuda_graphs`) the
 rows are padded to a bucket (1, 2, 4, 8, ...) so one capture serves every running set of that size; padded rows
@@ -88,8 +91,6 @@ def _admit(pipe, kwargs: dict, one: bool) -> list[Flight]:
     if not pipe.cross:
         raise EngineError("step-level batching runs on the PyTorch backend (not exported graphs)")
     edit = getattr(pipe, "EDIT", False)
-    if pipe.controlnets:
-        raise EngineError("step-level batching runs without ControlNet (use request-level batching for it)")
     kwargs = dict(kwargs)
     sizes = {k: kwargs.pop(k) for k in SIZE_CONDITIONING if k in kwargs} if getattr(pipe, "SDXL", False) else None
     args = _call_defaults(pipe)
@@ -99,7 +100,12 @@ def _admit(pipe, kwargs: dict, one: bool) -> list[Flight]:
     args.update(kwargs)
     if args["output_type"] not in ("pil", "latent"):
         raise EngineError(f"output_type must be 'pil' or 'latent', got {args['output_type']!r}")
-    if args.get("control_image") is not None:
+    control = None
+    if pipe.controlnets:  # this admission's control images, scales, window and guess mode (as a call takes them)
+        control = dict(control_image=args["control_image"], scale=args["controlnet_conditioning_scale"],
+                       start=args["control_guidance_start"], end=args["control_guidance_end"],
+                       guess_mode=bool(args["guess_mode"]))
+    elif args.get("control_image") is not None:
         raise EngineError("control_image was given but no ControlNet is loaded")
     reqs = pipe._edit_requests(args) if edit else pipe._requests(args)
     if one and len(reqs) != 1:
@@ -115,7 +121,10 @@ def _admit(pipe, kwargs: dict, one: bool) -> list[Flight]:
         with pipe._timed("image_latent_ms"):
             pipe._photo_latents = pipe.encode_photos(reqs, height, width)
     try:
-        prep = pipe._prepare(reqs, args["num_inference_steps"], height, width, args["scheduler"], args["max_size"])
+        prep = pipe._prepare(reqs, args["num_inference_steps"], height, width, args["scheduler"], args["max_size"],
+                             *((control,) if control is not None else ()))
+        if control is not None:
+            prep.guess_mode = control["guess_mode"]
     finally:
         if edit:
             pipe._photo_latents = None
@@ -156,13 +165,56 @@ def _split(pipe, prep, reqs) -> list:
         sched = copy.deepcopy(prep.sched)
         out.append(SimpleNamespace(
             height=prep.height, width=prep.width, plan=None, text_rows=prep.text_rows.index_select(0, rows),
-            control=None, added=None if prep.added is None else {k: select_rows(v, rows) for k, v in prep.added.items()},
+            control=_split_control(prep.control, rows), guess_mode=getattr(prep, "guess_mode", False), added=None if prep.added is None else {k: select_rows(v, rows) for k, v in prep.added.items()},
             sched=sched, total=prep.total, latents=prep.latents.index_select(0, lat),
             latent_of_row=prep.latent_of_row.index_select(0, rows) - offsets[r],
             weights=prep.weights.index_select(0, lat.to(prep.weights.device)).index_select(
                 1, rows.to(prep.weights.device)),
             extra=pipe._step_kwargs(sched, [req]), contexts=[context(c) for c in prep.contexts]))
     return out
+
+
+def _split_control(state, rows):
+    """One request's share of a batch's ControlState: its rows' control images, scales and guess-mode flags."""
+    if state is None:
+        return None
+    from .controlnet import ControlState
+    scales = state.scales.index_select(1, rows.to(state.scales.device))
+    guess = None if state.guess_rows is None else state.guess_rows.index_select(0, rows.to(state.guess_rows.device))
+    weight = scales * (guess if guess is not None else 1.0)
+    return ControlState([im.index_select(0, rows.to(im.device)) for im in state.images], scales, state.starts,
+                        state.ends, guess, [bool(weight[k].any()) for k in range(len(state.images))])
+
+
+def _control(pipe, flights, x, t, text, added):
+    """The ControlNet residuals of a packed step: for each net, one call over the rows of the flights it acts on at
+    their own step (scale x window, and guess mode's prompt rows), grouped by guess mode; None when no net acts."""
+    rows = x.shape[0]
+    down = mid = None
+    for guess in (False, True):
+        group = [i for i, f in enumerate(flights) if bool(getattr(f.prep, "guess_mode", False)) is guess]
+        if not group:
+            continue
+        for k, net in enumerate(pipe.controlnets):
+            weights = []
+            for f in flights:
+                c = f.prep.control
+                on = (bool(getattr(f.prep, "guess_mode", False)) is guess and c.active[k]
+                      and f.index / f.total >= c.starts[k] and (f.index + 1) / f.total <= c.ends[k])
+                w = c.scales[k] * (c.guess_rows if c.guess_rows is not None else 1.0)
+                weights.append(w if on else torch.zeros_like(w))
+            w = torch.cat(weights).to(x.dtype)
+            if not bool(w.any()):
+                continue
+            images = torch.cat([f.prep.control.images[k] for f in flights])
+            d, m = net(x, t, encoder_hidden_states=text[:rows], controlnet_cond=images, conditioning_scale=1.0,
+                       guess_mode=guess, return_dict=False,
+                       **({} if added is None else {"added_cond_kwargs": {k2: v[:rows] for k2, v in added.items()}}))
+            w = w.view(-1, 1, 1, 1)
+            d, m = [r * w for r in d], m * w
+            down = d if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+    return None if down is None else (down, mid)
 
 
 def _cat(parts):
@@ -232,6 +284,10 @@ def _pad(text, ctx, n):
                                               mask={k: _pad_rows(v, n) for k, v in ctx.mask.items()})
 
 
+def _pad_zeros(t, n):
+    return torch.cat([t, t.new_zeros(n - t.shape[0], *t.shape[1:])])
+
+
 def bucket(rows: int) -> int:
     """The CUDA-graph row bucket: the next power of two."""
     return 1 << (rows - 1).bit_length()
@@ -256,11 +312,17 @@ def step(pipe, flights: list[Flight], packer: Packer | None = None) -> None:
     rows = x.shape[0]
     pad = bucket(rows) if pipe._static is not None else 0
     text, ctx, added = (packer or Packer())(flights, pad)
+    res = None
+    if pipe.controlnets:
+        with torch.profiler.record_function("engine::controlnet"):
+            res = _control(pipe, flights, x, t, text, added)
     if pad > rows:
         x = torch.cat([x, x.new_zeros(pad - rows, *x.shape[1:])])
         t = torch.cat([t, t[-1:].expand(pad - rows)])
+        if res is not None:  # padded rows get no residual
+            res = ([_pad_zeros(r, pad) for r in res[0]], _pad_zeros(res[1], pad))
     with torch.profiler.record_function("engine::unet_step"):
-        eps_rows = pipe._unet_step(x, t, text, ctx, None, added)
+        eps_rows = pipe._unet_step(x, t, text, ctx, res, added)
     offset = 0
     for f in flights:
         e = eps_rows[offset:offset + f.rows]

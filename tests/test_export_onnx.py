@@ -288,3 +288,13 @@ def test_export_and_weights_move_together_or_the_error_names_the_override(plugin
                           "adapter": str(moved / "adapter.safetensors"), "adapter_kind": src["adapter_kind"]}
     (export / "manifest.json").write_text(json.dumps(manifest))
     assert all(r["ok"] for r in verify(str(export), graphs=["text_encoder"], **QUIET))
+
+
+def test_step_batching_refuses_exported_graphs_at_start_up(plugin_dir):
+    from engine.server.config import ServerConfig
+    from export.runtime import OnnxPipeline
+    from server_utils import InProcessServer
+
+    with pytest.raises(RuntimeError, match="--batching step runs on the PyTorch backend; this server loads exported "
+                                           "graphs: use --batching request"):
+        InProcessServer(ServerConfig(batching="step", warmup=False), OnnxPipeline.from_export(str(plugin_dir)))

@@ -137,19 +137,6 @@ def test_http_server_in_step_mode(step_pipe, cond_image, tiny):
         server.close()
 
 
-def test_step_mode_refuses_a_controlnet(tiny, tmp_path):
-    from engine import Pipeline
-    from engine.server.config import ServerConfig
-    from server_utils import InProcessServer
-    from test_controlnet import make_controlnet
-
-    net = make_controlnet(tiny, tmp_path / "net", 0)
-    pipe = Pipeline.from_pretrained(tiny["model"], device="cpu", controlnet=net)
-    with pytest.raises(RuntimeError, match="--batching step runs on the PyTorch backend without ControlNet; this "
-                                           "server loads a ControlNet: use --batching request"):
-        InProcessServer(ServerConfig(batching="step"), pipe)
-
-
 class CountingRunner(PipelineRunner):
     """Records each batched admission's size; `fail_many` makes batched admission fail (the one-by-one fallback)."""
 

@@ -109,10 +109,9 @@ class ServerState:
         self.cache = ConditioningCache(c.cache_size)
         self.cache.attach(self.pipe)
         self.runner = (EditRunner if getattr(self.pipe, "EDIT", False) else PipelineRunner)(self.pipe)
-        if c.batching == "step" and (not self.pipe.cross or self.pipe.controlnets):
-            raise EngineError("--batching step runs on the PyTorch backend without ControlNet; this server loads " +
-                              ("exported graphs" if not self.pipe.cross else "a ControlNet") +
-                              ": use --batching request")
+        if c.batching == "step" and not self.pipe.cross:
+            raise EngineError("--batching step runs on the PyTorch backend; this server loads exported graphs: use "
+                              "--batching request")
         if c.warmup:  # one 1-step request at the native size: kernels, allocator and caches ready before /ready
             self.runner([self.runner.warmup_work()])
         self.cache.on_lookup = self.metrics.lookup  # counted from the first real request on
