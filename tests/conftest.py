@@ -44,6 +44,25 @@ def plus_dir(tiny, tmp_path_factory):
     return folder
 
 
+def fly(pipe, requests: list[dict], joins: dict, leave: dict | None = None) -> dict:
+    """Step-level batching on a schedule: joins maps a loop turn to the indices of `requests` (keyword arguments of
+    pipe.start) admitted then; leave maps an index to the turn it is dropped before. Each turn steps every running
+    flight once and finishes those done. -> {index: output} of those that finished."""
+    running, out, it = {}, {}, 0
+    leave = leave or {}
+    while it in joins or running or any(k > it for k in joins):
+        for i in joins.get(it, ()):
+            running[i] = pipe.start(**requests[i])
+        for i in [i for i in running if leave.get(i) == it]:
+            del running[i]
+        if running:
+            pipe.step(list(running.values()))
+        for i in [i for i, f in running.items() if f.done]:
+            out[i] = pipe.finish(running.pop(i))
+        it += 1
+    return out
+
+
 def load_pipe(tiny, adapter):
     from engine import Pipeline
     pipe = Pipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"], adapter=adapter, device="cpu")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import NEGATIVE, PROMPT
+from conftest import NEGATIVE, PROMPT, fly
 from engine.errors import EngineError
 
 STEPS = 4
@@ -234,14 +234,7 @@ def test_controlnet_flights_joining_mid_flight_equal_alone(tiny, nets, controls,
     wants = [pipe(**r) for r in reqs]
     if static:
         pipe._static = StaticUNet(pipe.unet, capture=False)
-    running, out, it = {0: pipe.start(**reqs[0])}, {}, 0
-    while running:
-        if it in (1, 2, 3):
-            running[it] = pipe.start(**reqs[it])
-        pipe.step(list(running.values()))
-        for i in [i for i, f in running.items() if f.done]:
-            out[i] = pipe.finish(running.pop(i))
-        it += 1
+    out = fly(pipe, reqs, {0: [0], 1: [1], 2: [2], 3: [3]})
     for i, want in enumerate(wants):
         torch.testing.assert_close(out[i], want, atol=1e-4, rtol=1e-4, msg=lambda m, i=i: f"flight {i}: {m}")
     assert (wants[0] - wants[3]).abs().max() > 1e-3  # the net acts (scale 0 is the base), or this proves nothing

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import DEVICE
+from conftest import DEVICE, fly
 from engine.errors import EngineError
 
 pytestmark = pytest.mark.filterwarnings("ignore:You have passed 2 text prompts")  # diffusers' own, num_images 2
@@ -279,15 +279,8 @@ def test_edit_flights_joining_mid_flight_equal_alone(edit_pipe, photo, other_ima
     wants = [edit_pipe(**r) for r in reqs]
     if static:
         edit_pipe._static = StaticUNet(edit_pipe.unet, capture=False)
-    try:
-        running, out, it = {0: edit_pipe.start(**reqs[0])}, {}, 0
-        while running:
-            if it in (1, 2):  # 1 joins at 0's second step, 2 at its third
-                running[it] = edit_pipe.start(**reqs[it])
-            edit_pipe.step(list(running.values()))
-            for i in [i for i, f in running.items() if f.done]:
-                out[i] = edit_pipe.finish(running.pop(i))
-            it += 1
+    try:  # 1 joins at 0's second step, 2 at its third
+        out = fly(edit_pipe, reqs, {0: [0], 1: [1], 2: [2]})
         padded = {k[0][0] for k in edit_pipe._static.entries} if static else None
     finally:
         edit_pipe._static = None

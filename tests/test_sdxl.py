@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import fly
 from engine.errors import EngineError
 
 STEPS = 4
@@ -285,18 +286,9 @@ def test_sdxl_flights_joining_mid_flight_equal_alone(pipe, image, static):
     wants = [sdxl_alone(pipe, image, r) for r in STEP_REQUESTS]
     if static:
         pipe._static = StaticUNet(pipe.unet, capture=False)
-    try:
-        running, out = {0: pipe.start(image=image, negative_prompt=NEG, output_type="latent", **STEP_REQUESTS[0])}, {}
-        it = 0
-        while running:
-            if it == 2:  # 1 joins at 0's third step, with another size conditioning; 2 right after
-                running[1] = pipe.start(image=image, negative_prompt=NEG, output_type="latent", **STEP_REQUESTS[1])
-            if it == 3:
-                running[2] = pipe.start(image=image, negative_prompt=NEG, output_type="latent", **STEP_REQUESTS[2])
-            pipe.step(list(running.values()))
-            for i in [i for i, f in running.items() if f.done]:
-                out[i] = pipe.finish(running.pop(i))
-            it += 1
+    try:  # 1 joins at 0's third step, with another size conditioning; 2 right after
+        out = fly(pipe, [dict(r, image=image, negative_prompt=NEG, output_type="latent") for r in STEP_REQUESTS],
+                  {0: [0], 2: [1], 3: [2]})
         padded = {k[0][0] for k in pipe._static.entries} if static else None
     finally:
         pipe._static = None

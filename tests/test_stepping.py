@@ -5,7 +5,7 @@ steps; the same through the CUDA-graph static buffers (eager here) with rows pad
 import pytest
 import torch
 
-from conftest import NEGATIVE, PROMPT
+from conftest import NEGATIVE, PROMPT, fly
 from engine.errors import EngineError
 
 REQUESTS = [
@@ -29,21 +29,9 @@ def flight(pipe, image, r):
 
 
 def run_schedule(pipe, image, joins: dict, leave: dict | None = None):
-    """joins: loop iteration -> request indices admitted then; leave: index -> iteration it is dropped before.
-    -> {index: latents} of those that finished."""
-    running, out, it = {}, {}, 0
-    leave = leave or {}
-    while it in joins or running or any(k > it for k in joins):
-        for i in joins.get(it, ()):
-            running[i] = flight(pipe, image, REQUESTS[i])
-        for i in [i for i in running if leave.get(i) == it]:
-            del running[i]
-        if running:
-            pipe.step(list(running.values()))
-        for i in [i for i, f in running.items() if f.done]:
-            out[i] = pipe.finish(running.pop(i))
-        it += 1
-    return out
+    """REQUESTS on conftest.fly's schedule. -> {index: latents} of those that finished."""
+    return fly(pipe, [dict(r, image=image, negative_prompt=NEGATIVE, output_type="latent") for r in REQUESTS],
+               joins, leave)
 
 
 @pytest.fixture(scope="module")
