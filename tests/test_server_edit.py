@@ -145,3 +145,24 @@ def test_edits_in_step_mode_join_and_each_equals_itself_alone(tiny_edit, photo):
         assert close(decode_png(answers[1].json()["images"][0]), want)
     finally:
         srv.close()
+
+
+@pytest.mark.parametrize("batching", ["request", "step"])
+def test_an_edit_server_with_an_adapter_takes_the_reference_image(tiny_edit, photo, batching):
+    """`serve --model IP2P --image-encoder --adapter`: the reference image reaches the adapter (it once went into the
+    work's ControlNet slot, and the server could not even warm up); the answer is the pipeline's alone."""
+    srv = InProcessServer(ServerConfig(model=tiny_edit["model"], image_encoder=tiny_edit["image_encoder"],
+                                       adapter=tiny_edit["adapter"], device="cpu", batching=batching), None)
+    try:
+        reference = photo.transpose(Image.FLIP_TOP_BOTTOM)
+        body = {"prompt": EDIT, "image": png_base64(photo), "adapter_image": png_base64(reference),
+                "instruct": "use the style of this image", "scale": 0.7, "num_inference_steps": 2, "seed": 3}
+        r = srv.request("POST", "/v1/edit", json=body)
+        assert r.status_code == 200, r.text
+        pipe = srv.state.pipe
+        want = alone(pipe, photo, adapter_image=reference, instruct="use the style of this image", scale=0.7, seed=3)
+        assert close(decode_png(r.json()["images"][0]), want[0])
+        r = srv.request("POST", "/v1/edit", json={k: v for k, v in body.items() if k != "adapter_image"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "adapter_image", r.text
+    finally:
+        srv.close()

@@ -222,7 +222,7 @@ class EditRunner(PipelineRunner):
                 raise FieldError("instruct", "instruction is empty: say what to take from the reference image")
         from ..edit import edit_branches
         rows = len(edit_branches(req.guidance_scale, req.image_guidance_scale)) * req.num_images
-        return EditWork(req, photo, height, width, rows, reference)
+        return EditWork(req, photo, height, width, rows, reference=reference)  # (control and mask come first)
 
     def _kwargs(self, works: list[EditWork], progress=None) -> dict:
         first = works[0].req
