@@ -157,3 +157,56 @@ def test_stream_error_and_network_failure_are_shown(page, tmp_path, fetch, shown
     generate(page)
     assert shown in page.find_element(By.ID, "error").text
     assert not page.find_element(By.ID, "result").is_displayed()
+
+
+# ----- an InstructPix2Pix server: the page edits a photo (POST /v1/edit) -----------------------------------------
+
+@pytest.fixture(scope="module")
+def edit_server(browser, tmp_path_factory):
+    from engine.tiny import make_tiny
+    edit = make_tiny(str(tmp_path_factory.mktemp("page-edit") / "weights"), edit=True)
+    with ServerProcess(tiny_args(edit)) as srv:  # with the IPAdapter-Instruct adapter: a reference image too
+        yield srv
+        srv.terminate()
+
+
+def test_the_page_edits_a_photo_on_an_instructpix2pix_server(browser, edit_server, tmp_path):
+    """The form follows the model: photo, edit, reference image, instruction and both guidance scales; a missing
+    reference is said before sending; the edit streams progress and shows a downloadable result."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    page = browser
+    page.get(edit_server.url + "/")
+    assert page.find_element(By.ID, "imagelabel").text == "Photo to edit"
+    assert page.find_element(By.ID, "generate").text == "Edit"
+    for element in ("reference", "guidance", "imageguidance", "preset", "instruct", "scale"):
+        assert page.find_element(By.ID, element).is_displayed(), element
+    upload(page, write_png(tmp_path / "photo.png", 64, noise=True))
+    page.find_element(By.ID, "prompt").send_keys("make it look like winter")
+    steps_box = page.find_element(By.ID, "steps")
+    steps_box.clear()
+    steps_box.send_keys("2")
+    page.find_element(By.ID, "generate").click()
+    assert "Choose a reference image first" in page.find_element(By.ID, "error").text  # said before any request
+    page.find_element(By.ID, "reference").send_keys(write_png(tmp_path / "ref.png", 64, noise=False))
+    WebDriverWait(page, WAIT_S).until(lambda d: d.find_element(By.ID, "refpreview").is_displayed())
+    Select(page.find_element(By.ID, "preset")).select_by_value(TASK_PRESETS["style"])
+    page.find_element(By.ID, "generate").click()
+    WebDriverWait(page, WAIT_S).until(
+        lambda d: d.find_element(By.ID, "generate").is_enabled()
+        and (d.find_element(By.ID, "result").is_displayed() or d.find_element(By.ID, "error").text))
+    error = page.find_element(By.ID, "error").text
+    assert not error, error
+    result = page.find_element(By.ID, "result")
+    assert page.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", result)
+    assert page.find_element(By.ID, "download").get_attribute("download").startswith("edit-seed")
+    bar = page.find_element(By.ID, "progress")
+    assert float(bar.get_attribute("max")) >= 2 and float(bar.get_attribute("value")) == float(bar.get_attribute("max"))
+
+
+def test_the_text_to_image_page_hides_the_edit_fields(page):
+    from selenium.webdriver.common.by import By
+    assert page.find_element(By.ID, "imagelabel").text == "Condition image"
+    assert not page.find_element(By.ID, "guidance").is_displayed()
+    assert not page.find_element(By.ID, "reference").is_displayed()

@@ -217,7 +217,11 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
     async def page():
         from .schemas import TASK_PRESETS  # one source of truth for the page's instruction presets
         html = resources.files("engine.server").joinpath("static/index.html").read_text(encoding="utf-8")
-        return html.replace("{{TASK_PRESETS}}", json.dumps(TASK_PRESETS).replace("<", "\\u003c"))
+        runner = state.runner  # the page's form follows the model: /v1/generate, or /v1/edit for InstructPix2Pix
+        config = {"task": runner.task if runner is not None else "generate",
+                  "adapter": runner.kind if runner is not None else None}
+        return html.replace("{{TASK_PRESETS}}", json.dumps(TASK_PRESETS).replace("<", "\\u003c")).replace(
+            "{{PAGE_CONFIG}}", json.dumps(config).replace("<", "\\u003c"))
 
     @app.get("/health", summary="the process is alive")
     async def health():
