@@ -100,25 +100,44 @@ def control_state(pipe, nets, reqs, plan, height: int, width: int, control_image
     if guess_mode:  # the prompt branch's rows: diffusers' conditional half
         prompt_rows = [plan["branches"][j]["name"] == "full" for j in plan["branch_of_row"].tolist()]
         guess = torch.tensor(prompt_rows, dtype=torch.float32, device=pipe.device)
-    weight = table * (guess if guess is not None else 1.0)
     return ControlState(pixels, table, per_net(start, len(nets), "control_guidance_start"),
-                        per_net(end, len(nets), "control_guidance_end"), guess,
-                        [bool(weight[k].any()) for k in range(len(nets))])
+                        per_net(end, len(nets), "control_guidance_end"), guess, active_nets(table, guess))
+
+
+def active_nets(scales: torch.Tensor, guess_rows: torch.Tensor | None) -> list[bool]:
+    """Per net: whether any row has a non-zero weight (read once per call or flight, not per step)."""
+    weight = scales * (guess_rows if guess_rows is not None else 1.0)
+    return [bool(weight[k].any()) for k in range(scales.shape[0])]
+
+
+def in_window(start: float, end: float, step: int, total: int) -> bool:
+    """Whether a net acts at `step` (from 0) of `total`: diffusers' controlnet_keep rule."""
+    return start <= step / total and (step + 1) / total <= end
+
+
+def net_residuals(net, x, t, text_rows, images, weight, guess_mode: bool, added=None):
+    """One net's (down residuals, mid residual) over the rows of x, each row scaled by `weight` (rows,)."""
+    d, m = net(x, t, encoder_hidden_states=text_rows, controlnet_cond=images, conditioning_scale=1.0,
+               guess_mode=guess_mode, return_dict=False, **({} if added is None else {"added_cond_kwargs": added}))
+    w = weight.to(x.dtype).view(-1, 1, 1, 1)
+    return [r * w for r in d], m * w
+
+
+def summed(total, part):
+    """Residuals of several nets added up (MultiControlNetModel's sum); total None: the first net's."""
+    if total is None:
+        return part
+    return [a + b for a, b in zip(total[0], part[0])], total[1] + part[1]
 
 
 def residuals(nets, state: ControlState, x, t, text_rows, step: int, total: int, guess_mode: bool, added=None):
     """(down residuals, mid residual) for this step, summed over the nets, scaled per row; None when every scale
     is 0 this step (the UNet then runs as without a ControlNet). added: SDXL's added conditioning per row (pooled
     text embeddings and time ids), which an SDXL ControlNet reads as its UNet does."""
-    down = mid = None
+    out = None
     for k, net in enumerate(nets):
-        if not state.active[k] or step / total < state.starts[k] or (step + 1) / total > state.ends[k]:
+        if not state.active[k] or not in_window(state.starts[k], state.ends[k], step, total):
             continue  # every scale 0 this step: the UNet runs as without this net
         scale = state.scales[k] if not guess_mode else state.scales[k] * state.guess_rows
-        d, m = net(x, t, encoder_hidden_states=text_rows, controlnet_cond=state.images[k], conditioning_scale=1.0,
-                   guess_mode=guess_mode, return_dict=False, **({} if added is None else {"added_cond_kwargs": added}))
-        w = scale.to(x.dtype).view(-1, 1, 1, 1)
-        d, m = [r * w for r in d], m * w
-        down = d if down is None else [a + b for a, b in zip(down, d)]
-        mid = m if mid is None else mid + m
-    return None if down is None else (down, mid)
+        out = summed(out, net_residuals(net, x, t, text_rows, state.images[k], scale, guess_mode, added))
+    return out

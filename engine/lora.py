@@ -7,11 +7,12 @@
 
 `Pipeline` takes diffusers' `StableDiffusionLoraLoaderMixin`, so every format diffusers reads for SD1.5 loads
 (diffusers/peft, kohya and A1111 `.safetensors`: `lora_state_dict` converts them), into the UNet and the text
-encoder; `SDXLPipeline` takes its `StableDiffusionXLLoraLoaderMixin` the same way, the second text encoder too. The engine's processors and fused kernels call the wrapped Linear modules, so a LoRA applies on every
-path. Fusing (the default) merges every loaded LoRA at its scale into the weights, so it costs nothing per step;
-the weights before the first merge are kept, and unfusing or unloading copies them back, so the base returns
-exactly (peft's unmerge subtracts, which is off by rounding). CUDA graphs captured before a weight change are
-dropped, so they are captured again once, on the next call at each shape, never per request.
+encoder; `SDXLPipeline` takes its `StableDiffusionXLLoraLoaderMixin` the same way, the second text encoder too. The
+engine's processors and fused kernels call the wrapped Linear modules, so a LoRA applies on every path. Fusing (the
+default) merges every loaded LoRA at its scale into the weights, so it costs nothing per step; the weights before
+the first merge are kept, and unfusing or unloading copies them back, so the base returns exactly (peft's unmerge
+subtracts, which is off by rounding). CUDA graphs captured before a weight change are dropped, so they are captured
+again once, on the next call at each shape, never per request.
 """
 from __future__ import annotations
 

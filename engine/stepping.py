@@ -165,7 +165,8 @@ def _split(pipe, prep, reqs) -> list:
         sched = copy.deepcopy(prep.sched)
         out.append(SimpleNamespace(
             height=prep.height, width=prep.width, plan=None, text_rows=prep.text_rows.index_select(0, rows),
-            control=_split_control(prep.control, rows), guess_mode=getattr(prep, "guess_mode", False), added=None if prep.added is None else {k: select_rows(v, rows) for k, v in prep.added.items()},
+            control=_split_control(prep.control, rows), guess_mode=getattr(prep, "guess_mode", False),
+            added=None if prep.added is None else {k: select_rows(v, rows) for k, v in prep.added.items()},
             sched=sched, total=prep.total, latents=prep.latents.index_select(0, lat),
             latent_of_row=prep.latent_of_row.index_select(0, rows) - offsets[r],
             weights=prep.weights.index_select(0, lat.to(prep.weights.device)).index_select(
@@ -178,43 +179,36 @@ def _split_control(state, rows):
     """One request's share of a batch's ControlState: its rows' control images, scales and guess-mode flags."""
     if state is None:
         return None
-    from .controlnet import ControlState
+    from .controlnet import ControlState, active_nets
     scales = state.scales.index_select(1, rows.to(state.scales.device))
     guess = None if state.guess_rows is None else state.guess_rows.index_select(0, rows.to(state.guess_rows.device))
-    weight = scales * (guess if guess is not None else 1.0)
     return ControlState([im.index_select(0, rows.to(im.device)) for im in state.images], scales, state.starts,
-                        state.ends, guess, [bool(weight[k].any()) for k in range(len(state.images))])
+                        state.ends, guess, active_nets(scales, guess))
 
 
 def _control(pipe, flights, x, t, text, added):
-    """The ControlNet residuals of a packed step: for each net, one call over the rows of the flights it acts on at
-    their own step (scale x window, and guess mode's prompt rows), grouped by guess mode; None when no net acts."""
+    """The ControlNet residuals of a packed step: for each net, one call over the packed rows per guess mode, each
+    flight's rows weighted by its scale where the net acts at that flight's own step, zero elsewhere; None when no
+    net acts on any flight (decided on the host: no device sync per step)."""
+    from .controlnet import in_window, net_residuals, summed
+
     rows = x.shape[0]
-    down = mid = None
+    extra = None if added is None else {k: v[:rows] for k, v in added.items()}
+    out = None
     for guess in (False, True):
-        group = [i for i, f in enumerate(flights) if bool(getattr(f.prep, "guess_mode", False)) is guess]
-        if not group:
-            continue
         for k, net in enumerate(pipe.controlnets):
-            weights = []
-            for f in flights:
-                c = f.prep.control
-                on = (bool(getattr(f.prep, "guess_mode", False)) is guess and c.active[k]
-                      and f.index / f.total >= c.starts[k] and (f.index + 1) / f.total <= c.ends[k])
-                w = c.scales[k] * (c.guess_rows if c.guess_rows is not None else 1.0)
-                weights.append(w if on else torch.zeros_like(w))
-            w = torch.cat(weights).to(x.dtype)
-            if not bool(w.any()):
+            on = [bool(getattr(f.prep, "guess_mode", False)) is guess and f.prep.control.active[k]
+                  and in_window(f.prep.control.starts[k], f.prep.control.ends[k], f.index, f.total) for f in flights]
+            if not any(on):
                 continue
+            weight = []
+            for f, acts in zip(flights, on):
+                c = f.prep.control
+                w = c.scales[k] * (c.guess_rows if c.guess_rows is not None else 1.0)
+                weight.append(w if acts else torch.zeros_like(w))
             images = torch.cat([f.prep.control.images[k] for f in flights])
-            d, m = net(x, t, encoder_hidden_states=text[:rows], controlnet_cond=images, conditioning_scale=1.0,
-                       guess_mode=guess, return_dict=False,
-                       **({} if added is None else {"added_cond_kwargs": {k2: v[:rows] for k2, v in added.items()}}))
-            w = w.view(-1, 1, 1, 1)
-            d, m = [r * w for r in d], m * w
-            down = d if down is None else [a + b for a, b in zip(down, d)]
-            mid = m if mid is None else mid + m
-    return None if down is None else (down, mid)
+            out = summed(out, net_residuals(net, x, t, text[:rows], images, torch.cat(weight), guess, extra))
+    return out
 
 
 def _cat(parts):
