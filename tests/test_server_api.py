@@ -92,7 +92,9 @@ def test_num_images_and_the_png_answer(server, cond_image):
     assert r.status_code == 200 and len(r.json()["images"]) == 2 and r.json()["timings"]["batch_rows"] == 4
     png = server.request("POST", "/v1/generate", json=body(cond_image, seed=4), headers={"accept": "image/png"})
     assert png.status_code == 200 and png.headers["content-type"] == "image/png" and png.headers["x-seed"] == "4"
-    assert close(Image.open(io.BytesIO(png.content)).convert("RGB"), decode_png(r.json()["images"][0]), 0)
+    # image 0 of a 4-row call against the same request alone (2 rows): a different batch shape takes other GEMM
+    # blockings, so the latents may differ by rounding (~7e-6 seen with 2 threads): one grey level, as batch-vs-alone
+    assert close(Image.open(io.BytesIO(png.content)).convert("RGB"), decode_png(r.json()["images"][0]))
 
 
 def test_multipart_upload_equals_json(server, cond_image):
