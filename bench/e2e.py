@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from engine.selfcheck import summary
+
 from .common import Row, device_name, format_table, git_sha, percentiles, quiet_loaders
 
 PROMPT = "a lighthouse on a cliff at sunset, best quality, high quality"
@@ -362,7 +364,8 @@ def run_e2e(cfg: E2EConfig, paths: dict, log=print) -> tuple[list[Row], str]:
             t0 = time.perf_counter()
             images = provider(image, b)
             _sync(device)
-            log(f"{name}: warm-up, batch {b}: {(time.perf_counter() - t0) * 1e3:.0f} ms (not counted)")
+            checks = f"; {summary(provider.pipe.fast_path_report())}" if isinstance(provider, EngineProvider) else ""
+            log(f"{name}: warm-up, batch {b}: {(time.perf_counter() - t0) * 1e3:.0f} ms (not counted){checks}")
             why = wrong_images(images, b)
             if why:  # a provider whose output is wrong gets no timing
                 log(f"{name}: batch {b}: not timed: {why}")

@@ -85,6 +85,10 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "given with --engines; a CUDA GPU TensorRT supports)")
     p.add_argument("--engines", default=None, metavar="DIR",
                    help="with --backend tensorrt: the folder `python -m export trt --out DIR` wrote")
+    p.add_argument("--no-verify-fast-path", dest="verify_fast_path", action="store_false",
+                   help="skip the first-use check of each fused kernel, CUDA-graph replay and compiled UNet against "
+                        "its eager path (on by default: one extra eager call per new shape, with a fallback where "
+                        "the fast path fails)")
 
 
 def build_parser() -> Parser:
@@ -309,7 +313,8 @@ def cmd_generate(a) -> int:
     adapter = None if not a.adapter else (a.adapter[0] if len(a.adapter) == 1 else a.adapter)
     pipe = Pipeline.from_pretrained(a.model, image_encoder=a.image_encoder, adapter=adapter, config=a.model_config,
                                     device=a.device, dtype=a.dtype, attention_backend=a.attention_backend,
-                                    backend=a.backend, engines=a.engines, controlnet=a.controlnet or None)
+                                    backend=a.backend, engines=a.engines, controlnet=a.controlnet or None,
+                                    verify_fast_path=a.verify_fast_path)
     for path, scale in a.lora:
         pipe.load_lora_weights(path, scale=scale)
     pipe.set_progress_bar_config(disable=a.no_progress)
@@ -347,7 +352,8 @@ def cmd_edit(a) -> int:
 
     pipe = EditPipeline.from_pretrained(a.model, image_encoder=a.image_encoder, adapter=a.adapter, device=a.device,
                                         dtype=a.dtype, attention_backend=a.attention_backend, backend=a.backend,
-                                        engines=a.engines, config=a.model_config)
+                                        engines=a.engines, config=a.model_config,
+                                        verify_fast_path=a.verify_fast_path)
     for path, scale in a.lora:
         pipe.load_lora_weights(path, scale=scale)
     pipe.set_progress_bar_config(disable=a.no_progress)
@@ -379,7 +385,7 @@ def cmd_demo(a) -> int:
     model, image_encoder, adapter = given
     pipe = Pipeline.from_pretrained(model, image_encoder=image_encoder, adapter=adapter, device=a.device,
                                     dtype=a.dtype, attention_backend=a.attention_backend, backend=a.backend,
-                                    engines=a.engines)
+                                    engines=a.engines, verify_fast_path=a.verify_fast_path)
     pipe.set_progress_bar_config(disable=True)
     run_demo(pipe, a.out, draw_condition_image() if image is None else image, random_weights, a.steps, a.seed,
              instruct=a.instruct or DEMO_INSTRUCT)

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from kernels import choose, decoupled_attention_sdpa, implementation
+from kernels import choose, decoupled_attention_ref, decoupled_attention_sdpa, implementation
 
 from .errors import EngineError
+from .selfcheck import SelfCheck, describe, shape_key, upcast
 
 
 @dataclass
@@ -62,6 +63,7 @@ class DecoupledCrossAttnProcessor:
         # (to_k_ip, to_v_ip) per loaded adapter; `to_k_ip`/`to_v_ip` are the first one's
         self.ips = list(ips) if ips is not None else ([] if to_k_ip is None else [(to_k_ip, to_v_ip)])
         self.impl = impl  # chosen once by the kernels' registry (Pipeline.set_attention_backend), not per call
+        self.backend = "sdpa"  # the registry's name for what impl runs
 
     @property
     def to_k_ip(self):
@@ -151,13 +153,29 @@ def install_processors(unet, adapter_layers=None) -> dict[str, DecoupledCrossAtt
     return cross
 
 
-def choose_impls(unet, cross: dict[str, DecoupledCrossAttnProcessor], device, dtype, backend: str) -> None:
+def choose_impls(unet, cross: dict[str, DecoupledCrossAttnProcessor], device, dtype, backend: str,
+                 check: SelfCheck | None = None) -> None:
     """Give every cross-attention processor the implementation the kernels' registry picks for its layer's
-    device, dtype and head size when `backend` is asked for (fallbacks are logged by the registry)."""
+    device, dtype and head size when `backend` is asked for (fallbacks are logged by the registry). With `check`,
+    the fused kernel is checked against SDPA at each new shape first (engine/selfcheck.py)."""
     modules = dict(unet.named_modules())
     for name, proc in cross.items():
         attn = modules[name[: -len(".processor")]]
-        proc.impl = implementation(choose(device, dtype, attn.to_q.out_features // attn.heads, backend))
+        proc.backend = choose(device, dtype, attn.to_q.out_features // attn.heads, backend)
+        proc.impl = implementation(proc.backend)
+        if proc.backend == "triton" and check is not None:
+            proc.impl = checked_attention(check, proc.impl)
+
+
+def checked_attention(check: SelfCheck, impl):
+    """The fused attention `impl` behind the first-use check: SDPA is its eager path, the plain reference in fp32
+    its reference. Outside torch.compile graphs, as the kernel's own launch (kernels/backends.py)."""
+    def run(q, k, v, k_ip, v_ip, scale, mask=None, ip_mask=None):
+        args = (q, k, v, k_ip, v_ip, scale, mask, ip_mask)
+        return check.run("decoupled_attention", shape_key(*args), lambda: impl(*args),
+                         lambda: decoupled_attention_sdpa(*args), lambda: decoupled_attention_ref(*upcast(args)),
+                         q.dtype, q.device, shape=f"q {describe(q)}, k {describe(k)}, ip {describe(k_ip)}")
+    return torch.compiler.disable(run)
 
 
 def precompute_kv(unet, cross: dict[str, DecoupledCrossAttnProcessor], text: torch.Tensor,

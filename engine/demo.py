@@ -8,6 +8,7 @@ import time
 from PIL import Image, ImageDraw
 
 from .output import write_images
+from .selfcheck import summary
 from .tiny import make_tiny, tiny_paths
 
 DEMO_PROMPT = "a lighthouse on a cliff at sunset, best quality, high quality"
@@ -47,7 +48,8 @@ def run_demo(pipe, out: str, image: Image.Image, random_weights: bool, steps: in
              instruct: str = DEMO_INSTRUCT, prompt: str = DEMO_PROMPT, print_fn=print) -> str:
     t0 = time.perf_counter()
     pipe(prompt=prompt, image=image, instruct=instruct, num_inference_steps=1, seed=seed)
-    print_fn(f"warm-up (one 1-step request, not counted below): {(time.perf_counter() - t0) * 1e3:.1f} ms")
+    print_fn(f"warm-up (one 1-step request, not counted below): {(time.perf_counter() - t0) * 1e3:.1f} ms; "
+             f"{summary(pipe.fast_path_report())}")
     images = pipe(prompt=prompt, image=image, instruct=instruct, num_inference_steps=steps, seed=seed)
     cond_path = os.path.splitext(out)[0] + "-condition.png"
     write_images([images[0], image], [out, cond_path], overwrite=True)  # each run replaces the last

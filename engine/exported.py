@@ -30,6 +30,7 @@ import torch
 from .errors import EngineError
 from .pipeline import Pipeline
 from .sdxl import SDXLPipeline
+from .selfcheck import SelfCheck
 
 FORMAT = "ipadapter-instruct-onnx/1"
 GRAPHS = ("text_encoder", "image_encoder", "projector", "unet", "vae_decoder")
@@ -165,7 +166,8 @@ class ExportedPipeline(Pipeline):
                                                      latent_channels=latent_channels))
         self.attention_backend = f"{self.runtime} ({manifest.get('attention', 'plugin')} attention)"
         self.adapter = SimpleNamespace(kind=manifest["source"]["adapter_kind"], projector=self._project_graph)
-        self.cross, self._static, self._fused_projector = {}, None, False
+        self.cross, self._static, self._fused_projector, self._compiled = {}, None, False, False
+        self.selfcheck = SelfCheck(enabled=False)  # the graphs' kernels are the runtime's: nothing to check here
         nets = manifest.get("controlnets") or []
         lacking = [c["graph"] for c in nets if c["graph"] not in graphs]
         if lacking:
@@ -194,6 +196,9 @@ class ExportedPipeline(Pipeline):
 
     def enable_cuda_graphs(self, enabled: bool = True) -> None:
         raise EngineError(f"{type(self).__name__} runs exported graphs; CUDA graphs are the PyTorch backend's")
+
+    def fast_path_report(self) -> dict:
+        return self.selfcheck.report({"graphs": self.runtime})  # (no PyTorch fast path here to check)
 
     def load_lora_weights(self, *args, **kwargs):
         raise EngineError(f"{type(self).__name__} runs exported graphs, which take no LoRA (LoRAs are not part of "

@@ -13,27 +13,35 @@ import types
 import torch
 from torch import nn
 
-from kernels.geglu import geglu
-from kernels.groupnorm_silu import group_norm_silu
+from kernels.geglu import geglu, geglu_ref
+from kernels.groupnorm_silu import group_norm_silu, group_norm_silu_ref
+
+from .selfcheck import SelfCheck, describe, shape_key, upcast
+
+_UNCHECKED = SelfCheck(enabled=False)
 
 
-_LAUNCHERS = None
+def _checked(check: SelfCheck):
+    # the two launches behind the first-use check (engine/selfcheck.py), kept outside torch.compile graphs (as the
+    # attention's are: kernels/backends.py); made when a module is fused because torch.compiler.disable imports
+    # dynamo (~2 s)
+    def gn_silu(x, weight, bias, groups, eps, shift=None):
+        args = (x, weight, bias, groups, eps, True, shift)
+        return check.run("group_norm_silu", shape_key(x, shift, groups), lambda: group_norm_silu(*args),
+                         lambda: group_norm_silu_ref(*args), lambda: group_norm_silu_ref(*upcast(args)), x.dtype,
+                         x.device, shape=f"x {describe(x)}" + (" channels-last" if shape_key(x)[0][3] else "")
+                         + f", {groups} groups" + ("" if shift is None else ", time shift"))
 
-
-def _launchers():
-    # kernel launches stay outside torch.compile graphs (as the attention's do: kernels/backends.py); made on
-    # first use because torch.compiler.disable imports dynamo (~2 s). A plain global, not functools.cache:
-    # dynamo traces through a cache wrapper (and warns that it ignores it) when a compiled UNet calls this
-    global _LAUNCHERS
-    if _LAUNCHERS is None:
-        _LAUNCHERS = torch.compiler.disable(group_norm_silu), torch.compiler.disable(geglu)
-    return _LAUNCHERS
+    def fused_geglu(x):
+        return check.run("geglu", shape_key(x), lambda: geglu(x), lambda: geglu_ref(x), lambda: geglu_ref(x.float()),
+                         x.dtype, x.device, shape=f"x {describe(x)}")
+    return torch.compiler.disable(gn_silu), torch.compiler.disable(fused_geglu)
 
 
 def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs):
     # diffusers' ResnetBlock2D.forward for the eligible configuration, with norm+SiLU pairs fused and the
     # time embedding added inside the second GroupNorm's loads
-    gn_silu = _launchers()[0]
+    gn_silu = self._fused_gn_silu
     n1, n2 = self.norm1, self.norm2
     h = gn_silu(input_tensor, n1.weight, n1.bias, n1.num_groups, n1.eps)
     h = self.conv1(h)
@@ -47,7 +55,7 @@ def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None 
 
 
 def _geglu_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-    return _launchers()[1](self.proj(hidden_states))
+    return self._fused_geglu(self.proj(hidden_states))
 
 
 def _eligible_resnet(m: nn.Module) -> bool:
@@ -64,16 +72,20 @@ def _eligible_resnet(m: nn.Module) -> bool:
             and m.norm1.affine and m.norm2.affine)
 
 
-def fuse(module: nn.Module) -> int:
-    """Route eligible resnets and GEGLUs in `module` to the fused kernels. Returns how many were routed."""
+def fuse(module: nn.Module, check: SelfCheck | None = None) -> int:
+    """Route eligible resnets and GEGLUs in `module` to the fused kernels, each checked at its first use of a shape
+    when `check` is on. Returns how many were routed."""
     from diffusers.models.activations import GEGLU
 
+    gn_silu, fused_geglu = _checked(check or _UNCHECKED)
     count = 0
     for m in module.modules():
         if _eligible_resnet(m):
+            m._fused_gn_silu = gn_silu
             m.forward = types.MethodType(_resnet_forward, m)
             count += 1
         elif type(m) is GEGLU:
+            m._fused_geglu = fused_geglu
             m.forward = types.MethodType(_geglu_forward, m)
             count += 1
     return count
@@ -86,3 +98,11 @@ def unfuse(module: nn.Module) -> None:
         own = m.__dict__.get("forward")
         if getattr(own, "__func__", None) in (_resnet_forward, _geglu_forward):
             del m.forward
+            m.__dict__.pop("_fused_gn_silu", None)
+            m.__dict__.pop("_fused_geglu", None)
+
+
+def fused(module: nn.Module) -> bool:
+    """Whether any resnet or GEGLU in `module` runs on the fused kernels."""
+    return any(getattr(m.__dict__.get("forward"), "__func__", None) in (_resnet_forward, _geglu_forward)
+               for m in module.modules())

@@ -128,5 +128,4 @@ class LoraMixin(StableDiffusionLoraLoaderMixin):
                 param.copy_(saved)
 
     def _weights_changed(self) -> None:
-        if getattr(self, "_static", None) is not None:
-            self._static.entries.clear()  # graphs captured before hold the old weights
+        self._graphs_changed()  # graphs captured or compiled before hold the old weights

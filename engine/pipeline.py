@@ -26,13 +26,17 @@ from .adapter import Adapter, load_adapter
 from .attention import (AdapterContext, choose_impls, expand_scale, install_processors, precompute_kv,
                         query_lengths)
 from .errors import EngineError
+from .graphs import StaticUNet
 from .guidance import branch_weights, resolve_mode
 from .loading import check_size, load_base, load_image, load_image_encoder, make_scheduler, resolve
 from .lora import LoraMixin
+from .selfcheck import SelfCheck, describe, module_fp32, shape_key
 
 log = logging.getLogger(__name__)
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+# what replays or compiles the UNet step, by (CUDA graphs, compiled): a component of the first-use checks
+STEP_COMPONENTS = {(True, False): "cuda_graph", (False, True): "compiled_unet", (True, True): "compiled_unet+cuda_graph"}
 
 
 @dataclass
@@ -118,7 +122,7 @@ class Pipeline(LoraMixin):
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, image_encoder=None, image_processor=None,
                  adapter: Adapter | list | None = None, device="cpu", dtype=torch.float32, attention_backend="auto",
-                 controlnets=None):
+                 controlnets=None, verify_fast_path: bool = True):
         check_channels(unet.config.in_channels, vae.config.latent_channels, self.EDIT)
         self.device, self.dtype = torch.device(device), dtype
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
@@ -136,6 +140,9 @@ class Pipeline(LoraMixin):
                 m.to(self.device).eval().requires_grad_(False)
         self.cross = install_processors(unet, [a.layers for a in self.adapters])
         self._static = None  # engine.graphs.StaticUNet once enable_cuda_graphs() is called
+        self._compiled = False
+        # first-use checks of the fused kernels, graphs and compiled UNet (engine/selfcheck.py)
+        self.selfcheck = SelfCheck(verify_fast_path)
         self.set_attention_backend(attention_backend)
         self._progress = {}
         self.timings: dict[str, float] = {}
@@ -143,7 +150,7 @@ class Pipeline(LoraMixin):
     @classmethod
     def from_pretrained(cls, model, image_encoder=None, adapter=None, device=None, dtype=None,
                         attention_backend="auto", backend="pytorch", engines=None, controlnet=None,
-                        config=None) -> "Pipeline":
+                        config=None, verify_fast_path: bool = True) -> "Pipeline":
         """model: a diffusers SD folder (or hub id), or a single-file checkpoint (an original-layout
         `.safetensors`/`.ckpt`, read by diffusers' from_single_file) whose configs come from `config` (a local
         diffusers folder; default: the SD1.5 / InstructPix2Pix ones shipped with the package).
@@ -152,7 +159,9 @@ class Pipeline(LoraMixin):
         float32 on the CPU. attention_backend: auto | triton | sdpa | reference (`kernels.BACKENDS`) for the
         cross-attention. backend: pytorch, or tensorrt with engines= the folder of `python -m export trt`
         (engine.trt.runtime.TensorRTPipeline: the adapter and dtype are the engines'; model and image_encoder, when
-        given, say where the tokenizer, scheduler and image processor are now)."""
+        given, say where the tokenizer, scheduler and image processor are now). verify_fast_path: check each fused
+        kernel, CUDA-graph replay and compiled UNet against its eager path at its first use of a shape, falling
+        back where it fails (engine/selfcheck.py; `fast_path_report()` says what runs)."""
         if backend not in RUNTIMES:
             raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(RUNTIMES)}")
         several = isinstance(adapter, (list, tuple))
@@ -214,7 +223,7 @@ class Pipeline(LoraMixin):
             nets = load_controlnets(controlnet, parts["unet"], dtype)
         return cls(**parts, image_encoder=encoder, image_processor=processor,
                    adapter=(loaded if several else loaded[0]) if loaded else None, device=device, dtype=dtype,
-                   attention_backend=attention_backend, controlnets=nets)
+                   attention_backend=attention_backend, controlnets=nets, verify_fast_path=verify_fast_path)
 
     @staticmethod
     def _from_engines(model, image_encoder, adapter, device, dtype, engines):
@@ -245,11 +254,10 @@ class Pipeline(LoraMixin):
         request copies its K/V, scales, text rows and latents into the graph's static buffers and never
         re-captures. CUDA only. Capture has not run on this project's machines yet (no GPU lent); the
         static-buffer path it replays is tested eagerly on the CPU."""
-        from .graphs import StaticUNet
-
         if enabled and self.device.type != "cuda":
             raise EngineError(f"CUDA graphs need a pipeline on cuda; this one is on {self.device}")
         self._static = StaticUNet(self.unet, capture=True) if enabled else None
+        self._graphs_changed()
 
     def compile(self, **kwargs) -> None:
         """torch.compile the UNet in place (its module names, which the adapter's K/V precompute uses, stay).
@@ -257,18 +265,17 @@ class Pipeline(LoraMixin):
         the compile time. With the sdpa backend the whole UNet, adapter processors included, is one graph
         (tested with fullgraph=True); the Triton kernels are launched outside the graph."""
         self.unet.compile(**kwargs)
-        if self._static is not None:
-            self._static.entries.clear()  # graphs captured before hold the uncompiled kernels
+        self._compiled = True
+        self._graphs_changed()  # graphs captured before hold the uncompiled kernels
 
     def set_attention_backend(self, backend: str) -> None:
         """Run every cross-attention with `backend` (auto | triton | sdpa | reference); fallbacks are logged.
         Where that is triton, the projector, GroupNorm+SiLU and GEGLU run on their fused kernels too."""
         if backend not in BACKENDS:
             raise EngineError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        choose_impls(self.unet, self.cross, self.device, self.dtype, backend)
+        choose_impls(self.unet, self.cross, self.device, self.dtype, backend, self.selfcheck)
         self.attention_backend = backend
-        if self._static is not None:
-            self._static.entries.clear()  # graphs captured before hold the previous backend's kernels
+        self._graphs_changed()  # graphs captured before hold the previous backend's kernels
         # the other fused kernels follow the same choice: the projector's blocks (head size 64 in every
         # released checkpoint), GroupNorm+SiLU in the UNet's, VAE's and ControlNets' resnets, GEGLU
         fused = choose(self.device, self.dtype, 64, backend) == "triton"
@@ -276,9 +283,29 @@ class Pipeline(LoraMixin):
         self._fused_projector = fused and any(a.kind != "plain" for a in self.adapters)
         for m in (self.unet, self.vae, *getattr(self, "controlnets", ())):
             if fused:
-                fastpath.fuse(m)
+                fastpath.fuse(m, self.selfcheck)
             else:
                 fastpath.unfuse(m)
+
+    def _graphs_changed(self) -> None:
+        """Graphs captured or compiled before are stale (other kernels or weights): drop them and their verdicts."""
+        if self._static is not None:
+            self._static.entries.clear()
+        self.selfcheck.forget(*STEP_COMPONENTS.values())
+
+    def fast_path_report(self) -> dict:
+        """What runs fused and what fell back to its eager path, and why: the first-use checks' verdicts
+        (engine/selfcheck.py) with each check's cost. {"verify", "fused", "checked", "fell_back", "unverified",
+        "check_ms", "checks"}."""
+        fused = {"decoupled_attention": sorted({p.backend for p in self.cross.values()}) or ["none"],
+                 "group_norm_silu": "triton" if fastpath.fused(self.unet) else "pytorch",
+                 "projector": "triton" if self._fused_projector else "pytorch",
+                 "unet_step": self._step_component() or "eager"}
+        fused["geglu"] = fused["group_norm_silu"]
+        return self.selfcheck.report(fused)
+
+    def _step_component(self) -> str | None:
+        return STEP_COMPONENTS.get((self._static is not None, self._compiled))
 
     @property
     def vae_scale_factor(self) -> int:
@@ -501,14 +528,31 @@ class Pipeline(LoraMixin):
     def _unet_step(self, x, t, text_rows, ctx, control=None, added=None) -> torch.Tensor:
         # x: (rows, C, h, w) -> noise prediction per row; control: ControlNet (down, mid) residuals or None;
         # added: SDXL's added conditioning per row ({"text_embeds", "time_ids"}) or None
-        if self._static is not None:  # CUDA graphs: static buffers (the residuals, SDXL's added conditioning), replayed
-            return self._static(x, t, text_rows, ctx, control, added)
+        step = self._step_component()
+        if step is None:
+            return self._unet_call(self.unet, x, t, text_rows, ctx, control, added)
+
+        def fast():  # CUDA graphs: static buffers (the residuals, SDXL's added conditioning), replayed
+            if self._static is not None:
+                return self._static(x, t, text_rows, ctx, control, added)
+            return self._unet_call(self.unet, x, t, text_rows, ctx, control, added)
+
+        eager = lambda: self._unet_call(self.unet._call_impl, x, t, text_rows, ctx, control, added)  # noqa: E731
+        ref = None if self.dtype == torch.float32 else \
+            lambda: self._unet_call(lambda *a, **k: module_fp32(self.unet, *a, **k), x, t, text_rows, ctx, control,
+                                    added)
+        key = StaticUNet._key(x, t, text_rows, ctx, control, added)
+        return self.selfcheck.run(step, key, fast, eager, ref, self.dtype, self.device,
+                                  shape=f"rows {x.shape[0]}, latent {describe(x)}")
+
+    @staticmethod
+    def _unet_call(unet, x, t, text_rows, ctx, control=None, added=None) -> torch.Tensor:
         extra = {} if control is None else dict(down_block_additional_residuals=control[0],
                                                 mid_block_additional_residual=control[1])
         if added is not None:
             extra["added_cond_kwargs"] = added
-        return self.unet(x, t, encoder_hidden_states=text_rows, return_dict=False,
-                         cross_attention_kwargs={"adapter": ctx}, **extra)[0]
+        return unet(x, t, encoder_hidden_states=text_rows, return_dict=False,
+                    cross_attention_kwargs={"adapter": ctx}, **extra)[0]
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         from diffusers.image_processor import VaeImageProcessor
@@ -668,7 +712,11 @@ class Pipeline(LoraMixin):
                 instruct = torch.stack([emb[b["instruct"]] for b in branches for _ in range(n)])
                 prompt = torch.stack([emb[b["ip_prompt"]] for b in branches for _ in range(n)])
             if self._fused_projector and adapter.kind != "plain":
-                tokens = projector_forward(adapter.projector, image, instruct, prompt)
+                args, proj = (image, instruct, prompt), adapter.projector
+                tokens = self.selfcheck.run(
+                    "projector", shape_key(*args, a), lambda: projector_forward(proj, *args), lambda: proj(*args),
+                    None if self.dtype == torch.float32 else lambda: module_fp32(proj, *args), self.dtype,
+                    self.device, shape=f"image {describe(image)}, text {describe(prompt)}, adapter {a}")
             else:
                 tokens = adapter.projector(image, instruct, prompt)
             out.append(tokens if n == 1 else tokens.reshape(len(branches), n * tokens.shape[1], tokens.shape[2]))

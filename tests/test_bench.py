@@ -151,12 +151,10 @@ LADDER_STATE = {"engine-eager": (False, False, False), "+channels-last": (False,
 def fast_path_state(pipe):
     from diffusers.models.activations import GEGLU
 
-    from kernels.backends import implementation
-
-    impls = {p.impl for p in pipe.cross.values()}
+    backends = {p.backend for p in pipe.cross.values()}
     fused_geglu = any("forward" in m.__dict__ for m in pipe.unet.modules() if type(m) is GEGLU)
     conv = next(m for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d))
-    return (impls == {implementation("triton")}, fused_geglu,
+    return (backends == {"triton"}, fused_geglu,
             conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.shape[-1] > 1)
 
 

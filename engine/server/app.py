@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import EngineError
+from ..selfcheck import summary
 from .batcher import Batcher, DeadlineExceeded, Draining, Job, QueueFull, worker_thread
 from .stepper import Cancelled
 from .cache import ConditioningCache
@@ -97,6 +98,7 @@ class ServerState:
             self.pipe = Pipeline.from_pretrained(c.model, image_encoder=c.image_encoder, adapter=c.adapter,
                                                  device=c.device, dtype=c.dtype, attention_backend=c.attention_backend,
                                                  backend=c.backend, engines=c.engines,
+                                                 verify_fast_path=c.verify_fast_path,
                                                  **({"config": c.model_config} if c.model_config else {}),
                                                  **({"controlnet": list(c.controlnet)} if c.controlnet else {}))
             for path, scale in c.lora:  # fused: nothing per step
@@ -113,7 +115,10 @@ class ServerState:
             raise EngineError("--batching step runs on the PyTorch backend; this server loads exported graphs: use "
                               "--batching request")
         if c.warmup:  # one 1-step request at the native size: kernels, allocator and caches ready before /ready
+            t0 = time.perf_counter()
             self.runner([self.runner.warmup_work()])
+            print(f"warm-up: one 1-step request in {(time.perf_counter() - t0) * 1e3:.0f} ms; "
+                  f"{summary(self.pipe.fast_path_report())}", flush=True)
         self.cache.on_lookup = self.metrics.lookup  # counted from the first real request on
 
     async def drain(self) -> None:
@@ -230,11 +235,14 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
     @app.get("/ready", summary="weights loaded, warmed up and not draining (503 otherwise)")
     async def ready():
         body = {"ready": state.ready, "draining": state.draining, "error": state.failed,
-                "ready_after_s": state.ready_s}
+                "ready_after_s": state.ready_s,
+                "fast_path": state.pipe.fast_path_report() if state.runner is not None else None}
         return JSONResponse(body, status_code=200 if state.ready else 503)
 
     @app.get("/metrics", summary="Prometheus text format")
     async def metrics():
+        if state.runner is not None:
+            state.metrics.fast_path(state.pipe.fast_path_report())
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
     @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(authorize)])

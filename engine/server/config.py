@@ -33,6 +33,7 @@ class ServerConfig:
     warmup: bool = True                   # one 1-step request before /ready turns true
     compile: bool = False                 # torch.compile the UNet (each new batch shape compiles on first use)
     cuda_graphs: bool = False             # replay the UNet step from CUDA graphs, one capture per batch shape
+    verify_fast_path: bool = True         # check each fused kernel, replay and compiled UNet at its first shape
 
     @classmethod
     def from_args(cls, args) -> "ServerConfig":

@@ -31,6 +31,12 @@ class Metrics:
                                    buckets=ROW_BUCKETS, registry=r)
         self.step_requests = Histogram("engine_step_requests", "requests in flight per step (step-level batching)",
                                        buckets=ROW_BUCKETS, registry=r)
+        # the fast path's first-use checks (engine/selfcheck.py), read from the pipeline when /metrics is asked
+        self.fast_path_checks = Gauge("engine_fast_path_checks", "component shapes checked against their eager path, "
+                                      "by result (ok: fused runs; fallback: eager runs; unverified)",
+                                      ["component", "result"], registry=r)
+        self.fast_path_check_seconds = Gauge("engine_fast_path_check_seconds",
+                                             "what the first-use checks cost in all", registry=r)
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -57,6 +63,14 @@ class Metrics:
             n = sum(j.payload.req.num_images for j in jobs)
             self.images.inc(n)
             self.images_per_s.set(n / seconds if seconds > 0 else 0.0)
+
+    def fast_path(self, report: dict) -> None:
+        counts = {}
+        for v in report["checks"]:
+            counts[v["component"], v["status"]] = counts.get((v["component"], v["status"]), 0) + 1
+        for (component, result), n in counts.items():
+            self.fast_path_checks.labels(component, result).set(n)
+        self.fast_path_check_seconds.set(report["check_ms"] / 1e3)
 
     # cache hook
     def lookup(self, kind: str, hit: bool) -> None:
