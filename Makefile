@@ -29,13 +29,15 @@ browser:
 		else echo "the browser test needs Debian's chromium and chromium-driver: sudo apt-get install chromium chromium-driver"; fi; }
 
 # the wheels the GPU check needs that the GPU machine lacks (Python 3.12 there, no package index): exactly the list in
-# bench/gpu-requirements.txt, which holds their missing dependencies too (--no-deps: nothing else comes along);
+# bench/gpu-requirements.txt, which holds their missing dependencies too (--no-deps: nothing else comes along), into
+# GPU_WHEELS (.whl, which a device call carries; tests/test_gpu_session.py downloads into a folder of its own);
 # for the full `tests` stage add GPU_EXTRA=onnxruntime-extensions==0.15.2 (its ONNX-plugin tests need it)
+GPU_WHEELS ?= .whl
 gpu-wheels:
-	rm -rf .whl
+	rm -rf $(GPU_WHEELS)
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-		--platform manylinux2014_x86_64 -d .whl -r bench/gpu-requirements.txt $(GPU_EXTRA)
+		--platform manylinux2014_x86_64 -d $(GPU_WHEELS) -r bench/gpu-requirements.txt $(GPU_EXTRA)
 
 # TensorRT for RTX for the GPU machine, for `bash bench/gpu_session.sh trt-libs` (carry .whl-trt): the cp312 bindings
 # wheel, and the libs wheel's two libraries xz-compressed (89 MB as a wheel, 60 MB as xz: under the 64 MiB a device

@@ -38,18 +38,20 @@ NEEDED = {
     "cupy": ("cupy", "the cubin launches (kernels/launch.py)"),
 }
 
-# what the GPU image brings: the packages it is known to have and what those depend on (names normalised)
-IMAGE = {
-    "torch", "triton", "transformers", "cupy", "onnx", "onnxruntime", "pytest", "pytest-timeout", "peft",
-    "matplotlib", "httpx", "prometheus-client",
-    "huggingface-hub", "safetensors", "regex", "numpy", "tqdm", "filelock", "pyyaml", "packaging", "tokenizers",
-    "pillow", "certifi", "idna", "anyio", "httpcore", "h11", "accelerate", "psutil", "typing-extensions", "fsspec",
-    "sympy", "networkx", "jinja2", "setuptools", "protobuf",
-}
-
 
 def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_names(path: str) -> set[str]:
+    """The normalised package names of a list such as gpu-image.txt, one a line ('#' starts a comment)."""
+    with open(path) as f:
+        names = (line.split("#", 1)[0].strip() for line in f)
+        return {normalize(name) for name in names if name}
+
+
+# what the GPU image brings: its package list (gpu-image.txt, from the device tool's KINDS.md), names normalised
+IMAGE = frozenset(read_names(os.path.join(os.path.dirname(REQUIREMENTS), "gpu-image.txt")))
 
 
 def carried() -> dict[str, str]:
