@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from engine.trt import CHOICES as TRT_CHOICES
+
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
@@ -147,6 +149,10 @@ def add_e2e_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engines", default=None, metavar="DIR",
                    help="the tensorrt provider's plans (`python -m export trt --out DIR` of the same weights; "
                         "default: exported and built once into the bench cache)")
+    p.add_argument("--trt", choices=TRT_CHOICES, default="auto",
+                   help="the tensorrt provider's TensorRT: full (`import tensorrt`; datacenter GPUs such as H100), rtx "
+                        "(TensorRT for RTX; RTX GPUs) or auto (full where installed; --engines: the one that built "
+                        "them)")
     p.add_argument("--ladder", action="store_true",
                    help="instead of --providers: the fast path one piece at a time (engine-eager, +channels-last, "
                         "+fused-attention, +fused-norms, +cuda-graphs, +compile), each step's effect in one run")
@@ -220,6 +226,9 @@ def run_e2e_command(a) -> int:
         return fail(edit_conflicts(a, providers))
     if a.adapters < 1 or (a.adapter_masks and a.adapters < 2):
         return fail("--adapters takes a positive count, and --adapter-masks needs --adapters 2 or more")
+    if a.trt != "auto" and "tensorrt" not in providers:
+        return fail(f"--trt {a.trt} chooses the tensorrt provider's TensorRT: add tensorrt to --providers, or drop "
+                    "--trt")
     if a.adapters > 1 and (edit or "tensorrt" in providers):
         return fail("--adapters N > 1 is for the generate task on the PyTorch providers (the TensorRT engines and "
                     "editing hold one adapter)")
@@ -243,7 +252,7 @@ def run_e2e_command(a) -> int:
                     batches=tuple(a.batch or ((1, 4) if cuda else (1,))),
                     steps=a.steps or (30 if cuda else 10), height=a.height, width=a.width,
                     providers=providers, repeats=a.repeats or (10 if cuda else 3), compile=a.compile,
-                    cuda_graphs=a.cuda_graphs, profile_dir=a.profile, engines=a.engines,
+                    cuda_graphs=a.cuda_graphs, profile_dir=a.profile, engines=a.engines, trt=a.trt,
                     scheduler=None if a.scheduler == "default" else a.scheduler, few_steps=a.few_steps,
                     adapters=a.adapters, adapter_masks=a.adapter_masks, **task)
     rows, table = run_e2e(cfg, paths)

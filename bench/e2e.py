@@ -64,6 +64,7 @@ class E2EConfig:
     cuda_graphs: bool = False  # replay the engine's UNet step from CUDA graphs (the `engine` provider, CUDA)
     profile_dir: str | None = None  # one more request per provider and batch under torch.profiler (bench.profiling)
     engines: str | None = None  # the `tensorrt` provider's plans (default: built into the bench cache)
+    trt: str = "auto"           # ... and which TensorRT builds and runs them: auto, full or rtx (engine.trt)
     task: str = "generate"  # or "edit": InstructPix2Pix, three guidance branches (guidance_mode "ip2p")
     image_guidance_scale: float = 1.5  # the edit task's s_I
     adapters: int = 1             # generate: this many adapters at once (the adapter file repeated)
@@ -176,14 +177,17 @@ class EngineProvider:
         return {k: t[k] for k in keys if k in t}
 
 
-def build_engines_once(paths: dict, dtype: str, device: torch.device, log=print) -> str:
-    """The weights' TensorRT plans in the bench cache (export, then build for this GPU's arch), made once."""
+def build_engines_once(paths: dict, dtype: str, device: torch.device, log=print, trt: str = "auto") -> str:
+    """The weights' TensorRT plans in the bench cache (export, then build with `trt` for this GPU's compute
+    capability), made once per TensorRT and dtype."""
     import shutil
 
+    from engine.trt import choice_of, load_tensorrt
     from export.onnx import export_onnx
     from export.trt import build_engines
 
-    root = os.path.join(os.path.dirname(os.path.abspath(paths["model"])), f"trt-{dtype}")
+    made_by = choice_of(load_tensorrt(trt))  # plans of one TensorRT do not load in the other
+    root = os.path.join(os.path.dirname(os.path.abspath(paths["model"])), f"trt-{made_by}-{dtype}")
     if os.path.isfile(os.path.join(root, "engines", "engines.json")):
         return os.path.join(root, "engines")
     shutil.rmtree(root, ignore_errors=True)
@@ -192,7 +196,7 @@ def build_engines_once(paths: dict, dtype: str, device: torch.device, log=print)
                 device=device.type, log=lambda *a: None)
     major, minor = torch.cuda.get_device_capability(device)
     build_engines(os.path.join(root, "onnx"), os.path.join(root, "engines"), archs=(major * 10 + minor,),
-                  log=lambda *a: None)
+                  log=lambda *a: None, trt=made_by)
     log(f"tensorrt: exported and built the plans in {time.perf_counter() - t0:.0f} s ({root})")
     return os.path.join(root, "engines")
 
@@ -204,9 +208,9 @@ class TensorRTProvider(EngineProvider):
         from engine import Pipeline
 
         self.name, self.cfg = "tensorrt", cfg
-        engines = cfg.engines or build_engines_once(paths, str(dtype).removeprefix("torch."), device, log)
+        engines = cfg.engines or build_engines_once(paths, str(dtype).removeprefix("torch."), device, log, cfg.trt)
         self.pipe = Pipeline.from_pretrained(paths["model"], image_encoder=paths["image_encoder"], device=device,
-                                             backend="tensorrt", engines=engines)
+                                             backend="tensorrt", engines=engines, trt=cfg.trt)
         if cfg.cuda_graphs:
             self.pipe.enable_cuda_graphs()
         self.pipe.set_progress_bar_config(disable=True)

@@ -20,6 +20,7 @@ from .errors import EngineError
 from .guidance import MODES
 from .loading import SCHEDULERS, check_size, load_image, native_size
 from .output import discard_pending, output_paths, write_images
+from .trt import CHOICES as TRT_CHOICES
 
 INTERRUPTED = "interrupted (Ctrl-C): stopped, no output written"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
@@ -85,6 +86,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "given with --engines; a CUDA GPU TensorRT supports)")
     p.add_argument("--engines", default=None, metavar="DIR",
                    help="with --backend tensorrt: the folder `python -m export trt --out DIR` wrote")
+    p.add_argument("--trt", choices=TRT_CHOICES, default="auto",
+                   help="with --backend tensorrt: which TensorRT loads the plans: auto (the one that built them, as "
+                        "engines.json says), full (`import tensorrt`) or rtx (TensorRT for RTX), which must be it")
     p.add_argument("--no-verify-fast-path", dest="verify_fast_path", action="store_false",
                    help="skip the first-use check of each fused kernel, CUDA-graph replay and compiled UNet against "
                         "its eager path (on by default: one extra eager call per new shape, with a fallback where "
@@ -313,7 +317,7 @@ def cmd_generate(a) -> int:
     adapter = None if not a.adapter else (a.adapter[0] if len(a.adapter) == 1 else a.adapter)
     pipe = Pipeline.from_pretrained(a.model, image_encoder=a.image_encoder, adapter=adapter, config=a.model_config,
                                     device=a.device, dtype=a.dtype, attention_backend=a.attention_backend,
-                                    backend=a.backend, engines=a.engines, controlnet=a.controlnet or None,
+                                    backend=a.backend, engines=a.engines, controlnet=a.controlnet or None, trt=a.trt,
                                     verify_fast_path=a.verify_fast_path)
     for path, scale in a.lora:
         pipe.load_lora_weights(path, scale=scale)
@@ -352,7 +356,7 @@ def cmd_edit(a) -> int:
 
     pipe = EditPipeline.from_pretrained(a.model, image_encoder=a.image_encoder, adapter=a.adapter, device=a.device,
                                         dtype=a.dtype, attention_backend=a.attention_backend, backend=a.backend,
-                                        engines=a.engines, config=a.model_config,
+                                        engines=a.engines, config=a.model_config, trt=a.trt,
                                         verify_fast_path=a.verify_fast_path)
     for path, scale in a.lora:
         pipe.load_lora_weights(path, scale=scale)
@@ -385,7 +389,7 @@ def cmd_demo(a) -> int:
     model, image_encoder, adapter = given
     pipe = Pipeline.from_pretrained(model, image_encoder=image_encoder, adapter=adapter, device=a.device,
                                     dtype=a.dtype, attention_backend=a.attention_backend, backend=a.backend,
-                                    engines=a.engines, verify_fast_path=a.verify_fast_path)
+                                    engines=a.engines, trt=a.trt, verify_fast_path=a.verify_fast_path)
     pipe.set_progress_bar_config(disable=True)
     run_demo(pipe, a.out, draw_condition_image() if image is None else image, random_weights, a.steps, a.seed,
              instruct=a.instruct or DEMO_INSTRUCT)
@@ -515,6 +519,9 @@ COMMANDS = {"generate": cmd_generate, "edit": cmd_edit, "demo": cmd_demo, "make-
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "trt", "auto") != "auto" and args.backend != "tensorrt":
+        parser.error(f"--trt {args.trt} chooses the TensorRT of --backend tensorrt: add --backend tensorrt "
+                     "--engines DIR, or drop --trt")
     if args.command == "generate":
         check_generate_args(parser, args)
     if args.command == "serve":

@@ -68,7 +68,7 @@ class EditPipeline(Pipeline):
     @classmethod
     def from_pretrained(cls, model, image_encoder=None, adapter=None, device=None, dtype=None,
                         attention_backend="auto", backend="pytorch", engines=None,
-                        controlnet=None, config=None, verify_fast_path: bool = True) -> "EditPipeline":
+                        controlnet=None, config=None, trt="auto", verify_fast_path: bool = True) -> "EditPipeline":
         """model: a diffusers InstructPix2Pix folder (or hub id), e.g. timbrooks/instruct-pix2pix or MagicBrush in
         that layout; image_encoder + adapter: an IP-Adapter+ or IPAdapter-Instruct adapter on top (optional)."""
         if controlnet is not None:
@@ -79,7 +79,7 @@ class EditPipeline(Pipeline):
             raise EngineError("editing runs on the PyTorch backend here (an edit export runs under ONNX Runtime with "
                               "export.runtime.OnnxEditPipeline; a TensorRT edit runtime is not built yet)")
         return super().from_pretrained(model, image_encoder=image_encoder, adapter=adapter, device=device,
-                                       dtype=dtype, attention_backend=attention_backend, config=config,
+                                       dtype=dtype, attention_backend=attention_backend, config=config, trt=trt,
                                        verify_fast_path=verify_fast_path)
 
     @torch.inference_mode()

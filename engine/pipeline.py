@@ -31,6 +31,7 @@ from .guidance import branch_weights, resolve_mode
 from .loading import check_size, load_base, load_image, load_image_encoder, make_scheduler, resolve
 from .lora import LoraMixin
 from .selfcheck import SelfCheck, describe, module_fp32, shape_key
+from .trt import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class Pipeline(LoraMixin):
     @classmethod
     def from_pretrained(cls, model, image_encoder=None, adapter=None, device=None, dtype=None,
                         attention_backend="auto", backend="pytorch", engines=None, controlnet=None,
-                        config=None, verify_fast_path: bool = True) -> "Pipeline":
+                        config=None, trt="auto", verify_fast_path: bool = True) -> "Pipeline":
         """model: a diffusers SD folder (or hub id), or a single-file checkpoint (an original-layout
         `.safetensors`/`.ckpt`, read by diffusers' from_single_file) whose configs come from `config` (a local
         diffusers folder; default: the SD1.5 / InstructPix2Pix ones shipped with the package).
@@ -159,11 +160,15 @@ class Pipeline(LoraMixin):
         float32 on the CPU. attention_backend: auto | triton | sdpa | reference (`kernels.BACKENDS`) for the
         cross-attention. backend: pytorch, or tensorrt with engines= the folder of `python -m export trt`
         (engine.trt.runtime.TensorRTPipeline: the adapter and dtype are the engines'; model and image_encoder, when
-        given, say where the tokenizer, scheduler and image processor are now). verify_fast_path: check each fused
-        kernel, CUDA-graph replay and compiled UNet against its eager path at its first use of a shape, falling
-        back where it fails (engine/selfcheck.py; `fast_path_report()` says what runs)."""
+        given, say where the tokenizer, scheduler and image processor are now); trt: with backend tensorrt, which
+        TensorRT loads the plans (auto: the one engines.json names, which full / rtx must match). verify_fast_path:
+        check each fused kernel, CUDA-graph replay and compiled UNet against its eager path at its first use of a
+        shape, falling back where it fails (engine/selfcheck.py; `fast_path_report()` says what runs)."""
         if backend not in RUNTIMES:
             raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(RUNTIMES)}")
+        if check_choice(trt) != "auto" and backend != "tensorrt":
+            raise EngineError(f"trt={trt!r} chooses the TensorRT of backend='tensorrt' (--backend tensorrt); the "
+                              f"{backend} backend runs without one: drop it")
         several = isinstance(adapter, (list, tuple))
         if several and len(adapter) == 1:
             adapter, several = adapter[0], False
@@ -176,7 +181,7 @@ class Pipeline(LoraMixin):
             if controlnet is not None:
                 raise EngineError("the TensorRT engines carry their ControlNets (exported with `python -m export onnx "
                                   "--controlnet DIR`): drop controlnet=")
-            return cls._from_engines(model, image_encoder, adapter, device, dtype, engines)
+            return cls._from_engines(model, image_encoder, adapter, device, dtype, engines, trt)
         if engines is not None:
             raise EngineError("engines= is for backend='tensorrt'")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -226,7 +231,7 @@ class Pipeline(LoraMixin):
                    attention_backend=attention_backend, controlnets=nets, verify_fast_path=verify_fast_path)
 
     @staticmethod
-    def _from_engines(model, image_encoder, adapter, device, dtype, engines):
+    def _from_engines(model, image_encoder, adapter, device, dtype, engines, trt):
         from .exported import read_manifest, source_paths
         from .trt.runtime import TensorRTPipeline
 
@@ -247,7 +252,7 @@ class Pipeline(LoraMixin):
             if os.path.realpath(adapter) != os.path.realpath(built):
                 raise EngineError(f"the engines in {engines} were built with the adapter {built}, not {adapter}: "
                                   "export and build again for another adapter")
-        return TensorRTPipeline.from_engines(engines, model, image_encoder, device)
+        return TensorRTPipeline.from_engines(engines, model, image_encoder, device, trt=trt)
 
     def enable_cuda_graphs(self, enabled: bool = True) -> None:
         """Replay the UNet step from CUDA graphs, captured once per shape (rows, size) on first use; a new

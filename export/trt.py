@@ -1,20 +1,26 @@
-"""`python -m export trt DIR`: one TensorRT engine (NAME.plan) per graph of the ONNX export in DIR, built on this
-machine, no GPU needed with TensorRT for RTX ("CPU-only AOT"; the `export` extra installs it) or with TensorRT
-where a user has it (engine.trt.load_tensorrt picks).
+"""`python -m export trt DIR`: one TensorRT engine (NAME.plan) per graph of the ONNX export in DIR, built with the
+full TensorRT (`--trt full`: on the GPU the plans will run on, which it needs) or TensorRT for RTX (`--trt rtx`: on
+any machine, no GPU needed, "CPU-only AOT"; the `export` extra installs it); `--trt auto` (the default) takes the
+full TensorRT where it is installed (engine.trt.load_tensorrt).
+
+--arch says which GPUs: compute capabilities as 86 for 8.6. TensorRT for RTX targets them in its builder config
+(default RTX_DEFAULT_CCS: Ampere to Blackwell RTX GPUs, and the A100's 8.0); the full TensorRT's plans run on the
+GPU model that built them only, so there --arch is that GPU's or absent. engines.json records the builder
+(package, name, version) and these compute capabilities (and, for the full TensorRT, the GPU's name): the runtime
+loads the plans with that builder and refuses another GPU in one line before deserialising anything.
 
 The UNet's adapter cross-attention nodes (op DecoupledAttention, plugin_namespace ipadapter_instruct) are imported
 by TensorRT's ONNX parser as the project's IPluginV3 plugin: the Python one (engine/trt/plugin.py) by default, or
 the C++ library of export/cpp/ with --plugin-library, which is then embedded in every plan
 (`plugins_to_serialize`) so that a C++ program needs nothing else. ip_scale stays a run-time input of unet.plan.
-Either plugin launches the project's ahead-of-time cubins; the build compiles them with Triton for the GPU archs
-asked (--arch, default RTX_ARCHS and sm_90) and the dtype, head count and head size of each plugin layer, into
+Either plugin launches the project's ahead-of-time cubins; the build compiles them with Triton for the compute
+capabilities the plans are built for and the dtype, head count and head size of each plugin layer, into
 OUT/plugin/ (a `python -m export plugin` folder).
 
-OUT gets NAME.plan for each graph, engines.json (what was built, with what, profiles, sizes, times), manifest.json
-(the export's, its weight paths relative to OUT) and plugin/. Everything is built in a staging folder inside OUT
-and moved in only when every graph built, so a failure (a missing or corrupt ONNX file, a parser error, a
-profile TensorRT refuses) leaves no plan behind. Profiles come from the manifest, overridden by --min/--opt/--max
-in trtexec's syntax and checked against the graphs' fixed dimensions before TensorRT loads.
+OUT gets NAME.plan for each graph, engines.json (what was built, with what, for which GPUs, profiles, sizes, times),
+manifest.json (the export's, its weight paths relative to OUT) and plugin/. Everything is built in a staging
+folder inside OUT and moved in only when every graph built, so a failure (a missing or corrupt ONNX file, a parser
+error, a profile TensorRT refuses) leaves no plan behind. Profiles: export/profiles.py.
 """
 import json
 import os
@@ -24,81 +30,16 @@ import sys
 import time
 
 from engine.errors import EngineError
-from engine.trt import flavour, load_tensorrt
+from engine.trt import CHOICES, RTX_CCS, RTX_DEFAULT_CCS, choice_of, flavour, load_tensorrt
 from engine.trt.runtime import ENGINES_FORMAT
+from engine.trt.support import build_targets, cc_list, cc_text, parse_cc, this_gpu
 
 from .onnx import GRAPHS, read_manifest, source_entry, source_paths
 from .plugin import PLUGIN
-
-BOUNDS = ("min", "opt", "max")
-ARCHS = (75, 80, 86, 89, 90, 100, 120)  # TensorRT for RTX's GPUs (Turing to Blackwell) and Hopper, for full TensorRT
+from .profiles import BOUNDS, dims_text, graph_profiles, parse_shapes
 
 
-# ----- manifest, shapes and profiles --------------------------------------------------------------------------
-
-def _dims(shape) -> str:
-    return "x".join(str(d) for d in shape)
-
-
-def parse_shapes(values, flag: str) -> dict[str, tuple[int, ...]]:
-    """trtexec's shape syntax, from repeated and/or comma-separated flags: ["sample:2x4x64x64,timestep:2"]."""
-    out = {}
-    for value in values or ():
-        for piece in (p.strip() for p in value.split(",")):
-            if not piece:
-                continue
-            name, sep, dims = piece.rpartition(":")
-            try:
-                shape = tuple(int(d) for d in dims.split("x"))
-            except ValueError:
-                shape = ()
-            if not sep or not name or not shape or min(shape) < 1:
-                raise EngineError(f"bad {flag} shape {piece!r}: expected NAME:DxDx... with positive integers, "
-                                  f"e.g. sample:2x4x64x64")
-            if name in out:
-                raise EngineError(f"{flag} gives {name} twice")
-            out[name] = shape
-    return out
-
-
-def graph_profiles(manifest: dict, shapes: dict | None = None) -> dict:
-    """{graph: {input: (min, opt, max)}}: the manifest's profiles with the user's shapes ({"min": {name: dims}})
-    over them; every input checked for rank, fixed dimensions and min <= opt <= max."""
-    shapes = shapes or {}
-    out, names = {}, set()
-    for gname, g in manifest["graphs"].items():
-        out[gname] = {}
-        for inp in g["inputs"]:
-            name, axes = inp["name"], inp["shape"]
-            names.add(name)
-            bounds = []
-            for b in BOUNDS:
-                dims = shapes.get(b, {}).get(name) or g["profiles"].get(b, {}).get(name)
-                if dims is None and all(isinstance(a, int) for a in axes):
-                    dims = axes
-                if dims is None:
-                    raise EngineError(f"{gname}: no {b} shape for input {name}; give --{b} {name}:DxD...")
-                dims = tuple(int(d) for d in dims)
-                if len(dims) != len(axes) or any(isinstance(a, int) and a != d for a, d in zip(axes, dims)):
-                    raise EngineError(f"{gname}: {b} shape {_dims(dims)} for input {name} does not fit its shape "
-                                      f"({'x'.join(str(a) for a in axes)})")
-                for a, d in zip(axes, dims):  # a named axis stays in the range the export was made and checked for
-                    lo, hi = (g.get("axes", {}).get(a, {}).get(k) for k in ("min", "max")) if isinstance(a, str) \
-                        else (None, None)
-                    if lo is not None and not lo <= d <= hi:
-                        raise EngineError(f"{gname}: {b} shape {_dims(dims)} for input {name} puts {a} at {d}, "
-                                          f"outside the export's range {lo}-{hi} (manifest.json axes)")
-                bounds.append(dims)
-            if not all(lo <= opt <= hi for lo, opt, hi in zip(*bounds)):
-                raise EngineError(f"{gname}: input {name} needs min <= opt <= max in every dimension, got "
-                                  f"{' / '.join(_dims(s) for s in bounds)}")
-            out[gname][name] = tuple(bounds)
-    unknown = sorted({n for b in BOUNDS for n in shapes.get(b, {})} - names)
-    if unknown:
-        raise EngineError(f"no graph has an input named {', '.join(unknown)}; "
-                          f"the inputs are {', '.join(sorted(names))}")
-    return out
-
+# ----- precision and files ----------------------------------------------------------------------------------
 
 def precision(manifest_dtype: str, fp16: bool, weak_typing: bool) -> str:
     """'strong': the graph's own types (a float16 export is already half); 'weak': BuilderFlag.FP16 lets TensorRT
@@ -167,12 +108,14 @@ def _parse(trt, builder, logger, path: str, strong: bool, log):
 
 
 def build_engines(onnx_dir: str, out_dir: str | None = None, fp16: bool = False, shapes: dict | None = None,
-                  graphs=None, archs=ARCHS, plugin_library: str | None = None, tf32: bool = True,
-                  log=print) -> list[str]:
+                  graphs=None, archs=None, plugin_library: str | None = None, tf32: bool = True,
+                  log=print, trt: str = "auto") -> list[str]:
     """One engine per graph of the manifest (or of `graphs`) -> the .plan paths in out_dir (default onnx_dir).
-    shapes: {"min"|"opt"|"max": {input: dims}} over the manifest's profiles; archs: the GPU archs the plugin's
-    cubins are compiled for; plugin_library: the C++ plugin (.so) to import and embed, in place of Python's;
-    tf32: let float32 layers use TF32 tensor cores (TensorRT's default; off for comparisons at fp32 precision)."""
+    shapes: {"min"|"opt"|"max": {input: dims}} over the manifest's profiles; archs: the compute capabilities the
+    plans (and the plugin's cubins) are built for, as 86 for 8.6 (engine.trt.support.build_targets; None: the
+    default); plugin_library: the C++ plugin (.so) to import and embed, in place of Python's; tf32: let float32
+    layers use TF32 tensor cores (TensorRT's default; off for comparisons at fp32 precision); trt: auto, full or
+    rtx, the TensorRT that builds (engine.trt.load_tensorrt)."""
     manifest = read_manifest(onnx_dir)
     names = list(graphs or manifest["graphs"])
     unknown = [g for g in names if g not in manifest["graphs"]]
@@ -185,16 +128,22 @@ def build_engines(onnx_dir: str, out_dir: str | None = None, fp16: bool = False,
             raise EngineError(f"{path} not found: export it again with `python -m export onnx`")
     if plugin_library is not None and not os.path.isfile(plugin_library):
         raise EngineError(f"plugin library not found: {plugin_library} (make -C export/cpp plugin builds it)")
-    trt = load_tensorrt()
-    mode = precision(manifest.get("dtype", "float32"), fp16, hasattr(trt.BuilderFlag, "FP16"))
+    module = load_tensorrt(trt)
+    gpu = this_gpu() if choice_of(module) == "full" else None  # full TensorRT builds for this GPU alone
+    if archs is None and graphs and choice_of(module) == "rtx":  # a partial rebuild: for the plans already there
+        archs = earlier_targets(out_dir or onnx_dir, module.__name__)
+    built_by = {"package": module.__name__, "name": flavour(module), "version": module.__version__,
+                "compute_capabilities": [cc_text(c) for c in build_targets(choice_of(module), archs, gpu)],
+                "gpu": gpu[0] if gpu else None}
+    mode = precision(manifest.get("dtype", "float32"), fp16, hasattr(module.BuilderFlag, "FP16"))
     plugin = manifest.get("attention") == "plugin"
     if plugin:
         if plugin_library is not None:
-            if trt.get_plugin_registry().load_library(os.path.abspath(plugin_library)) is None:
+            if module.get_plugin_registry().load_library(os.path.abspath(plugin_library)) is None:
                 raise EngineError(f"TensorRT could not load the plugin library {plugin_library} (its log says why)")
         else:
             from engine.trt.plugin import register_plugin
-            register_plugin(trt)
+            register_plugin(module)
     out_dir = out_dir or onnx_dir
     os.makedirs(out_dir, exist_ok=True)
     staging = os.path.join(out_dir, f".trt-staging-{os.getpid()}")
@@ -202,10 +151,10 @@ def build_engines(onnx_dir: str, out_dir: str | None = None, fp16: bool = False,
     os.makedirs(staging)
     env_before = os.environ.get("IPADAPTER_INSTRUCT_PLUGIN_DIR")
     try:
-        index = _build_all(trt, manifest, onnx_dir, names, profiles, mode, plugin, plugin_library, staging,
-                           archs, tf32, log)
+        index = _build_all(module, manifest, onnx_dir, names, profiles, mode, plugin, plugin_library, staging,
+                           built_by, tf32, log)
         _write_manifest(manifest, onnx_dir, out_dir, staging)
-        _keep_earlier_plans(index, out_dir)
+        _keep_earlier_plans(index, out_dir, log)
         with open(os.path.join(staging, "engines.json"), "w") as f:
             json.dump(index, f, indent=1)
         written = []
@@ -250,12 +199,15 @@ def engine_layers(listing: list[str]) -> dict:
                                                        for line in listing))
 
 
-def _build_all(trt, manifest, onnx_dir, names, profiles, mode, plugin, plugin_library, staging, archs, tf32,
+def _build_all(trt, manifest, onnx_dir, names, profiles, mode, plugin, plugin_library, staging, built_by, tf32,
                log) -> dict:
     logger = build_logger(trt, log)
     builder = trt.Builder(logger)
-    index = {"format": ENGINES_FORMAT, "tensorrt": {"package": trt.__name__, "name": flavour(trt),
-                                                   "version": trt.__version__},
+    archs = [parse_cc(c) for c in built_by["compute_capabilities"]]
+    log(f"{flavour(trt)} {trt.__version__}: plans for compute capability {cc_list(archs)}"
+        + (f" ({built_by['gpu']}, the GPU building them: full TensorRT's plans run on that GPU model only)"
+           if built_by["gpu"] else ""))
+    index = {"format": ENGINES_FORMAT, "tensorrt": built_by,
              "dtype": manifest.get("dtype", "float32"), "precision": mode, "tf32": tf32,
              "attention": manifest.get("attention"),
              "plugin_library": os.path.basename(plugin_library) if plugin and plugin_library else None,
@@ -272,6 +224,8 @@ def _build_all(trt, manifest, onnx_dir, names, profiles, mode, plugin, plugin_li
             combos |= new
             _write_cubins(staging, archs, combos)
         config = builder.create_builder_config()
+        if choice_of(trt) == "rtx":
+            target(trt, config, archs)
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the layer listing, with the plugin's names
         logger.layers = []
         if mode == "weak":
@@ -289,7 +243,7 @@ def _build_all(trt, manifest, onnx_dir, names, profiles, mode, plugin, plugin_li
         config.add_optimization_profile(profile)
         log(f"{name}: building with {flavour(trt)} {trt.__version__} ({mode} typing"
             + (f", {len(layers)} {PLUGIN['name']} plugin layers" if layers else "") + "; "
-            + ", ".join(f"{i} {' / '.join(_dims(s) for s in profiles[name][i])}" for i in inputs) + ")")
+            + ", ".join(f"{i} {' / '.join(dims_text(s) for s in profiles[name][i])}" for i in inputs) + ")")
         data = builder.build_serialized_network(network, config)
         if data is None:
             raise EngineError(f"{name}: TensorRT could not build the engine (its log above says why)")
@@ -310,16 +264,47 @@ def _build_all(trt, manifest, onnx_dir, names, profiles, mode, plugin, plugin_li
     return index
 
 
-def _keep_earlier_plans(index: dict, out_dir: str) -> None:
-    """A --graphs rebuild keeps the other graphs' plans in the index when the earlier build matches (dtype,
-    TensorRT, plugin): rebuilding the UNet at new profiles leaves the encoders usable."""
+def target(trt, config, ccs) -> None:
+    """TensorRT for RTX's builder config: build for exactly the compute capabilities `ccs` (86 for 8.6)."""
+    config.num_compute_capabilities = len(ccs)
+    for i, cc in enumerate(ccs):
+        value = getattr(trt.ComputeCapability, f"SM{cc}", None)
+        if value is None or not config.set_compute_capability(value, i):
+            raise EngineError(f"{flavour(trt)} {trt.__version__} cannot target compute capability {cc_text(cc)} "
+                              f"(its ComputeCapability has {', '.join(trt.ComputeCapability.__members__)})")
+
+
+def _earlier_index(out_dir: str) -> dict | None:
     try:
         with open(os.path.join(out_dir, "engines.json")) as f:
             before = json.load(f)
     except (OSError, ValueError):
+        return None
+    return before if isinstance(before, dict) else None
+
+
+def earlier_targets(out_dir: str, package: str) -> list[int] | None:
+    """The compute capabilities of the plans already in out_dir when `package` built them: a --graphs rebuild
+    without --arch builds for those, so the other plans stay in the index."""
+    t = (_earlier_index(out_dir) or {}).get("tensorrt") or {}
+    if t.get("package") != package or not t.get("compute_capabilities"):
+        return None
+    return [parse_cc(c) for c in t["compute_capabilities"]]
+
+
+def _keep_earlier_plans(index: dict, out_dir: str, log) -> None:
+    """A --graphs rebuild keeps the other graphs' plans in the index when the earlier build matches (dtype,
+    TensorRT and its targets, plugin): rebuilding the UNet at new profiles leaves the encoders usable."""
+    before = _earlier_index(out_dir)
+    if before is None:
         return
     same = ("format", "tensorrt", "dtype", "attention", "plugin_library")
-    if not isinstance(before, dict) or any(before.get(k) != index.get(k) for k in same):
+    differ = [k for k in same if before.get(k) != index.get(k)]
+    if differ:
+        left = sorted(set(before.get("graphs") or ()) - set(index["graphs"]))
+        if left:
+            log(f"engines.json: the earlier plans of {', '.join(left)} are left out (their {', '.join(differ)} "
+                "differ from this build's): rebuild them too")
         return
     for name, g in (before.get("graphs") or {}).items():
         if name not in index["graphs"] and os.path.isfile(os.path.join(out_dir, g.get("file", ""))):
@@ -374,9 +359,14 @@ def add_arguments(p) -> None:
                         "compare with PyTorch at fp32 precision")
     p.add_argument("--graphs", default=None, help=f"comma-separated subset (default: every graph of the manifest: "
                    f"{', '.join(GRAPHS)}, and controlnet, controlnet_1, ... in an export with ControlNets)")
-    p.add_argument("--arch", type=int, action="append", choices=ARCHS, default=None,
-                   help="GPU arch the plugin's cubins are compiled for, repeatable "
-                        f"(default: all of {', '.join(map(str, ARCHS))})")
+    p.add_argument("--trt", choices=CHOICES, default="auto",
+                   help="which TensorRT builds: full (`import tensorrt`, on the GPU the plans will run on: A100, H100, "
+                        "H200, ...), rtx (TensorRT for RTX, no GPU needed; RTX GPUs), or auto (full where installed)")
+    p.add_argument("--arch", type=int, action="append", default=None, metavar="CC",
+                   help="compute capability the plans and the plugin's cubins are built for, as 86 for 8.6, "
+                        f"repeatable. TensorRT for RTX: any of {', '.join(map(str, RTX_CCS))} (default "
+                        f"{', '.join(map(str, RTX_DEFAULT_CCS))}; 75 on its own, from a float16 export); the full "
+                        "TensorRT: the building GPU's (its default and only choice)")
     p.add_argument("--plugin-library", default=None, metavar="SO",
                    help="import the adapter attention with this C++ plugin library (export/cpp, "
                         "`make -C export/cpp plugin`) and embed it in the plans, in place of the Python plugin")
@@ -391,8 +381,8 @@ def run(args) -> int:
     try:
         shapes = {b: parse_shapes(getattr(args, b, None), f"--{b}") for b in BOUNDS}
         graphs = [g for g in (args.graphs or "").split(",") if g] or None
-        build_engines(args.dir, args.out, args.fp16, shapes, graphs, tuple(args.arch or ARCHS), args.plugin_library,
-                      args.tf32)
+        build_engines(args.dir, args.out, args.fp16, shapes, graphs, args.arch, args.plugin_library, args.tf32,
+                      trt=args.trt)
     except EngineError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

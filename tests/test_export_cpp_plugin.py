@@ -78,8 +78,36 @@ print(json.dumps(dict(
 
 def make(build, *targets):
     return subprocess.run(["make", "-C", CPP, f"BUILD={build}", f"TRT_INCLUDE_DIR={HEADERS}",
-                           f"CUDA_INCLUDE={cuda_include()}", f"CXX={CXX}", *targets],
+                           f"CUDA_INCLUDE={cuda_include()}", f"CXX={CXX}", f"PYTHON={sys.executable}", *targets],
                           capture_output=True, text=True, timeout=300)
+
+
+def dry_make(*args):
+    """`make -n`: the commands make would run, without headers, a compiler run or a TensorRT library."""
+    return subprocess.run(["make", "-n", "-C", CPP, "BUILD=/nonexistent/build", "TRT_INCLUDE_DIR=/nonexistent",
+                           f"PYTHON={sys.executable}", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_makefile_links_unet_bench_with_the_tensorrt_TRT_names():
+    import importlib.util
+
+    rtx = dry_make("unet_bench")
+    assert rtx.returncode == 0, rtx.stderr
+    compile_line, link = [line for line in rtx.stdout.splitlines() if "unet_bench" in line and "g++" in line][-2:]
+    assert "-DUNET_BENCH_TRT_FULL" not in compile_line
+    if importlib.util.find_spec("tensorrt_rtx_libs"):  # the wheel's library, with an rpath to its folder
+        assert "tensorrt_rtx_libs/libtensorrt_rtx.so.1 -Wl,-rpath," in link, link
+    else:
+        assert "-ltensorrt_rtx" in link, link
+    full = dry_make("unet_bench", "TRT=full")
+    compile_line, link = [line for line in full.stdout.splitlines() if "unet_bench" in line and "g++" in line][-2:]
+    assert "-DUNET_BENCH_TRT_FULL=1" in compile_line
+    assert ("tensorrt_libs/libnvinfer.so." if importlib.util.find_spec("tensorrt_libs") else "-lnvinfer") in link
+    own = dry_make("unet_bench", "TRT=full", "TRT_LIB=/opt/trt/lib/libnvinfer.so.10")
+    assert "/opt/trt/lib/libnvinfer.so.10 -Wl,-rpath,/opt/trt/lib/ -ldl" in own.stdout, own.stdout
+    bad = dry_make("unet_bench", "TRT=fast")
+    assert bad.returncode == 2 and "TRT=fast: choose TRT=rtx (TensorRT for RTX, the default) or TRT=full" in bad.stderr
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +240,17 @@ def unet_bench(cpp):
     return cpp / "unet_bench"
 
 
+def test_unet_bench_compiles_for_the_full_tensorrt(cpp, tmp_path):
+    """TRT=full compiles the version check against the headers' major version in (no libnvinfer here to link);
+    switching TRT rebuilds the object."""
+    res = make(tmp_path, "TRT=full", "unet_bench.o")
+    assert res.returncode == 0 and "warning:" not in res.stderr, res.stderr[-3000:]
+    assert b"running libnvinfer " in (tmp_path / "unet_bench.o").read_bytes()
+    res = make(tmp_path, "TRT=rtx", "unet_bench.o")
+    assert res.returncode == 0 and "unet_bench.cpp" in res.stdout, res.stdout
+    assert b"running libnvinfer " not in (tmp_path / "unet_bench.o").read_bytes()
+
+
 def test_unet_bench_links_and_answers_bad_arguments_in_one_line(unet_bench):
     assert os.access(unet_bench, os.X_OK)
     res = subprocess.run([str(unet_bench), "--steps", "0", "x.plan"], capture_output=True, text=True, timeout=60)
@@ -238,7 +277,8 @@ def test_export_trt_builds_every_graph_with_the_library_embedded(cpp, tiny, tmp_
     res = export("onnx", "--model", tiny["model"], "--image-encoder", tiny["image_encoder"], "--adapter",
                  tiny["adapter"], "--out", str(onnx_dir), "--device", "cpu")
     assert res.returncode == 0, res.stderr[-2000:]
-    res = export("trt", str(onnx_dir), "--out", str(plans), "--arch", "86", "--plugin-library", str(cpp / LIB))
+    res = export("trt", str(onnx_dir), "--out", str(plans), "--arch", "86", "--trt", "rtx", "--plugin-library",
+                 str(cpp / LIB))
     assert res.returncode == 0, res.stderr[-3000:]
     index = json.loads((plans / "engines.json").read_text())
     assert index["plugin_library"] == LIB and index["plugin_dir"] == "plugin"

@@ -16,7 +16,7 @@ from export.onnx import EDIT_GRAPHS, export_onnx
 from export.verify import verify
 from test_export_plugin import export
 
-NO_TRT = tensorrt_unavailable()
+NO_TRT = tensorrt_unavailable("rtx")
 ARCH = "86"  # one arch keeps the plugin's cubin compile short
 CROSS_ATTENTION_LAYERS = 4  # the tiny UNet's attn2 count
 QUIET = dict(log=lambda *a: None)
@@ -128,7 +128,7 @@ def test_the_tensorrt_backend_names_an_edit_export(edit_export, tiny_edit):
 @pytest.mark.skipif(NO_TRT is not None, reason=f"TensorRT does not import: {NO_TRT}")
 def test_trt_builds_every_edit_graph(edit_export, tmp_path):
     dest = tmp_path / "plans"
-    res = export("trt", str(edit_export), "--out", str(dest), "--arch", ARCH)
+    res = export("trt", str(edit_export), "--out", str(dest), "--arch", ARCH, "--trt", "rtx")
     assert res.returncode == 0, res.stderr[-3000:]
     index = json.loads((dest / "engines.json").read_text())
     assert sorted(index["graphs"]) == sorted(EDIT_GRAPHS) and index["dtype"] == "float32"

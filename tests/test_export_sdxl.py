@@ -151,15 +151,15 @@ def test_tensorrt_builds_every_sdxl_graph(sdxl, tmp_path):
     """`python -m export trt` on the SDXL export (plugin form): every graph builds, text_encoder_2 included, and the
     UNet engine takes the added conditioning with its profile."""
     from engine.trt import tensorrt_unavailable
-    why = tensorrt_unavailable()
+    why = tensorrt_unavailable("rtx")
     if why is not None:
-        pytest.skip(f"TensorRT does not import: {why}")
+        pytest.skip(f"TensorRT for RTX does not import: {why}")
     from test_export_plugin import export
     onnx_dir, plans = tmp_path / "onnx", tmp_path / "plans"
     res = export("onnx", "--model", sdxl["model"], "--image-encoder", sdxl["image_encoder"], "--adapter",
                  sdxl["instruct"], "--out", str(onnx_dir), "--device", "cpu")
     assert res.returncode == 0, res.stderr[-2000:]
-    res = export("trt", str(onnx_dir), "--out", str(plans), "--arch", "86")
+    res = export("trt", str(onnx_dir), "--out", str(plans), "--arch", "86", "--trt", "rtx")
     assert res.returncode == 0, res.stderr[-3000:]
     index = json.loads((plans / "engines.json").read_text())
     assert set(index["graphs"]) == {"text_encoder", "text_encoder_2", "image_encoder", "projector", "unet",
@@ -175,13 +175,13 @@ def test_tensorrt_sdxl_latents_match_the_pytorch_path(sdxl, sdxl_exports, cond_i
     """The SDXL plans (fp32, plugin attention, built for this GPU) with the engine's SDXL loop around them: the
     PyTorch pipeline's latents, also when the UNet engine replays from CUDA graphs."""
     from engine import Pipeline
-    from engine.trt import tensorrt_unavailable
     from engine.trt.runtime import TensorRTSDXLPipeline
+    from engine.trt.support import runnable_here
     from test_export_plugin import export
 
-    why = tensorrt_unavailable()
-    if why is not None:
-        pytest.skip(f"TensorRT does not import: {why}")
+    ok, why = runnable_here()  # a TensorRT that can run plans on this GPU, or why none can
+    if not ok:
+        pytest.skip(why)
     major, minor = torch.cuda.get_device_capability()
     plans = tmp_path / "plans"
     res = export("trt", str(sdxl_exports("plugin", "instruct")), "--out", str(plans), "--arch", f"{major}{minor}",

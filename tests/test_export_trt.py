@@ -1,4 +1,5 @@
 """`python -m export trt` with TensorRT for RTX on this GPU-less machine, and `--backend tensorrt` around its plans.
+(The CPU builds ask for it with `--trt rtx`; which TensorRT builds and runs, and for which GPUs: test_trt_choice.py.)
 
 On the CPU: every graph of the tiny export builds into a .plan, fp32 and fp16, plugin form and standard-ops form;
 the UNet's engine layers include the DecoupledAttention plugin (the builder's layer listing) and ip_scale is an
@@ -18,14 +19,14 @@ import torch
 
 from conftest import GPU_SKIP, gpu
 from engine.errors import EngineError
-from engine.trt import link_rtx_library, load_tensorrt, tensorrt_unavailable
+from engine.trt import link_rtx_library, load_tensorrt, support, tensorrt_unavailable
 from engine.trt import plugin as tp
 from export import trt
 from export.onnx import FORMAT
 from test_export_plugin import ROOT, export  # noqa: F401 (ROOT: the repository, for readers of this file)
 
-NO_TRT = tensorrt_unavailable()
-needs_trt = pytest.mark.skipif(NO_TRT is not None, reason=f"TensorRT does not import: {NO_TRT}")
+NO_TRT = tensorrt_unavailable("rtx")
+needs_trt = pytest.mark.skipif(NO_TRT is not None, reason=f"TensorRT for RTX does not import: {NO_TRT}")
 ARCH = "86"  # one arch keeps the cubin compile short; the GPU tests build for their own
 CROSS_ATTENTION_LAYERS = 4  # the tiny UNet's attn2 count
 
@@ -272,7 +273,7 @@ def built(exports, tmp_path_factory):
     out = {}
     for key, folder in exports.items():
         dest = tmp_path_factory.mktemp("plans") / f"{key[0]}-{key[1]}"
-        res = export("trt", str(folder), "--out", str(dest), "--arch", ARCH)
+        res = export("trt", str(folder), "--out", str(dest), "--arch", ARCH, "--trt", "rtx")
         assert res.returncode == 0, res.stderr[-3000:]
         out[key] = dest, res.stdout
     return out
@@ -284,7 +285,7 @@ def built(exports, tmp_path_factory):
 def test_every_graph_builds_with_the_plugin_in_the_unet_engine(built, form, dtype):
     folder, stdout = built[form, dtype]
     index = json.loads((folder / "engines.json").read_text())
-    assert index["tensorrt"]["package"] == load_tensorrt().__name__ and index["dtype"] == dtype
+    assert index["tensorrt"]["package"] == load_tensorrt("rtx").__name__ and index["dtype"] == dtype
     assert sorted(index["graphs"]) == sorted(trt.GRAPHS)
     for name, g in index["graphs"].items():
         plan = folder / g["file"]
@@ -313,16 +314,16 @@ def test_a_missing_or_corrupt_onnx_file_is_one_line_and_leaves_no_plan(exports, 
     broken = tmp_path / "broken"
     shutil.copytree(src, broken)
     (broken / "unet.onnx").write_bytes(b"not a protobuf at all")
-    res = export("trt", str(broken), "--out", str(tmp_path / "a"), "--arch", ARCH)
+    res = export("trt", str(broken), "--out", str(tmp_path / "a"), "--arch", ARCH, "--trt", "rtx")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "unet.onnx: TensorRT's ONNX parser refused it" in res.stderr
     assert sorted(os.listdir(tmp_path / "a")) == []  # text_encoder etc. built first, and went with the staging
     os.remove(broken / "vae_decoder.onnx")
-    res = export("trt", str(broken), "--out", str(tmp_path / "b"))
+    res = export("trt", str(broken), "--out", str(tmp_path / "b"), "--trt", "rtx")
     assert res.returncode == 2 and res.stderr.strip().endswith("vae_decoder.onnx not found: export it again with "
                                                                "`python -m export onnx`")
     assert not (tmp_path / "b").exists()
-    res = export("trt", str(src), "--graphs", "unet,vae", "--out", str(tmp_path / "c"))
+    res = export("trt", str(src), "--graphs", "unet,vae", "--out", str(tmp_path / "c"), "--trt", "rtx")
     assert res.returncode == 2 and "has no graph vae" in res.stderr
 
 
@@ -332,7 +333,7 @@ def test_rebuilding_one_graph_keeps_the_others(built, exports, tmp_path):
     shutil.copytree(built["plugin", "float32"][0], folder)
     before = json.loads((folder / "engines.json").read_text())
     res = export("trt", str(exports["plugin", "float32"]), "--out", str(folder), "--graphs", "vae_decoder",
-                 "--no-tf32", "--max", "latent:4x4x32x32")
+                 "--no-tf32", "--max", "latent:4x4x32x32", "--trt", "rtx")
     assert res.returncode == 0, res.stderr[-2000:]
     after = json.loads((folder / "engines.json").read_text())
     assert sorted(after["graphs"]) == sorted(before["graphs"]) and after["plugin_dir"] == "plugin"
@@ -343,8 +344,8 @@ def test_rebuilding_one_graph_keeps_the_others(built, exports, tmp_path):
 
 @needs_trt
 def test_fp16_flag_on_a_float32_export_says_what_to_do(exports, tmp_path):
-    res = export("trt", str(exports["onnx", "float32"]), "--fp16", "--out", str(tmp_path / "x"))
-    if hasattr(load_tensorrt().BuilderFlag, "FP16"):
+    res = export("trt", str(exports["onnx", "float32"]), "--fp16", "--out", str(tmp_path / "x"), "--trt", "rtx")
+    if hasattr(load_tensorrt("rtx").BuilderFlag, "FP16"):
         pytest.skip("this TensorRT has weak typing: --fp16 builds")
     assert res.returncode == 2 and "export with `python -m export onnx --dtype float16`" in res.stderr
 
@@ -420,7 +421,11 @@ def test_bench_reports_tensorrt_skipped_on_the_cpu(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def gpu_built(exports, tmp_path_factory):
-    """The fp32 exports built for this GPU's arch (the CPU fixture builds for sm_86 only)."""
+    """The fp32 exports built for this GPU (the CPU fixture builds for sm_86 only), by the TensorRT that can run
+    plans on it (`python -m engine.trt.support` says which, or why none: then the GPU tests skip with that line)."""
+    ok, why = support.runnable_here()
+    if not ok:
+        pytest.skip(why)
     major, minor = torch.cuda.get_device_capability()
     out = {}
     for form in ("plugin", "onnx"):
@@ -463,6 +468,9 @@ def test_plugin_enqueue_matches_the_reference(tmp_path, monkeypatch):
     from export.plugin import write_plugin
     from kernels.packed_attention import packed_attention_ref
 
+    ok, why = support.runnable_here()
+    if not ok:
+        pytest.skip(why)
     t = load_tensorrt()
     major, minor = torch.cuda.get_device_capability()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

@@ -97,7 +97,7 @@ class ServerState:
                 from ..pipeline import Pipeline
             self.pipe = Pipeline.from_pretrained(c.model, image_encoder=c.image_encoder, adapter=c.adapter,
                                                  device=c.device, dtype=c.dtype, attention_backend=c.attention_backend,
-                                                 backend=c.backend, engines=c.engines,
+                                                 backend=c.backend, engines=c.engines, trt=c.trt,
                                                  verify_fast_path=c.verify_fast_path,
                                                  **({"config": c.model_config} if c.model_config else {}),
                                                  **({"controlnet": list(c.controlnet)} if c.controlnet else {}))

@@ -18,6 +18,7 @@ class ServerConfig:
     attention_backend: str = "auto"
     backend: str = "pytorch"              # or tensorrt: the plans in `engines` (python -m export trt --out DIR)
     engines: str | None = None
+    trt: str = "auto"                     # with tensorrt: which TensorRT loads the plans (auto: their builder)
     controlnet: tuple = ()                # ControlNet folder (one; requests then send control_image)
     lora: tuple = ()                      # (file, scale) pairs, fused into the weights at start-up
     batching: str = "request"             # request: calls of whole requests; step: requests join at the next step

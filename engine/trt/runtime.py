@@ -12,9 +12,12 @@ The UNet's adapter attention is the Python plugin (engine/trt/plugin.py), launch
 `enable_cuda_graphs()` replays the UNet step from a CUDA graph per input shape where the execution context says
 the stream is capturable.
 
-Where the plans cannot run (no GPU, a GPU TensorRT for RTX does not support, another TensorRT version) it stops
-with one line built from what TensorRT itself says: `get_engine_validity` on the plan, then deserialisation's
-own error.
+The plans are loaded with the TensorRT that built them (engines.json's `tensorrt`; `trt=` may only confirm it),
+and before any plan is read, engines.json's compute capabilities are checked against torch's GPU
+(engine.trt.support.refusal): an RTX plan on a Hopper GPU, or a full TensorRT plan on another GPU model than the
+one that built it, is one line naming both and what to build instead. Where TensorRT itself refuses the plans (no
+GPU, another TensorRT version) the line is built from its own words: `get_engine_validity` on the plan (TensorRT
+for RTX has it, the full TensorRT does not), then deserialisation's own error.
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ import torch
 
 from ..errors import EngineError
 from ..exported import GRAPHS, SDXL_GRAPHS, ExportedPipeline, ExportedSDXLPipeline, read_manifest
-from . import RTX_ARCHS, flavour, load_tensorrt
+from . import INSTALL, NAMES, RTX_CCS, check_choice, choice_of, flavour, import_tensorrt, load_tensorrt
 from .plugin import PLUGIN_DIR_ENV, register_plugin
+from .support import cc_list, cc_text, choose_for_plans, refusal, this_gpu
 
 log = logging.getLogger(__name__)
 ENGINES_FORMAT = "ipadapter-instruct-trt/1"
@@ -77,13 +81,15 @@ class _Logger:
 def cannot_run(trt, runtime, data: bytes, path: str, logger) -> str | None:
     """None when TensorRT says the plan is valid here, else one line: its validity and diagnostics, what torch
     sees, and which GPUs the engines run on."""
+    if not hasattr(runtime, "get_engine_validity"):  # the full TensorRT: its deserialiser says why
+        return None
     validity, diagnostics = runtime.get_engine_validity(data)
     if validity == trt.EngineValidity.VALID:
         return None
     flags = [d.name for d in trt.EngineInvalidityDiagnostics.__members__.values() if int(diagnostics) & int(d)]
-    gpu = (f"torch sees {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})"
-           if torch.cuda.is_available() else "torch sees no CUDA GPU")
-    where = (f"; {flavour(trt)} runs on {', '.join(RTX_ARCHS)}" if trt.__name__.startswith("tensorrt_rtx") else "")
+    gpu = this_gpu()
+    gpu = f"torch sees {gpu[0]} (compute capability {cc_text(gpu[1])})" if gpu else "torch sees no CUDA GPU"
+    where = f"; {flavour(trt)} runs on compute capability {cc_list(RTX_CCS)}" if choice_of(trt) == "rtx" else ""
     said = f"; TensorRT: {logger.errors[-1]}" if logger.errors else ""
     return (f"{flavour(trt)} {trt.__version__} cannot run {path} here: get_engine_validity says "
             f"{validity.name}{' (' + ', '.join(flags) + ')' if flags else ''}; {gpu}{where}{said}")
@@ -192,11 +198,13 @@ class TensorRTPipeline(ExportedPipeline):
 
     @classmethod
     def from_engines(cls, folder: str, model: str | None = None, image_encoder: str | None = None,
-                     device=None) -> "TensorRTPipeline":
+                     device=None, trt: str = "auto") -> "TensorRTPipeline":
         """folder: DIR of `python -m export trt --out DIR`; model / image_encoder: where the tokenizer, scheduler and
-        image processor are, in place of the manifest's sources; device: a CUDA device (default cuda)."""
+        image processor are, in place of the manifest's sources; device: a CUDA device (default cuda); trt: auto
+        (the TensorRT engines.json names), or full / rtx, which must be that one."""
         manifest = read_manifest(folder)
         index = read_engines(folder)
+        choice = choose_for_plans(index, folder, check_choice(trt))
         sdxl = manifest.get("kind") == "sdxl"
         if sdxl and cls is TensorRTPipeline:
             cls = TensorRTSDXLPipeline
@@ -208,7 +216,10 @@ class TensorRTPipeline(ExportedPipeline):
         device = torch.device(device or "cuda")
         if device.type != "cuda":
             raise EngineError(f"TensorRT engines run on a CUDA device, not {device}")
-        trt = load_tensorrt()
+        reason = refusal(index, folder, this_gpu(device))  # before any plan is read
+        if reason:
+            raise EngineError(reason)
+        trt = _load(choice, index, folder)
         logger = _Logger(trt)
         runtime = trt.Runtime(logger)
         if index.get("plugin_dir"):
@@ -229,6 +240,18 @@ class TensorRTPipeline(ExportedPipeline):
     def enable_cuda_graphs(self, enabled: bool = True) -> None:
         """Replay the UNet engine from a CUDA graph per input shape (captured on first use at that shape)."""
         self.graphs["unet"].graphs = {} if enabled else None
+
+
+def _load(choice: str, index: dict, folder: str):
+    """The TensorRT module for plans built by `choice`, or one line naming their builder and its install."""
+    module, why = import_tensorrt(choice) if choice != "auto" else (load_tensorrt(), None)
+    if module is None:
+        other = "rtx" if choice == "full" else "full"
+        t = index["tensorrt"]
+        raise EngineError(f"the plans in {folder} were built by {t.get('name')} {t.get('version')} (engines.json), "
+                          f"which does not import here ({why}): {INSTALL[choice]}; or rebuild them with "
+                          f"{NAMES[other]} (`python -m export trt ONNX_DIR --out {folder} --trt {other}`)")
+    return module
 
 
 class TensorRTSDXLPipeline(ExportedSDXLPipeline, TensorRTPipeline):

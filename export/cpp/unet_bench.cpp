@@ -2,6 +2,8 @@
 // no PyTorch. Input names, types and shapes come from the engine; every dynamic size is the batch (first axis), the
 // latent height/width (last two axes of a rank-4 input) or else the profile's opt value. Prints ms/step (cuEvent,
 // mean of --steps enqueueV3 after --warmup). Exit 0 on success, 1 on any failure with one line on stderr.
+// Built for TensorRT for RTX (make TRT=rtx, the default) or the full TensorRT 10.x/11.x (make TRT=full, which defines
+// UNET_BENCH_TRT_FULL); a plan deserialises only in the TensorRT that built it.
 #include <NvInferRuntime.h>
 
 #include <cmath>
@@ -27,7 +29,14 @@ const char kUsage[] =
     "                  [--latent-height H --latent-width W] [--warmup 3] [--steps 20] [--verbose]\n"
     "Times enqueueV3 of a UNet engine. LIB (libipadapter_instruct_plugin.so) is loaded into TensorRT's plugin\n"
     "registry first; without --plugin the engine must carry it (plugins_to_serialize). The plugin reads its cubins\n"
-    "from $IPADAPTER_INSTRUCT_PLUGIN_DIR (`python -m export plugin --out DIR`). Sizes default to the profile's opt.\n";
+    "from $IPADAPTER_INSTRUCT_PLUGIN_DIR (`python -m export plugin --out DIR`). Sizes default to the profile's opt.\n"
+    "PLAN must come from the TensorRT this program was built for (make unet_bench TRT=rtx|full).\n";
+
+#ifdef UNET_BENCH_TRT_FULL
+constexpr char kTensorRT[] = "TensorRT", kOther[] = "rtx";
+#else
+constexpr char kTensorRT[] = "TensorRT for RTX", kOther[] = "full";
+#endif
 
 [[noreturn]] void die(const std::string& message) {
     std::fprintf(stderr, "unet_bench: %s\n", message.c_str());
@@ -38,6 +47,23 @@ void check(const driver::Api& cu, CUresult r, const char* call) {
     if (r != CUDA_SUCCESS) die(driver::describe(cu, r, call));
 }
 #define CU(call) check(*cu, cu->call, #call)
+
+std::string version_text(int32_t v) {
+    return std::to_string(v / 10000) + "." + std::to_string(v / 100 % 100) + "." + std::to_string(v % 100);
+}
+
+// The TensorRT library this program runs ("TensorRT 10.13.0"). The full TensorRT's must be the major version of the
+// headers it was compiled with: their inline wrappers call into the library's own tables.
+std::string library() {
+    const int32_t v = getInferLibVersion();
+#ifdef UNET_BENCH_TRT_FULL
+    if (v / 10000 != NV_TENSORRT_MAJOR)
+        die("compiled against the TensorRT " + std::to_string(NV_TENSORRT_MAJOR) + "." +
+            std::to_string(NV_TENSORRT_MINOR) + " headers, running libnvinfer " + version_text(v) +
+            ": rebuild with that TensorRT's own include/ (make unet_bench TRT=full TRT_INCLUDE_DIR=...)");
+#endif
+    return std::string(kTensorRT) + " " + version_text(v);
+}
 
 struct Logger : ILogger {
     Severity shown = Severity::kWARNING;
@@ -156,6 +182,7 @@ int main(int argc, char** argv) {
 
     Logger logger;
     if (o.verbose) logger.shown = ILogger::Severity::kVERBOSE;
+    const std::string trt = library();
     std::unique_ptr<IRuntime> runtime(createInferRuntime(logger));
     if (!runtime) die("createInferRuntime failed (TensorRT's log above says why)");
     if (!o.plugin.empty()) {
@@ -169,8 +196,9 @@ int main(int argc, char** argv) {
     const std::vector<char> plan((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
     std::unique_ptr<ICudaEngine> engine(runtime->deserializeCudaEngine(plan.data(), plan.size()));
     if (!engine)
-        die("cannot deserialize " + o.plan + " (TensorRT's log above says why; " +
-            (o.plugin.empty() ? "a plugin library may be missing: --plugin LIB" : "built by another TensorRT?") + ")");
+        die("cannot deserialize " + o.plan + " with " + trt + " (TensorRT's log above says why; " +
+            (o.plugin.empty() ? "a plugin library may be missing: --plugin LIB; " : "") +
+            "a plan of the other TensorRT needs `make unet_bench TRT=" + kOther + "`)");
     std::unique_ptr<IExecutionContext> context(engine->createExecutionContext());
     if (!context) die("createExecutionContext failed (TensorRT's log above says why)");
 
@@ -276,7 +304,7 @@ int main(int argc, char** argv) {
                      std::to_string(out.n));
     }
 
-    std::printf("%s on %s: %s\n", o.plan.c_str(), gpu, shapes.c_str());
+    std::printf("%s on %s with %s: %s\n", o.plan.c_str(), gpu, trt.c_str(), shapes.c_str());
     std::printf("%.3f ms/step (cuEvent, mean of %d enqueueV3 after %d warm-up)\n", ms / o.steps, o.steps, o.warmup);
     for (CUdeviceptr p : buffers) CU(cuMemFree(p));
     CU(cuEventDestroy(start));
