@@ -302,6 +302,26 @@ def test_ctrl_c_in_the_loop(tiny, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def sleeping_in_c(pid: int, timeout: float = 30.0) -> None:
+    """Until the process's main thread is inside a nanosleep/clock_nanosleep system call (/proc/PID/syscall); where
+    that file cannot be read, a second's grace instead."""
+    import platform
+    if platform.machine() != "x86_64":  # (the numbers below are x86-64's)
+        time.sleep(1.0)
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/syscall") as f:
+                if f.read().split()[0] in ("35", "230"):  # x86-64 nanosleep, clock_nanosleep
+                    return
+        except (OSError, IndexError):
+            time.sleep(1.0)
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} never went to sleep in C")
+
+
 def test_ctrl_c_during_one_long_op(tmp_path):
     """The main thread stuck in C code (here: deaf to SIGINT in a libc sleep) is ended by the watcher after the
     grace time, with the same line and code, and the temporaries being written are removed."""
@@ -320,6 +340,9 @@ def test_ctrl_c_during_one_long_op(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
+        # a signal sent between the print and the C call would be a Python KeyboardInterrupt (the watcher thread
+        # takes it, the main thread runs its handler at the next bytecode): wait until the main thread sleeps in C
+        sleeping_in_c(proc.pid)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
