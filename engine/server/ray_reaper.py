@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+import psutil
+
 MARKER = "ENGINE_RAY_INSTANCE"
 SWEEP_S = 10.0   # a raylet killed mid-spawn can leave a worker starting: sweep until none is seen, this long at most
 CLOSE_S = 30.0   # the driver waits this long for the reaper on a clean exit
@@ -54,7 +56,6 @@ class Reaper:
 def belongs(p, temp_dir: str) -> bool:
     """Whether process `p` is of the instance in temp_dir: the marker in its environment, the dir on its command
     line, or a file under it open (its logs). Ray's renamed processes (setproctitle) lose the first two."""
-    import psutil  # only where the reaper runs
     inside = temp_dir.rstrip(os.sep) + os.sep
     try:
         return (p.environ().get(MARKER) == temp_dir or any(inside in a for a in p.cmdline())
@@ -65,13 +66,11 @@ def belongs(p, temp_dir: str) -> bool:
 
 def marked(temp_dir: str, spare: set[int]) -> list:
     """The live processes of the instance in temp_dir, `spare` aside."""
-    import psutil
     return [p for p in psutil.process_iter() if p.pid not in spare and belongs(p, temp_dir)]
 
 
 def reap(temp_dir: str, spare: set[int]) -> int:
     """Kills the marked processes until none is seen (SWEEP_S at most), removes temp_dir; returns how many."""
-    import psutil
     killed: set[int] = set()
     deadline = time.monotonic() + SWEEP_S
     while time.monotonic() < deadline:
@@ -84,7 +83,7 @@ def reap(temp_dir: str, spare: set[int]) -> int:
                 killed.add(p.pid)
             except psutil.Error:
                 pass
-        psutil.wait_procs(found, timeout=2)
+        time.sleep(0.2)  # SIGKILL lands at once; a zombie (its parent not reaping yet) no longer counts
     shutil.rmtree(temp_dir, ignore_errors=True)
     return len(killed)
 
