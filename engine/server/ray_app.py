@@ -186,7 +186,10 @@ def local_ray(host: str) -> Reaper | None:
     mode; None when joining the cluster at RAY_ADDRESS (not ours to bind or to clean up)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if os.environ.get("RAY_ADDRESS"):
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        if is_loopback(address.rpartition(":")[0] or address):  # a loopback-only cluster: the driver's address too
+            os.environ[RAY_LOOPBACK_ENV] = "0"
         return None
     parent = os.environ.get("RAY_TMPDIR") or ("/tmp" if os.path.isdir("/tmp") else None)  # short socket paths
     reaper = Reaper.start(tempfile.mkdtemp(prefix="ray-engine-", dir=parent))
