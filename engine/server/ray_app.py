@@ -221,11 +221,20 @@ def bind_replica_grpc_to_node() -> None:
     node of loopback address (our local instance on a loopback --host) it binds that address instead, as Ray's
     own servers do there. Routers reach it at the node's address, so nothing else changes."""
     import ray
-    from ray.serve._private import replica  # the module whose global the replica looks up when it binds
-
     node = ray.util.get_node_ip_address()
+    if not is_loopback(node):
+        return
+    try:
+        from ray.serve._private import replica  # the module whose global the replica looks up when it binds
+    except ImportError:
+        replica = None
     original = getattr(replica, "add_port_to_grpc_server", None)
-    if not is_loopback(node) or original is None or getattr(original, "engine_bound", False):
+    if original is None:
+        logging.getLogger("engine.server").warning(
+            "this Ray Serve has no ray.serve._private.replica.add_port_to_grpc_server: the replica's "
+            "inter-deployment gRPC server keeps Serve's own address (all interfaces in Serve 2.60)")
+        return
+    if getattr(original, "engine_bound", False):
         return
 
     def add_port(server, address: str):
