@@ -1,7 +1,9 @@
 """The server under Ray Serve: one replica on a local Ray instance (2 CPUs, no GPU) answers through Serve's HTTP
 proxy as the plain server does, and its image is the one `Pipeline` gives for the same request alone."""
 import os
+import shutil
 import socket
+import tempfile
 import time
 
 import httpx
@@ -47,8 +49,10 @@ def ray_url(tiny):
     config = ServerConfig(model=tiny["model"], image_encoder=tiny["image_encoder"], adapter=tiny["adapter"],
                           host="127.0.0.1", port=port, device="cpu", max_batch_rows=8)
     url = f"http://127.0.0.1:{port}"
+    # a session folder of its own, removed after (under /tmp: Ray's socket paths must stay short)
+    temp_dir = tempfile.mkdtemp(prefix="ray-test-", dir="/tmp")
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=100 * 1024**2,
-             log_to_driver=False)
+             log_to_driver=False, _temp_dir=temp_dir)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build(config, replicas=1, gpus_per_replica=0), name="engine-test", route_prefix="/")
@@ -64,6 +68,7 @@ def ray_url(tiny):
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_serve_matches_pipeline(ray_url, instruct_pipe, cond_image):

@@ -3,7 +3,8 @@
 Layout: schemas.py (request/response bodies), batcher.py (dynamic batching, no HTTP), worker.py (one Pipeline
 call per batch), cache.py (conditioning caches), metrics.py (Prometheus), images.py (condition image bytes),
 errors.py (JSON errors, request ids, upload limit), app.py (the FastAPI app wiring them), run.py (uvicorn with
-a draining shutdown), ray_app.py (Ray Serve). The pipeline knows nothing of the server.
+a draining shutdown), ray_app.py (Ray Serve). The pipeline knows nothing of the server. ray_reaper.py removes
+what the local Ray instance of `serve --ray` leaves when the process ends.
 """
 from .config import ServerConfig
 

@@ -25,14 +25,18 @@ default here when min_replicas/max_replicas are given).
                max_batch_rows: 16, gpus_per_replica: 1, min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}
 
 Each answer names its replica in an `x-engine-replica` header, which is how the CLI sees /ready on every replica.
-Replica logs are Ray's: /tmp/ray/session_latest/logs/serve/.
+Replica logs are Ray's, in the local instance's own temp dir (the CLI prints it; removed on exit):
+DIR/session_latest/logs/serve/. On a loopback --host every Ray service listens on loopback only; see
+docs/server.md, "Ray: what binds where".
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import typing
@@ -40,11 +44,14 @@ from dataclasses import fields, replace
 
 import httpx
 
+from ..errors import EngineError
 from .config import ServerConfig
+from .ray_reaper import MARKER, Reaper
 
 APP_NAME = "engine"
 REPLICA_HEADER = "x-engine-replica"
 OBJECT_STORE_BYTES = 100 * 1024**2   # images travel over HTTP, not through Ray's object store
+RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray takes loopback as the node address (Linux too)
 AUTOSCALING_KEYS = {"min_replicas": int, "max_replicas": int, "initial_replicas": int, "target_ongoing_requests": float,
                     "upscale_delay_s": float, "downscale_delay_s": float, "look_back_period_s": float}
 
@@ -73,6 +80,7 @@ class EngineDeployment:
 
     def __init__(self, config: ServerConfig):
         self.config, self.engine_app = config, None
+        bind_replica_grpc_to_node()
 
     def __serve_build_asgi_app__(self):
         from ray import serve
@@ -164,16 +172,77 @@ def free_port(host: str, port: int) -> int:
         return sock.getsockname()[1]
 
 
-def start_ray() -> bool:
-    """Connects to the cluster at RAY_ADDRESS (False), or starts a local Ray instance (True: Serve's to stop too)."""
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def local_ray(host: str) -> Reaper | None:
+    """Before ray is imported: the local instance's temp dir, its reaper and, on a loopback host, Ray's loopback
+    mode; None when joining the cluster at RAY_ADDRESS (not ours to bind or to clean up)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        if is_loopback(address.rpartition(":")[0] or address):  # a loopback-only cluster: the driver's address too
+            os.environ[RAY_LOOPBACK_ENV] = "0"
+        return None
+    parent = os.environ.get("RAY_TMPDIR") or ("/tmp" if os.path.isdir("/tmp") else None)  # short socket paths
+    reaper = Reaper.start(tempfile.mkdtemp(prefix="ray-engine-", dir=parent))
+    os.environ[MARKER] = reaper.temp_dir  # inherited by every process of the instance: what the reaper kills
+    if is_loopback(host):
+        os.environ[RAY_LOOPBACK_ENV] = "0"
+    return reaper
+
+
+def start_ray(host: str, reaper: Reaper | None) -> None:
+    """Connects to the cluster at RAY_ADDRESS (reaper None), or starts the local instance in the reaper's dir."""
     import ray
-    if os.environ.get("RAY_ADDRESS"):
+    if reaper is None:
         ray.init(log_to_driver=False)
-        return False
-    ray.init(include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False)
-    return True
+        return
+    ray.init(include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False,
+             _temp_dir=reaper.temp_dir)
+    node = ray.util.get_node_ip_address()
+    if is_loopback(host) and not is_loopback(node):
+        raise EngineError(f"the local Ray instance took the address {node}, not loopback as --host {host} asks: "
+                          f"ray was imported before {RAY_LOOPBACK_ENV}=0 could be set; start the server in a fresh "
+                          "process")
+    print(f"Ray: a local instance on {node} ({'loopback only' if is_loopback(node) else 'all interfaces'}); "
+          f"its logs in {reaper.temp_dir}/session_latest/logs until the server exits", flush=True)
+
+
+def bind_replica_grpc_to_node() -> None:
+    """Serve (2.60) starts each replica's inter-deployment gRPC server on [::]:0 whatever the node's address; on a
+    node of loopback address (our local instance on a loopback --host) it binds that address instead, as Ray's
+    own servers do there. Routers reach it at the node's address, so nothing else changes."""
+    import ray
+    node = ray.util.get_node_ip_address()
+    if not is_loopback(node):
+        return
+    try:
+        from ray.serve._private import replica  # the module whose global the replica looks up when it binds
+    except ImportError:
+        replica = None
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if original is None:
+        logging.getLogger("engine.server").warning(
+            "this Ray Serve has no ray.serve._private.replica.add_port_to_grpc_server: the replica's "
+            "inter-deployment gRPC server keeps Serve's own address (all interfaces in Serve 2.60)")
+        return
+    if getattr(original, "engine_bound", False):
+        return
+
+    def add_port(server, address: str):
+        if address.startswith("[::]:"):
+            address = f"{node}:{address.rsplit(':', 1)[1]}"
+        return original(server, address)
+    add_port.engine_bound = True
+    replica.add_port_to_grpc_server = add_port
 
 
 def wait_ready(url: str, replicas: int, stop: threading.Event) -> str | None:
@@ -200,15 +269,27 @@ def plural(replicas: int) -> str:
 
 
 def serve_ray(config: ServerConfig, replicas: int = 1, gpus_per_replica: float | None = None) -> int:
-    """`python -m engine serve --ray`: deploys, says when every replica is ready, shuts down on SIGTERM/SIGINT."""
-    from ray import serve
-
+    """`python -m engine serve --ray`: deploys, says when every replica is ready, shuts down on SIGTERM/SIGINT; the
+    local Ray instance's processes and temp dir go with the process, however it ends (the reaper)."""
     from .app import process_age_s
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per /ready poll otherwise
     t0 = time.monotonic() - process_age_s()
     config = replace(config, port=free_port(config.host, config.port))  # Serve's proxy cannot report a port 0
-    ours = start_ray()  # ray.init installs its own SIGTERM handler: ours go after it
+    reaper = local_ray(config.host)
+    try:
+        start_ray(config.host, reaper)  # ray.init installs its own SIGTERM handler: ours go after it
+        return run_serve(config, replicas, gpus_per_replica, ours=reaper is not None, t0=t0)
+    finally:
+        if reaper is not None:
+            reaper.close()
+
+
+def run_serve(config: ServerConfig, replicas: int, gpus_per_replica: float | None, ours: bool, t0: float) -> int:
+    """Deploys on the Ray instance this process is connected to; `ours`: Serve and Ray to shut down after."""
+    import ray
+    from ray import serve
+
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     host = f"[{config.host}]" if ":" in config.host else config.host
@@ -229,7 +310,6 @@ def serve_ray(config: ServerConfig, replicas: int = 1, gpus_per_replica: float |
         print("stopping: Serve drains the replicas, then Ray shuts down", flush=True)
         return 0
     finally:  # a second signal from here on interrupts the shutdown
-        import ray
         for s, handler in previous.items():
             signal.signal(s, handler)
         serve.delete(APP_NAME)  # the replicas finish their requests (serve.shutdown alone drops them)
