@@ -234,7 +234,8 @@ def add_serve_parser(sub) -> None:
                    help="how long the oldest waiting request waits for others to share its call")
     s.add_argument("--max-queue", type=positive_int, default=C.max_queue, help="waiting requests; more get 429")
     s.add_argument("--request-timeout-s", type=float, default=C.request_timeout_s,
-                   help="a request still queued after this is dropped (504)")
+                   help="a request still queued (or waiting to decode its images) this long after its body "
+                        "arrived is dropped (504); one already running finishes")
     s.add_argument("--max-upload-mb", type=float, default=C.max_upload_mb, help="largest request body (413)")
     s.add_argument("--max-pixels", type=positive_int, default=C.max_pixels,
                    help="largest request image, width x height (413)")
