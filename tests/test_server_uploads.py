@@ -102,6 +102,20 @@ def test_the_budget_is_first_come_first_served_and_bounded():
     asyncio.run(go())
 
 
+def test_an_image_waiting_for_room_past_its_deadline_is_504(photo):
+    from engine.server.errors import ApiError
+    from engine.server.uploads import decode_all
+
+    async def go():
+        budget = PixelBudget(640 * 480)
+        await budget.acquire(1, 1.0)     # another request is decoding: this image does not fit beside it
+        with pytest.raises(ApiError) as e:
+            await decode_all({"image": encoded(photo, "PNG")}, {}, budget, 10**7, 10**7, time.monotonic() + 0.05)
+        assert e.value.status == 504 and e.value.field == "image" and "before compute" in e.value.message
+        assert budget.held == 1 and not budget._waiters
+    asyncio.run(go())
+
+
 class InFlight:
     """PIL's ImageFile.load wrapped: the pixels being decoded at once, whatever code calls it."""
 
