@@ -234,10 +234,14 @@ def add_serve_parser(sub) -> None:
                    help="how long the oldest waiting request waits for others to share its call")
     s.add_argument("--max-queue", type=positive_int, default=C.max_queue, help="waiting requests; more get 429")
     s.add_argument("--request-timeout-s", type=float, default=C.request_timeout_s,
-                   help="a request still queued after this is dropped (504)")
+                   help="a request still queued (or waiting to decode its images) this long after its body "
+                        "arrived is dropped (504); one already running finishes")
     s.add_argument("--max-upload-mb", type=float, default=C.max_upload_mb, help="largest request body (413)")
     s.add_argument("--max-pixels", type=positive_int, default=C.max_pixels,
-                   help="largest condition image, width x height (413)")
+                   help="largest request image, width x height (413)")
+    s.add_argument("--max-decode-pixels", type=positive_int, default=C.max_decode_pixels,
+                   help="pixels being decoded at once over all requests; an image that does not fit waits for "
+                        "room (one larger than this decodes alone), and 504 past --request-timeout-s")
     s.add_argument("--api-key-file", help="file holding the key; /v1/* then needs `Authorization: Bearer KEY`")
     s.add_argument("--cache-size", type=int, default=C.cache_size,
                    help="entries in each conditioning cache (CLIP image and text encodings); 0 turns it off")

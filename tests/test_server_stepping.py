@@ -1,7 +1,8 @@
 """`serve --batching step`: requests join the running UNet batch at the next step. Each answer equals its request
 alone; a request arriving while another runs joins it mid-flight (and finishes first when it is shorter); a
-request cancelled or past its deadline mid-flight leaves at the next step and the others are unchanged; a bad
-request fails alone; models the step scheduler does not run are refused at start-up."""
+request cancelled mid-flight leaves at the next step and the others are unchanged; a deadline drops a queued
+request and never a running one (both batching modes, over HTTP too); a bad request fails alone; models the step
+scheduler does not run are refused at start-up."""
 import asyncio
 import time
 
@@ -95,12 +96,35 @@ def test_a_short_request_joins_mid_flight_and_leaves_first(step_pipe, cond_image
     assert jobs[1].future.result()["timings"]["compute_ms"] < jobs[0].future.result()["timings"]["compute_ms"]
 
 
-def test_cancel_and_deadline_mid_flight_leave_the_others_unchanged(step_pipe, cond_image):
-    bodies = [dict(BODIES[0], num_inference_steps=12), BODIES[1], dict(BODIES[2], num_inference_steps=40)]
-    out, jobs = run_jobs(step_pipe, cond_image, bodies, cancel_at={0: 3}, deadlines={2: 1.0})
+def test_cancel_mid_flight_leaves_the_others_unchanged(step_pipe, cond_image):
+    bodies = [dict(BODIES[0], num_inference_steps=12), BODIES[1]]
+    out, jobs = run_jobs(step_pipe, cond_image, bodies, cancel_at={0: 3})
     assert isinstance(out[0], Cancelled)
-    assert isinstance(out[2], DeadlineExceeded) and "passed its deadline at step" in str(out[2])
     same_images(out[1]["images"], alone(step_pipe, cond_image, bodies[1]))
+
+
+class HeldRunner(PipelineRunner):
+    """Its first step waits `hold_s`: long enough for every deadline of the test to pass meanwhile."""
+
+    def __init__(self, pipe, hold_s):
+        super().__init__(pipe)
+        self.hold_s, self.held = hold_s, False
+
+    def step(self, flights, packer):
+        if not self.held:
+            self.held = True
+            time.sleep(self.hold_s)
+        return super().step(flights, packer)
+
+
+def test_a_deadline_drops_a_queued_request_and_a_running_one_finishes(step_pipe, cond_image):
+    # 2 rows each under a bound of 2: the second waits in the queue while the first runs; both deadlines pass
+    # while the first is held in its first step
+    bodies = [dict(BODIES[0], num_inference_steps=3), dict(BODIES[0], num_inference_steps=2, seed=7)]
+    out, jobs = run_jobs(step_pipe, cond_image, bodies, delays={1: 0.05}, deadlines={0: 0.2, 1: 0.2},
+                         max_batch_rows=2, runner=HeldRunner(step_pipe, 0.8))
+    same_images(out[0]["images"], alone(step_pipe, cond_image, bodies[0]))
+    assert isinstance(out[1], DeadlineExceeded) and "queued" in str(out[1]) and jobs[1].started is None
 
 
 def test_a_bad_request_fails_alone(step_pipe, cond_image):
@@ -134,6 +158,49 @@ def test_http_server_in_step_mode(step_pipe, cond_image, tiny):
         text = server.request("GET", "/metrics").text
         assert "engine_step_rows_count" in text and "engine_step_requests_bucket" in text
     finally:
+        server.close()
+
+
+@pytest.mark.parametrize("batching", ["request", "step"])
+def test_http_deadline_drops_queued_requests_only(step_pipe, cond_image, batching, monkeypatch):
+    """One rule in both modes: a request still queued at --request-timeout-s gets 504 (dropped before compute); one
+    running then finishes with 200. The first call is held until the queued request's 504 is in: by then both
+    deadlines have passed."""
+    import threading
+
+    from engine.server.config import ServerConfig
+    from server_utils import InProcessServer, png_base64
+
+    server = InProcessServer(ServerConfig(batching=batching, max_batch_rows=2, max_wait_ms=0, request_timeout_s=0.5,
+                                          warmup=False), step_pipe)
+    entered, gate = threading.Event(), threading.Event()
+
+    def held(fn):
+        def call(*args, **kwargs):
+            entered.set()
+            gate.wait(60)
+            return fn(*args, **kwargs)
+        return call
+    if batching == "step":
+        monkeypatch.setattr(server.state.runner, "step", held(server.state.runner.step))
+    else:
+        monkeypatch.setattr(server.state.batcher, "run", held(server.state.batcher.run))
+    body = dict(BODIES[0], negative_prompt=NEGATIVE, image=png_base64(cond_image), num_inference_steps=3)
+
+    async def scenario():
+        running = asyncio.ensure_future(server.client.post("/v1/generate", json=body))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        queued = await server.client.post("/v1/generate", json=dict(body, seed=9))
+        gate.set()
+        return await running, queued
+    try:
+        running, queued = server.call(scenario())
+        assert queued.status_code == 504 and queued.json()["error"]["code"] == "deadline_exceeded", queued.text
+        assert "before compute" in queued.json()["error"]["message"]
+        assert running.status_code == 200, running.text
+    finally:
+        gate.set()
         server.close()
 
 

@@ -27,7 +27,7 @@ from .stepper import Cancelled
 from .cache import ConditioningCache
 from .config import ServerConfig
 from .errors import ApiError, BodyLimit, RequestId, error_body
-from .images import ImageRejected, decode
+from .uploads import PixelBudget, decode_all
 from .metrics import Metrics
 from .parsing import raise_first, read_body
 from .schemas import EditRequest, ErrorResponse, GenerateRequest, GenerateResponse, ModelList
@@ -44,6 +44,7 @@ class ServerState:
     def __init__(self, config: ServerConfig, pipe=None):
         self.config, self.pipe = config, pipe
         self.metrics = Metrics()
+        self.decode_budget = PixelBudget(config.max_decode_pixels, self.metrics.decode_pixels.set)
         self.api_key = config.api_key()
         self.runner = self.batcher = self.cache = None
         self.ready = self.draining = False
@@ -286,13 +287,9 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
                 "a text-to-image model: POST /v1/generate"
             raise ApiError(404, "wrong_task", f"this server has loaded {other}")
         req, files = await read_body(request, config.max_upload_mb, model, image_fields)
-        images = {}
-        for name, data in files.items():
-            try:
-                images[name] = await run_in_threadpool(decode, data, config.max_pixels,
-                                                       int(config.max_upload_mb * 2**20))
-            except ImageRejected as e:
-                raise ApiError(e.status, e.code, str(e), name) from None
+        deadline = time.monotonic() + config.request_timeout_s  # from its arrival: decode waits count too
+        images = await decode_all(files, state.runner.uses(req), state.decode_budget, config.max_pixels,
+                                  int(config.max_upload_mb * 2**20), deadline)
         try:
             work = state.runner.prepare(req, images) if task == "edit" else \
                 state.runner.prepare(req, images.get("image"), images.get("control_image"), images.get("adapter_mask"))
@@ -306,7 +303,7 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
         stream = req.stream or "text/event-stream" in request.headers.get("accept", "")
         events: asyncio.Queue | None = asyncio.Queue() if stream else None
         progress = None if events is None else progress_to(events, asyncio.get_running_loop())
-        job = Job(work, state.runner.key(work), rows, time.monotonic() + config.request_timeout_s, progress)
+        job = Job(work, state.runner.key(work), rows, deadline, progress)
         try:
             state.batcher.submit(job)
         except QueueFull as e:
@@ -330,7 +327,7 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
                 return outcome(job)
             if job.started is not None and getattr(state.batcher, "mid_flight", False):
                 # step-level batching: a running request leaves the batch at the next step when its client goes
-                # (its deadline the stepper enforces itself)
+                # (its deadline no longer applies: it finishes)
                 if await request.is_disconnected() and state.batcher.withdraw(job):
                     log.info("client went away: request %s leaves the running batch", job.id)
                     raise ApiError(499, "client_closed", "client closed the request")

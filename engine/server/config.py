@@ -25,9 +25,10 @@ class ServerConfig:
     max_batch_rows: int = 16              # UNet rows in one call: requests x guidance branches x images
     max_wait_ms: float = 10.0             # how long the oldest waiting request waits for company
     max_queue: int = 64                   # waiting requests; one more is answered 429
-    request_timeout_s: float = 120.0      # a request still queued after this is dropped (504)
+    request_timeout_s: float = 120.0      # a request still queued after this is dropped (504); a running one finishes
     max_upload_mb: float = 20.0           # request body (and so the image in it); more is 413
-    max_pixels: int = 16_777_216          # condition image width x height; more is 413
+    max_pixels: int = 16_777_216          # any request image's width x height; more is 413
+    max_decode_pixels: int = 67_108_864   # pixels being decoded at once over all requests; more wait their turn
     api_key_file: str | None = None       # with it, /v1/* needs `Authorization: Bearer <key>`
     cache_size: int = 256                 # entries in each conditioning cache (images, texts); 0 turns it off
     cors_origin: str | None = None        # one allowed origin; CORS is off without it

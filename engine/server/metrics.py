@@ -25,6 +25,8 @@ class Metrics:
         self.images = Counter("engine_images", "images generated", registry=r)
         self.images_per_s = Gauge("engine_images_per_second", "images / compute seconds of the last call", registry=r)
         self.cache = Counter("engine_cache_lookups", "conditioning cache lookups", ["kind", "result"], registry=r)
+        self.decode_pixels = Gauge("engine_decode_pixels", "request image pixels being decoded now (at most "
+                                   "--max-decode-pixels, or one larger image alone)", registry=r)
         self.ready = Gauge("engine_ready", "1 when weights are loaded, warmed up and not draining", registry=r)
         # --batching step
         self.step_rows = Histogram("engine_step_rows", "UNet rows per step (step-level batching)",

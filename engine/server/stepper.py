@@ -6,7 +6,8 @@ Each turn of the loop, on the one worker thread:
     admit   queued requests, oldest first, while the rows in flight stay within --max-batch-rows: their text,
             image, projector and K/V work runs now, once, as one batch for those of one step count, scheduler
             and size (Pipeline.start_many -> a flight each)
-    drop    flights whose client went away or whose deadline passed (their rows are free at this step)
+    drop    flights whose client went away (their rows are free at this step); a deadline drops a request only
+            while it is queued (Batcher._expire, as in request-level batching): once admitted, it finishes
     step    every running flight one step: one UNet call per image size (Pipeline.step packs the rows; each flight
             keeps its own scheduler, timesteps, generator, guidance weights and scales)
     decode  finished flights in one VAE call, at most `decode_chunk` of them per turn while others still step (so
@@ -22,7 +23,7 @@ import asyncio
 import logging
 import time
 
-from .batcher import Batcher, DeadlineExceeded, Job
+from .batcher import Batcher, Job
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,6 @@ class StepBatcher(Batcher):
 
     def _turn(self, admitted: list[Job], running: list[Job]) -> list[tuple[Job, object]]:
         outcomes = self._admit(admitted)
-        now = time.monotonic()
         live = []
         for job in running:
             flight = getattr(job, "flight", None)
@@ -103,9 +103,6 @@ class StepBatcher(Batcher):
                 continue
             if job.cancelled:
                 outcomes.append((job, Cancelled("the client went away; the request left the batch")))
-            elif job.deadline <= now and not flight.done:
-                outcomes.append((job, DeadlineExceeded(
-                    f"the request passed its deadline at step {flight.index} of {flight.total}; dropped")))
             else:
                 live.append(job)
         stepping = [j for j in live if not j.flight.done]

@@ -11,7 +11,8 @@ from PIL import Image
 
 from ..errors import EngineError
 from ..guidance import resolve_mode
-from ..loading import check_size, native_from_configs
+from ..loading import MAX_SIZE_FACTOR, check_size, native_from_configs
+from .images import Use
 from .schemas import GenerateRequest
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,27 @@ class PipelineRunner:
         except EngineError as e:
             raise FieldError("guidance_mode", str(e)) from None
         return Work(req, image, height, width, BRANCH_ROWS[mode] * req.num_images, control, mask)
+
+    def uses(self, req) -> dict[str, Use | None]:
+        """The size each image field is used at, so the server decodes it no larger: the condition image at CLIP's
+        input size, the control image and the mask at the output size (None: a size prepare() will refuse)."""
+        out = self._output_use(req.height, req.width)
+        return {"image": self._clip_use(), "control_image": out, "adapter_mask": out}
+
+    def _output_use(self, height, width) -> Use | None:
+        try:
+            height, width = check_size(height, width, self.native, self.factor)
+        except EngineError:
+            return None
+        return Use(width=width, height=height)  # VaeImageProcessor's resize: exact size, Lanczos
+
+    def _clip_use(self) -> Use | None:
+        proc = getattr(self.pipe, "image_processor", None)
+        size = getattr(proc, "size", None)
+        short = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+        if not short or not getattr(proc, "do_resize", True):
+            return None
+        return Use(short=int(short), resample=int(getattr(proc, "resample", Image.Resampling.BICUBIC)))
 
     @staticmethod
     def key(work: Work) -> tuple:
@@ -199,6 +221,13 @@ class EditRunner(PipelineRunner):
     """The runner of an InstructPix2Pix server (engine.EditPipeline): POST /v1/edit."""
 
     task = "edit"
+
+    def uses(self, req) -> dict[str, Use | None]:
+        """The photo at the output size (its own size on the VAE grid without height/width), the reference at
+        CLIP's input size."""
+        photo = self._output_use(req.height, req.width) if req.height or req.width else \
+            Use(grid=self.factor, max_side=self.native * MAX_SIZE_FACTOR)
+        return {"image": photo, "adapter_image": self._clip_use()}
 
     def prepare(self, req, images: dict) -> EditWork:
         photo, reference = images.get("image"), images.get("adapter_image")
