@@ -31,6 +31,7 @@ from accelerate.utils import GradientAccumulationPlugin
 from engine.adapter import save_adapter
 from engine.attention import choose_impls
 from engine.errors import EngineError
+from engine.interrupt import forget, remove_if_killed
 from engine.loading import load_base, load_image_encoder
 from engine.safe_load import load_pickle
 
@@ -265,8 +266,12 @@ class Trainer:
         folder = os.path.join(self.cfg.out, "checkpoints")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"step-{self.step:08d}.pt")
-        torch.save(self.state(), path + ".tmp")
-        os.replace(path + ".tmp", path)
+        remove_if_killed(path + ".tmp")  # (Ctrl-C: engine/interrupt.py)
+        try:
+            torch.save(self.state(), path + ".tmp")
+            os.replace(path + ".tmp", path)
+        finally:
+            forget(path + ".tmp")
         return path
 
     def resume(self) -> str | None:
