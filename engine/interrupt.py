@@ -95,10 +95,11 @@ def interrupt_guard(grace_s: float = GRACE_S, message: str = INTERRUPTED):
 @contextmanager
 def polled():
     """Within: Ctrl-C sets requested() and raises nothing (the code inside polls it); leaving the block raises
-    KeyboardInterrupt if it came. Outside a guard's main thread it only yields."""
+    KeyboardInterrupt if it came. Outside the main thread it only yields."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _requested.clear()  # (a Ctrl-C before this line was a KeyboardInterrupt already)
     handler = signal.signal(signal.SIGINT, lambda signum, frame: _requested.set())
     try:
         yield
