@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from engine.interrupt import interruptible
 from engine.trt import CHOICES as TRT_CHOICES
 
 
@@ -174,6 +175,11 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in ("ops", "e2e", "quality", "serve", "-h", "--help"):
         argv = ["e2e", *argv]  # `python -m bench [options]` runs the end-to-end benchmark
     a = build_parser().parse_args(argv)
+    message = f"python -m bench {a.command}: interrupted (Ctrl-C): stopped, no results written"
+    return interruptible(lambda: command(a), message)  # Ctrl-C: one line, exit 130
+
+
+def command(a) -> int:
     if a.command == "e2e":
         return run_e2e_command(a)
     if a.command == "quality":

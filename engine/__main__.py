@@ -8,23 +8,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
-from contextlib import contextmanager
 
 from kernels import BACKENDS
 
 from . import DEFAULT_NEGATIVE, DEFAULT_PROMPT, DTYPE_NAMES, RUNTIMES
 from .errors import EngineError
 from .guidance import MODES
+from .interrupt import EXIT_INTERRUPTED, INTERRUPTED, interrupt_guard, interruptible  # noqa: F401 (tests use all)
 from .loading import SCHEDULERS, check_size, load_image, native_size
-from .output import discard_pending, output_paths, write_images
+from .output import output_paths, write_images
 from .trt import CHOICES as TRT_CHOICES
-
-INTERRUPTED = "interrupted (Ctrl-C): stopped, no output written"
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
-GRACE_S = 3.0  # after Ctrl-C, how long one long torch op may keep the process before it is ended
 
 
 class Parser(argparse.ArgumentParser):
@@ -430,40 +424,6 @@ def quiet_libraries() -> None:
         pass
 
 
-@contextmanager
-def interrupt_guard(grace_s: float = GRACE_S):
-    """Ctrl-C raises KeyboardInterrupt at the next Python line, between two torch ops, and main() turns it into
-    one line and exit 130. One op can run for minutes on a CPU without returning to Python, so a watcher thread,
-    woken by the signal itself (signal.set_wakeup_fd), ends the process the same way if the main thread has not
-    left this block `grace_s` seconds later, removing the temporaries being written first."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(write_fd, False)
-    left = threading.Event()
-
-    def watch():
-        with os.fdopen(read_fd, "rb", buffering=0) as pipe:
-            while data := pipe.read(64):
-                if signal.SIGINT in data and not left.wait(grace_s):
-                    discard_pending()
-                    os.write(2, f"{INTERRUPTED}\n".encode())
-                    os._exit(EXIT_INTERRUPTED)
-
-    # a shell starts background jobs with SIGINT ignored, and Python keeps that: take it back, so `kill -INT` works too
-    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
-    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    threading.Thread(target=watch, name="interrupt-guard", daemon=True).start()
-    try:
-        yield
-    finally:
-        left.set()
-        signal.set_wakeup_fd(previous)
-        signal.signal(signal.SIGINT, handler)
-        os.close(write_fd)  # the watcher reads end-of-file and returns
-
-
 def check_serve_args(parser: Parser, a) -> None:
     if a.tiny:
         given = [f for f, v in (("--model", a.model), ("--image-encoder", a.image_encoder), ("--adapter", a.adapter))
@@ -535,15 +495,11 @@ def main(argv=None) -> int:
         except EngineError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-    try:
-        with interrupt_guard():
-            return COMMANDS[args.command](args)
+    try:  # Ctrl-C: one line, exit 130 (engine/interrupt.py)
+        return interruptible(lambda: COMMANDS[args.command](args))
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
-        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

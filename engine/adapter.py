@@ -15,6 +15,7 @@ from torch import nn
 
 from .errors import EngineError
 from .projector import InstructProjector, check_state_dict, load_projector
+from .safe_load import load_pickle
 
 
 def read_adapter_file(path: str | os.PathLike) -> tuple[dict, dict]:
@@ -41,10 +42,7 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict, dict]:
             raise EngineError(f"adapter {path} has keys outside image_proj./ip_adapter.: {', '.join(sorted(stray)[:8])}")
         state = groups
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many types for a corrupt or foreign pickle
-            raise EngineError(f"cannot read adapter {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        state = load_pickle(path, "adapter")
         if not isinstance(state, dict):
             raise EngineError(f"adapter {path} holds a {type(state).__name__}, expected a dict with image_proj and ip_adapter")
     absent = [k for k in ("image_proj", "ip_adapter") if not state.get(k)]

@@ -21,6 +21,7 @@ import torch
 
 from .errors import EngineError
 from .loading import load_image
+from .safe_load import load_error, refusal
 
 
 def load_controlnets(paths, unet, dtype: torch.dtype) -> list:
@@ -34,6 +35,8 @@ def load_controlnets(paths, unet, dtype: torch.dtype) -> list:
         try:
             net = ControlNetModel.from_pretrained(path, torch_dtype=dtype)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
+            if refusal(e):
+                raise load_error(f"the ControlNet {os.fspath(path)}", e, path) from None
             raise EngineError(f"cannot load the ControlNet {os.fspath(path)}: "
                               f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
         mine = (tuple(net.config.block_out_channels), net.config.cross_attention_dim, net.config.in_channels)

@@ -18,6 +18,8 @@ from PIL import Image
 
 from . import MAX_SIZE_FACTOR
 from .errors import EngineError
+from .safe_load import first_line as _first_line
+from .safe_load import load_error, load_pickle
 
 if TYPE_CHECKING:
     import torch
@@ -116,18 +118,14 @@ def check_size(height, width, native: int, factor: int, max_size: int | None = N
     return height, width
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
-
-
 def _load(what: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except EngineError:
         raise
     except Exception as e:  # from_pretrained raises OSError, ValueError, JSON and safetensors errors
-        raise EngineError(f"cannot load {what}: {_first_line(e)}") from e
+        folder = args[0] if args and isinstance(args[0], (str, os.PathLike)) else None
+        raise load_error(what, e, folder) from e
 
 
 def load_base(model, dtype: torch.dtype, config=None):
@@ -199,12 +197,13 @@ def checkpoint_shapes(path) -> dict[str, tuple[int, ...]]:
             from safetensors import safe_open
             with safe_open(path, framework="np") as f:
                 return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        import torch
-        state = torch.load(path, map_location="meta", weights_only=True)
+        state = load_pickle(path, "checkpoint", map_location="meta")
         while isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
-    except Exception as e:  # a truncated or foreign file: safetensors', pickle's or zip's error
+    except EngineError:
+        raise
+    except Exception as e:  # a truncated or foreign file: safetensors' error
         raise EngineError(f"cannot read checkpoint {path}: {_first_line(e)}") from e
 
 

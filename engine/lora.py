@@ -22,6 +22,7 @@ import torch
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
 from .errors import EngineError
+from .safe_load import refusal
 
 
 class LoraMixin(StableDiffusionLoraLoaderMixin):
@@ -55,7 +56,8 @@ class LoraMixin(StableDiffusionLoraLoaderMixin):
         except (ValueError, KeyError, RuntimeError, OSError, TypeError) as e:
             lines = [line.strip() for line in str(e).strip().splitlines()] or [type(e).__name__]
             mismatch = next((line for line in lines if "size mismatch" in line), None)
-            first = (f"{lines[0]} {mismatch} (a LoRA for another base model?)" if mismatch else lines[0])[:400]
+            first = refusal(e) or (f"{lines[0]} {mismatch} (a LoRA for another base model?)" if mismatch
+                                   else lines[0])[:400]
             self._forget(name)
             if was_fused and loras:
                 self._fuse(loras)

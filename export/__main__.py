@@ -7,6 +7,7 @@ import os
 import sys
 
 from engine.errors import EngineError
+from engine.interrupt import interruptible
 
 
 class Parser(argparse.ArgumentParser):
@@ -92,11 +93,19 @@ def _parser() -> Parser:
     return p
 
 
+WRITTEN = {"onnx": ", no graph written", "trt": ", no plan written", "run": ", no image written"}
+
+
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is what kernels/aot.py measures
+    message = f"python -m export {a.command}: interrupted (Ctrl-C): stopped{WRITTEN.get(a.command, '')}"
+    return interruptible(lambda: command(a), message)  # Ctrl-C: one line, exit 130
+
+
+def command(a) -> int:
     try:
         if a.command == "onnx":
             from .onnx import export_onnx

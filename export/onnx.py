@@ -22,6 +22,7 @@ import torch
 
 from engine.errors import EngineError
 from engine.exported import FORMAT, GRAPHS, SOURCES, read_manifest, source_paths  # noqa: F401 (export API)
+from engine.interrupt import forget, remove_if_killed
 
 from .graph_attention import ATTENTION, DOMAIN
 from .plugin import PLUGIN
@@ -168,6 +169,7 @@ def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OP
     out = os.path.abspath(out)
     _remove_stale_stages(out)
     stage = f"{out}.partial-{os.getpid()}"
+    remove_if_killed(stage)  # (Ctrl-C during one long C call ends the process: engine/interrupt.py)
     os.makedirs(stage)
     try:
         manifest = {"format": FORMAT, "kind": kind, "opset": opset, "dtype": dtype, "attention": attention,
@@ -224,4 +226,5 @@ def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OP
             os.replace(os.path.join(stage, name), os.path.join(out, name))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        forget(stage)
     return os.path.join(out, "manifest.json")

@@ -30,6 +30,7 @@ import sys
 import time
 
 from engine.errors import EngineError
+from engine.interrupt import forget, polled, remove_if_killed, requested
 from engine.trt import CHOICES, RTX_CCS, RTX_DEFAULT_CCS, choice_of, flavour, load_tensorrt
 from engine.trt.runtime import ENGINES_FORMAT
 from engine.trt.support import build_targets, cc_list, cc_text, parse_cc, this_gpu
@@ -149,10 +150,12 @@ def build_engines(onnx_dir: str, out_dir: str | None = None, fp16: bool = False,
     staging = os.path.join(out_dir, f".trt-staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
+    remove_if_killed(staging)
     env_before = os.environ.get("IPADAPTER_INSTRUCT_PLUGIN_DIR")
     try:
-        index = _build_all(module, manifest, onnx_dir, names, profiles, mode, plugin, plugin_library, staging,
-                           built_by, tf32, log)
+        with polled():  # Ctrl-C cancels the build (TensorRT swallows a KeyboardInterrupt raised in its callbacks)
+            index = _build_all(module, manifest, onnx_dir, names, profiles, mode, plugin, plugin_library, staging,
+                               built_by, tf32, log)
         _write_manifest(manifest, onnx_dir, out_dir, staging)
         _keep_earlier_plans(index, out_dir, log)
         with open(os.path.join(staging, "engines.json"), "w") as f:
@@ -168,6 +171,7 @@ def build_engines(onnx_dir: str, out_dir: str | None = None, fp16: bool = False,
         written = [os.path.join(out_dir, g["file"]) for g in index["graphs"].values()]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        forget(staging)
         if env_before is None:
             os.environ.pop("IPADAPTER_INSTRUCT_PLUGIN_DIR", None)
         else:
@@ -187,10 +191,21 @@ def build_logger(trt, log):
             if severity == trt.ILogger.Severity.VERBOSE:
                 if msg.startswith("Layers:"):
                     self.layers = [line for line in msg.splitlines() if line.startswith("Name: ")]
-            elif severity != trt.ILogger.Severity.INFO:
+            elif severity != trt.ILogger.Severity.INFO and not requested():  # (not "Build canceled" after Ctrl-C)
                 log(f"TensorRT {severity.name.lower()}: {' '.join(str(msg).split())[:400]}")
 
     return Logger()
+
+
+def cancel_monitor(trt):
+    """A progress monitor that cancels the build once Ctrl-C came (engine.interrupt.requested): step_complete
+    returning False is TensorRT's documented cancellation (IProgressMonitor); the builder then returns None. It is
+    asked between the steps of each phase, so a long phase without steps still runs to its end."""
+    class Monitor(trt.IProgressMonitor):
+        phase_start = phase_finish = staticmethod(lambda *args: None)
+        step_complete = staticmethod(lambda phase_name, step: not requested())
+
+    return Monitor()
 
 
 def engine_layers(listing: list[str]) -> dict:
@@ -212,8 +227,10 @@ def _build_all(trt, manifest, onnx_dir, names, profiles, mode, plugin, plugin_li
              "attention": manifest.get("attention"),
              "plugin_library": os.path.basename(plugin_library) if plugin and plugin_library else None,
              "plugin_dir": None, "archs": [], "graphs": {}}
-    combos = set()
+    combos, monitor = set(), cancel_monitor(trt)
     for name in names:
+        if requested():  # Ctrl-C between two graphs
+            raise KeyboardInterrupt
         t0 = time.perf_counter()
         g = manifest["graphs"][name]
         onnx_path = os.path.join(onnx_dir, g["file"])
@@ -227,6 +244,7 @@ def _build_all(trt, manifest, onnx_dir, names, profiles, mode, plugin, plugin_li
         if choice_of(trt) == "rtx":
             target(trt, config, archs)
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the layer listing, with the plugin's names
+        config.progress_monitor = monitor
         logger.layers = []
         if mode == "weak":
             config.set_flag(trt.BuilderFlag.FP16)
@@ -245,6 +263,8 @@ def _build_all(trt, manifest, onnx_dir, names, profiles, mode, plugin, plugin_li
             + (f", {len(layers)} {PLUGIN['name']} plugin layers" if layers else "") + "; "
             + ", ".join(f"{i} {' / '.join(dims_text(s) for s in profiles[name][i])}" for i in inputs) + ")")
         data = builder.build_serialized_network(network, config)
+        if requested():  # cancelled, or Ctrl-C came after the monitor's last step: no plan
+            raise KeyboardInterrupt
         if data is None:
             raise EngineError(f"{name}: TensorRT could not build the engine (its log above says why)")
         path = os.path.join(staging, f"{name}.plan")

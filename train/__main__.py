@@ -18,6 +18,7 @@ import logging
 import sys
 
 from engine.errors import EngineError
+from engine.interrupt import interruptible
 
 
 class Parser(argparse.ArgumentParser):
@@ -83,9 +84,17 @@ def train_parser() -> Parser:
     return p
 
 
+INTERRUPTED = ("python -m train: interrupted (Ctrl-C): stopped; the checkpoints saved so far are kept (--resume goes "
+               "on from the last)")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return interruptible(lambda: command(argv), INTERRUPTED)  # Ctrl-C: one line, exit 130
+
+
+def command(argv) -> int:
     try:
         if argv and argv[0] == "make-synthetic":
             p = Parser(prog="python -m train make-synthetic", description="Write a small synthetic training set.")

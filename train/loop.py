@@ -31,7 +31,9 @@ from accelerate.utils import GradientAccumulationPlugin
 from engine.adapter import save_adapter
 from engine.attention import choose_impls
 from engine.errors import EngineError
+from engine.interrupt import forget, remove_if_killed
 from engine.loading import load_base, load_image_encoder
+from engine.safe_load import load_pickle
 
 from .data import TrainDataset, collate, read_manifest
 from .instructions import load_banks
@@ -264,15 +266,19 @@ class Trainer:
         folder = os.path.join(self.cfg.out, "checkpoints")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"step-{self.step:08d}.pt")
-        torch.save(self.state(), path + ".tmp")
-        os.replace(path + ".tmp", path)
+        remove_if_killed(path + ".tmp")  # (Ctrl-C: engine/interrupt.py)
+        try:
+            torch.save(self.state(), path + ".tmp")
+            os.replace(path + ".tmp", path)
+        finally:
+            forget(path + ".tmp")
         return path
 
     def resume(self) -> str | None:
         found = sorted(glob.glob(os.path.join(self.cfg.out, "checkpoints", "step-*.pt")))
         if not found:
             return None
-        st = torch.load(found[-1], map_location=self.device, weights_only=False)
+        st = load_pickle(found[-1], "checkpoint", map_location=self.device)  # tensors and plain values only
         if st["world"] * st["config"]["batch_size"] != self.global_batch:
             raise EngineError(f"{found[-1]} was written with a global batch of "
                               f"{st['world'] * st['config']['batch_size']}; this run has {self.global_batch}")
