@@ -28,9 +28,12 @@ class ServerConfig:
     request_timeout_s: float = 120.0      # a request still queued after this is dropped (504)
     max_upload_mb: float = 20.0           # request body (and so the image in it); more is 413
     max_pixels: int = 16_777_216          # condition image width x height; more is 413
+    header_timeout_s: float = 10.0        # a connection's request headers must arrive within this; else closed
+    body_timeout_s: float = 60.0          # a request's body must arrive within this after its headers; else 408
     api_key_file: str | None = None       # with it, /v1/* needs `Authorization: Bearer <key>`
     cache_size: int = 256                 # entries in each conditioning cache (images, texts); 0 turns it off
     cors_origin: str | None = None        # one allowed origin; CORS is off without it
+    allowed_hosts: str | None = None      # Host names served, comma separated (* any); default: the bound host's
     warmup: bool = True                   # one 1-step request before /ready turns true
     compile: bool = False                 # torch.compile the UNet (each new batch shape compiles on first use)
     cuda_graphs: bool = False             # replay the UNet step from CUDA graphs, one capture per batch shape
