@@ -236,10 +236,17 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--max-decode-pixels", type=positive_int, default=C.max_decode_pixels,
                    help="pixels being decoded at once over all requests; an image that does not fit waits for "
                         "room (one larger than this decodes alone), and 504 past --request-timeout-s")
+    s.add_argument("--header-timeout-s", type=float, default=C.header_timeout_s,
+                   help="a connection's request headers must arrive within this, else it is closed")
+    s.add_argument("--body-timeout-s", type=float, default=C.body_timeout_s,
+                   help="a request's body must arrive within this after its headers, else 408")
     s.add_argument("--api-key-file", help="file holding the key; /v1/* then needs `Authorization: Bearer KEY`")
     s.add_argument("--cache-size", type=int, default=C.cache_size,
                    help="entries in each conditioning cache (CLIP image and text encodings); 0 turns it off")
     s.add_argument("--cors-origin", help="allow this browser origin (CORS is off without it)")
+    s.add_argument("--allowed-hosts", metavar="NAMES",
+                   help="Host header names served, comma separated, * for any (default: the --host's own names: "
+                        "127.0.0.1, localhost and [::1] on loopback, any on 0.0.0.0); checked without a key")
     s.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up request")
     s.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet (the warm-up compiles the native size; other batch shapes compile "
@@ -442,6 +449,9 @@ def check_serve_args(parser: Parser, a) -> None:
     if a.max_wait_ms < 0 or a.request_timeout_s <= 0 or a.max_upload_mb <= 0 or a.cache_size < 0:
         parser.error("--max-wait-ms and --cache-size must not be negative; --request-timeout-s and "
                      "--max-upload-mb must be positive")
+    for flag, value in (("--header-timeout-s", a.header_timeout_s), ("--body-timeout-s", a.body_timeout_s)):
+        if not value > 0:
+            parser.error(f"{flag} must be a positive number of seconds, got {value}")
     if a.cuda_graphs and a.device == "cpu":
         parser.error("--cuda-graphs needs a CUDA device (not --device cpu)")
     if len(a.controlnet) > 1:

@@ -101,7 +101,8 @@ class InProcessServer:
         self._lifespan = self.app.router.lifespan_context(self.app)
         self.call(self._lifespan.__aenter__())
         transport = httpx.ASGITransport(app=self.app)
-        self.client = httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=120)
+        self.client = httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1",  # a Host the app answers
+                                         timeout=120)
         deadline = time.monotonic() + 120
         while self.request("GET", "/ready").status_code != 200:
             if self.state.failed or time.monotonic() > deadline:

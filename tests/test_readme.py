@@ -48,3 +48,17 @@ def test_cli_synopsis_names_every_generate_flag():
     named = set(re.findall(r"--[a-z][a-z-]*", synopsis))
     assert named == flags, f"README lacks {sorted(flags - named)}, names unknown {sorted(named - flags)}"
 
+
+
+def test_server_synopsis_names_every_serve_flag_and_every_server_config_field_is_a_flag():
+    from dataclasses import fields
+
+    from engine.__main__ import build_parser
+    from engine.server.config import ServerConfig
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    flags = {s for a in serve._actions for s in a.option_strings if s.startswith("--")} - {"--help"}
+    named = set(re.findall(r"--[a-z][a-z-]*", fenced("Server")))
+    assert named == flags, f"README lacks {sorted(flags - named)}, names unknown {sorted(named - flags)}"
+    dests = {a.dest for a in serve._actions}
+    assert [f.name for f in fields(ServerConfig) if f.name not in dests] == [], "a ServerConfig field has no flag"

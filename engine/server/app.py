@@ -26,7 +26,8 @@ from .batcher import Batcher, DeadlineExceeded, Draining, Job, QueueFull, worker
 from .stepper import Cancelled
 from .cache import ConditioningCache
 from .config import ServerConfig
-from .errors import ApiError, BodyLimit, RequestId, error_body
+from .errors import ApiError, BodyLimit, RequestId, error_body, internal_message
+from .guards import HostOrigin, InternalErrors, StatusCounter, add_docs, served_hosts
 from .uploads import PixelBudget, decode_all
 from .metrics import Metrics
 from .parsing import raise_first, read_body
@@ -35,7 +36,7 @@ from .worker import EditRunner, FieldError, PipelineRunner
 
 log = logging.getLogger("engine.server")
 POLL_S = 0.1          # how often a waiting handler checks for a client that went away
-RETRY_AFTER_S = 5     # 503 while starting or draining
+RETRY_AFTER_S = 5     # 503 while starting (draining: the queue's expected wait)
 
 
 class ServerState:
@@ -148,24 +149,6 @@ def error_response(request: Request, status: int, code: str, message: str, field
     return JSONResponse(error_body(code, message, rid, field), status_code=status, headers=headers)
 
 
-class StatusCounter:
-    """engine_requests{status} for every answer to POST /v1/generate, 413s from the body limit included."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != "/v1/generate":
-            return await self.app(scope, receive, send)
-
-        async def counting_send(message):
-            if message["type"] == "http.response.start":
-                self.metrics.requests.labels(str(message["status"])).inc()
-            await send(message)
-
-        await self.app(scope, receive, counting_send)
-
-
 def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
     config = config or ServerConfig()
     state = ServerState(config, pipe)
@@ -179,10 +162,16 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
             loading.cancel()
             await state.stop()
 
+    keyed = state.api_key is not None  # with a key, the OpenAPI pages are behind it (add_docs)
     app = FastAPI(title="IPAdapter-Instruct engine", version="0.1.0", lifespan=lifespan,
-                  description="Instruction-guided image conditioning on Stable Diffusion, with dynamic batching.")
+                  description="Instruction-guided image conditioning on Stable Diffusion, with dynamic batching.",
+                  **({"docs_url": None, "redoc_url": None, "openapi_url": None} if keyed else {}))
     app.state.engine = state
-    app.add_middleware(BodyLimit, max_bytes=int(config.max_upload_mb * 1024 * 1024))
+    # outermost last: request id, CORS, the count, Host/Origin, 500s, the body's limits
+    app.add_middleware(BodyLimit, max_bytes=int(config.max_upload_mb * 1024 * 1024), timeout_s=config.body_timeout_s)
+    app.add_middleware(InternalErrors)
+    app.add_middleware(HostOrigin, hosts=served_hosts(config, keyed),
+                       origins=None if keyed else frozenset({config.cors_origin} - {None}))
     app.add_middleware(StatusCounter, metrics=state.metrics)
     if config.cors_origin:
         from fastapi.middleware.cors import CORSMiddleware
@@ -205,11 +194,6 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
         return error_response(request, e.status_code, codes.get(e.status_code, "http_error"), str(e.detail),
                               headers=getattr(e, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, e: Exception):
-        log.exception("unhandled error")
-        return error_response(request, 500, "internal", f"internal error: {type(e).__name__}")
-
     def authorize(request: Request) -> None:
         if state.api_key is None:
             return
@@ -218,6 +202,9 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
             raise ApiError(401, "unauthorized", "missing or wrong API key: send `Authorization: Bearer <key>`",
                            headers={"www-authenticate": "Bearer"})
+
+    if keyed:
+        add_docs(app, authorize)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
@@ -281,7 +268,8 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
         if not state.ready:
             why = "shutting down" if state.draining else ("failed to load: " + state.failed if state.failed
                                                           else "still loading")
-            raise ApiError(503, "unavailable", f"the server is {why}", headers={"retry-after": RETRY_AFTER_S})
+            wait = state.batcher.retry_after_s() if state.draining and state.batcher is not None else RETRY_AFTER_S
+            raise ApiError(503, "unavailable", f"the server is {why}", headers={"retry-after": wait})
         if state.runner.task != task:
             other = "an InstructPix2Pix model: POST /v1/edit" if state.runner.task == "edit" else \
                 "a text-to-image model: POST /v1/generate"
@@ -309,7 +297,7 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
         except QueueFull as e:
             raise ApiError(429, "queue_full", str(e), headers={"retry-after": state.batcher.retry_after_s()}) from None
         except Draining as e:
-            raise ApiError(503, "unavailable", str(e), headers={"retry-after": RETRY_AFTER_S}) from None
+            raise ApiError(503, "unavailable", str(e), headers={"retry-after": state.batcher.retry_after_s()}) from None
         if events is not None:
             return StreamingResponse(stream_events(job, events, rid), media_type="text/event-stream",
                                      headers={"cache-control": "no-cache"})
@@ -324,7 +312,7 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
         while True:
             done, _ = await asyncio.wait({job.future}, timeout=POLL_S)
             if done:
-                return outcome(job)
+                return outcome(job, request.scope["state"]["request_id"])
             if job.started is not None and getattr(state.batcher, "mid_flight", False):
                 # step-level batching: a running request leaves the batch at the next step when its client goes
                 # (its deadline no longer applies: it finishes)
@@ -355,14 +343,14 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
                         raise ApiError(504, "deadline_exceeded", "still queued after --request-timeout-s; dropped")
             while not events.empty():
                 yield sse(*events.get_nowait())
-            result = outcome(job)
+            result = outcome(job, rid)
             yield sse("result", await run_in_threadpool(response_body, job, result, rid))
         except ApiError as e:
             yield sse("error", error_body(e.code, e.message, rid, e.field) | {"status": e.status})
         finally:  # the client went away (the generator is closed): a queued job leaves the queue
             state.batcher.withdraw(job)
 
-    def outcome(job: Job):
+    def outcome(job: Job, rid: str):
         try:
             return job.future.result()
         except DeadlineExceeded as e:
@@ -376,8 +364,8 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
         except EngineError as e:
             raise ApiError(422, "invalid_request", str(e)) from None
         except Exception as e:
-            log.error("request %s failed: %s: %s", job.id, type(e).__name__, e)
-            raise ApiError(500, "internal", f"generation failed: {type(e).__name__}: {e}") from None
+            log.error("request %s failed in the model", rid, exc_info=e)
+            raise ApiError(500, "internal", internal_message(rid)) from None
 
     return app
 

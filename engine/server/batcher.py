@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -67,6 +68,10 @@ class Batcher:
         # thread that ran a parallel op, and two live teams on a few cores halved every call's speed (measured)
         self._executor = executor or worker_thread()
         self._free_since = 0.0  # when the worker last finished a call
+        # for Retry-After: the running call's start and (step, total) from its progress, the recent calls' seconds
+        self._call_t0: float | None = None
+        self._call_progress: tuple[int, int] | None = None
+        self.call_s: float | None = None
         self._changed: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -125,8 +130,24 @@ class Batcher:
         return False
 
     def retry_after_s(self) -> int:
-        """A hint for 429's Retry-After: seconds until the queue has room, at one batch a second at least."""
-        return max(1, min(60, len(self.queue) // max(1, self.max_batch_rows)))
+        """Retry-After for a 429 or a draining 503: the queue's expected wait in whole seconds, 1 to 3600."""
+        return max(1, min(3600, math.ceil(self.expected_wait_s())))
+
+    def expected_wait_s(self) -> float:
+        """Seconds until the work running and queued now is done: the running call's rest, projected from its
+        progress (step k of n after t seconds: t (n - k) / k), then one call per --max-batch-rows queued rows at the
+        recent calls' seconds (or the running call's projected length before any call has finished)."""
+        per_call, left = self.call_s, 0.0
+        t0, progress = self._call_t0, self._call_progress
+        if self.running and t0 is not None:
+            elapsed = time.monotonic() - t0
+            if progress is not None and progress[0] > 0:
+                whole = elapsed * progress[1] / progress[0]
+                left, per_call = whole - elapsed, per_call or whole
+            else:
+                left = max(0.0, (per_call or 0.0) - elapsed)
+        calls = math.ceil(sum(j.rows for j in self.queue) / self.max_batch_rows)
+        return left + calls * (per_call or 0.0)
 
     # ---- the loop ---------------------------------------------------------------------------------------
 
@@ -196,6 +217,7 @@ class Batcher:
     def _call(self, batch: list[Job]) -> list:
         # on the worker thread: the whole batch, or each job alone when the batch fails
         def progress(step, total):
+            self._call_progress = (step, total)
             for job in batch:
                 if job.progress is not None:
                     job.progress(step, total)
@@ -203,10 +225,13 @@ class Batcher:
         for job in batch:
             job.batch_requests, job.batch_rows = len(batch), sum(j.rows for j in batch)
         t0 = time.perf_counter()
+        self._call_t0, self._call_progress = time.monotonic(), None
         try:
             values = self.run(batch, progress)
+            seconds = time.perf_counter() - t0
+            self.call_s = seconds if self.call_s is None else 0.7 * self.call_s + 0.3 * seconds
             if self.observer is not None:
-                self.observer.batch(batch, time.perf_counter() - t0, True)
+                self.observer.batch(batch, seconds, True)
             return values
         except Exception as e:
             if self.observer is not None:

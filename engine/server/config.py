@@ -29,9 +29,12 @@ class ServerConfig:
     max_upload_mb: float = 20.0           # request body (and so the image in it); more is 413
     max_pixels: int = 16_777_216          # any request image's width x height; more is 413
     max_decode_pixels: int = 67_108_864   # pixels being decoded at once over all requests; more wait their turn
+    header_timeout_s: float = 10.0        # a connection's request headers must arrive within this; else closed
+    body_timeout_s: float = 60.0          # a request's body must arrive within this after its headers; else 408
     api_key_file: str | None = None       # with it, /v1/* needs `Authorization: Bearer <key>`
     cache_size: int = 256                 # entries in each conditioning cache (images, texts); 0 turns it off
     cors_origin: str | None = None        # one allowed origin; CORS is off without it
+    allowed_hosts: str | None = None      # Host names served, comma separated (* any); default: the bound host's
     warmup: bool = True                   # one 1-step request before /ready turns true
     compile: bool = False                 # torch.compile the UNet (each new batch shape compiles on first use)
     cuda_graphs: bool = False             # replay the UNet step from CUDA graphs, one capture per batch shape

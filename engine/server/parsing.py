@@ -1,15 +1,19 @@
 """Request bodies: JSON or multipart/form-data -> a validated request model plus its images' bytes.
-Every problem is an ApiError (422 naming the field, 415 for another content type)."""
+Every problem is an ApiError (422 naming the field, or `body` for a malformed or too deeply nested body; 415 for
+a content type other than application/json or multipart/form-data, parameters such as charset aside)."""
 from __future__ import annotations
 
 import json
 
 from fastapi import Request
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 
 from .errors import ApiError
 from .images import ImageRejected, from_base64
 from .schemas import GenerateRequest
+
+MAX_DEPTH = 8  # nested JSON levels: a body {..} holding a per-block scale {"up": {"block_0": [..]}} is 4
 
 
 async def read_request(request: Request, max_upload_mb: float) -> tuple[GenerateRequest, bytes | None]:
@@ -22,20 +26,17 @@ async def read_body(request: Request, max_upload_mb: float, model, image_fields:
     """The body validated as `model`, and {field: bytes} of the images in `image_fields` that came (a file part of
     a multipart body, or base64 in the field); ApiError 4xx."""
     ctype = request.headers.get("content-type", "")
-    if ctype.startswith("multipart/form-data"):
+    media = ctype.split(";", 1)[0].strip().lower()
+    if media == "multipart/form-data":
         fields, files = await read_form(request, max_upload_mb, image_fields)
-    elif ctype.startswith("application/json") or not ctype:
-        body = await request.body()
-        try:
-            fields = json.loads(body)
-        except ValueError as e:
-            raise ApiError(422, "invalid_json", f"body is not valid JSON: {e}") from None
+    elif media == "application/json":
+        fields = parse_json(await request.body(), "body")
         if not isinstance(fields, dict):
-            raise ApiError(422, "invalid_json", "body must be a JSON object")
+            raise ApiError(422, "invalid_json", "body must be a JSON object", "body")
         files = {}
     else:
-        raise ApiError(415, "unsupported_media_type",
-                       f"content type {ctype!r}: send application/json or multipart/form-data")
+        raise ApiError(415, "unsupported_media_type", f"content type {ctype!r}: send application/json or "
+                       f"multipart/form-data", "content-type")
     try:
         req = model.model_validate(fields)
     except ValidationError as e:
@@ -49,8 +50,37 @@ async def read_body(request: Request, max_upload_mb: float, model, image_fields:
     return req, files
 
 
+def parse_json(text, field: str):
+    """JSON text as Python values, at most MAX_DEPTH levels deep; ApiError 422 naming `field` otherwise."""
+    nested = ApiError(422, "invalid_json", f"{field} is nested more than {MAX_DEPTH} levels deep", field)
+    try:
+        value = json.loads(text)
+    except RecursionError:  # past the decoder's own limit (about a thousand levels), before any Python object
+        raise nested from None
+    except ValueError as e:
+        raise ApiError(422, "invalid_json", f"{field} is not valid JSON: {e}", field) from None
+    if depth(value) > MAX_DEPTH:
+        raise nested
+    return value
+
+
+def depth(value) -> int:
+    """Levels of lists and objects (a scalar is 0), counted breadth first up to MAX_DEPTH + 1."""
+    level, frontier = 0, [value]
+    while level <= MAX_DEPTH:
+        containers = [x for x in frontier if isinstance(x, (list, dict))]
+        if not containers:
+            break
+        level += 1
+        frontier = [v for x in containers for v in (x.values() if isinstance(x, dict) else x)]
+    return level
+
+
 async def read_form(request: Request, max_upload_mb: float, image_fields=("image",)) -> tuple[dict, dict]:
-    form = await request.form(max_part_size=int(max_upload_mb * 2**20))
+    try:
+        form = await request.form(max_part_size=int(max_upload_mb * 2**20))
+    except HTTPException as e:  # Starlette's word for a malformed multipart body
+        raise ApiError(422, "invalid_multipart", f"malformed multipart body: {e.detail}", "body") from None
     fields, files = {}, {}
     for name, value in form.multi_items():
         if hasattr(value, "read"):  # an UploadFile
@@ -60,11 +90,7 @@ async def read_form(request: Request, max_upload_mb: float, image_fields=("image
                                f"{'is a file' if len(image_fields) == 1 else 'are files'}", name)
             files[name] = await value.read()
         elif name == "scale" and value.strip().startswith("{"):
-            try:
-                fields[name] = json.loads(value)
-            except ValueError:
-                raise ApiError(422, "invalid_request", "scale: not a number nor a JSON per-block dict",
-                               "scale") from None
+            fields[name] = parse_json(value, "scale")
         elif name == "stream":
             fields[name] = value.lower() in ("1", "true", "yes", "on")
         else:

@@ -160,6 +160,8 @@ def app(args: dict[str, str]):
         raise ValueError("model= is required: a diffusers SD1.5 folder")
     if (values.get("adapter") is None) != (values.get("image_encoder") is None):
         raise ValueError("adapter= and image_encoder= go together (or give neither for text to image)")
+    # the proxy's address is Serve's (http_options), unknown here: the Host check needs allowed_hosts=NAMES
+    values.setdefault("allowed_hosts", "*")
     autoscaling = {k: values.pop(k) for k in list(values) if k in AUTOSCALING_KEYS}
     replicas, gpus = values.pop("replicas", 1), values.pop("gpus_per_replica", None)
     return build(ServerConfig(**values), replicas=replicas, gpus_per_replica=gpus, autoscaling=autoscaling or None)

@@ -13,6 +13,7 @@ import uvicorn
 from ..errors import EngineError
 from .app import create_app
 from .config import ServerConfig
+from .protocol import timed_protocol
 
 log = logging.getLogger("engine.server")
 
@@ -56,15 +57,21 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def uvicorn_server(config: ServerConfig, pipe, url: str) -> DrainingServer:
+    """The app under uvicorn with the header timeout (protocol.py); `run(sockets=[sock])` serves on a bound socket."""
+    app = create_app(config, pipe)
+    app.state.engine.url = url
+    uconfig = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30, access_log=False,
+                             http=timed_protocol(config.header_timeout_s))
+    return DrainingServer(uconfig, app.state.engine)
+
+
 def serve(config: ServerConfig, pipe=None) -> int:
     """Serve until SIGTERM/SIGINT; port 0 picks a free one (the ready line says which)."""
     sock = bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
-    app = create_app(config, pipe)
-    state = app.state.engine
-    state.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    uconfig = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30, access_log=False)
-    server = DrainingServer(uconfig, state)
+    server = uvicorn_server(config, pipe, f"http://{'[' + host + ']' if ':' in host else host}:{port}")
+    state = server.state
     state.on_failure = lambda: setattr(server, "should_exit", True)  # a server that can never be ready stops
     print(f"listening on {state.url} (loading the model; /ready turns true when it can serve)", flush=True)
     server.run(sockets=[sock])

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .. import DEFAULT_NEGATIVE, DEFAULT_PROMPT
 from ..guidance import MODES
@@ -23,6 +24,14 @@ TASK_PRESETS = {
     "face": "copy the face from this image",
 }
 
+def not_bool(v):
+    """JSON true is no integer here (Python's bool is an int, and pydantic's lax mode takes it as 1)."""
+    if isinstance(v, bool):
+        raise ValueError("must be an integer, not a boolean")
+    return v
+
+
+Int = Annotated[int, BeforeValidator(not_bool)]  # lax otherwise: multipart's "30" is still 30
 BlockScale = dict[str, Any]  # InstantStyle's per-block dict, e.g. {"up": {"block_0": [0.0, 1.0, 0.0]}}
 
 
@@ -39,11 +48,11 @@ class GenerateRequest(BaseModel):
     instruct_guidance_scale: float = 6.0
     image_guidance_scale: float = 1.0
     guidance_mode: Literal[MODES] = "auto"  # type: ignore[valid-type]
-    num_inference_steps: int = Field(30, ge=1, le=MAX_STEPS)
-    seed: int = Field(0, ge=0, lt=2**63)
-    height: Optional[int] = Field(None, ge=1, description="default: the model's native size")
-    width: Optional[int] = Field(None, ge=1)
-    num_images: int = Field(1, ge=1, le=MAX_NUM_IMAGES)
+    num_inference_steps: Int = Field(30, ge=1, le=MAX_STEPS)
+    seed: Int = Field(0, ge=0, lt=2**63)
+    height: Optional[Int] = Field(None, ge=1, description="default: the model's native size")
+    width: Optional[Int] = Field(None, ge=1)
+    num_images: Int = Field(1, ge=1, le=MAX_NUM_IMAGES)
     scheduler: Literal[SCHEDULER_NAMES] = "default"  # type: ignore[valid-type]
     stream: bool = Field(False, description="server-sent events: progress, then result")
     # a server started with --controlnet: the net's input and its strength
@@ -58,17 +67,21 @@ class GenerateRequest(BaseModel):
     adapter_start: float = Field(0.0, ge=0.0, le=1.0)
     adapter_end: float = Field(1.0, ge=0.0, le=1.0)
     # SDXL's size conditioning (diffusers' names; an SDXL server only): [height, width] and [top, left]
-    original_size: Optional[list[int]] = Field(None, min_length=2, max_length=2,
+    original_size: Optional[list[Int]] = Field(None, min_length=2, max_length=2,
                                                description="SDXL: [height, width]; default: the output size")
-    target_size: Optional[list[int]] = Field(None, min_length=2, max_length=2,
+    target_size: Optional[list[Int]] = Field(None, min_length=2, max_length=2,
                                              description="SDXL: [height, width]; default: the output size")
-    crops_coords_top_left: Optional[list[int]] = Field(None, min_length=2, max_length=2,
+    crops_coords_top_left: Optional[list[Int]] = Field(None, min_length=2, max_length=2,
                                                        description="SDXL: [top, left]; default [0, 0]")
 
     @model_validator(mode="after")
     def start_before_end(self):
-        if self.adapter_start > self.adapter_end:
-            raise ValueError(f"adapter_start {self.adapter_start} is after adapter_end {self.adapter_end}")
+        if self.adapter_start > self.adapter_end:  # named on adapter_start (a model validator's own loc is empty)
+            error = PydanticCustomError("adapter_window", "adapter_start {start} is after adapter_end {end}: the "
+                                        "adapter acts from adapter_start to adapter_end",
+                                        {"start": self.adapter_start, "end": self.adapter_end})
+            raise ValidationError.from_exception_data(type(self).__name__, [
+                InitErrorDetails(type=error, loc=("adapter_start",), input=self.adapter_start)])
         return self
 
     @field_validator("guidance_scale", "instruct_guidance_scale", "image_guidance_scale",
@@ -108,11 +121,11 @@ class EditRequest(BaseModel):
     scale: float = Field(0.8, description="adapter strength (0 = plain InstructPix2Pix)")
     guidance_scale: float = 7.5
     image_guidance_scale: float = 1.5
-    num_inference_steps: int = Field(100, ge=1, le=MAX_STEPS)
-    seed: int = Field(0, ge=0, lt=2**63)
-    height: Optional[int] = Field(None, ge=1, description="default: the photo's, rounded down to the VAE grid")
-    width: Optional[int] = Field(None, ge=1)
-    num_images: int = Field(1, ge=1, le=MAX_NUM_IMAGES)
+    num_inference_steps: Int = Field(100, ge=1, le=MAX_STEPS)
+    seed: Int = Field(0, ge=0, lt=2**63)
+    height: Optional[Int] = Field(None, ge=1, description="default: the photo's, rounded down to the VAE grid")
+    width: Optional[Int] = Field(None, ge=1)
+    num_images: Int = Field(1, ge=1, le=MAX_NUM_IMAGES)
     scheduler: Literal[SCHEDULER_NAMES] = "default"  # type: ignore[valid-type]
     stream: bool = Field(False, description="server-sent events: progress, then result")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 from .batcher import Batcher, Job
@@ -51,6 +52,15 @@ class StepBatcher(Batcher):
             return True
         return False
 
+    def expected_wait_s(self) -> float:
+        """Retry-After's estimate in turns: the longest running flight's steps left, then as many more of the
+        running flights' mean length per --max-batch-rows queued rows, at the recent seconds per turn."""
+        flights = [f for f in (getattr(j, "flight", None) for j in self.running) if f is not None]
+        left = max((f.total - f.index for f in flights), default=0)
+        mean = sum(f.total for f in flights) / len(flights) if flights else 0
+        turns = left + math.ceil(sum(j.rows for j in self.queue) / self.max_batch_rows) * mean
+        return turns * (self.call_s or 0.0)
+
     def admit(self) -> list[Job]:
         """Queued jobs, oldest first (none overtakes an older one), while the rows in flight fit the bound; a job
         larger than the bound on its own runs when nothing else does."""
@@ -80,8 +90,11 @@ class StepBatcher(Batcher):
             admitted = self.admit()
             self.running.extend(admitted)
             self._depth()
+            t0 = time.monotonic()
             outcomes = await loop.run_in_executor(self._executor, self._turn, admitted, list(self.running))
             self._free_since = time.monotonic()
+            turn = self._free_since - t0
+            self.call_s = turn if self.call_s is None else 0.7 * self.call_s + 0.3 * turn  # here: seconds per turn
             for job, value in outcomes:
                 if job in self.running:
                     self.running.remove(job)

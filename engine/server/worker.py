@@ -196,9 +196,11 @@ class PipelineRunner:
         """What /v1/models reports."""
         from ..loading import SCHEDULERS
         pipe = self.pipe
-        base = os.path.basename(os.path.normpath(config.model)) if config.model else "model"
-        return {"id": base, "base": config.model or base, "adapter": config.adapter, "adapter_kind": self.kind,
-                "image_encoder": config.image_encoder, "dtype": str(pipe.dtype).replace("torch.", ""),
+        def name(path):  # a folder's or file's own name: where the weights lie on the server is not the client's
+            return os.path.basename(os.path.normpath(path)) if path else None
+        base = name(config.model) or "model"
+        return {"id": base, "base": base, "adapter": name(config.adapter), "adapter_kind": self.kind,
+                "image_encoder": name(config.image_encoder), "dtype": str(pipe.dtype).replace("torch.", ""),
                 "device": str(pipe.device), "attention_backend": pipe.attention_backend,
                 "native_size": self.native, "vae_scale_factor": self.factor,
                 "schedulers": ["default", *SCHEDULERS], "task": self.task}
