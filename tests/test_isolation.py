@@ -211,6 +211,25 @@ def test_an_edit_beside_a_hostile_edit(edit_pipe, photo, unbounded, field):
     assert failed == [1] and close(out[0], alone) and same(out[0], ref[0])
 
 
+def test_an_edit_flight_beside_a_hostile_flight(edit_pipe, photo, unbounded):
+    other = photo.transpose(Image.FLIP_LEFT_RIGHT)
+    alone = edit_pipe(EDIT, photo, num_inference_steps=2, seed=1)[0]
+
+    def run(value):
+        flights = [edit_pipe.start(prompt=EDIT, image=photo, num_inference_steps=2, seed=1),
+                   edit_pipe.start(prompt="a painting", image=other, num_inference_steps=2, seed=2,
+                                   image_guidance_scale=value)]
+        while not flights[0].done:
+            edit_pipe.step(flights)
+        try:
+            return edit_pipe.finish_many(flights), []
+        except NonFinite as e:
+            return e.outputs, e.requests
+    out, failed = run(1e308)
+    ref, _ = run(3.0)
+    assert failed == [1] and close(out[0][0], alone) and same(out[0][0], ref[0][0])
+
+
 def test_a_controlnet_scale_cannot_reach_a_batch_mate(tiny, tmp_path, unbounded):
     from test_controlnet import make_controlnet
 
