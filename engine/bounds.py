@@ -43,20 +43,28 @@ def number(field: str, value, where: str = "") -> float:
     """`value` as a float if it is a number within BOUNDS[field]; EngineError naming the field otherwise.
     where: e.g. " of request 1", appended to the field's name in the message."""
     b = BOUNDS[field]
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise EngineError(f"{field}{where} must be a number from {b.low:g} to {b.high:g}, got "
+    if not is_number(value):
+        raise EngineError(f"{field}{where} must be a number in [{b.low:g}, {b.high:g}], got "
                           f"{type(value).__name__} {value!r}")
     v = float(value)
     if not (math.isfinite(v) and b.low <= v <= b.high):
-        raise EngineError(f"{field}{where} must be a finite number from {b.low:g} to {b.high:g} ({b.why}), "
+        raise EngineError(f"{field}{where} must be a finite number in [{b.low:g}, {b.high:g}] ({b.why}), "
                           f"got {value!r}")
     return v
+
+
+def is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def scale(value, where: str = "", field: str = "scale"):
     """An adapter scale: a number, or an InstantStyle per-block dict whose every number (in nested dicts and
     lists) is within BOUNDS[field]. Returns the value as given (a number as a float); EngineError otherwise."""
     if not isinstance(value, dict):
+        if not is_number(value):
+            b = BOUNDS[field]
+            raise EngineError(f"adapter {field}{where} must be a number or a per-block dict (numbers in "
+                              f"[{b.low:g}, {b.high:g}]), got {type(value).__name__} {value!r}")
         return number(field, value, where)
     _walk(value, field, where, field)
     return value
