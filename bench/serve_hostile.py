@@ -20,18 +20,19 @@ import math
 from .common import Row
 
 NAN, INF = float("nan"), float("inf")
-# (name, fields, refused): refused = out of range, a 422 naming the field is the only right answer
+# (name, fields, refused): refused = out of range, a 422 naming the field is the only right answer; the kinds
+# alternate, so a few hostile requests already include both
 HOSTILE = [
     ("guidance_scale=1e308", {"guidance_scale": 1e308}, True),
-    ("scale=1e308", {"scale": 1e308}, True),
-    ("scale={mid: NaN}", {"scale": {"mid": NAN}}, True),
-    ("instruct_guidance_scale=-Infinity", {"guidance_mode": "full", "instruct_guidance_scale": -INF}, True),
-    ("image_guidance_scale=NaN", {"guidance_mode": "full", "image_guidance_scale": NAN}, True),
     ("guidance_scale=50", {"guidance_scale": 50.0}, False),
+    ("scale={mid: NaN}", {"scale": {"mid": NAN}}, True),
     ("scale=-10", {"scale": -10.0}, False),
+    ("scale=1e308", {"scale": 1e308}, True),
     ("scale={mid: 10}", {"scale": {"mid": 10.0}}, False),
+    ("instruct_guidance_scale=-Infinity", {"guidance_mode": "full", "instruct_guidance_scale": -INF}, True),
     ("full guidance at 50", {"guidance_mode": "full", "guidance_scale": 50.0, "instruct_guidance_scale": 50.0,
                              "image_guidance_scale": 50.0}, False),
+    ("image_guidance_scale=NaN", {"guidance_mode": "full", "image_guidance_scale": NAN}, True),
 ]
 OUTCOMES = ("refused", "out_of_range_answered", "in_range_200", "in_range_422", "other")
 

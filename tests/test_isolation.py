@@ -289,19 +289,22 @@ def test_http_a_hostile_request_in_the_same_batch_fails_alone(server, cond_image
     assert server.request("POST", "/v1/generate", json=good).status_code == 200  # and it keeps serving
 
 
-def test_http_edit_numbers_and_a_hostile_edit(tiny_edit, photo, monkeypatch):
-    srv = InProcessServer(ServerConfig(model=tiny_edit["model"], device="cpu", max_wait_ms=1500), None)
+@pytest.mark.parametrize("batching", ["request", "step"])
+def test_http_edit_numbers_and_a_hostile_edit(tiny_edit, photo, monkeypatch, batching):
+    srv = InProcessServer(ServerConfig(model=tiny_edit["model"], device="cpu", max_wait_ms=1500, batching=batching),
+                          None)
     try:
-        good = {"prompt": EDIT, "image": png_base64(photo), "num_inference_steps": 2, "seed": 1}
+        steps = 2 if batching == "request" else 5  # step mode: the hostile edit joins while this one runs
+        good = {"prompt": EDIT, "image": png_base64(photo), "num_inference_steps": steps, "seed": 1}
         for field, value in EDIT_OUT_OF_RANGE:
             r = post(srv, "/v1/edit", {**good, field: value})
             assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
         monkeypatch.setattr(bounds, "number", lambda field, value, where="": float(value))
-        hostile = {**good, "seed": 2, "image_guidance_scale": 1e308}
+        hostile = {**good, "seed": 2, "num_inference_steps": 2, "image_guidance_scale": 1e308}
         answers = srv.concurrently(("POST", "/v1/edit", {"json": good}), ("POST", "/v1/edit", {"json": hostile}))
         assert answers[0].status_code == 200 and answers[0].json()["timings"]["batch_requests"] == 2, answers[0].text
         assert answers[1].status_code == 422, answers[1].text
-        alone = srv.state.pipe(EDIT, photo, num_inference_steps=2, seed=1)[0]
+        alone = srv.state.pipe(EDIT, photo, num_inference_steps=steps, seed=1)[0]
         assert close(decode_png(answers[0].json()["images"][0]), alone)
     finally:
         srv.close()
