@@ -155,15 +155,20 @@ def test_a_hostile_batch_mate_leaves_the_other_image_as_it_is(instruct_pipe, con
     assert close(out[0], good_alone) and same(out[0], ref[0])
 
 
+def fly_together(pipe, first: dict, second: dict):
+    """Two flights stepped together to the end -> (outputs, failed flight indices)."""
+    flights = [pipe.start(**first), pipe.start(**second)]
+    while not flights[0].done:
+        pipe.step(flights)
+    try:
+        return pipe.finish_many(flights), []
+    except NonFinite as e:
+        return e.outputs, e.requests
+
+
 def test_in_step_batching_too(instruct_pipe, cond_image, other_image, good_alone, unbounded):
     def run(mate):
-        flights = [instruct_pipe.start(**request(cond_image)), instruct_pipe.start(**request(other_image, **mate))]
-        while not flights[0].done:
-            instruct_pipe.step(flights)
-        try:
-            return instruct_pipe.finish_many(flights), []
-        except NonFinite as e:
-            return e.outputs, e.requests
+        return fly_together(instruct_pipe, request(cond_image), request(other_image, **mate))
     out, failed = run({"guidance_scale": 1e308, "scale": {"mid": NAN}})
     ref, _ = run({"guidance_scale": 7.0, "scale": {"mid": 0.5}})
     assert failed == [1] and out[1] is None
@@ -216,15 +221,9 @@ def test_an_edit_flight_beside_a_hostile_flight(edit_pipe, photo, unbounded):
     alone = edit_pipe(EDIT, photo, num_inference_steps=2, seed=1)[0]
 
     def run(value):
-        flights = [edit_pipe.start(prompt=EDIT, image=photo, num_inference_steps=2, seed=1),
-                   edit_pipe.start(prompt="a painting", image=other, num_inference_steps=2, seed=2,
-                                   image_guidance_scale=value)]
-        while not flights[0].done:
-            edit_pipe.step(flights)
-        try:
-            return edit_pipe.finish_many(flights), []
-        except NonFinite as e:
-            return e.outputs, e.requests
+        return fly_together(edit_pipe, dict(prompt=EDIT, image=photo, num_inference_steps=2, seed=1),
+                            dict(prompt="a painting", image=other, num_inference_steps=2, seed=2,
+                                 image_guidance_scale=value))
     out, failed = run(1e308)
     ref, _ = run(3.0)
     assert failed == [1] and close(out[0][0], alone) and same(out[0][0], ref[0][0])
