@@ -101,6 +101,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="start the engine servers with serve --cuda-graphs (a CUDA GPU only; engine-step pads its "
                         "rows to power-of-two buckets, one capture each)")
+    p.add_argument("--hostile", type=float, default=None, metavar="SHARE",
+                   help="this share of the requests (e.g. 0.2) carries extreme values; reports whether any good "
+                        "request's image changed against it sent alone (exit 1 if so) and the hostile ones refused")
     p.add_argument("--cache", default=None, help="where preset weights are built (default: ~/.cache/...)")
     p.add_argument("--json", default=os.path.join("out", "bench-serve.json"), help="where the result rows go")
     p.add_argument("--plot", default=None, help="PATH.png: latency (p50, p99) against offered load (poisson) or "

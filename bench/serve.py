@@ -72,6 +72,7 @@ class ServeConfig:
     mix: str = "same"             # the requests' shapes by index (MIXES), the same sequence for every server
     seed: int = 0                 # the arrival times' random generator
     cuda_graphs: bool = False     # the engine servers replay their UNet steps from CUDA graphs (serve --cuda-graphs)
+    hostile: float | None = None  # this share of the requests hostile: does a good image change? (serve_hostile.py)
 
 
 # (steps factor, guidance mode) by request index, cycled: `same` is every request at --steps with simple guidance;
@@ -308,6 +309,9 @@ def run_serve(cfg: ServeConfig, paths: dict | None, log=print) -> tuple[list[Row
     names = ("url",) if cfg.url else ("engine",) if soak else cfg.servers
     if cfg.arrival == "poisson":
         return run_open(cfg, paths, names, image, log)
+    if cfg.hostile is not None:
+        from .serve_hostile import run_hostile
+        return run_hostile(cfg, paths, log)
     for name in names:
         server = None if cfg.url else ServerProcess(name, server_argv(name, paths, cfg))
         url, pid = cfg.url, None
@@ -404,6 +408,9 @@ def serve_main(a) -> int:
     print(f"\n{table}")
     write_json(rows, a.json)
     print(f"\n{len(rows)} rows written to {a.json}")
+    if cfg.hostile is not None and "BROKEN" in table:  # (serve_hostile.py: a good image changed)
+        print("python -m bench serve: error: a hostile request reached another request's result", file=sys.stderr)
+        return 1
     if a.plot:
         from .plot import plot_serve
         plot_serve(rows, a.plot)
@@ -437,10 +444,17 @@ def config_from_args(a) -> ServeConfig:
         import torch
         if not torch.cuda.is_available():
             raise ServeBenchError("--cuda-graphs needs a CUDA GPU; this machine has none", 2)
+    hostile = getattr(a, "hostile", None)
+    if hostile is not None:
+        from .serve_hostile import valid_share
+        if not valid_share(hostile) or a.arrival != "closed" or a.duration_s is not None:
+            raise ServeBenchError("--hostile is a share of the requests, above 0 and below 1 (e.g. 0.2), in the closed "
+                                  "loop without --duration-s", 2)
     if a.mix == "mixed" and "diffusers" in servers and not a.url:
         raise ServeBenchError("--mix mixed sends full-guidance requests (4 UNet rows), which the diffusers baseline "
                               "does not run: leave diffusers out of --servers", 2)
     return ServeConfig(preset=a.preset, concurrency=tuple(a.concurrency), requests=a.requests, steps=a.steps,
                        url=a.url, servers=servers, duration_s=a.duration_s, timeout_s=a.timeout_s,
                        max_batch_rows=a.max_batch_rows, max_wait_ms=a.max_wait_ms, arrival=a.arrival, rates=rates,
-                       loads=tuple(a.loads), mix=a.mix, seed=a.seed, cuda_graphs=getattr(a, "cuda_graphs", False))
+                       loads=tuple(a.loads), mix=a.mix, seed=a.seed, cuda_graphs=getattr(a, "cuda_graphs", False),
+                       hostile=hostile)

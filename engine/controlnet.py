@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import bounds
 from .errors import EngineError
 from .loading import load_image
 from .safe_load import load_error, refusal
@@ -62,10 +63,25 @@ class ControlState:
 
 
 def per_net(value, n: int, name: str) -> list:
+    """One value per net, each within its field's range (engine/bounds.py)."""
     values = list(value) if isinstance(value, (list, tuple)) else [value] * n
     if len(values) != n:
         raise EngineError(f"{name} has {len(values)} values for {n} ControlNets")
-    return [float(v) for v in values]
+    return [bounds.number(name, v, f" of ControlNet {k}" if n > 1 else "") for k, v in enumerate(values)]
+
+
+def control_numbers(nets: int, n: int, scale, start, end) -> tuple[list, list, list]:
+    """A call's ControlNet numbers checked (engine/bounds.py), before any heavy work: -> (per request the scale of
+    each net, per net its start, per net its end)."""
+    scales = scale if isinstance(scale, (list, tuple)) and nets == 1 and len(scale) == n else None
+    per_req = [[bounds.number("controlnet_conditioning_scale", s, f" of request {r}")] for r, s in enumerate(scales)] \
+        if scales is not None else [per_net(scale, nets, "controlnet_conditioning_scale")] * n
+    starts, ends = per_net(start, nets, "control_guidance_start"), per_net(end, nets, "control_guidance_end")
+    for k, (a, b) in enumerate(zip(starts, ends)):
+        if a > b:
+            raise EngineError(f"control_guidance_start {a:g} is after control_guidance_end {b:g}"
+                              + (f" (ControlNet {k})" if nets > 1 else ""))
+    return per_req, starts, ends
 
 
 def control_state(pipe, nets, reqs, plan, height: int, width: int, control_image, scale, start, end,
@@ -82,9 +98,7 @@ def control_state(pipe, nets, reqs, plan, height: int, width: int, control_image
     if len(per_net_images) != len(nets):
         raise EngineError(f"{len(nets)} ControlNets are loaded: give control_image as a list of {len(nets)} "
                           "(one per net, each an image or one per request)")
-    scales = scale if isinstance(scale, (list, tuple)) and len(nets) == 1 and len(scale) == n else None
-    per_req = [[float(s)] for s in scales] if scales is not None else \
-        [per_net(scale, len(nets), "controlnet_conditioning_scale")] * n
+    per_req, starts, ends = control_numbers(len(nets), n, scale, start, end)
     proc = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor, do_convert_rgb=True, do_normalize=False)
     rows = torch.tensor(plan["row_request"])
     loaded, pixels = {}, []
@@ -103,8 +117,7 @@ def control_state(pipe, nets, reqs, plan, height: int, width: int, control_image
     if guess_mode:  # the prompt branch's rows: diffusers' conditional half
         prompt_rows = [plan["branches"][j]["name"] == "full" for j in plan["branch_of_row"].tolist()]
         guess = torch.tensor(prompt_rows, dtype=torch.float32, device=pipe.device)
-    return ControlState(pixels, table, per_net(start, len(nets), "control_guidance_start"),
-                        per_net(end, len(nets), "control_guidance_end"), guess, active_nets(table, guess))
+    return ControlState(pixels, table, starts, ends, guess, active_nets(table, guess))
 
 
 def active_nets(scales: torch.Tensor, guess_rows: torch.Tensor | None) -> list[bool]:

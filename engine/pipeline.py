@@ -1,8 +1,9 @@
 """`engine.Pipeline`: IPAdapter-Instruct (or IP-Adapter+) generation on a Stable Diffusion 1.5 UNet.
 
 One call may hold several requests (different prompts, images, instructions, scales, guidance modes):
-all their guidance branches and images run as one UNet batch per step, and a per-call weight matrix
-combines branch outputs into each image's noise prediction (see guidance.py). Everything that does not
+all their guidance branches and images run as one UNet batch per step, and each image's noise prediction is
+combined from its own branch rows only (guidance.Combination), so no request's numbers reach another's image;
+a request whose latents go non-finite fails alone (guidance.NonFinite). Everything that does not
 change across steps is computed once per call: text, instruction and image encodings, projector outputs,
 and the K/V of the encoder tokens in every cross-attention layer.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import os
 import time
 from contextlib import contextmanager
@@ -21,13 +21,13 @@ from PIL import Image
 
 from kernels import BACKENDS, choose
 
-from . import DEFAULT_NEGATIVE, DEFAULT_PROMPT, DTYPE_NAMES, RUNTIMES, fastpath
+from . import DEFAULT_NEGATIVE, DEFAULT_PROMPT, DTYPE_NAMES, RUNTIMES, bounds, fastpath
 from .adapter import Adapter, load_adapter
 from .attention import (AdapterContext, choose_impls, expand_scale, install_processors, precompute_kv,
                         query_lengths)
 from .errors import EngineError
 from .graphs import StaticUNet
-from .guidance import branch_weights, resolve_mode
+from .guidance import Combination, NonFinite, branch_weights, finite_images, resolve_mode
 from .loading import check_size, load_base, load_image, load_image_encoder, make_scheduler, resolve
 from .lora import LoraMixin
 from .selfcheck import SelfCheck, describe, module_fp32, shape_key
@@ -101,7 +101,7 @@ def select_rows(t, index):
 
 def expand_rows(branches: list[dict], texts: set, reqs: list) -> dict:
     """The plan from branch rows ({"r": request, "w": weight, "text": ...}): UNet rows (branches x each request's
-    images), which latent each row predicts for, and the weight matrix combining rows into latents."""
+    images), which latent each row predicts for, and how each latent's own rows combine (guidance.Combination)."""
     offsets = [0]
     for req in reqs:
         offsets.append(offsets[-1] + req.num_images)
@@ -111,11 +111,10 @@ def expand_rows(branches: list[dict], texts: set, reqs: list) -> dict:
             branch_of_row.append(j)
             latent_of_row.append(offsets[row["r"]] + k)
             cols.append(row["w"])
-    weights = torch.zeros(offsets[-1], len(cols), dtype=torch.float32)
-    weights[torch.tensor(latent_of_row), torch.arange(len(cols))] = torch.tensor(cols, dtype=torch.float32)
     return {"branches": branches, "texts": texts, "text": [b["text"] for b in branches],
             "branch_of_row": torch.tensor(branch_of_row), "latent_of_row": torch.tensor(latent_of_row),
-            "row_request": [branches[j]["r"] for j in branch_of_row], "weights": weights}
+            "row_request": [branches[j]["r"] for j in branch_of_row],
+            "combine": Combination.of(latent_of_row, cols, offsets[-1])}
 
 
 class Pipeline(LoraMixin):
@@ -391,6 +390,9 @@ class Pipeline(LoraMixin):
         if self.controlnets:  # (ControlNet: engine/controlnet.py; per request: control_image and its scale)
             control = dict(control_image=control_image, scale=controlnet_conditioning_scale,
                            start=control_guidance_start, end=control_guidance_end, guess_mode=bool(guess_mode))
+            from .controlnet import control_numbers
+            control_numbers(len(self.controlnets), len(reqs), controlnet_conditioning_scale, control_guidance_start,
+                            control_guidance_end)  # checked before any heavy work
         elif control_image is not None:
             raise EngineError("control_image was given but no ControlNet is loaded (from_pretrained(controlnet=...), "
                               "or an export made with --controlnet)")
@@ -460,18 +462,34 @@ class Pipeline(LoraMixin):
                                         control["guess_mode"], p.added)
                 with torch.profiler.record_function("engine::unet_step"):
                     eps_rows = self._unet_step(x, t, p.text_rows, ctx, res, p.added)
-                eps = (p.weights @ eps_rows.flatten(1).float()).view(latents.shape).to(latents.dtype)
+                eps = p.combine(eps_rows).view(latents.shape).to(latents.dtype)
                 latents = sched.step(eps, t, latents, **p.extra, return_dict=False)[0]
                 if progress_callback is not None:
                     progress_callback(step, total)
         self.timings["unet_ms_per_step"] = self.timings["denoise_ms"] / total
+        return self._outputs(latents, [r.num_images for r in reqs], output_type, t_start)
+
+    def _outputs(self, latents: torch.Tensor, counts: list[int], output_type: str, t_start: float):
+        """The call's result from its final latents (counts: images per request). A request whose latents are not
+        finite fails alone: the others' images are decoded as they are (the failed ones' as zeros, then dropped)
+        and NonFinite carries them."""
+        ok = finite_images(latents)
+        firsts = [sum(counts[:r]) for r in range(len(counts))]
+        bad = [r for r, (at, n) in enumerate(zip(firsts, counts)) if not all(ok[at:at + n])]
         if output_type == "latent":
-            self.timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
-            return latents
-        with self._timed("vae_decode_ms"):
-            images = self.decode(latents)
+            out = latents
+        else:
+            if bad:
+                latents = torch.where(torch.tensor(ok, device=latents.device).view(-1, 1, 1, 1), latents, 0.0)
+            with self._timed("vae_decode_ms"):
+                out = self.decode(latents)
         self.timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
-        return images
+        if bad:
+            if output_type != "latent":
+                keep = [r not in bad for r, n in enumerate(counts) for _ in range(n)]
+                out = [im if good else None for im, good in zip(out, keep)]
+            raise NonFinite(bad, out)
+        return out
 
     def _prepare(self, reqs: list, num_inference_steps, height, width, scheduler, max_size, control=None):
         """Everything of a call that holds for all its steps: the plan, encodings, projector tokens, K/V, masks,
@@ -515,7 +533,7 @@ class Pipeline(LoraMixin):
             height=height, width=width, plan=plan, text_rows=text_rows, control=state, added=None, sched=sched,
             total=total,
             latents=self._latents(reqs, sched, height, width), latent_of_row=plan["latent_of_row"].to(self.device),
-            weights=plan["weights"].to(self.device), extra=self._step_kwargs(sched, reqs),
+            combine=plan["combine"].to(self.device), extra=self._step_kwargs(sched, reqs),
             contexts=self._step_contexts(ctx, reqs, plan, total))
 
     def _size(self, reqs: list[Request], height, width, max_size) -> tuple[int, int]:
@@ -593,14 +611,15 @@ class Pipeline(LoraMixin):
         reqs, loaded = [], {}
         for i in range(n):
             p = {k: v[i] for k, v in pick.items()}
+            where = f" of request {i}" if n > 1 else ""
             for k in ("guidance_scale", "instruct_guidance_scale", "image_guidance_scale"):
-                if not isinstance(p[k], (int, float)) or not math.isfinite(p[k]):
-                    raise EngineError(f"{k} must be a finite number, got {p[k]!r}")
+                p[k] = bounds.number(k, p[k], where)  # (engine/bounds.py: the server's schemas read the same table)
             for k in ("prompt", "negative_prompt"):
                 if not isinstance(p[k], str):
                     raise EngineError(f"{k} must be a string, got {type(p[k]).__name__}")
             slots = []
             if self.adapter is None:
+                bounds.scale(p["scale"], where)  # (unused without an adapter, but held to the same rule)
                 if p["image"] is not None:
                     raise EngineError("a condition image was given but no adapter is loaded (from_pretrained(adapter=...))")
                 given = [k for k, off in (("adapter_masks", p["adapter_masks"] is None),
@@ -660,16 +679,9 @@ class Pipeline(LoraMixin):
         ends = per_adapter("adapter_end", p["adapter_end"])
         slots = []
         for a in range(n):
-            scale = scales[a]
-            if isinstance(scale, bool) or not isinstance(scale, (int, float, dict)):
-                raise EngineError(f"adapter scale of {where} must be a number or a per-block dict, got "
-                                  f"{type(scale).__name__}")
-            if not isinstance(scale, dict) and not math.isfinite(scale):
-                raise EngineError(f"adapter scale must be finite, got {scale!r}")
+            scale = bounds.scale(scales[a], f" of {where}")  # a number or a per-block dict, every number bounded
             for key, v in (("adapter_start", starts[a]), ("adapter_end", ends[a])):
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-                    raise EngineError(f"{key} of {where} must be a number in [0, 1] (a fraction of the steps), "
-                                      f"got {v!r}")
+                bounds.number(key, v, f" of {where}")
             if starts[a] > ends[a]:
                 raise EngineError(f"adapter_start {starts[a]} is after adapter_end {ends[a]} ({where})")
             slot = Slot(image_list(images[a]), scale, masks[a], float(starts[a]), float(ends[a]))

@@ -32,6 +32,7 @@ import torch
 from .attention import AdapterContext
 from .edit import EditContext
 from .errors import EngineError
+from .guidance import NonFinite, finite_images
 from .pipeline import select_rows
 
 SIZE_CONDITIONING = ("original_size", "target_size", "crops_coords_top_left")  # SDXL's, per admission
@@ -108,6 +109,9 @@ def _admit(pipe, kwargs: dict, one: bool) -> list[Flight]:
     elif args.get("control_image") is not None:
         raise EngineError("control_image was given but no ControlNet is loaded")
     reqs = pipe._edit_requests(args) if edit else pipe._requests(args)
+    if control is not None:  # its numbers checked before any heavy work (engine/bounds.py)
+        from .controlnet import control_numbers
+        control_numbers(len(pipe.controlnets), len(reqs), control["scale"], control["start"], control["end"])
     if one and len(reqs) != 1:
         raise EngineError(f"a flight is one request; got {len(reqs)} (give single values, not lists, or use "
                           "start_many)")
@@ -139,7 +143,7 @@ def _admit(pipe, kwargs: dict, one: bool) -> list[Flight]:
 
 def _split(pipe, prep, reqs) -> list:
     """One request's share of a batch's `_prepare`: its UNet rows (text, K/V, scales, masks of every step's context,
-    the identity of repeated contexts kept), its latents, its block of the guidance weights, and a copy of the
+    the identity of repeated contexts kept), its latents, its share of the guidance combination, and a copy of the
     scheduler with its own generator for ancestral steps."""
     from types import SimpleNamespace
 
@@ -169,8 +173,7 @@ def _split(pipe, prep, reqs) -> list:
             added=None if prep.added is None else {k: select_rows(v, rows) for k, v in prep.added.items()},
             sched=sched, total=prep.total, latents=prep.latents.index_select(0, lat),
             latent_of_row=prep.latent_of_row.index_select(0, rows) - offsets[r],
-            weights=prep.weights.index_select(0, lat.to(prep.weights.device)).index_select(
-                1, rows.to(prep.weights.device)),
+            combine=prep.combine.select(lat, rows),
             extra=pipe._step_kwargs(sched, [req]), contexts=[context(c) for c in prep.contexts]))
     return out
 
@@ -321,7 +324,7 @@ def step(pipe, flights: list[Flight], packer: Packer | None = None) -> None:
     for f in flights:
         e = eps_rows[offset:offset + f.rows]
         offset += f.rows
-        eps = (f.prep.weights @ e.flatten(1).float()).view(f.latents.shape).to(f.latents.dtype)
+        eps = f.prep.combine(e).view(f.latents.shape).to(f.latents.dtype)
         t_f = f.prep.sched.timesteps[f.index]
         f.latents = f.prep.sched.step(eps, t_f, f.latents, **f.prep.extra, return_dict=False)[0]
         f.index += 1
@@ -335,10 +338,13 @@ def finish(pipe, flight: Flight):
 
 
 def finish_many(pipe, flights: list[Flight]) -> list:
-    """Finished flights' outputs (as `finish`), their images decoded in one VAE call per image size."""
+    """Finished flights' outputs (as `finish`), their images decoded in one VAE call per image size. A flight whose
+    latents are not finite fails alone: NonFinite names it (its index in `flights`) and carries the others' outputs
+    (None for it)."""
     for f in flights:
         if not f.done:
             raise EngineError(f"the flight is at step {f.index} of {f.total}: not finished")
+    ok = [all(finite_images(f.latents)) for f in flights]
     out: dict = {}
     groups: dict = {}
     for k, f in enumerate(flights):
@@ -347,8 +353,9 @@ def finish_many(pipe, flights: list[Flight]) -> list:
         else:
             groups.setdefault(f.size, []).append(k)
     for ks in groups.values():
-        t0 = time.perf_counter()
-        images = pipe.decode(torch.cat([flights[k].latents for k in ks]))
+        t0 = time.perf_counter()  # (a failed flight decodes as zeros, then is dropped)
+        images = pipe.decode(torch.cat([flights[k].latents if ok[k] else torch.zeros_like(flights[k].latents)
+                                        for k in ks]))
         decode_ms = (time.perf_counter() - t0) * 1e3
         at = 0
         for k in ks:
@@ -358,4 +365,7 @@ def finish_many(pipe, flights: list[Flight]) -> list:
     now = time.perf_counter()
     for f in flights:
         f.timings["total_ms"] = (now - f.started) * 1e3
+    if not all(ok):
+        raise NonFinite([k for k in range(len(flights)) if not ok[k]],
+                        [out[k] if ok[k] else None for k in range(len(flights))])
     return [out[k] for k in range(len(flights))]

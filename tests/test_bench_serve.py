@@ -49,3 +49,31 @@ def test_serve_refuses_a_url_off_this_machine(url, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not an http URL on this machine" in err
+
+
+def test_hostile_mix_leaves_the_good_images_as_they_are(tiny):
+    """`--hostile`: the good requests' images against each alone, hostile ones among them, on an in-process server
+    whose batcher waits long enough for them to share calls; out-of-range values are all refused."""
+    from bench.serve import ServeConfig, condition_image_b64, request_body
+    from bench.serve_hostile import HOSTILE, broken, hostile_line, hostile_run
+    from conftest import load_pipe
+    from engine.server.config import ServerConfig
+    from server_utils import InProcessServer
+
+    server = InProcessServer(ServerConfig(max_wait_ms=500), load_pipe(tiny, tiny["adapter"]))
+    try:
+        cfg = ServeConfig(steps=2)
+        goods = [request_body(i, cfg, condition_image_b64("tiny")) for i in range(3)]
+        res = server.call(hostile_run(server.client, goods, 0.75, 4, 120.0))
+    finally:
+        server.close()
+    assert res["hostile"] == 9 == len(HOSTILE) and res["refused"] == 5, res  # each hostile kind once
+    assert not broken(res) and res["changed"] == 0 and res["max_diff"] <= 1, res
+    assert res["batch_requests"] > 1 and res["in_range_200"] + res["in_range_422"] == 4, res
+    assert "isolation held" in hostile_line("engine", res)
+
+
+@pytest.mark.parametrize("share", ["0", "1", "1.5", "nan"])
+def test_hostile_share_must_be_between_0_and_1(share, capsys):
+    assert main(["serve", "--hostile", share, "--servers", "engine"]) == 2
+    assert "--hostile is a share of the requests" in capsys.readouterr().err

@@ -2,13 +2,13 @@
 `Pipeline.__call__`, with the same names and defaults as `python -m engine generate`."""
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from .. import DEFAULT_NEGATIVE, DEFAULT_PROMPT
+from .. import DEFAULT_NEGATIVE, DEFAULT_PROMPT, bounds
+from ..errors import EngineError
 from ..guidance import MODES
 from ..loading import SCHEDULERS
 
@@ -24,6 +24,7 @@ TASK_PRESETS = {
     "face": "copy the face from this image",
 }
 
+
 def not_bool(v):
     """JSON true is no integer here (Python's bool is an int, and pydantic's lax mode takes it as 1)."""
     if isinstance(v, bool):
@@ -32,6 +33,17 @@ def not_bool(v):
 
 
 Int = Annotated[int, BeforeValidator(not_bool)]  # lax otherwise: multipart's "30" is still 30
+
+
+def within_bounds(value, field: str):
+    """engine/bounds.py's rule for a request field (every number of a per-block scale dict too): ValueError, which
+    the API answers with a 422 naming the field."""
+    try:
+        return bounds.scale(value, field=field) if field == "scale" else bounds.number(field, value)
+    except EngineError as e:
+        raise ValueError(str(e).removeprefix(field + " ")) from None
+
+
 BlockScale = dict[str, Any]  # InstantStyle's per-block dict, e.g. {"up": {"block_0": [0.0, 1.0, 0.0]}}
 
 
@@ -85,12 +97,10 @@ class GenerateRequest(BaseModel):
         return self
 
     @field_validator("guidance_scale", "instruct_guidance_scale", "image_guidance_scale",
-                     "controlnet_conditioning_scale")
+                     "controlnet_conditioning_scale", "scale")
     @classmethod
-    def finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
+    def bounded(cls, v, info):
+        return within_bounds(v, info.field_name)
 
     @field_validator("original_size", "target_size", "crops_coords_top_left")
     @classmethod
@@ -98,13 +108,6 @@ class GenerateRequest(BaseModel):
         low = 0 if info.field_name == "crops_coords_top_left" else 1
         if v is not None and any(x < low or x > 1 << 16 for x in v):
             raise ValueError(f"must be two integers from {low} to {1 << 16}")
-        return v
-
-    @field_validator("scale")
-    @classmethod
-    def finite_scale(cls, v):
-        if isinstance(v, float) and not math.isfinite(v):
-            raise ValueError("must be a finite number")
         return v
 
 
@@ -131,10 +134,8 @@ class EditRequest(BaseModel):
 
     @field_validator("guidance_scale", "image_guidance_scale", "scale")
     @classmethod
-    def finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
+    def bounded(cls, v, info):
+        return within_bounds(v, info.field_name)
 
 
 class Timings(BaseModel):

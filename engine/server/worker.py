@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from ..errors import EngineError
-from ..guidance import resolve_mode
+from ..guidance import NonFinite, resolve_mode
 from ..loading import MAX_SIZE_FACTOR, check_size, native_from_configs
 from .images import Use
 from .schemas import GenerateRequest
@@ -134,14 +134,22 @@ class PipelineRunner:
 
     def __call__(self, works: list[Work], progress=None) -> list[dict]:
         """One Pipeline call for requests of one key -> per request {"images": [PIL], "timings": {...}}."""
-        first = works[0].req
+        return self._run(works, progress, STAGES)
+
+    def _run(self, works: list[Work], progress, stages: tuple) -> list:
+        """One Pipeline call -> per request its result dict, or the error of a request that failed alone (its
+        latents went non-finite: guidance.NonFinite) while the others' images stand."""
         kwargs = self._kwargs(works, progress)
         t0 = time.perf_counter()
-        images = self.pipe(**kwargs)
-        stages = {k: round(v, 3) for k, v in self.pipe.timings.items() if k in STAGES}
-        stages["compute_ms"] = (time.perf_counter() - t0) * 1e3
-        n = first.num_images
-        return [{"images": images[i * n:(i + 1) * n], "timings": stages} for i in range(len(works))]
+        try:
+            images, failed = self.pipe(**kwargs), set()
+        except NonFinite as e:
+            images, failed = e.outputs, set(e.requests)
+        timings = {k: round(v, 3) for k, v in self.pipe.timings.items() if k in stages}
+        timings["compute_ms"] = (time.perf_counter() - t0) * 1e3
+        n = works[0].req.num_images
+        return [NonFinite.alone() if i in failed else {"images": images[i * n:(i + 1) * n], "timings": timings}
+                for i in range(len(works))]
 
     # step-level batching (stepper.py): one request admitted, stepped with others, finished
     def start(self, work: Work, progress=None):
@@ -160,12 +168,15 @@ class PipelineRunner:
 
     def finish_many(self, works: list[Work], flights: list) -> list[dict]:
         """Finished flights decoded in one VAE call -> per request {"images": [PIL], "timings": {...}}."""
-        outputs = self.pipe.finish_many(flights)
+        try:
+            outputs, failed = self.pipe.finish_many(flights), set()
+        except NonFinite as e:  # those flights fail alone; the others' images stand
+            outputs, failed = e.outputs, set(e.requests)
         now, out = time.perf_counter(), []
-        for images, flight in zip(outputs, flights):
+        for k, (images, flight) in enumerate(zip(outputs, flights)):
             stages = {k: round(v, 3) for k, v in flight.timings.items() if k in STAGES or k == "prepare_ms"}
             stages["compute_ms"] = (now - flight.started) * 1e3
-            out.append({"images": images, "timings": stages})
+            out.append(NonFinite.alone() if k in failed else {"images": images, "timings": stages})
         return out
 
     def _kwargs(self, works: list[Work], progress=None) -> dict:
@@ -268,14 +279,7 @@ class EditRunner(PipelineRunner):
         return kwargs
 
     def __call__(self, works: list[EditWork], progress=None) -> list[dict]:
-        first = works[0].req
-        kwargs = self._kwargs(works, progress)
-        t0 = time.perf_counter()
-        images = self.pipe(**kwargs)
-        stages = {k: round(v, 3) for k, v in self.pipe.timings.items() if k in (*STAGES, "image_latent_ms")}
-        stages["compute_ms"] = (time.perf_counter() - t0) * 1e3
-        n = first.num_images
-        return [{"images": images[i * n:(i + 1) * n], "timings": stages} for i in range(len(works))]
+        return self._run(works, progress, (*STAGES, "image_latent_ms"))
 
     def warmup_work(self) -> EditWork:
         from .schemas import EditRequest
