@@ -19,8 +19,11 @@ $(VENV)/.installed: setup.py
 demo: install
 	$(PY) -m engine demo
 
+# the suite in TEST_WORKERS processes (pytest-xdist), a test file to a process (its module fixtures built once);
+# much of it waits on subprocesses, servers and the single-threaded Triton interpreter, so 2 fill 2 cores
+TEST_WORKERS ?= 2
 test: install browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # the web page's test drives a real headless Chromium: Debian's chromium and its chromedriver (installed once, as root)
 browser:

@@ -13,6 +13,10 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# under pytest-xdist (`make test` runs TEST_WORKERS processes) the cores are shared out, not each claimed by every
+# worker's intra-op pool: oversubscribed OpenMP threads spin and slow every worker down
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 # GPU-only tests carry this marker: they skip without CUDA (below) and `pytest -m gpu` selects them on a GPU machine
 gpu = pytest.mark.gpu
 GPU_SKIP = "needs a CUDA GPU (kernels, graphs and fp16 at real shapes)"
