@@ -322,17 +322,12 @@ def sleeping_in_c(pid: int, timeout: float = 30.0) -> None:
     raise AssertionError(f"process {pid} never went to sleep in C")
 
 
-def test_ctrl_c_during_one_long_op(tmp_path):
-    """The main thread stuck in C code (here: deaf to SIGINT in a libc sleep) is ended by the watcher after the
-    grace time, with the same line and code, and the temporaries being written are removed."""
-    pending = tmp_path / ".out.png.tmp-1"
-    code = textwrap.dedent(f"""
+def ctrl_c_in_c(setup: str, guard: str) -> tuple[int, str, float]:
+    """A child that runs `setup`, then under `guard` (a `with` expression) blocks SIGINT in its main thread and
+    sleeps in libc, is sent Ctrl-C once it sleeps there. -> (exit code, stderr, seconds from the signal)."""
+    code = setup + textwrap.dedent(f"""
         import ctypes, signal
-        from engine import output
-        from engine.__main__ import interrupt_guard
-        open({str(pending)!r}, "w").close()
-        output._pending.add({str(pending)!r})
-        with interrupt_guard(grace_s=0.5):
+        with {guard}:
             signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGINT}})
             print("ready", flush=True)
             ctypes.CDLL(None).sleep(120)
@@ -348,8 +343,22 @@ def test_ctrl_c_during_one_long_op(tmp_path):
         _, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
-    assert proc.returncode == EXIT_INTERRUPTED and err.strip() == INTERRUPTED
-    assert time.monotonic() - t0 < 20 and not pending.exists()
+    return proc.returncode, err, time.monotonic() - t0
+
+
+def test_ctrl_c_during_one_long_op(tmp_path):
+    """The main thread stuck in C code (here: deaf to SIGINT in a libc sleep) is ended by the watcher after the
+    grace time, with the same line and code, and the temporaries being written are removed."""
+    pending = tmp_path / ".out.png.tmp-1"
+    setup = textwrap.dedent(f"""
+        from engine import output
+        from engine.__main__ import interrupt_guard
+        open({str(pending)!r}, "w").close()
+        output._pending.add({str(pending)!r})
+    """)
+    code, err, seconds = ctrl_c_in_c(setup, "interrupt_guard(grace_s=0.5)")
+    assert code == EXIT_INTERRUPTED and err.strip() == INTERRUPTED
+    assert seconds < 20 and not pending.exists()
 
 
 PROBE = ("import runpy, sys\nsys.argv = ['engine', *sys.argv[1:]]\ntry:\n    runpy.run_module('engine', "

@@ -19,7 +19,7 @@ import pytest
 from engine import interrupt
 from engine.interrupt import EXIT_INTERRUPTED
 from engine.trt import tensorrt_unavailable
-from test_cli import sleeping_in_c
+from test_cli import ctrl_c_in_c
 
 NO_TRT = tensorrt_unavailable("rtx")
 needs_trt = pytest.mark.skipif(NO_TRT is not None, reason=f"TensorRT for RTX does not import: {NO_TRT}")
@@ -186,26 +186,15 @@ def test_forced_exit_removes_registered_folders(tmp_path):
     """The main thread stuck in C (deaf to SIGINT) is ended by the watcher, and the folders and files registered as
     being written go first."""
     stage, part = tmp_path / "stage", tmp_path / "x.pt.tmp"
-    code = textwrap.dedent(f"""
-        import ctypes, os, signal
+    setup = textwrap.dedent(f"""
+        import os
         from engine import interrupt
         os.makedirs({str(stage)!r}); open(os.path.join({str(stage)!r}, "a.plan"), "w").close()
         open({str(part)!r}, "w").close()
         interrupt.remove_if_killed({str(stage)!r}); interrupt.remove_if_killed({str(part)!r})
-        with interrupt.interrupt_guard(grace_s=0.5, message="stopped here"):
-            signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGINT}})
-            print("ready", flush=True)
-            ctypes.CDLL(None).sleep(120)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        sleeping_in_c(proc.pid)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-    assert proc.returncode == EXIT_INTERRUPTED and err.strip() == "stopped here"
+    code, err, _ = ctrl_c_in_c(setup, 'interrupt.interrupt_guard(grace_s=0.5, message="stopped here")')
+    assert code == EXIT_INTERRUPTED and err.strip() == "stopped here"
     assert not stage.exists() and not part.exists()
 
 

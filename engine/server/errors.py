@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import uuid
+from types import SimpleNamespace
 
 GOOD_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 log = logging.getLogger("engine.server")
@@ -73,6 +74,18 @@ class ShortBody(Exception):
     pass
 
 
+def tracked(send):
+    """An ASGI send that notes when the response starts (after that an error can no longer be answered).
+    -> (send, a namespace whose .started says so)."""
+    response = SimpleNamespace(started=False)
+
+    async def tracking_send(message):
+        if message["type"] == "http.response.start":
+            response.started = True
+        await send(message)
+    return tracking_send, response
+
+
 class BodyLimit:
     """The body of a request, as the app reads it: 413 over `max_bytes` (at once from Content-Length, else as soon as
     the bytes read pass it), 408 unless all of it arrives within `timeout_s` of the request's start, 400 when the
@@ -90,7 +103,7 @@ class BodyLimit:
             return await send_json(send, 413, error_body("payload_too_large", self.too_large(), rid),
                                    {"connection": "close"})
         deadline = asyncio.get_running_loop().time() + self.timeout_s
-        seen, done, started = 0, False, False
+        seen, done = 0, False
 
         async def limited_receive():
             nonlocal seen, done
@@ -110,12 +123,7 @@ class BodyLimit:
             done = not msg.get("more_body", False)
             return msg
 
-        async def tracking_send(msg):
-            nonlocal started
-            if msg["type"] == "http.response.start":
-                started = True
-            await send(msg)
-
+        tracking_send, response = tracked(send)
         try:
             await self.app(scope, limited_receive, tracking_send)
         except (BodyTooLarge, BodyTimeout, ShortBody) as e:
@@ -123,7 +131,7 @@ class BodyLimit:
                                      BodyTimeout: (408, "body_timeout", str(e)),
                                      ShortBody: (400, "incomplete_body", str(e))}[type(e)]
             log.info("request %s: %s", rid, message)
-            if not started:
+            if not response.started:
                 await send_json(send, status, error_body(code, message, rid), {"connection": "close"})
 
     def too_large(self) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 
-from .errors import error_body, internal_message, send_json
+from .errors import error_body, internal_message, send_json, tracked
 
 log = logging.getLogger("engine.server")
 ANY = frozenset({"0.0.0.0", "::", "[::]", ""})
@@ -87,20 +87,13 @@ class InternalErrors:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracking_send, response = tracked(send)
         try:
             await self.app(scope, receive, tracking_send)
         except Exception:
             rid = scope.get("state", {}).get("request_id")
             log.exception("request %s (%s %s) failed", rid, scope.get("method"), scope.get("path"))
-            if not started:
+            if not response.started:
                 await send_json(send, 500, error_body("internal", internal_message(rid), rid))
 
 
