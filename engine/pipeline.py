@@ -27,7 +27,8 @@ from .attention import (AdapterContext, choose_impls, expand_scale, install_proc
                         query_lengths)
 from .errors import EngineError
 from .graphs import StaticUNet
-from .guidance import Combination, NonFinite, branch_weights, finite_images, resolve_mode
+from .combine import Combination, NonFinite, finite_images
+from .guidance import branch_weights, resolve_mode
 from .loading import check_size, load_base, load_image, load_image_encoder, make_scheduler, resolve
 from .lora import LoraMixin
 from .selfcheck import SelfCheck, describe, module_fp32, shape_key

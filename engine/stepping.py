@@ -32,7 +32,7 @@ import torch
 from .attention import AdapterContext
 from .edit import EditContext
 from .errors import EngineError
-from .guidance import NonFinite, finite_images
+from .combine import NonFinite, finite_images
 from .pipeline import select_rows
 
 SIZE_CONDITIONING = ("original_size", "target_size", "crops_coords_top_left")  # SDXL's, per admission

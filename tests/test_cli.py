@@ -66,6 +66,13 @@ def same(a, b):
     return len(a) == len(b) and all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, b))
 
 
+def within_one_level(a, b):
+    """Another process may run other torch thread counts (make test's workers share the cores out), whose float
+    sums round differently: one grey level, the suite's rule across thread counts and batch shapes."""
+    return len(a) == len(b) and all(x.shape == y.shape and np.abs(x.astype(int) - y.astype(int)).max() <= 1
+                                    for x, y in zip(a, b))
+
+
 def leftovers(folder):
     return sorted(p.name for p in folder.iterdir() if p.name != "cond.png")
 
@@ -101,7 +108,7 @@ def test_generate_subprocess_equals_api(gen_args, tmp_path, instruct_pipe, cond_
     want = instruct_pipe(image=cond_image, **{**API_BASE, "scale": 0.7, "guidance_scale": 5,
                          "instruct_guidance_scale": 4, "image_guidance_scale": 1.5, "guidance_mode": "full",
                          "seed": 3, "height": 32, "width": 48, "scheduler": "euler_a"})
-    assert same(read([tmp_path / "out.png"]), pixels(want))
+    assert within_one_level(read([tmp_path / "out.png"]), pixels(want))
 
 
 # every generation flag with a value other than its default: the CLI's images must equal the API's for the same

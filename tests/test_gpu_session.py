@@ -218,7 +218,9 @@ def test_gpu_check_rehearsed_in_an_image_shaped_environment(gpu_nodes, image):
 def test_a_part_stopped_at_its_limit_leaves_pytests_xml_and_log(image):
     """SIGINT first: the whole suite (stage `tests`) cut off after a few seconds still writes its JUnit XML, says
     where it stopped, and its log reaches the archive; the stage's line says it timed out."""
-    res, out = image("tests", GPU_CHECK_SECONDS="45")  # a limit of about 20 s
+    # a limit of about 20 s, over the in-process kernel tests: a test whose subprocess is still importing torch
+    # when SIGINT comes can outlast the 15 s grace on a loaded machine (make test runs 2 workers)
+    res, out = image("tests", GPU_CHECK_SECONDS="45", PYTEST_ADDOPTS="-k kernels")
     files, stages, logs = out_files(out)
     m = next(filter(None, map(PART.match, stages.splitlines())))
     assert m["part"] == "tests" and m["rc"] == "124" and "(timed out)" in stages, stages

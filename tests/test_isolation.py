@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import NEGATIVE, PROMPT, load_pipe
 from engine import bounds
 from engine.errors import EngineError
-from engine.guidance import Combination, NonFinite
+from engine.combine import Combination, NonFinite
 from engine.server.config import ServerConfig
 from server_utils import InProcessServer, decode_png, png_base64
 

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 import warnings
 
 import pytest
@@ -40,23 +41,31 @@ def one(tiny, synthetic, tmp_path_factory):
 
 
 def launch(cmd, tmp_path, timeout=300):
-    """Run a launcher in its own process group. A launch that hangs (seen in 1 of 4 fresh-clone runs on
-    2026-12-04: one of torchrun's two workers gone, the other waiting on the rendezvous store for its default 30
-    minutes) is killed with all its workers and tried once more, with a warning that shows what it printed; a
-    second hang fails."""
+    """Run a launcher and every worker it starts, marked by an environment variable of this launch. Its output goes
+    to files, not pipes, so the launcher's own exit ends the wait even when a worker outlives it (seen: torchrun
+    gone, one worker orphaned in a session of its own, holding the pipes forever); after it, every process still
+    carrying the mark is killed. A launch that hangs (seen in 1 of 4 fresh-clone runs on 2026-12-04: one of
+    torchrun's two workers gone, the other waiting on the rendezvous store for its default 30 minutes) is killed
+    the same way and tried once more, with a warning that shows what it printed; a second hang fails."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
            and not k.startswith("ACCELERATE_")}
     env["OMP_NUM_THREADS"] = "1"
     env["HF_HOME"] = str(tmp_path / "hf")  # no accelerate config from the user's cache
     for attempt in range(2):
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every worker it started
-            out, err = proc.communicate()
+        env["ENGINE_TEST_LAUNCH"] = mark = uuid.uuid4().hex
+        logs = [tmp_path / f"launch-{attempt}.{name}" for name in ("out", "err")]
+        with open(logs[0], "w") as out_f, open(logs[1], "w") as err_f:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out_f, stderr=err_f, text=True)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            finally:
+                kill_marked(mark)
+        out, err = (f.read_text() for f in logs)
+        if proc.returncode == -signal.SIGKILL:
             what = f"{' '.join(cmd[:6])} ... hung for {timeout} s; it printed: {(out + err)[-1500:]!r}"
             if attempt:
                 pytest.fail(what + " (twice)")
@@ -65,6 +74,18 @@ def launch(cmd, tmp_path, timeout=300):
         res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
         assert res.returncode == 0, res.stderr[-3000:]
         return res
+
+
+def kill_marked(mark: str) -> None:
+    """SIGKILL every process whose environment carries ENGINE_TEST_LAUNCH=mark (a launch's launcher and workers)."""
+    needle = f"ENGINE_TEST_LAUNCH={mark}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass  # gone, or not ours to read
 
 
 def cli(tiny, data, out, *extra) -> list[str]:

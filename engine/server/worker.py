@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from PIL import Image
 
 from ..errors import EngineError
-from ..guidance import NonFinite, resolve_mode
+from ..combine import NonFinite
+from ..guidance import resolve_mode
 from ..loading import MAX_SIZE_FACTOR, check_size, native_from_configs
 from .images import Use
 from .schemas import GenerateRequest
