@@ -84,6 +84,20 @@ def test_guidance_off_and_scales_as_diffusers(edit_pipe, d_edit, photo):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("s_t, s_i", [(7.5, 1.5), (2.5, 3.0)])
+def test_three_distinct_branch_weights_as_diffusers(edit_pipe, d_edit, photo, s_t, s_i):
+    """Scales whose three branch weights all differ (the (3, 2) case above weighs the image and neither branches
+    equally, -1 and -1, so swapping those two would pass it): the text+image, image-only and neither branches each
+    weighed as diffusers does."""
+    from engine.edit import edit_weights
+
+    assert len(set(edit_weights(s_t, s_i))) == 3
+    want = diffusers_edit(d_edit, photo, guidance_scale=s_t, image_guidance_scale=s_i)
+    got = edit_pipe(EDIT, photo, num_inference_steps=STEPS, seed=3, guidance_scale=s_t, image_guidance_scale=s_i,
+                    output_type="latent")
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_unit_scales_reduce_to_the_text_and_image_branch(edit_pipe, photo):
     """s_T = s_I = 1: the combination's weights are exactly (1, 0, 0), and the pipeline runs that branch alone: the
     negative prompt (read only by the other two) changes nothing, bitwise."""
