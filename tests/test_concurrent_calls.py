@@ -1,0 +1,103 @@
+"""One pipeline, several threads: calls that overlap step by step (different prompts, images, adapter scales,
+schedulers, step counts, sizes and guidance modes) each get what they get alone. The calls start together
+(threading.Barrier) and a progress callback holds each one after its step s until every other running call has done
+step s, so their preparations and steps interleave; nothing of one call may live on the pipeline where another
+reads it (STYLE: a call's state travels with the call)."""
+import threading
+
+import numpy as np
+import torch
+from conftest import NEGATIVE, PROMPT
+
+WAIT_S = 60  # a lockstep wait that outlasts this is a hang, not slowness
+
+
+class Lockstep:
+    """Progress callbacks for n calls: after its step s, call i waits until each other call has done step s or
+    ended. `log` records (call, step) in the order the steps finished."""
+
+    def __init__(self, n: int):
+        self.n, self.done, self.ended, self.log = n, [0] * n, [False] * n, []
+        self.cond = threading.Condition()
+
+    def callback(self, i: int):
+        def after_step(step, total):
+            with self.cond:
+                self.done[i] = step
+                self.log.append((i, step))
+                self.cond.notify_all()
+                others = [j for j in range(self.n) if j != i]
+                if not self.cond.wait_for(lambda: all(self.ended[j] or self.done[j] >= step for j in others),
+                                          timeout=WAIT_S):
+                    raise TimeoutError(f"call {i} waited {WAIT_S} s after step {step}: {self.done}, {self.ended}")
+        return after_step
+
+    def end(self, i: int) -> None:
+        with self.cond:
+            self.ended[i] = True
+            self.cond.notify_all()
+
+
+def together(pipe, calls: list[dict]) -> list:
+    """Run each call's keyword arguments on its own thread, all at once and in lockstep. -> outputs in order."""
+    start, step = threading.Barrier(len(calls)), Lockstep(len(calls))
+    out, errors = [None] * len(calls), [None] * len(calls)
+
+    def run(i):
+        try:
+            start.wait(timeout=WAIT_S)
+            out[i] = pipe(**calls[i], progress_callback=step.callback(i))
+        except BaseException as e:  # noqa: BLE001 (re-raised in the test's thread below)
+            errors[i] = e
+        finally:
+            step.end(i)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=4 * WAIT_S)
+    assert not any(t.is_alive() for t in threads), "a call hung"
+    for e in errors:
+        if e is not None:
+            raise e
+    # the calls really overlapped: every call's first step finished before any call's last one
+    firsts = [step.log.index((i, 1)) for i in range(len(calls))]
+    lasts = [max(k for k, (j, _) in enumerate(step.log) if j == i) for i in range(len(calls))]
+    assert max(firsts) < min(lasts), step.log
+    return out
+
+
+def calls(cond_image, other_image) -> list[dict]:
+    """Calls that differ in everything a call sets: prompt, image, instruction, adapter scale (a number, a per-block
+    dict, 0), scheduler (default PNDM; ancestral Euler, drawing noise each step, twice at different step counts; the
+    multistep DPM++), steps, size, guidance mode (auto -> simple, full, none at guidance 1) and images per prompt."""
+    return [
+        dict(prompt=PROMPT, image=cond_image, instruct="use the style of this image", scale=0.8, seed=1,
+             num_inference_steps=3),
+        dict(prompt="a blue boat", image=other_image, instruct="take the object", negative_prompt=NEGATIVE,
+             scale={"down": 0.4, "up": 1.1}, seed=2, num_inference_steps=4, scheduler="euler_a", guidance_mode="full",
+             guidance_scale=4.0, instruct_guidance_scale=3.0, image_guidance_scale=1.5, num_images_per_prompt=2),
+        dict(prompt="a tree", image=cond_image, instruct="take the object", scale=0.0, seed=3, num_inference_steps=2,
+             scheduler="euler_a", guidance_scale=1.0, height=32, width=48),
+        dict(prompt="a lamp", image=other_image, instruct="take the colour", scale=1.2, seed=4, num_inference_steps=3,
+             scheduler="dpmpp_2m", guidance_scale=3.0, guidance_mode="simple"),
+    ]
+
+
+def test_two_threads_get_their_latents_alone(instruct_pipe, cond_image, other_image):
+    a, b = calls(cond_image, other_image)[:2]
+    alone = [instruct_pipe(**c, output_type="latent") for c in (a, b)]
+    both = together(instruct_pipe, [dict(c, output_type="latent") for c in (a, b)])
+    for got, want in zip(both, alone):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_four_threads_get_their_images_alone(instruct_pipe, cond_image, other_image):
+    cs = calls(cond_image, other_image)
+    alone = [instruct_pipe(**c) for c in cs]
+    for got, want in zip(together(instruct_pipe, cs), alone):
+        assert [im.size for im in got] == [im.size for im in want]
+        for g, w in zip(got, want):
+            diff = np.abs(np.asarray(g, dtype=np.int16) - np.asarray(w, dtype=np.int16))
+            assert diff.max() <= 1, f"{diff.max()} grey levels off"
