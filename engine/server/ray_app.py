@@ -31,7 +31,6 @@ docs/server.md, "Ray: what binds where".
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import signal
@@ -46,6 +45,7 @@ import httpx
 
 from ..errors import EngineError
 from .config import ServerConfig
+from .guards import is_loopback
 from .ray_reaper import MARKER, Reaper
 
 APP_NAME = "engine"
@@ -172,15 +172,6 @@ def free_port(host: str, port: int) -> int:
     from .run import bind
     with bind(host, port) as sock:
         return sock.getsockname()[1]
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def local_ray(host: str) -> Reaper | None:
