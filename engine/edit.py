@@ -63,6 +63,7 @@ def edit_branches(guidance_scale: float, image_guidance_scale: float) -> list[tu
 class EditPipeline(Pipeline):
     """InstructPix2Pix on the engine: `from_pretrained` takes a diffusers IP2P folder (8-channel UNet)."""
 
+    KIND = "edit"
     EDIT = True
 
     @classmethod

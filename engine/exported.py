@@ -181,6 +181,7 @@ class ExportedPipeline(Pipeline):
         self._progress, self.timings = {}, {}
 
     runtime = "exported graphs"  # what runs them, for logs and the server's /v1/models
+    RUNTIME = "graphs"  # (engine/registry.py) onnx or tensorrt in the runtimes built on this class
 
     @property
     def vae_scale_factor(self) -> int:

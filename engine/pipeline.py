@@ -31,6 +31,7 @@ from .combine import Combination, NonFinite, finite_images
 from .guidance import branch_weights, resolve_mode
 from .loading import check_size, load_base, load_image, load_image_encoder, make_scheduler, resolve
 from .lora import LoraMixin
+from .registry import Capabilities
 from .selfcheck import SelfCheck, describe, module_fp32, shape_key
 from .trt import check_choice
 
@@ -119,6 +120,8 @@ def expand_rows(branches: list[dict], texts: set, reqs: list) -> dict:
 
 
 class Pipeline(LoraMixin):
+    KIND = "sd15"     # the model's maths (engine/registry.py): sd15 | sdxl | edit
+    RUNTIME = "torch"  # what runs its graphs: torch | onnx | tensorrt
     EDIT = False  # EditPipeline (engine/edit.py): an InstructPix2Pix UNet
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, image_encoder=None, image_processor=None,
@@ -315,6 +318,18 @@ class Pipeline(LoraMixin):
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def kind(self) -> str:
+        return self.KIND
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this pipeline can do (engine/registry.py), read in place of attribute probes."""
+        torch_run = self.RUNTIME == "torch"
+        return Capabilities(kind=self.KIND, runtime=self.RUNTIME, adapters=tuple(a.kind for a in self.adapters),
+                            controlnets=len(self.controlnets), per_row_adapter=bool(self.cross),
+                            step_batching=torch_run and bool(self.cross), size_conditioning=self.KIND == "sdxl")
 
     @property
     def adapters(self) -> list:

@@ -38,6 +38,7 @@ from .pipeline import Pipeline
 
 
 class SDXLPipeline(Pipeline):
+    KIND = "sdxl"
     SDXL = True
     # LoRA (engine/lora.py) through diffusers' SDXL loader: the UNet and both text encoders (kohya's lora_te1_/
     # lora_te2_ keys included)

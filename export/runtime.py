@@ -61,6 +61,7 @@ class OnnxPipeline(ExportedPipeline):
     """engine.Pipeline whose text encoder, image encoder, projector, UNet and VAE decoder are the ONNX graphs."""
 
     runtime = "onnxruntime"
+    RUNTIME = "onnx"
 
     def __init__(self, folder: str, model: str | None = None, image_encoder: str | None = None):
         manifest = read_manifest(folder)

@@ -195,6 +195,7 @@ class TensorRTPipeline(ExportedPipeline):
     """engine.Pipeline whose five graphs are the TensorRT engines of an `python -m export trt` folder."""
 
     runtime = "tensorrt"
+    RUNTIME = "tensorrt"
 
     @classmethod
     def from_engines(cls, folder: str, model: str | None = None, image_encoder: str | None = None,
