@@ -22,7 +22,7 @@ reference image".
 """
 from __future__ import annotations
 
-import time
+import inspect
 from dataclasses import dataclass, fields
 
 import torch
@@ -31,6 +31,7 @@ from PIL import Image
 from .errors import EngineError
 from .loading import load_image
 from .pipeline import Pipeline, Request, expand_rows
+from .prepared import CallState, EditContext
 
 EDIT_NEGATIVE = ""  # diffusers' IP2P default
 
@@ -38,12 +39,6 @@ EDIT_NEGATIVE = ""  # diffusers' IP2P default
 @dataclass
 class EditRequest(Request):
     photo: Image.Image | None = None  # the image being edited (Request.image is the adapter's reference)
-
-
-@dataclass
-class EditContext:
-    adapter: object           # what Pipeline._unet_inputs made (K/V, scales)
-    image_rows: torch.Tensor  # (rows, 4, h, w): the photo's latent per UNet row, zeros for the `neither` branch
 
 
 def edit_weights(s_t: float, s_i: float) -> tuple[float, float, float]:
@@ -92,13 +87,15 @@ class EditPipeline(Pipeline):
         prompt, image, negative_prompt, the guidance scales, seed, adapter_image, instruct and scale. The output
         is the photo's size rounded down to a multiple of the VAE factor (as diffusers does), or height x width
         (the photo resized). Returns PIL images (request-major, `num_images_per_prompt` each), or latents."""
-        self.timings = {}
-        t_start = time.perf_counter()
-        reqs = self._edit_requests(dict(locals()))
-        return self._generate(reqs, num_inference_steps, height, width, scheduler, output_type, max_size,
-                              progress_callback, t_start)
+        args = dict(locals())
+        del args["self"]
+        return self._run(args, CallState())
 
-    def _edit_requests(self, args: dict) -> list:
+    def call_defaults(self) -> dict:
+        params = inspect.signature(EditPipeline.__call__).parameters
+        return {k: p.default for k, p in params.items() if k != "self"}
+
+    def parse(self, args: dict) -> list:
         """The keyword arguments of a call -> one EditRequest per request (its photo loaded once per object)."""
         image, adapter_image, instruct = args["image"], args["adapter_image"], args["instruct"]
         if self.adapter is not None and adapter_image is None:
@@ -156,25 +153,21 @@ class EditPipeline(Pipeline):
                 branches.append(row)
         return expand_rows(branches, texts, reqs)
 
-    def _unet_inputs(self, text_rows, ip_rows, reqs, plan):
-        text_rows, ctx = super()._unet_inputs(text_rows, ip_rows, reqs, plan)
-        latents = self._photo_latents
+    def _unet_inputs(self, text_rows, ip_rows, reqs, plan, call: CallState):
+        text_rows, ctx = super()._unet_inputs(text_rows, ip_rows, reqs, plan, call)
+        latents = call.photo_latents
         zero = torch.zeros_like(latents[:1])
         per_branch = torch.cat([latents, zero])
         pick = [b["r"] if b["photo"] else len(reqs) for b in plan["branches"]]
         rows = per_branch[torch.tensor(pick, device=self.device)].index_select(0, plan["branch_of_row"].to(self.device))
         return text_rows, EditContext(ctx, rows)
 
-    def _generate(self, reqs, num_inference_steps, height, width, scheduler, output_type, max_size,
-                  progress_callback, t_start):
-        size = self._size(reqs, height, width, max_size)  # the photo latents are made at this size
-        with self._timed("image_latent_ms"):  # (its own stage, before the K/V work)
-            self._photo_latents = self.encode_photos(reqs, *size)
-        try:
-            return super()._generate(reqs, num_inference_steps, *size, scheduler, output_type, max_size,
-                                     progress_callback, t_start)
-        finally:
-            self._photo_latents = None
+    def prepare(self, reqs: list, args: dict, call: CallState):
+        """The photos' latents at the output size first (their own stage, into the call), then the rest."""
+        height, width = self._size(reqs, args["height"], args["width"], args["max_size"])
+        with call.timed("image_latent_ms", self.device):
+            call.photo_latents = self.encode_photos(reqs, height, width)
+        return super().prepare(reqs, {**args, "height": height, "width": width}, call)
 
     def encode_photos(self, reqs, height: int, width: int) -> torch.Tensor:
         """(requests, 4, h, w): each request's photo through diffusers' VaeImageProcessor (resize to the grid,
@@ -189,8 +182,8 @@ class EditPipeline(Pipeline):
         slot = {key: i for i, key in enumerate(unique)}
         return latents[[slot[id(r.photo)] for r in reqs]]
 
-    def _unet_step(self, x, t, text_rows, ctx, control=None, added=None) -> torch.Tensor:
-        return super()._unet_step(torch.cat([x, ctx.image_rows.to(x.dtype)], dim=1), t, text_rows, ctx.adapter)
+    def unet_step(self, x, t, text_rows, ctx, control=None, added=None) -> torch.Tensor:
+        return super().unet_step(torch.cat([x, ctx.image_rows.to(x.dtype)], dim=1), t, text_rows, ctx.adapter)
 
 
 _PER_REQUEST = ("prompt", "negative_prompt", "scale", "guidance_scale", "instruct_guidance_scale",

@@ -29,6 +29,7 @@ import torch
 
 from .errors import EngineError
 from .pipeline import Pipeline
+from .prepared import LastTimings
 from .sdxl import SDXLPipeline
 from .selfcheck import SelfCheck
 
@@ -178,7 +179,7 @@ class ExportedPipeline(Pipeline):
         shapes = {t["name"]: t["shape"] for t in unet["inputs"]}
         self._residuals = [(n, shapes[n]) for n in unet.get("controlnet_residuals", ())]
         self._zeros = {}  # shape -> zeros: the residuals of a step without ControlNet
-        self._progress, self.timings = {}, {}
+        self._progress, self._last, self.encoder_cache = {}, LastTimings(), None
 
     runtime = "exported graphs"  # what runs them, for logs and the server's /v1/models
     RUNTIME = "graphs"  # (engine/registry.py) onnx or tensorrt in the runtimes built on this class
@@ -216,7 +217,8 @@ class ExportedPipeline(Pipeline):
                              truncation=True, return_tensors="pt").input_ids
         return self.graphs["text_encoder"](input_ids=ids.to(self.device))
 
-    def encode_images(self, images, with_zero: bool = True) -> torch.Tensor:
+    def encode_images(self, images, with_zero: bool = True, pooled: bool | None = None) -> torch.Tensor:
+        # (pooled: the graph gives what its one adapter reads)
         pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
         if with_zero:
             pixels = torch.cat([pixels, torch.zeros_like(pixels[:1])])  # the last row: the all-zero image
@@ -225,7 +227,7 @@ class ExportedPipeline(Pipeline):
     def _project_graph(self, image, instruct=None, prompt=None) -> torch.Tensor:
         return self.graphs["projector"](image_tokens=image, instruct_tokens=instruct, prompt_tokens=prompt)
 
-    def _unet_inputs(self, text_rows, ip_rows, reqs, plan):
+    def _unet_inputs(self, text_rows, ip_rows, reqs, plan, call):
         bad = [r.scale for r in reqs if not isinstance(r.scale, (int, float)) or isinstance(r.scale, bool)]
         if bad:
             raise EngineError(f"the exported UNet takes one adapter strength per row; per-block scales such as "
@@ -236,7 +238,7 @@ class ExportedPipeline(Pipeline):
         return text_rows.index_select(0, index), dict(ip=ip_rows.index_select(0, index.to(ip_rows.device)),
                                                       scale=scale)
 
-    def _unet_step(self, x, t, text_rows, ctx, control=None, added=None) -> torch.Tensor:
+    def unet_step(self, x, t, text_rows, ctx, control=None, added=None) -> torch.Tensor:
         timestep = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
         return self.graphs["unet"](sample=x, timestep=timestep, encoder_hidden_states=text_rows,
                                    ip_tokens=ctx["ip"], ip_scale=ctx["scale"], **self._residual_feeds(x, control),
@@ -272,18 +274,16 @@ class ExportedSDXLPipeline(SDXLPipeline, ExportedPipeline):
         from transformers import CLIPTokenizer
 
         self.tokenizer_2 = CLIPTokenizer.from_pretrained(self.sources["model"], subfolder="tokenizer_2")
-        self._size_cond = (None, (0, 0), None)
-        self._pooled = {}
 
     def _ids(self, tokenizer, texts: list[str]) -> torch.Tensor:
         return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                          return_tensors="pt").input_ids.to(self.device)
 
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
+    def _text_entries(self, texts: list[str]) -> list[tuple]:
         _, first = self.graphs["text_encoder"](input_ids=self._ids(self.tokenizer, texts))
         second, pooled = self.graphs["text_encoder_2"](input_ids=self._ids(self.tokenizer_2, texts))
-        self._pooled.update(zip(texts, pooled.to(self.device, self.dtype)))
-        return torch.cat([first, second], dim=-1).to(self.device, self.dtype)
+        return list(zip(torch.cat([first, second], dim=-1).to(self.device, self.dtype),
+                        pooled.to(self.device, self.dtype)))
 
     def projector_text(self, texts: list[str]) -> torch.Tensor:
         return self.graphs["text_encoder"](input_ids=self._ids(self.tokenizer, texts))[0].to(self.device, self.dtype)

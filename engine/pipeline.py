@@ -13,7 +13,6 @@ import inspect
 import logging
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -28,10 +27,12 @@ from .attention import (AdapterContext, choose_impls, expand_scale, install_proc
 from .errors import EngineError
 from .graphs import StaticUNet
 from .combine import Combination, NonFinite, finite_images
+from .controlnet import control_numbers, control_state, load_controlnets, residuals
 from .guidance import branch_weights, resolve_mode
 from .loading import check_size, load_base, load_image, load_image_encoder, make_scheduler, resolve
 from .lora import LoraMixin
-from .registry import Capabilities
+from .prepared import CallState, LastTimings, Prepared, select_rows
+from .registry import Capabilities, pipeline_class
 from .selfcheck import SelfCheck, describe, module_fp32, shape_key
 from .trt import check_choice
 
@@ -94,13 +95,6 @@ def check_channels(unet_channels: int, latent_channels: int, edit: bool) -> None
                           "not a Stable Diffusion text-to-image or InstructPix2Pix model")
 
 
-def select_rows(t, index):
-    """A per-row entry (a tensor, a tuple of them for several adapters, or None) -> its rows at `index`."""
-    if isinstance(t, tuple):
-        return tuple(select_rows(x, index) for x in t)
-    return None if t is None else t.index_select(0, index)
-
-
 def expand_rows(branches: list[dict], texts: set, reqs: list) -> dict:
     """The plan from branch rows ({"r": request, "w": weight, "text": ...}): UNet rows (branches x each request's
     images), which latent each row predicts for, and how each latent's own rows combine (guidance.Combination)."""
@@ -149,7 +143,8 @@ class Pipeline(LoraMixin):
         self.selfcheck = SelfCheck(verify_fast_path)
         self.set_attention_backend(attention_backend)
         self._progress = {}
-        self.timings: dict[str, float] = {}
+        self._last = LastTimings()
+        self.encoder_cache = None  # set_encoder_cache: the server's conditioning cache
 
     @classmethod
     def from_pretrained(cls, model, image_encoder=None, adapter=None, device=None, dtype=None,
@@ -184,7 +179,8 @@ class Pipeline(LoraMixin):
             if controlnet is not None:
                 raise EngineError("the TensorRT engines carry their ControlNets (exported with `python -m export onnx "
                                   "--controlnet DIR`): drop controlnet=")
-            return cls._from_engines(model, image_encoder, adapter, device, dtype, engines, trt)
+            return pipeline_class("sd15", "tensorrt").open_engines(model, image_encoder, adapter, device, dtype,
+                                                                   engines, trt)
         if engines is not None:
             raise EngineError("engines= is for backend='tensorrt'")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -203,11 +199,10 @@ class Pipeline(LoraMixin):
             resolve(image_encoder, "image encoder")
         parts = load_base(model, dtype, config=config)
         if "text_encoder_2" in parts:  # an SDXL folder: engine/sdxl.py
-            from .sdxl import SDXLPipeline
-            if cls.EDIT or (cls is not Pipeline and not issubclass(cls, SDXLPipeline)):
+            if cls.KIND != "sdxl" and cls is not Pipeline:
                 raise EngineError(f"{os.fspath(model)} is an SDXL model; {cls.__name__} runs SD1.5-layout models")
-            cls = SDXLPipeline
-        elif issubclass(cls, Pipeline) and getattr(cls, "SDXL", False):
+            cls = pipeline_class("sdxl")
+        elif cls.KIND == "sdxl":
             raise EngineError(f"{os.fspath(model)} is not an SDXL folder (no text_encoder_2/ and tokenizer_2/)")
         encoder = processor = None
         loaded = []
@@ -227,35 +222,10 @@ class Pipeline(LoraMixin):
             loaded.append(one)
         nets = None
         if controlnet is not None:
-            from .controlnet import load_controlnets
             nets = load_controlnets(controlnet, parts["unet"], dtype)
         return cls(**parts, image_encoder=encoder, image_processor=processor,
                    adapter=(loaded if several else loaded[0]) if loaded else None, device=device, dtype=dtype,
                    attention_backend=attention_backend, controlnets=nets, verify_fast_path=verify_fast_path)
-
-    @staticmethod
-    def _from_engines(model, image_encoder, adapter, device, dtype, engines, trt):
-        from .exported import read_manifest, source_paths
-        from .trt.runtime import TensorRTPipeline
-
-        if engines is None:
-            raise EngineError("backend tensorrt needs the engine folder (engines=, --engines DIR): what "
-                              "`python -m export trt --out DIR` wrote")
-        manifest = read_manifest(engines)
-        if manifest.get("kind") == "edit":
-            raise EngineError(f"the engines in {engines} are an InstructPix2Pix export: editing runs on the PyTorch "
-                              "backend (EditPipeline) or ONNX Runtime (export.runtime.OnnxEditPipeline); a TensorRT "
-                              "edit runtime is not built yet")
-        if dtype is not None and as_dtype(dtype) != getattr(torch, manifest["dtype"]):
-            raise EngineError(f"the engines in {engines} are {manifest['dtype']}; dtype {dtype} needs engines built "
-                              f"from a `python -m export onnx --dtype {str(as_dtype(dtype)).removeprefix('torch.')}` "
-                              "export")
-        if adapter is not None:  # the adapter is inside unet.plan: only the one it was built with can be meant
-            built = source_paths(manifest, engines, ("adapter",))["adapter"]
-            if os.path.realpath(adapter) != os.path.realpath(built):
-                raise EngineError(f"the engines in {engines} were built with the adapter {built}, not {adapter}: "
-                                  "export and build again for another adapter")
-        return TensorRTPipeline.from_engines(engines, model, image_encoder, device, trt=trt)
 
     def enable_cuda_graphs(self, enabled: bool = True) -> None:
         """Replay the UNet step from CUDA graphs, captured once per shape (rows, size) on first use; a new
@@ -312,6 +282,11 @@ class Pipeline(LoraMixin):
         fused["geglu"] = fused["group_norm_silu"]
         return self.selfcheck.report(fused)
 
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Whether UNet steps replay CUDA graphs (step-level batching then pads rows to a bucket)."""
+        return self._static is not None
+
     def _step_component(self) -> str | None:
         return STEP_COMPONENTS.get((self._static is not None, self._compiled))
 
@@ -340,17 +315,15 @@ class Pipeline(LoraMixin):
         """As in diffusers: e.g. `pipe.set_progress_bar_config(disable=True)`."""
         self._progress = kwargs
 
-    @contextmanager
-    def _timed(self, key: str):
-        # wall time into self.timings, and a named range ("engine::projector", ...) in any running torch profiler
-        with torch.profiler.record_function("engine::" + key.removesuffix("_ms")):
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            t0 = time.perf_counter()
-            yield
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.timings[key] = self.timings.get(key, 0.0) + (time.perf_counter() - t0) * 1e3
+    @property
+    def timings(self) -> dict:
+        """Stage timings (ms) of the last call made from this thread: each thread sees its own calls only."""
+        return self._last.value
+
+    def set_encoder_cache(self, cache) -> None:
+        """Consult `cache` for text and image encodings (engine/server/cache.py's ConditioningCache: `texts(keys,
+        compute)` and `images(images, pooled, pipe)`); None: encode every time."""
+        self.encoder_cache = cache
 
     # ---- step-invariant work, once per call ----------------------------------------------------------
 
@@ -359,6 +332,26 @@ class Pipeline(LoraMixin):
         ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.device))[0].to(self.dtype)
+
+    def _text_entries(self, texts: list[str]) -> list[tuple]:
+        # -> per text (hidden (77, text_dim), pooled projection or None): what the conditioning cache holds
+        return [(h, None) for h in self.encode_text(texts)]
+
+    def _encode_texts(self, texts: list[str], call: CallState) -> dict:
+        """text -> its UNet tokens, through the encoder cache when one is set; pooled projections (SDXL) go to the
+        call."""
+        cache = self.encoder_cache
+        entries = cache.texts(texts, self._text_entries) if cache is not None else self._text_entries(texts)
+        for t, (_, pooled) in zip(texts, entries):
+            if pooled is not None:
+                call.pooled[t] = pooled
+        return {t: hidden for t, (hidden, _) in zip(texts, entries)}
+
+    def _image_features(self, images: list, pooled: bool) -> torch.Tensor:
+        # -> (N + 1, ...) as encode_images, through the encoder cache when one is set
+        if self.encoder_cache is not None:
+            return self.encoder_cache.images(images, pooled, self)
+        return self.encode_images(images, pooled=pooled)
 
     def encode_images(self, images: list[Image.Image], with_zero: bool = True,
                       pooled: bool | None = None) -> torch.Tensor:
@@ -399,21 +392,51 @@ class Pipeline(LoraMixin):
         (None: everywhere), diffusers' IPAdapterMaskProcessor conventions. `adapter_start`/`adapter_end`: the
         fraction of the steps during which an adapter acts (diffusers' ControlNet rule); outside it that layer is
         the base cross-attention."""
-        self.timings = {}
+        args = dict(locals())
+        del args["self"]
+        return self._run(args, CallState())
+
+    def _run(self, args: dict, call: CallState):
+        """A call from its keyword arguments (`__call__`'s), with its own state: parse, prepare, denoise, decode."""
         t_start = time.perf_counter()
-        reqs = self._requests(locals())
-        control = None
-        if self.controlnets:  # (ControlNet: engine/controlnet.py; per request: control_image and its scale)
-            control = dict(control_image=control_image, scale=controlnet_conditioning_scale,
-                           start=control_guidance_start, end=control_guidance_end, guess_mode=bool(guess_mode))
-            from .controlnet import control_numbers
-            control_numbers(len(self.controlnets), len(reqs), controlnet_conditioning_scale, control_guidance_start,
-                            control_guidance_end)  # checked before any heavy work
-        elif control_image is not None:
-            raise EngineError("control_image was given but no ControlNet is loaded (from_pretrained(controlnet=...), "
-                              "or an export made with --controlnet)")
-        return self._generate(reqs, num_inference_steps, height, width, scheduler, output_type, max_size,
-                              progress_callback, t_start, control)
+        reqs = self.parse(args)
+        p = self.prepare(reqs, args, call)
+        latents = self._denoise(p, args["progress_callback"])
+        return self._outputs(latents, [r.num_images for r in reqs], args["output_type"], t_start, call)
+
+    def call_defaults(self) -> dict:
+        """The keyword arguments a call takes, with their defaults (what step-level admission fills in)."""
+        params = inspect.signature(Pipeline.__call__).parameters  # (SDXL's __call__ wraps this one)
+        return {k: p.default for k, p in params.items() if k != "self"}
+
+    def parse(self, args: dict) -> list[Request]:
+        """A call's keyword arguments -> its requests, every value checked (EngineError naming it)."""
+        return self._requests(args)
+
+    def prepare(self, reqs: list, args: dict, call: CallState) -> Prepared:
+        """The step-invariant work of parsed requests (encodings, projector, K/V, scheduler, initial latents), once:
+        what the call loop and step-level batching (engine/stepping.py) both run from."""
+        if args["output_type"] not in ("pil", "latent"):
+            raise EngineError(f"output_type must be 'pil' or 'latent', got {args['output_type']!r}")
+        control = self._control_args(args, len(reqs))
+        p = self._prepare(reqs, args["num_inference_steps"], args["height"], args["width"], args["scheduler"],
+                          args["max_size"], control, call)
+        p.guess_mode = bool(control and control["guess_mode"])
+        return p
+
+    def _control_args(self, args: dict, n: int) -> dict | None:
+        """A call's (or an admission's) ControlNet inputs, their numbers checked before any heavy work; None without
+        a ControlNet (engine/controlnet.py; per request: control_image and its scale)."""
+        if not self.controlnets:
+            if args.get("control_image") is not None:
+                raise EngineError("control_image was given but no ControlNet is loaded (from_pretrained(controlnet="
+                                  "...), or an export made with --controlnet)")
+            return None
+        control = dict(control_image=args["control_image"], scale=args["controlnet_conditioning_scale"],
+                       start=args["control_guidance_start"], end=args["control_guidance_end"],
+                       guess_mode=bool(args["guess_mode"]))
+        control_numbers(len(self.controlnets), n, control["scale"], control["start"], control["end"])
+        return control
 
     def _features(self, reqs: list[Request]):
         """Image features once per distinct image. -> ({"hidden"|"pooled": (unique + 1, ...)}, per request per
@@ -421,10 +444,8 @@ class Pipeline(LoraMixin):
         unique = {id(im): im for r in reqs for slot in r.slots for im in slot.images}  # shared images once
         row = {key: i for i, key in enumerate(unique)}
         kinds = {"pooled" if a.kind == "plain" else "hidden" for a in self.adapters}
-        first = "pooled" if self.adapter.kind == "plain" else "hidden"
-        feats = {first: self.encode_images(list(unique.values()))}  # (the server's cache wraps this one)
-        for kind in kinds - {first}:  # plain and IP-Adapter+ together: the other output of the image encoder
-            feats[kind] = Pipeline.encode_images(self, list(unique.values()), pooled=kind == "pooled")
+        # (plain and IP-Adapter+ together: both outputs of the image encoder)
+        feats = {kind: self._image_features(list(unique.values()), kind == "pooled") for kind in kinds}
         return feats, [[[row[id(im)] for im in slot.images] for slot in r.slots] for r in reqs]
 
     # ---- step-level batching (engine/stepping.py) -----------------------------------------------------------
@@ -442,11 +463,11 @@ class Pipeline(LoraMixin):
         from .stepping import start_many
         return start_many(self, **kwargs)
 
-    def step(self, flights: list) -> None:
-        from .stepping import Packer, step
-        if getattr(self, "_packer", None) is None:
-            self._packer = Packer()
-        step(self, flights, self._packer)
+    def step(self, flights: list, packer=None) -> None:
+        """One denoising step for every flight in one UNet call. packer (engine.stepping.Packer): keeps the packed
+        inputs of a steady running set between steps; each caller (the server's stepper) holds its own."""
+        from .stepping import step
+        step(self, flights, packer)
 
     def finish(self, flight):
         from .stepping import finish
@@ -457,35 +478,29 @@ class Pipeline(LoraMixin):
         from .stepping import finish_many
         return finish_many(self, flights)
 
-    def _generate(self, reqs: list, num_inference_steps, height, width, scheduler, output_type, max_size,
-                  progress_callback, t_start, control=None):
-        """The call itself, for requests already checked (`_requests`; EditPipeline makes its own)."""
-        if output_type not in ("pil", "latent"):
-            raise EngineError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
-        p = self._prepare(reqs, num_inference_steps, height, width, scheduler, max_size, control)
-        sched, latents, total = p.sched, p.latents, p.total
-        if control is not None:
-            from .controlnet import residuals
+    def _denoise(self, p: Prepared, progress_callback=None) -> torch.Tensor:
+        """The call's denoising loop -> its final latents."""
         from tqdm.auto import tqdm
-        with self._timed("denoise_ms"):
-            for step, t in enumerate(tqdm(sched.timesteps, **{"desc": "denoise", **self._progress}), 1):
-                ctx = p.contexts[step - 1]
-                x = sched.scale_model_input(latents.index_select(0, p.latent_of_row), t)
+
+        latents = p.latents
+        with p.call.timed("denoise_ms", self.device):
+            for step, t in enumerate(tqdm(p.sched.timesteps, **{"desc": "denoise", **self._progress}), 1):
+                x = p.sched.scale_model_input(latents.index_select(0, p.latent_of_row), t)
                 res = None
                 if p.control is not None:
                     with torch.profiler.record_function("engine::controlnet"):
-                        res = residuals(self.controlnets, p.control, x, t, p.text_rows, step - 1, total,
-                                        control["guess_mode"], p.added)
+                        res = residuals(self.controlnets, p.control, x, t, p.text_rows, step - 1, p.total,
+                                        p.guess_mode, p.added)
                 with torch.profiler.record_function("engine::unet_step"):
-                    eps_rows = self._unet_step(x, t, p.text_rows, ctx, res, p.added)
-                eps = p.combine(eps_rows).view(latents.shape).to(latents.dtype)
-                latents = sched.step(eps, t, latents, **p.extra, return_dict=False)[0]
+                    eps_rows = self.unet_step(x, t, p.text_rows, p.contexts[step - 1], res, p.added)
+                latents = p.update(eps_rows, t, latents)
                 if progress_callback is not None:
-                    progress_callback(step, total)
-        self.timings["unet_ms_per_step"] = self.timings["denoise_ms"] / total
-        return self._outputs(latents, [r.num_images for r in reqs], output_type, t_start)
+                    progress_callback(step, p.total)
+        p.call.timings["unet_ms_per_step"] = p.call.timings["denoise_ms"] / p.total
+        return latents
 
-    def _outputs(self, latents: torch.Tensor, counts: list[int], output_type: str, t_start: float):
+    def _outputs(self, latents: torch.Tensor, counts: list[int], output_type: str, t_start: float,
+                 call: CallState):
         """The call's result from its final latents (counts: images per request). A request whose latents are not
         finite fails alone: the others' images are decoded as they are (the failed ones' as zeros, then dropped)
         and NonFinite carries them."""
@@ -497,9 +512,10 @@ class Pipeline(LoraMixin):
         else:
             if bad:
                 latents = torch.where(torch.tensor(ok, device=latents.device).view(-1, 1, 1, 1), latents, 0.0)
-            with self._timed("vae_decode_ms"):
+            with call.timed("vae_decode_ms", self.device):
                 out = self.decode(latents)
-        self.timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
+        call.timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
+        self._last.value = call.timings
         if bad:
             if output_type != "latent":
                 keep = [r not in bad for r, n in enumerate(counts) for _ in range(n)]
@@ -507,35 +523,33 @@ class Pipeline(LoraMixin):
             raise NonFinite(bad, out)
         return out
 
-    def _prepare(self, reqs: list, num_inference_steps, height, width, scheduler, max_size, control=None):
+    def _prepare(self, reqs: list, num_inference_steps, height, width, scheduler, max_size, control=None,
+                 call: CallState | None = None) -> Prepared:
         """Everything of a call that holds for all its steps: the plan, encodings, projector tokens, K/V, masks,
         each step's adapter context, ControlNet inputs, the scheduler with its timesteps and the initial latents.
-        -> a namespace the denoising loop reads (also what engine/stepping.py's flights hold)."""
-        from types import SimpleNamespace
-
+        -> what the denoising loop reads (also what engine/stepping.py's flights hold)."""
+        call = call if call is not None else CallState()
         height, width = self._size(reqs, height, width, max_size)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise EngineError(f"steps must be a positive integer, got {num_inference_steps!r}")
         sched = make_scheduler(self.scheduler, scheduler)
 
         plan = self._plan(reqs)
-        with self._timed("text_encoder_ms"):
-            texts = sorted(plan["texts"])
-            emb = dict(zip(texts, self.encode_text(texts)))
+        with call.timed("text_encoder_ms", self.device):
+            emb = self._encode_texts(sorted(plan["texts"]), call)
         text_rows = torch.stack([emb[t] for t in plan["text"]])
         ip_rows = None
         if self.adapter is not None:
-            with self._timed("image_encoder_ms"):
+            with call.timed("image_encoder_ms", self.device):
                 feats, rows = self._features(reqs)
-            with self._timed("projector_ms"):
-                ip_rows = self._project(feats, rows, emb, plan)
-        with self._timed("kv_ms"):
-            text_rows, ctx = self._unet_inputs(text_rows, ip_rows, reqs, plan)
+            with call.timed("projector_ms", self.device):
+                ip_rows = self._project(feats, rows, emb, plan, call)
+        with call.timed("kv_ms", self.device):
+            text_rows, ctx = self._unet_inputs(text_rows, ip_rows, reqs, plan, call)
             if self.adapter is not None and any(s.mask is not None for r in reqs for s in r.slots):
                 ctx.mask = self._masks(reqs, plan, height, width)
         state = None
         if control is not None:
-            from .controlnet import control_state
             state = control_state(self, self.controlnets, reqs, plan, height, width, control["control_image"],
                                   control["scale"], control["start"], control["end"], control["guess_mode"])
 
@@ -545,18 +559,17 @@ class Pipeline(LoraMixin):
                               f"got {num_inference_steps}")
         sched.set_timesteps(num_inference_steps, device=self.device)  # before the latents: sets init_noise_sigma
         total = len(sched.timesteps)
-        return SimpleNamespace(
-            height=height, width=width, plan=plan, text_rows=text_rows, control=state, added=None, sched=sched,
-            total=total,
+        return Prepared(
+            height=height, width=width, plan=plan, text_rows=text_rows, control=state, sched=sched, total=total,
             latents=self._latents(reqs, sched, height, width), latent_of_row=plan["latent_of_row"].to(self.device),
-            combine=plan["combine"].to(self.device), extra=self._step_kwargs(sched, reqs),
-            contexts=self._step_contexts(ctx, reqs, plan, total))
+            combine=plan["combine"].to(self.device), extra=self.step_kwargs(sched, reqs),
+            contexts=self._step_contexts(ctx, reqs, plan, total), call=call)
 
     def _size(self, reqs: list[Request], height, width, max_size) -> tuple[int, int]:
         f = self.vae_scale_factor
         return check_size(height, width, self.unet.config.sample_size * f, f, max_size)
 
-    def _unet_inputs(self, text_rows, ip_rows, reqs: list[Request], plan: dict):
+    def _unet_inputs(self, text_rows, ip_rows, reqs: list[Request], plan: dict, call: CallState):
         """Per-row UNet inputs that hold for every step: text rows and, in the adapter context, the encoder K/V of
         every cross-attention layer and the per-row scales. -> (text rows, context)."""
         kv = precompute_kv(self.unet, self.cross, text_rows, ip_rows)
@@ -564,7 +577,7 @@ class Pipeline(LoraMixin):
         ctx = AdapterContext(kv={n: select_rows(kvs, index) for n, kvs in kv.items()}, scale=self._scales(reqs, plan))
         return text_rows.index_select(0, index), ctx
 
-    def _unet_step(self, x, t, text_rows, ctx, control=None, added=None) -> torch.Tensor:
+    def unet_step(self, x, t, text_rows, ctx, control=None, added=None) -> torch.Tensor:
         # x: (rows, C, h, w) -> noise prediction per row; control: ControlNet (down, mid) residuals or None;
         # added: SDXL's added conditioning per row ({"text_embeds", "time_ids"}) or None
         step = self._step_component()
@@ -727,7 +740,7 @@ class Pipeline(LoraMixin):
                 branches.append(row)
         return expand_rows(branches, texts, reqs)
 
-    def _project(self, feats: dict, image_rows: list, emb: dict, plan: dict):
+    def _project(self, feats: dict, image_rows: list, emb: dict, plan: dict, call: CallState):
         """Adapter tokens per branch row: (branch rows, n x Q, cross_dim) for an adapter that reads n images per
         request (their tokens concatenated; an unconditional branch gets n zero-image projections, as diffusers'
         negative embeds). One adapter: that tensor; several: a list, one per adapter."""
@@ -822,7 +835,7 @@ class Pipeline(LoraMixin):
                  for req in reqs]
         return torch.cat(parts) * sched.init_noise_sigma
 
-    def _step_kwargs(self, sched, reqs: list[Request]) -> dict:
+    def step_kwargs(self, sched, reqs: list[Request]) -> dict:
         # ancestral/stochastic schedulers draw noise each step: one generator per image row, shared within a request
         params = inspect.signature(sched.step).parameters
         # eta 0, as diffusers' pipelines pass it to every scheduler that takes one (DDIM's default; TCD's is 0.3)

@@ -30,12 +30,14 @@ added conditioning among their static buffers (copied once per call).
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 
 from .errors import EngineError
 from .pipeline import Pipeline
-
+from .prepared import CallState, size_conditioning
 
 class SDXLPipeline(Pipeline):
     KIND = "sdxl"
@@ -59,14 +61,15 @@ class SDXLPipeline(Pipeline):
             raise EngineError(f"the SDXL UNet's added conditioning takes {want} values per row, but 6 time ids x "
                               f"{time_dim} + the second text encoder's {pooled}-wide pooled projection make "
                               f"{6 * (time_dim or 0) + pooled}: the UNet and text_encoder_2 are not one model")
-        self._size_cond = (None, (0, 0), None)
-        self._pooled: dict = {}
 
     # ---- what differs from SD1.5 ----------------------------------------------------------------------
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """-> (N, 77, width 1 + width 2): both encoders' penultimate hidden states side by side; each text's pooled
-        projection (the second encoder's) is kept for the added conditioning."""
+        """-> (N, 77, width 1 + width 2): both encoders' penultimate hidden states side by side."""
+        return torch.stack([hidden for hidden, _ in self._text_entries(texts)])
+
+    def _text_entries(self, texts: list[str]) -> list[tuple]:
+        # -> per text (both encoders' tokens, the second encoder's pooled projection: the added conditioning)
         hidden, pooled = [], None
         for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
             ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -75,24 +78,16 @@ class SDXLPipeline(Pipeline):
             if out[0].ndim == 2:  # the projection model's text_embeds (diffusers: the last encoder's)
                 pooled = out[0]
             hidden.append(out.hidden_states[-2])
-        self._pooled.update(zip(texts, pooled.to(self.dtype)))
-        return torch.cat(hidden, dim=-1).to(self.dtype)
+        return list(zip(torch.cat(hidden, dim=-1).to(self.dtype), pooled.to(self.dtype)))
 
     @torch.inference_mode()
     def __call__(self, *args, original_size=None, target_size=None, crops_coords_top_left=(0, 0), **kwargs):
         """`Pipeline.__call__`, plus SDXL's size conditioning: `original_size` and `target_size` as (height, width)
         (default: the output size) and `crops_coords_top_left` as (top, left), as diffusers takes them."""
-        self.set_size_conditioning(original_size, target_size, crops_coords_top_left)
-        return super().__call__(*args, **kwargs)
-
-    def set_size_conditioning(self, original_size=None, target_size=None, crops_coords_top_left=(0, 0)) -> None:
-        """The size conditioning of the next `_prepare` (a call, or an admission for step-level batching)."""
-        for name, value in (("original_size", original_size), ("target_size", target_size),
-                            ("crops_coords_top_left", crops_coords_top_left)):
-            if value is not None and (not isinstance(value, (tuple, list)) or len(value) != 2
-                                      or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-                raise EngineError(f"{name} must be two integers, got {value!r}")
-        self._size_cond = (original_size, tuple(crops_coords_top_left or (0, 0)), target_size)
+        call = CallState(size_conditioning=size_conditioning(original_size, target_size, crops_coords_top_left))
+        bound = inspect.signature(Pipeline.__call__).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        return self._run({k: v for k, v in bound.arguments.items() if k != "self"}, call)
 
     def _plan(self, reqs) -> dict:
         """SD1.5's branches, with the release's SDXL projector inputs: its image-only and unconditional branches
@@ -108,33 +103,34 @@ class SDXLPipeline(Pipeline):
         plan["texts"] = {b["text"] for b in plan["branches"]}
         return plan
 
-    def _project(self, feats: dict, image_rows: list, emb: dict, plan: dict):
+    def _project(self, feats: dict, image_rows: list, emb: dict, plan: dict, call: CallState):
         """IPAdapter-Instruct SDXL's projector reads the instruction and the prompt as the first text encoder's
         last hidden states (768 wide in SDXL), not the UNet's two-encoder tokens."""
         if self.adapter.kind != "instruct":
-            return super()._project(feats, image_rows, emb, plan)
+            return super()._project(feats, image_rows, emb, plan, call)
         texts = sorted({b[k] for b in plan["branches"] for k in ("instruct", "ip_prompt")})
         small = dict(zip(texts, self.projector_text(texts)))
-        return super()._project(feats, image_rows, small, plan)
+        return super()._project(feats, image_rows, small, plan, call)
 
     def projector_text(self, texts: list[str]) -> torch.Tensor:
         """-> (N, 77, width 1): the first text encoder's last hidden states, as SD1.5's encode_text gives them (the
         Instruct projector's instruction and prompt tokens)."""
         return Pipeline.encode_text(self, texts)
 
-    def _prepare(self, reqs, num_inference_steps, height, width, scheduler, max_size, control=None):
-        self._pooled = {}
-        p = super()._prepare(reqs, num_inference_steps, height, width, scheduler, max_size, control)
+    def _prepare(self, reqs, num_inference_steps, height, width, scheduler, max_size, control=None,
+                 call: CallState | None = None):
+        call = call if call is not None else CallState()
+        p = super()._prepare(reqs, num_inference_steps, height, width, scheduler, max_size, control, call)
         # the pooled projection per branch: the prompt's, except in the unconditional branch (the release's
         # image-only and everything branches pair the negative tokens with the prompt's pooled embedding)
         texts = [reqs[b["r"]].negative_prompt if b["name"] == "uncond" else reqs[b["r"]].prompt
                  for b in p.plan["branches"]]
-        missing = sorted({t for t in texts if t not in self._pooled})
-        if missing:  # encode_text was answered from elsewhere (the server's cache wraps it): the pooled ones now,
-            type(self).encode_text(self, missing)  # past any wrapper on the instance
+        missing = sorted({t for t in texts if t not in call.pooled})
+        if missing:  # texts the UNet's rows do not read (a branch pairs the negative tokens with the prompt's pooled)
+            self._encode_texts(missing, call)
         branch = p.plan["branch_of_row"].to(self.device)
-        pooled = torch.stack([self._pooled[t] for t in texts]).index_select(0, branch)
-        original, crop, target = self._size_cond
+        pooled = torch.stack([call.pooled[t] for t in texts]).index_select(0, branch)
+        original, crop, target = call.size_conditioning
         size = (p.height, p.width)
         ids = list(original or size) + list(crop) + list(target or size)
         time_ids = torch.tensor([ids], device=self.device, dtype=self.dtype).expand(pooled.shape[0], 6)

@@ -23,24 +23,21 @@ never reach a result.
 from __future__ import annotations
 
 import copy
-import inspect
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .attention import AdapterContext
-from .edit import EditContext
-from .errors import EngineError
 from .combine import NonFinite, finite_images
-from .pipeline import select_rows
-
-SIZE_CONDITIONING = ("original_size", "target_size", "crops_coords_top_left")  # SDXL's, per admission
+from .controlnet import ControlState, active_nets, in_window, net_residuals, summed
+from .errors import EngineError
+from .prepared import SIZE_CONDITIONING, CallState, EditContext, Prepared, select_rows, size_conditioning
 
 
 @dataclass(eq=False)
 class Flight:
-    prep: object                  # Pipeline._prepare's namespace for this one request
+    prep: Prepared                # what Pipeline.prepare made for this one request
     latents: torch.Tensor
     output_type: str = "pil"
     progress: object = None       # progress(step, total) after each of its steps
@@ -65,14 +62,6 @@ class Flight:
         return self.prep.height, self.prep.width
 
 
-def _call_defaults(pipe) -> dict:
-    from .edit import EditPipeline
-    from .pipeline import Pipeline
-    call = EditPipeline.__call__ if getattr(pipe, "EDIT", False) else Pipeline.__call__  # (SDXL's wraps Pipeline's)
-    params = inspect.signature(call).parameters
-    return {k: p.default for k, p in params.items() if k != "self"}
-
-
 def start(pipe, **kwargs) -> Flight:
     """Admit one request (the keyword arguments of `Pipeline.__call__`, one value each): its step-invariant work
     runs now, once. -> a Flight at step 0."""
@@ -89,50 +78,25 @@ def start_many(pipe, **kwargs) -> list[Flight]:
 
 
 def _admit(pipe, kwargs: dict, one: bool) -> list[Flight]:
-    if not pipe.cross:
+    caps = pipe.capabilities
+    if not caps.step_batching:
         raise EngineError("step-level batching runs on the PyTorch backend (not exported graphs)")
-    edit = getattr(pipe, "EDIT", False)
     kwargs = dict(kwargs)
-    sizes = {k: kwargs.pop(k) for k in SIZE_CONDITIONING if k in kwargs} if getattr(pipe, "SDXL", False) else None
-    args = _call_defaults(pipe)
+    call = CallState()
+    if caps.size_conditioning:  # SDXL: this admission's size conditioning (one for the requests admitted together)
+        call.size_conditioning = size_conditioning(**{k: kwargs.pop(k) for k in SIZE_CONDITIONING if k in kwargs})
+    args = pipe.call_defaults()
     unknown = sorted(set(kwargs) - set(args))
     if unknown:
         raise EngineError(f"unknown argument(s) for a request: {', '.join(unknown)}")
     args.update(kwargs)
-    if args["output_type"] not in ("pil", "latent"):
-        raise EngineError(f"output_type must be 'pil' or 'latent', got {args['output_type']!r}")
-    control = None
-    if pipe.controlnets:  # this admission's control images, scales, window and guess mode (as a call takes them)
-        control = dict(control_image=args["control_image"], scale=args["controlnet_conditioning_scale"],
-                       start=args["control_guidance_start"], end=args["control_guidance_end"],
-                       guess_mode=bool(args["guess_mode"]))
-    elif args.get("control_image") is not None:
-        raise EngineError("control_image was given but no ControlNet is loaded")
-    reqs = pipe._edit_requests(args) if edit else pipe._requests(args)
-    if control is not None:  # its numbers checked before any heavy work (engine/bounds.py)
-        from .controlnet import control_numbers
-        control_numbers(len(pipe.controlnets), len(reqs), control["scale"], control["start"], control["end"])
+    reqs = pipe.parse(args)
     if one and len(reqs) != 1:
         raise EngineError(f"a flight is one request; got {len(reqs)} (give single values, not lists, or use "
                           "start_many)")
-    pipe.timings = {}
-    if sizes is not None:  # SDXL: this admission's size conditioning (one for the requests admitted together)
-        pipe.set_size_conditioning(**sizes)
     t0 = time.perf_counter()
-    height, width = args["height"], args["width"]
-    if edit:  # InstructPix2Pix: the photos' latents, at the output size, feed every step's UNet input
-        height, width = pipe._size(reqs, height, width, args["max_size"])
-        with pipe._timed("image_latent_ms"):
-            pipe._photo_latents = pipe.encode_photos(reqs, height, width)
-    try:
-        prep = pipe._prepare(reqs, args["num_inference_steps"], height, width, args["scheduler"], args["max_size"],
-                             *((control,) if control is not None else ()))
-        if control is not None:
-            prep.guess_mode = control["guess_mode"]
-    finally:
-        if edit:
-            pipe._photo_latents = None
-    timings = dict(pipe.timings, prepare_ms=(time.perf_counter() - t0) * 1e3)
+    prep = pipe.prepare(reqs, args, call)
+    timings = dict(call.timings, prepare_ms=(time.perf_counter() - t0) * 1e3)
     preps = [prep] if len(reqs) == 1 else _split(pipe, prep, reqs)
     progress = args["progress_callback"]  # one for every flight, or a list of one per request
     callbacks = list(progress) if isinstance(progress, (list, tuple)) else [progress] * len(preps)
@@ -145,8 +109,6 @@ def _split(pipe, prep, reqs) -> list:
     """One request's share of a batch's `_prepare`: its UNet rows (text, K/V, scales, masks of every step's context,
     the identity of repeated contexts kept), its latents, its share of the guidance combination, and a copy of the
     scheduler with its own generator for ancestral steps."""
-    from types import SimpleNamespace
-
     owner = torch.tensor(prep.plan["row_request"], device=prep.text_rows.device)
     offsets = [0]
     for req in reqs:
@@ -167,14 +129,14 @@ def _split(pipe, prep, reqs) -> list:
                                                  mask={n: select_rows(v, rows) for n, v in c.mask.items()})
             return made[id(c)]
         sched = copy.deepcopy(prep.sched)
-        out.append(SimpleNamespace(
-            height=prep.height, width=prep.width, plan=None, text_rows=prep.text_rows.index_select(0, rows),
-            control=_split_control(prep.control, rows), guess_mode=getattr(prep, "guess_mode", False),
+        out.append(replace(
+            prep, plan=None, text_rows=prep.text_rows.index_select(0, rows),
+            control=_split_control(prep.control, rows),
             added=None if prep.added is None else {k: select_rows(v, rows) for k, v in prep.added.items()},
-            sched=sched, total=prep.total, latents=prep.latents.index_select(0, lat),
+            sched=sched, latents=prep.latents.index_select(0, lat),
             latent_of_row=prep.latent_of_row.index_select(0, rows) - offsets[r],
             combine=prep.combine.select(lat, rows),
-            extra=pipe._step_kwargs(sched, [req]), contexts=[context(c) for c in prep.contexts]))
+            extra=pipe.step_kwargs(sched, [req]), contexts=[context(c) for c in prep.contexts]))
     return out
 
 
@@ -182,7 +144,6 @@ def _split_control(state, rows):
     """One request's share of a batch's ControlState: its rows' control images, scales and guess-mode flags."""
     if state is None:
         return None
-    from .controlnet import ControlState, active_nets
     scales = state.scales.index_select(1, rows.to(state.scales.device))
     guess = None if state.guess_rows is None else state.guess_rows.index_select(0, rows.to(state.guess_rows.device))
     return ControlState([im.index_select(0, rows.to(im.device)) for im in state.images], scales, state.starts,
@@ -193,14 +154,13 @@ def _control(pipe, flights, x, t, text, added):
     """The ControlNet residuals of a packed step: for each net, one call over the packed rows per guess mode, each
     flight's rows weighted by its scale where the net acts at that flight's own step, zero elsewhere; None when no
     net acts on any flight (decided on the host: no device sync per step)."""
-    from .controlnet import in_window, net_residuals, summed
 
     rows = x.shape[0]
     extra = None if added is None else {k: v[:rows] for k, v in added.items()}
     out = None
     for guess in (False, True):
         for k, net in enumerate(pipe.controlnets):
-            on = [bool(getattr(f.prep, "guess_mode", False)) is guess and f.prep.control.active[k]
+            on = [f.prep.guess_mode is guess and f.prep.control.active[k]
                   and in_window(f.prep.control.starts[k], f.prep.control.ends[k], f.index, f.total) for f in flights]
             if not any(on):
                 continue
@@ -307,7 +267,7 @@ def step(pipe, flights: list[Flight], packer: Packer | None = None) -> None:
         ts.append(torch.as_tensor(t, device=x.device).float().reshape(1).expand(x.shape[0]))
     x, t = torch.cat(xs), torch.cat(ts)
     rows = x.shape[0]
-    pad = bucket(rows) if pipe._static is not None else 0
+    pad = bucket(rows) if pipe.uses_cuda_graphs else 0
     text, ctx, added = (packer or Packer())(flights, pad)
     res = None
     if pipe.controlnets:
@@ -319,14 +279,12 @@ def step(pipe, flights: list[Flight], packer: Packer | None = None) -> None:
         if res is not None:  # padded rows get no residual
             res = ([_pad_zeros(r, pad) for r in res[0]], _pad_zeros(res[1], pad))
     with torch.profiler.record_function("engine::unet_step"):
-        eps_rows = pipe._unet_step(x, t, text, ctx, res, added)
+        eps_rows = pipe.unet_step(x, t, text, ctx, res, added)
     offset = 0
     for f in flights:
         e = eps_rows[offset:offset + f.rows]
         offset += f.rows
-        eps = f.prep.combine(e).view(f.latents.shape).to(f.latents.dtype)
-        t_f = f.prep.sched.timesteps[f.index]
-        f.latents = f.prep.sched.step(eps, t_f, f.latents, **f.prep.extra, return_dict=False)[0]
+        f.latents = f.prep.update(e, f.prep.sched.timesteps[f.index], f.latents)
         f.index += 1
         if f.progress is not None:
             f.progress(f.index, f.total)

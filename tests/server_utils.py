@@ -128,3 +128,6 @@ class InProcessServer:
         self.call(self.client.aclose())
         self.call(self._lifespan.__aexit__(None, None, None))
         self.loop.call_soon_threadsafe(self.loop.stop)
+        pipe = getattr(self.state, "pipe", None)
+        if pipe is not None and hasattr(pipe, "set_encoder_cache"):
+            pipe.set_encoder_cache(None)  # a test's pipeline may be shared: the next test starts uncached

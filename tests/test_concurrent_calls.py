@@ -6,6 +6,7 @@ reads it (STYLE: a call's state travels with the call)."""
 import threading
 
 import numpy as np
+import pytest
 import torch
 from conftest import NEGATIVE, PROMPT
 
@@ -101,3 +102,105 @@ def test_four_threads_get_their_images_alone(instruct_pipe, cond_image, other_im
         for g, w in zip(got, want):
             diff = np.abs(np.asarray(g, dtype=np.int16) - np.asarray(w, dtype=np.int16))
             assert diff.max() <= 1, f"{diff.max()} grey levels off"
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe(tmp_path_factory):
+    from engine import Pipeline
+    from engine.tiny import make_tiny_sdxl
+    sdxl = make_tiny_sdxl(str(tmp_path_factory.mktemp("threads-sdxl") / "tiny"))
+    pipe = Pipeline.from_pretrained(sdxl["model"], image_encoder=sdxl["image_encoder"], adapter=sdxl["adapter"],
+                                    device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def edit_pipe(tmp_path_factory):
+    from engine import EditPipeline
+    from engine.tiny import make_tiny
+    tiny = make_tiny(str(tmp_path_factory.mktemp("threads-edit") / "tiny"), edit=True)
+    pipe = EditPipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"], adapter=tiny["adapter"],
+                                        device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def assert_alone(pipe, cs: list[dict]) -> None:
+    alone = [pipe(**c, output_type="latent") for c in cs]
+    for got, want in zip(together(pipe, [dict(c, output_type="latent") for c in cs]), alone):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def sdxl_calls(cond_image, other_image) -> list[dict]:
+    """SDXL calls that differ in their size conditioning (a call's own, never the pipeline's) and everything else."""
+    return [dict(prompt="a cat", image=cond_image, instruct="use the style", scale=0.7, seed=3, num_inference_steps=3,
+                 original_size=(128, 96), crops_coords_top_left=(8, 4)),
+            dict(prompt="a red boat", image=other_image, instruct="take the object", scale=0.3, seed=4,
+                 num_inference_steps=2, guidance_scale=4.0, target_size=(48, 64), scheduler="euler_a")]
+
+
+def test_sdxl_threads_keep_their_size_conditioning(sdxl_pipe, cond_image, other_image):
+    assert_alone(sdxl_pipe, sdxl_calls(cond_image, other_image))
+
+
+def test_sdxl_threads_through_a_shared_encoder_cache(sdxl_pipe, cond_image, other_image):
+    """The server's conditioning cache, consulted by the pipeline itself: the pooled projections travel with the
+    cached tokens, and nothing on the pipeline is replaced."""
+    from engine.server.cache import ConditioningCache
+    cs = sdxl_calls(cond_image, other_image)
+    alone = [sdxl_pipe(**c, output_type="latent") for c in cs]
+    cache = ConditioningCache(16)
+    cache.attach(sdxl_pipe)
+    try:
+        assert "encode_text" not in vars(sdxl_pipe) and "encode_images" not in vars(sdxl_pipe)
+        for _ in range(2):  # cold, then every text and image a hit
+            got = together(sdxl_pipe, [dict(c, output_type="latent") for c in cs])
+            for g, w in zip(got, alone):
+                torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+        assert cache.hits["text"] > 0 and cache.hits["image"] > 0
+    finally:
+        sdxl_pipe.set_encoder_cache(None)
+
+
+def test_edit_threads_keep_their_photos(edit_pipe, cond_image, other_image):
+    photo = other_image.resize((48, 40))
+    assert_alone(edit_pipe, [
+        dict(prompt="make it winter", image=photo, adapter_image=cond_image, instruct="use the style", scale=0.6,
+             seed=1, num_inference_steps=3),
+        dict(prompt="add a hat", image=cond_image.resize((40, 56)), adapter_image=other_image, instruct="take it",
+             scale=1.0, seed=2, num_inference_steps=2, guidance_scale=5.0, image_guidance_scale=2.0)])
+
+
+def test_timings_are_each_threads_own(instruct_pipe, cond_image, other_image):
+    """`pipe.timings` after a call is that call's: a thread reads its own, and another thread's calls never replace
+    or add to it."""
+    a, b = calls(cond_image, other_image)[:2]
+    instruct_pipe(**dict(a, num_inference_steps=1))
+    mine = dict(instruct_pipe.timings)
+    seen = {}
+    walls = {}
+
+    def record(i):
+        def after(step, total):
+            if step == total:
+                seen[i] = instruct_pipe.timings  # before this call ends: the thread's previous call's (none)
+        return after
+
+    def run(i, c):
+        import time
+        t0 = time.perf_counter()
+        instruct_pipe(**c, progress_callback=record(i))
+        walls[i] = ((time.perf_counter() - t0) * 1e3, dict(instruct_pipe.timings))
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate((a, b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=4 * WAIT_S)
+    assert instruct_pipe.timings == mine
+    assert seen == {0: {}, 1: {}}
+    for i in range(2):
+        wall, timings = walls[i]
+        assert timings["total_ms"] <= wall
+        assert 0 < timings["denoise_ms"] < timings["total_ms"]

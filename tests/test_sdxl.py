@@ -227,8 +227,8 @@ def test_cli_refuses_size_conditioning_off_sdxl(tiny, tmp_path, capsys):
 
 @pytest.mark.parametrize("batching", ["request", "step"])
 def test_server_runs_sdxl(pipe, image, batching):
-    """`serve --model SDXL_DIR [--batching step]`: the answer equals the pipeline's (its encoder cache wraps
-    encode_text; the pooled projections are still computed)."""
+    """`serve --model SDXL_DIR [--batching step]`: the answer equals the pipeline's (its encoder cache holds the
+    pooled projections beside the tokens)."""
     from server_utils import InProcessServer, decode_png, png_base64
 
     from engine.server.config import ServerConfig
@@ -247,8 +247,7 @@ def test_server_runs_sdxl(pipe, image, batching):
         assert r.status_code == 422 and "target_size" in r.text
     finally:
         srv.close()
-        for name in ("encode_text", "encode_images"):  # the cache patched the shared pipeline's instance
-            pipe.__dict__.pop(name, None)
+        pipe.set_encoder_cache(None)  # (the server's cache was set on the module's shared pipeline)
 
 
 def test_an_sd15_server_refuses_sdxl_fields(tiny, cond_image):

@@ -3,7 +3,7 @@ pixels, text encodings keyed by the text. A condition image or prompt that comes
 all-zero image's encoding (every unconditional branch) is computed once, at attach. A hit returns the tensor
 the miss stored, so cached and uncached requests run the same numbers.
 
-The pipeline knows nothing of this: `attach` wraps its two encoder methods on the instance."""
+The pipeline consults it through one seam (`Pipeline.set_encoder_cache`): nothing on the pipeline is replaced."""
 from __future__ import annotations
 
 import hashlib
@@ -43,14 +43,15 @@ class LRU:
 
 
 class ConditioningCache:
-    """`hits`/`misses` count per kind ("image", "text"); `on_lookup(kind, hit)` (metrics) is called per key."""
+    """`hits`/`misses` count per kind ("image", "text"); `on_lookup(kind, hit)` (metrics) is called per key.
+    A pipeline consults it itself (`Pipeline.set_encoder_cache`); `attach(pipe)` sets it on one."""
 
     def __init__(self, size: int = 256, on_lookup=None):
-        self.images, self.texts = LRU(size), LRU(size)
+        self.images_lru, self.texts_lru = LRU(size), LRU(size)
         self.hits = {"image": 0, "text": 0}
         self.misses = {"image": 0, "text": 0}
         self.on_lookup = on_lookup
-        self.zero = None
+        self.zero: dict = {}  # pooled? -> the all-zero image's row, computed once
         self._lock = threading.Lock()
 
     def _count(self, kind: str, hit: bool) -> None:
@@ -59,39 +60,45 @@ class ConditioningCache:
             self.on_lookup(kind, hit)
 
     def attach(self, pipe) -> None:
-        encode_text, encode_images = pipe.encode_text, pipe.encode_images
+        """Have `pipe` consult this cache; the unconditional image's encoding is computed now, once."""
         if getattr(pipe, "image_processor", None) is not None:
+            with torch.inference_mode():
+                self._zero(pipe, pipe.adapter is not None and pipe.adapter.kind == "plain")
+        pipe.set_encoder_cache(self)
+
+    def _zero(self, pipe, pooled: bool) -> torch.Tensor:
+        # (1, ...) the all-zero image's row (a blank image stands in for the input; its own row is dropped)
+        if pooled not in self.zero:
             height, width = _crop(pipe.image_processor)
             blank = Image.new("RGB", (width, height))
-            with torch.inference_mode():
-                self.zero = encode_images([blank], with_zero=True)[-1:].clone()
+            self.zero[pooled] = pipe.encode_images([blank], with_zero=True, pooled=pooled)[-1:].clone()
+        return self.zero[pooled]
 
-        def cached_text(texts: list[str]) -> torch.Tensor:
-            # -> (N, 77, text_dim), as Pipeline.encode_text
-            with self._lock:
-                found = {t: self.texts.get(t) for t in texts}
-                missing = sorted({t for t, v in found.items() if v is None})
-                for t in texts:
-                    self._count("text", found[t] is not None)
-                if missing:
-                    for t, row in zip(missing, encode_text(missing)):
-                        found[t] = row.clone()
-                        self.texts.put(t, found[t])
-            return torch.stack([found[t] for t in texts])
+    def texts(self, texts: list[str], compute) -> list:
+        """Per text its encoding entry: cached ones as stored, the others from compute(missing texts) -> entries."""
+        with self._lock:
+            found = {t: self.texts_lru.get(t) for t in texts}
+            missing = sorted({t for t, v in found.items() if v is None})
+            for t in texts:
+                self._count("text", found[t] is not None)
+            if missing:
+                for t, entry in zip(missing, compute(missing)):
+                    found[t] = tuple(None if x is None else x.clone() for x in entry)
+                    self.texts_lru.put(t, found[t])
+        return [found[t] for t in texts]
 
-        def cached_images(images: list[Image.Image], with_zero: bool = True) -> torch.Tensor:
-            # -> (N [+ 1], Ni, image_dim), as Pipeline.encode_images; the zero row is the one computed at attach
-            with self._lock:
-                keys = [pixel_key(im) for im in images]
-                found = {k: self.images.get(k) for k in keys}
-                for k in keys:
-                    self._count("image", found[k] is not None)
-                missing = {k: im for k, im in zip(keys, images) if found[k] is None}
-                if missing:
-                    for k, row in zip(missing, encode_images(list(missing.values()), with_zero=False)):
-                        found[k] = row.clone()
-                        self.images.put(k, found[k])
-            rows = [found[k] for k in keys]
-            return torch.cat([torch.stack(rows), self.zero] if with_zero else [torch.stack(rows)])
-
-        pipe.encode_text, pipe.encode_images = cached_text, cached_images
+    def images(self, images: list[Image.Image], pooled: bool, pipe) -> torch.Tensor:
+        """-> (N + 1, ...) as Pipeline.encode_images: the images' rows (cached by their pixels), then the zero row."""
+        with self._lock:
+            keys = [(pooled, pixel_key(im)) for im in images]
+            found = {k: self.images_lru.get(k) for k in keys}
+            for k in keys:
+                self._count("image", found[k] is not None)
+            missing = {k: im for k, im in zip(keys, images) if found[k] is None}
+            if missing:
+                rows = pipe.encode_images(list(missing.values()), with_zero=False, pooled=pooled)
+                for k, row in zip(missing, rows):
+                    found[k] = row.clone()
+                    self.images_lru.put(k, found[k])
+            zero = self._zero(pipe, pooled)
+        return torch.cat([torch.stack([found[k] for k in keys]), zero])

@@ -28,7 +28,8 @@ import os
 import torch
 
 from ..errors import EngineError
-from ..exported import GRAPHS, SDXL_GRAPHS, ExportedPipeline, ExportedSDXLPipeline, read_manifest
+from ..exported import GRAPHS, SDXL_GRAPHS, ExportedPipeline, ExportedSDXLPipeline, read_manifest, source_paths
+from ..pipeline import as_dtype
 from . import INSTALL, NAMES, RTX_CCS, check_choice, choice_of, flavour, import_tensorrt, load_tensorrt
 from .plugin import PLUGIN_DIR_ENV, register_plugin
 from .support import cc_list, cc_text, choose_for_plans, refusal, this_gpu
@@ -196,6 +197,29 @@ class TensorRTPipeline(ExportedPipeline):
 
     runtime = "tensorrt"
     RUNTIME = "tensorrt"
+
+    @classmethod
+    def open_engines(cls, model, image_encoder, adapter, device, dtype, engines, trt) -> "TensorRTPipeline":
+        """`Pipeline.from_pretrained(..., backend="tensorrt", engines=DIR)`: the folder checked against what the
+        caller asked for (kind, dtype, adapter), then opened."""
+        if engines is None:
+            raise EngineError("backend tensorrt needs the engine folder (engines=, --engines DIR): what "
+                              "`python -m export trt --out DIR` wrote")
+        manifest = read_manifest(engines)
+        if manifest.get("kind") == "edit":
+            raise EngineError(f"the engines in {engines} are an InstructPix2Pix export: editing runs on the PyTorch "
+                              "backend (EditPipeline) or ONNX Runtime (export.runtime.OnnxEditPipeline); a TensorRT "
+                              "edit runtime is not built yet")
+        if dtype is not None and as_dtype(dtype) != getattr(torch, manifest["dtype"]):
+            raise EngineError(f"the engines in {engines} are {manifest['dtype']}; dtype {dtype} needs engines built "
+                              f"from a `python -m export onnx --dtype {str(as_dtype(dtype)).removeprefix('torch.')}` "
+                              "export")
+        if adapter is not None:  # the adapter is inside unet.plan: only the one it was built with can be meant
+            built = source_paths(manifest, engines, ("adapter",))["adapter"]
+            if os.path.realpath(adapter) != os.path.realpath(built):
+                raise EngineError(f"the engines in {engines} were built with the adapter {built}, not {adapter}: "
+                                  "export and build again for another adapter")
+        return cls.from_engines(engines, model, image_encoder, device, trt=trt)
 
     @classmethod
     def from_engines(cls, folder: str, model: str | None = None, image_encoder: str | None = None,
