@@ -30,7 +30,8 @@ from PIL import Image
 
 from .errors import EngineError
 from .loading import load_image
-from .pipeline import Pipeline, Request, expand_rows
+from .pipeline import Pipeline, expand_rows
+from .requests import Request, parse_requests
 from .prepared import CallState, EditContext
 
 EDIT_NEGATIVE = ""  # diffusers' IP2P default
@@ -111,7 +112,7 @@ class EditPipeline(Pipeline):
                 base["image"] = [adapter_image] * n
             if not isinstance(instruct, (list, tuple)):
                 base["instruct"] = [instruct] * n
-        reqs = self._requests(base)
+        reqs = parse_requests(self, base)
         photos = list(photos) if photos is not None else [image] * len(reqs)
         if len(photos) != len(reqs):
             raise EngineError(f"per-request lists must have one length, got {len(photos)} images for {len(reqs)} "

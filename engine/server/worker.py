@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from PIL import Image
@@ -13,6 +14,8 @@ from ..errors import EngineError
 from ..combine import NonFinite
 from ..guidance import resolve_mode
 from ..loading import MAX_SIZE_FACTOR, check_size, native_from_configs
+from ..prepared import SIZE_CONDITIONING
+from ..requests import check_instruction, check_per_row_adapter
 from .images import Use
 from .schemas import GenerateRequest
 
@@ -22,7 +25,7 @@ STAGES = ("text_encoder_ms", "image_encoder_ms", "projector_ms", "kv_ms", "denoi
           "vae_decode_ms", "total_ms")
 
 
-SDXL_FIELDS = ("original_size", "target_size", "crops_coords_top_left")  # per call, SDXL only
+SDXL_FIELDS = SIZE_CONDITIONING  # per call, SDXL only
 
 
 class FieldError(EngineError):
@@ -31,6 +34,17 @@ class FieldError(EngineError):
     def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field = field
+
+
+@contextmanager
+def as_field(field: str):
+    """The engine's own check of a value (engine/requests.py), its refusal answered as that field's 422."""
+    try:
+        yield
+    except FieldError:
+        raise
+    except EngineError as e:
+        raise FieldError(field, str(e)) from None
 
 
 @dataclass
@@ -50,13 +64,14 @@ class PipelineRunner:
 
     def __init__(self, pipe):
         self.pipe = pipe
+        self.caps = pipe.capabilities
         self.kind = pipe.adapter.kind if pipe.adapter is not None else None
         self.native, self.factor = native_from_configs(pipe.unet.config, pipe.vae.config)
 
     def prepare(self, req: GenerateRequest, image: Image.Image | None, control: Image.Image | None = None,
                 mask: Image.Image | None = None) -> Work:
         """The checks that need the model, before the request is queued; raises FieldError."""
-        nets = getattr(self.pipe, "controlnets", None)
+        nets = self.caps.controlnets
         if nets and control is None:
             raise FieldError("control_image", "this server runs a ControlNet: control_image is required")
         if not nets and (control is not None or req.controlnet_conditioning_scale != 1.0):
@@ -75,17 +90,16 @@ class PipelineRunner:
                 if not off:
                     raise FieldError(name, f"this server has no adapter loaded: send no {name}")
         else:
-            if not self.pipe.cross and (mask is not None or req.adapter_start > 0.0 or req.adapter_end < 1.0):
-                field = "adapter_mask" if mask is not None else "adapter_start" if req.adapter_start else "adapter_end"
-                raise FieldError(field, f"this server runs {getattr(self.pipe, 'runtime', 'exported graphs')}: "
-                                        "adapter masks and step ranges run on the PyTorch backend")
+            field = "adapter_mask" if mask is not None else "adapter_start" if req.adapter_start else "adapter_end"
+            with as_field(field):
+                check_per_row_adapter(self.caps, mask is not None, req.adapter_start, req.adapter_end)
             if image is None:
                 raise FieldError("image", "a condition image is required (base64 PNG, JPEG or WebP)")
-            if self.kind == "instruct" and not (req.instruct or "").strip():
-                raise FieldError("instruct", "instruction is empty: say what to take from the image, "
-                                             "e.g. 'use the style of this image'")
-        if isinstance(req.scale, dict) and not self.pipe.cross:  # exported graphs: one strength per UNet row
-            raise FieldError("scale", f"this server runs {getattr(self.pipe, 'runtime', 'exported graphs')}, which "
+            if self.kind == "instruct":
+                with as_field("instruct"):
+                    check_instruction(req.instruct)
+        if isinstance(req.scale, dict) and not self.caps.per_row_adapter:  # exported graphs: one strength per row
+            raise FieldError("scale", f"this server runs {self.caps.runtime} graphs, which "
                                       "takes one adapter strength per request (a number), not per-block scales")
         if isinstance(req.scale, dict):
             from ..attention import expand_scale
@@ -93,7 +107,7 @@ class PipelineRunner:
                 expand_scale(self.pipe.unet, list(self.pipe.cross), req.scale)
             except (EngineError, ValueError, TypeError, KeyError) as e:
                 raise FieldError("scale", f"bad per-block scale: {e}") from None
-        if not getattr(self.pipe, "SDXL", False):
+        if not self.caps.size_conditioning:
             for name in SDXL_FIELDS:
                 if getattr(req, name, None) is not None:
                     raise FieldError(name, f"{name} is SDXL's size conditioning; this server loads an SD1.5 model")
@@ -195,9 +209,9 @@ class PipelineRunner:
                 kwargs["adapter_masks"] = [w.mask for w in works]
         else:
             del kwargs["adapter_start"], kwargs["adapter_end"]
-        if getattr(self.pipe, "SDXL", False):  # per call, as the key groups them
+        if self.caps.size_conditioning:  # per call, as the key groups them
             kwargs.update({n: tuple(getattr(first, n)) for n in SDXL_FIELDS if getattr(first, n, None) is not None})
-        if getattr(self.pipe, "controlnets", None):
+        if self.caps.controlnets:
             kwargs.update(control_image=[w.control for w in works],
                           controlnet_conditioning_scale=[w.req.controlnet_conditioning_scale for w in works],
                           control_guidance_start=first.control_guidance_start,
@@ -222,7 +236,7 @@ class PipelineRunner:
         grey = Image.new("RGB", (64, 64), (127, 127, 127))
         instruct = "everything" if self.kind == "instruct" else None
         return self.prepare(GenerateRequest(num_inference_steps=1, instruct=instruct), grey if self.kind else None,
-                            grey if getattr(self.pipe, "controlnets", None) else None)
+                            grey if self.caps.controlnets else None)
 
 
 @dataclass
