@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from .common import Row
-from .e2e import INSTRUCT, NEGATIVE, PROMPT
+from .e2e_config import INSTRUCT, NEGATIVE, PROMPT
 
 SERVERS = ("engine", "engine-step", "engine-single", "diffusers")
 STATUSES = ("200", "429", "503", "504", "other", "transport")
