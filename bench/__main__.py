@@ -57,7 +57,7 @@ def build_parser() -> Parser:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    from .serve import MIXES, SERVERS, ServeConfig, loopback_url
+    from .serve_config import MIXES, SERVERS, ServeConfig, loopback_url
     from .weights import PRESETS
 
     def rates(text: str) -> str | list[float]:
