@@ -57,7 +57,7 @@ def build_parser() -> Parser:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    from .serve import MIXES, SERVERS, ServeConfig, loopback_url
+    from .serve_config import MIXES, SERVERS, ServeConfig, loopback_url
     from .weights import PRESETS
 
     def rates(text: str) -> str | list[float]:
@@ -113,7 +113,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 def add_e2e_args(p: argparse.ArgumentParser) -> None:
     from engine.loading import SCHEDULERS
 
-    from .e2e import ACCEPTED, PROVIDERS
+    from .e2e_config import ACCEPTED, PROVIDERS
     from .weights import PRESETS
 
     p.add_argument("--task", choices=["generate", "edit"], default="generate",
@@ -218,7 +218,8 @@ def fail(message: str) -> int:
 
 def run_e2e_command(a) -> int:
     from .common import write_json
-    from .e2e import ACCEPTED, LADDER, E2EConfig, run_e2e
+    from .e2e import run_e2e
+    from .e2e_config import ACCEPTED, LADDER, E2EConfig
     from .weights import bench_weights
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))

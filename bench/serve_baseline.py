@@ -56,7 +56,8 @@ class Baseline:
         import torch
 
         from .common import quiet_loaders
-        from .e2e import DiffusersProvider, E2EConfig
+        from .e2e_config import E2EConfig
+        from .e2e_providers import DiffusersProvider
 
         quiet_loaders()
         self.torch = torch

@@ -18,6 +18,9 @@ import json
 import math
 
 from .common import Row
+from .serve_config import ServeBenchError, condition_image_b64, request_body
+from .serve_report import server_env
+from .serve_servers import ServerProcess, server_argv, stop_server
 
 NAN, INF = float("nan"), float("inf")
 # (name, fields, refused): refused = out of range, a 422 naming the field is the only right answer; the kinds
@@ -126,15 +129,12 @@ def hostile_line(server: str, res: dict) -> str:
 
 def run_hostile(cfg, paths: dict | None, log=print) -> tuple[list[Row], str]:
     """Each engine server of cfg.servers (or the one at --url), started, measured, stopped -> rows and the text."""
-    import httpx
-
-    from .serve import ServeBenchError, ServerProcess, condition_image_b64, request_body, server_argv, stop_server
-    from .serve_report import _env
+    import httpx  # deferred: the optional serve extra
 
     image = condition_image_b64(cfg.preset)
     goods = [request_body(i, cfg, image) for i in range(cfg.requests)]
     names = ("url",) if cfg.url else tuple(s for s in cfg.servers if s != "diffusers")
-    env, config = _env(), dict(preset=cfg.preset, steps=cfg.steps, requests=cfg.requests,
+    env, config = server_env(), dict(preset=cfg.preset, steps=cfg.steps, requests=cfg.requests,
                                concurrency=max(cfg.concurrency))
     rows, lines = [], []
     for name in names:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import statistics
 
-from .common import Row, format_table, percentiles
-from .serve import IMAGE_SIZE, MIXES, Level, ServeConfig, lost, status_line
+import torch
+
+from .common import Row, device_name, format_table, git_sha, percentiles
+from .serve_config import IMAGE_SIZE, MIXES, ServeConfig
+from .serve_load import Level, lost, status_line
 
 
-def _env() -> dict:
-    import torch
-
-    from .common import device_name, git_sha
+def server_env() -> dict:
+    """The device, dtype and commit every row of a serve run carries."""
     cuda = torch.cuda.is_available()  # the servers' default device (the same machine: loopback only)
     return dict(device=device_name(torch.device("cuda" if cuda else "cpu")), dtype="float16" if cuda else "float32",
                 git_sha=git_sha())
@@ -36,7 +37,7 @@ class Report:
     """The rows of one run (long format, `row`) and each level's table cells (`level`)."""
 
     def __init__(self, cfg: ServeConfig, ready: dict):
-        self.cfg, self.env, self.ready, self.rows = cfg, _env(), ready, []
+        self.cfg, self.env, self.ready, self.rows = cfg, server_env(), ready, []
         self.config = dict(preset=cfg.preset, steps=cfg.steps, requests=cfg.requests, mix=cfg.mix,
                            guidance_mode="simple" if cfg.mix == "same" else "mixed", timeout_s=cfg.timeout_s,
                            max_wait_ms=cfg.max_wait_ms, image_size=IMAGE_SIZE.get(cfg.preset, 256), url=cfg.url,

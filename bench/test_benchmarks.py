@@ -9,7 +9,9 @@ import os
 import pytest
 import torch
 
-from bench.e2e import PROVIDERS, DiffusersProvider, E2EConfig, EngineProvider, wrong_images
+from bench.e2e import wrong_images
+from bench.e2e_config import PROVIDERS, E2EConfig
+from bench.e2e_providers import DiffusersProvider, EngineProvider
 from bench.ops import ATTENTION_SHAPES, attention_inputs, attention_providers, wrong_output
 from kernels import decoupled_attention_ref
 from bench.weights import bench_weights

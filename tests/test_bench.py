@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench.__main__ import main
-from bench.e2e import LADDER
+from bench.e2e_config import LADDER
 from bench.ops import attention_work
 from conftest import gpu
 
@@ -163,7 +163,8 @@ def fast_path_state(pipe):
 def test_ladder_steps_configure_one_piece_each(tmp_path):
     # built on the CPU (the interpreter stands in for the GPU's Triton): each step differs from the one
     # before by exactly its own piece
-    from bench.e2e import E2EConfig, EngineProvider
+    from bench.e2e_config import E2EConfig
+    from bench.e2e_providers import EngineProvider
     from bench.weights import bench_weights
 
     paths = bench_weights("tiny", str(tmp_path / "w"))
@@ -175,7 +176,8 @@ def test_ladder_steps_configure_one_piece_each(tmp_path):
 @pytest.fixture(scope="module")
 def ladder_on_gpu(tmp_path_factory):
     """Tiny weights, the ladder's config on CUDA in fp32 (no TF32), and engine-eager's latents to compare with."""
-    from bench.e2e import E2EConfig, EngineProvider
+    from bench.e2e_config import E2EConfig
+    from bench.e2e_providers import EngineProvider
     from bench.weights import bench_weights
     from engine.demo import draw_condition_image
 
@@ -194,7 +196,7 @@ def ladder_on_gpu(tmp_path_factory):
 def test_ladder_step_matches_eager_on_gpu(ladder_on_gpu, step):
     """On CUDA each ladder step turns on its pieces, and its latents (batch 2, 3 steps, fp32) match engine-eager's:
     relative L2 error under 1e-3 (fp32 kernels against fp32 PyTorch; a broken piece is off by O(1))."""
-    from bench.e2e import EngineProvider
+    from bench.e2e_providers import EngineProvider
 
     paths, cfg, image, eager = ladder_on_gpu
     provider = EngineProvider(step, paths, torch.device("cuda"), torch.float32, cfg)
@@ -209,14 +211,15 @@ def test_ladder_step_matches_eager_on_gpu(ladder_on_gpu, step):
 def test_e2e_report_says_when_full_guidance_is_unequal_work_and_keeps_peaks_per_batch():
     """The table's header names the unequal work of `--guidance-mode full` against diffusers' CFG, and each
     batch size keeps its own peak memory (the numbers here are made up; only the report is under test)."""
-    from bench.e2e import E2EConfig, _report
+    from bench.e2e_config import E2EConfig
+    from bench.e2e_report import report
 
     results = {(name, b): dict(times=[10.0 * b, 11.0 * b], stages={"unet_ms_per_step": 1.0}, peak_gib=peak)
                for name, b, peak in (("engine", 1, 1.5), ("engine", 4, 3.25), ("diffusers", 1, 2.0),
                                      ("diffusers", 4, 5.0))}
     env = dict(device="test", dtype="float16", git_sha="0")
     for mode, said in (("full", True), ("simple", False)):
-        rows, text = _report(E2EConfig(guidance_mode=mode, batches=(1, 4)), env, results, {}, [])
+        rows, text = report(E2EConfig(guidance_mode=mode, batches=(1, 4)), env, results, {}, [])
         assert ("unequal work" in text) == said
     peaks = {(r.provider, r.x): r.p50 for r in rows if r.metric == "peak_memory"}
     assert peaks == {("engine", 1): 1.5, ("engine", 4): 3.25, ("diffusers", 1): 2.0, ("diffusers", 4): 5.0}

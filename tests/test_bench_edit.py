@@ -41,7 +41,8 @@ def test_edit_task_writes_rows_for_the_three_providers(cache, tmp_path, capsys):
 
 def test_engine_and_diffusers_edit_the_same(cache):
     """The bench's own call on both sides gives the same PNGs (within a grey level) for the same seeds: equal work."""
-    from bench.e2e import DiffusersProvider, E2EConfig, EngineProvider
+    from bench.e2e_config import E2EConfig
+    from bench.e2e_providers import DiffusersProvider, EngineProvider
     from bench.weights import bench_weights, native_size
     from engine.demo import draw_condition_image
 

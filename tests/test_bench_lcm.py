@@ -34,7 +34,8 @@ def test_scheduler_flag_reaches_every_provider(tmp_path):
 def test_both_sides_swap_to_the_scheduler(tmp_path):
     import torch
 
-    from bench.e2e import DiffusersProvider, E2EConfig, EngineProvider
+    from bench.e2e_config import E2EConfig
+    from bench.e2e_providers import DiffusersProvider, EngineProvider
     from bench.weights import bench_weights
 
     paths = bench_weights("tiny", str(tmp_path / "w"))

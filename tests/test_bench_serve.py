@@ -54,7 +54,7 @@ def test_serve_refuses_a_url_off_this_machine(url, capsys):
 def test_hostile_mix_leaves_the_good_images_as_they_are(tiny):
     """`--hostile`: the good requests' images against each alone, hostile ones among them, on an in-process server
     whose batcher waits long enough for them to share calls; out-of-range values are all refused."""
-    from bench.serve import ServeConfig, condition_image_b64, request_body
+    from bench.serve_config import ServeConfig, condition_image_b64, request_body
     from bench.serve_hostile import HOSTILE, broken, hostile_line, hostile_run
     from conftest import load_pipe
     from engine.server.config import ServerConfig

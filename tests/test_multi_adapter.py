@@ -327,7 +327,8 @@ def test_bench_runs_both_providers_with_two_masked_adapters(tmp_path, capsys):
     import json
 
     from bench.__main__ import main
-    from bench.e2e import DiffusersProvider, E2EConfig, EngineProvider
+    from bench.e2e_config import E2EConfig
+    from bench.e2e_providers import DiffusersProvider, EngineProvider
     from bench.weights import bench_weights
 
     cache = str(tmp_path / "w")

@@ -1,0 +1,237 @@
+"""The providers of `python -m bench e2e`, each one way to answer the same request: `engine` and its ladder steps
+(EngineProvider), `tensorrt` (the engine's loop around TensorRT plans), `diffusers` (DiffusersProvider). A provider
+is called with (condition image, batch) and reports its per-stage times (`stages`); `load_provider` picks one by
+name, or says why it cannot run here."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.errors import EngineError
+from engine.loading import _image_processor_class, is_sdxl_folder, make_scheduler, native_from_configs
+from engine.trt import choice_of, load_tensorrt
+
+from .e2e_config import EDIT_PROMPT, INSTRUCT, LADDER, NEGATIVE, PROMPT, E2EConfig, fast_path
+
+
+def stripe_masks(n: int, height: int, width: int) -> list:
+    """n masks, mask i white on the i-th of n vertical stripes (diffusers' IPAdapterMaskProcessor input)."""
+    out = []
+    for i in range(n):
+        m = np.zeros((height, width), dtype=np.uint8)
+        m[:, i * width // n:(i + 1) * width // n] = 255
+        out.append(Image.fromarray(m))
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class EngineProvider:
+    def __init__(self, name: str, paths: dict, device: torch.device, dtype: torch.dtype, cfg: E2EConfig):
+        from engine import EditPipeline, Pipeline, fastpath  # deferred: the pipeline loads diffusers
+
+        self.name, self.cfg = name, cfg
+        # engine-lcm: what an LCM-LoRA user runs, few steps with the LCM scheduler (the weights are the same: random
+        # weights do the same work per step whatever they are)
+        self.steps, self.scheduler = (cfg.few_steps, "lcm") if name == "engine-lcm" else (cfg.steps, cfg.scheduler)
+        fast = fast_path(name, device, cfg)
+        backend = "sdpa" if not fast.fused_attention else "auto" if name in ("engine", "engine-lcm") else "triton"
+        if cfg.task == "edit":  # InstructPix2Pix: no adapter
+            cls, extra = EditPipeline, {}
+        else:
+            adapter = paths["adapter"] if cfg.adapters == 1 else [paths["adapter"]] * cfg.adapters
+            cls, extra = Pipeline, dict(image_encoder=paths["image_encoder"], adapter=adapter)
+        self.pipe = cls.from_pretrained(paths["model"], **extra, device=device, dtype=dtype,
+                                        attention_backend=backend)
+        if fast.fused_attention and not fast.fused_norms:
+            for m in (self.pipe.unet, self.pipe.vae):
+                fastpath.unfuse(m)
+        if fast.channels_last:
+            for m in (self.pipe.unet, self.pipe.vae):
+                m.to(memory_format=torch.channels_last)
+        if fast.compile:
+            self.pipe.compile()
+        if fast.cuda_graphs:
+            self.pipe.enable_cuda_graphs()
+        self.pipe.set_progress_bar_config(disable=True)
+        self.unet = self.pipe.unet
+
+    def __call__(self, image, batch: int, output_type: str = "pil"):
+        c = self.cfg
+        if c.task == "edit":
+            args = dict(edit_args(c, image, batch), num_inference_steps=self.steps, scheduler=self.scheduler)
+            return self.pipe(**args, seed=list(range(batch)), output_type=output_type)
+        several = {}
+        if c.adapter_masks:
+            native, _ = native_from_configs(self.pipe.unet.config, self.pipe.vae.config)
+            several["adapter_masks"] = [stripe_masks(c.adapters, c.height or native, c.width or native)] * batch
+        return self.pipe(prompt=[PROMPT] * batch, image=[image] * batch, instruct=[INSTRUCT] * batch,
+                         negative_prompt=[NEGATIVE] * batch, scale=c.scale, guidance_scale=c.guidance_scale, **several,
+                         guidance_mode=c.guidance_mode, num_inference_steps=self.steps, height=c.height,
+                         width=c.width, seed=list(range(batch)), output_type=output_type, scheduler=self.scheduler)
+
+    def stages(self) -> dict[str, float]:
+        t = self.pipe.timings
+        keys = ("text_encoder_ms", "image_encoder_ms", "image_latent_ms", "projector_ms", "kv_ms", "unet_ms_per_step",
+                "vae_decode_ms")
+        return {k: t[k] for k in keys if k in t}
+
+
+def build_engines_once(paths: dict, dtype: str, device: torch.device, log=print, trt: str = "auto") -> str:
+    """The weights' TensorRT plans in the bench cache (export, then build with `trt` for this GPU's compute
+    capability), made once per TensorRT and dtype."""
+    from export.onnx import export_onnx  # deferred: the export path (the tensorrt provider only)
+    from export.trt import build_engines
+
+    made_by = choice_of(load_tensorrt(trt))  # plans of one TensorRT do not load in the other
+    root = os.path.join(os.path.dirname(os.path.abspath(paths["model"])), f"trt-{made_by}-{dtype}")
+    if os.path.isfile(os.path.join(root, "engines", "engines.json")):
+        return os.path.join(root, "engines")
+    shutil.rmtree(root, ignore_errors=True)
+    t0 = time.perf_counter()
+    export_onnx(paths["model"], paths["image_encoder"], paths["adapter"], os.path.join(root, "onnx"), dtype=dtype,
+                device=device.type, log=lambda *a: None)
+    major, minor = torch.cuda.get_device_capability(device)
+    build_engines(os.path.join(root, "onnx"), os.path.join(root, "engines"), archs=(major * 10 + minor,),
+                  log=lambda *a: None, trt=made_by)
+    log(f"tensorrt: exported and built the plans in {time.perf_counter() - t0:.0f} s ({root})")
+    return os.path.join(root, "engines")
+
+
+class TensorRTProvider(EngineProvider):
+    """The engine's loop around the TensorRT plans (engine.trt.runtime.TensorRTPipeline)."""
+
+    def __init__(self, paths: dict, device: torch.device, dtype: torch.dtype, cfg: E2EConfig, log=print):
+        from engine import Pipeline  # deferred: the pipeline loads diffusers
+
+        self.name, self.cfg = "tensorrt", cfg
+        engines = cfg.engines or build_engines_once(paths, str(dtype).removeprefix("torch."), device, log, cfg.trt)
+        self.pipe = Pipeline.from_pretrained(paths["model"], image_encoder=paths["image_encoder"], device=device,
+                                             backend="tensorrt", engines=engines, trt=cfg.trt)
+        if cfg.cuda_graphs:
+            self.pipe.enable_cuda_graphs()
+        self.pipe.set_progress_bar_config(disable=True)
+        self.unet = None
+
+
+class DiffusersProvider:
+    name = "diffusers"
+
+    def __init__(self, paths: dict, device: torch.device, dtype: torch.dtype, cfg: E2EConfig):
+        # deferred: diffusers and transformers load only for the diffusers provider
+        from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
+        from transformers import CLIPVisionModelWithProjection
+
+        self.cfg, self.device = cfg, device
+        if cfg.task == "edit":
+            self.pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+                paths["model"], safety_checker=None, requires_safety_checker=False)
+        else:
+            encoder = CLIPVisionModelWithProjection.from_pretrained(paths["image_encoder"]).to(dtype)
+            extractor = _image_processor_class().from_pretrained(paths["image_encoder"])
+            if is_sdxl_folder(paths["model"]):  # the SDXL presets: diffusers' SDXL pipeline, IP-Adapter+ SDXL
+                from diffusers import StableDiffusionXLPipeline  # deferred: as above
+                self.pipe = StableDiffusionXLPipeline.from_pretrained(paths["model"], image_encoder=encoder,
+                                                                      feature_extractor=extractor)
+            else:
+                self.pipe = StableDiffusionPipeline.from_pretrained(
+                    paths["model"], safety_checker=None, requires_safety_checker=False, image_encoder=encoder,
+                    feature_extractor=extractor)
+            plus, n = paths["plus_adapter"], cfg.adapters
+            if n == 1:
+                self.pipe.load_ip_adapter(os.path.dirname(plus), subfolder="", weight_name=os.path.basename(plus),
+                                          image_encoder_folder=None)
+            else:
+                self.pipe.load_ip_adapter([os.path.dirname(plus)] * n, subfolder=[""] * n,
+                                          weight_name=[os.path.basename(plus)] * n, image_encoder_folder=None)
+            self.pipe.set_ip_adapter_scale(cfg.scale if n == 1 else [cfg.scale] * n)
+        self.pipe.to(device=device, dtype=dtype)  # (not torch_dtype=: deprecated in newer diffusers)
+        if cfg.scheduler:  # the same scheduler class on both sides, from the model's own config
+            self.pipe.scheduler = make_scheduler(self.pipe.scheduler, cfg.scheduler)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.unet = self.pipe.unet
+        self._times: dict[str, float] = {}
+        self._hooks(device)
+
+    def _hooks(self, device):
+        # per-module wall time (synchronised) for the stage breakdown, and a profiler range named as the engine's
+        # stages ("diffusers::projector", ...); the projector runs inside every UNet call
+        p = self.pipe
+        ranges = {}
+        for key, module in (("text_encoder_ms", p.text_encoder), ("image_encoder_ms", p.image_encoder),
+                            ("image_latent_ms", p.vae.encoder), ("projector_ms", p.unet.encoder_hid_proj),
+                            ("unet_ms", p.unet), ("vae_decode_ms", p.vae.decoder)):
+            if module is None:  # IP2P: no image encoder, no projector
+                continue
+            def pre(_m, _a, key=key):
+                stage = "unet_step" if key == "unet_ms" else key.removesuffix("_ms")
+                ranges[key] = torch.profiler.record_function("diffusers::" + stage)
+                ranges[key].__enter__()
+                sync(device)
+                self._times[key + "_start"] = time.perf_counter()
+
+            def post(_m, _a, _o, key=key):
+                sync(device)
+                self._times[key] = self._times.get(key, 0.0) + (time.perf_counter() - self._times[key + "_start"]) * 1e3
+                ranges.pop(key).__exit__(None, None, None)
+            module.register_forward_pre_hook(pre)
+            module.register_forward_hook(post)
+
+    def __call__(self, image, batch: int):
+        c = self.cfg
+        self._times.clear()
+        gens = [torch.Generator("cpu").manual_seed(i) for i in range(batch)]
+        if c.task == "edit":
+            return self.pipe(**edit_args(c, image, batch), generator=gens).images
+        extra = {}
+        if c.adapter_masks:
+            from diffusers.image_processor import IPAdapterMaskProcessor  # deferred: as in __init__
+            size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+            h, w = c.height or size, c.width or size
+            masks = IPAdapterMaskProcessor().preprocess(stripe_masks(c.adapters, h, w), height=h, width=w)
+            extra["cross_attention_kwargs"] = {"ip_adapter_masks": [masks[i:i + 1] for i in range(c.adapters)]}
+        return self.pipe(prompt=[PROMPT] * batch, negative_prompt=[NEGATIVE] * batch,
+                         ip_adapter_image=image if c.adapters == 1 else [image] * c.adapters,
+                         guidance_scale=c.guidance_scale, num_inference_steps=c.steps, height=c.height,
+                         width=c.width, generator=gens, **extra).images
+
+    def stages(self) -> dict[str, float]:
+        out = {k: v for k, v in self._times.items() if not k.endswith("_start")}
+        if "unet_ms" in out:
+            out["unet_ms_per_step"] = out.pop("unet_ms") / self.cfg.steps
+        return out
+
+
+def edit_args(cfg: E2EConfig, image, batch: int) -> dict:
+    """The edit task's request for both sides: one photo per request (copies: the engine would encode a photo
+    shared by requests once), at the output size (the photo's size is IP2P's output size, as in diffusers)."""
+    return dict(prompt=[EDIT_PROMPT] * batch, image=[image] + [image.copy() for _ in range(batch - 1)],
+                guidance_scale=cfg.guidance_scale, image_guidance_scale=cfg.image_guidance_scale,
+                num_inference_steps=cfg.steps)
+
+
+def load_provider(name: str, paths: dict, device: torch.device, dtype: torch.dtype, cfg: E2EConfig, log=print):
+    """The provider `name` loaded, or None where it cannot run here (logged as skipped, with the reason)."""
+    reason = None if name in ("diffusers", "engine", "engine-lcm", "tensorrt") else LADDER[name].unavailable(device)
+    if name == "tensorrt" and device.type != "cuda":
+        reason = f"TensorRT engines run on a CUDA GPU; this run is on {device}"
+    if reason:
+        log(f"{name}: skipped: {reason}")
+        return None
+    if name == "tensorrt":
+        try:
+            return TensorRTProvider(paths, device, dtype, cfg, log)
+        except EngineError as e:  # TensorRT missing, or its own refusal of the plans on this GPU
+            log(f"tensorrt: skipped: {e}")
+            return None
+    if name == "diffusers":
+        return DiffusersProvider(paths, device, dtype, cfg)
+    return EngineProvider(name, paths, device, dtype, cfg)
