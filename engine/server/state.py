@@ -83,8 +83,8 @@ class ServerState:
             self.pipe.enable_cuda_graphs()  # EngineError off CUDA
         self.cache = ConditioningCache(c.cache_size)
         self.cache.attach(self.pipe)
-        self.runner = (EditRunner if getattr(self.pipe, "EDIT", False) else PipelineRunner)(self.pipe)
-        if c.batching == "step" and not self.pipe.cross:
+        self.runner = (EditRunner if self.pipe.kind == "edit" else PipelineRunner)(self.pipe)
+        if c.batching == "step" and not self.pipe.capabilities.step_batching:
             raise EngineError("--batching step runs on the PyTorch backend; this server loads exported graphs: use "
                               "--batching request")
         if c.warmup:
