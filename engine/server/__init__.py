@@ -1,9 +1,12 @@
 """`python -m engine serve`: the engine behind HTTP with dynamic batching (FastAPI + uvicorn), and under Ray Serve.
 
-Layout: schemas.py (request/response bodies), batcher.py (dynamic batching, no HTTP), worker.py (one Pipeline
-call per batch), cache.py (conditioning caches), metrics.py (Prometheus), images.py (condition image bytes),
-errors.py (JSON errors, request ids, upload limit), app.py (the FastAPI app wiring them), run.py (uvicorn with
-a draining shutdown), ray_app.py (Ray Serve). The pipeline knows nothing of the server. ray_reaper.py removes
+Layout: schemas.py (request/response bodies), batcher.py (dynamic batching, no HTTP), worker.py (the runners: one
+Pipeline call per batch), cache.py (conditioning caches), metrics.py (Prometheus), images.py (condition image
+bytes), errors.py (JSON errors, request ids, upload limit), state.py (what the server holds: pipeline, runner,
+batcher, cache; built in one place), routes.py (/v1/generate, /v1/edit, /v1/models) with stream.py (server-sent
+events), health.py (/health, /ready, /metrics), page.py (the web page), responses.py (what the routes answer),
+dependencies.py (the state and the API key for the routes), app.py (the FastAPI app wiring them), run.py (uvicorn
+with a draining shutdown), ray_app.py (Ray Serve). The pipeline knows nothing of the server. ray_reaper.py removes
 what the local Ray instance of `serve --ray` leaves when the process ends.
 """
 from .config import ServerConfig

@@ -264,7 +264,7 @@ def plural(replicas: int) -> str:
 def serve_ray(config: ServerConfig, replicas: int = 1, gpus_per_replica: float | None = None) -> int:
     """`python -m engine serve --ray`: deploys, says when every replica is ready, shuts down on SIGTERM/SIGINT; the
     local Ray instance's processes and temp dir go with the process, however it ends (the reaper)."""
-    from .app import process_age_s
+    from .state import process_age_s
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per /ready poll otherwise
     t0 = time.monotonic() - process_age_s()

@@ -1,0 +1,64 @@
+"""What the routes answer: a finished job's outcome (its result, or the ApiError its failure maps to), the JSON body
+with base64 PNGs and timings, a lone PNG, and JSON errors."""
+from __future__ import annotations
+
+import base64
+import io
+import logging
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from ..errors import EngineError
+from .batcher import DeadlineExceeded, Draining, Job
+from .errors import ApiError, error_body, internal_message
+from .parsing import raise_first
+from .stepper import Cancelled
+from .worker import FieldError
+
+log = logging.getLogger("engine.server")
+
+
+def outcome(job: Job, rid: str) -> dict:
+    """A done job's result; its failure as the ApiError the client gets."""
+    try:
+        return job.future.result()
+    except DeadlineExceeded as e:
+        raise ApiError(504, "deadline_exceeded", str(e)) from None
+    except Cancelled as e:
+        raise ApiError(499, "client_closed", str(e)) from None
+    except Draining as e:
+        raise ApiError(503, "unavailable", str(e)) from None
+    except FieldError as e:
+        raise ApiError(422, "invalid_request", str(e), e.field) from None
+    except EngineError as e:
+        raise ApiError(422, "invalid_request", str(e)) from None
+    except Exception as e:
+        log.error("request %s failed in the model", rid, exc_info=e)
+        raise ApiError(500, "internal", internal_message(rid)) from None
+
+
+def encode_png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def response_body(job: Job, result: dict, rid: str) -> dict:
+    queue_ms = ((job.started or job.enqueued) - job.enqueued) * 1e3
+    timings = {"queue_ms": round(queue_ms, 3), **result["timings"], "batch_requests": job.batch_requests,
+               "batch_rows": job.batch_rows}
+    images = [base64.b64encode(encode_png(im)).decode() for im in result["images"]]
+    return {"images": images, "seed": job.payload.req.seed, "timings": timings, "request_id": rid}
+
+
+def error_response(request: Request, status: int, code: str, message: str, field=None, headers=None):
+    rid = request.scope.get("state", {}).get("request_id")
+    return JSONResponse(error_body(code, message, rid, field), status_code=status, headers=headers)
+
+
+def first_validation_error(request: Request, errors: list[dict]):
+    try:
+        raise_first(errors)
+    except ApiError as e:
+        return error_response(request, e.status, e.code, e.message, e.field)

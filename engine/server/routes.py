@@ -1,0 +1,139 @@
+"""The API's routes: POST /v1/generate, POST /v1/edit (one request each: JSON or multipart in, JSON, a PNG or
+server-sent events out) and GET /v1/models, all behind the API key when one is set."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from .batcher import Draining, Job, QueueFull
+from .dependencies import authorize, engine_state
+from .errors import ApiError
+from .parsing import read_body
+from .responses import encode_png, outcome, response_body
+from .schemas import EditRequest, ErrorResponse, GenerateRequest, GenerateResponse, ModelList
+from .state import ServerState
+from .stream import progress_to, stream_events
+from .uploads import decode_all
+from .worker import FieldError
+
+log = logging.getLogger("engine.server")
+POLL_S = 0.1          # how often a waiting handler checks for a client that went away
+RETRY_AFTER_S = 5     # 503 while starting (draining: the queue's expected wait)
+
+router = APIRouter(dependencies=[Depends(authorize)])
+ERRORS = {str(s): {"model": ErrorResponse} for s in (401, 404, 413, 422, 429, 500, 503, 504)}
+IMAGE_ANSWERS = {**ERRORS, 200: {"content": {"image/png": {}, "text/event-stream": {}}}}
+
+
+def body_schema(model) -> dict:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema},
+                                                          "multipart/form-data": {"schema": {"type": "object"}}}}}
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def models(state: ServerState = Depends(engine_state)):
+    if state.runner is None:
+        raise ApiError(503, "unavailable", "the model is still loading", headers={"retry-after": RETRY_AFTER_S})
+    return {"object": "list", "data": [state.runner.describe(state.config)]}
+
+
+@router.post("/v1/generate", response_model=GenerateResponse, responses=IMAGE_ANSWERS,
+             openapi_extra=body_schema(GenerateRequest))
+async def generate(request: Request, state: ServerState = Depends(engine_state)):
+    """One request of `Pipeline.__call__`. JSON (image as base64 or a data URL) or multipart/form-data (image as
+    a file part). `Accept: image/png` with one image answers the PNG; `stream: true` or
+    `Accept: text/event-stream` answers server-sent events (`progress`, then `result` or `error`)."""
+    return await handle(state, request, "generate", GenerateRequest, ("image", "control_image", "adapter_mask"))
+
+
+@router.post("/v1/edit", response_model=GenerateResponse, responses=IMAGE_ANSWERS,
+             openapi_extra=body_schema(EditRequest))
+async def edit(request: Request, state: ServerState = Depends(engine_state)):
+    """One request of `EditPipeline.__call__` (InstructPix2Pix; the server must have loaded an IP2P model):
+    `image` is the photo to edit, `adapter_image` the reference an adapter reads. The same bodies, answers
+    and errors as /v1/generate."""
+    return await handle(state, request, "edit", EditRequest, ("image", "adapter_image"))
+
+
+def check_serving(state: ServerState, task: str) -> None:
+    """503 unless ready; 404 when the loaded model answers the other task."""
+    if not state.ready:
+        why = "shutting down" if state.draining else ("failed to load: " + state.failed if state.failed
+                                                      else "still loading")
+        wait = state.batcher.retry_after_s() if state.draining and state.batcher is not None else RETRY_AFTER_S
+        raise ApiError(503, "unavailable", f"the server is {why}", headers={"retry-after": wait})
+    if state.runner.task != task:
+        other = "an InstructPix2Pix model: POST /v1/edit" if state.runner.task == "edit" else \
+            "a text-to-image model: POST /v1/generate"
+        raise ApiError(404, "wrong_task", f"this server has loaded {other}")
+
+
+async def read_work(state: ServerState, request: Request, task: str, model, image_fields: tuple[str, ...]):
+    """The body read, its images decoded and checked against the loaded model -> (request, work, deadline)."""
+    config, runner = state.config, state.runner
+    req, files = await read_body(request, config.max_upload_mb, model, image_fields)
+    deadline = time.monotonic() + config.request_timeout_s  # from its arrival: decode waits count too
+    images = await decode_all(files, runner.uses(req), state.decode_budget, config.max_pixels,
+                              int(config.max_upload_mb * 2**20), deadline)
+    try:
+        work = runner.prepare(req, images) if task == "edit" else \
+            runner.prepare(req, images.get("image"), images.get("control_image"), images.get("adapter_mask"))
+    except FieldError as e:
+        raise ApiError(422, "invalid_request", str(e), e.field) from None
+    if work.rows > config.max_batch_rows:
+        raise ApiError(422, "invalid_request", f"this request needs {work.rows} UNet rows (guidance branches x "
+                       f"num_images), over --max-batch-rows {config.max_batch_rows}", "num_images")
+    return req, work, deadline
+
+
+async def handle(state: ServerState, request: Request, task: str, model, image_fields: tuple[str, ...]):
+    check_serving(state, task)
+    req, work, deadline = await read_work(state, request, task, model, image_fields)
+    rid = request.scope["state"]["request_id"]
+    stream = req.stream or "text/event-stream" in request.headers.get("accept", "")
+    events: asyncio.Queue | None = asyncio.Queue() if stream else None
+    progress = None if events is None else progress_to(events, asyncio.get_running_loop())
+    job = Job(work, state.runner.key(work), work.rows, deadline, progress)
+    try:
+        state.batcher.submit(job)
+    except QueueFull as e:
+        raise ApiError(429, "queue_full", str(e), headers={"retry-after": state.batcher.retry_after_s()}) from None
+    except Draining as e:
+        raise ApiError(503, "unavailable", str(e), headers={"retry-after": state.batcher.retry_after_s()}) from None
+    if events is not None:
+        return StreamingResponse(stream_events(state.batcher, job, events, rid), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache"})
+    result = await wait_for(state, job, request)
+    if request.headers.get("accept", "").startswith("image/png") and len(result["images"]) == 1:
+        png = await run_in_threadpool(encode_png, result["images"][0])
+        return Response(png, media_type="image/png", headers={"x-seed": str(req.seed)})
+    return await run_in_threadpool(response_body, job, result, rid)
+
+
+async def wait_for(state: ServerState, job: Job, request: Request):
+    """The job's result. While it is queued: dropped if the client goes away, 504 past its deadline."""
+    batcher = state.batcher
+    while True:
+        done, _ = await asyncio.wait({job.future}, timeout=POLL_S)
+        if done:
+            return outcome(job, request.scope["state"]["request_id"])
+        if job.started is not None and getattr(batcher, "mid_flight", False):
+            # step-level batching: a running request leaves the batch at the next step when its client goes
+            # (its deadline no longer applies: it finishes)
+            if await request.is_disconnected() and batcher.withdraw(job):
+                log.info("client went away: request %s leaves the running batch", job.id)
+                raise ApiError(499, "client_closed", "client closed the request")
+        elif job.started is None:
+            if time.monotonic() >= job.deadline and batcher.withdraw(job):
+                raise ApiError(504, "deadline_exceeded", f"still queued after --request-timeout-s "
+                               f"{state.config.request_timeout_s:g} s; it was dropped before compute")
+            if await request.is_disconnected() and batcher.withdraw(job):
+                log.info("client went away: request %s dropped from the queue", job.id)
+                raise ApiError(499, "client_closed", "client closed the request")
