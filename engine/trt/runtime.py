@@ -29,7 +29,7 @@ import torch
 
 from ..errors import EngineError
 from ..exported import GRAPHS, SDXL_GRAPHS, ExportedPipeline, ExportedSDXLPipeline, read_manifest, source_paths
-from ..pipeline import as_dtype
+from ..pretrained import as_dtype
 from . import INSTALL, NAMES, RTX_CCS, check_choice, choice_of, flavour, import_tensorrt, load_tensorrt
 from .plugin import PLUGIN_DIR_ENV, register_plugin
 from .support import cc_list, cc_text, choose_for_plans, refusal, this_gpu
