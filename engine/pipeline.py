@@ -23,7 +23,7 @@ from .combine import finite_outputs
 from .conditioning import features, initial_latents, masks, project, step_contexts, step_kwargs, unet_inputs
 from .controlnet import control_state, residuals
 from .errors import EngineError
-from .graphs import StaticUNet
+from .cuda_graphs import StaticUNet
 from .loading import check_size, make_scheduler
 from .lora import LoraMixin
 from .plan import plan_rows
@@ -64,7 +64,7 @@ class Pipeline(LoraMixin):
                     m.to(dtype=dtype)
                 m.to(self.device).eval().requires_grad_(False)
         self.cross = install_processors(unet, [a.layers for a in self.adapters])
-        self._static = None  # engine.graphs.StaticUNet once enable_cuda_graphs() is called
+        self._static = None  # engine.cuda_graphs.StaticUNet once enable_cuda_graphs() is called
         self._compiled = False
         # first-use checks of the fused kernels, graphs and compiled UNet (engine/selfcheck.py)
         self.selfcheck = SelfCheck(verify_fast_path)

@@ -75,6 +75,7 @@ class EngineConfig:
     trt: str = "auto"                     # with tensorrt: which TensorRT loads the plans (auto: their builder)
     controlnet: tuple = ()                # ControlNet folders
     lora: tuple = ()                      # (file, scale) pairs, fused into the weights at load
+    channels_last: bool = False           # the UNet and VAE in channels-last memory format
     compile: bool = False                 # torch.compile the UNet (each new batch shape compiles on first use)
     cuda_graphs: bool = False             # replay the UNet step from CUDA graphs, one capture per batch shape
     verify_fast_path: bool = True         # check each fused kernel, replay and compiled UNet at its first shape
@@ -101,7 +102,9 @@ def model_kind(config: EngineConfig) -> str:
 
 def load_pipeline(config: EngineConfig):
     """The one way every entry point loads: the class of the config's kind, its weights, LoRAs fused, then
-    torch.compile and CUDA graphs as asked. -> a pipeline (engine.Pipeline or a subclass)."""
+    channels-last, torch.compile and CUDA graphs as asked. -> a pipeline (engine.Pipeline or a subclass)."""
+    import torch  # (deferred: this module stays light for `python -m engine --help`)
+
     adapter = config.adapter
     if isinstance(adapter, (list, tuple)):
         adapter = None if not adapter else adapter[0] if len(adapter) == 1 else list(adapter)
@@ -114,6 +117,9 @@ def load_pipeline(config: EngineConfig):
                                **({"controlnet": list(config.controlnet)} if config.controlnet else {}))
     for path, scale in config.lora:  # fused: nothing per step
         pipe.load_lora_weights(path, scale=scale)
+    if config.channels_last:
+        for m in (pipe.unet, pipe.vae):
+            m.to(memory_format=torch.channels_last)
     if config.compile:
         pipe.compile()
     if config.cuda_graphs:

@@ -1,5 +1,5 @@
 """How a pipeline runs its UNet step and which kernels it runs: eagerly, torch.compiled, or replayed from CUDA graphs
-(engine/graphs.py), each fast form checked against its eager path at its first use of a shape (engine/selfcheck.py);
+(engine/cuda_graphs.py), each fast form checked against its eager path at its first use of a shape (engine/selfcheck.py);
 the attention backend's choice carried to the projector, GroupNorm+SiLU and GEGLU kernels (engine/fastpath.py)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from kernels import BACKENDS, choose
 from . import fastpath
 from .attention import choose_impls
 from .errors import EngineError
-from .graphs import StaticUNet
+from .cuda_graphs import StaticUNet
 from .selfcheck import describe, module_fp32
 
 # what replays or compiles the UNet step, by (CUDA graphs, compiled): a component of the first-use checks

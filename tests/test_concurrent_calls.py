@@ -209,7 +209,7 @@ def test_timings_are_each_threads_own(instruct_pipe, cond_image, other_image):
 def test_threads_through_one_set_of_static_buffers(instruct_pipe, cond_image, other_image):
     """The CUDA-graph path's static buffers (run eagerly here: capture needs CUDA) serve calls of one shape from
     several threads: each step copies its own call's inputs in and its output out, in turn."""
-    from engine.graphs import StaticUNet
+    from engine.cuda_graphs import StaticUNet
     from engine.selfcheck import SelfCheck
     a, b = calls(cond_image, other_image)[:2]
     same = dict(num_images_per_prompt=1, num_inference_steps=3, scheduler=None, guidance_mode="simple")
