@@ -234,7 +234,7 @@ def generated_path(rec: dict, folder: str | None) -> str:
 
 def folder_items(records: list[dict], folder: str | None, prompt: str):
     """Records -> items with the images read from disk (lazily, one at a time)."""
-    from engine.pipeline import load_image
+    from engine.loading import load_image
 
     for rec in records:
         yield {"index": rec["index"], "task": rec["task"], "caption": rec["caption"],
@@ -256,7 +256,7 @@ def instruction_for(rec: dict) -> str:
 def engine_items(records: list[dict], cfg: QualityConfig, prompt: str):
     """Records -> items generated with the engine, `cfg.batch` requests per call; saved to cfg.out if set."""
     from engine import Pipeline
-    from engine.pipeline import load_image
+    from engine.loading import load_image
 
     pipe = Pipeline.from_pretrained(cfg.model, image_encoder=cfg.image_encoder, adapter=cfg.adapter,
                                     device=cfg.device, dtype=cfg.dtype)

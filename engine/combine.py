@@ -77,3 +77,24 @@ class NonFinite(EngineError):
 def finite_images(latents: torch.Tensor) -> list[bool]:
     """Per image, whether its latents are all finite (one host sync). latents: (images, C, h, w)."""
     return torch.isfinite(latents.flatten(1)).all(1).tolist()
+
+
+def finite_outputs(latents: torch.Tensor, counts: list[int], output_type: str, decode):
+    """A call's result from its final latents (counts: images per request; decode: latents -> images). A request
+    whose latents are not finite fails alone: the others' images are decoded as they are (the failed ones' as
+    zeros, then dropped) and NonFinite carries them."""
+    ok = finite_images(latents)
+    firsts = [sum(counts[:r]) for r in range(len(counts))]
+    bad = [r for r, (at, n) in enumerate(zip(firsts, counts)) if not all(ok[at:at + n])]
+    if output_type == "latent":
+        out = latents
+    else:
+        if bad:
+            latents = torch.where(torch.tensor(ok, device=latents.device).view(-1, 1, 1, 1), latents, 0.0)
+        out = decode(latents)
+    if bad:
+        if output_type != "latent":
+            keep = [r not in bad for r, n in enumerate(counts) for _ in range(n)]
+            out = [im if good else None for im, good in zip(out, keep)]
+        raise NonFinite(bad, out)
+    return out

@@ -30,7 +30,8 @@ from PIL import Image
 
 from .errors import EngineError
 from .loading import load_image
-from .pipeline import Pipeline, expand_rows
+from .pipeline import Pipeline
+from .plan import expand_rows
 from .requests import Request, parse_requests
 from .prepared import CallState, EditContext
 

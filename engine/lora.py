@@ -23,6 +23,7 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
 from .errors import EngineError
 from .safe_load import refusal
+from .unet_step import graphs_changed
 
 
 class LoraMixin(StableDiffusionLoraLoaderMixin):
@@ -130,4 +131,4 @@ class LoraMixin(StableDiffusionLoraLoaderMixin):
                 param.copy_(saved)
 
     def _weights_changed(self) -> None:
-        self._graphs_changed()  # graphs captured or compiled before hold the old weights
+        graphs_changed(self)  # graphs captured or compiled before hold the old weights

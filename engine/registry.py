@@ -8,7 +8,7 @@ what executes its graphs (torch, onnx: ONNX Runtime, tensorrt). `pipe.kind`, `pi
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .errors import EngineError
 
@@ -54,6 +54,74 @@ def pipeline_class(kind: str, runtime: str = "torch"):
     target = PIPELINES.get((kind, runtime))
     if target is None:
         built = ", ".join(r for k, r in PIPELINES if k == kind)
-        raise EngineError(f"a {kind} model on {runtime} is not built yet; {kind} runs on {built}")
+        raise EngineError(f"the {kind} model kind on {runtime} is not built yet; {kind} runs on {built}")
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What loading a pipeline takes: the CLI commands, the server (engine.server.config.ServerConfig extends it),
+    the demo and the bench all load through `load_pipeline(config)`. Field names are the CLI flags'."""
+    model: str | None = None              # a diffusers folder (or hub id), or a single-file checkpoint
+    model_config: str | None = None       # with a single file: a diffusers folder for its configs (default: shipped)
+    image_encoder: str | None = None      # CLIPVisionModelWithProjection folder (with an adapter)
+    adapter: str | tuple | None = None    # an adapter file, or several (acting together)
+    device: str | None = None             # default: cuda when present
+    dtype: str | None = None              # default: float16 on cuda, float32 on cpu
+    attention_backend: str = "auto"
+    backend: str = "pytorch"              # or tensorrt: the plans in `engines` (python -m export trt --out DIR)
+    engines: str | None = None
+    trt: str = "auto"                     # with tensorrt: which TensorRT loads the plans (auto: their builder)
+    controlnet: tuple = ()                # ControlNet folders
+    lora: tuple = ()                      # (file, scale) pairs, fused into the weights at load
+    channels_last: bool = False           # the UNet and VAE in channels-last memory format
+    compile: bool = False                 # torch.compile the UNet (each new batch shape compiles on first use)
+    cuda_graphs: bool = False             # replay the UNet step from CUDA graphs, one capture per batch shape
+    verify_fast_path: bool = True         # check each fused kernel, replay and compiled UNet at its first shape
+    kind: str | None = None               # sd15 | sdxl | edit; None: what the model folder is
+
+    @classmethod
+    def from_args(cls, args, **overrides):
+        """The fields of an argparse namespace whose names match (the CLI flags), lists as tuples."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**{**values, **overrides})
+
+
+def model_kind(config: EngineConfig) -> str:
+    """The kind a config asks for: its own, else edit for an InstructPix2Pix folder or file on the PyTorch backend,
+    else sd15 (from_pretrained opens an SDXL folder as sdxl by itself)."""
+    if config.kind is not None:
+        return config.kind
+    from .loading import is_edit_model  # (deferred: reads configs with diffusers' helpers)
+    if config.model is not None and config.backend == "pytorch" and is_edit_model(config.model, config.model_config):
+        return "edit"
+    return "sd15"
+
+
+def load_pipeline(config: EngineConfig):
+    """The one way every entry point loads: the class of the config's kind, its weights, LoRAs fused, then
+    channels-last, torch.compile and CUDA graphs as asked. -> a pipeline (engine.Pipeline or a subclass)."""
+    import torch  # (deferred: this module stays light for `python -m engine --help`)
+
+    adapter = config.adapter
+    if isinstance(adapter, (list, tuple)):
+        adapter = None if not adapter else adapter[0] if len(adapter) == 1 else list(adapter)
+    cls = pipeline_class(model_kind(config), "torch")
+    pipe = cls.from_pretrained(config.model, image_encoder=config.image_encoder, adapter=adapter, device=config.device,
+                               dtype=config.dtype, attention_backend=config.attention_backend,
+                               backend=config.backend, engines=config.engines, trt=config.trt,
+                               verify_fast_path=config.verify_fast_path,
+                               **({"config": config.model_config} if config.model_config else {}),
+                               **({"controlnet": list(config.controlnet)} if config.controlnet else {}))
+    for path, scale in config.lora:  # fused: nothing per step
+        pipe.load_lora_weights(path, scale=scale)
+    if config.channels_last:
+        for m in (pipe.unet, pipe.vae):
+            m.to(memory_format=torch.channels_last)
+    if config.compile:
+        pipe.compile()
+    if config.cuda_graphs:
+        pipe.enable_cuda_graphs()  # EngineError off CUDA
+    return pipe

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from . import bounds
+from .controlnet import control_numbers
 from .errors import EngineError
 from .loading import load_image
 
@@ -167,3 +168,18 @@ def _slots(pipe, p: dict, i: int, loaded: dict) -> list[Slot]:
                               f"{len(slot.images)} images and a mask")
         slots.append(slot)
     return slots
+
+
+def control_args(pipe, args: dict, n: int) -> dict | None:
+    """A call's (or an admission's) ControlNet inputs, their numbers checked before any heavy work; None without
+    a ControlNet (engine/controlnet.py; per request: control_image and its scale)."""
+    if not pipe.controlnets:
+        if args.get("control_image") is not None:
+            raise EngineError("control_image was given but no ControlNet is loaded (from_pretrained(controlnet="
+                              "...), or an export made with --controlnet)")
+        return None
+    control = dict(control_image=args["control_image"], scale=args["controlnet_conditioning_scale"],
+                   start=args["control_guidance_start"], end=args["control_guidance_end"],
+                   guess_mode=bool(args["guess_mode"]))
+    control_numbers(len(pipe.controlnets), n, control["scale"], control["start"], control["end"])
+    return control

@@ -123,7 +123,8 @@ def command(a) -> int:
             return 1 if bad else 0
         if a.command == "run":
             from engine.output import output_paths, write_images
-            from engine.pipeline import DEFAULT_NEGATIVE, load_image
+            from engine import DEFAULT_NEGATIVE
+            from engine.loading import load_image
 
             from .runtime import OnnxPipeline
             paths = output_paths(a.out, 1)

@@ -186,7 +186,7 @@ def test_the_server_takes_a_control_image_per_request(tiny, nets, controls, batc
 def test_static_buffers_carry_the_residuals(tiny, nets, controls):
     """The CUDA-graph path, run eagerly (capture needs a GPU): the residuals are static buffers copied every step;
     steps outside the guidance window use the entry without them; a second request reuses the entries."""
-    from engine.graphs import StaticUNet
+    from engine.cuda_graphs import StaticUNet
 
     pipe = engine(tiny, nets[0])
     kw = dict(control_guidance_start=0.25)
@@ -226,7 +226,7 @@ def test_controlnet_flights_joining_mid_flight_equal_alone(tiny, nets, controls,
     """Step-level batching with a ControlNet: each flight keeps its control image, scale, guidance window (on its own
     step count) and guess mode; the net runs once per step over the rows it acts on (per guess mode), so flights
     that join mid-flight give what each gives alone, also through the static buffers with padded rows."""
-    from engine.graphs import StaticUNet
+    from engine.cuda_graphs import StaticUNet
 
     pipe = engine(tiny, nets[0])
     reqs = [dict(r, prompt=PROMPT, negative_prompt=NEGATIVE, control_image=controls[i % 2], output_type="latent")

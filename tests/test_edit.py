@@ -261,7 +261,7 @@ def test_fast_path_equals_eager_on_the_gpu(tiny_edit, photo):
 def test_static_buffers_carry_the_image_latent(edit_pipe, photo, other_image):
     """The CUDA-graph path's static buffers, run eagerly (capture needs a GPU): the 8-channel input (latents and
     the photo latent) goes through them, and a second call with another photo and seed reuses the entry."""
-    from engine.graphs import StaticUNet
+    from engine.cuda_graphs import StaticUNet
 
     kw = dict(num_inference_steps=STEPS, output_type="latent")
     want = [edit_pipe(EDIT, photo, seed=3, **kw), edit_pipe(EDIT, other_image.resize((54, 70)), seed=4, **kw)]
@@ -286,7 +286,7 @@ def test_edit_flights_joining_mid_flight_equal_alone(edit_pipe, photo, other_ima
     """Step-level batching of edits: each flight carries its photo latent per row beside its text rows, so edits
     with other photos, steps, schedulers (an ancestral one) and guidance join mid-flight and give what each gives
     alone; the same through the CUDA-graph static buffers (eager here) with the rows padded to a bucket."""
-    from engine.graphs import StaticUNet
+    from engine.cuda_graphs import StaticUNet
 
     photos = [photo, other_image.resize((54, 70)), photo]
     reqs = [dict({"prompt": EDIT, **r}, image=p, output_type="latent") for r, p in zip(EDIT_FLIGHTS, photos)]

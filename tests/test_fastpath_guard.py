@@ -132,7 +132,7 @@ def test_without_verification_a_faulty_kernel_reaches_the_image(tiny, cond_image
 def stale_replays(monkeypatch):
     """Graph entries whose replay returns the output the first entry made last: a second graph (another key at
     the same shapes) hands back the first one's stale buffer."""
-    from engine.graphs import StaticUNet
+    from engine.cuda_graphs import StaticUNet
 
     build, last = StaticUNet._build, {}
 
@@ -153,7 +153,7 @@ def test_a_stale_replay_is_caught(tiny, cond_image, monkeypatch, caplog):
     """PNDM (integer timesteps) and Euler (float) get separate graph entries at the same shapes; the second
     entry's replay returns the first's output. Its first use is checked against the eager step: the call gives
     the eager latents and the report names cuda_graph."""
-    from engine.graphs import StaticUNet
+    from engine.cuda_graphs import StaticUNet
 
     pipe = pipeline(tiny, backend="sdpa")
     call = dict(image=cond_image, instruct=STYLE, num_inference_steps=2, seed=1, output_type="latent")
@@ -171,7 +171,7 @@ def test_a_stale_replay_is_caught(tiny, cond_image, monkeypatch, caplog):
 
 
 def test_without_the_check_the_stale_replay_reaches_the_latents(tiny, cond_image, monkeypatch):
-    from engine.graphs import StaticUNet
+    from engine.cuda_graphs import StaticUNet
 
     pipe = pipeline(tiny, backend="sdpa", verify=False)
     call = dict(image=cond_image, instruct=STYLE, num_inference_steps=2, seed=1, output_type="latent",
@@ -203,7 +203,7 @@ def test_a_wrong_compiled_unet_falls_back(tiny, cond_image, monkeypatch):
 def test_server_reports_the_fast_path_on_ready_and_metrics(tiny, cond_image, monkeypatch, capsys):
     """The server's warm-up meets the stale replay: /ready's body and /metrics name the fallback, and the warm-up
     line says what the checks cost."""
-    from engine.graphs import StaticUNet
+    from engine.cuda_graphs import StaticUNet
     from engine.server.config import ServerConfig
     from server_utils import InProcessServer
 

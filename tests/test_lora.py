@@ -139,7 +139,7 @@ def test_two_loras_with_scales(loras, pipe):
 
 
 def test_cuda_graph_entries_are_dropped_on_a_weight_change(loras, pipe):
-    from engine.graphs import StaticUNet
+    from engine.cuda_graphs import StaticUNet
     pipe._static = StaticUNet(pipe.unet, capture=False)
     run(pipe)
     assert pipe._static.entries

@@ -154,7 +154,7 @@ def test_batch_of_mixed_requests_equals_each_alone(two, cond_image, other_image)
 
 def test_static_buffers_follow_masks_and_step_ranges(two, cond_image, other_image):
     # the CUDA-graph path's static buffers (run eagerly here) must take the masks and the per-step scales
-    from engine.graphs import StaticUNet
+    from engine.cuda_graphs import StaticUNet
     pipe, _, _ = two
     kw = dict(scale=[[0.6, 0.9]], adapter_masks=[[half_mask(True), None]], adapter_end=[[1.0, 0.5]])
     eager = ours(pipe, [[cond_image, other_image]], **kw)

@@ -280,7 +280,7 @@ def test_sdxl_flights_joining_mid_flight_equal_alone(pipe, image, static):
     """Step-level batching on SDXL: each flight keeps its own pooled embeddings and time ids per row, so requests
     with other size conditioning, steps and schedulers that join mid-flight give the latents they give alone; the
     same through the CUDA-graph static buffers (eager here) with rows padded to a bucket."""
-    from engine.graphs import StaticUNet
+    from engine.cuda_graphs import StaticUNet
 
     wants = [sdxl_alone(pipe, image, r) for r in STEP_REQUESTS]
     if static:
@@ -313,7 +313,7 @@ def test_static_buffers_carry_the_added_conditioning(pipe, image):
     """The CUDA-graph path (its static buffers, run eagerly here): SDXL's pooled embeddings and time ids are copied
     in once per call, so a second call with another prompt and size conditioning replays the same entry and gives
     its own image."""
-    from engine.graphs import StaticUNet
+    from engine.cuda_graphs import StaticUNet
     calls = [dict(prompt="a cat"), dict(prompt="a red boat", original_size=(128, 96), crops_coords_top_left=(8, 4))]
     wants = [ours(pipe, image, **c) for c in calls]
     pipe._static = StaticUNet(pipe.unet, capture=False)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from engine.errors import EngineError
-from engine.pipeline import load_image
+from engine.loading import load_image
 
 from .instructions import TASKS, sample_instruction
 

@@ -24,12 +24,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 
 import torch
 
 from ..errors import EngineError
 from ..exported import GRAPHS, SDXL_GRAPHS, ExportedPipeline, ExportedSDXLPipeline, read_manifest, source_paths
-from ..pipeline import as_dtype
+from ..pretrained import as_dtype
 from . import INSTALL, NAMES, RTX_CCS, check_choice, choice_of, flavour, import_tensorrt, load_tensorrt
 from .plugin import PLUGIN_DIR_ENV, register_plugin
 from .support import cc_list, cc_text, choose_for_plans, refusal, this_gpu
@@ -111,6 +112,7 @@ class TensorRTGraph:
             said = logger.errors[-1] if logger.errors else "no reason given"
             raise EngineError(f"{flavour(trt)} could not deserialise {path}: {said}")
         self.context = self.engine.create_execution_context()
+        self._lock = threading.Lock()
         self.trt, self.path, self.device = trt, path, device
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -158,12 +160,15 @@ class TensorRTGraph:
             raise EngineError(f"{os.path.basename(self.path)}: TensorRT's execute_async_v3 failed (its log says why)")
 
     def __call__(self, **feeds):
-        if self.graphs is not None:
-            return self._replay(feeds)
-        args, outs = self._bind(feeds)
-        self._execute()
-        del args  # the caching allocator keeps them for this stream's queued work
-        return self._result(outs)
+        # one execution context per engine: calls from several threads bind and enqueue in turn (each on its own
+        # outputs; a replay returns copies)
+        with self._lock:
+            if self.graphs is not None:
+                return self._replay(feeds)
+            args, outs = self._bind(feeds)
+            self._execute()
+            del args  # the caching allocator keeps them for this stream's queued work
+            return self._result(outs)
 
     def _replay(self, feeds: dict):
         key = tuple((n, tuple(feeds[n].shape)) for n in self.inputs)

@@ -8,7 +8,7 @@ import torch
 
 from conftest import NEGATIVE, PROMPT, gpu
 from engine.errors import EngineError
-from engine.graphs import StaticUNet
+from engine.cuda_graphs import StaticUNet
 from pipelines import check_within_rule, exact_fp32, tiny_pipeline
 
 

@@ -14,6 +14,7 @@ machines yet.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +64,8 @@ class StaticUNet:
             raise RuntimeError("CUDA graph capture needs a CUDA GPU")
         self.unet, self.capture, self.warmup = unet, capture, warmup
         self.entries: dict[tuple, _Entry] = {}
+        # one call at a time through the static buffers: calls from several threads take turns per step
+        self._lock = threading.Lock()
 
     @staticmethod
     def _key(x, t, text, ctx: AdapterContext, control=None, added=None) -> tuple:
@@ -80,7 +83,10 @@ class StaticUNet:
         # x: (rows, 4, h, w) scaled model input; t: () timestep; text: (rows, Lt, cross_dim) -> eps (rows, 4, h, w);
         # control: ControlNet (down residuals, mid residual) of this step, or None; added: SDXL's added
         # conditioning ({"text_embeds", "time_ids"} per row; step-invariant, copied once per call) or None
-        key = self._key(x, t, text, ctx, control, added)
+        with self._lock:
+            return self._step(self._key(x, t, text, ctx, control, added), x, t, text, ctx, control, added)
+
+    def _step(self, key, x, t, text, ctx, control, added) -> torch.Tensor:
         e = self.entries.get(key)
         if e is None:
             e = self.entries[key] = self._build(x, t, text, ctx, control, added)
@@ -138,8 +144,8 @@ class StaticUNet:
         with torch.cuda.graph(graph):
             out = step()
 
-        def replay():
+        def replay():  # (a copy: the graph's output buffer is the next replay's too)
             graph.replay()
-            return out
+            return out.clone()
         e.run = replay
         return e
