@@ -36,7 +36,8 @@ def sync(device: torch.device) -> None:
 
 class EngineProvider:
     def __init__(self, name: str, paths: dict, device: torch.device, dtype: torch.dtype, cfg: E2EConfig):
-        from engine import EditPipeline, Pipeline, fastpath  # deferred: the pipeline loads diffusers
+        from engine import fastpath  # deferred: loads torch and the kernels
+        from engine.registry import EngineConfig, load_pipeline
 
         self.name, self.cfg = name, cfg
         # engine-lcm: what an LCM-LoRA user runs, few steps with the LCM scheduler (the weights are the same: random
@@ -44,23 +45,15 @@ class EngineProvider:
         self.steps, self.scheduler = (cfg.few_steps, "lcm") if name == "engine-lcm" else (cfg.steps, cfg.scheduler)
         fast = fast_path(name, device, cfg)
         backend = "sdpa" if not fast.fused_attention else "auto" if name in ("engine", "engine-lcm") else "triton"
-        if cfg.task == "edit":  # InstructPix2Pix: no adapter
-            cls, extra = EditPipeline, {}
-        else:
-            adapter = paths["adapter"] if cfg.adapters == 1 else [paths["adapter"]] * cfg.adapters
-            cls, extra = Pipeline, dict(image_encoder=paths["image_encoder"], adapter=adapter)
-        self.pipe = cls.from_pretrained(paths["model"], **extra, device=device, dtype=dtype,
-                                        attention_backend=backend)
-        if fast.fused_attention and not fast.fused_norms:
+        adapters = {} if cfg.task == "edit" else dict(  # InstructPix2Pix: no adapter
+            image_encoder=paths["image_encoder"], adapter=(paths["adapter"],) * cfg.adapters)
+        self.pipe = load_pipeline(EngineConfig(
+            paths["model"], **adapters, device=str(device), dtype=str(dtype).removeprefix("torch."),
+            attention_backend=backend, kind="edit" if cfg.task == "edit" else None,
+            channels_last=fast.channels_last, compile=fast.compile, cuda_graphs=fast.cuda_graphs))
+        if fast.fused_attention and not fast.fused_norms:  # (a ladder step: fused attention, eager norms)
             for m in (self.pipe.unet, self.pipe.vae):
                 fastpath.unfuse(m)
-        if fast.channels_last:
-            for m in (self.pipe.unet, self.pipe.vae):
-                m.to(memory_format=torch.channels_last)
-        if fast.compile:
-            self.pipe.compile()
-        if fast.cuda_graphs:
-            self.pipe.enable_cuda_graphs()
         self.pipe.set_progress_bar_config(disable=True)
         self.unet = self.pipe.unet
 
@@ -110,14 +103,13 @@ class TensorRTProvider(EngineProvider):
     """The engine's loop around the TensorRT plans (engine.trt.runtime.TensorRTPipeline)."""
 
     def __init__(self, paths: dict, device: torch.device, dtype: torch.dtype, cfg: E2EConfig, log=print):
-        from engine import Pipeline  # deferred: the pipeline loads diffusers
+        from engine.registry import EngineConfig, load_pipeline  # deferred: the pipeline loads diffusers
 
         self.name, self.cfg = "tensorrt", cfg
         engines = cfg.engines or build_engines_once(paths, str(dtype).removeprefix("torch."), device, log, cfg.trt)
-        self.pipe = Pipeline.from_pretrained(paths["model"], image_encoder=paths["image_encoder"], device=device,
-                                             backend="tensorrt", engines=engines, trt=cfg.trt)
-        if cfg.cuda_graphs:
-            self.pipe.enable_cuda_graphs()
+        self.pipe = load_pipeline(EngineConfig(paths["model"], image_encoder=paths["image_encoder"],
+                                               device=str(device), backend="tensorrt", engines=engines, trt=cfg.trt,
+                                               cuda_graphs=cfg.cuda_graphs))
         self.pipe.set_progress_bar_config(disable=True)
         self.unet = None
 

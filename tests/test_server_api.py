@@ -253,12 +253,21 @@ def test_queue_full_is_429_and_a_deadline_passed_in_the_queue_is_504(tiny, cond_
     try:
         slow = body(cond_image, num_inference_steps=250, scheduler="ddim")  # seconds here
 
+        async def until(done, what):  # the batcher's own state, not a guess at how long a loaded machine takes
+            import asyncio
+            for _ in range(2000):
+                if done():
+                    return
+                await asyncio.sleep(0.01)
+            raise TimeoutError(what)
+
         async def scenario():
             import asyncio
+            batcher = srv.state.batcher
             first = asyncio.ensure_future(srv.client.post("/v1/generate", json=slow))
-            await asyncio.sleep(0.3)
+            await until(lambda: batcher.running, "the slow request never started")
             queued = asyncio.ensure_future(srv.client.post("/v1/generate", json=body(cond_image)))
-            await asyncio.sleep(0.05)
+            await until(lambda: batcher.queue, "the second request never queued")
             full = await srv.client.post("/v1/generate", json=body(cond_image))
             return await first, await queued, full
 
