@@ -1,6 +1,6 @@
 """A call's requests: its keyword arguments (one value, or a list with one per request) checked and turned into
 `Request`s, one `Slot` per loaded adapter. The rules that the server applies to a request body before queueing it
-are these same functions (engine/server/worker.py), so each is written once.
+are these same functions (engine/server/runners.py), so each is written once.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The server's batching key (engine/server/worker.py PipelineRunner.key) in both batching modes: two requests that
+"""The server's batching key (engine/server/runners.py PipelineRunner.key) in both batching modes: two requests that
 differ in exactly one per-call setting arrive together and each gets the image it gets alone through the pipeline
 (one grey level). Settings the pipeline takes once per call (ControlNet window and guess mode, SDXL's size
 conditioning, scheduler, steps, size) keep the two apart; settings it takes per row (ControlNet scale, guidance mode,
@@ -15,7 +15,7 @@ from conftest import NEGATIVE, PROMPT
 from engine.server.batcher import Batcher, Job
 from engine.server.schemas import GenerateRequest
 from engine.server.stepper import StepBatcher
-from engine.server.worker import PipelineRunner
+from engine.server.runners import PipelineRunner
 
 BATCHING = ["request", "step"]
 

@@ -14,7 +14,7 @@ from conftest import NEGATIVE, PROMPT
 from engine.server.batcher import DeadlineExceeded, Job
 from engine.server.schemas import GenerateRequest
 from engine.server.stepper import Cancelled, StepBatcher
-from engine.server.worker import PipelineRunner
+from engine.server.runners import PipelineRunner
 
 BODIES = [
     dict(prompt=PROMPT, instruct="use the style of this image", num_inference_steps=6, seed=1, scheduler="ddim"),

@@ -1,6 +1,6 @@
 """`python -m engine serve`: the engine behind HTTP with dynamic batching (FastAPI + uvicorn), and under Ray Serve.
 
-Layout: schemas.py (request/response bodies), batcher.py (dynamic batching, no HTTP), worker.py (the runners: one
+Layout: schemas.py (request/response bodies), batcher.py (dynamic batching, no HTTP), runners.py (the runners: one
 Pipeline call per batch), cache.py (conditioning caches), metrics.py (Prometheus), images.py (condition image
 bytes), errors.py (JSON errors, request ids, upload limit), state.py (what the server holds: pipeline, runner,
 batcher, cache; built in one place), routes.py (/v1/generate, /v1/edit, /v1/models) with stream.py (server-sent

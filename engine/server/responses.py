@@ -14,7 +14,7 @@ from .batcher import DeadlineExceeded, Draining, Job
 from .errors import ApiError, error_body, internal_message
 from .parsing import raise_first
 from .stepper import Cancelled
-from .worker import FieldError
+from .runners import FieldError
 
 log = logging.getLogger("engine.server")
 

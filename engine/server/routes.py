@@ -19,7 +19,7 @@ from .schemas import EditRequest, ErrorResponse, GenerateRequest, GenerateRespon
 from .state import ServerState
 from .stream import progress_to, stream_events
 from .uploads import decode_all
-from .worker import FieldError
+from .runners import FieldError
 
 log = logging.getLogger("engine.server")
 POLL_S = 0.1          # how often a waiting handler checks for a client that went away

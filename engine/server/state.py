@@ -16,7 +16,7 @@ from .config import ServerConfig
 from .metrics import Metrics
 from .stepper import StepBatcher
 from .uploads import PixelBudget
-from .worker import EditRunner, PipelineRunner
+from .runners import EditRunner, PipelineRunner
 
 log = logging.getLogger("engine.server")
 
