@@ -138,7 +138,7 @@ class ExportedPipeline(Pipeline):
 
         manifest = manifest or read_manifest(folder)
         sdxl = manifest.get("kind") == "sdxl"
-        if sdxl != getattr(self, "SDXL", False):
+        if sdxl != (self.KIND == "sdxl"):
             raise EngineError(f"{folder} is {'an SDXL' if sdxl else 'an SD1.5'} export (manifest.json kind "
                               f"{manifest.get('kind', 'text_to_image')!r}): {type(self).__name__} runs "
                               f"{'SD1.5' if sdxl else 'SDXL'} ones; open it with from_export / from_engines")

@@ -43,12 +43,11 @@ STEP_COMPONENTS = {(True, False): "cuda_graph", (False, True): "compiled_unet", 
 class Pipeline(LoraMixin):
     KIND = "sd15"     # the model's maths (engine/registry.py): sd15 | sdxl | edit
     RUNTIME = "torch"  # what runs its graphs: torch | onnx | tensorrt
-    EDIT = False  # EditPipeline (engine/edit.py): an InstructPix2Pix UNet
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, image_encoder=None, image_processor=None,
                  adapter: Adapter | list | None = None, device="cpu", dtype=torch.float32, attention_backend="auto",
                  controlnets=None, verify_fast_path: bool = True):
-        check_channels(unet.config.in_channels, vae.config.latent_channels, self.EDIT)
+        check_channels(unet.config.in_channels, vae.config.latent_channels, self.KIND == "edit")
         self.device, self.dtype = torch.device(device), dtype
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.scheduler = tokenizer, scheduler

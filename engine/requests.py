@@ -160,9 +160,7 @@ def _slots(pipe, p: dict, i: int, loaded: dict) -> list[Slot]:
         if starts[a] > ends[a]:
             raise EngineError(f"adapter_start {starts[a]} is after adapter_end {ends[a]} ({where})")
         slot = Slot(image_list(images[a]), scale, masks[a], float(starts[a]), float(ends[a]))
-        if not pipe.cross and (slot.mask is not None or slot.start > 0.0 or slot.end < 1.0):
-            raise EngineError("adapter masks and step ranges run on the PyTorch backend (these are exported "
-                              "graphs, whose adapter attention takes one strength per row)")
+        check_per_row_adapter(pipe.capabilities, slot.mask is not None, slot.start, slot.end)
         if slot.mask is not None and len(slot.images) > 1:
             raise EngineError(f"a masked adapter reads one image; {where} gives adapter {a} "
                               f"{len(slot.images)} images and a mask")

@@ -141,7 +141,7 @@ def command(a) -> int:
                                controlnet_conditioning_scale=scale if len(scale) > 1 else scale[0])
             sizes = {k: v for k, v in (("original_size", a.original_size), ("target_size", a.target_size),
                                        ("crops_coords_top_left", a.crops_top_left)) if v is not None}
-            if sizes and not getattr(pipe, "SDXL", False):
+            if sizes and pipe.kind != "sdxl":
                 raise EngineError("--original-size, --target-size and --crops-top-left are SDXL's size conditioning; "
                                   f"{a.dir} is not an SDXL export")
             images = pipe(a.prompt, image, a.instruct, a.negative_prompt or DEFAULT_NEGATIVE, scale=a.scale,

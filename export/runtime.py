@@ -66,7 +66,7 @@ class OnnxPipeline(ExportedPipeline):
     def __init__(self, folder: str, model: str | None = None, image_encoder: str | None = None):
         manifest = read_manifest(folder)
         kind = manifest.get("kind", "text_to_image")
-        if (kind == "edit") != self.EDIT or (kind == "sdxl") != getattr(self, "SDXL", False):
+        if (kind == "edit") != (self.KIND == "edit") or (kind == "sdxl") != (self.KIND == "sdxl"):
             right = {"edit": "OnnxEditPipeline", "sdxl": "OnnxSDXLPipeline"}.get(kind, "OnnxPipeline")
             what = {"edit": "an InstructPix2Pix", "sdxl": "an SDXL"}.get(kind, "a text-to-image")
             raise EngineError(f"{folder} is {what} export (manifest.json kind {kind!r}): run it with {right}, not "

@@ -103,8 +103,8 @@ def references(pipe, manifest=None):
         return run
 
     nets = {e["graph"]: controlnet(net) for e, net in zip((manifest or {}).get("controlnets") or [],
-                                                          getattr(pipe, "controlnets", ()))}
-    if getattr(pipe, "SDXL", False):  # engine/sdxl.py's encodings and the UNet's added conditioning
+                                                          pipe.controlnets)}
+    if pipe.kind == "sdxl":  # engine/sdxl.py's encodings and the UNet's added conditioning
         def sdxl_unet(sample, timestep, encoder_hidden_states, ip_tokens, ip_scale, text_embeds, time_ids):
             kv = precompute_kv(pipe.unet, pipe.cross, encoder_hidden_states, ip_tokens)
             ctx = AdapterContext(kv=kv, scale={n: ip_scale.view(-1, 1, 1, 1) for n in pipe.cross})
