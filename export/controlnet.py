@@ -28,7 +28,7 @@ from torch import nn
 
 from engine.errors import EngineError
 
-from .specs import GraphSpec, Tensor
+from .graph_spec import GraphSpec, Tensor
 
 DOWN_OUT, MID_OUT = "down_block_res_samples", "mid_block_res_sample"
 DOWN_IN, MID_IN = "down_block_additional_residuals", "mid_block_additional_residual"

@@ -24,6 +24,7 @@ from engine.errors import EngineError
 from engine.exported import FORMAT, GRAPHS, SOURCES, read_manifest, source_paths  # noqa: F401 (export API)
 from engine.interrupt import forget, remove_if_killed
 
+from .controlnet import graph_names, manifest_entries
 from .graph_attention import ATTENTION, DOMAIN
 from .plugin import PLUGIN
 from .specs import build_specs
@@ -125,23 +126,17 @@ def _remove_stale_stages(out: str) -> None:
             pass
 
 
-def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OPSET, attention: str = "plugin",
-                dtype: str = "float32", graphs=None, device=None, log=print, controlnet=None) -> str:
-    """Export the graphs (default: all of the model's kind, and the nets' controlnet graphs) of one base model +
-    image encoder + adapter (+ ControlNet folders: one path or a list) into `out`; returns manifest.json's path."""
-    from engine import EditPipeline, Pipeline
-
-    from .controlnet import graph_names, manifest_entries
-
+def _check_options(attention: str, dtype: str, opset: int) -> None:
     if attention not in ATTENTION:
         raise EngineError(f"--attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
     if dtype not in ("float32", "float16"):
         raise EngineError(f"--dtype must be float32 or float16, got {dtype!r}")
     if not 14 <= opset <= 21:
         raise EngineError(f"--opset must be between 14 and 21 (scaled dot-product attention needs 14), got {opset}")
-    kind = model_kind(model)
-    nets = [] if controlnet is None else [controlnet] if isinstance(controlnet, (str, os.PathLike)) \
-        else list(controlnet)
+
+
+def _chosen_graphs(kind: str, nets: list, graphs) -> tuple[str, ...]:
+    """The graphs to export: `graphs`, or every graph of the model's kind and its nets; an unknown one is an error."""
     if nets and kind in ("edit", "sdxl"):
         what = "InstructPix2Pix" if kind == "edit" else "SDXL"
         raise EngineError(f"exporting a ControlNet with {what} is not built (it runs on the PyTorch backend): export "
@@ -153,6 +148,81 @@ def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OP
         what = "an InstructPix2Pix" if kind == "edit" else "a text-to-image"
         raise EngineError(f"unknown graph(s) {', '.join(unknown)} for {what} model"
                           f"{f' with {len(nets)} ControlNet(s)' if nets else ''}; choose from {', '.join(known)}")
+    return graphs
+
+
+def _manifest(pipe, kind: str, opset: int, dtype: str, attention: str, out: str, sources: dict, nets: list) -> dict:
+    """manifest.json without its graphs: the format, the plugin's contract, the weights, what a runtime needs."""
+    manifest = {"format": FORMAT, "kind": kind, "opset": opset, "dtype": dtype, "attention": attention,
+                "plugin": {**PLUGIN, "domain": DOMAIN, "op_type": PLUGIN["name"],
+                           "inputs": ["q", "k", "v", "k_ip", "v_ip", "ip_scale"],
+                           "attributes": {"plugin_namespace": PLUGIN["namespace"], "num_heads": "int", "aot": 1},
+                           "layout": "packed (B, L, heads*head_dim); ip_scale (B,) float32"},
+                "source": {**source_entry(out, **sources), "adapter_kind": pipe.adapter.kind},
+                "vae_scale_factor": pipe.vae_scale_factor, "vae_scaling_factor": pipe.vae.config.scaling_factor,
+                "tokenizer": {"folder": "tokenizer/ of the model", "max_length": pipe.tokenizer.model_max_length},
+                "graphs": {}}
+    if kind == "sdxl":  # what a runtime needs beside the graphs (engine/sdxl.py computes the same)
+        manifest["tokenizer_2"] = {"folder": "tokenizer_2/ of the model",
+                                   "max_length": pipe.tokenizer_2.model_max_length}
+        manifest["sdxl"] = {
+            "encoder_hidden_states": "concat(text_encoder penultimate, text_encoder_2 penultimate), last axis",
+            "text_embeds": "text_encoder_2 pooled: the prompt's, the negative prompt's in unconditional rows",
+            "time_ids": "original_size + crops_coords_top_left + target_size per row, (h, w, top, left, h, w)",
+            "projector_text": "text_encoder text_tokens (last hidden state)"}
+    if nets:
+        manifest["controlnets"] = manifest_entries(pipe, nets, out)
+    return manifest
+
+
+def _export_to_stage(spec, stage: str, opset: int, log) -> dict:
+    """Export and check one graph into `stage`; returns its manifest entry."""
+    t0 = time.perf_counter()
+    path = os.path.join(stage, f"{spec.name}.onnx")
+    try:
+        export_graph(spec, path, opset)
+        counts = check_graph(path)
+    except EngineError:
+        raise
+    except Exception as e:  # the exporter and the checker raise many types
+        raise EngineError(f"exporting {spec.name} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    plugins = counts.get(f"{DOMAIN}::{PLUGIN['name']}", 0)
+    data = f"{spec.name}.onnx.data"
+    log(f"{spec.name}.onnx: {sum(counts.values())} nodes"
+        + (f", {plugins} {PLUGIN['name']} plugin nodes" if plugins else "")
+        + f" ({time.perf_counter() - t0:.1f} s)")
+    return {"file": f"{spec.name}.onnx", "external_data": data if os.path.exists(os.path.join(stage, data)) else None,
+            "inputs": [_tensor_entry(t) for t in spec.inputs],
+            "outputs": [_tensor_entry(t) for t in spec.outputs], "dynamic_axes": spec.dynamic_axes(),
+            "axes": {a: dict(zip(("min", "opt", "max"), v)) for a, v in spec.axes.items()},
+            "profiles": spec.profiles(), "plugin_nodes": plugins, "nodes": sum(counts.values()), **spec.notes,
+            **({"vocab": spec.vocab} if spec.vocab else {})}
+
+
+def _publish(stage: str, out: str, manifest: dict) -> None:
+    """The staged graphs and manifest.json into `out`, replacing an earlier export's files of the same graphs."""
+    with open(os.path.join(stage, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.makedirs(out, exist_ok=True)
+    for name, entry in manifest["graphs"].items():  # a graph that now fits in its .onnx: no earlier weights beside it
+        old = os.path.join(out, f"{name}.onnx.data")
+        if entry["external_data"] is None and os.path.exists(old):
+            os.remove(old)
+    for name in os.listdir(stage):
+        os.replace(os.path.join(stage, name), os.path.join(out, name))
+
+
+def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OPSET, attention: str = "plugin",
+                dtype: str = "float32", graphs=None, device=None, log=print, controlnet=None) -> str:
+    """Export the graphs (default: all of the model's kind, and the nets' controlnet graphs) of one base model +
+    image encoder + adapter (+ ControlNet folders: one path or a list) into `out`; returns manifest.json's path."""
+    from engine import EditPipeline, Pipeline  # deferred: the pipeline is heavy and `python -m export` imports this
+
+    _check_options(attention, dtype, opset)
+    kind = model_kind(model)
+    nets = [] if controlnet is None else [controlnet] if isinstance(controlnet, (str, os.PathLike)) \
+        else list(controlnet)
+    graphs = _chosen_graphs(kind, nets, graphs)
     if os.path.exists(out) and not os.path.isdir(out):
         raise EngineError(f"--out {out} exists and is not a folder")
     if adapter is None:
@@ -172,58 +242,11 @@ def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OP
     remove_if_killed(stage)  # (Ctrl-C during one long C call ends the process: engine/interrupt.py)
     os.makedirs(stage)
     try:
-        manifest = {"format": FORMAT, "kind": kind, "opset": opset, "dtype": dtype, "attention": attention,
-                    "plugin": {**PLUGIN, "domain": DOMAIN, "op_type": PLUGIN["name"],
-                               "inputs": ["q", "k", "v", "k_ip", "v_ip", "ip_scale"],
-                               "attributes": {"plugin_namespace": PLUGIN["namespace"], "num_heads": "int", "aot": 1},
-                               "layout": "packed (B, L, heads*head_dim); ip_scale (B,) float32"},
-                    "source": {**source_entry(out, model=model, image_encoder=image_encoder, adapter=adapter),
-                               "adapter_kind": pipe.adapter.kind},
-                    "vae_scale_factor": pipe.vae_scale_factor, "vae_scaling_factor": pipe.vae.config.scaling_factor,
-                    "tokenizer": {"folder": "tokenizer/ of the model", "max_length": pipe.tokenizer.model_max_length},
-                    "graphs": {}}
-        if kind == "sdxl":  # what a runtime needs beside the graphs (engine/sdxl.py computes the same)
-            manifest["tokenizer_2"] = {"folder": "tokenizer_2/ of the model",
-                                       "max_length": pipe.tokenizer_2.model_max_length}
-            manifest["sdxl"] = {
-                "encoder_hidden_states": "concat(text_encoder penultimate, text_encoder_2 penultimate), last axis",
-                "text_embeds": "text_encoder_2 pooled: the prompt's, the negative prompt's in unconditional rows",
-                "time_ids": "original_size + crops_coords_top_left + target_size per row, (h, w, top, left, h, w)",
-                "projector_text": "text_encoder text_tokens (last hidden state)"}
-        if nets:
-            manifest["controlnets"] = manifest_entries(pipe, nets, out)
+        manifest = _manifest(pipe, kind, opset, dtype, attention, out,
+                             dict(model=model, image_encoder=image_encoder, adapter=adapter), nets)
         for spec in specs:
-            t1 = time.perf_counter()
-            path = os.path.join(stage, f"{spec.name}.onnx")
-            try:
-                export_graph(spec, path, opset)
-                counts = check_graph(path)
-            except EngineError:
-                raise
-            except Exception as e:  # the exporter and the checker raise many types
-                raise EngineError(f"exporting {spec.name} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
-            plugins = counts.get(f"{DOMAIN}::{PLUGIN['name']}", 0)
-            data = f"{spec.name}.onnx.data"
-            manifest["graphs"][spec.name] = {
-                "file": f"{spec.name}.onnx",
-                "external_data": data if os.path.exists(os.path.join(stage, data)) else None,
-                "inputs": [_tensor_entry(t) for t in spec.inputs],
-                "outputs": [_tensor_entry(t) for t in spec.outputs], "dynamic_axes": spec.dynamic_axes(),
-                "axes": {a: dict(zip(("min", "opt", "max"), v)) for a, v in spec.axes.items()},
-                "profiles": spec.profiles(), "plugin_nodes": plugins, "nodes": sum(counts.values()), **spec.notes,
-                **({"vocab": spec.vocab} if spec.vocab else {})}
-            log(f"{spec.name}.onnx: {sum(counts.values())} nodes"
-                + (f", {plugins} {PLUGIN['name']} plugin nodes" if plugins else "")
-                + f" ({time.perf_counter() - t1:.1f} s)")
-        with open(os.path.join(stage, "manifest.json"), "w") as f:
-            json.dump(manifest, f, indent=1)
-        os.makedirs(out, exist_ok=True)
-        for spec in specs:  # a graph that now fits in its .onnx must not leave an earlier export's weights beside it
-            old = os.path.join(out, f"{spec.name}.onnx.data")
-            if manifest["graphs"][spec.name]["external_data"] is None and os.path.exists(old):
-                os.remove(old)
-        for name in os.listdir(stage):
-            os.replace(os.path.join(stage, name), os.path.join(out, name))
+            manifest["graphs"][spec.name] = _export_to_stage(spec, stage, opset, log)
+        _publish(stage, out, manifest)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         forget(stage)

@@ -1,5 +1,6 @@
-"""One spec per exported graph: the module to trace, input and output names, dynamic axes, sample inputs and
-min/opt/max profiles (what TensorRT's optimisation profile and `python -m export verify` read).
+"""One spec per exported graph, each built by its own function beside the module it traces: input and output
+names, dynamic axes, sample inputs and min/opt/max profiles (what TensorRT's optimisation profile and
+`python -m export verify` read). The spec types are in export/graph_spec.py.
 
 Axis names: `batch` (UNet and projector: guidance branches x images), `latent_height`/`latent_width`
 (pixels / VAE factor), `image_height`/`image_width` (pixels, the VAE encoder's input). Profiles: latent sizes from
@@ -8,84 +9,29 @@ half to twice the UNet's native size (SD1.5: 32..128, i.e. 256..1024 px, opt 512
 An InstructPix2Pix model (engine.EditPipeline) adds a sixth graph, vae_encoder (the photo's latent), and its UNet's
 `sample` has twice the latent channels: the scheduler-scaled noisy latent, then the photo latent.
 
+An SDXL model adds text_encoder_2 (penultimate state and pooled projection); its text_encoder gives its penultimate
+state too and its UNet takes the added conditioning per row.
+
 A pipeline with ControlNets adds a controlnet graph per net and the residual inputs on the UNet (export/controlnet.py);
 their sides are derived axes, "latent_height/2" (engine.exported.resolve_shape).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import torch
 from torch import nn
 
 from engine.errors import EngineError
-from engine.exported import resolve_shape
 
+from .controlnet import controlnet_specs, residual_inputs
 from .graph_attention import install_export_processors
+from .graph_spec import ONNX_DTYPES, GraphSpec, Tensor
 
-ONNX_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
-
-
-@dataclass(frozen=True)
-class Tensor:
-    name: str
-    dtype: str                     # float32 | float16 | int64
-    shape: tuple                   # ints and axis names
-    meaning: str
-    fill: str = "normal"           # sample values: normal | timestep | scale | ids | pixels | unit
+TEXT_BATCH = (1, 4, 16)  # the text encoders' batch axis (min, opt, max)
 
 
-@dataclass
-class GraphSpec:
-    name: str
-    module: nn.Module
-    inputs: list[Tensor]
-    outputs: list[Tensor]
-    axes: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # axis -> (min, opt, max)
-    vocab: int = 0
-    trace: dict[str, int] = field(default_factory=dict)  # axis sizes to trace at, over the opt ones
-    notes: dict = field(default_factory=dict)  # extra keys for the graph's manifest entry
-
-    def trace_sizes(self) -> dict[str, int]:
-        return {**self.sizes("opt"), **self.trace}
-
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        return {t.name: {i: a for i, a in enumerate(t.shape) if isinstance(a, str)} for t in self.inputs + self.outputs}
-
-    def shape(self, t: Tensor, sizes: dict[str, int]) -> tuple[int, ...]:
-        return resolve_shape(t.shape, sizes)
-
-    def sizes(self, level: str) -> dict[str, int]:
-        i = ("min", "opt", "max").index(level)
-        return {a: v[i] for a, v in self.axes.items()}
-
-    def profiles(self) -> dict[str, dict[str, list[int]]]:
-        return {lv: {t.name: list(self.shape(t, self.sizes(lv))) for t in self.inputs} for lv in ("min", "opt", "max")}
-
-    def sample(self, sizes: dict[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
-        return sample_inputs(self.inputs, sizes, self.vocab, seed)
-
-
-def sample_inputs(inputs, sizes: dict[str, int], vocab: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random inputs of the given axis sizes, each kind in its meaningful range."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for t in inputs:
-        shape = resolve_shape(t.shape, sizes)
-        if t.fill == "ids":
-            x = torch.randint(0, vocab, shape, generator=g)
-        elif t.fill == "timestep":
-            x = torch.rand(shape, generator=g) * 999
-        elif t.fill == "scale":
-            x = torch.rand(shape, generator=g) * 1.5
-        elif t.fill == "pixels":
-            x = torch.rand(shape, generator=g) * 2 - 1
-        elif t.fill == "unit":
-            x = torch.rand(shape, generator=g)
-        else:
-            x = torch.randn(shape, generator=g)
-        out[t.name] = x.to(getattr(torch, t.dtype))
-    return out
+def _token_ids(pipe, tokenizer: str) -> list[Tensor]:
+    lt = pipe.tokenizer.model_max_length
+    return [Tensor("input_ids", "int64", ("batch", lt), f"CLIP token ids from the model's {tokenizer}/, padded to {lt}",
+                   fill="ids")]
 
 
 class TextEncoder(nn.Module):
@@ -99,6 +45,21 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids):
         # input_ids: (B, 77) -> (B, 77, text_dim)
         return self.encoder(input_ids=input_ids).last_hidden_state
+
+
+def text_encoder_spec(pipe, dt: str) -> GraphSpec:
+    """The last hidden state per token; SDXL's text_encoder gives its penultimate state too."""
+    cfg, lt = pipe.text_encoder.config, pipe.tokenizer.model_max_length
+    if pipe.kind != "sdxl":
+        return GraphSpec("text_encoder", TextEncoder(pipe.text_encoder), _token_ids(pipe, "tokenizer"),
+                         [Tensor("text_tokens", dt, ("batch", lt, cfg.hidden_size), "last hidden state per token")],
+                         {"batch": TEXT_BATCH}, vocab=cfg.vocab_size)
+    return GraphSpec(
+        "text_encoder", SDXLTextEncoder(pipe.text_encoder, second=False), _token_ids(pipe, "tokenizer"),
+        [Tensor("text_tokens", dt, ("batch", lt, cfg.hidden_size), "last hidden state per token (the projector's)"),
+         Tensor("penultimate", dt, ("batch", lt, cfg.hidden_size),
+                f"penultimate hidden state (the UNet's first {cfg.hidden_size} channels)")],
+        {"batch": TEXT_BATCH}, vocab=cfg.vocab_size)
 
 
 class SDXLTextEncoder(nn.Module):
@@ -118,6 +79,17 @@ class SDXLTextEncoder(nn.Module):
         return out.last_hidden_state, out.hidden_states[-2]
 
 
+def text_encoder_2_spec(pipe, dt: str) -> GraphSpec:
+    """SDXL's second text encoder: penultimate hidden state and pooled projection."""
+    cfg, lt = pipe.text_encoder_2.config, pipe.tokenizer.model_max_length
+    return GraphSpec(
+        "text_encoder_2", SDXLTextEncoder(pipe.text_encoder_2, second=True), _token_ids(pipe, "tokenizer_2"),
+        [Tensor("penultimate", dt, ("batch", lt, cfg.hidden_size),
+                f"penultimate hidden state (the UNet's last {cfg.hidden_size} channels)"),
+         Tensor("text_embeds", dt, ("batch", cfg.projection_dim), "pooled projection (the UNet's added conditioning)")],
+        {"batch": TEXT_BATCH}, vocab=cfg.vocab_size)
+
+
 class ImageEncoder(nn.Module):
     def __init__(self, encoder):
         super().__init__()
@@ -128,6 +100,21 @@ class ImageEncoder(nn.Module):
         return self.encoder(pixel_values, output_hidden_states=True).hidden_states[-2]
 
 
+def _image_tokens(pipe) -> int:
+    vision = pipe.image_encoder.config
+    return (vision.image_size // vision.patch_size) ** 2 + 1
+
+
+def image_encoder_spec(pipe, dt: str) -> GraphSpec:
+    vision = pipe.image_encoder.config
+    return GraphSpec("image_encoder", ImageEncoder(pipe.image_encoder),
+                     [Tensor("pixel_values", dt, ("batch", 3, vision.image_size, vision.image_size),
+                             "CLIP-preprocessed condition images (resize, centre crop, normalise)")],
+                     [Tensor("image_tokens", dt, ("batch", _image_tokens(pipe), vision.hidden_size),
+                             "penultimate hidden states")],
+                     {"batch": (1, 2, 8)})
+
+
 class Projector(nn.Module):
     def __init__(self, projector):
         super().__init__()
@@ -135,6 +122,20 @@ class Projector(nn.Module):
 
     def forward(self, image_tokens, instruct_tokens=None, prompt_tokens=None):
         return self.projector(image_tokens, instruct_tokens, prompt_tokens)
+
+
+def projector_spec(pipe, dt: str) -> GraphSpec:
+    """The adapter tokens per row from the image tokens (and, for IPAdapter-Instruct, the instruction and prompt)."""
+    cfg, lt = pipe.adapter.projector.config, pipe.tokenizer.model_max_length
+    text_dim = pipe.text_encoder.config.hidden_size
+    inputs = [Tensor("image_tokens", dt, ("batch", _image_tokens(pipe), cfg.image_dim), "image_encoder's output per "
+                     "row; the all-zero image's tokens for unconditional rows")]
+    if cfg.is_instruct:
+        inputs += [Tensor("instruct_tokens", dt, ("batch", lt, text_dim), "text_encoder output of the instruction"),
+                   Tensor("prompt_tokens", dt, ("batch", lt, text_dim), "text_encoder output of the prompt")]
+    return GraphSpec("projector", Projector(pipe.adapter.projector), inputs,
+                     [Tensor("ip_tokens", dt, ("batch", cfg.num_queries, pipe.unet.config.cross_attention_dim),
+                             "adapter tokens per row")], {"batch": (1, 2, 16)})
 
 
 class UNet(nn.Module):
@@ -161,6 +162,50 @@ class SDXLUNet(UNet):
                          added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})[0]
 
 
+def _latent_axes(pipe) -> dict[str, tuple[int, int, int]]:
+    native = pipe.unet.config.sample_size
+    sides = (native // 2, native, native * 2)  # half to twice the native size
+    return {"latent_height": sides, "latent_width": sides}
+
+
+def unet_spec(pipe, dt: str, attention: str) -> GraphSpec:
+    """The UNet with the export processors; with ControlNets it takes their summed residuals, SDXL's takes the added
+    conditioning per row, InstructPix2Pix's sample carries the photo latent."""
+    cfg, proj_cfg = pipe.unet.config, pipe.adapter.projector.config
+    lt, c, lc = pipe.tokenizer.model_max_length, cfg.in_channels, pipe.vae.config.latent_channels
+    cross = cfg.cross_attention_dim
+    rows = "rows (guidance branches x images)"
+    sample = f"scaled model input, {rows}"
+    # the UNet halves the latent once per down block but the last: other sizes fail inside a runtime's Concat
+    notes = {"latent_multiple": 2 ** (len(cfg.block_out_channels) - 1)}
+    residuals = residual_inputs(pipe, dt) if pipe.controlnets else []
+    if residuals:
+        notes["controlnet_residuals"] = [t.name for t in residuals]
+    if pipe.kind == "edit":
+        sample = (f"channels 0-{lc - 1}: the scheduler-scaled noisy latent; channels {lc}-{c - 1}: the photo latent "
+                  f"(vae_encoder's output, unscaled; zeros in the unconditional branch); {rows}")
+        notes["channels"] = {"latent": [0, lc], "photo_latent": [lc, c]}  # half-open ranges of `sample`
+    inputs = [Tensor("sample", dt, ("batch", c, "latent_height", "latent_width"), sample),
+              Tensor("timestep", "float32", ("batch",), "the scheduler's timestep per row", fill="timestep"),
+              Tensor("encoder_hidden_states", dt, ("batch", lt, cross), "text_encoder output per row"),
+              Tensor("ip_tokens", dt, ("batch", proj_cfg.num_queries, cross), "projector output per row"),
+              Tensor("ip_scale", "float32", ("batch",), "adapter strength per row (0 = base model)", fill="scale"),
+              *residuals]
+    if pipe.kind == "sdxl":
+        inputs += [Tensor("text_embeds", dt, ("batch", pipe.text_encoder_2.config.projection_dim),
+                          "text_encoder_2's pooled projection per row"),
+                   Tensor("time_ids", dt, ("batch", 6), "original_size + crops_coords_top_left + target_size per row")]
+    module = (SDXLUNet if pipe.kind == "sdxl" else UNet)(pipe.unet, pipe.adapter.layers, attention)
+    # traced small (the axes stay dynamic): one forward pass at 512x512 in fp16 takes minutes on a CPU, where
+    # torch has only a slow fp16 convolution. The UNet keeps a 2x2 bottom.
+    side = 2 * notes["latent_multiple"]
+    return GraphSpec("unet", module, inputs,
+                     [Tensor("noise_pred", dt, ("batch", cfg.out_channels, "latent_height", "latent_width"),
+                             "predicted noise")],
+                     {"batch": (1, 2, 16), **_latent_axes(pipe)}, trace={"latent_height": side, "latent_width": side},
+                     notes=notes)
+
+
 class VaeDecoder(nn.Module):
     def __init__(self, vae):
         super().__init__()
@@ -171,6 +216,17 @@ class VaeDecoder(nn.Module):
     def forward(self, latent):
         # latent: (B, 4, h, w) as the scheduler leaves it -> image (B, 3, f*h, f*w) in [-1, 1]
         return self.vae.decode(latent / self.scale + self.shift, return_dict=False)[0]
+
+
+def vae_decoder_spec(pipe, dt: str) -> GraphSpec:
+    """Traced at 8 latents a side: the VAE decoder has no down path."""
+    f, lc = pipe.vae_scale_factor, pipe.vae.config.latent_channels
+    return GraphSpec("vae_decoder", VaeDecoder(pipe.vae),
+                     [Tensor("latent", dt, ("batch", lc, "latent_height", "latent_width"),
+                             "denoised latents, unscaled (the graph divides by the VAE's scaling factor)")],
+                     [Tensor("image", dt, ("batch", 3, "image_height", "image_width"),
+                             f"RGB in [-1, 1], {f}x the latent")],
+                     {"batch": (1, 1, 8), **_latent_axes(pipe)}, trace={"latent_height": 8, "latent_width": 8})
 
 
 class VaeEncoder(nn.Module):
@@ -184,118 +240,31 @@ class VaeEncoder(nn.Module):
         return self.vae.encode(pixels).latent_dist.mode()
 
 
-def build_specs(pipe, attention: str) -> list[GraphSpec]:
-    """The graph specs of a loaded engine.Pipeline (its UNet gets the export processors): five, vae_encoder for
-    an engine.EditPipeline, and a controlnet graph per net of `pipe.controlnets` (the UNet then takes residuals)."""
-    from .controlnet import controlnet_specs, residual_inputs
+def vae_encoder_spec(pipe, dt: str) -> GraphSpec:
+    """InstructPix2Pix's photo latent, traced at 8 latents a side like the decoder; its axes are in pixels."""
+    f, lc = pipe.vae_scale_factor, pipe.vae.config.latent_channels
+    px = tuple(f * v for v in _latent_axes(pipe)["latent_height"])
+    return GraphSpec(
+        "vae_encoder", VaeEncoder(pipe.vae),
+        [Tensor("pixels", dt, ("batch", 3, "image_height", "image_width"), "the photo, resized to the output "
+                f"size (a multiple of {f}) and mapped to [-1, 1] (diffusers' VaeImageProcessor)", fill="pixels")],
+        [Tensor("photo_latent", dt, ("batch", lc, "latent_height", "latent_width"),
+                "latent_dist.mode(), unscaled: the UNet's photo-latent channels")],
+        {"batch": (1, 1, 8), "image_height": px, "image_width": px},
+        trace={"image_height": 8 * f, "image_width": 8 * f})
 
-    dt = ONNX_DTYPES[pipe.dtype]
+
+def build_specs(pipe, attention: str) -> list[GraphSpec]:
+    """The graph specs of a loaded engine.Pipeline (its UNet gets the export processors): five, text_encoder_2 for
+    SDXL, vae_encoder for an engine.EditPipeline, and a controlnet graph per net of `pipe.controlnets`."""
     if pipe.adapter.kind == "plain":
         raise EngineError("a plain IP-Adapter (pooled embedding, 4 tokens) is not exported yet: export an "
                           "IP-Adapter+ or IPAdapter-Instruct one")
-    unet_cfg, proj_cfg = pipe.unet.config, pipe.adapter.projector.config
-    text_dim = pipe.text_encoder.config.hidden_size
-    lt = pipe.tokenizer.model_max_length
-    vision = pipe.image_encoder.config
-    ni = (vision.image_size // vision.patch_size) ** 2 + 1
-    native = unet_cfg.sample_size
-    latent = (native // 2, native, native * 2)
-    f = pipe.vae_scale_factor
-    c, lc = unet_cfg.in_channels, pipe.vae.config.latent_channels
-    cross = unet_cfg.cross_attention_dim
-    b = {"batch": (1, 2, 16)}
-    # traced small (the axes stay dynamic): one forward pass at 512x512 in fp16 takes minutes on a CPU, where
-    # torch has only a slow fp16 convolution. The UNet keeps a 2x2 bottom, the VAE decoder has no down path.
-    unet_trace = 2 * 2 ** (len(unet_cfg.block_out_channels) - 1)
-    unet_trace = {"latent_height": unet_trace, "latent_width": unet_trace}
-    lat_axes = {"latent_height": latent, "latent_width": latent}
-    rows = "rows (guidance branches x images)"
-    proj_in = [Tensor("image_tokens", dt, ("batch", ni, proj_cfg.image_dim), "image_encoder's output per row; "
-                      "the all-zero image's tokens for unconditional rows")]
-    if proj_cfg.is_instruct:
-        proj_in += [Tensor("instruct_tokens", dt, ("batch", lt, text_dim), "text_encoder output of the instruction"),
-                    Tensor("prompt_tokens", dt, ("batch", lt, text_dim), "text_encoder output of the prompt")]
-    sample = f"scaled model input, {rows}"
-    # the UNet halves the latent once per down block but the last: other sizes fail inside a runtime's Concat
-    unet_notes = {"latent_multiple": 2 ** (len(unet_cfg.block_out_channels) - 1)}
-    residuals = residual_inputs(pipe, dt) if pipe.controlnets else []
-    if residuals:
-        unet_notes["controlnet_residuals"] = [t.name for t in residuals]
-    if pipe.EDIT:
-        sample = (f"channels 0-{lc - 1}: the scheduler-scaled noisy latent; channels {lc}-{c - 1}: the photo latent "
-                  f"(vae_encoder's output, unscaled; zeros in the unconditional branch); {rows}")
-        unet_notes["channels"] = {"latent": [0, lc], "photo_latent": [lc, c]}  # half-open ranges of `sample`
-    specs = [
-        GraphSpec("text_encoder", TextEncoder(pipe.text_encoder),
-                  [Tensor("input_ids", "int64", ("batch", lt), "CLIP token ids from the model's tokenizer/, "
-                          f"padded to {lt}", fill="ids")],
-                  [Tensor("text_tokens", dt, ("batch", lt, text_dim), "last hidden state per token")],
-                  {"batch": (1, 4, 16)}, vocab=pipe.text_encoder.config.vocab_size),
-        GraphSpec("image_encoder", ImageEncoder(pipe.image_encoder),
-                  [Tensor("pixel_values", dt, ("batch", 3, vision.image_size, vision.image_size),
-                          "CLIP-preprocessed condition images (resize, centre crop, normalise)")],
-                  [Tensor("image_tokens", dt, ("batch", ni, vision.hidden_size), "penultimate hidden states")],
-                  {"batch": (1, 2, 8)}),
-        GraphSpec("projector", Projector(pipe.adapter.projector), proj_in,
-                  [Tensor("ip_tokens", dt, ("batch", proj_cfg.num_queries, cross), "adapter tokens per row")], b),
-        GraphSpec("unet", UNet(pipe.unet, pipe.adapter.layers, attention),
-                  [Tensor("sample", dt, ("batch", c, "latent_height", "latent_width"), sample),
-                   Tensor("timestep", "float32", ("batch",), "the scheduler's timestep per row", fill="timestep"),
-                   Tensor("encoder_hidden_states", dt, ("batch", lt, cross), "text_encoder output per row"),
-                   Tensor("ip_tokens", dt, ("batch", proj_cfg.num_queries, cross), "projector output per row"),
-                   Tensor("ip_scale", "float32", ("batch",), "adapter strength per row (0 = base model)",
-                          fill="scale"), *residuals],
-                  [Tensor("noise_pred", dt, ("batch", unet_cfg.out_channels, "latent_height", "latent_width"),
-                          "predicted noise")],
-                  {**b, **lat_axes}, trace=unet_trace, notes=unet_notes),
-        GraphSpec("vae_decoder", VaeDecoder(pipe.vae),
-                  [Tensor("latent", dt, ("batch", lc, "latent_height", "latent_width"),
-                          "denoised latents, unscaled (the graph divides by the VAE's scaling factor)")],
-                  [Tensor("image", dt, ("batch", 3, "image_height", "image_width"), f"RGB in [-1, 1], {f}x the latent")],
-                  {"batch": (1, 1, 8), **lat_axes}, trace={"latent_height": 8, "latent_width": 8}),
-    ]
-    if pipe.EDIT:  # the VAE encoder traced at 8 latents a side, like the decoder; its axes are in pixels
-        px = tuple(f * v for v in latent)
-        specs.append(GraphSpec(
-            "vae_encoder", VaeEncoder(pipe.vae),
-            [Tensor("pixels", dt, ("batch", 3, "image_height", "image_width"), "the photo, resized to the output "
-                    f"size (a multiple of {f}) and mapped to [-1, 1] (diffusers' VaeImageProcessor)", fill="pixels")],
-            [Tensor("photo_latent", dt, ("batch", lc, "latent_height", "latent_width"),
-                    "latent_dist.mode(), unscaled: the UNet's photo-latent channels")],
-            {"batch": (1, 1, 8), "image_height": px, "image_width": px},
-            trace={"image_height": 8 * f, "image_width": 8 * f}))
-    if getattr(pipe, "SDXL", False):
-        _sdxl_specs(pipe, specs, dt, lt, attention)
+    dt = ONNX_DTYPES[pipe.dtype]
+    specs = [text_encoder_spec(pipe, dt), *([text_encoder_2_spec(pipe, dt)] if pipe.kind == "sdxl" else []),
+             image_encoder_spec(pipe, dt), projector_spec(pipe, dt), unet_spec(pipe, dt, attention),
+             vae_decoder_spec(pipe, dt)]
+    if pipe.kind == "edit":
+        specs.append(vae_encoder_spec(pipe, dt))
     unet = next(s for s in specs if s.name == "unet")
     return specs + controlnet_specs(pipe, unet)
-
-
-def _sdxl_specs(pipe, specs: list, dt: str, lt: int, attention: str) -> None:
-    """An SDXL export: text_encoder gives its penultimate state too, text_encoder_2 is added (penultimate state and
-    pooled projection), and the UNet takes the added conditioning per row."""
-    t1, t2 = pipe.text_encoder.config, pipe.text_encoder_2.config
-    pooled = t2.projection_dim
-
-    def ids(tok):
-        return [Tensor("input_ids", "int64", ("batch", lt), f"CLIP token ids from the model's {tok}/, padded to {lt}",
-                       fill="ids")]
-    at = {s.name: i for i, s in enumerate(specs)}
-    specs[at["text_encoder"]] = GraphSpec(
-        "text_encoder", SDXLTextEncoder(pipe.text_encoder, second=False), ids("tokenizer"),
-        [Tensor("text_tokens", dt, ("batch", lt, t1.hidden_size), "last hidden state per token (the projector's)"),
-         Tensor("penultimate", dt, ("batch", lt, t1.hidden_size),
-                f"penultimate hidden state (the UNet's first {t1.hidden_size} channels)")],
-        {"batch": (1, 4, 16)}, vocab=t1.vocab_size)
-    unet = specs[at["unet"]]
-    specs[at["unet"]] = GraphSpec(
-        "unet", SDXLUNet(pipe.unet, pipe.adapter.layers, attention), [
-            *unet.inputs,
-            Tensor("text_embeds", dt, ("batch", pooled), "text_encoder_2's pooled projection per row"),
-            Tensor("time_ids", dt, ("batch", 6), "original_size + crops_coords_top_left + target_size per row")],
-        unet.outputs, unet.axes, trace=unet.trace, notes=unet.notes)
-    specs.insert(at["text_encoder"] + 1, GraphSpec(
-        "text_encoder_2", SDXLTextEncoder(pipe.text_encoder_2, second=True), ids("tokenizer_2"),
-        [Tensor("penultimate", dt, ("batch", lt, t2.hidden_size),
-                f"penultimate hidden state (the UNet's last {t2.hidden_size} channels)"),
-         Tensor("text_embeds", dt, ("batch", pooled), "pooled projection (the UNet's added conditioning)")],
-        {"batch": (1, 4, 16)}, vocab=t2.vocab_size))

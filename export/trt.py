@@ -20,9 +20,9 @@ OUT/plugin/ (a `python -m export plugin` folder).
 OUT gets NAME.plan for each graph, engines.json (what was built, with what, for which GPUs, profiles, sizes, times),
 manifest.json (the export's, its weight paths relative to OUT) and plugin/. Everything is built in a staging
 folder inside OUT and moved in only when every graph built, so a failure (a missing or corrupt ONNX file, a parser
-error, a profile TensorRT refuses) leaves no plan behind. Profiles: export/profiles.py.
+error, a profile TensorRT refuses) leaves no plan behind. Profiles: export/profiles.py; the output folder:
+export/plan_folder.py.
 """
-import json
 import os
 import resource
 import shutil
@@ -35,12 +35,13 @@ from engine.trt import CHOICES, RTX_CCS, RTX_DEFAULT_CCS, choice_of, flavour, lo
 from engine.trt.runtime import ENGINES_FORMAT
 from engine.trt.support import build_targets, cc_list, cc_text, parse_cc, this_gpu
 
-from .onnx import GRAPHS, read_manifest, source_entry, source_paths
+from .onnx import GRAPHS, read_manifest
+from .plan_folder import earlier_targets, keep_earlier_plans, publish, write_atomic, write_manifest
 from .plugin import PLUGIN
 from .profiles import BOUNDS, dims_text, graph_profiles, parse_shapes
 
 
-# ----- precision and files ----------------------------------------------------------------------------------
+# ----- precision ----------------------------------------------------------------------------------------------
 
 def precision(manifest_dtype: str, fp16: bool, weak_typing: bool) -> str:
     """'strong': the graph's own types (a float16 export is already half); 'weak': BuilderFlag.FP16 lets TensorRT
@@ -52,19 +53,6 @@ def precision(manifest_dtype: str, fp16: bool, weak_typing: bool) -> str:
         raise EngineError("--fp16 on a float32 export needs TensorRT 10.x's weak typing, which this TensorRT lacks: "
                           "export with `python -m export onnx --dtype float16` and build that (no --fp16 needed)")
     return "weak"
-
-
-def write_atomic(path: str, data) -> None:
-    """Write to a temporary file beside `path`, then rename: a failed write leaves nothing behind."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # ----- the build ----------------------------------------------------------------------------------------------
@@ -156,19 +144,9 @@ def build_engines(onnx_dir: str, out_dir: str | None = None, fp16: bool = False,
         with polled():  # Ctrl-C cancels the build (TensorRT swallows a KeyboardInterrupt raised in its callbacks)
             index = _build_all(module, manifest, onnx_dir, names, profiles, mode, plugin, plugin_library, staging,
                                built_by, tf32, log)
-        _write_manifest(manifest, onnx_dir, out_dir, staging)
-        _keep_earlier_plans(index, out_dir, log)
-        with open(os.path.join(staging, "engines.json"), "w") as f:
-            json.dump(index, f, indent=1)
-        written = []
-        for name in os.listdir(staging):  # plans first, the index last: a reader never sees an index without plans
-            if name not in ("engines.json", "plugin"):
-                os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
-        if os.path.isdir(os.path.join(staging, "plugin")):
-            shutil.rmtree(os.path.join(out_dir, "plugin"), ignore_errors=True)
-            os.replace(os.path.join(staging, "plugin"), os.path.join(out_dir, "plugin"))
-        os.replace(os.path.join(staging, "engines.json"), os.path.join(out_dir, "engines.json"))
-        written = [os.path.join(out_dir, g["file"]) for g in index["graphs"].values()]
+        write_manifest(manifest, onnx_dir, out_dir, staging)
+        keep_earlier_plans(index, out_dir, log)
+        written = publish(staging, out_dir, index)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         forget(staging)
@@ -294,45 +272,6 @@ def target(trt, config, ccs) -> None:
                               f"(its ComputeCapability has {', '.join(trt.ComputeCapability.__members__)})")
 
 
-def _earlier_index(out_dir: str) -> dict | None:
-    try:
-        with open(os.path.join(out_dir, "engines.json")) as f:
-            before = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return before if isinstance(before, dict) else None
-
-
-def earlier_targets(out_dir: str, package: str) -> list[int] | None:
-    """The compute capabilities of the plans already in out_dir when `package` built them: a --graphs rebuild
-    without --arch builds for those, so the other plans stay in the index."""
-    t = (_earlier_index(out_dir) or {}).get("tensorrt") or {}
-    if t.get("package") != package or not t.get("compute_capabilities"):
-        return None
-    return [parse_cc(c) for c in t["compute_capabilities"]]
-
-
-def _keep_earlier_plans(index: dict, out_dir: str, log) -> None:
-    """A --graphs rebuild keeps the other graphs' plans in the index when the earlier build matches (dtype,
-    TensorRT and its targets, plugin): rebuilding the UNet at new profiles leaves the encoders usable."""
-    before = _earlier_index(out_dir)
-    if before is None:
-        return
-    same = ("format", "tensorrt", "dtype", "attention", "plugin_library")
-    differ = [k for k in same if before.get(k) != index.get(k)]
-    if differ:
-        left = sorted(set(before.get("graphs") or ()) - set(index["graphs"]))
-        if left:
-            log(f"engines.json: the earlier plans of {', '.join(left)} are left out (their {', '.join(differ)} "
-                "differ from this build's): rebuild them too")
-        return
-    for name, g in (before.get("graphs") or {}).items():
-        if name not in index["graphs"] and os.path.isfile(os.path.join(out_dir, g.get("file", ""))):
-            index["graphs"][name] = g
-    if index.get("plugin_dir") is None and before.get("plugin_dir"):  # their cubins stay too
-        index.update({k: before[k] for k in ("plugin_dir", "archs", "plugin_variants") if k in before})
-
-
 def _write_cubins(staging: str, archs, combos: set) -> None:
     """The plugin's cubins for `combos` x `archs` into staging/plugin, named for this process's plugin (a build
     on a GPU may run it)."""
@@ -346,24 +285,6 @@ def _write_cubins(staging: str, archs, combos: set) -> None:
     folder = os.path.join(staging, "plugin")
     write_plugin(folder, tuple(archs), log=lambda line: None, combos=combos)
     os.environ[PLUGIN_DIR_ENV] = folder  # (the Python plugin and a C++ library loaded here both read it)
-
-
-def _write_manifest(manifest: dict, onnx_dir: str, out_dir: str, staging: str) -> None:
-    """The export's manifest beside the plans, its weight paths relative to out_dir (the runtime reads it)."""
-    if os.path.abspath(out_dir) == os.path.abspath(onnx_dir):
-        return
-    from .controlnet import relocated
-
-    m = dict(manifest)
-    try:
-        paths = source_paths(manifest, onnx_dir)
-        m["source"] = {**manifest["source"], **source_entry(out_dir, **paths)}
-    except EngineError:
-        pass  # weights moved or a hub id: keep the entries as they were; the runtime takes --model overrides
-    if manifest.get("controlnets"):
-        m["controlnets"] = relocated(manifest, onnx_dir, out_dir)
-    with open(os.path.join(staging, "manifest.json"), "w") as f:
-        json.dump(m, f, indent=1)
 
 
 # ----- CLI pieces (wired into `python -m export trt` by export/__main__.py) ----------------------------------

@@ -20,8 +20,8 @@ import torch
 from engine.errors import EngineError
 
 from .controlnet import controlnet_paths
+from .graph_spec import Tensor, sample_inputs
 from .onnx import EDIT_GRAPHS, read_manifest, source_paths
-from .specs import Tensor, sample_inputs
 
 TOLERANCE = {"float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2)}  # (atol, rtol against the output's max)
 

@@ -159,8 +159,7 @@ def _attention_workloads(dtype: str, d: int, num_heads: int = HEADS, lq: int | N
     # the UNet's call: q, k, v, k_ip, v_ip are (B, L, H*D) projections viewed as (B, H, L, D); scale (B,)
     import torch
 
-    from .decoupled_attention import forward, normalize
-    from .decoupled_attention_bwd import DecoupledAttentionFn
+    from .decoupled_attention import DecoupledAttentionFn, forward, normalize
 
     t = getattr(torch, dtype)
     lq = QUERIES[d] if lq is None else lq

@@ -6,7 +6,8 @@ Two (or more) separate softmaxes, as SPEC.md section 1. The kernel takes one Q t
 an online softmax over the text keys and then over each adapter's keys while the Q tile stays in
 registers, and writes the output once, already in the (B, Lq, H, D) layout the attention's output
 projection wants. `decoupled_attention_ref` is the plain PyTorch reference with the same signature.
-The backward pass lives in `decoupled_attention_bwd.py`.
+The backward pass lives in `decoupled_attention_bwd.py`; `DecoupledAttentionFn` here joins the two for
+autograd. The Triton pieces both kernels are built from are in `attention_blocks.py`.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ import triton.language as tl
 
 from .errors import KernelError
 
-from ._runtime import interpreting, triton_unusable
+from ._runtime import triton_unusable
+from .attention_blocks import attend, dot_precision, key_block, launch_config, q_tile, unit_stride
+from .decoupled_attention_bwd import backward
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -106,66 +109,6 @@ def decoupled_attention_ref(q, k, v, k_ip, v_ip, scale, mask=None, ip_mask=None)
 
 
 @triton.jit
-def mma(a, b, PRECISION: tl.constexpr):
-    # tl.dot, with the interpreter's broken bf16 dot replaced by an exact fp32 one on the same bf16 values
-    if PRECISION == "upcast":
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        out = tl.dot(a, b, input_precision=PRECISION)
-    return out
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32:
-        return "ieee"  # no TF32: fp32 callers asked for fp32
-    return "upcast" if dtype == torch.bfloat16 and interpreting() else "tf32"
-
-
-@triton.jit
-def _attend(q, k_base, v_base, stride_kn, stride_vn, start, end, mask_row, qk_scale, offs_d, d_ok,
-            HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-            PRECISION: tl.constexpr):
-    # online softmax of q (BLOCK_M, BLOCK_D) over keys [start, end): returns (unnormalised acc, max, sum), base 2
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < end
-        kv_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
-        s = mma(q, tl.trans(k), PRECISION) * qk_scale
-        keep = n_ok
-        if HAS_MASK:
-            keep = keep & (tl.load(mask_row + offs_n, mask=n_ok, other=0) != 0)
-        s = tl.where(keep[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays all zero
-        p = tl.math.exp2(s - m_ref[:, None])
-        alpha = tl.math.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, PRECISION)
-        m_i = m_new
-    return acc, m_i, l_i
-
-
-@triton.jit
-def q_tile(Q, H, Lq, D, stride_qb, stride_qh, stride_qm, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    # this program's (batch, head) and Q tile, shared by the forward and backward kernels
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < Lq
-    d_ok = offs_d < D
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    return pid_bh, b, h, offs_m, offs_d, m_ok, d_ok, q
-
-
-@triton.jit
 def _fwd_kernel(Q, K, V, KI, VI, Out, Mask, Scale, IpMask, Offs, LseT, LseI,
                 qk_scale, B, H, Lq, Lt, D,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
@@ -177,9 +120,9 @@ def _fwd_kernel(Q, K, V, KI, VI, Out, Mask, Scale, IpMask, Offs, LseT, LseI,
     pid_bh, b, h, offs_m, offs_d, m_ok, d_ok, q = q_tile(Q, H, Lq, D, stride_qb, stride_qh, stride_qm,
                                                          BLOCK_M, BLOCK_D)
 
-    acc, m_i, l_i = _attend(q, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
-                            stride_kn, stride_vn, 0, Lt, Mask + b * Lt, qk_scale, offs_d, d_ok,
-                            HAS_MASK, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    acc, m_i, l_i = attend(q, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
+                           stride_kn, stride_vn, 0, Lt, Mask + b * Lt, qk_scale, offs_d, d_ok,
+                           HAS_MASK, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if STORE_LSE:
         tl.store(LseT + pid_bh * Lq + offs_m, tl.where(l_i > 0, m_i + tl.math.log2(l_i), float("inf")), mask=m_ok)
@@ -187,9 +130,9 @@ def _fwd_kernel(Q, K, V, KI, VI, Out, Mask, Scale, IpMask, Offs, LseT, LseI,
     for a in tl.static_range(NUM_ADAPTERS):
         start = tl.load(Offs + a)
         end = tl.load(Offs + a + 1)
-        acc_a, m_a, l_a = _attend(q, KI + b * stride_kib + h * stride_kih, VI + b * stride_vib + h * stride_vih,
-                                  stride_kin, stride_vin, start, end, Mask, qk_scale, offs_d, d_ok,
-                                  False, BLOCK_M, BLOCK_I, BLOCK_D, PRECISION)
+        acc_a, m_a, l_a = attend(q, KI + b * stride_kib + h * stride_kih, VI + b * stride_vib + h * stride_vih,
+                                 stride_kin, stride_vin, start, end, Mask, qk_scale, offs_d, d_ok,
+                                 False, BLOCK_M, BLOCK_I, BLOCK_D, PRECISION)
         w = tl.load(Scale + a * B + b) / tl.where(l_a > 0, l_a, 1.0)
         if HAS_IP_MASK:
             w = w * tl.load(IpMask + (a * B + b) * Lq + offs_m, mask=m_ok, other=0.0)
@@ -200,27 +143,6 @@ def _fwd_kernel(Q, K, V, KI, VI, Out, Mask, Scale, IpMask, Offs, LseT, LseI,
 
     tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-
-
-def key_block(n: int) -> int:
-    """The key block (16, 32 or 64) that pads `n` keys least; ties go to the larger block."""
-    return min((triton.cdiv(n, c) * c, -c) for c in (64, 32, 16))[1] * -1
-
-
-# (BLOCK_M, num_warps) per padded head dim, read off ptxas at sm_90 (`python -m kernels.aot`, which compiles
-# the SD1.5 launches with the JIT's own specialisation): the largest Q tile that compiles without register
-# spills in fp16/bf16 (the d160 backward spills 4-8 B at 32 rows with 4 or 8 warps). fp32 tiles are halved.
-_TILES = {16: (128, 4), 32: (128, 4), 64: (128, 8), 128: (64, 8), 256: (32, 4)}
-_TILES_BWD = {16: (64, 4), 32: (64, 4), 64: (64, 8), 128: (64, 8), 256: (16, 4)}
-
-
-def launch_config(d: int, lq: int, itemsize: int = 2, backward: bool = False) -> dict:
-    block_d = max(16, triton.next_power_of_2(d))
-    block_m, warps = (_TILES_BWD if backward else _TILES)[block_d]
-    if itemsize == 4:
-        block_m = max(16, block_m // 2)
-    block_m = min(block_m, max(16, triton.next_power_of_2(lq)))
-    return dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps, num_stages=2)
 
 
 _OFFSETS: dict = {}
@@ -235,19 +157,15 @@ def _offsets(lens: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return _OFFSETS[key]
 
 
-def _inner(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def forward(q, k, v, k_ips, v_ips, scales, mask, ip_masks, store_lse=False):
     """Launch the fused forward on normalised arguments. Returns (out, lse_text, lse_ip) in base 2."""
     # q: (B, H, Lq, D) -> out: (B, H, Lq, D), a view of a (B, Lq, H, D) buffer
     b, h, lq, d = q.shape
     lt = k.shape[2]
-    q, k, v = _inner(q), _inner(k), _inner(v)
+    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
     n = len(k_ips)
     if n == 1:
-        ki, vi = _inner(k_ips[0]), _inner(v_ips[0])
+        ki, vi = unit_stride(k_ips[0]), unit_stride(v_ips[0])
     elif n > 1:
         ki, vi = torch.cat(k_ips, dim=2), torch.cat(v_ips, dim=2)
     else:
@@ -273,6 +191,26 @@ def forward(q, k, v, k_ips, v_ips, scales, mask, ip_masks, store_lse=False):
     return out, (lse_t if store_lse else None), (lse_i if store_lse else None)
 
 
+class DecoupledAttentionFn(torch.autograd.Function):
+    """The fused forward saving each branch's log-sum-exp, and the backward of `decoupled_attention_bwd`."""
+
+    @staticmethod
+    def forward(ctx, n, scales, mask, ip_masks, q, k, v, *ips):
+        k_ips, v_ips = list(ips[:n]), list(ips[n:])
+        out, lse_t, lse_i = forward(q, k, v, k_ips, v_ips, scales, mask, ip_masks, store_lse=True)
+        ctx.save_for_backward(q, k, v, *ips, lse_t, lse_i, scales)
+        ctx.n, ctx.mask, ctx.ip_masks = n, mask, ip_masks
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, *rest = ctx.saved_tensors
+        n = ctx.n
+        k_ips, v_ips, (lse_t, lse_i, scales) = rest[:n], rest[n:2 * n], rest[2 * n:]
+        grads = backward(q, k, v, k_ips, v_ips, dout, lse_t, lse_i, scales, ctx.mask, ctx.ip_masks)
+        return (None, None, None, None, *grads)
+
+
 def decoupled_attention(q, k, v, k_ip, v_ip, scale, mask=None, ip_mask=None):
     """softmax(q k^T/sqrt(D)) v + sum_a scale_a * ip_mask_a * softmax(q k_ip_a^T/sqrt(D)) v_ip_a, fused.
 
@@ -281,8 +219,6 @@ def decoupled_attention(q, k, v, k_ip, v_ip, scale, mask=None, ip_mask=None):
     ip_mask: float (B, Lq) per adapter. Returns (B, H, Lq, D) in q's dtype. Differentiable in q, k, v,
     k_ip and v_ip (not in scale or ip_mask).
     """
-    from .decoupled_attention_bwd import DecoupledAttentionFn
-
     k_ips, v_ips, scales, ip_masks = normalize(q, k, v, k_ip, v_ip, scale, mask, ip_mask)
     reason = triton_unusable(q.device)
     if reason:

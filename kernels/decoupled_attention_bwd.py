@@ -7,6 +7,7 @@ program owns a Q tile, recomputes the probabilities from the log-sum-exp the for
 delta = rowsum(P * dP) in a first pass over the (short: Lt <= 320, Li <= 64) keys, then accumulates dq
 in registers and adds its share of dk and dv into fp32 buffers atomically. dq is accumulated across
 branches in one fp32 buffer. Not bitwise deterministic (atomic order); within fp32 rounding.
+`backward` launches it per branch; `decoupled_attention.DecoupledAttentionFn` calls it for autograd.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decoupled_attention import dot_precision, forward, key_block, launch_config, mma, q_tile
+from .attention_blocks import dot_precision, key_block, launch_config, mma, q_tile, unit_stride
 
 
 @triton.jit
@@ -89,7 +90,7 @@ def _branch_backward(q, k, v, dout, dq, lse, mask, scale, ip_mask, accumulate):
     # q, dout: (B, H, Lq, D); k, v: (B, H, L, D); dq: fp32 (B, H, Lq, D) -> dk, dv fp32 (B, H, L, D)
     b, h, lq, d = q.shape
     n = k.shape[2]
-    k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+    k, v = unit_stride(k), unit_stride(v)
     dk = torch.zeros(b, h, n, d, device=q.device, dtype=torch.float32)
     dv = torch.zeros_like(dk)
     cfg = launch_config(d, lq, q.element_size(), backward=True)
@@ -108,31 +109,19 @@ def _branch_backward(q, k, v, dout, dq, lse, mask, scale, ip_mask, accumulate):
     return dk, dv
 
 
-class DecoupledAttentionFn(torch.autograd.Function):
-    """Fused forward saving each branch's log-sum-exp; the backward runs `_bwd_kernel` once per branch."""
+def backward(q, k, v, k_ips, v_ips, dout, lse_t, lse_i, scales, mask, ip_masks):
+    """Gradients of the fused forward from the log-sum-exps it saved: (dq, dk, dv, *dk_ips, *dv_ips) in q's dtype.
 
-    @staticmethod
-    def forward(ctx, n, scales, mask, ip_masks, q, k, v, *ips):
-        k_ips, v_ips = list(ips[:n]), list(ips[n:])
-        out, lse_t, lse_i = forward(q, k, v, k_ips, v_ips, scales, mask, ip_masks, store_lse=True)
-        ctx.save_for_backward(q, k, v, *ips, lse_t, lse_i, scales)
-        ctx.n, ctx.mask, ctx.ip_masks = n, mask, ip_masks
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, *rest = ctx.saved_tensors
-        n = ctx.n
-        k_ips, v_ips, (lse_t, lse_i, scales) = rest[:n], rest[n:2 * n], rest[2 * n:]
-        q = q if q.stride(-1) == 1 else q.contiguous()
-        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
-        dk, dv = _branch_backward(q, k, v, dout, dq, lse_t, ctx.mask, None, None, accumulate=False)
-        grads_k, grads_v = [], []
-        for a in range(n):
-            ipm = ctx.ip_masks[a] if ctx.ip_masks is not None else None
-            dki, dvi = _branch_backward(q, k_ips[a], v_ips[a], dout, dq, lse_i[a], None, scales[a], ipm,
-                                        accumulate=True)
-            grads_k.append(dki.to(q.dtype))
-            grads_v.append(dvi.to(q.dtype))
-        return (None, None, None, None, dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), *grads_k, *grads_v)
+    Arguments as `decoupled_attention.forward` takes them (normalised), plus dout (B, H, Lq, D) and lse_t
+    (B, H, Lq), lse_i (A, B, H, Lq) from the forward.
+    """
+    q, dout = unit_stride(q), unit_stride(dout)
+    dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+    dk, dv = _branch_backward(q, k, v, dout, dq, lse_t, mask, None, None, accumulate=False)
+    grads_k, grads_v = [], []
+    for a in range(len(k_ips)):
+        ipm = ip_masks[a] if ip_masks is not None else None
+        dki, dvi = _branch_backward(q, k_ips[a], v_ips[a], dout, dq, lse_i[a], None, scales[a], ipm, accumulate=True)
+        grads_k.append(dki.to(q.dtype))
+        grads_v.append(dvi.to(q.dtype))
+    return (dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), *grads_k, *grads_v)

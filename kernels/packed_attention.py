@@ -2,9 +2,9 @@
 
     out = softmax(q k^T / sqrt(D)) v  +  ip_scale[b] * softmax(q k_ip^T / sqrt(D)) v_ip
 
-Same maths and the same inner loops (`q_tile`, `_attend`) as `decoupled_attention`, with the calling
-convention an ahead-of-time TensorRT plugin needs: input pointers first (q, k, v, k_ip, v_ip, ip_scale),
-then the int32 sizes TensorRT resolves from the shapes at run time (Lq, Lt, Li), then the output; the
+Same maths and the same inner loops (`q_tile`, `attend`: attention_blocks.py) as `decoupled_attention`, with
+the calling convention an ahead-of-time TensorRT plugin needs: input pointers first (q, k, v, k_ip, v_ip,
+ip_scale), then the int32 sizes TensorRT resolves from the shapes at run time (Lq, Lt, Li), then the output; the
 head count, head size and softmax scale are compile-time constants of each variant. The tensors are
 the ones an ONNX graph has right after the Q/K/V projections, (B, L, H*D) with no transposes either side.
 
@@ -22,7 +22,7 @@ import triton.language as tl
 from .errors import KernelError
 
 from ._runtime import triton_unusable
-from .decoupled_attention import _attend, dot_precision, key_block, launch_config, q_tile
+from .attention_blocks import attend, dot_precision, key_block, launch_config, q_tile
 
 DTYPES = (torch.float32, torch.float16)
 
@@ -35,11 +35,11 @@ def _packed_fwd_kernel(Q, K, V, KI, VI, Scale, Lq, Lt, Li, Out,
     row = HEADS * HEAD_DIM  # elements between consecutive tokens of one tensor
     pid_bh, b, h, offs_m, offs_d, m_ok, d_ok, q = q_tile(Q, HEADS, Lq, HEAD_DIM, Lq * row, HEAD_DIM, row,
                                                          BLOCK_M, BLOCK_D)
-    acc, m_t, l_t = _attend(q, K + b * Lt * row + h * HEAD_DIM, V + b * Lt * row + h * HEAD_DIM, row, row,
-                            0, Lt, Scale, QK_SCALE, offs_d, d_ok, False, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    acc, m_t, l_t = attend(q, K + b * Lt * row + h * HEAD_DIM, V + b * Lt * row + h * HEAD_DIM, row, row,
+                           0, Lt, Scale, QK_SCALE, offs_d, d_ok, False, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     out = acc / tl.where(l_t > 0, l_t, 1.0)[:, None]
-    acc_i, m_i, l_i = _attend(q, KI + b * Li * row + h * HEAD_DIM, VI + b * Li * row + h * HEAD_DIM, row, row,
-                              0, Li, Scale, QK_SCALE, offs_d, d_ok, False, BLOCK_M, BLOCK_I, BLOCK_D, PRECISION)
+    acc_i, m_i, l_i = attend(q, KI + b * Li * row + h * HEAD_DIM, VI + b * Li * row + h * HEAD_DIM, row, row,
+                             0, Li, Scale, QK_SCALE, offs_d, d_ok, False, BLOCK_M, BLOCK_I, BLOCK_D, PRECISION)
     w = tl.load(Scale + b) / tl.where(l_i > 0, l_i, 1.0)
     out += w[:, None] * acc_i
     tl.store(Out + b * Lq * row + h * HEAD_DIM + offs_m[:, None] * row + offs_d[None, :],

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .errors import KernelError
 
-from .decoupled_attention import dot_precision, mma
+from .attention_blocks import dot_precision, mma
 from .projector_ff import check_tensors, feed_forward, ln_matmul, row_stats
 
 BLOCK_N = 32    # context tokens per step

@@ -4,7 +4,7 @@ One Triton launch normalises the rows while loading them into the first GEMM and
 GELU in its epilogue, so the normalised rows never reach memory; the second Linear and the residual add
 are one `torch.addmm`. The two `@triton.jit` helpers `row_stats` and `ln_matmul` (a LayerNorm applied
 on the fly to a GEMM's A operand) are shared with the Perceiver attention kernel in `kernels.projector`.
-All accumulation is fp32; the dot products go through `decoupled_attention.mma` (IEEE for fp32, no TF32).
+All accumulation is fp32; the dot products go through `attention_blocks.mma` (IEEE for fp32, no TF32).
 
 `feed_forward_ref` is the plain PyTorch reference with the same signature.
 """
@@ -18,7 +18,7 @@ import triton.language as tl
 from .errors import KernelError
 
 from ._runtime import triton_unusable
-from .decoupled_attention import dot_precision, mma
+from .attention_blocks import dot_precision, mma
 
 BLOCK_M = 16    # rows (batch x queries) per program: SD1.5 has 16 queries per request
 BLOCK_H = 64    # hidden units per program

@@ -139,7 +139,7 @@ def test_scale_zero_is_no_controlnet(pipes, tiny, controls, cond_image):
 
 
 def graph_feeds(folder, graph, b=3, h=8, w=12, seed=0):
-    from export.specs import Tensor, sample_inputs
+    from export.graph_spec import Tensor, sample_inputs
     entry = json.loads((folder / "manifest.json").read_text())["graphs"][graph]
     inputs = [Tensor(t["name"], t["dtype"], tuple(t["shape"]), t["meaning"], t["fill"]) for t in entry["inputs"]]
     sizes = dict(batch=b, latent_height=h, latent_width=w, image_height=4 * h, image_width=4 * w)
