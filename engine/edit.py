@@ -61,7 +61,6 @@ class EditPipeline(Pipeline):
     """InstructPix2Pix on the engine: `from_pretrained` takes a diffusers IP2P folder (8-channel UNet)."""
 
     KIND = "edit"
-    EDIT = True
 
     @classmethod
     def from_pretrained(cls, model, image_encoder=None, adapter=None, device=None, dtype=None,

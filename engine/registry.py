@@ -103,8 +103,6 @@ def model_kind(config: EngineConfig) -> str:
 def load_pipeline(config: EngineConfig):
     """The one way every entry point loads: the class of the config's kind, its weights, LoRAs fused, then
     channels-last, torch.compile and CUDA graphs as asked. -> a pipeline (engine.Pipeline or a subclass)."""
-    import torch  # (deferred: this module stays light for `python -m engine --help`)
-
     adapter = config.adapter
     if isinstance(adapter, (list, tuple)):
         adapter = None if not adapter else adapter[0] if len(adapter) == 1 else list(adapter)
@@ -117,6 +115,14 @@ def load_pipeline(config: EngineConfig):
                                **({"controlnet": list(config.controlnet)} if config.controlnet else {}))
     for path, scale in config.lora:  # fused: nothing per step
         pipe.load_lora_weights(path, scale=scale)
+    return apply_fast_path(pipe, config)
+
+
+def apply_fast_path(pipe, config: EngineConfig):
+    """The config's channels-last, torch.compile and CUDA graphs on a loaded pipeline (also one handed to the server
+    ready-made). -> pipe."""
+    import torch  # (deferred: this module stays light for `python -m engine --help`)
+
     if config.channels_last:
         for m in (pipe.unet, pipe.vae):
             m.to(memory_format=torch.channels_last)

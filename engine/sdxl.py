@@ -41,7 +41,6 @@ from .prepared import CallState, size_conditioning
 
 class SDXLPipeline(Pipeline):
     KIND = "sdxl"
-    SDXL = True
     # LoRA (engine/lora.py) through diffusers' SDXL loader: the UNet and both text encoders (kohya's lora_te1_/
     # lora_te2_ keys included)
     _loader = StableDiffusionXLLoraLoaderMixin

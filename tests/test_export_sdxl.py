@@ -80,7 +80,7 @@ def test_generation_from_the_sdxl_graphs_matches_the_engine(sdxl, sdxl_exports, 
 
     ref = Pipeline.from_pretrained(sdxl["model"], image_encoder=sdxl["image_encoder"], adapter=sdxl[adapter])
     pipe = OnnxPipeline.from_export(str(sdxl_exports(attention, adapter)))
-    assert isinstance(pipe, OnnxSDXLPipeline) and pipe.SDXL
+    assert isinstance(pipe, OnnxSDXLPipeline) and pipe.kind == "sdxl"
     for p in (ref, pipe):
         p.set_progress_bar_config(disable=True)
     modes = ("auto", "simple") if adapter == "instruct" else ("auto",)
