@@ -132,7 +132,7 @@ def test_the_checker_sees_a_cycle_held_by_a_deferred_import(tmp_path):
 # STYLE.md: no file over ~400 lines, no function over ~80. Today's exceptions (main at 9c2d108), each with its size
 # then; an entry leaves when its file or function is split, none may join, and none may grow
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 80
-KNOWN_LONG_FILES = {"engine/loading.py": 425, "export/trt.py": 409}
+KNOWN_LONG_FILES = {"export/trt.py": 409}
 KNOWN_LONG_FUNCTIONS = {"export/onnx.py:export_onnx": 103, "export/specs.py:build_specs": 84}
 
 
