@@ -92,7 +92,7 @@ def add_lora_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    """Where and how the model runs: device, dtype, attention kernel, backend; runtime_kwargs reads them back."""
+    """Where and how the model runs: device, dtype, attention kernel, backend (EngineConfig's fields of those names)."""
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
     p.add_argument("--dtype", choices=list(DTYPE_NAMES), default=None, help="default: float16 on cuda, float32 on cpu")
     p.add_argument("--attention-backend", choices=list(BACKENDS), default="auto",
@@ -110,12 +110,6 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="skip the first-use check of each fused kernel, CUDA-graph replay and compiled UNet against "
                         "its eager path (on by default: one extra eager call per new shape, with a fallback where "
                         "the fast path fails)")
-
-
-def runtime_kwargs(a: argparse.Namespace) -> dict:
-    """The add_runtime_args flags as from_pretrained takes them."""
-    return dict(device=a.device, dtype=a.dtype, attention_backend=a.attention_backend, backend=a.backend,
-                engines=a.engines, trt=a.trt, verify_fast_path=a.verify_fast_path)
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:

@@ -9,10 +9,10 @@ import logging
 import os
 import sys
 
-from .arguments import runtime_kwargs
 from .errors import EngineError
 from .loading import check_size, load_image, native_size
 from .output import output_paths, write_images
+from .registry import EngineConfig, load_pipeline
 from .server.config import ServerConfig
 
 
@@ -25,12 +25,6 @@ def quiet_libraries() -> None:
         tlog.disable_progress_bar()
     except ImportError:
         pass
-
-
-def load_loras(pipe, loras) -> None:
-    """The --lora flags, fused in the order given."""
-    for path, scale in loras:
-        pipe.load_lora_weights(path, scale=scale)
 
 
 def write_outputs(images, paths: list[str], overwrite: bool) -> int:
@@ -92,13 +86,8 @@ def cmd_generate(a) -> int:
         check_size(a.height, a.width, *native, a.max_size)
     adapter_args = adapter_call_args(a)
     quiet_libraries()
-    from .pipeline import Pipeline  # deferred: torch and diffusers, once the cheap checks passed
-
     control_args = control_call_args(a)
-    adapter = None if not a.adapter else (a.adapter[0] if len(a.adapter) == 1 else a.adapter)
-    pipe = Pipeline.from_pretrained(a.model, image_encoder=a.image_encoder, adapter=adapter, config=a.model_config,
-                                    controlnet=a.controlnet or None, **runtime_kwargs(a))
-    load_loras(pipe, a.lora)
+    pipe = load_pipeline(EngineConfig.from_args(a, kind="sd15"))  # an SDXL model opens as sdxl by itself
     pipe.set_progress_bar_config(disable=a.no_progress)
     images = pipe(prompt=a.prompt, **size_call_args(a, pipe), instruct=a.instruct, negative_prompt=a.negative_prompt,
                   **adapter_args, guidance_scale=a.guidance_scale, instruct_guidance_scale=a.instruct_guidance_scale,
@@ -119,11 +108,7 @@ def cmd_edit(a) -> int:
     photo = load_image(a.image)
     reference = load_image(a.adapter_image) if a.adapter_image else None
     quiet_libraries()
-    from .edit import EditPipeline  # deferred: torch and diffusers, once the cheap checks passed
-
-    pipe = EditPipeline.from_pretrained(a.model, image_encoder=a.image_encoder, adapter=a.adapter,
-                                        config=a.model_config, **runtime_kwargs(a))
-    load_loras(pipe, a.lora)
+    pipe = load_pipeline(EngineConfig.from_args(a, kind="edit"))
     pipe.set_progress_bar_config(disable=a.no_progress)
     images = pipe(a.prompt, photo, a.negative_prompt, guidance_scale=a.guidance_scale,
                   image_guidance_scale=a.image_guidance_scale, num_inference_steps=a.steps, seed=a.seed,
@@ -143,14 +128,14 @@ def cmd_demo(a) -> int:
     quiet_libraries()
     # deferred: torch and diffusers, once the cheap checks passed
     from .demo import DEMO_INSTRUCT, cache_dir, draw_condition_image, ensure_tiny, run_demo
-    from .pipeline import Pipeline
 
     random_weights = not all(given)
     if random_weights:  # the tiny set holds more (a CLIP for bench quality) than the pipeline takes
         tiny = ensure_tiny(a.cache or cache_dir())
         given = [tiny["model"], tiny["image_encoder"], tiny["adapter"]]
     model, image_encoder, adapter = given
-    pipe = Pipeline.from_pretrained(model, image_encoder=image_encoder, adapter=adapter, **runtime_kwargs(a))
+    pipe = load_pipeline(EngineConfig.from_args(a, model=model, image_encoder=image_encoder, adapter=adapter,
+                                                kind="sd15"))
     pipe.set_progress_bar_config(disable=True)
     run_demo(pipe, a.out, draw_condition_image() if image is None else image, random_weights, a.steps, a.seed,
              instruct=a.instruct or DEMO_INSTRUCT)
