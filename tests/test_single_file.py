@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import PROMPT
 from engine.errors import EngineError
-from engine.loading import (CONFIGS, check_checkpoint_keys, checkpoint_kind, checkpoint_shapes, config_folder,
-                            is_edit_model, load_base, native_size, read_configs)
+from engine.loading import is_edit_model, load_base, native_size, read_configs
+from engine.single_file import CONFIGS, check_checkpoint_keys, checkpoint_kind, checkpoint_shapes, config_folder
 
 KINDS = ("sd15", "ip2p")
 MODULES = ("unet", "vae", "text_encoder")
@@ -112,7 +112,7 @@ def test_the_shipped_configs_are_sd15_at_full_size(kind):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from engine.loading import _scheduler
+    from engine.model_folders import folder_scheduler
     from engine.tiny import ldm_state_dict
 
     folder = os.path.join(CONFIGS, kind)
@@ -127,7 +127,7 @@ def test_the_shipped_configs_are_sd15_at_full_size(kind):
     shapes = {k: tuple(v.shape) for k, v in ldm_state_dict(unet, vae, text).items()}
     assert checkpoint_kind("sd.safetensors", shapes) == kind
     check_checkpoint_keys("sd.safetensors", shapes, folder, shipped=True)
-    assert type(_scheduler(folder)).__name__ == ("EulerAncestralDiscreteScheduler" if edit else "PNDMScheduler")
+    assert type(folder_scheduler(folder)).__name__ == ("EulerAncestralDiscreteScheduler" if edit else "PNDMScheduler")
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(CONFIGS, "tokenizer"))  # CLIP ViT-L/14's
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
 
@@ -277,7 +277,7 @@ def test_the_shipped_sdxl_configs_at_full_size():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from engine.loading import _scheduler
+    from engine.model_folders import folder_scheduler
     from engine.tiny import sgm_state_dict
 
     folder = os.path.join(CONFIGS, "sdxl")
@@ -293,4 +293,4 @@ def test_the_shipped_sdxl_configs_at_full_size():
     assert shapes["conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight"] == (3840, 1280)
     assert checkpoint_kind("sdxl.safetensors", shapes) == "sdxl"
     check_checkpoint_keys("sdxl.safetensors", shapes, folder, shipped=True)
-    assert type(_scheduler(folder)).__name__ == "EulerDiscreteScheduler"
+    assert type(folder_scheduler(folder)).__name__ == "EulerDiscreteScheduler"

@@ -1,0 +1,189 @@
+"""What each `python -m engine` command does, once engine/__main__.py has parsed and checked its flags.
+
+Each command runs its cheap checks (output paths, sizes, images) first, then imports the heavy pipeline: torch,
+diffusers and triton load only for a run that can go ahead.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from .errors import EngineError
+from .loading import check_size, load_image, native_size
+from .output import output_paths, write_images
+from .registry import EngineConfig, load_pipeline
+from .server.config import ServerConfig
+
+
+def quiet_libraries() -> None:
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as tlog  # deferred: heavy, and only for a run that loads a model
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def write_outputs(images, paths: list[str], overwrite: bool) -> int:
+    """Write the images and name the files on stdout, one line."""
+    write_images(images, paths, overwrite=overwrite)
+    print(" ".join(paths))
+    return 0
+
+
+def adapter_call_args(a) -> dict:
+    """The generate flags of one request as Pipeline.__call__ takes them (several adapters: a list per adapter
+    inside the request's entry)."""
+    if not a.adapter:
+        return {"image": None, "scale": 0.8}
+    n = len(a.adapter)
+    images = [load_image(p) for p in a.image]
+
+    def per_adapter(values, default):
+        if not values:
+            return default
+        return values[0] if len(values) == 1 else [list(values)]
+    # one image for every adapter; else one per adapter, or (one adapter) several whose tokens are concatenated
+    image = images[0] if len(images) == 1 else [images]
+    masks = [None if m == "-" else load_image(m, "adapter mask") for m in a.adapter_mask]
+    return {"image": image, "scale": per_adapter(a.scale, 0.8),
+            "adapter_masks": None if not masks or all(m is None for m in masks) else
+            (masks[0] if n == 1 else [masks]),
+            "adapter_start": per_adapter(a.adapter_start, 0.0), "adapter_end": per_adapter(a.adapter_end, 1.0)}
+
+
+def control_call_args(a) -> dict:
+    """The ControlNet flags as Pipeline.__call__ takes them (one net: a single image and scale)."""
+    if len(a.control_image) != len(a.controlnet) or len(a.controlnet_scale) not in (0, len(a.controlnet)):
+        raise EngineError(f"give one --control-image (and at most one --controlnet-scale) per --controlnet: got "
+                          f"{len(a.controlnet)} nets, {len(a.control_image)} images, {len(a.controlnet_scale)} scales")
+    controls = [load_image(p, "control image") for p in a.control_image]
+    if not controls:
+        return {}
+    scales = a.controlnet_scale or [1.0] * len(controls)
+    return dict(control_image=controls[0] if len(controls) == 1 else controls,
+                controlnet_conditioning_scale=scales if len(controls) > 1 else scales[0])
+
+
+def size_call_args(a, pipe) -> dict:
+    """SDXL's size conditioning flags as Pipeline.__call__ takes them; an EngineError for any on another model."""
+    sizes = {k: v for k, v in (("original_size", a.original_size), ("target_size", a.target_size),
+                               ("crops_coords_top_left", a.crops_top_left)) if v is not None}
+    if sizes and pipe.kind != "sdxl":
+        raise EngineError("--original-size, --target-size and --crops-top-left are SDXL's size conditioning; "
+                          f"{a.model} is not an SDXL model")
+    return sizes
+
+
+def cmd_generate(a) -> int:
+    # the cheap checks, before torch loads: output paths, size, condition image
+    paths = output_paths(a.out, a.num_images, a.overwrite)
+    native = native_size(a.model, a.model_config)
+    if native is not None:  # a hub id is checked by the pipeline once loaded
+        check_size(a.height, a.width, *native, a.max_size)
+    adapter_args = adapter_call_args(a)
+    quiet_libraries()
+    control_args = control_call_args(a)
+    pipe = load_pipeline(EngineConfig.from_args(a, kind="sd15"))  # an SDXL model opens as sdxl by itself
+    pipe.set_progress_bar_config(disable=a.no_progress)
+    images = pipe(prompt=a.prompt, **size_call_args(a, pipe), instruct=a.instruct, negative_prompt=a.negative_prompt,
+                  **adapter_args, guidance_scale=a.guidance_scale, instruct_guidance_scale=a.instruct_guidance_scale,
+                  image_guidance_scale=a.image_guidance_scale, guidance_mode=a.guidance_mode,
+                  num_inference_steps=a.steps, height=a.height, width=a.width, num_images_per_prompt=a.num_images,
+                  seed=a.seed, scheduler=a.scheduler, max_size=a.max_size, **control_args)
+    return write_outputs(images, paths, a.overwrite)
+
+
+def cmd_edit(a) -> int:
+    # the cheap checks, before torch loads: output paths, the images, the adapter flags
+    paths = output_paths(a.out, a.num_images, a.overwrite)
+    given = [f for f, v in (("--image-encoder", a.image_encoder), ("--adapter-image", a.adapter_image)) if v is None]
+    if a.adapter is not None and given:
+        raise EngineError(f"--adapter needs {' and '.join(given)} too")
+    if a.adapter is None and (a.image_encoder or a.adapter_image or a.instruct):
+        raise EngineError("--image-encoder, --adapter-image and --instruct need --adapter")
+    photo = load_image(a.image)
+    reference = load_image(a.adapter_image) if a.adapter_image else None
+    quiet_libraries()
+    pipe = load_pipeline(EngineConfig.from_args(a, kind="edit"))
+    pipe.set_progress_bar_config(disable=a.no_progress)
+    images = pipe(a.prompt, photo, a.negative_prompt, guidance_scale=a.guidance_scale,
+                  image_guidance_scale=a.image_guidance_scale, num_inference_steps=a.steps, seed=a.seed,
+                  scheduler=a.scheduler, num_images_per_prompt=a.num_images, height=a.height, width=a.width,
+                  max_size=a.max_size, adapter_image=reference, instruct=a.instruct, scale=a.scale)
+    return write_outputs(images, paths, a.overwrite)
+
+
+def cmd_demo(a) -> int:
+    given = [a.model, a.image_encoder, a.adapter]
+    if any(given) and not all(given):
+        raise EngineError("give all of --model, --image-encoder and --adapter for real weights, "
+                          "or none for the tiny ones")
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    output_paths(a.out, 1, overwrite=True)  # the demo replaces its own files on every run
+    image = load_image(a.image) if a.image else None
+    quiet_libraries()
+    # deferred: torch and diffusers, once the cheap checks passed
+    from .demo import DEMO_INSTRUCT, cache_dir, draw_condition_image, ensure_tiny, run_demo
+
+    random_weights = not all(given)
+    if random_weights:  # the tiny set holds more (a CLIP for bench quality) than the pipeline takes
+        tiny = ensure_tiny(a.cache or cache_dir())
+        given = [tiny["model"], tiny["image_encoder"], tiny["adapter"]]
+    model, image_encoder, adapter = given
+    pipe = load_pipeline(EngineConfig.from_args(a, model=model, image_encoder=image_encoder, adapter=adapter,
+                                                kind="sd15"))
+    pipe.set_progress_bar_config(disable=True)
+    run_demo(pipe, a.out, draw_condition_image() if image is None else image, random_weights, a.steps, a.seed,
+             instruct=a.instruct or DEMO_INSTRUCT)
+    return 0
+
+
+def cmd_make_tiny(a) -> int:
+    quiet_libraries()
+    from .tiny import make_tiny, make_tiny_sdxl, to_single_file  # deferred: torch and diffusers
+
+    if a.sdxl and a.edit:
+        print("error: make-tiny --sdxl writes an SDXL text-to-image model (not with --edit)", file=sys.stderr)
+        return 2
+    if a.sdxl:  # a single file needs the encoders' widths unlike (the loader tells them apart by width, as in SDXL)
+        paths = make_tiny_sdxl(a.dir, seed=a.seed, **({"text2_dim": 48} if a.single_file else {}))
+    else:
+        paths = make_tiny(a.dir, seed=a.seed, edit=a.edit)
+    if a.single_file:
+        paths["single_file"] = to_single_file(paths["model"],
+                                              os.path.join(os.path.dirname(paths["model"]), "model.safetensors"))
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_serve(a) -> int:
+    if a.tiny:
+        from .demo import cache_dir, ensure_tiny  # deferred: building the tiny weights needs torch
+        tiny = ensure_tiny(cache_dir())
+        a.model, a.image_encoder, a.adapter = tiny["model"], tiny["image_encoder"], tiny["adapter"]
+    for what, path in (("model", a.model), ("image encoder", a.image_encoder), ("model config", a.model_config)):
+        if path is not None and not os.path.isdir(path) and not (what == "model" and os.path.isfile(path)):
+            raise EngineError(f"{what} folder not found: {path}")
+    if a.adapter is not None and not os.path.isfile(a.adapter):
+        raise EngineError(f"adapter file not found: {a.adapter}")
+    config = ServerConfig.from_args(a)
+    try:
+        config.api_key()
+    except (OSError, ValueError) as e:
+        raise EngineError(f"--api-key-file: {e}") from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
+    if a.ray:
+        from .server.ray_app import serve_ray  # deferred: Ray, an optional dependency
+        return serve_ray(config, replicas=a.replicas, gpus_per_replica=a.gpus_per_replica)
+    from .server.run import serve  # deferred: FastAPI, uvicorn and the pipeline
+    return serve(config)
+
+
+COMMANDS = {"generate": cmd_generate, "edit": cmd_edit, "demo": cmd_demo, "make-tiny": cmd_make_tiny,
+            "serve": cmd_serve}
