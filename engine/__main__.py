@@ -19,6 +19,7 @@ from .commands import COMMANDS, cmd_serve
 from .errors import EngineError
 from .guidance import MODES
 from .interrupt import EXIT_INTERRUPTED, INTERRUPTED, interrupt_guard, interruptible  # noqa: F401 (tests use all)
+from .registry import KINDS
 from .server.config import ServerConfig
 
 
@@ -132,6 +133,8 @@ def add_serve_parser(sub) -> None:
     add_image_encoder_arg(s)
     s.add_argument("--adapter", help="two-key adapter file; without it the server is text to image")
     s.add_argument("--tiny", action="store_true", help="the tiny random weights (built once, as `make demo` does)")
+    s.add_argument("--kind", choices=list(KINDS), default=None,
+                   help="the model kind to serve (default: what the model folder is; an InstructPix2Pix one edits)")
     s.add_argument("--host", default=C.host, help="bind address (default: loopback only)")
     s.add_argument("--port", type=int, default=C.port, help="0 picks a free port")
     s.add_argument("--controlnet", action="append", default=[], metavar="DIR",

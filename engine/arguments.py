@@ -106,6 +106,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trt", choices=TRT_CHOICES, default="auto",
                    help="with --backend tensorrt: which TensorRT loads the plans: auto (the one that built them, as "
                         "engines.json says), full (`import tensorrt`) or rtx (TensorRT for RTX), which must be it")
+    p.add_argument("--channels-last", action="store_true",
+                   help="the UNet and VAE in channels-last memory format (measure it: it pays on some devices)")
     p.add_argument("--no-verify-fast-path", dest="verify_fast_path", action="store_false",
                    help="skip the first-use check of each fused kernel, CUDA-graph replay and compiled UNet against "
                         "its eager path (on by default: one extra eager call per new shape, with a fallback where "

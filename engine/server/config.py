@@ -2,25 +2,17 @@
 `max_batch_rows`), as Triton Inference Server's model config names its batcher's knobs."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+
+from ..registry import EngineConfig
 
 
 @dataclass(frozen=True)
-class ServerConfig:
-    model: str | None = None              # diffusers SD1.5 folder, or a single-file checkpoint
-    model_config: str | None = None       # with a single file: a diffusers folder for its configs (default: shipped)
-    image_encoder: str | None = None      # CLIPVisionModelWithProjection folder (with adapter)
-    adapter: str | None = None            # two-key adapter file; without it the server is text to image
+class ServerConfig(EngineConfig):
+    """EngineConfig (what loading takes: model, adapter, device, LoRA, compile, CUDA graphs ...) and the server's own
+    knobs. `adapter` is one file here (without it the server is text to image); `controlnet` one folder."""
     host: str = "127.0.0.1"
     port: int = 8000
-    device: str | None = None             # default: cuda when present
-    dtype: str | None = None              # default: float16 on cuda, float32 on cpu
-    attention_backend: str = "auto"
-    backend: str = "pytorch"              # or tensorrt: the plans in `engines` (python -m export trt --out DIR)
-    engines: str | None = None
-    trt: str = "auto"                     # with tensorrt: which TensorRT loads the plans (auto: their builder)
-    controlnet: tuple = ()                # ControlNet folder (one; requests then send control_image)
-    lora: tuple = ()                      # (file, scale) pairs, fused into the weights at start-up
     batching: str = "request"             # request: calls of whole requests; step: requests join at the next step
     max_batch_rows: int = 16              # UNet rows in one call: requests x guidance branches x images
     max_wait_ms: float = 10.0             # how long the oldest waiting request waits for company
@@ -36,15 +28,6 @@ class ServerConfig:
     cors_origin: str | None = None        # one allowed origin; CORS is off without it
     allowed_hosts: str | None = None      # Host names served, comma separated (* any); default: the bound host's
     warmup: bool = True                   # one 1-step request before /ready turns true
-    compile: bool = False                 # torch.compile the UNet (each new batch shape compiles on first use)
-    cuda_graphs: bool = False             # replay the UNet step from CUDA graphs, one capture per batch shape
-    verify_fast_path: bool = True         # check each fused kernel, replay and compiled UNet at its first shape
-
-    @classmethod
-    def from_args(cls, args) -> "ServerConfig":
-        """The fields of an argparse namespace whose names match (the CLI flags)."""
-        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
     def api_key(self) -> str | None:
         if self.api_key_file is None:

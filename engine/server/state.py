@@ -8,7 +8,7 @@ import logging
 import time
 
 from ..errors import EngineError
-from ..loading import is_edit_model
+from ..registry import apply_fast_path, load_pipeline
 from ..selfcheck import summary
 from .batcher import Batcher, Job, worker_thread
 from .cache import ConditioningCache
@@ -74,13 +74,11 @@ class ServerState:
 
     def _load(self) -> None:
         c = self.config
-        if self.pipe is None:
+        if self.pipe is None:  # the registry's one loader: kind, weights, LoRAs, channels-last, compile, graphs
             self.pipe = load_pipeline(c)
+        else:  # a pipeline handed in ready-made (tests, embedding): the config's fast path on it
+            apply_fast_path(self.pipe, c)
         self.pipe.set_progress_bar_config(disable=True)
-        if c.compile:
-            self.pipe.compile()
-        if c.cuda_graphs:
-            self.pipe.enable_cuda_graphs()  # EngineError off CUDA
         self.cache = ConditioningCache(c.cache_size)
         self.cache.attach(self.pipe)
         self.runner = (EditRunner if self.pipe.kind == "edit" else PipelineRunner)(self.pipe)
@@ -108,22 +106,6 @@ class ServerState:
         if self.batcher is not None:
             await self.batcher.stop()
         self.worker.shutdown(wait=False)
-
-
-def load_pipeline(c: ServerConfig):
-    """The pipeline the config names, its LoRAs fused: an EditPipeline for an InstructPix2Pix model."""
-    if c.model is not None and c.backend == "pytorch" and is_edit_model(c.model, c.model_config):
-        from ..edit import EditPipeline as Pipeline  # deferred: diffusers loads on the worker thread
-    else:
-        from ..pipeline import Pipeline  # deferred: diffusers loads on the worker thread
-    pipe = Pipeline.from_pretrained(c.model, image_encoder=c.image_encoder, adapter=c.adapter, device=c.device,
-                                    dtype=c.dtype, attention_backend=c.attention_backend, backend=c.backend,
-                                    engines=c.engines, trt=c.trt, verify_fast_path=c.verify_fast_path,
-                                    **({"config": c.model_config} if c.model_config else {}),
-                                    **({"controlnet": list(c.controlnet)} if c.controlnet else {}))
-    for path, scale in c.lora:  # fused: nothing per step
-        pipe.load_lora_weights(path, scale=scale)
-    return pipe
 
 
 def process_age_s() -> float:
