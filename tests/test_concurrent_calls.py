@@ -106,13 +106,11 @@ def test_four_threads_get_their_images_alone(instruct_pipe, cond_image, other_im
 
 @pytest.fixture(scope="module")
 def sdxl_pipe(tmp_path_factory):
-    from engine import Pipeline
+    from conftest import load_pipe
+
     from engine.tiny import make_tiny_sdxl
     sdxl = make_tiny_sdxl(str(tmp_path_factory.mktemp("threads-sdxl") / "tiny"))
-    pipe = Pipeline.from_pretrained(sdxl["model"], image_encoder=sdxl["image_encoder"], adapter=sdxl["adapter"],
-                                    device="cpu")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_pipe(sdxl, sdxl["adapter"])  # (from_pretrained opens an SDXL folder as SDXLPipeline)
 
 
 @pytest.fixture(scope="module")

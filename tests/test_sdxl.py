@@ -27,11 +27,8 @@ def sdxl(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(sdxl):
-    from engine import Pipeline
-    p = Pipeline.from_pretrained(sdxl["model"], image_encoder=sdxl["image_encoder"], adapter=sdxl["adapter"],
-                                 device="cpu")
-    p.set_progress_bar_config(disable=True)
-    return p
+    from conftest import load_pipe
+    return load_pipe(sdxl, sdxl["adapter"])  # (from_pretrained opens an SDXL folder as SDXLPipeline)
 
 
 @pytest.fixture(scope="module")

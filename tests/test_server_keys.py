@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import NEGATIVE, PROMPT
+from conftest import NEGATIVE, PROMPT, load_pipe
 from engine.server.batcher import Batcher, Job
 from engine.server.schemas import GenerateRequest
-from engine.server.stepper import StepBatcher
 from engine.server.runners import PipelineRunner
+from engine.server.stepper import StepBatcher
 
 BATCHING = ["request", "step"]
 
@@ -112,13 +112,9 @@ def test_controlnet_settings(control_pipe, control, setting, batching):
 
 @pytest.fixture(scope="module")
 def sdxl_pipe(tmp_path_factory):
-    from engine import Pipeline
     from engine.tiny import make_tiny_sdxl
     sdxl = make_tiny_sdxl(str(tmp_path_factory.mktemp("keys-sdxl") / "tiny"))
-    p = Pipeline.from_pretrained(sdxl["model"], image_encoder=sdxl["image_encoder"], adapter=sdxl["adapter"],
-                                 device="cpu")
-    p.set_progress_bar_config(disable=True)
-    return p
+    return load_pipe(sdxl, sdxl["adapter"])  # (from_pretrained opens an SDXL folder as SDXLPipeline)
 
 
 SDXL_BASE = dict(prompt="a cat", negative_prompt="blurry, low quality", scale=0.7, guidance_scale=6.0,
