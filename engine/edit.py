@@ -74,7 +74,7 @@ class EditPipeline(Pipeline):
             raise EngineError("editing takes one adapter; several adapters at once are for generation (Pipeline)")
         if backend != "pytorch":
             raise EngineError("editing runs on the PyTorch backend here (an edit export runs under ONNX Runtime with "
-                              "export.runtime.OnnxEditPipeline; a TensorRT edit runtime is not built yet)")
+                              "export.onnx_runtime.OnnxEditPipeline; a TensorRT edit runtime is not built yet)")
         return super().from_pretrained(model, image_encoder=image_encoder, adapter=adapter, device=device,
                                        dtype=dtype, attention_backend=attention_backend, config=config, trt=trt,
                                        verify_fast_path=verify_fast_path)

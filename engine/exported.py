@@ -4,7 +4,7 @@ graph per ControlNet when the export has them (`python -m export onnx --controln
 
 Everything between the graphs is engine.Pipeline's (requests, guidance branches and their weights, the zero
 image for unconditional rows, latents, scheduler), so this is the loop a C++ or TensorRT deployment reimplements
-around the same graphs. Two runtimes use it: ONNX Runtime (export.runtime.OnnxPipeline, the CPU reference) and
+around the same graphs. Two runtimes use it: ONNX Runtime (export.onnx_runtime.OnnxPipeline, the CPU reference) and
 TensorRT (engine.trt.runtime.TensorRTPipeline, the .plan files of `python -m export trt`). One adapter strength
 per request (a float), since the UNet graph takes one per row.
 

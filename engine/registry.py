@@ -20,9 +20,9 @@ PIPELINES = {
     ("sd15", "torch"): "engine.pipeline:Pipeline",
     ("sdxl", "torch"): "engine.sdxl:SDXLPipeline",
     ("edit", "torch"): "engine.edit:EditPipeline",
-    ("sd15", "onnx"): "export.runtime:OnnxPipeline",
-    ("sdxl", "onnx"): "export.runtime:OnnxSDXLPipeline",
-    ("edit", "onnx"): "export.runtime:OnnxEditPipeline",
+    ("sd15", "onnx"): "export.onnx_runtime:OnnxPipeline",
+    ("sdxl", "onnx"): "export.onnx_runtime:OnnxSDXLPipeline",
+    ("edit", "onnx"): "export.onnx_runtime:OnnxEditPipeline",
     ("sd15", "tensorrt"): "engine.trt.runtime:TensorRTPipeline",
     ("sdxl", "tensorrt"): "engine.trt.runtime:TensorRTSDXLPipeline",
 }

@@ -21,7 +21,7 @@ Everything else is the SD1.5 path: per-row adapter K/V and scales, the fused dec
 for every request's guidance rows.
 
 An SDXL export (`python -m export onnx` on an SDXL folder) runs the same maths around its six graphs
-(engine.exported.ExportedSDXLPipeline: ONNX Runtime's export.runtime.OnnxPipeline, TensorRT's
+(engine.exported.ExportedSDXLPipeline: ONNX Runtime's export.onnx_runtime.OnnxPipeline, TensorRT's
 engine.trt.runtime.TensorRTPipeline pick it from the manifest's kind).
 Step-level batching (engine/stepping.py) carries each flight's added conditioning rows beside its text rows.
 LoRA loads through diffusers' SDXL loader (engine/lora.py), into the UNet and both text encoders. ControlNet

@@ -25,7 +25,7 @@ def add_source_args(p, names) -> None:
 
 
 def _parser() -> Parser:
-    from engine.__main__ import int_pair
+    from engine.arguments import int_pair
 
     from .onnx import DEFAULT_OPSET, EDIT_GRAPHS, GRAPHS
     from .plugin import ARCHS, DTYPES, HEAD_DIMS, HEADS
@@ -126,7 +126,7 @@ def command(a) -> int:
             from engine import DEFAULT_NEGATIVE
             from engine.loading import load_image
 
-            from .runtime import OnnxPipeline
+            from .onnx_runtime import OnnxPipeline
             paths = output_paths(a.out, 1)
             image = load_image(a.image)
             pipe = OnnxPipeline.from_export(a.dir, a.model, a.image_encoder)

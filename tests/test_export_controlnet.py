@@ -63,7 +63,7 @@ def torch_pipe(tiny, controlnet=None):
 
 
 def onnx_pipe(folder):
-    from export.runtime import OnnxPipeline
+    from export.onnx_runtime import OnnxPipeline
     pipe = OnnxPipeline.from_export(str(folder))
     pipe.set_progress_bar_config(disable=True)
     return pipe

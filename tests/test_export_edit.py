@@ -80,7 +80,7 @@ def test_verify_covers_vae_encoder_and_the_8_channel_unet(edit_export):
 
 
 def test_vae_encoder_graph_encodes_photos_as_the_engine(edit_export, edit_pipe):
-    from export.runtime import OnnxEditPipeline
+    from export.onnx_runtime import OnnxEditPipeline
 
     pipe = OnnxEditPipeline.from_export(str(edit_export))
     photos = [SimpleNamespace(photo=random_image(72, 56, s)) for s in (0, 1, 0)]  # a shared photo encoded once
@@ -89,7 +89,7 @@ def test_vae_encoder_graph_encodes_photos_as_the_engine(edit_export, edit_pipe):
 
 
 def test_edits_from_the_graphs_match_the_engine(edit_export, edit_pipe):
-    from export.runtime import OnnxEditPipeline
+    from export.onnx_runtime import OnnxEditPipeline
 
     pipe = OnnxEditPipeline.from_export(str(edit_export))
     pipe.set_progress_bar_config(disable=True)
@@ -108,7 +108,7 @@ def test_edits_from_the_graphs_match_the_engine(edit_export, edit_pipe):
 
 
 def test_runtimes_and_graphs_follow_the_model_kind(edit_export, tiny):
-    from export.runtime import OnnxPipeline
+    from export.onnx_runtime import OnnxPipeline
 
     with pytest.raises(EngineError, match="InstructPix2Pix export.*OnnxEditPipeline"):
         OnnxPipeline.from_export(str(edit_export))

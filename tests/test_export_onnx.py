@@ -205,7 +205,7 @@ def test_ip_adapter_plus_exports_an_image_only_projector(tiny, plus_dir, tmp_pat
 @pytest.mark.parametrize("mode", ["auto", "simple"])
 def test_generation_from_the_graphs_matches_the_engine(plugin_dir, instruct_pipe, cond_image, mode):
     # the five graphs with the engine's requests, guidance and scheduler around them: same latents and images
-    from export.runtime import OnnxPipeline
+    from export.onnx_runtime import OnnxPipeline
 
     onnx_pipe = OnnxPipeline.from_export(str(plugin_dir))
     onnx_pipe.set_progress_bar_config(disable=True)
@@ -252,7 +252,7 @@ def copy_laid_out(paths, root):
 
 def test_export_and_weights_move_together_or_the_error_names_the_override(plugin_dir, tiny, tmp_path, cond_image):
     from export.__main__ import main
-    from export.runtime import OnnxPipeline
+    from export.onnx_runtime import OnnxPipeline
 
     src = json.loads((plugin_dir / "manifest.json").read_text())["source"]
     assert sorted(src["relative"]) == ["adapter", "image_encoder", "model"]
@@ -292,7 +292,7 @@ def test_export_and_weights_move_together_or_the_error_names_the_override(plugin
 
 def test_step_batching_refuses_exported_graphs_at_start_up(plugin_dir):
     from engine.server.config import ServerConfig
-    from export.runtime import OnnxPipeline
+    from export.onnx_runtime import OnnxPipeline
     from server_utils import InProcessServer
 
     with pytest.raises(RuntimeError, match="--batching step runs on the PyTorch backend; this server loads exported "

@@ -76,7 +76,7 @@ def test_generation_from_the_sdxl_graphs_matches_the_engine(sdxl, sdxl_exports, 
     """The six graphs under ONNX Runtime with engine/sdxl.py's maths around them (two-encoder tokens, pooled
     embeddings and time ids per row, the Instruct projector's CLIP-L text): the PyTorch pipeline's latents."""
     from engine import Pipeline
-    from export.runtime import OnnxPipeline, OnnxSDXLPipeline
+    from export.onnx_runtime import OnnxPipeline, OnnxSDXLPipeline
 
     ref = Pipeline.from_pretrained(sdxl["model"], image_encoder=sdxl["image_encoder"], adapter=sdxl[adapter])
     pipe = OnnxPipeline.from_export(str(sdxl_exports(attention, adapter)))
@@ -99,7 +99,7 @@ def test_generation_from_the_sdxl_graphs_matches_the_engine(sdxl, sdxl_exports, 
 
 def test_an_sdxl_export_opens_only_as_sdxl_and_whole(sdxl, sdxl_exports, tmp_path):
     from export.onnx import export_onnx
-    from export.runtime import OnnxPipeline, OnnxSDXLPipeline
+    from export.onnx_runtime import OnnxPipeline, OnnxSDXLPipeline
 
     folder = str(sdxl_exports("onnx", "adapter"))
     with pytest.raises(EngineError, match="is an SDXL export .*run it with OnnxSDXLPipeline, not OnnxPipeline"):
@@ -123,7 +123,7 @@ def test_export_run_and_the_server_take_an_sdxl_export(sdxl_exports, cond_image,
 
     from engine.server.config import ServerConfig
     from export.__main__ import main
-    from export.runtime import OnnxPipeline
+    from export.onnx_runtime import OnnxPipeline
     from server_utils import InProcessServer, decode_png, png_base64
 
     folder = sdxl_exports("plugin", "instruct")

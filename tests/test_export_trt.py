@@ -506,7 +506,7 @@ def test_the_server_serves_a_pipeline_of_exported_graphs(exports, cond_image):
     from PIL import Image
 
     from engine.server.config import ServerConfig
-    from export.runtime import OnnxPipeline
+    from export.onnx_runtime import OnnxPipeline
     from server_utils import InProcessServer, decode_png, png_base64
 
     pipe = OnnxPipeline.from_export(str(exports["plugin", "float32"]))

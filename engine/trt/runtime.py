@@ -213,7 +213,7 @@ class TensorRTPipeline(ExportedPipeline):
         manifest = read_manifest(engines)
         if manifest.get("kind") == "edit":
             raise EngineError(f"the engines in {engines} are an InstructPix2Pix export: editing runs on the PyTorch "
-                              "backend (EditPipeline) or ONNX Runtime (export.runtime.OnnxEditPipeline); a TensorRT "
+                              "backend (EditPipeline) or ONNX Runtime (export.onnx_runtime.OnnxEditPipeline); a TensorRT "
                               "edit runtime is not built yet")
         if dtype is not None and as_dtype(dtype) != getattr(torch, manifest["dtype"]):
             raise EngineError(f"the engines in {engines} are {manifest['dtype']}; dtype {dtype} needs engines built "

@@ -1,7 +1,7 @@
 """Generation from an export folder: the five ONNX graphs under ONNX Runtime, with the engine's own request
 handling, guidance and scheduler around them (engine.exported.ExportedPipeline).
 
-    from export.runtime import OnnxPipeline
+    from export.onnx_runtime import OnnxPipeline
     pipe = OnnxPipeline.from_export("out/onnx")
     images = pipe("a red house", image="cond.png", instruct="use the style of this image")
 
