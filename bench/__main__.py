@@ -7,13 +7,9 @@ import sys
 
 import torch
 
+from engine.arguments import Parser
 from engine.interrupt import interruptible
 from engine.trt import CHOICES as TRT_CHOICES
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def positive_ints(text: str) -> list[int]:

@@ -17,7 +17,12 @@ MODEL_CONFIG_HELP = ("with a single-file --model: a local diffusers folder to ta
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line on stderr (exit 2), like every other error here."""
+    """argparse, but a bad argument is one line on stderr (exit 2), like every other error here, and no flag is
+    taken by a prefix of its name (`--step 2` is refused, not read as `--steps 2`). Every command line uses it."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")

@@ -1,18 +1,13 @@
 """python -m export {onnx, verify, run, plugin, trt}: the adapter UNet for TensorRT (README, "Export")."""
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 
+from engine.arguments import Parser
 from engine.errors import EngineError
 from engine.interrupt import interruptible
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def add_source_args(p, names) -> None:

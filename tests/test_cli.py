@@ -403,3 +403,22 @@ def test_demo(tmp_path, capsys):
     assert "warm-up" in text and "denoise_ms" in text and "RANDOM weights" in text
     assert out.exists() and (tmp_path / "demo" / "demo-condition.png").exists()
     assert main(["demo", "--model", "x"]) == 1  # real weights must come as a set
+
+
+@pytest.mark.parametrize("build, argv, wrong", [
+    ("engine.__main__:build_parser", ["generate", "--model", "m", "--out", "x.png", "--step", "2"], "--step"),
+    ("export.__main__:_parser", ["onnx", "--model", "m", "--image-encoder", "e", "--adapter", "a", "--out", "o",
+                                  "--ops", "17"], "--ops"),
+    ("bench.__main__:build_parser", ["e2e", "--step", "2"], "--step"),
+    ("train.__main__:train_parser", ["--model", "m", "--image-encoder", "e", "--data", "d", "--out", "o",
+                                     "--step", "2"], "--step"),
+])
+def test_no_command_takes_an_abbreviated_flag(build, argv, wrong, capsys):
+    """argparse's prefix matching would read `--step 2` as `--steps 2`: every command line refuses it, one line."""
+    import importlib
+    module, _, name = build.partition(":")
+    parser = getattr(importlib.import_module(module), name)()
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"unrecognized arguments: {wrong}" in err and err.count("\n") == 1, err

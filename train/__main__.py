@@ -17,16 +17,14 @@ import argparse
 import logging
 import sys
 
+from engine import arguments
 from engine.errors import EngineError
 from engine.interrupt import interruptible
 
 
-class Parser(argparse.ArgumentParser):
+class Parser(arguments.Parser):
     def __init__(self, **kwargs):
         super().__init__(formatter_class=HelpFormatter, **kwargs)
-
-    def error(self, message):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
