@@ -1,7 +1,7 @@
 """Model kinds and runtimes: one table from (kind, runtime) to the class that runs it, and what each can do.
 
 A kind is the model's maths (sd15: text-to-image on an SD1.5-layout UNet, sdxl, edit: InstructPix2Pix); a runtime is
-what executes its graphs (torch, onnx: ONNX Runtime, tensorrt). `pipe.kind`, `pipe.runtime_name` and
+what executes its graphs (torch, onnx: ONNX Runtime, tensorrt). `pipe.kind`, `pipe.RUNTIME` and
 `pipe.capabilities` answer what callers used to probe with getattr. Nothing heavy is imported here: the table holds
 "module:Class" names, imported when a pipeline of that kind is opened.
 """
@@ -11,6 +11,7 @@ import importlib
 from dataclasses import dataclass, fields
 
 from .errors import EngineError
+from .loading import is_edit_model
 
 KINDS = ("sd15", "sdxl", "edit")
 RUNTIME_NAMES = ("torch", "onnx", "tensorrt")
@@ -94,7 +95,6 @@ def model_kind(config: EngineConfig) -> str:
     else sd15 (from_pretrained opens an SDXL folder as sdxl by itself)."""
     if config.kind is not None:
         return config.kind
-    from .loading import is_edit_model  # (deferred: reads configs with diffusers' helpers)
     if config.model is not None and config.backend == "pytorch" and is_edit_model(config.model, config.model_config):
         return "edit"
     return "sd15"
