@@ -1,10 +1,17 @@
-"""Install the engine and its sibling packages.
+"""Install one import package, `ipadapter_instruct`, whose parts are the repository's folders.
+
+engine/, kernels/, export/, train/ and bench/ become ipadapter_instruct.engine, .kernels, .export, .train and
+.bench (package_dir below): nothing else lands at the top of site-packages, so Hugging Face's `kernels` and any
+other `train` or `bench` live beside it. One console script, `ipai`, runs every part's subcommands.
 
 torch is required but deliberately left to the Makefile (or to you): on a machine with no NVIDIA
 GPU install the CPU build first (`pip install torch==2.13.0` here) so that this package's
 requirements are already satisfied and no multi-GB CUDA build is pulled in.
 """
 from setuptools import find_packages, setup
+
+PACKAGE = "ipadapter_instruct"
+PARTS = ("engine", "kernels", "export", "train", "bench")
 
 # TensorRT for RTX from the package registry (the full TensorRT's wheels there only download from NVIDIA's index)
 TENSORRT = [f"tensorrt-rtx-cu12-{part}==1.7.1.116; platform_system == 'Linux' and platform_machine == 'x86_64'"
@@ -15,19 +22,20 @@ SERVE = ["fastapi>=0.110", "uvicorn>=0.30", "python-multipart>=0.0.9", "promethe
 setup(
     name="ipadapter-instruct-engine",
     version="0.1.0",
-    description="Fast IPAdapter-Instruct generation on Stable Diffusion 1.5: engine, kernels, export, trainer, benchmarks",
+    description="Fast IPAdapter-Instruct and InstructPix2Pix on Stable Diffusion: engine, kernels, export, trainer, bench",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "export", "export.*",
-                                    "train", "train.*", "bench", "bench.*"]),
+    packages=[PACKAGE, *(f"{PACKAGE}.{p}" for p in find_packages(include=[f"{part}{sub}" for part in PARTS
+                                                                          for sub in ("", ".*")]))],
+    package_dir={PACKAGE: PACKAGE, **{f"{PACKAGE}.{part}": part for part in PARTS}},
     # data files: instruction banks, web page, the configs and tokenizer single-file checkpoints load with
-    package_data={"train": ["instructions/*.txt"], "engine.server": ["static/*"],
-                  "engine": ["configs/*/*.json", "configs/*/*/*.json", "configs/tokenizer/merges.txt"]},
+    package_data={f"{PACKAGE}.train": ["instructions/*.txt"], f"{PACKAGE}.engine.server": ["static/*"],
+                  f"{PACKAGE}.engine": ["configs/*/*.json", "configs/*/*/*.json", "configs/tokenizer/merges.txt"],
+                  f"{PACKAGE}.export": ["cpp/*"]},  # the TensorRT plugin and C++ driver sources
+    entry_points={"console_scripts": ["ipai = ipadapter_instruct.cli:main"]},
     install_requires=[
         "torch>=2.4",
-        "diffusers>=0.35,<0.43",
-        # 5.25 requires Hugging Face's `kernels` package, whose import name is this project's `kernels/`: transformers then
-        # imports ours as theirs and fails (ImportError: CUDAProperties) on every model load
-        "transformers>=4.45,<5.25",
+        "diffusers>=0.35",
+        "transformers>=4.45",
         "safetensors>=0.4",
         "accelerate>=0.30",
         "peft>=0.13",  # LoRA: diffusers' loaders inject through it (engine/lora.py)

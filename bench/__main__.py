@@ -7,9 +7,9 @@ import sys
 
 import torch
 
-from engine.arguments import Parser
-from engine.interrupt import interruptible
-from engine.trt import CHOICES as TRT_CHOICES
+from ipadapter_instruct.engine.arguments import Parser
+from ipadapter_instruct.engine.interrupt import interruptible
+from ipadapter_instruct.engine.trt import CHOICES as TRT_CHOICES
 
 
 def positive_ints(text: str) -> list[int]:
@@ -45,7 +45,7 @@ def build_parser() -> Parser:
     ops.add_argument("--json", default=os.path.join("out", "bench-ops.json"), help="where the result rows go")
     e2e = sub.add_parser("e2e", help="end-to-end request latency and throughput: engine vs diffusers (default)")
     add_e2e_args(e2e)
-    from .quality import add_quality_args
+    from ipadapter_instruct.bench.quality import add_quality_args
     add_quality_args(sub.add_parser("quality", help="the paper's CLIP-I/T/P/S on a held-out manifest"))
     add_serve_args(sub.add_parser("serve", help="the HTTP server under load: engine (request- and step-level "
                                                 "batching) vs engine-single vs diffusers"))
@@ -53,8 +53,8 @@ def build_parser() -> Parser:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    from .serve_config import MIXES, SERVERS, ServeConfig, loopback_url
-    from .weights import PRESETS
+    from ipadapter_instruct.bench.serve_config import MIXES, SERVERS, ServeConfig, loopback_url
+    from ipadapter_instruct.bench.weights import PRESETS
 
     def rates(text: str) -> str | list[float]:
         return "auto" if text == "auto" else positive_floats(text)
@@ -107,10 +107,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_e2e_args(p: argparse.ArgumentParser) -> None:
-    from engine.loading import SCHEDULERS
+    from ipadapter_instruct.engine.loading import SCHEDULERS
 
-    from .e2e_config import ACCEPTED, PROVIDERS
-    from .weights import PRESETS
+    from ipadapter_instruct.bench.e2e_config import ACCEPTED, PROVIDERS
+    from ipadapter_instruct.bench.weights import PRESETS
 
     p.add_argument("--task", choices=["generate", "edit"], default="generate",
                    help="generate: IPAdapter-Instruct text-to-image (default); edit: InstructPix2Pix, a photo edited "
@@ -182,13 +182,13 @@ def command(a) -> int:
     if a.command == "e2e":
         return run_e2e_command(a)
     if a.command == "quality":
-        from .quality import quality_main
+        from ipadapter_instruct.bench.quality import quality_main
         return quality_main(a)
     if a.command == "serve":
-        from .serve import serve_main
+        from ipadapter_instruct.bench.serve import serve_main
         return serve_main(a)
-    from .common import write_json
-    from .ops import run_ops
+    from ipadapter_instruct.bench.common import write_json
+    from ipadapter_instruct.bench.ops import run_ops
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -196,7 +196,7 @@ def command(a) -> int:
     dtype = getattr(torch, a.dtype or ("float16" if device.type == "cuda" else "float32"))
     repeats = a.repeats or (50 if device.type == "cuda" else 5)
     wanted = a.providers.split(",") if a.providers else None
-    from .ops import OPS_PROVIDERS
+    from ipadapter_instruct.bench.ops import OPS_PROVIDERS
     unknown = [p for p in wanted or () if p not in OPS_PROVIDERS]
     if unknown:
         return fail(f"unknown provider(s) {', '.join(unknown)}; choose from {', '.join(OPS_PROVIDERS)}")
@@ -213,10 +213,10 @@ def fail(message: str) -> int:
 
 
 def run_e2e_command(a) -> int:
-    from .common import write_json
-    from .e2e import run_e2e
-    from .e2e_config import ACCEPTED, LADDER, E2EConfig
-    from .weights import bench_weights
+    from ipadapter_instruct.bench.common import write_json
+    from ipadapter_instruct.bench.e2e import run_e2e
+    from ipadapter_instruct.bench.e2e_config import ACCEPTED, LADDER, E2EConfig
+    from ipadapter_instruct.bench.weights import bench_weights
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -267,7 +267,7 @@ def run_e2e_command(a) -> int:
     write_json(rows, a.json)
     print(f"\n{len(rows)} rows written to {a.json}")
     if a.plot:
-        from .plot import plot_e2e
+        from ipadapter_instruct.bench.plot import plot_e2e
         plot_e2e(rows, a.plot)
         print(f"plot written to {a.plot}")
     return 0

@@ -34,15 +34,15 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine.demo import draw_condition_image
-from engine.selfcheck import summary
+from ipadapter_instruct.engine.demo import draw_condition_image
+from ipadapter_instruct.engine.selfcheck import summary
 
-from .common import Row, device_name, git_sha, quiet_loaders
-from .e2e_config import E2EConfig
-from .e2e_providers import EngineProvider, load_provider, sync
-from .e2e_report import report
-from .profiling import format_counts, profile_request
-from .weights import native_size
+from ipadapter_instruct.bench.common import Row, device_name, git_sha, quiet_loaders
+from ipadapter_instruct.bench.e2e_config import E2EConfig
+from ipadapter_instruct.bench.e2e_providers import EngineProvider, load_provider, sync
+from ipadapter_instruct.bench.e2e_report import report
+from ipadapter_instruct.bench.profiling import format_counts, profile_request
+from ipadapter_instruct.bench.weights import native_size
 
 
 def run_e2e(cfg: E2EConfig, paths: dict, log=print) -> tuple[list[Row], str]:

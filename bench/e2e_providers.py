@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.errors import EngineError
-from engine.loading import _image_processor_class, is_sdxl_folder, make_scheduler, native_from_configs
-from engine.trt import choice_of, load_tensorrt
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.loading import _image_processor_class, is_sdxl_folder, make_scheduler, native_from_configs
+from ipadapter_instruct.engine.trt import choice_of, load_tensorrt
 
-from .e2e_config import EDIT_PROMPT, INSTRUCT, LADDER, NEGATIVE, PROMPT, E2EConfig, fast_path
+from ipadapter_instruct.bench.e2e_config import EDIT_PROMPT, INSTRUCT, LADDER, NEGATIVE, PROMPT, E2EConfig, fast_path
 
 
 def stripe_masks(n: int, height: int, width: int) -> list:
@@ -36,8 +36,8 @@ def sync(device: torch.device) -> None:
 
 class EngineProvider:
     def __init__(self, name: str, paths: dict, device: torch.device, dtype: torch.dtype, cfg: E2EConfig):
-        from engine import fastpath  # deferred: loads torch and the kernels
-        from engine.registry import EngineConfig, load_pipeline
+        from ipadapter_instruct.engine import fastpath  # deferred: loads torch and the kernels
+        from ipadapter_instruct.engine.registry import EngineConfig, load_pipeline
 
         self.name, self.cfg = name, cfg
         # engine-lcm: what an LCM-LoRA user runs, few steps with the LCM scheduler (the weights are the same: random
@@ -81,8 +81,8 @@ class EngineProvider:
 def build_engines_once(paths: dict, dtype: str, device: torch.device, log=print, trt: str = "auto") -> str:
     """The weights' TensorRT plans in the bench cache (export, then build with `trt` for this GPU's compute
     capability), made once per TensorRT and dtype."""
-    from export.onnx import export_onnx  # deferred: the export path (the tensorrt provider only)
-    from export.trt import build_engines
+    from ipadapter_instruct.export.onnx import export_onnx  # deferred: the export path (the tensorrt provider only)
+    from ipadapter_instruct.export.trt import build_engines
 
     made_by = choice_of(load_tensorrt(trt))  # plans of one TensorRT do not load in the other
     root = os.path.join(os.path.dirname(os.path.abspath(paths["model"])), f"trt-{made_by}-{dtype}")
@@ -103,7 +103,7 @@ class TensorRTProvider(EngineProvider):
     """The engine's loop around the TensorRT plans (engine.trt.runtime.TensorRTPipeline)."""
 
     def __init__(self, paths: dict, device: torch.device, dtype: torch.dtype, cfg: E2EConfig, log=print):
-        from engine.registry import EngineConfig, load_pipeline  # deferred: the pipeline loads diffusers
+        from ipadapter_instruct.engine.registry import EngineConfig, load_pipeline  # deferred: the pipeline loads diffusers
 
         self.name, self.cfg = "tensorrt", cfg
         engines = cfg.engines or build_engines_once(paths, str(dtype).removeprefix("torch."), device, log, cfg.trt)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import statistics
 
-from .common import Row, format_table, percentiles
-from .e2e_config import E2EConfig
+from ipadapter_instruct.bench.common import Row, format_table, percentiles
+from ipadapter_instruct.bench.e2e_config import E2EConfig
 
 
 def quantiles(times: list[float]) -> dict[str, float]:

@@ -69,7 +69,7 @@ body_e2e_short() {
 }
 
 body_weights() {
-    "$py" -c "import sys; from bench.weights import bench_weights; print(bench_weights('sd15', sys.argv[1]))" "$cache"
+    "$py" -c "import sys; from ipadapter_instruct.bench.weights import bench_weights; print(bench_weights('sd15', sys.argv[1]))" "$cache"
 }
 
 body_trt() {  # build the tiny plans on this machine, generate with them, then the GPU tests
@@ -113,7 +113,7 @@ for name in os.listdir('.whl-trt/libs'):
     opener = lzma.open if name.endswith('.xz') else open
     with opener(src, 'rb') as f, open(dst.removesuffix('.xz'), 'wb') as g:
         shutil.copyfileobj(f, g)" &&
-    PYTHONPATH="$PWD/.trt-site:$PYTHONPATH" "$py" -c "from engine.trt import load_tensorrt as l; t = l(); \
+    PYTHONPATH="$PWD/.trt-site:$PYTHONPATH" "$py" -c "from ipadapter_instruct.engine.trt import load_tensorrt as l; t = l(); \
 print(t.__name__, t.__version__)"
 }
 

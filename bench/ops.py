@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels import decoupled_attention, decoupled_attention_ref, decoupled_attention_sdpa
-from kernels._runtime import triton_unusable
+from ipadapter_instruct.kernels import decoupled_attention, decoupled_attention_ref, decoupled_attention_sdpa
+from ipadapter_instruct.kernels._runtime import triton_unusable
 
-from .common import Row, device_name, format_table, git_sha, hbm_peak, kernel_samples, measure, percentiles
+from ipadapter_instruct.bench.common import Row, device_name, format_table, git_sha, hbm_peak, kernel_samples, measure, percentiles
 
 ATTENTION_SHAPES = [(4096, 40), (1024, 80), (256, 160), (64, 160)]  # (Lq, D) of SD1.5's cross-attentions
 HEADS, TEXT_TOKENS, ADAPTER_TOKENS = 8, 77, 16
@@ -47,7 +47,7 @@ def _xformers_fn():
 
 
 def _plugin_fn(q, k, v, k_ip, v_ip, scale):
-    from kernels.packed_attention import packed_attention
+    from ipadapter_instruct.kernels.packed_attention import packed_attention
 
     # the inputs are heads-split views of packed (B, L, H*D) tensors: packing back is a view, no copy
     pack = lambda x: x.transpose(1, 2).flatten(2)  # noqa: E731
@@ -65,7 +65,7 @@ def fused_unmeasurable(device: torch.device) -> str | None:
 def attention_providers(device: torch.device, wanted: list[str] | None,
                         dtype: torch.dtype | None = None) -> tuple[dict, dict]:
     """name -> fn(q, k, v, k_ip, v_ip, scale), and name -> why it is not measured."""
-    from kernels.packed_attention import DTYPES as PLUGIN_DTYPES
+    from ipadapter_instruct.kernels.packed_attention import DTYPES as PLUGIN_DTYPES
 
     fns, skipped = {}, {}
     reason = fused_unmeasurable(device)
@@ -202,7 +202,7 @@ def bench_projector(device, dtype, repeats, wanted, env, kernel_timer) -> tuple[
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    from engine.projector import InstructProjector, ProjectorConfig
+    from ipadapter_instruct.engine.projector import InstructProjector, ProjectorConfig
 
     cfg = ProjectorConfig.preset("sd15")
     torch.manual_seed(0)
@@ -216,7 +216,7 @@ def bench_projector(device, dtype, repeats, wanted, env, kernel_timer) -> tuple[
     if reason:
         skipped["fused"] = reason
     else:
-        from kernels.projector import projector_forward
+        from ipadapter_instruct.kernels.projector import projector_forward
         fns["fused"] = lambda: projector_forward(module, image, instruct, text)
     if wanted:
         fns = {n: f for n, f in fns.items() if n in wanted}

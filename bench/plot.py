@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .common import Row
+from ipadapter_instruct.bench.common import Row
 
 
 def pyplot():

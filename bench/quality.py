@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import Row, device_name, format_table, git_sha
+from ipadapter_instruct.bench.common import Row, device_name, format_table, git_sha
 
 CLIPSCORE_W = 2.5
 METRICS = ("CLIP-I", "CLIP-T", "CLIP-P", "CLIP-S", "CLIP-S-cos")
@@ -124,7 +124,7 @@ class ClipScorer:
     def __init__(self, clip_dir: str, device="cpu"):
         from transformers import AutoTokenizer, CLIPModel
 
-        from engine.loading import _image_processor_class
+        from ipadapter_instruct.engine.loading import _image_processor_class
 
         check_clip_folder(clip_dir)
         self.device = torch.device(device)
@@ -234,7 +234,7 @@ def generated_path(rec: dict, folder: str | None) -> str:
 
 def folder_items(records: list[dict], folder: str | None, prompt: str):
     """Records -> items with the images read from disk (lazily, one at a time)."""
-    from engine.loading import load_image
+    from ipadapter_instruct.engine.loading import load_image
 
     for rec in records:
         yield {"index": rec["index"], "task": rec["task"], "caption": rec["caption"],
@@ -255,8 +255,8 @@ def instruction_for(rec: dict) -> str:
 
 def engine_items(records: list[dict], cfg: QualityConfig, prompt: str):
     """Records -> items generated with the engine, `cfg.batch` requests per call; saved to cfg.out if set."""
-    from engine import Pipeline
-    from engine.loading import load_image
+    from ipadapter_instruct.engine import Pipeline
+    from ipadapter_instruct.engine.loading import load_image
 
     pipe = Pipeline.from_pretrained(cfg.model, image_encoder=cfg.image_encoder, adapter=cfg.adapter,
                                     device=cfg.device, dtype=cfg.dtype)
@@ -313,7 +313,7 @@ def quality_table(results: list[dict]) -> str:
 
 def run_quality(cfg: QualityConfig) -> tuple[list[Row], str]:
     """Score (and with engine weights first generate) every record of cfg.manifest. -> (rows, table)."""
-    from engine.pipeline import DEFAULT_PROMPT
+    from ipadapter_instruct.engine.pipeline import DEFAULT_PROMPT
 
     engine_args = [cfg.model, cfg.image_encoder, cfg.adapter]
     if any(engine_args) and not all(engine_args):
@@ -373,9 +373,9 @@ def add_quality_args(p) -> None:
 
 
 def quality_main(a) -> int:
-    from engine.errors import EngineError
+    from ipadapter_instruct.engine.errors import EngineError
 
-    from .common import quiet_loaders, write_json
+    from ipadapter_instruct.bench.common import quiet_loaders, write_json
 
     quiet_loaders()
     names = {f.name for f in fields(QualityConfig)}

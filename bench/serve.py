@@ -26,15 +26,15 @@ import sys
 
 import torch
 
-from .common import Row, write_json
-from .plot import plot_serve
-from .serve_config import SERVERS, ServeBenchError, ServeConfig, condition_image_b64
-from .serve_hostile import run_hostile, valid_share
-from .serve_load import LEVEL_LIMIT_S, Level, run_level, status_line, warm_up
-from .serve_open import OpenLoop
-from .serve_report import open_report, report
-from .serve_servers import ServerProcess, server_argv, stop_server
-from .weights import bench_weights
+from ipadapter_instruct.bench.common import Row, write_json
+from ipadapter_instruct.bench.plot import plot_serve
+from ipadapter_instruct.bench.serve_config import SERVERS, ServeBenchError, ServeConfig, condition_image_b64
+from ipadapter_instruct.bench.serve_hostile import run_hostile, valid_share
+from ipadapter_instruct.bench.serve_load import LEVEL_LIMIT_S, Level, run_level, status_line, warm_up
+from ipadapter_instruct.bench.serve_open import OpenLoop
+from ipadapter_instruct.bench.serve_report import open_report, report
+from ipadapter_instruct.bench.serve_servers import ServerProcess, server_argv, stop_server
+from ipadapter_instruct.bench.weights import bench_weights
 
 
 def run_serve(cfg: ServeConfig, paths: dict | None, log=print) -> tuple[list[Row], str]:

@@ -25,7 +25,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine import DEFAULT_NEGATIVE, DEFAULT_PROMPT
+from ipadapter_instruct.engine import DEFAULT_NEGATIVE, DEFAULT_PROMPT
 
 WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffusers-worker")  # the one thread that runs torch
 
@@ -55,9 +55,9 @@ class Baseline:
     def __init__(self, model: str, image_encoder: str, plus_adapter: str):
         import torch
 
-        from .common import quiet_loaders
-        from .e2e_config import E2EConfig
-        from .e2e_providers import DiffusersProvider
+        from ipadapter_instruct.bench.common import quiet_loaders
+        from ipadapter_instruct.bench.e2e_config import E2EConfig
+        from ipadapter_instruct.bench.e2e_providers import DiffusersProvider
 
         quiet_loaders()
         self.torch = torch

@@ -8,7 +8,7 @@ import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from .e2e_config import INSTRUCT, NEGATIVE, PROMPT
+from ipadapter_instruct.bench.e2e_config import INSTRUCT, NEGATIVE, PROMPT
 
 SERVERS = ("engine", "engine-step", "engine-single", "diffusers")
 IMAGE_SIZE = {"tiny": 64, "sd15": 512}   # the condition image: the preset's native size
@@ -59,7 +59,7 @@ def request_body(i: int, cfg: ServeConfig, image_b64: str) -> dict:
 
 
 def condition_image_b64(preset: str) -> str:
-    from engine.demo import draw_condition_image  # deferred: engine.demo imports torch
+    from ipadapter_instruct.engine.demo import draw_condition_image  # deferred: engine.demo imports torch
 
     buf = io.BytesIO()
     draw_condition_image(IMAGE_SIZE.get(preset, 256)).save(buf, format="PNG")

@@ -17,10 +17,10 @@ import io
 import json
 import math
 
-from .common import Row
-from .serve_config import ServeBenchError, condition_image_b64, request_body
-from .serve_report import server_env
-from .serve_servers import ServerProcess, server_argv, stop_server
+from ipadapter_instruct.bench.common import Row
+from ipadapter_instruct.bench.serve_config import ServeBenchError, condition_image_b64, request_body
+from ipadapter_instruct.bench.serve_report import server_env
+from ipadapter_instruct.bench.serve_servers import ServerProcess, server_argv, stop_server
 
 NAN, INF = float("nan"), float("inf")
 # (name, fields, refused): refused = out of range, a 422 naming the field is the only right answer; the kinds

@@ -8,7 +8,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from .serve_config import ServeBenchError, ServeConfig, request_body
+from ipadapter_instruct.bench.serve_config import ServeBenchError, ServeConfig, request_body
 
 STATUSES = ("200", "429", "503", "504", "other", "transport")
 LEVEL_LIMIT_S = 900.0    # a level stops sending after this (a bound in time besides the count)

@@ -16,8 +16,8 @@ import asyncio
 import random
 import time
 
-from .serve_config import ServeBenchError, ServeConfig, request_body
-from .serve_load import LEVEL_LIMIT_S, Level, drive, run_level, send, status_line
+from ipadapter_instruct.bench.serve_config import ServeBenchError, ServeConfig, request_body
+from ipadapter_instruct.bench.serve_load import LEVEL_LIMIT_S, Level, drive, run_level, send, status_line
 
 CAPACITY_ROUNDS = 3  # `--rates auto`: requests per closed-loop worker when measuring capacity
 

@@ -6,9 +6,9 @@ import statistics
 
 import torch
 
-from .common import Row, device_name, format_table, git_sha, percentiles
-from .serve_config import IMAGE_SIZE, MIXES, ServeConfig
-from .serve_load import Level, lost, status_line
+from ipadapter_instruct.bench.common import Row, device_name, format_table, git_sha, percentiles
+from ipadapter_instruct.bench.serve_config import IMAGE_SIZE, MIXES, ServeConfig
+from ipadapter_instruct.bench.serve_load import Level, lost, status_line
 
 
 def server_env() -> dict:

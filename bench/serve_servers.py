@@ -10,7 +10,7 @@ import threading
 import time
 from collections import deque
 
-from .serve_config import ServeBenchError, ServeConfig
+from ipadapter_instruct.bench.serve_config import ServeBenchError, ServeConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT_S = 600.0  # process start to `ready:`
@@ -64,7 +64,7 @@ class ServerProcess:
 def server_argv(name: str, paths: dict, cfg: ServeConfig) -> list[str]:
     py = [sys.executable, "-m"]
     if name == "diffusers":
-        return [*py, "bench.serve_baseline", "--model", paths["model"], "--image-encoder", paths["image_encoder"],
+        return [*py, "ipadapter_instruct.bench.serve_baseline", "--model", paths["model"], "--image-encoder", paths["image_encoder"],
                 "--plus-adapter", paths["plus_adapter"], "--port", "0"]
     rows = 2 if name == "engine-single" else cfg.max_batch_rows
     return [*py, "engine", "serve", "--model", paths["model"], "--image-encoder", paths["image_encoder"],

@@ -9,12 +9,12 @@ import os
 import pytest
 import torch
 
-from bench.e2e import wrong_images
-from bench.e2e_config import PROVIDERS, E2EConfig
-from bench.e2e_providers import DiffusersProvider, EngineProvider
-from bench.ops import ATTENTION_SHAPES, attention_inputs, attention_providers, wrong_output
-from kernels import decoupled_attention_ref
-from bench.weights import bench_weights
+from ipadapter_instruct.bench.e2e import wrong_images
+from ipadapter_instruct.bench.e2e_config import PROVIDERS, E2EConfig
+from ipadapter_instruct.bench.e2e_providers import DiffusersProvider, EngineProvider
+from ipadapter_instruct.bench.ops import ATTENTION_SHAPES, attention_inputs, attention_providers, wrong_output
+from ipadapter_instruct.kernels import decoupled_attention_ref
+from ipadapter_instruct.bench.weights import bench_weights
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32
@@ -23,7 +23,7 @@ PRESET = os.environ.get("BENCH_PRESET", "tiny")
 
 @pytest.fixture(scope="module")
 def image():
-    from engine.demo import draw_condition_image
+    from ipadapter_instruct.engine.demo import draw_condition_image
     return draw_condition_image(256)
 
 

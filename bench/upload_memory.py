@@ -22,7 +22,7 @@ import threading
 import time
 from collections import Counter
 
-from .common import Row, git_sha, write_json
+from ipadapter_instruct.bench.common import Row, git_sha, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -90,12 +90,12 @@ def build_sdxl(folder: str) -> None:
     768-wide text, 2048 out) and plus.safetensors (IP-Adapter+ SDXL), all fp16: about 9 GB."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    from engine.adapter import AdapterLayers, save_adapter
-    from engine.loading import _image_processor_class
-    from engine.projector import InstructProjector, ProjectorConfig
-    from engine.tiny import atomic_folder, tiny_tokenizer
+    from ipadapter_instruct.engine.adapter import AdapterLayers, save_adapter
+    from ipadapter_instruct.engine.loading import _image_processor_class
+    from ipadapter_instruct.engine.projector import InstructProjector, ProjectorConfig
+    from ipadapter_instruct.engine.tiny import atomic_folder, tiny_tokenizer
 
-    from .common import quiet_loaders
+    from ipadapter_instruct.bench.common import quiet_loaders
 
     quiet_loaders()
     with atomic_folder(folder) as tmp:
@@ -124,18 +124,18 @@ def build_sdxl(folder: str) -> None:
 
 
 def _write_adapter(path: str, unet, preset: str) -> None:
-    from engine.adapter import AdapterLayers, save_adapter
-    from engine.projector import InstructProjector, ProjectorConfig
+    from ipadapter_instruct.engine.adapter import AdapterLayers, save_adapter
+    from ipadapter_instruct.engine.projector import InstructProjector, ProjectorConfig
 
     save_adapter(path, InstructProjector(ProjectorConfig.preset(preset)), AdapterLayers(unet, 768))
 
 
 def build_sd15(folder: str) -> None:
     """Write random SD1.5-shaped weights to `folder` (model/, image_encoder/, adapter + plus adapter)."""
-    from engine.loading import _image_processor_class
-    from engine.tiny import atomic_folder, sd_pipeline, tiny_tokenizer
+    from ipadapter_instruct.engine.loading import _image_processor_class
+    from ipadapter_instruct.engine.tiny import atomic_folder, sd_pipeline, tiny_tokenizer
 
-    from .common import quiet_loaders
+    from ipadapter_instruct.bench.common import quiet_loaders
 
     quiet_loaders()
     with atomic_folder(folder) as tmp:
@@ -153,9 +153,9 @@ def build_sd15(folder: str) -> None:
 
 def build_sd15_edit(folder: str) -> None:
     """Write random SD1.5-shaped InstructPix2Pix weights to `folder`/model (diffusers' IP2P layout)."""
-    from engine.tiny import atomic_folder, ip2p_pipeline, tiny_tokenizer
+    from ipadapter_instruct.engine.tiny import atomic_folder, ip2p_pipeline, tiny_tokenizer
 
-    from .common import quiet_loaders
+    from ipadapter_instruct.bench.common import quiet_loaders
 
     quiet_loaders()
     with atomic_folder(folder) as tmp:
@@ -169,7 +169,7 @@ def build_sd15_edit(folder: str) -> None:
 
 def edit_weights(preset: str, root: str) -> dict[str, str]:
     """The edit task's InstructPix2Pix model folder, built once."""
-    from engine.tiny import make_tiny
+    from ipadapter_instruct.engine.tiny import make_tiny
 
     if preset == "tiny":
         folder = os.path.join(root, "tiny-edit-v1")
@@ -196,7 +196,7 @@ def bench_weights(preset: str, cache: str | None = None, task: str = "generate")
     edit task the InstructPix2Pix model alone."""
     from diffusers import UNet2DConditionModel
 
-    from engine.demo import ensure_tiny
+    from ipadapter_instruct.engine.demo import ensure_tiny
 
     root = cache or cache_root()
     if preset not in PRESETS:
@@ -209,7 +209,7 @@ def bench_weights(preset: str, cache: str | None = None, task: str = "generate")
         paths = ensure_tiny(os.path.join(root, "tiny-v1"))
         plus = os.path.join(root, "tiny-v1-plus.safetensors")
         if not os.path.exists(plus):
-            from engine.tiny import tiny_adapter
+            from ipadapter_instruct.engine.tiny import tiny_adapter
             torch.manual_seed(1)
             unet = UNet2DConditionModel.from_pretrained(paths["model"], subfolder="unet")
             tiny_adapter(plus, unet, kind="plus")  # written atomically
@@ -225,7 +225,7 @@ def sdxl_weights(preset: str, root: str) -> dict[str, str]:
     """The SDXL presets, built once: `tiny-sdxl` (engine.tiny.make_tiny_sdxl) and `sdxl` (build_sdxl: the public
     shapes). adapter: IPAdapter-Instruct; plus_adapter: IP-Adapter+."""
     if preset == "tiny-sdxl":
-        from engine.tiny import make_tiny_sdxl
+        from ipadapter_instruct.engine.tiny import make_tiny_sdxl
         folder = os.path.join(root, "tiny-sdxl-v1")
         if not os.path.isdir(folder):  # make_tiny_sdxl replaces the folder atomically: there means complete
             make_tiny_sdxl(folder)

@@ -3,7 +3,7 @@
 This module stays light (no torch, diffusers or triton): it holds the constants the command line parses
 against, and loads the pipeline on first use of `engine.Pipeline`.
 """
-from .errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
 DEFAULT_PROMPT = "best quality, high quality"
 DEFAULT_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
@@ -18,9 +18,9 @@ def __getattr__(name):
     # the pipeline (torch, diffusers, transformers, kernels) loads on first use, so `python -m engine --help`
     # stays light
     if name == "Pipeline":
-        from .pipeline import Pipeline
+        from ipadapter_instruct.engine.pipeline import Pipeline
         return Pipeline
     if name == "EditPipeline":
-        from .edit import EditPipeline
+        from ipadapter_instruct.engine.edit import EditPipeline
         return EditPipeline
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -11,16 +11,16 @@ import argparse
 import os
 import sys
 
-from . import DEFAULT_NEGATIVE, DEFAULT_PROMPT
-from .arguments import (Parser, add_image_encoder_arg, add_lora_arg, add_model_args, add_output_args,
+from ipadapter_instruct.engine import DEFAULT_NEGATIVE, DEFAULT_PROMPT
+from ipadapter_instruct.engine.arguments import (Parser, add_image_encoder_arg, add_lora_arg, add_model_args, add_output_args,
                         add_runtime_args, add_scheduler_arg, add_size_args, add_steps_and_seed_args, int_pair,
                         positive_int)
-from .commands import COMMANDS, cmd_serve
-from .errors import EngineError
-from .guidance import MODES
-from .interrupt import EXIT_INTERRUPTED, INTERRUPTED, interrupt_guard, interruptible  # noqa: F401 (tests use all)
-from .registry import KINDS
-from .server.config import ServerConfig
+from ipadapter_instruct.engine.commands import COMMANDS, cmd_serve
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.guidance import MODES
+from ipadapter_instruct.engine.interrupt import EXIT_INTERRUPTED, INTERRUPTED, interrupt_guard, interruptible  # noqa: F401 (tests use all)
+from ipadapter_instruct.engine.registry import KINDS
+from ipadapter_instruct.engine.server.config import ServerConfig
 
 
 def build_parser() -> Parser:

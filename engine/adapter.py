@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import EngineError
-from .projector import InstructProjector, check_state_dict, load_projector
-from .safe_load import load_pickle
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.projector import InstructProjector, check_state_dict, load_projector
+from ipadapter_instruct.engine.safe_load import load_pickle
 
 
 def read_adapter_file(path: str | os.PathLike) -> tuple[dict, dict]:

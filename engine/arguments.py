@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import argparse
 
-from kernels import BACKENDS
+from ipadapter_instruct.kernels import BACKENDS
 
-from . import DTYPE_NAMES, RUNTIMES
-from .loading import SCHEDULERS
-from .trt import CHOICES as TRT_CHOICES
+from ipadapter_instruct.engine import DTYPE_NAMES, RUNTIMES
+from ipadapter_instruct.engine.loading import SCHEDULERS
+from ipadapter_instruct.engine.trt import CHOICES as TRT_CHOICES
 
 MODEL_CONFIG_HELP = ("with a single-file --model: a local diffusers folder to take the configs, tokenizer and "
                      "scheduler from (default: the SD1.5 / InstructPix2Pix ones shipped with the package)")

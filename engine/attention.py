@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from kernels import choose, decoupled_attention_ref, decoupled_attention_sdpa, implementation
+from ipadapter_instruct.kernels import choose, decoupled_attention_ref, decoupled_attention_sdpa, implementation
 
-from .errors import EngineError
-from .selfcheck import SelfCheck, describe, shape_key, upcast
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.selfcheck import SelfCheck, describe, shape_key, upcast
 
 
 @dataclass

@@ -12,7 +12,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from .errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Python client of `python -m engine serve`: the same argument names as `Pipeline.__call__`, one request a call.
 
-    from engine.client import Client
+    from ipadapter_instruct.engine.client import Client
     images = Client("http://127.0.0.1:8000").generate(prompt="a lighthouse", image="cond.png",
                                                       instruct="use the style of this image", seed=0)
     edited = Client(url).edit("make it winter", image="photo.png", seed=0)   # an InstructPix2Pix server
@@ -17,7 +17,7 @@ import os
 import httpx
 from PIL import Image
 
-from .errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
 FIELDS = ("prompt", "negative_prompt", "instruct", "scale", "guidance_scale", "instruct_guidance_scale",
           "image_guidance_scale", "guidance_mode", "num_inference_steps", "seed", "height", "width", "scheduler")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ import logging
 import os
 import sys
 
-from .errors import EngineError
-from .loading import check_size, load_image, native_size
-from .output import output_paths, write_images
-from .registry import EngineConfig, load_pipeline
-from .server.config import ServerConfig
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.loading import check_size, load_image, native_size
+from ipadapter_instruct.engine.output import output_paths, write_images
+from ipadapter_instruct.engine.registry import EngineConfig, load_pipeline
+from ipadapter_instruct.engine.server.config import ServerConfig
 
 
 def quiet_libraries() -> None:
@@ -127,7 +127,7 @@ def cmd_demo(a) -> int:
     image = load_image(a.image) if a.image else None
     quiet_libraries()
     # deferred: torch and diffusers, once the cheap checks passed
-    from .demo import DEMO_INSTRUCT, cache_dir, draw_condition_image, ensure_tiny, run_demo
+    from ipadapter_instruct.engine.demo import DEMO_INSTRUCT, cache_dir, draw_condition_image, ensure_tiny, run_demo
 
     random_weights = not all(given)
     if random_weights:  # the tiny set holds more (a CLIP for bench quality) than the pipeline takes
@@ -144,7 +144,7 @@ def cmd_demo(a) -> int:
 
 def cmd_make_tiny(a) -> int:
     quiet_libraries()
-    from .tiny import make_tiny, make_tiny_sdxl, to_single_file  # deferred: torch and diffusers
+    from ipadapter_instruct.engine.tiny import make_tiny, make_tiny_sdxl, to_single_file  # deferred: torch and diffusers
 
     if a.sdxl and a.edit:
         print("error: make-tiny --sdxl writes an SDXL text-to-image model (not with --edit)", file=sys.stderr)
@@ -163,7 +163,7 @@ def cmd_make_tiny(a) -> int:
 
 def cmd_serve(a) -> int:
     if a.tiny:
-        from .demo import cache_dir, ensure_tiny  # deferred: building the tiny weights needs torch
+        from ipadapter_instruct.engine.demo import cache_dir, ensure_tiny  # deferred: building the tiny weights needs torch
         tiny = ensure_tiny(cache_dir())
         a.model, a.image_encoder, a.adapter = tiny["model"], tiny["image_encoder"], tiny["adapter"]
     for what, path in (("model", a.model), ("image encoder", a.image_encoder), ("model config", a.model_config)):
@@ -179,9 +179,9 @@ def cmd_serve(a) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_libraries()
     if a.ray:
-        from .server.ray_app import serve_ray  # deferred: Ray, an optional dependency
+        from ipadapter_instruct.engine.server.ray_app import serve_ray  # deferred: Ray, an optional dependency
         return serve_ray(config, replicas=a.replicas, gpus_per_replica=a.gpus_per_replica)
-    from .server.run import serve  # deferred: FastAPI, uvicorn and the pipeline
+    from ipadapter_instruct.engine.server.run import serve  # deferred: FastAPI, uvicorn and the pipeline
     return serve(config)
 
 

@@ -10,10 +10,10 @@ import inspect
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .attention import AdapterContext, expand_scale, precompute_kv, query_lengths
-from .errors import EngineError
-from .prepared import select_rows
-from .selfcheck import describe, module_fp32, shape_key
+from ipadapter_instruct.engine.attention import AdapterContext, expand_scale, precompute_kv, query_lengths
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.prepared import select_rows
+from ipadapter_instruct.engine.selfcheck import describe, module_fp32, shape_key
 
 
 def features(pipe, reqs: list):
@@ -31,7 +31,7 @@ def project(pipe, feats: dict, image_rows: list, emb: dict, plan: dict):
     """Adapter tokens per branch row: (branch rows, n x Q, cross_dim) for an adapter that reads n images per
     request (their tokens concatenated; an unconditional branch gets n zero-image projections, as diffusers'
     negative embeds). One adapter: that tensor; several: a list, one per adapter."""
-    from kernels.projector import projector_forward  # (deferred: Triton loads on the fused path's first use)
+    from ipadapter_instruct.kernels.projector import projector_forward  # (deferred: Triton loads on the fused path's first use)
 
     branches = plan["branches"]
     out = []

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import bounds
-from .errors import EngineError
-from .loading import load_image
-from .safe_load import load_error, refusal
+from ipadapter_instruct.engine import bounds
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.loading import load_image
+from ipadapter_instruct.engine.safe_load import load_error, refusal
 
 
 def load_controlnets(paths, unet, dtype: torch.dtype) -> list:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import AdapterContext
+from ipadapter_instruct.engine.attention import AdapterContext
 
 
 @dataclass

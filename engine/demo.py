@@ -7,9 +7,9 @@ import time
 
 from PIL import Image, ImageDraw
 
-from .output import write_images
-from .selfcheck import summary
-from .tiny import make_tiny, tiny_paths
+from ipadapter_instruct.engine.output import write_images
+from ipadapter_instruct.engine.selfcheck import summary
+from ipadapter_instruct.engine.tiny import make_tiny, tiny_paths
 
 DEMO_PROMPT = "a lighthouse on a cliff at sunset, best quality, high quality"
 DEMO_INSTRUCT = "use the composition of this image"

@@ -28,12 +28,12 @@ from dataclasses import dataclass, fields
 import torch
 from PIL import Image
 
-from .errors import EngineError
-from .loading import load_image
-from .pipeline import Pipeline
-from .plan import expand_rows
-from .requests import Request, parse_requests
-from .prepared import CallState, EditContext
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.loading import load_image
+from ipadapter_instruct.engine.pipeline import Pipeline
+from ipadapter_instruct.engine.plan import expand_rows
+from ipadapter_instruct.engine.requests import Request, parse_requests
+from ipadapter_instruct.engine.prepared import CallState, EditContext
 
 EDIT_NEGATIVE = ""  # diffusers' IP2P default
 

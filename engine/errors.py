@@ -2,6 +2,6 @@
 
 It is the kernels' own type (kernels.errors.KernelError) under the engine's name: the layers point one way
 (kernels <- engine <- export, train, bench), and `except EngineError` still catches a kernel's refusal."""
-from kernels.errors import KernelError as EngineError
+from ipadapter_instruct.kernels.errors import KernelError as EngineError
 
 __all__ = ["EngineError"]

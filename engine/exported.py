@@ -27,11 +27,11 @@ from types import SimpleNamespace
 
 import torch
 
-from .errors import EngineError
-from .pipeline import Pipeline
-from .prepared import LastTimings
-from .sdxl import SDXLPipeline
-from .selfcheck import SelfCheck
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.pipeline import Pipeline
+from ipadapter_instruct.engine.prepared import LastTimings
+from ipadapter_instruct.engine.sdxl import SDXLPipeline
+from ipadapter_instruct.engine.selfcheck import SelfCheck
 
 FORMAT = "ipadapter-instruct-onnx/1"
 GRAPHS = ("text_encoder", "image_encoder", "projector", "unet", "vae_decoder")
@@ -134,7 +134,7 @@ class ExportedPipeline(Pipeline):
         from diffusers.configuration_utils import FrozenDict
         from transformers import CLIPTokenizer
 
-        from .loading import load_image_encoder
+        from ipadapter_instruct.engine.loading import load_image_encoder
 
         manifest = manifest or read_manifest(folder)
         sdxl = manifest.get("kind") == "sdxl"

@@ -13,10 +13,10 @@ import types
 import torch
 from torch import nn
 
-from kernels.geglu import geglu, geglu_ref
-from kernels.groupnorm_silu import group_norm_silu, group_norm_silu_ref
+from ipadapter_instruct.kernels.geglu import geglu, geglu_ref
+from ipadapter_instruct.kernels.groupnorm_silu import group_norm_silu, group_norm_silu_ref
 
-from .selfcheck import SelfCheck, describe, shape_key, upcast
+from ipadapter_instruct.engine.selfcheck import SelfCheck, describe, shape_key, upcast
 
 _UNCHECKED = SelfCheck(enabled=False)
 

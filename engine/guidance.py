@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
 MODES = ("auto", "simple", "full")
 # The reference release switches to 2-branch guidance when the instruction contains one of these. It tests

@@ -23,7 +23,7 @@ import sys
 import threading
 from contextlib import contextmanager
 
-from .output import discard_pending
+from ipadapter_instruct.engine.output import discard_pending
 
 INTERRUPTED = "interrupted (Ctrl-C): stopped, no output written"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention

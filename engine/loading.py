@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from . import MAX_SIZE_FACTOR
-from .errors import EngineError
-from .model_folders import BASE_PARTS, folder_scheduler, is_sdxl_folder, load_part, resolve
-from .single_file import checkpoint_kind, checkpoint_shapes, config_folder, is_checkpoint_file, load_single_file
+from ipadapter_instruct.engine import MAX_SIZE_FACTOR
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.model_folders import BASE_PARTS, folder_scheduler, is_sdxl_folder, load_part, resolve
+from ipadapter_instruct.engine.single_file import checkpoint_kind, checkpoint_shapes, config_folder, is_checkpoint_file, load_single_file
 
 if TYPE_CHECKING:
     import torch

@@ -21,9 +21,9 @@ import os
 import torch
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
-from .errors import EngineError
-from .safe_load import refusal
-from .unet_step import graphs_changed
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.safe_load import refusal
+from ipadapter_instruct.engine.unet_step import graphs_changed
 
 
 class LoraMixin(StableDiffusionLoraLoaderMixin):

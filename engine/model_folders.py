@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 import re
 
-from .errors import EngineError
-from .safe_load import load_error
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.safe_load import load_error
 
 BASE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from .errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # --out extension -> PIL format
 _pending: set[str] = set()  # temporary files being written, for discard_pending() on a forced exit

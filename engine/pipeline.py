@@ -16,23 +16,23 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import DEFAULT_NEGATIVE, DEFAULT_PROMPT, stepping
-from .adapter import Adapter
-from .attention import install_processors
-from .combine import finite_outputs
-from .conditioning import features, initial_latents, masks, project, step_contexts, step_kwargs, unet_inputs
-from .controlnet import control_state, residuals
-from .errors import EngineError
-from .cuda_graphs import StaticUNet
-from .loading import check_size, make_scheduler
-from .lora import LoraMixin
-from .plan import plan_rows
-from .prepared import CallState, LastTimings, Prepared
-from .pretrained import check_channels, from_pretrained
-from .registry import Capabilities
-from .requests import Request, control_args, parse_requests
-from .selfcheck import SelfCheck
-from .unet_step import choose_kernels, fast_path_report, graphs_changed, run_unet
+from ipadapter_instruct.engine import DEFAULT_NEGATIVE, DEFAULT_PROMPT, stepping
+from ipadapter_instruct.engine.adapter import Adapter
+from ipadapter_instruct.engine.attention import install_processors
+from ipadapter_instruct.engine.combine import finite_outputs
+from ipadapter_instruct.engine.conditioning import features, initial_latents, masks, project, step_contexts, step_kwargs, unet_inputs
+from ipadapter_instruct.engine.controlnet import control_state, residuals
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.cuda_graphs import StaticUNet
+from ipadapter_instruct.engine.loading import check_size, make_scheduler
+from ipadapter_instruct.engine.lora import LoraMixin
+from ipadapter_instruct.engine.plan import plan_rows
+from ipadapter_instruct.engine.prepared import CallState, LastTimings, Prepared
+from ipadapter_instruct.engine.pretrained import check_channels, from_pretrained
+from ipadapter_instruct.engine.registry import Capabilities
+from ipadapter_instruct.engine.requests import Request, control_args, parse_requests
+from ipadapter_instruct.engine.selfcheck import SelfCheck
+from ipadapter_instruct.engine.unet_step import choose_kernels, fast_path_report, graphs_changed, run_unet
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .combine import Combination
-from .guidance import branch_weights, resolve_mode
+from ipadapter_instruct.engine.combine import Combination
+from ipadapter_instruct.engine.guidance import branch_weights, resolve_mode
 
 
 def expand_rows(branches: list[dict], texts: set, reqs: list) -> dict:

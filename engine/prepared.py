@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
 
 @dataclass

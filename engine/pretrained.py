@@ -8,13 +8,13 @@ import os
 
 import torch
 
-from . import DTYPE_NAMES, RUNTIMES
-from .adapter import load_adapter
-from .controlnet import load_controlnets
-from .errors import EngineError
-from .loading import load_base, load_image_encoder, resolve
-from .registry import pipeline_class
-from .trt import check_choice
+from ipadapter_instruct.engine import DTYPE_NAMES, RUNTIMES
+from ipadapter_instruct.engine.adapter import load_adapter
+from ipadapter_instruct.engine.controlnet import load_controlnets
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.loading import load_base, load_image_encoder, resolve
+from ipadapter_instruct.engine.registry import pipeline_class
+from ipadapter_instruct.engine.trt import check_choice
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
 DIM_HEAD = 64  # every released checkpoint: heads = inner width / 64
 

@@ -10,22 +10,22 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, fields
 
-from .errors import EngineError
-from .loading import is_edit_model
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.loading import is_edit_model
 
 KINDS = ("sd15", "sdxl", "edit")
 RUNTIME_NAMES = ("torch", "onnx", "tensorrt")
 
 # (kind, runtime) -> the class that runs it ("module:Class", imported on first use)
 PIPELINES = {
-    ("sd15", "torch"): "engine.pipeline:Pipeline",
-    ("sdxl", "torch"): "engine.sdxl:SDXLPipeline",
-    ("edit", "torch"): "engine.edit:EditPipeline",
-    ("sd15", "onnx"): "export.onnx_runtime:OnnxPipeline",
-    ("sdxl", "onnx"): "export.onnx_runtime:OnnxSDXLPipeline",
-    ("edit", "onnx"): "export.onnx_runtime:OnnxEditPipeline",
-    ("sd15", "tensorrt"): "engine.trt.runtime:TensorRTPipeline",
-    ("sdxl", "tensorrt"): "engine.trt.runtime:TensorRTSDXLPipeline",
+    ("sd15", "torch"): "ipadapter_instruct.engine.pipeline:Pipeline",
+    ("sdxl", "torch"): "ipadapter_instruct.engine.sdxl:SDXLPipeline",
+    ("edit", "torch"): "ipadapter_instruct.engine.edit:EditPipeline",
+    ("sd15", "onnx"): "ipadapter_instruct.export.onnx_runtime:OnnxPipeline",
+    ("sdxl", "onnx"): "ipadapter_instruct.export.onnx_runtime:OnnxSDXLPipeline",
+    ("edit", "onnx"): "ipadapter_instruct.export.onnx_runtime:OnnxEditPipeline",
+    ("sd15", "tensorrt"): "ipadapter_instruct.engine.trt.runtime:TensorRTPipeline",
+    ("sdxl", "tensorrt"): "ipadapter_instruct.engine.trt.runtime:TensorRTSDXLPipeline",
 }
 
 

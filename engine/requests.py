@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from . import bounds
-from .controlnet import control_numbers
-from .errors import EngineError
-from .loading import load_image
+from ipadapter_instruct.engine import bounds
+from ipadapter_instruct.engine.controlnet import control_numbers
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.loading import load_image
 
-log = logging.getLogger("engine.pipeline")
+log = logging.getLogger("ipadapter_instruct.engine.pipeline")
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 
-from .errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 PICKLES = (".bin", ".ckpt", ".pt", ".pth")

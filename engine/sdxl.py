@@ -35,9 +35,9 @@ import inspect
 import torch
 from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 
-from .errors import EngineError
-from .pipeline import Pipeline
-from .prepared import CallState, size_conditioning
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.pipeline import Pipeline
+from ipadapter_instruct.engine.prepared import CallState, size_conditioning
 
 class SDXLPipeline(Pipeline):
     KIND = "sdxl"

@@ -227,5 +227,5 @@ def summary(report: dict) -> str:
 
 
 def _interpreting() -> bool:
-    from kernels._runtime import interpreting
+    from ipadapter_instruct.kernels._runtime import interpreting
     return interpreting()

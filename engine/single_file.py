@@ -11,9 +11,9 @@ import json
 import os
 from typing import TYPE_CHECKING
 
-from .errors import EngineError
-from .model_folders import BASE_PARTS, folder_scheduler, is_sdxl_folder, load_part
-from .safe_load import first_line, load_pickle
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.model_folders import BASE_PARTS, folder_scheduler, is_sdxl_folder, load_part
+from ipadapter_instruct.engine.safe_load import first_line, load_pickle
 
 if TYPE_CHECKING:
     import torch

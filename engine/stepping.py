@@ -28,11 +28,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .attention import AdapterContext
-from .combine import NonFinite, finite_images
-from .controlnet import ControlState, active_nets, in_window, net_residuals, summed
-from .errors import EngineError
-from .prepared import SIZE_CONDITIONING, CallState, EditContext, Prepared, select_rows, size_conditioning
+from ipadapter_instruct.engine.attention import AdapterContext
+from ipadapter_instruct.engine.combine import NonFinite, finite_images
+from ipadapter_instruct.engine.controlnet import ControlState, active_nets, in_window, net_residuals, summed
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.prepared import SIZE_CONDITIONING, CallState, EditContext, Prepared, select_rows, size_conditioning
 
 
 @dataclass(eq=False)

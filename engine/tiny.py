@@ -22,8 +22,8 @@ from contextlib import contextmanager
 
 import torch
 
-from .adapter import AdapterLayers, save_adapter
-from .projector import InstructProjector, ProjectorConfig
+from ipadapter_instruct.engine.adapter import AdapterLayers, save_adapter
+from ipadapter_instruct.engine.projector import InstructProjector, ProjectorConfig
 
 TEXT_DIM = 32      # text encoder width = UNet cross-attention width, as in SD1.5 (768)
 IMAGE_DIM = 48     # CLIP vision width (1280 in ViT-H/14)
@@ -153,7 +153,7 @@ def make_tiny_sdxl(folder: str, seed: int = 0, text2_dim: int = TEXT_DIM) -> dic
 def tiny_image_encoder(folder: str) -> None:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from .loading import _image_processor_class
+    from ipadapter_instruct.engine.loading import _image_processor_class
 
     model = CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=IMAGE_DIM, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
@@ -168,7 +168,7 @@ def tiny_clip(folder: str) -> None:
     32 px image processor, as `save_pretrained` writes them: what the CLIP metrics load."""
     from transformers import CLIPConfig, CLIPModel
 
-    from .loading import _image_processor_class
+    from ipadapter_instruct.engine.loading import _image_processor_class
 
     tok = tiny_tokenizer(folder)
     small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
@@ -190,7 +190,7 @@ def tiny_adapter(path: str, unet, kind: str = "instruct", num_queries: int = 4) 
     Depth 4 and heads = width / 64, as in every released checkpoint (diffusers' converter needs both).
     """
     if kind == "plain":
-        from .projector import PlainConfig, PlainProjector
+        from ipadapter_instruct.engine.projector import PlainConfig, PlainProjector
         projector = PlainProjector(PlainConfig(image_dim=TEXT_DIM, output_dim=unet.config.cross_attention_dim,
                                                num_tokens=4))
         save_adapter(path, projector, AdapterLayers(unet, unet.config.cross_attention_dim))
@@ -357,7 +357,7 @@ def to_single_file(model: str, path: str) -> str:
     from safetensors.torch import save_file
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from .loading import is_sdxl_folder
+    from ipadapter_instruct.engine.loading import is_sdxl_folder
 
     parts = (UNet2DConditionModel.from_pretrained(model, subfolder="unet"),
              AutoencoderKL.from_pretrained(model, subfolder="vae"),

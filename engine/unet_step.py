@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from kernels import BACKENDS, choose
+from ipadapter_instruct.kernels import BACKENDS, choose
 
-from . import fastpath
-from .attention import choose_impls
-from .errors import EngineError
-from .cuda_graphs import StaticUNet
-from .selfcheck import describe, module_fp32
+from ipadapter_instruct.engine import fastpath
+from ipadapter_instruct.engine.attention import choose_impls
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.cuda_graphs import StaticUNet
+from ipadapter_instruct.engine.selfcheck import describe, module_fp32
 
 # what replays or compiles the UNet step, by (CUDA graphs, compiled): a component of the first-use checks
 STEP_COMPONENTS = {(True, False): "cuda_graph", (False, True): "compiled_unet", (True, True): "compiled_unet+cuda_graph"}

@@ -5,14 +5,14 @@ import logging
 import os
 import sys
 
-from engine.arguments import Parser
-from engine.errors import EngineError
-from engine.interrupt import interruptible
+from ipadapter_instruct.engine.arguments import Parser
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.interrupt import interruptible
 
 
 def add_source_args(p, names) -> None:
     """--model/--image-encoder/--adapter: where the weights are now, when they moved away from the export."""
-    from .onnx import SOURCES
+    from ipadapter_instruct.export.onnx import SOURCES
 
     for name in names:
         p.add_argument(SOURCES[name], default=None, help=f"the export's {name.replace('_', ' ')}, in place of the "
@@ -20,10 +20,10 @@ def add_source_args(p, names) -> None:
 
 
 def _parser() -> Parser:
-    from engine.arguments import int_pair
+    from ipadapter_instruct.engine.arguments import int_pair
 
-    from .onnx import DEFAULT_OPSET, EDIT_GRAPHS, GRAPHS
-    from .plugin import ARCHS, DTYPES, HEAD_DIMS, HEADS
+    from ipadapter_instruct.export.onnx import DEFAULT_OPSET, EDIT_GRAPHS, GRAPHS
+    from ipadapter_instruct.export.plugin import ARCHS, DTYPES, HEAD_DIMS, HEADS
 
     p = Parser(prog="python -m export", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -82,7 +82,7 @@ def _parser() -> Parser:
     pl.add_argument("--dtype", choices=DTYPES, action="append", help="repeatable; default: all")
     pl.add_argument("--head-dim", type=int, choices=HEAD_DIMS, action="append", help="repeatable; default: all")
     pl.add_argument("--heads", type=int, default=HEADS, help=f"attention heads (default {HEADS}, SD1.5)")
-    from . import trt  # imports no TensorRT: that happens inside the build
+    from ipadapter_instruct.export import trt  # imports no TensorRT: that happens inside the build
 
     trt.add_arguments(sub.add_parser("trt", help="build TensorRT engines (.plan) from an onnx folder, on this machine (TensorRT for RTX needs no GPU)"))
     return p
@@ -103,13 +103,13 @@ def main(argv=None) -> int:
 def command(a) -> int:
     try:
         if a.command == "onnx":
-            from .onnx import export_onnx
+            from ipadapter_instruct.export.onnx import export_onnx
             print(export_onnx(a.model, a.image_encoder, a.adapter, a.out, a.opset, a.attention, a.dtype,
                               tuple(g for g in (a.graphs or "").split(",") if g), a.device,
                               controlnet=a.controlnet))
             return 0
         if a.command == "verify":
-            from .verify import verify
+            from ipadapter_instruct.export.verify import verify
             rows = verify(a.dir, a.batch, a.height, a.width, a.graphs.split(",") if a.graphs else None,
                           a.atol, a.rtol, sources=dict(model=a.model, image_encoder=a.image_encoder,
                                                        adapter=a.adapter, controlnet=a.controlnet))
@@ -117,11 +117,11 @@ def command(a) -> int:
             print(f"{len(rows) - len(bad)}/{len(rows)} checks within tolerance")
             return 1 if bad else 0
         if a.command == "run":
-            from engine.output import output_paths, write_images
-            from engine import DEFAULT_NEGATIVE
-            from engine.loading import load_image
+            from ipadapter_instruct.engine.output import output_paths, write_images
+            from ipadapter_instruct.engine import DEFAULT_NEGATIVE
+            from ipadapter_instruct.engine.loading import load_image
 
-            from .onnx_runtime import OnnxPipeline
+            from ipadapter_instruct.export.onnx_runtime import OnnxPipeline
             paths = output_paths(a.out, 1)
             image = load_image(a.image)
             pipe = OnnxPipeline.from_export(a.dir, a.model, a.image_encoder)
@@ -145,13 +145,13 @@ def command(a) -> int:
             print(f"{paths[0]} ({', '.join(f'{k} {v:.0f} ms' for k, v in pipe.timings.items())})")
             return 0
         if a.command == "trt":
-            from . import trt
+            from ipadapter_instruct.export import trt
             return trt.run(a)
         if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
             print("python -m export plugin: error: unset TRITON_INTERPRET (the interpreter cannot compile)",
                   file=sys.stderr)
             return 2
-        from .plugin import ARCHS, DTYPES, HEAD_DIMS, write_plugin
+        from ipadapter_instruct.export.plugin import ARCHS, DTYPES, HEAD_DIMS, write_plugin
         print(write_plugin(a.out, tuple(a.arch or ARCHS), tuple(a.dtype or DTYPES), tuple(a.head_dim or HEAD_DIMS),
                            a.heads))
         return 0

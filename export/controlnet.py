@@ -26,9 +26,9 @@ import os
 import torch
 from torch import nn
 
-from engine.errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
-from .graph_spec import GraphSpec, Tensor
+from ipadapter_instruct.export.graph_spec import GraphSpec, Tensor
 
 DOWN_OUT, MID_OUT = "down_block_res_samples", "mid_block_res_sample"
 DOWN_IN, MID_IN = "down_block_additional_residuals", "mid_block_additional_residual"

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import SelfAttnProcessor
-from kernels.packed_attention import packed_attention_ref
+from ipadapter_instruct.engine.attention import SelfAttnProcessor
+from ipadapter_instruct.kernels.packed_attention import packed_attention_ref
 
-from .plugin import PLUGIN
+from ipadapter_instruct.export.plugin import PLUGIN
 
 DOMAIN = "ai.onnx.contrib"
 ATTENTION = ("plugin", "onnx")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from engine.exported import resolve_shape
+from ipadapter_instruct.engine.exported import resolve_shape
 
 ONNX_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
 

@@ -20,14 +20,14 @@ import warnings
 
 import torch
 
-from engine.errors import EngineError
-from engine.exported import FORMAT, GRAPHS, SOURCES, read_manifest, source_paths  # noqa: F401 (export API)
-from engine.interrupt import forget, remove_if_killed
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.exported import FORMAT, GRAPHS, SOURCES, read_manifest, source_paths  # noqa: F401 (export API)
+from ipadapter_instruct.engine.interrupt import forget, remove_if_killed
 
-from .controlnet import graph_names, manifest_entries
-from .graph_attention import ATTENTION, DOMAIN
-from .plugin import PLUGIN
-from .specs import build_specs
+from ipadapter_instruct.export.controlnet import graph_names, manifest_entries
+from ipadapter_instruct.export.graph_attention import ATTENTION, DOMAIN
+from ipadapter_instruct.export.plugin import PLUGIN
+from ipadapter_instruct.export.specs import build_specs
 
 DEFAULT_OPSET = 17
 EDIT_GRAPHS = GRAPHS + ("vae_encoder",)  # an InstructPix2Pix export's
@@ -39,7 +39,7 @@ def model_kind(model) -> str:
     """"edit" for an InstructPix2Pix folder (engine.loading.is_edit_model), "sdxl" for an SDXL folder (a second
     text encoder and tokenizer), else "text_to_image"; a folder whose configs do not read is left to the pipeline's
     loader to name what is wrong."""
-    from engine.loading import is_edit_model, is_sdxl_folder
+    from ipadapter_instruct.engine.loading import is_edit_model, is_sdxl_folder
 
     if os.path.isdir(os.fspath(model)) and is_sdxl_folder(os.fspath(model)):
         return "sdxl"
@@ -216,7 +216,7 @@ def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OP
                 dtype: str = "float32", graphs=None, device=None, log=print, controlnet=None) -> str:
     """Export the graphs (default: all of the model's kind, and the nets' controlnet graphs) of one base model +
     image encoder + adapter (+ ControlNet folders: one path or a list) into `out`; returns manifest.json's path."""
-    from engine import EditPipeline, Pipeline  # deferred: the pipeline is heavy and `python -m export` imports this
+    from ipadapter_instruct.engine import EditPipeline, Pipeline  # deferred: the pipeline is heavy and `python -m export` imports this
 
     _check_options(attention, dtype, opset)
     kind = model_kind(model)

@@ -1,7 +1,7 @@
 """Generation from an export folder: the five ONNX graphs under ONNX Runtime, with the engine's own request
 handling, guidance and scheduler around them (engine.exported.ExportedPipeline).
 
-    from export.onnx_runtime import OnnxPipeline
+    from ipadapter_instruct.export.onnx_runtime import OnnxPipeline
     pipe = OnnxPipeline.from_export("out/onnx")
     images = pipe("a red house", image="cond.png", instruct="use the style of this image")
 
@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import FrozenDict
 
-from engine.edit import EditPipeline
-from engine.errors import EngineError
-from engine.exported import ExportedPipeline, ExportedSDXLPipeline, read_manifest
+from ipadapter_instruct.engine.edit import EditPipeline
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.exported import ExportedPipeline, ExportedSDXLPipeline, read_manifest
 
-from .ort_ops import session
+from ipadapter_instruct.export.ort_ops import session
 
 
 class _Graph:

@@ -1,6 +1,6 @@
 """The plugin op for ONNX Runtime: `DecoupledAttention` as a Python custom op through onnxruntime-extensions.
 
-    from export.ort_ops import session
+    from ipadapter_instruct.export.ort_ops import session
     sess = session("out/unet.onnx")           # plugin nodes run `kernels.packed_attention_ref`
 
 This is how `python -m export verify` runs unet.onnx exported with `--attention plugin` on the CPU: the
@@ -10,9 +10,9 @@ need no custom op at all.
 """
 from __future__ import annotations
 
-from engine.errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
-from .plugin import PLUGIN
+from ipadapter_instruct.export.plugin import PLUGIN
 
 _REGISTERED = False
 
@@ -43,7 +43,7 @@ def _decoupled_attention(q, k, v, k_ip, v_ip, ip_scale, plugin_namespace="", num
     # numpy in, numpy out; the reference computes its softmaxes in fp32 whatever the dtype
     import torch
 
-    from kernels.packed_attention import packed_attention_ref
+    from ipadapter_instruct.kernels.packed_attention import packed_attention_ref
 
     if plugin_namespace != PLUGIN["namespace"]:
         raise RuntimeError(f"{PLUGIN['name']} node has plugin_namespace {plugin_namespace!r}, "

@@ -6,12 +6,12 @@ import json
 import os
 import shutil
 
-from engine.errors import EngineError
-from engine.exported import source_paths
-from engine.trt.support import parse_cc
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.exported import source_paths
+from ipadapter_instruct.engine.trt.support import parse_cc
 
-from .controlnet import relocated
-from .onnx import source_entry
+from ipadapter_instruct.export.controlnet import relocated
+from ipadapter_instruct.export.onnx import source_entry
 
 
 def write_atomic(path: str, data) -> None:

@@ -16,8 +16,8 @@ import json
 import os
 import re
 
-from engine.errors import EngineError
-from engine.trt.plugin import NAME, NAMESPACE
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.trt.plugin import NAME, NAMESPACE
 
 ARCHS = (80, 86, 89, 90)
 DTYPES = ("float16", "float32")
@@ -51,7 +51,7 @@ def write_plugin(out: str, archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, head
     (dtype, heads, head_dim) to build, in place of dtypes x head_dims at `heads` (what a UNet engine uses)."""
     import triton
 
-    from kernels.aot import compile_kernel, packed_variant
+    from ipadapter_instruct.kernels.aot import compile_kernel, packed_variant
 
     os.makedirs(out, exist_ok=True)
     combos = sorted(set(combos)) if combos is not None else [(t, heads, d) for t in dtypes for d in head_dims]

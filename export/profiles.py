@@ -1,7 +1,7 @@
 """Optimisation profiles for `python -m export trt`: the min/opt/max shape of every graph input, from the export's
 manifest with the user's --min/--opt/--max (trtexec's NAME:DxDx... syntax) over it, checked against the graphs'
 fixed dimensions and the export's axis ranges before TensorRT loads."""
-from engine.errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
 BOUNDS = ("min", "opt", "max")
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from engine.errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
-from .controlnet import controlnet_specs, residual_inputs
-from .graph_attention import install_export_processors
-from .graph_spec import ONNX_DTYPES, GraphSpec, Tensor
+from ipadapter_instruct.export.controlnet import controlnet_specs, residual_inputs
+from ipadapter_instruct.export.graph_attention import install_export_processors
+from ipadapter_instruct.export.graph_spec import ONNX_DTYPES, GraphSpec, Tensor
 
 TEXT_BATCH = (1, 4, 16)  # the text encoders' batch axis (min, opt, max)
 

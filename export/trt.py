@@ -29,16 +29,16 @@ import shutil
 import sys
 import time
 
-from engine.errors import EngineError
-from engine.interrupt import forget, polled, remove_if_killed, requested
-from engine.trt import CHOICES, RTX_CCS, RTX_DEFAULT_CCS, choice_of, flavour, load_tensorrt
-from engine.trt.runtime import ENGINES_FORMAT
-from engine.trt.support import build_targets, cc_list, cc_text, parse_cc, this_gpu
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.interrupt import forget, polled, remove_if_killed, requested
+from ipadapter_instruct.engine.trt import CHOICES, RTX_CCS, RTX_DEFAULT_CCS, choice_of, flavour, load_tensorrt
+from ipadapter_instruct.engine.trt.runtime import ENGINES_FORMAT
+from ipadapter_instruct.engine.trt.support import build_targets, cc_list, cc_text, parse_cc, this_gpu
 
-from .onnx import GRAPHS, read_manifest
-from .plan_folder import earlier_targets, keep_earlier_plans, publish, write_atomic, write_manifest
-from .plugin import PLUGIN
-from .profiles import BOUNDS, dims_text, graph_profiles, parse_shapes
+from ipadapter_instruct.export.onnx import GRAPHS, read_manifest
+from ipadapter_instruct.export.plan_folder import earlier_targets, keep_earlier_plans, publish, write_atomic, write_manifest
+from ipadapter_instruct.export.plugin import PLUGIN
+from ipadapter_instruct.export.profiles import BOUNDS, dims_text, graph_profiles, parse_shapes
 
 
 # ----- precision ----------------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def build_engines(onnx_dir: str, out_dir: str | None = None, fp16: bool = False,
             if module.get_plugin_registry().load_library(os.path.abspath(plugin_library)) is None:
                 raise EngineError(f"TensorRT could not load the plugin library {plugin_library} (its log says why)")
         else:
-            from engine.trt.plugin import register_plugin
+            from ipadapter_instruct.engine.trt.plugin import register_plugin
             register_plugin(module)
     out_dir = out_dir or onnx_dir
     os.makedirs(out_dir, exist_ok=True)
@@ -275,10 +275,10 @@ def target(trt, config, ccs) -> None:
 def _write_cubins(staging: str, archs, combos: set) -> None:
     """The plugin's cubins for `combos` x `archs` into staging/plugin, named for this process's plugin (a build
     on a GPU may run it)."""
-    from engine.trt.plugin import PLUGIN_DIR_ENV
-    from kernels._runtime import interpreting
+    from ipadapter_instruct.engine.trt.plugin import PLUGIN_DIR_ENV
+    from ipadapter_instruct.kernels._runtime import interpreting
 
-    from .plugin import write_plugin
+    from ipadapter_instruct.export.plugin import write_plugin
 
     if interpreting():
         raise EngineError("unset TRITON_INTERPRET: the plugin's cubins must be compiled, not interpreted")

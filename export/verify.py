@@ -17,11 +17,11 @@ import os
 
 import torch
 
-from engine.errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
-from .controlnet import controlnet_paths
-from .graph_spec import Tensor, sample_inputs
-from .onnx import EDIT_GRAPHS, read_manifest, source_paths
+from ipadapter_instruct.export.controlnet import controlnet_paths
+from ipadapter_instruct.export.graph_spec import Tensor, sample_inputs
+from ipadapter_instruct.export.onnx import EDIT_GRAPHS, read_manifest, source_paths
 
 TOLERANCE = {"float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2)}  # (atol, rtol against the output's max)
 
@@ -78,7 +78,7 @@ def axis_sizes(manifest: dict, entry: dict, batch=None, height=None, width=None)
 def references(pipe, manifest=None):
     """graph name -> f(inputs dict of fp32 tensors) -> PyTorch output (a tuple for several), from the engine's own
     modules; manifest: the export's, for its ControlNet graphs (pipe.controlnets, in its order)."""
-    from engine.attention import AdapterContext, precompute_kv
+    from ipadapter_instruct.engine.attention import AdapterContext, precompute_kv
 
     cfg = pipe.vae.config
     shift = getattr(cfg, "shift_factor", None) or 0.0
@@ -93,7 +93,7 @@ def references(pipe, manifest=None):
                          cross_attention_kwargs={"adapter": ctx}, **extra)[0]
 
     def controlnet(net):
-        from engine.controlnet import ControlState, residuals
+        from ipadapter_instruct.engine.controlnet import ControlState, residuals
 
         def run(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale):
             state = ControlState(images=[controlnet_cond], scales=conditioning_scale[None], starts=[0.0], ends=[1.0],
@@ -146,9 +146,9 @@ def verify(folder: str, batch=None, height=None, width=None, graphs=None, atol=N
     """Run every graph; returns rows (graph, case, max_abs_diff, ref_max, ok). Raises EngineError on bad input.
     sources: {"model" | "image_encoder" | "adapter": path} in place of the manifest's (None: the manifest's), and
     "controlnet": a list of folders, one per net of the export."""
-    from engine import EditPipeline, Pipeline
+    from ipadapter_instruct.engine import EditPipeline, Pipeline
 
-    from .ort_ops import session
+    from ipadapter_instruct.export.ort_ops import session
 
     manifest = read_manifest(folder)
     src = source_paths(manifest, folder, overrides=sources)  # a moved source fails before anything loads

@@ -16,6 +16,10 @@ import importlib
 import sys
 import types
 
+if __name__ == "kernels":  # this folder by its bare name, from a checkout's root: the name is Hugging Face's package
+    from ipadapter_instruct._checkout import hand_over
+    hand_over(__name__)
+
 # the backend names, light for parsers (kernels.backends uses this tuple)
 BACKENDS = ("auto", "triton", "sdpa", "reference")
 
@@ -37,7 +41,7 @@ def __getattr__(name):
         value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
         globals()[name] = value  # once loaded, a plain attribute
         return value
-    raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+    raise AttributeError(f"module 'ipadapter_instruct.kernels' has no attribute {name!r}")
 
 
 def __dir__():
@@ -53,4 +57,5 @@ class _Package(types.ModuleType):
         super().__setattr__(name, value)
 
 
-sys.modules[__name__].__class__ = _Package
+if __name__ != "kernels":
+    sys.modules[__name__].__class__ = _Package

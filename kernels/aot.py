@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of the kernels for NVIDIA GPUs, on any machine (no GPU or driver needed).
 
-`python -m kernels.aot [--arch 90] [--json PATH] [--markdown]` runs the engine's own launchers on CPU tensors
+`python -m ipadapter_instruct.kernels.aot [--arch 90] [--json PATH] [--markdown]` runs the engine's own launchers on CPU tensors
 of SD1.5 sizes (attention in the UNet's layout, inference and one training step; the projector's attention
 and FF blocks; GroupNorm+SiLU and GEGLU) with every launch handed to Triton's JIT for the chosen GPU instead
 of run, so each kernel is compiled exactly as the real call would compile it: the launcher's constexprs and
@@ -22,7 +22,7 @@ import re
 import sys
 import time
 
-from .errors import KernelError
+from ipadapter_instruct.kernels.errors import KernelError
 
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 HEAD_DIMS = (40, 64, 80, 160)
@@ -159,7 +159,7 @@ def _attention_workloads(dtype: str, d: int, num_heads: int = HEADS, lq: int | N
     # the UNet's call: q, k, v, k_ip, v_ip are (B, L, H*D) projections viewed as (B, H, L, D); scale (B,)
     import torch
 
-    from .decoupled_attention import DecoupledAttentionFn, forward, normalize
+    from ipadapter_instruct.kernels.decoupled_attention import DecoupledAttentionFn, forward, normalize
 
     t = getattr(torch, dtype)
     lq = QUERIES[d] if lq is None else lq
@@ -183,8 +183,8 @@ def _projector_workloads(dtype: str, dim: int = PROJ_DIM, num_heads: int = PROJ_
                          hidden: tuple = (PROJ_HIDDEN,)) -> None:
     import torch
 
-    from .projector import _attention_heads
-    from .projector_ff import _ln_linear_gelu
+    from ipadapter_instruct.kernels.projector import _attention_heads
+    from ipadapter_instruct.kernels.projector_ff import _ln_linear_gelu
 
     t = getattr(torch, dtype)
     e = lambda *shape: torch.empty(*shape, dtype=t)  # noqa: E731
@@ -200,8 +200,8 @@ def _elementwise_workloads(dtype: str, side: int = 64, geglu_width: int = 1280) 
     # layouts, and the first transformer block's GEGLU (4096 tokens, 2 x geglu_width); SD1.5: 64, 1280
     import torch
 
-    from .geglu import _geglu
-    from .groupnorm_silu import _group_norm_silu
+    from ipadapter_instruct.kernels.geglu import _geglu
+    from ipadapter_instruct.kernels.groupnorm_silu import _group_norm_silu
 
     t = getattr(torch, dtype)
     x = torch.empty(BATCH, 320, side, side, dtype=t)
@@ -227,7 +227,7 @@ def packed_variant(dtype: str, heads: int, head_dim: int) -> dict:
     signature, constexprs and options, with no argument specialisation (TensorRT passes any sizes)."""
     import torch
 
-    from .packed_attention import _packed_fwd_kernel, constexprs, num_warps
+    from ipadapter_instruct.kernels.packed_attention import _packed_fwd_kernel, constexprs, num_warps
 
     t = DTYPES[dtype]
     const = constexprs(getattr(torch, dtype), heads, head_dim)
@@ -330,7 +330,7 @@ def _line(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m ipadapter_instruct.kernels.aot", description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x10: 80, 86, 89, 90 (default)")
     p.add_argument("--dtype", choices=list(DTYPES), action="append", help="repeatable; default: all")
     p.add_argument("--head-dim", type=int, choices=HEAD_DIMS, action="append", help="repeatable; default: all")
@@ -344,11 +344,11 @@ def main(argv=None) -> int:
                    help="print only the README's table on stdout (progress on stderr)")
     a = p.parse_args(argv)
     if a.sdxl and (a.markdown or a.head_dim):
-        print("python -m kernels.aot: error: --sdxl compiles SDXL's own launches (head dim 64): drop --head-dim and "
+        print("python -m ipadapter_instruct.kernels.aot: error: --sdxl compiles SDXL's own launches (head dim 64): drop --head-dim and "
               "--markdown (the README table is SD1.5's)", file=sys.stderr)
         return 2
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("python -m kernels.aot: error: unset TRITON_INTERPRET (the interpreter cannot compile)", file=sys.stderr)
+        print("python -m ipadapter_instruct.kernels.aot: error: unset TRITON_INTERPRET (the interpreter cannot compile)", file=sys.stderr)
         return 2
     out = sys.stderr if a.markdown else sys.stdout
     try:
@@ -360,7 +360,7 @@ def main(argv=None) -> int:
         if a.markdown:
             print(markdown(rows), end="")
     except KernelError as e:
-        print(f"python -m kernels.aot: error: {e}", file=sys.stderr)
+        print(f"python -m ipadapter_instruct.kernels.aot: error: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import interpreting
+from ipadapter_instruct.kernels._runtime import interpreting
 
 
 @triton.jit
@@ -83,7 +83,7 @@ def key_block(n: int) -> int:
     return min((triton.cdiv(n, c) * c, -c) for c in (64, 32, 16))[1] * -1
 
 
-# (BLOCK_M, num_warps) per padded head dim, read off ptxas at sm_90 (`python -m kernels.aot`, which compiles
+# (BLOCK_M, num_warps) per padded head dim, read off ptxas at sm_90 (`python -m ipadapter_instruct.kernels.aot`, which compiles
 # the SD1.5 launches with the JIT's own specialisation): the largest Q tile that compiles without register
 # spills in fp16/bf16 (the d160 backward spills 4-8 B at 32 rows with 4 or 8 warps). fp32 tiles are halved.
 _TILES = {16: (128, 4), 32: (128, 4), 64: (128, 8), 128: (64, 8), 256: (32, 4)}

@@ -17,11 +17,11 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .errors import KernelError
+from ipadapter_instruct.kernels.errors import KernelError
 
-from . import BACKENDS  # the names live in the light package module, for parsers
-from ._runtime import triton_unusable
-from .decoupled_attention import MAX_HEAD_DIM, decoupled_attention_ref, normalize
+from ipadapter_instruct.kernels import BACKENDS  # the names live in the light package module, for parsers
+from ipadapter_instruct.kernels._runtime import triton_unusable
+from ipadapter_instruct.kernels.decoupled_attention import MAX_HEAD_DIM, decoupled_attention_ref, normalize
 
 log = logging.getLogger(__name__)
 _logged: set[tuple[str, str, str]] = set()
@@ -42,7 +42,7 @@ def decoupled_attention_sdpa(q, k, v, k_ip, v_ip, scale, mask=None, ip_mask=None
 
 @functools.cache
 def _triton_fn():
-    from .decoupled_attention import decoupled_attention
+    from ipadapter_instruct.kernels.decoupled_attention import decoupled_attention
     # under torch.compile the launch stays outside the graph (one break per attention): dynamo cannot trace a
     # hand-launched kernel under the interpreter, and this keeps compiled UNets working on every backend
     return torch.compiler.disable(decoupled_attention)

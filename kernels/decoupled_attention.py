@@ -18,11 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .errors import KernelError
+from ipadapter_instruct.kernels.errors import KernelError
 
-from ._runtime import triton_unusable
-from .attention_blocks import attend, dot_precision, key_block, launch_config, q_tile, unit_stride
-from .decoupled_attention_bwd import backward
+from ipadapter_instruct.kernels._runtime import triton_unusable
+from ipadapter_instruct.kernels.attention_blocks import attend, dot_precision, key_block, launch_config, q_tile, unit_stride
+from ipadapter_instruct.kernels.decoupled_attention_bwd import backward
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_blocks import dot_precision, key_block, launch_config, mma, q_tile, unit_stride
+from ipadapter_instruct.kernels.attention_blocks import dot_precision, key_block, launch_config, mma, q_tile, unit_stride
 
 
 @triton.jit

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .errors import KernelError
+from ipadapter_instruct.kernels.errors import KernelError
 
-from ._runtime import triton_unusable
+from ipadapter_instruct.kernels._runtime import triton_unusable
 
 BLOCK_ROWS = 4
 BLOCK_COLS = 1024

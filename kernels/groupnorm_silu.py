@@ -15,9 +15,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .errors import KernelError
+from ipadapter_instruct.kernels.errors import KernelError
 
-from ._runtime import triton_unusable
+from ipadapter_instruct.kernels._runtime import triton_unusable
 
 BLOCK = 1024            # elements per step
 SPLIT_ELEMENTS = 4096   # one split (program) per this many elements of a group, at most MAX_SPLIT

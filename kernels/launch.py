@@ -17,7 +17,7 @@ import os
 import numpy as np
 import torch
 
-from .errors import KernelError
+from ipadapter_instruct.kernels.errors import KernelError
 
 SMEM_WITHOUT_OPT_IN = 48 * 1024  # dynamic shared memory a kernel gets before it raises its limit
 # how each PTX parameter type is passed by value (pointers as 64-bit integers)
@@ -87,7 +87,7 @@ def launch_variant(plugin_dir: str, q, k, v, k_ip, v_ip, scale, heads: int) -> t
     q: (B, Lq, H*D); k, v: (B, Lt, H*D); k_ip, v_ip: (B, Li, H*D), all float16 or all float32 on one CUDA
     device; scale: (B,) float.
     """
-    from kernels.packed_attention import _check
+    from ipadapter_instruct.kernels.packed_attention import _check
 
     _check(q, k, v, k_ip, v_ip, scale, heads)
     if not torch.cuda.is_available():

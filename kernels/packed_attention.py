@@ -19,10 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .errors import KernelError
+from ipadapter_instruct.kernels.errors import KernelError
 
-from ._runtime import triton_unusable
-from .attention_blocks import attend, dot_precision, key_block, launch_config, q_tile
+from ipadapter_instruct.kernels._runtime import triton_unusable
+from ipadapter_instruct.kernels.attention_blocks import attend, dot_precision, key_block, launch_config, q_tile
 
 DTYPES = (torch.float32, torch.float16)
 

@@ -18,14 +18,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .errors import KernelError
+from ipadapter_instruct.kernels.errors import KernelError
 
-from .attention_blocks import dot_precision, mma
-from .projector_ff import check_tensors, feed_forward, ln_matmul, row_stats
+from ipadapter_instruct.kernels.attention_blocks import dot_precision, mma
+from ipadapter_instruct.kernels.projector_ff import check_tensors, feed_forward, ln_matmul, row_stats
 
 BLOCK_N = 32    # context tokens per step
 BLOCK_K = 64    # model-width chunk per GEMM step
-NUM_WARPS = 8   # 183 registers at 8 warps against 254 at 4, no spills either way (python -m kernels.aot, sm_90)
+NUM_WARPS = 8   # 183 registers at 8 warps against 254 at 4, no spills either way (python -m ipadapter_instruct.kernels.aot, sm_90)
 
 
 @triton.jit

@@ -15,15 +15,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .errors import KernelError
+from ipadapter_instruct.kernels.errors import KernelError
 
-from ._runtime import triton_unusable
-from .attention_blocks import dot_precision, mma
+from ipadapter_instruct.kernels._runtime import triton_unusable
+from ipadapter_instruct.kernels.attention_blocks import dot_precision, mma
 
 BLOCK_M = 16    # rows (batch x queries) per program: SD1.5 has 16 queries per request
 BLOCK_H = 64    # hidden units per program
 BLOCK_K = 64    # model-width chunk per GEMM step
-NUM_WARPS = 8   # 46 registers at 8 warps against 64 at 4, no spills (python -m kernels.aot, sm_90)
+NUM_WARPS = 8   # 46 registers at 8 warps against 64 at 4, no spills (python -m ipadapter_instruct.kernels.aot, sm_90)
 
 
 @triton.jit

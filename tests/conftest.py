@@ -27,7 +27,7 @@ NEGATIVE = "blurry, low quality"
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    from engine.tiny import make_tiny
+    from ipadapter_instruct.engine.tiny import make_tiny
     return make_tiny(str(tmp_path_factory.mktemp("tiny") / "weights"))
 
 
@@ -36,8 +36,8 @@ def plus_dir(tiny, tmp_path_factory):
     """An IP-Adapter+ checkpoint for the tiny UNet, as plus.safetensors and (same tensors) plus.bin."""
     from diffusers import UNet2DConditionModel
 
-    from engine.adapter import read_adapter_file
-    from engine.tiny import tiny_adapter
+    from ipadapter_instruct.engine.adapter import read_adapter_file
+    from ipadapter_instruct.engine.tiny import tiny_adapter
 
     folder = tmp_path_factory.mktemp("plus")
     unet = UNet2DConditionModel.from_pretrained(tiny["model"], subfolder="unet")
@@ -68,7 +68,7 @@ def fly(pipe, requests: list[dict], joins: dict, leave: dict | None = None) -> d
 
 
 def load_pipe(tiny, adapter):
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
     pipe = Pipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"], adapter=adapter, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -86,7 +86,7 @@ def plus_pipe(tiny, plus_dir):
 
 @pytest.fixture(scope="session")
 def cond_image():
-    from engine.demo import draw_condition_image
+    from ipadapter_instruct.engine.demo import draw_condition_image
     return draw_condition_image(64)
 
 

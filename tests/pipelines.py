@@ -3,7 +3,7 @@ import torch
 
 
 def tiny_pipeline(tiny, device: str, dtype: str, backend: str = "auto"):
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
     pipe = Pipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"], adapter=tiny["adapter"],
                                     device=device, dtype=dtype, attention_backend=backend)
     pipe.set_progress_bar_config(disable=True)

@@ -92,7 +92,7 @@ class InProcessServer:
     def __init__(self, config, pipe):
         import asyncio
 
-        from engine.server.app import create_app
+        from ipadapter_instruct.engine.server.app import create_app
 
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()

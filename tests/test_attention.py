@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from engine.attention import AdapterContext, precompute_kv
+from ipadapter_instruct.engine.attention import AdapterContext, precompute_kv
 
 
 @pytest.fixture(scope="module")

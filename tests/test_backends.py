@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 
-import kernels._runtime
-import kernels.backends as backends
+import ipadapter_instruct.kernels._runtime as runtime
+import ipadapter_instruct.kernels.backends as backends
 from conftest import gpu
-from engine.errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
 F16, F32 = torch.float16, torch.float32
 # name: (TRITON_INTERPRET, device, dtype, head dim, triton importable, text of the logged reason, backends that
@@ -43,19 +43,19 @@ def registry(monkeypatch):
     def conditions(interpret: str, importable: bool):
         monkeypatch.setenv("TRITON_INTERPRET", interpret)
         monkeypatch.setitem(sys.modules, "triton", triton if importable else None)  # None: the import fails
-        kernels._runtime.triton_import_error.cache_clear()
+        runtime.triton_import_error.cache_clear()
 
     yield conditions
     monkeypatch.undo()
-    kernels._runtime.triton_import_error.cache_clear()
+    runtime.triton_import_error.cache_clear()
 
 
 def fallback_records(caplog, reason):
-    return [r for r in caplog.records if r.name == "kernels.backends" and reason in r.getMessage()]
+    return [r for r in caplog.records if r.name == "ipadapter_instruct.kernels.backends" and reason in r.getMessage()]
 
 
 def test_every_fallback_reason_is_logged_once_at_its_level(registry, caplog):
-    caplog.set_level(logging.DEBUG, logger="kernels.backends")
+    caplog.set_level(logging.DEBUG, logger="ipadapter_instruct.kernels.backends")
     for _ in range(3):  # every choice made three times, the reasons interleaved as layers and calls would
         for interpret, device, dtype, head_dim, importable, _, fall_back in REASONS.values():
             registry(interpret, importable)
@@ -72,13 +72,13 @@ def test_every_fallback_reason_is_logged_once_at_its_level(registry, caplog):
 
 def test_a_reason_is_logged_again_in_a_fresh_process_only(registry, monkeypatch, caplog):
     registry("0", True)
-    with caplog.at_level(logging.INFO, logger="kernels.backends"):
+    with caplog.at_level(logging.INFO, logger="ipadapter_instruct.kernels.backends"):
         for _ in range(5):
             backends.select(torch.zeros(1, 1, 4, 40), "triton")
     assert len(caplog.records) == 1 and caplog.records[0].levelno == logging.WARNING
     assert "triton asked, running sdpa because: CPU tensors" in caplog.text
     monkeypatch.setattr(backends, "_logged", set())  # what a new process starts from
-    with caplog.at_level(logging.INFO, logger="kernels.backends"):
+    with caplog.at_level(logging.INFO, logger="ipadapter_instruct.kernels.backends"):
         backends.select(torch.zeros(1, 1, 4, 40), "triton")
     assert len(caplog.records) == 2
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from conftest import NEGATIVE, PROMPT
 
-from engine import EngineError
+from ipadapter_instruct.engine import EngineError
 
 STEPS = 3
 
@@ -72,7 +72,7 @@ def test_shared_condition_image_encoded_once(instruct_pipe, cond_image):
 
 
 def test_plus_adapter_warns_that_it_ignores_the_instruction(plus_pipe, cond_image, caplog):
-    with caplog.at_level("WARNING", logger="engine.pipeline"):
+    with caplog.at_level("WARNING", logger="ipadapter_instruct.engine.pipeline"):
         plus_pipe(PROMPT, cond_image, "take the object", num_inference_steps=1, output_type="latent")
     assert "is ignored" in caplog.text
 

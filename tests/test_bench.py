@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from bench.__main__ import main
-from bench.e2e_config import LADDER
-from bench.ops import attention_work
+from ipadapter_instruct.bench.__main__ import main
+from ipadapter_instruct.bench.e2e_config import LADDER
+from ipadapter_instruct.bench.ops import attention_work
 from conftest import gpu
 
 KEYS = {"op", "provider", "metric", "unit", "x_name", "x", "p20", "p50", "p80", "device", "dtype", "git_sha", "config"}
@@ -47,8 +47,8 @@ def test_sdxl_preset_has_the_published_sizes():
     release's code: 189,849,344 parameters), all on the meta device."""
     import torch
 
-    from bench.weights import sdxl_modules
-    from engine.projector import InstructProjector, ProjectorConfig
+    from ipadapter_instruct.bench.weights import sdxl_modules
+    from ipadapter_instruct.engine.projector import InstructProjector, ProjectorConfig
     with torch.device("meta"):
         unet, vae, text, text2, vision = sdxl_modules()
         projector = InstructProjector(ProjectorConfig(dim=1280, depth=4, heads=20, num_queries=16, image_dim=1280,
@@ -121,7 +121,7 @@ def test_sd15_preset_has_the_published_sizes():
     checkpoints), built on the meta device so nothing is allocated."""
     import torch
 
-    from bench.weights import sd15_modules
+    from ipadapter_instruct.bench.weights import sd15_modules
     with torch.device("meta"):
         unet, vae, text, vision = sd15_modules()
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -163,9 +163,9 @@ def fast_path_state(pipe):
 def test_ladder_steps_configure_one_piece_each(tmp_path):
     # built on the CPU (the interpreter stands in for the GPU's Triton): each step differs from the one
     # before by exactly its own piece
-    from bench.e2e_config import E2EConfig
-    from bench.e2e_providers import EngineProvider
-    from bench.weights import bench_weights
+    from ipadapter_instruct.bench.e2e_config import E2EConfig
+    from ipadapter_instruct.bench.e2e_providers import EngineProvider
+    from ipadapter_instruct.bench.weights import bench_weights
 
     paths = bench_weights("tiny", str(tmp_path / "w"))
     for step in ("engine-eager", "+channels-last", "+fused-attention", "+fused-norms"):
@@ -176,10 +176,10 @@ def test_ladder_steps_configure_one_piece_each(tmp_path):
 @pytest.fixture(scope="module")
 def ladder_on_gpu(tmp_path_factory):
     """Tiny weights, the ladder's config on CUDA in fp32 (no TF32), and engine-eager's latents to compare with."""
-    from bench.e2e_config import E2EConfig
-    from bench.e2e_providers import EngineProvider
-    from bench.weights import bench_weights
-    from engine.demo import draw_condition_image
+    from ipadapter_instruct.bench.e2e_config import E2EConfig
+    from ipadapter_instruct.bench.e2e_providers import EngineProvider
+    from ipadapter_instruct.bench.weights import bench_weights
+    from ipadapter_instruct.engine.demo import draw_condition_image
 
     paths = bench_weights("tiny", str(tmp_path_factory.mktemp("ladder") / "w"))
     cfg = E2EConfig(device="cuda", dtype="float32", steps=3)
@@ -196,7 +196,7 @@ def ladder_on_gpu(tmp_path_factory):
 def test_ladder_step_matches_eager_on_gpu(ladder_on_gpu, step):
     """On CUDA each ladder step turns on its pieces, and its latents (batch 2, 3 steps, fp32) match engine-eager's:
     relative L2 error under 1e-3 (fp32 kernels against fp32 PyTorch; a broken piece is off by O(1))."""
-    from bench.e2e_providers import EngineProvider
+    from ipadapter_instruct.bench.e2e_providers import EngineProvider
 
     paths, cfg, image, eager = ladder_on_gpu
     provider = EngineProvider(step, paths, torch.device("cuda"), torch.float32, cfg)
@@ -211,8 +211,8 @@ def test_ladder_step_matches_eager_on_gpu(ladder_on_gpu, step):
 def test_e2e_report_says_when_full_guidance_is_unequal_work_and_keeps_peaks_per_batch():
     """The table's header names the unequal work of `--guidance-mode full` against diffusers' CFG, and each
     batch size keeps its own peak memory (the numbers here are made up; only the report is under test)."""
-    from bench.e2e_config import E2EConfig
-    from bench.e2e_report import report
+    from ipadapter_instruct.bench.e2e_config import E2EConfig
+    from ipadapter_instruct.bench.e2e_report import report
 
     results = {(name, b): dict(times=[10.0 * b, 11.0 * b], stages={"unet_ms_per_step": 1.0}, peak_gib=peak)
                for name, b, peak in (("engine", 1, 1.5), ("engine", 4, 3.25), ("diffusers", 1, 2.0),
@@ -229,7 +229,7 @@ def test_e2e_report_says_when_full_guidance_is_unequal_work_and_keeps_peaks_per_
 def test_percentiles_match_numpy(n):
     import numpy as np
 
-    from bench.common import percentiles
+    from ipadapter_instruct.bench.common import percentiles
     samples = list(np.random.default_rng(n).lognormal(size=n))
     qs = (0, 20, 50, 80, 90, 99, 100)
     assert percentiles(samples, qs) == pytest.approx(list(np.percentile(samples, qs)), rel=1e-12)
@@ -240,7 +240,7 @@ def test_kernel_only_time_has_its_own_rows_and_drives_the_throughput():
     graphs need CUDA); throughput and bandwidth come from them, not from the launch-inclusive time."""
     import numpy as np
 
-    from bench.ops import run_ops
+    from ipadapter_instruct.bench.ops import run_ops
     rng, given = np.random.default_rng(0), []
 
     def timer(fn):
@@ -260,15 +260,15 @@ def test_kernel_only_time_has_its_own_rows_and_drives_the_throughput():
 
 
 def test_a_provider_with_wrong_output_gets_no_timing(monkeypatch):
-    import bench.ops
-    from kernels import decoupled_attention_ref
-    monkeypatch.setattr(bench.ops, "decoupled_attention_sdpa", lambda *a: decoupled_attention_ref(*a) * 1.01)
-    rows, text = bench.ops.run_ops(torch.device("cpu"), torch.float32, [1], 1, ["two-sdpa", "reference"])
+    from ipadapter_instruct.bench import ops as bench_ops
+    from ipadapter_instruct.kernels import decoupled_attention_ref
+    monkeypatch.setattr(bench_ops, "decoupled_attention_sdpa", lambda *a: decoupled_attention_ref(*a) * 1.01)
+    rows, text = bench_ops.run_ops(torch.device("cpu"), torch.float32, [1], 1, ["two-sdpa", "reference"])
     assert {r.provider for r in rows if r.op == "decoupled_attention"} == {"reference"}
-    for lq, d in bench.ops.ATTENTION_SHAPES:
+    for lq, d in bench_ops.ATTENTION_SHAPES:
         assert f"not measured: two-sdpa B1 Lq{lq} D{d}: wrong output: max error" in text
     nan = torch.full((1, 2), float("nan"))
-    assert bench.ops.wrong_output(nan, torch.zeros(1, 2), torch.zeros(1, 2)).startswith("wrong output")
+    assert bench_ops.wrong_output(nan, torch.zeros(1, 2), torch.zeros(1, 2)).startswith("wrong output")
 
 
 def test_envcheck_names_every_package_the_gpu_check_needs(tmp_path):
@@ -281,7 +281,7 @@ def test_envcheck_names_every_package_the_gpu_check_needs(tmp_path):
     import sys
     import tarfile
 
-    from bench.envcheck import NEEDED, carried
+    from ipadapter_instruct.bench.envcheck import NEEDED, carried
     (tmp_path / "no-wheels").mkdir()
     env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "WHEELS": str(tmp_path / "no-wheels")}
     res = subprocess.run(["bash", "bench/gpu_session.sh", "envcheck"], capture_output=True, text=True, env=env,
@@ -311,7 +311,7 @@ def test_carried_wheels_bring_every_requirement_the_image_lacks():
 
     from packaging.requirements import Requirement
 
-    from bench.envcheck import IMAGE, carried, normalize
+    from ipadapter_instruct.bench.envcheck import IMAGE, carried, normalize
     wheels = carried()
     assert "diffusers" in wheels and not set(wheels) & IMAGE  # nothing the image has is carried
     env = {"python_version": "3.12", "python_full_version": "3.12.0", "sys_platform": "linux",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.__main__ import main
+from ipadapter_instruct.bench.__main__ import main
 
 KEYS = {"op", "provider", "metric", "unit", "x_name", "x", "p20", "p50", "p80", "device", "dtype", "git_sha", "config"}
 PROVIDERS = ("engine", "engine-eager", "diffusers")
@@ -41,10 +41,10 @@ def test_edit_task_writes_rows_for_the_three_providers(cache, tmp_path, capsys):
 
 def test_engine_and_diffusers_edit_the_same(cache):
     """The bench's own call on both sides gives the same PNGs (within a grey level) for the same seeds: equal work."""
-    from bench.e2e_config import E2EConfig
-    from bench.e2e_providers import DiffusersProvider, EngineProvider
-    from bench.weights import bench_weights, native_size
-    from engine.demo import draw_condition_image
+    from ipadapter_instruct.bench.e2e_config import E2EConfig
+    from ipadapter_instruct.bench.e2e_providers import DiffusersProvider, EngineProvider
+    from ipadapter_instruct.bench.weights import bench_weights, native_size
+    from ipadapter_instruct.engine.demo import draw_condition_image
 
     paths = bench_weights("tiny", cache, task="edit")
     assert native_size(paths["model"]) == 64
@@ -82,7 +82,7 @@ def test_edit_task_rejects_what_it_cannot_run(argv, message, capsys):
 def test_sd15_edit_preset_is_the_sd15_unet_with_eight_input_channels():
     """The sd15 edit preset's UNet is SD1.5's plus conv_in's 4 extra input channels (320 x 4 x 3 x 3), as in
     timbrooks/instruct-pix2pix; the VAE and text encoder are the generate preset's. Built on the meta device."""
-    from bench.weights import sd15_modules
+    from ipadapter_instruct.bench.weights import sd15_modules
 
     with torch.device("meta"):
         unet, vae, text, vision = sd15_modules(edit=True)

@@ -3,7 +3,7 @@ in the same table as the 30-step ones, its rows say its own steps and scheduler,
 --steps' work) is not applied to it; `--scheduler` sets every provider's."""
 import json
 
-from bench.__main__ import main
+from ipadapter_instruct.bench.__main__ import main
 
 
 def rows_of(path):
@@ -34,9 +34,9 @@ def test_scheduler_flag_reaches_every_provider(tmp_path):
 def test_both_sides_swap_to_the_scheduler(tmp_path):
     import torch
 
-    from bench.e2e_config import E2EConfig
-    from bench.e2e_providers import DiffusersProvider, EngineProvider
-    from bench.weights import bench_weights
+    from ipadapter_instruct.bench.e2e_config import E2EConfig
+    from ipadapter_instruct.bench.e2e_providers import DiffusersProvider, EngineProvider
+    from ipadapter_instruct.bench.weights import bench_weights
 
     paths = bench_weights("tiny", str(tmp_path / "w"))
     cfg = E2EConfig(scheduler="tcd", steps=2)

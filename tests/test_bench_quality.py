@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.quality import (METRICS, TABLE1, add_quality_args, clip_metrics, metrics_from_embeddings,
+from ipadapter_instruct.bench.quality import (METRICS, TABLE1, add_quality_args, clip_metrics, metrics_from_embeddings,
                            quality_main)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +41,7 @@ def independent(clip_dir: str, items: list[dict]) -> dict[str, list[float]]:
     """The metrics from the model's towers and projections directly, each text tokenised alone, in float64."""
     from transformers import AutoTokenizer, CLIPModel
 
-    from engine.loading import _image_processor_class
+    from ipadapter_instruct.engine.loading import _image_processor_class
 
     model = CLIPModel.from_pretrained(clip_dir).eval()
     tok = AutoTokenizer.from_pretrained(clip_dir)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from bench.__main__ import main
+from ipadapter_instruct.bench.__main__ import main
 
 KEYS = {"op", "provider", "metric", "unit", "x_name", "x", "p20", "p50", "p80", "device", "dtype", "git_sha", "config"}
 
@@ -54,10 +54,10 @@ def test_serve_refuses_a_url_off_this_machine(url, capsys):
 def test_hostile_mix_leaves_the_good_images_as_they_are(tiny):
     """`--hostile`: the good requests' images against each alone, hostile ones among them, on an in-process server
     whose batcher waits long enough for them to share calls; out-of-range values are all refused."""
-    from bench.serve_config import ServeConfig, condition_image_b64, request_body
-    from bench.serve_hostile import HOSTILE, broken, hostile_line, hostile_run
+    from ipadapter_instruct.bench.serve_config import ServeConfig, condition_image_b64, request_body
+    from ipadapter_instruct.bench.serve_hostile import HOSTILE, broken, hostile_line, hostile_run
     from conftest import load_pipe
-    from engine.server.config import ServerConfig
+    from ipadapter_instruct.engine.server.config import ServerConfig
     from server_utils import InProcessServer
 
     server = InProcessServer(ServerConfig(max_wait_ms=500), load_pipe(tiny, tiny["adapter"]))

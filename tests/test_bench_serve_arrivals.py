@@ -5,9 +5,9 @@ import statistics
 
 import pytest
 
-from bench.__main__ import main
-from bench.serve_config import MIXES, ServeConfig, request_body
-from bench.serve_open import arrival_times
+from ipadapter_instruct.bench.__main__ import main
+from ipadapter_instruct.bench.serve_config import MIXES, ServeConfig, request_body
+from ipadapter_instruct.bench.serve_open import arrival_times
 
 
 @pytest.mark.parametrize("rate", [0.7, 3.0, 13.0])
@@ -107,8 +107,8 @@ def test_poisson_arrivals_on_request_and_step_batching(tmp_path, capsys):
 def test_cuda_graphs_flag_reaches_the_engine_servers_or_is_refused(capsys):
     import torch
 
-    from bench.serve_config import ServeConfig
-    from bench.serve_servers import server_argv
+    from ipadapter_instruct.bench.serve_config import ServeConfig
+    from ipadapter_instruct.bench.serve_servers import server_argv
     paths = dict(model="m", image_encoder="e", adapter="a", plus_adapter="p")
     cfg = ServeConfig(cuda_graphs=True)
     for name in ("engine", "engine-step", "engine-single"):

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import EngineError, output
-from engine.__main__ import EXIT_INTERRUPTED, INTERRUPTED, main
+from ipadapter_instruct.engine import EngineError, output
+from ipadapter_instruct.engine.__main__ import EXIT_INTERRUPTED, INTERRUPTED, main
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def text_args(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def text_pipe(tiny):
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
     pipe = Pipeline.from_pretrained(tiny["model"], device="cpu")
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -196,7 +196,7 @@ def test_flag_combinations(gen_args, capsys, edit, message):
 @pytest.fixture
 def no_loading(monkeypatch):
     """Loading weights says so: a check that comes before it shows its own message instead."""
-    from engine.pipeline import Pipeline
+    from ipadapter_instruct.engine.pipeline import Pipeline
 
     def refuse(*args, **kwargs):
         raise EngineError("WEIGHTS LOADED")
@@ -358,8 +358,8 @@ def test_ctrl_c_during_one_long_op(tmp_path):
     grace time, with the same line and code, and the temporaries being written are removed."""
     pending = tmp_path / ".out.png.tmp-1"
     setup = textwrap.dedent(f"""
-        from engine import output
-        from engine.__main__ import interrupt_guard
+        from ipadapter_instruct.engine import output
+        from ipadapter_instruct.engine.__main__ import interrupt_guard
         open({str(pending)!r}, "w").close()
         output._pending.add({str(pending)!r})
     """)
@@ -384,7 +384,7 @@ def test_answers_without_heavy_imports(tiny, tmp_path, args, code):
 
 
 def test_lazy_kernel_names_resolve():
-    import kernels
+    from ipadapter_instruct import kernels
     lazy = [n for n in kernels.__all__ if n != "BACKENDS"]  # each public name loads its module on first use
     assert lazy and all(callable(getattr(kernels, n)) for n in lazy)
 
@@ -406,11 +406,11 @@ def test_demo(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("build, argv, wrong", [
-    ("engine.__main__:build_parser", ["generate", "--model", "m", "--out", "x.png", "--step", "2"], "--step"),
-    ("export.__main__:_parser", ["onnx", "--model", "m", "--image-encoder", "e", "--adapter", "a", "--out", "o",
+    ("ipadapter_instruct.engine.__main__:build_parser", ["generate", "--model", "m", "--out", "x.png", "--step", "2"], "--step"),
+    ("ipadapter_instruct.export.__main__:_parser", ["onnx", "--model", "m", "--image-encoder", "e", "--adapter", "a", "--out", "o",
                                   "--ops", "17"], "--ops"),
-    ("bench.__main__:build_parser", ["e2e", "--step", "2"], "--step"),
-    ("train.__main__:train_parser", ["--model", "m", "--image-encoder", "e", "--data", "d", "--out", "o",
+    ("ipadapter_instruct.bench.__main__:build_parser", ["e2e", "--step", "2"], "--step"),
+    ("ipadapter_instruct.train.__main__:train_parser", ["--model", "m", "--image-encoder", "e", "--data", "d", "--out", "o",
                                      "--step", "2"], "--step"),
 ])
 def test_no_command_takes_an_abbreviated_flag(build, argv, wrong, capsys):

@@ -5,7 +5,7 @@ from conftest import PROMPT, gpu
 
 
 def test_compiled_unet_is_one_graph_and_gives_the_same_latents(tiny, cond_image):
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
     pipe = Pipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"], adapter=tiny["adapter"],
                                     device="cpu", attention_backend="sdpa")
     pipe.set_progress_bar_config(disable=True)
@@ -47,7 +47,7 @@ def eager_then_compiled(pipe, cond_image, steps):
 def test_inductor_compiled_unet_gives_the_same_latents_and_never_recompiles_for_new_values(tiny, cond_image):
     """The real default (inductor, generating C++ on this CPU; `python -m bench --compile` uses it): same
     latents as eager within fp32 rounding, and a request with other values at the same shape reuses the code."""
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
     pipe = Pipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"], adapter=tiny["adapter"],
                                     device="cpu", attention_backend="sdpa")
     pipe.set_progress_bar_config(disable=True)

@@ -108,15 +108,15 @@ def test_four_threads_get_their_images_alone(instruct_pipe, cond_image, other_im
 def sdxl_pipe(tmp_path_factory):
     from conftest import load_pipe
 
-    from engine.tiny import make_tiny_sdxl
+    from ipadapter_instruct.engine.tiny import make_tiny_sdxl
     sdxl = make_tiny_sdxl(str(tmp_path_factory.mktemp("threads-sdxl") / "tiny"))
     return load_pipe(sdxl, sdxl["adapter"])  # (from_pretrained opens an SDXL folder as SDXLPipeline)
 
 
 @pytest.fixture(scope="module")
 def edit_pipe(tmp_path_factory):
-    from engine import EditPipeline
-    from engine.tiny import make_tiny
+    from ipadapter_instruct.engine import EditPipeline
+    from ipadapter_instruct.engine.tiny import make_tiny
     tiny = make_tiny(str(tmp_path_factory.mktemp("threads-edit") / "tiny"), edit=True)
     pipe = EditPipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"], adapter=tiny["adapter"],
                                         device="cpu")
@@ -145,7 +145,7 @@ def test_sdxl_threads_keep_their_size_conditioning(sdxl_pipe, cond_image, other_
 def test_sdxl_threads_through_a_shared_encoder_cache(sdxl_pipe, cond_image, other_image):
     """The server's conditioning cache, consulted by the pipeline itself: the pooled projections travel with the
     cached tokens, and nothing on the pipeline is replaced."""
-    from engine.server.cache import ConditioningCache
+    from ipadapter_instruct.engine.server.cache import ConditioningCache
     cs = sdxl_calls(cond_image, other_image)
     alone = [sdxl_pipe(**c, output_type="latent") for c in cs]
     cache = ConditioningCache(16)
@@ -207,8 +207,8 @@ def test_timings_are_each_threads_own(instruct_pipe, cond_image, other_image):
 def test_threads_through_one_set_of_static_buffers(instruct_pipe, cond_image, other_image):
     """The CUDA-graph path's static buffers (run eagerly here: capture needs CUDA) serve calls of one shape from
     several threads: each step copies its own call's inputs in and its output out, in turn."""
-    from engine.cuda_graphs import StaticUNet
-    from engine.selfcheck import SelfCheck
+    from ipadapter_instruct.engine.cuda_graphs import StaticUNet
+    from ipadapter_instruct.engine.selfcheck import SelfCheck
     a, b = calls(cond_image, other_image)[:2]
     same = dict(num_images_per_prompt=1, num_inference_steps=3, scheduler=None, guidance_mode="simple")
     cs = [dict(a, **same), dict(b, **same)]

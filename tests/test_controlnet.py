@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import NEGATIVE, PROMPT, fly
-from engine.errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
 STEPS = 4
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +45,7 @@ def controls():
 
 
 def engine(tiny, nets, adapter=None):
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
     extra = dict(image_encoder=tiny["image_encoder"], adapter=adapter) if adapter else {}
     pipe = Pipeline.from_pretrained(tiny["model"], device="cpu", controlnet=nets, **extra)
     pipe.set_progress_bar_config(disable=True)
@@ -56,7 +56,7 @@ def diffusers_cn(tiny, nets, plus=None):
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
     from transformers import CLIPVisionModelWithProjection
 
-    from engine.loading import _image_processor_class
+    from ipadapter_instruct.engine.loading import _image_processor_class
     models = [ControlNetModel.from_pretrained(n) for n in nets]
     extra = {}
     if plus is not None:
@@ -107,7 +107,7 @@ def test_with_an_ip_adapter_plus_image(tiny, nets, controls, plus_dir, cond_imag
 
 
 def test_scale_zero_is_no_controlnet_and_a_batch_equals_each_alone(tiny, nets, controls):
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
     base = Pipeline.from_pretrained(tiny["model"], device="cpu")
     base.set_progress_bar_config(disable=True)
     pipe = engine(tiny, nets[0])
@@ -134,7 +134,7 @@ def test_bad_controlnets_are_one_line(tiny, nets, controls, tmp_path):
         engine(tiny, str(tmp_path / "none"))
     with pytest.raises(EngineError, match="give control_image="):
         run_e(engine(tiny, nets[0]), None)
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
     with pytest.raises(EngineError, match="no ControlNet is loaded"):
         Pipeline.from_pretrained(tiny["model"], device="cpu")(PROMPT, control_image=controls[0], num_inference_steps=1)
 
@@ -157,7 +157,7 @@ def test_the_server_takes_a_control_image_per_request(tiny, nets, controls, batc
     """serve --controlnet DIR [--batching step]: each request sends control_image (and its scale); answers equal the
     pipeline alone, requests with different control images share a call (or steps); a missing one is a 422 naming
     the field."""
-    from engine.server.config import ServerConfig
+    from ipadapter_instruct.engine.server.config import ServerConfig
     from server_utils import InProcessServer, decode_png, png_base64
 
     pipe = engine(tiny, nets[0])
@@ -186,7 +186,7 @@ def test_the_server_takes_a_control_image_per_request(tiny, nets, controls, batc
 def test_static_buffers_carry_the_residuals(tiny, nets, controls):
     """The CUDA-graph path, run eagerly (capture needs a GPU): the residuals are static buffers copied every step;
     steps outside the guidance window use the entry without them; a second request reuses the entries."""
-    from engine.cuda_graphs import StaticUNet
+    from ipadapter_instruct.engine.cuda_graphs import StaticUNet
 
     pipe = engine(tiny, nets[0])
     kw = dict(control_guidance_start=0.25)
@@ -203,7 +203,7 @@ def test_static_buffers_carry_the_residuals(tiny, nets, controls):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA-graph capture, fused kernels)")
 def test_cuda_graphs_with_a_controlnet_equal_eager(tiny, nets, controls):
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
     eager = Pipeline.from_pretrained(tiny["model"], device="cuda", dtype="float32", attention_backend="sdpa",
                                      controlnet=nets[0])
     fast = Pipeline.from_pretrained(tiny["model"], device="cuda", dtype="float32", controlnet=nets[0])
@@ -226,7 +226,7 @@ def test_controlnet_flights_joining_mid_flight_equal_alone(tiny, nets, controls,
     """Step-level batching with a ControlNet: each flight keeps its control image, scale, guidance window (on its own
     step count) and guess mode; the net runs once per step over the rows it acts on (per guess mode), so flights
     that join mid-flight give what each gives alone, also through the static buffers with padded rows."""
-    from engine.cuda_graphs import StaticUNet
+    from ipadapter_instruct.engine.cuda_graphs import StaticUNet
 
     pipe = engine(tiny, nets[0])
     reqs = [dict(r, prompt=PROMPT, negative_prompt=NEGATIVE, control_image=controls[i % 2], output_type="latent")

@@ -17,7 +17,7 @@ PROMPT, NEG = "a red house by a lake", "blurry"
 def sdxl(tmp_path_factory):
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from engine.tiny import make_tiny_sdxl
+    from ipadapter_instruct.engine.tiny import make_tiny_sdxl
     root = tmp_path_factory.mktemp("sdxl-controlnet")
     paths = make_tiny_sdxl(str(root / "tiny"))
     unet = UNet2DConditionModel.from_pretrained(paths["model"], subfolder="unet")
@@ -41,8 +41,8 @@ def images():
 
 @pytest.fixture(scope="module")
 def ours(sdxl):
-    from engine import Pipeline
-    from engine.sdxl import SDXLPipeline
+    from ipadapter_instruct.engine import Pipeline
+    from ipadapter_instruct.engine.sdxl import SDXLPipeline
     pipe = Pipeline.from_pretrained(sdxl["model"], image_encoder=sdxl["image_encoder"], adapter=sdxl["adapter"],
                                     controlnet=sdxl["controlnet"], device="cpu")
     assert isinstance(pipe, SDXLPipeline) and len(pipe.controlnets) == 1
@@ -55,7 +55,7 @@ def theirs(sdxl):
     from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
     from transformers import CLIPVisionModelWithProjection
 
-    from engine.loading import _image_processor_class
+    from ipadapter_instruct.engine.loading import _image_processor_class
     d = StableDiffusionXLControlNetPipeline.from_pretrained(
         sdxl["model"], controlnet=ControlNetModel.from_pretrained(sdxl["controlnet"]),
         image_encoder=CLIPVisionModelWithProjection.from_pretrained(sdxl["image_encoder"]),
@@ -89,7 +89,7 @@ def test_sdxl_controlnet_matches_diffusers(ours, theirs, images, case):
 
 
 def test_sdxl_controlnet_scale_zero_is_no_controlnet(sdxl, ours, images):
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
     base = Pipeline.from_pretrained(sdxl["model"], image_encoder=sdxl["image_encoder"], adapter=sdxl["adapter"],
                                     device="cpu")
     base.set_progress_bar_config(disable=True)

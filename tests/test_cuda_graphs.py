@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import NEGATIVE, PROMPT, gpu
-from engine.errors import EngineError
-from engine.cuda_graphs import StaticUNet
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.cuda_graphs import StaticUNet
 from pipelines import check_within_rule, exact_fp32, tiny_pipeline
 
 

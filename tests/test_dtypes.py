@@ -8,7 +8,7 @@ TOLERANCE = {"bfloat16": 3e-2, "float16": 5e-3}  # seen here: 1.0e-2 and 1.4e-3 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_reduced_precision_close_to_fp32(tiny, instruct_pipe, cond_image, dtype):
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
     pipe = Pipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"], adapter=tiny["adapter"],
                                     device="cpu", dtype=dtype)
     pipe.set_progress_bar_config(disable=True)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import DEVICE, fly
-from engine.errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
 pytestmark = pytest.mark.filterwarnings("ignore:You have passed 2 text prompts")  # diffusers' own, num_images 2
 STEPS = 4
@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def tiny_edit(tmp_path_factory):
-    from engine.tiny import make_tiny
+    from ipadapter_instruct.engine.tiny import make_tiny
     return make_tiny(str(tmp_path_factory.mktemp("edit") / "weights"), edit=True)
 
 
@@ -35,7 +35,7 @@ def photo():
 
 @pytest.fixture(scope="module")
 def edit_pipe(tiny_edit):
-    from engine import EditPipeline
+    from ipadapter_instruct.engine import EditPipeline
     pipe = EditPipeline.from_pretrained(tiny_edit["model"], device="cpu", dtype="float32")
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -51,7 +51,7 @@ def d_edit(tiny_edit):
 
 
 def diffusers_edit(d, photo, scheduler=None, seed=3, num=1, output_type="latent", **kw):
-    from engine.loading import make_scheduler
+    from ipadapter_instruct.engine.loading import make_scheduler
     base = d.scheduler if not hasattr(d, "_base_scheduler") else d._base_scheduler
     d._base_scheduler = base
     d.scheduler = make_scheduler(base, scheduler)
@@ -89,7 +89,7 @@ def test_three_distinct_branch_weights_as_diffusers(edit_pipe, d_edit, photo, s_
     """Scales whose three branch weights all differ (the (3, 2) case above weighs the image and neither branches
     equally, -1 and -1, so swapping those two would pass it): the text+image, image-only and neither branches each
     weighed as diffusers does."""
-    from engine.edit import edit_weights
+    from ipadapter_instruct.engine.edit import edit_weights
 
     assert len(set(edit_weights(s_t, s_i))) == 3
     want = diffusers_edit(d_edit, photo, guidance_scale=s_t, image_guidance_scale=s_i)
@@ -101,7 +101,7 @@ def test_three_distinct_branch_weights_as_diffusers(edit_pipe, d_edit, photo, s_
 def test_unit_scales_reduce_to_the_text_and_image_branch(edit_pipe, photo):
     """s_T = s_I = 1: the combination's weights are exactly (1, 0, 0), and the pipeline runs that branch alone: the
     negative prompt (read only by the other two) changes nothing, bitwise."""
-    from engine.edit import edit_branches, edit_weights
+    from ipadapter_instruct.engine.edit import edit_branches, edit_weights
 
     assert edit_weights(1.0, 1.0) == (1.0, 0.0, 0.0)
     assert [b[0] for b in edit_branches(1.0, 1.0)] == ["text_image"]
@@ -142,7 +142,7 @@ def test_bad_input_is_one_line(edit_pipe, photo, call, message):
 
 
 def test_models_of_the_other_kind_are_named(tiny, tiny_edit):
-    from engine import EditPipeline, Pipeline
+    from ipadapter_instruct.engine import EditPipeline, Pipeline
     with pytest.raises(EngineError, match="text-to-image model .*4 UNet input channels.*python -m engine generate"):
         EditPipeline.from_pretrained(tiny["model"], device="cpu")
     with pytest.raises(EngineError, match="InstructPix2Pix model .*8 UNet input channels.*python -m engine edit"):
@@ -155,7 +155,7 @@ def test_models_of_the_other_kind_are_named(tiny, tiny_edit):
 def plus_edit_dir(tiny_edit, tmp_path_factory):
     from diffusers import UNet2DConditionModel
 
-    from engine.tiny import tiny_adapter
+    from ipadapter_instruct.engine.tiny import tiny_adapter
     folder = tmp_path_factory.mktemp("plus-edit")
     torch.manual_seed(1)
     tiny_adapter(str(folder / "plus.safetensors"),
@@ -167,8 +167,8 @@ def test_ip_adapter_plus_matches_diffusers(tiny_edit, plus_edit_dir, photo, cond
     from diffusers import StableDiffusionInstructPix2PixPipeline
     from transformers import CLIPVisionModelWithProjection
 
-    from engine import EditPipeline
-    from engine.loading import _image_processor_class
+    from ipadapter_instruct.engine import EditPipeline
+    from ipadapter_instruct.engine.loading import _image_processor_class
 
     d = StableDiffusionInstructPix2PixPipeline.from_pretrained(
         tiny_edit["model"], safety_checker=None, requires_safety_checker=False,
@@ -190,7 +190,7 @@ def test_ip_adapter_plus_matches_diffusers(tiny_edit, plus_edit_dir, photo, cond
 
 
 def test_instruct_adapter_at_scale_zero_is_plain_ip2p(tiny_edit, edit_pipe, photo, cond_image):
-    from engine import EditPipeline
+    from ipadapter_instruct.engine import EditPipeline
     pipe = EditPipeline.from_pretrained(tiny_edit["model"], image_encoder=tiny_edit["image_encoder"],
                                         adapter=tiny_edit["adapter"], device="cpu")
     pipe.set_progress_bar_config(disable=True)
@@ -248,7 +248,7 @@ def test_make_tiny_edit_writes_an_ip2p_folder(tmp_path):
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (the fused kernels and CUDA graphs)")
 @pytest.mark.gpu
 def test_fast_path_equals_eager_on_the_gpu(tiny_edit, photo):
-    from engine import EditPipeline
+    from ipadapter_instruct.engine import EditPipeline
     eager = EditPipeline.from_pretrained(tiny_edit["model"], device="cuda", dtype="float32", attention_backend="sdpa")
     fast = EditPipeline.from_pretrained(tiny_edit["model"], device="cuda", dtype="float32")
     fast.enable_cuda_graphs()
@@ -261,7 +261,7 @@ def test_fast_path_equals_eager_on_the_gpu(tiny_edit, photo):
 def test_static_buffers_carry_the_image_latent(edit_pipe, photo, other_image):
     """The CUDA-graph path's static buffers, run eagerly (capture needs a GPU): the 8-channel input (latents and
     the photo latent) goes through them, and a second call with another photo and seed reuses the entry."""
-    from engine.cuda_graphs import StaticUNet
+    from ipadapter_instruct.engine.cuda_graphs import StaticUNet
 
     kw = dict(num_inference_steps=STEPS, output_type="latent")
     want = [edit_pipe(EDIT, photo, seed=3, **kw), edit_pipe(EDIT, other_image.resize((54, 70)), seed=4, **kw)]
@@ -286,7 +286,7 @@ def test_edit_flights_joining_mid_flight_equal_alone(edit_pipe, photo, other_ima
     """Step-level batching of edits: each flight carries its photo latent per row beside its text rows, so edits
     with other photos, steps, schedulers (an ancestral one) and guidance join mid-flight and give what each gives
     alone; the same through the CUDA-graph static buffers (eager here) with the rows padded to a bucket."""
-    from engine.cuda_graphs import StaticUNet
+    from ipadapter_instruct.engine.cuda_graphs import StaticUNet
 
     photos = [photo, other_image.resize((54, 70)), photo]
     reqs = [dict({"prompt": EDIT, **r}, image=p, output_type="latent") for r, p in zip(EDIT_FLIGHTS, photos)]

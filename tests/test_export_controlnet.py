@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 
 from conftest import NEGATIVE, PROMPT
-from engine.errors import EngineError
-from engine.trt import tensorrt_unavailable
-from export.onnx import GRAPHS, export_onnx
-from export.ort_ops import session
-from export.verify import verify
-from export.__main__ import main
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.trt import tensorrt_unavailable
+from ipadapter_instruct.export.onnx import GRAPHS, export_onnx
+from ipadapter_instruct.export.ort_ops import session
+from ipadapter_instruct.export.verify import verify
+from ipadapter_instruct.export.__main__ import main
 from test_controlnet import controls, nets  # noqa: F401 (fixtures: two tiny ControlNets, two control images)
 
 QUIET = dict(log=lambda *a: None)
@@ -55,7 +55,7 @@ def plain_unet(tiny, tmp_path_factory):
 
 
 def torch_pipe(tiny, controlnet=None):
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
     pipe = Pipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"], adapter=tiny["adapter"],
                                     device="cpu", dtype="float32", controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
@@ -63,7 +63,7 @@ def torch_pipe(tiny, controlnet=None):
 
 
 def onnx_pipe(folder):
-    from export.onnx_runtime import OnnxPipeline
+    from ipadapter_instruct.export.onnx_runtime import OnnxPipeline
     pipe = OnnxPipeline.from_export(str(folder))
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -139,7 +139,7 @@ def test_scale_zero_is_no_controlnet(pipes, tiny, controls, cond_image):
 
 
 def graph_feeds(folder, graph, b=3, h=8, w=12, seed=0):
-    from export.graph_spec import Tensor, sample_inputs
+    from ipadapter_instruct.export.graph_spec import Tensor, sample_inputs
     entry = json.loads((folder / "manifest.json").read_text())["graphs"][graph]
     inputs = [Tensor(t["name"], t["dtype"], tuple(t["shape"]), t["meaning"], t["fill"]) for t in entry["inputs"]]
     sizes = dict(batch=b, latent_height=h, latent_width=w, image_height=4 * h, image_width=4 * w)
@@ -184,7 +184,7 @@ def test_verify_covers_the_controlnet_graphs(two_nets, tiny, nets, tmp_path):
 
 
 def test_errors_are_one_line(tiny, nets, one_net, pipes, cond_image, tmp_path, monkeypatch):
-    import export.onnx as exp
+    import ipadapter_instruct.export.onnx as exp
 
     pooled = tmp_path / "shuffle"
     shutil.copytree(nets[0], pooled)
@@ -220,7 +220,7 @@ def test_run_takes_a_control_image(one_net, pipes, controls, cond_image, tmp_pat
     assert main(["run", str(one_net), "--prompt", PROMPT, "--image", str(paths[1]), "--instruct", "use the style",
                  "--steps", "2", "--seed", "3", "--control-image", str(paths[0]), "--controlnet-scale", "0.6",
                  "--out", str(paths[2])]) == 0
-    from engine.pipeline import DEFAULT_NEGATIVE
+    from ipadapter_instruct.engine.pipeline import DEFAULT_NEGATIVE
     want = pipes[1](PROMPT, cond_image, "use the style", DEFAULT_NEGATIVE, num_inference_steps=2, seed=3,
                     control_image=controls[0], controlnet_conditioning_scale=0.6)[0]
     assert np.abs(np.asarray(Image.open(paths[2]).convert("RGB"), int) - np.asarray(want, int)).max() <= 1

@@ -146,7 +146,7 @@ def kernels_dir(tiny, tmp_path_factory):
     dims = sorted({c // heads for c in cfg["block_out_channels"]})
     major, minor = torch.cuda.get_device_capability()
     out = tmp_path_factory.mktemp("kernels")
-    code = (f"from export.plugin import write_plugin; write_plugin({str(out)!r}, ({major * 10 + minor},), "
+    code = (f"from ipadapter_instruct.export.plugin import write_plugin; write_plugin({str(out)!r}, ({major * 10 + minor},), "
             f"('float32', 'float16'), {tuple(dims)!r}, {heads})")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.errors import EngineError
-from engine.trt import tensorrt_unavailable
-from export.onnx import EDIT_GRAPHS, export_onnx
-from export.verify import verify
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.trt import tensorrt_unavailable
+from ipadapter_instruct.export.onnx import EDIT_GRAPHS, export_onnx
+from ipadapter_instruct.export.verify import verify
 from test_export_plugin import export
 
 NO_TRT = tensorrt_unavailable("rtx")
@@ -24,7 +24,7 @@ QUIET = dict(log=lambda *a: None)
 
 @pytest.fixture(scope="module")
 def tiny_edit(tmp_path_factory):
-    from engine.tiny import make_tiny
+    from ipadapter_instruct.engine.tiny import make_tiny
     return make_tiny(str(tmp_path_factory.mktemp("edit") / "weights"), edit=True)
 
 
@@ -40,7 +40,7 @@ def edit_export(tiny_edit, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def edit_pipe(tiny_edit):
-    from engine import EditPipeline
+    from ipadapter_instruct.engine import EditPipeline
     pipe = EditPipeline.from_pretrained(tiny_edit["model"], image_encoder=tiny_edit["image_encoder"],
                                         adapter=tiny_edit["adapter"], device="cpu", dtype="float32",
                                         attention_backend="reference")
@@ -80,7 +80,7 @@ def test_verify_covers_vae_encoder_and_the_8_channel_unet(edit_export):
 
 
 def test_vae_encoder_graph_encodes_photos_as_the_engine(edit_export, edit_pipe):
-    from export.onnx_runtime import OnnxEditPipeline
+    from ipadapter_instruct.export.onnx_runtime import OnnxEditPipeline
 
     pipe = OnnxEditPipeline.from_export(str(edit_export))
     photos = [SimpleNamespace(photo=random_image(72, 56, s)) for s in (0, 1, 0)]  # a shared photo encoded once
@@ -89,7 +89,7 @@ def test_vae_encoder_graph_encodes_photos_as_the_engine(edit_export, edit_pipe):
 
 
 def test_edits_from_the_graphs_match_the_engine(edit_export, edit_pipe):
-    from export.onnx_runtime import OnnxEditPipeline
+    from ipadapter_instruct.export.onnx_runtime import OnnxEditPipeline
 
     pipe = OnnxEditPipeline.from_export(str(edit_export))
     pipe.set_progress_bar_config(disable=True)
@@ -108,7 +108,7 @@ def test_edits_from_the_graphs_match_the_engine(edit_export, edit_pipe):
 
 
 def test_runtimes_and_graphs_follow_the_model_kind(edit_export, tiny):
-    from export.onnx_runtime import OnnxPipeline
+    from ipadapter_instruct.export.onnx_runtime import OnnxPipeline
 
     with pytest.raises(EngineError, match="InstructPix2Pix export.*OnnxEditPipeline"):
         OnnxPipeline.from_export(str(edit_export))
@@ -117,7 +117,7 @@ def test_runtimes_and_graphs_follow_the_model_kind(edit_export, tiny):
 
 
 def test_the_tensorrt_backend_names_an_edit_export(edit_export, tiny_edit):
-    from engine import EditPipeline, Pipeline
+    from ipadapter_instruct.engine import EditPipeline, Pipeline
 
     with pytest.raises(EngineError, match="InstructPix2Pix export: editing runs on the PyTorch backend"):
         Pipeline.from_pretrained(tiny_edit["model"], backend="tensorrt", engines=str(edit_export))

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from conftest import gpu
-from engine.errors import EngineError
-from kernels.launch import launch_variant, pick_variant
-from kernels.packed_attention import packed_attention_ref
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.kernels.launch import launch_variant, pick_variant
+from ipadapter_instruct.kernels.packed_attention import packed_attention_ref
 from test_export_plugin import ROOT, export
 from test_kernels_packed import make
 
@@ -219,7 +219,7 @@ def test_launch_variant_checks_shapes_then_wants_a_gpu(fake_plugin):
 @pytest.fixture(scope="module")
 def plugin_dir(tmp_path_factory):
     """`python -m export plugin` for this GPU's arch: both dtypes, the SD1.5 head sizes, 8 heads."""
-    from export.plugin import ARCHS
+    from ipadapter_instruct.export.plugin import ARCHS
 
     major, minor = torch.cuda.get_device_capability()
     if major * 10 + minor not in ARCHS:

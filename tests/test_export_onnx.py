@@ -12,10 +12,10 @@ import onnx
 import pytest
 import torch
 
-from engine.errors import EngineError
-from export.onnx import GRAPHS, export_onnx, read_manifest, source_paths
-from export.ort_ops import session
-from export.verify import verify
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.export.onnx import GRAPHS, export_onnx, read_manifest, source_paths
+from ipadapter_instruct.export.ort_ops import session
+from ipadapter_instruct.export.verify import verify
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = dict(log=lambda *a: None)
@@ -153,7 +153,7 @@ def test_verify_errors_are_one_line(plugin_dir, tmp_path):
 
 
 def test_failed_export_leaves_nothing_behind(tiny, tmp_path, monkeypatch):
-    import export.onnx as exp
+    import ipadapter_instruct.export.onnx as exp
 
     real = exp.export_graph
 
@@ -174,7 +174,7 @@ def test_failed_export_leaves_nothing_behind(tiny, tmp_path, monkeypatch):
 def test_weights_past_2gb_go_to_one_data_file_per_graph(plugin_dir, tmp_path):
     # the exporter writes a >2 GB model's weights as one loose file per tensor, with names that collide across
     # graphs in one folder; the export gathers them into <name>.onnx.data (simulated here on the tiny UNet)
-    from export.onnx import gather_external_data
+    from ipadapter_instruct.export.onnx import gather_external_data
 
     loose = tmp_path / "loose"
     loose.mkdir()
@@ -205,7 +205,7 @@ def test_ip_adapter_plus_exports_an_image_only_projector(tiny, plus_dir, tmp_pat
 @pytest.mark.parametrize("mode", ["auto", "simple"])
 def test_generation_from_the_graphs_matches_the_engine(plugin_dir, instruct_pipe, cond_image, mode):
     # the five graphs with the engine's requests, guidance and scheduler around them: same latents and images
-    from export.onnx_runtime import OnnxPipeline
+    from ipadapter_instruct.export.onnx_runtime import OnnxPipeline
 
     onnx_pipe = OnnxPipeline.from_export(str(plugin_dir))
     onnx_pipe.set_progress_bar_config(disable=True)
@@ -251,8 +251,8 @@ def copy_laid_out(paths, root):
 
 
 def test_export_and_weights_move_together_or_the_error_names_the_override(plugin_dir, tiny, tmp_path, cond_image):
-    from export.__main__ import main
-    from export.onnx_runtime import OnnxPipeline
+    from ipadapter_instruct.export.__main__ import main
+    from ipadapter_instruct.export.onnx_runtime import OnnxPipeline
 
     src = json.loads((plugin_dir / "manifest.json").read_text())["source"]
     assert sorted(src["relative"]) == ["adapter", "image_encoder", "model"]
@@ -291,8 +291,8 @@ def test_export_and_weights_move_together_or_the_error_names_the_override(plugin
 
 
 def test_step_batching_refuses_exported_graphs_at_start_up(plugin_dir):
-    from engine.server.config import ServerConfig
-    from export.onnx_runtime import OnnxPipeline
+    from ipadapter_instruct.engine.server.config import ServerConfig
+    from ipadapter_instruct.export.onnx_runtime import OnnxPipeline
     from server_utils import InProcessServer
 
     with pytest.raises(RuntimeError, match="--batching step runs on the PyTorch backend; this server loads exported "

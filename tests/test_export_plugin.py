@@ -28,7 +28,7 @@ def launch_arguments(monkeypatch, dtype: str) -> list[tuple[str, str, str]]:
     """(name, type, PTX parameter type) per kernel argument, independently of the index and the PTX: names from the
     @triton.jit function's Python signature without its constexprs, types from the values the PyTorch launcher
     passes (tensors: 64-bit pointers, ints: 32-bit), then Triton's scratch pointers."""
-    import kernels.packed_attention as packed
+    import ipadapter_instruct.kernels.packed_attention as packed
 
     params = inspect.signature(packed._packed_fwd_kernel.fn).parameters.values()
     names = [p.name for p in params if "constexpr" not in str(p.annotation)]
@@ -53,7 +53,7 @@ def launch_arguments(monkeypatch, dtype: str) -> list[tuple[str, str, str]]:
 
 
 def test_every_plugin_variant_compiles_and_the_index_matches(tmp_path, monkeypatch):
-    from export.plugin import ARCHS, DTYPES, HEAD_DIMS
+    from ipadapter_instruct.export.plugin import ARCHS, DTYPES, HEAD_DIMS
 
     expected = {t: launch_arguments(monkeypatch, t) for t in DTYPES}
     for args in expected.values():  # TensorRT's AOT order: input pointers, int32 sizes, output pointer

@@ -11,21 +11,21 @@ import pytest
 import torch
 
 from conftest import gpu
-from engine.errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
 QUIET = dict(log=lambda *a, **k: None)
 
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
-    from engine.tiny import make_tiny_sdxl
+    from ipadapter_instruct.engine.tiny import make_tiny_sdxl
     return make_tiny_sdxl(str(tmp_path_factory.mktemp("sdxl-export") / "tiny"))
 
 
 @pytest.fixture(scope="module")
 def sdxl_exports(sdxl, tmp_path_factory):
     """(attention form, adapter) -> a whole SDXL export of the tiny weights, made once for the tests below."""
-    from export.onnx import export_onnx
+    from ipadapter_instruct.export.onnx import export_onnx
 
     made = {}
 
@@ -41,7 +41,7 @@ def sdxl_exports(sdxl, tmp_path_factory):
 @pytest.mark.parametrize("attention, adapter", [("plugin", "instruct"), ("onnx", "instruct"), ("onnx", "adapter")],
                          ids=["plugin-instruct", "onnx-instruct", "onnx-plus"])
 def test_sdxl_export_verifies_under_onnx_runtime(sdxl_exports, attention, adapter):
-    from export.verify import verify
+    from ipadapter_instruct.export.verify import verify
 
     out = sdxl_exports(attention, adapter)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -75,8 +75,8 @@ def sdxl_kwargs(cond_image, adapter: str, **kw) -> dict:
 def test_generation_from_the_sdxl_graphs_matches_the_engine(sdxl, sdxl_exports, cond_image, attention, adapter):
     """The six graphs under ONNX Runtime with engine/sdxl.py's maths around them (two-encoder tokens, pooled
     embeddings and time ids per row, the Instruct projector's CLIP-L text): the PyTorch pipeline's latents."""
-    from engine import Pipeline
-    from export.onnx_runtime import OnnxPipeline, OnnxSDXLPipeline
+    from ipadapter_instruct.engine import Pipeline
+    from ipadapter_instruct.export.onnx_runtime import OnnxPipeline, OnnxSDXLPipeline
 
     ref = Pipeline.from_pretrained(sdxl["model"], image_encoder=sdxl["image_encoder"], adapter=sdxl[adapter])
     pipe = OnnxPipeline.from_export(str(sdxl_exports(attention, adapter)))
@@ -98,8 +98,8 @@ def test_generation_from_the_sdxl_graphs_matches_the_engine(sdxl, sdxl_exports, 
 
 
 def test_an_sdxl_export_opens_only_as_sdxl_and_whole(sdxl, sdxl_exports, tmp_path):
-    from export.onnx import export_onnx
-    from export.onnx_runtime import OnnxPipeline, OnnxSDXLPipeline
+    from ipadapter_instruct.export.onnx import export_onnx
+    from ipadapter_instruct.export.onnx_runtime import OnnxPipeline, OnnxSDXLPipeline
 
     folder = str(sdxl_exports("onnx", "adapter"))
     with pytest.raises(EngineError, match="is an SDXL export .*run it with OnnxSDXLPipeline, not OnnxPipeline"):
@@ -121,9 +121,9 @@ def test_export_run_and_the_server_take_an_sdxl_export(sdxl_exports, cond_image,
     import numpy as np
     from PIL import Image
 
-    from engine.server.config import ServerConfig
-    from export.__main__ import main
-    from export.onnx_runtime import OnnxPipeline
+    from ipadapter_instruct.engine.server.config import ServerConfig
+    from ipadapter_instruct.export.__main__ import main
+    from ipadapter_instruct.export.onnx_runtime import OnnxPipeline
     from server_utils import InProcessServer, decode_png, png_base64
 
     folder = sdxl_exports("plugin", "instruct")
@@ -150,7 +150,7 @@ def test_export_run_and_the_server_take_an_sdxl_export(sdxl_exports, cond_image,
 def test_tensorrt_builds_every_sdxl_graph(sdxl, tmp_path):
     """`python -m export trt` on the SDXL export (plugin form): every graph builds, text_encoder_2 included, and the
     UNet engine takes the added conditioning with its profile."""
-    from engine.trt import tensorrt_unavailable
+    from ipadapter_instruct.engine.trt import tensorrt_unavailable
     why = tensorrt_unavailable("rtx")
     if why is not None:
         pytest.skip(f"TensorRT for RTX does not import: {why}")
@@ -174,9 +174,9 @@ def test_tensorrt_builds_every_sdxl_graph(sdxl, tmp_path):
 def test_tensorrt_sdxl_latents_match_the_pytorch_path(sdxl, sdxl_exports, cond_image, tmp_path):
     """The SDXL plans (fp32, plugin attention, built for this GPU) with the engine's SDXL loop around them: the
     PyTorch pipeline's latents, also when the UNet engine replays from CUDA graphs."""
-    from engine import Pipeline
-    from engine.trt.runtime import TensorRTSDXLPipeline
-    from engine.trt.support import runnable_here
+    from ipadapter_instruct.engine import Pipeline
+    from ipadapter_instruct.engine.trt.runtime import TensorRTSDXLPipeline
+    from ipadapter_instruct.engine.trt.support import runnable_here
     from test_export_plugin import export
 
     ok, why = runnable_here()  # a TensorRT that can run plans on this GPU, or why none can

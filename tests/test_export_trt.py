@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from conftest import GPU_SKIP, gpu
-from engine.errors import EngineError
-from engine.trt import link_rtx_library, load_tensorrt, support, tensorrt_unavailable
-from engine.trt import plugin as tp
-from export import trt
-from export.onnx import FORMAT
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.trt import link_rtx_library, load_tensorrt, support, tensorrt_unavailable
+from ipadapter_instruct.engine.trt import plugin as tp
+from ipadapter_instruct.export import trt
+from ipadapter_instruct.export.onnx import FORMAT
 from test_export_plugin import ROOT, export  # noqa: F401 (ROOT: the repository, for readers of this file)
 
 NO_TRT = tensorrt_unavailable("rtx")
@@ -356,8 +356,8 @@ def test_fp16_flag_on_a_float32_export_says_what_to_do(exports, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no GPU")
 def test_running_the_plans_without_a_gpu_stops_with_tensorrts_own_reason(built, tiny, tmp_path, capsys,
                                                                            cond_image):
-    from engine import Pipeline
-    from engine.__main__ import main
+    from ipadapter_instruct.engine import Pipeline
+    from ipadapter_instruct.engine.__main__ import main
 
     folder, _ = built["plugin", "float32"]
     with pytest.raises(EngineError, match="get_engine_validity says INVALID.*torch sees no CUDA GPU"):
@@ -374,7 +374,7 @@ def test_running_the_plans_without_a_gpu_stops_with_tensorrts_own_reason(built, 
 
 
 def test_backend_and_engines_go_together(tiny, tmp_path):
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
 
     with pytest.raises(EngineError, match="backend tensorrt needs the engine folder"):
         Pipeline.from_pretrained(tiny["model"], backend="tensorrt")
@@ -386,8 +386,8 @@ def test_backend_and_engines_go_together(tiny, tmp_path):
 
 @needs_trt
 def test_engine_folder_errors_are_one_line(built, tiny, tmp_path):
-    from engine import Pipeline
-    from engine.trt.runtime import read_engines
+    from ipadapter_instruct.engine import Pipeline
+    from ipadapter_instruct.engine.trt.runtime import read_engines
 
     folder, _ = built["plugin", "float32"]
     copy = tmp_path / "copy"
@@ -407,7 +407,7 @@ def test_engine_folder_errors_are_one_line(built, tiny, tmp_path):
 
 @needs_trt
 def test_bench_reports_tensorrt_skipped_on_the_cpu(tmp_path, capsys):
-    from bench.__main__ import main
+    from ipadapter_instruct.bench.__main__ import main
 
     path = tmp_path / "e2e.json"
     assert main(["--device", "cpu", "--providers", "tensorrt,engine", "--batch", "1", "--steps", "1", "--repeats",
@@ -448,7 +448,7 @@ def final_latents(pipe, cond_image, **kw):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=GPU_SKIP)
 @pytest.mark.parametrize("form", ["plugin", "onnx"])
 def test_tensorrt_latents_match_the_pytorch_path(gpu_built, tiny, cond_image, form):
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     ref = Pipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"], adapter=tiny["adapter"],
@@ -465,8 +465,8 @@ def test_tensorrt_latents_match_the_pytorch_path(gpu_built, tiny, cond_image, fo
 @gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=GPU_SKIP)
 def test_plugin_enqueue_matches_the_reference(tmp_path, monkeypatch):
-    from export.plugin import write_plugin
-    from kernels.packed_attention import packed_attention_ref
+    from ipadapter_instruct.export.plugin import write_plugin
+    from ipadapter_instruct.kernels.packed_attention import packed_attention_ref
 
     ok, why = support.runnable_here()
     if not ok:
@@ -505,8 +505,8 @@ def test_the_server_serves_a_pipeline_of_exported_graphs(exports, cond_image):
 
     from PIL import Image
 
-    from engine.server.config import ServerConfig
-    from export.onnx_runtime import OnnxPipeline
+    from ipadapter_instruct.engine.server.config import ServerConfig
+    from ipadapter_instruct.export.onnx_runtime import OnnxPipeline
     from server_utils import InProcessServer, decode_png, png_base64
 
     pipe = OnnxPipeline.from_export(str(exports["plugin", "float32"]))

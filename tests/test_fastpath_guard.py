@@ -15,14 +15,14 @@ from conftest import DEVICE, PROMPT, gpu
 STYLE = "use the style of this image"
 CALL = dict(num_inference_steps=1, seed=3, height=32, width=32, output_type="latent")
 # kernel -> (where the pipeline looks it up at call time, its eager path)
-KERNELS = {"decoupled_attention": None, "group_norm_silu": ("engine.fastpath.group_norm_silu",
-                                                            "kernels.groupnorm_silu.group_norm_silu_ref"),
-           "geglu": ("engine.fastpath.geglu", "kernels.geglu.geglu_ref"),
-           "projector": ("kernels.projector.projector_forward", None)}
+KERNELS = {"decoupled_attention": None, "group_norm_silu": ("ipadapter_instruct.engine.fastpath.group_norm_silu",
+                                                            "ipadapter_instruct.kernels.groupnorm_silu.group_norm_silu_ref"),
+           "geglu": ("ipadapter_instruct.engine.fastpath.geglu", "ipadapter_instruct.kernels.geglu.geglu_ref"),
+           "projector": ("ipadapter_instruct.kernels.projector.projector_forward", None)}
 
 
 def pipeline(tiny, backend="triton", verify=True):
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
     pipe = Pipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"], adapter=tiny["adapter"],
                                     device="cpu", attention_backend=backend, verify_fast_path=verify)
     pipe.set_progress_bar_config(disable=True)
@@ -47,16 +47,16 @@ def wrong(kernel):
 def inject(monkeypatch, faults: dict) -> None:
     """faults: kernel -> "raise" | "wrong" | "eager" (its eager path in its place: what a fallback computes) |
     "eager-wrong" (the eager path 1 % off: a wrong kernel that costs no interpreter time)."""
-    import engine.attention
-    from kernels import decoupled_attention_sdpa
+    from ipadapter_instruct.engine import attention
+    from ipadapter_instruct.kernels import decoupled_attention_sdpa
 
     for name, fault in faults.items():
         if name == "decoupled_attention":  # the processors' impl is chosen at construction: patch the registry
-            real = engine.attention.implementation("triton")
+            real = attention.implementation("triton")
             fake = {"raise": raising, "wrong": wrong(real), "eager": decoupled_attention_sdpa,
                     "eager-wrong": wrong(decoupled_attention_sdpa)}[fault]
-            monkeypatch.setattr(engine.attention, "implementation",
-                                lambda n, impl=engine.attention.implementation: fake if n == "triton" else impl(n))
+            monkeypatch.setattr(attention, "implementation",
+                                lambda n, impl=attention.implementation: fake if n == "triton" else impl(n))
         elif name == "projector":
             real = resolve(KERNELS[name][0])
             eager = lambda module, *a: module(*a)  # noqa: E731  (the module's own forward)
@@ -86,7 +86,7 @@ def test_faulty_kernels_fall_back_to_the_eager_image(tiny, cond_image, monkeypat
         want = pipeline(tiny, verify=False)(PROMPT, cond_image, STYLE, **CALL)
     inject(monkeypatch, faults)
     pipe = pipeline(tiny)
-    with caplog.at_level(logging.WARNING, logger="engine.selfcheck"):
+    with caplog.at_level(logging.WARNING, logger="ipadapter_instruct.engine.selfcheck"):
         got = pipe(PROMPT, cond_image, STYLE, **CALL)
     assert torch.equal(got, want)
     report = pipe.fast_path_report()
@@ -108,7 +108,7 @@ def test_correct_kernels_are_kept(tiny, cond_image, caplog):
     plain = pipeline(tiny, verify=False)
     want = plain(PROMPT, cond_image, STYLE, **CALL)
     pipe = pipeline(tiny)
-    with caplog.at_level(logging.WARNING, logger="engine.selfcheck"):
+    with caplog.at_level(logging.WARNING, logger="ipadapter_instruct.engine.selfcheck"):
         got = pipe(PROMPT, cond_image, STYLE, **CALL)
     assert torch.equal(got, want) and not caplog.records
     report = pipe.fast_path_report()
@@ -132,7 +132,7 @@ def test_without_verification_a_faulty_kernel_reaches_the_image(tiny, cond_image
 def stale_replays(monkeypatch):
     """Graph entries whose replay returns the output the first entry made last: a second graph (another key at
     the same shapes) hands back the first one's stale buffer."""
-    from engine.cuda_graphs import StaticUNet
+    from ipadapter_instruct.engine.cuda_graphs import StaticUNet
 
     build, last = StaticUNet._build, {}
 
@@ -153,14 +153,14 @@ def test_a_stale_replay_is_caught(tiny, cond_image, monkeypatch, caplog):
     """PNDM (integer timesteps) and Euler (float) get separate graph entries at the same shapes; the second
     entry's replay returns the first's output. Its first use is checked against the eager step: the call gives
     the eager latents and the report names cuda_graph."""
-    from engine.cuda_graphs import StaticUNet
+    from ipadapter_instruct.engine.cuda_graphs import StaticUNet
 
     pipe = pipeline(tiny, backend="sdpa")
     call = dict(image=cond_image, instruct=STYLE, num_inference_steps=2, seed=1, output_type="latent")
     want = [pipe(PROMPT, **call), pipe(PROMPT, **call, scheduler="euler")]
     stale_replays(monkeypatch)
     pipe._static = StaticUNet(pipe.unet, capture=False)  # the eager static-buffer path (capture needs CUDA)
-    with caplog.at_level(logging.WARNING, logger="engine.selfcheck"):
+    with caplog.at_level(logging.WARNING, logger="ipadapter_instruct.engine.selfcheck"):
         got = [pipe(PROMPT, **call), pipe(PROMPT, **call, scheduler="euler")]
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     report = pipe.fast_path_report()
@@ -171,7 +171,7 @@ def test_a_stale_replay_is_caught(tiny, cond_image, monkeypatch, caplog):
 
 
 def test_without_the_check_the_stale_replay_reaches_the_latents(tiny, cond_image, monkeypatch):
-    from engine.cuda_graphs import StaticUNet
+    from ipadapter_instruct.engine.cuda_graphs import StaticUNet
 
     pipe = pipeline(tiny, backend="sdpa", verify=False)
     call = dict(image=cond_image, instruct=STYLE, num_inference_steps=2, seed=1, output_type="latent",
@@ -203,8 +203,8 @@ def test_a_wrong_compiled_unet_falls_back(tiny, cond_image, monkeypatch):
 def test_server_reports_the_fast_path_on_ready_and_metrics(tiny, cond_image, monkeypatch, capsys):
     """The server's warm-up meets the stale replay: /ready's body and /metrics name the fallback, and the warm-up
     line says what the checks cost."""
-    from engine.cuda_graphs import StaticUNet
-    from engine.server.config import ServerConfig
+    from ipadapter_instruct.engine.cuda_graphs import StaticUNet
+    from ipadapter_instruct.engine.server.config import ServerConfig
     from server_utils import InProcessServer
 
     stale_replays(monkeypatch)
@@ -228,7 +228,7 @@ def test_server_reports_the_fast_path_on_ready_and_metrics(tiny, cond_image, mon
 def test_compare_follows_the_kernels_rule():
     """The rule itself: within twice the eager path's own error plus ATOL x the reference's scale passes, beyond
     fails; NaN where the reference is finite fails; positions where the reference is not finite are left out."""
-    from engine.selfcheck import ATOL, compare
+    from ipadapter_instruct.engine.selfcheck import ATOL, compare
 
     ref = torch.tensor([1.0, -2.0, 4.0, float("nan")])
     eager = ref + torch.tensor([1e-3, 0, 0, 0])

@@ -26,8 +26,8 @@ from packaging.requirements import Requirement
 from packaging.tags import sys_tags
 from packaging.utils import parse_wheel_filename
 
-from bench import gpu_tests
-from bench.envcheck import IMAGE, carried, normalize
+from ipadapter_instruct.bench import gpu_tests
+from ipadapter_instruct.bench.envcheck import IMAGE, carried, normalize
 
 ROOT = Path(__file__).resolve().parent.parent
 # what the image lacks that this environment has and the check must not lean on: never linked, even where one of

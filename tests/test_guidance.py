@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from engine import EngineError
-from engine.guidance import branch_weights, resolve_mode
+from ipadapter_instruct.engine import EngineError
+from ipadapter_instruct.engine.guidance import branch_weights, resolve_mode
 
 
 def combine(mode, eps, g, gi, gimg):

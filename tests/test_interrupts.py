@@ -16,9 +16,9 @@ import time
 import numpy as np
 import pytest
 
-from engine import interrupt
-from engine.interrupt import EXIT_INTERRUPTED
-from engine.trt import tensorrt_unavailable
+from ipadapter_instruct.engine import interrupt
+from ipadapter_instruct.engine.interrupt import EXIT_INTERRUPTED
+from ipadapter_instruct.engine.trt import tensorrt_unavailable
 from test_cli import ctrl_c_in_c
 
 NO_TRT = tensorrt_unavailable("rtx")
@@ -31,7 +31,7 @@ def chain_export(folder, layers: int = 300, graphs=("first", "second")):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from export.onnx import FORMAT
+    from ipadapter_instruct.export.onnx import FORMAT
 
     g = np.random.RandomState(0)
     nodes, weights, prev = [], [], "x"
@@ -93,7 +93,7 @@ def test_export_trt_mid_build(tmp_path):
 def test_the_progress_monitor_cancels_the_build(tmp_path, monkeypatch):
     """In process: Ctrl-C just before the build (as the signal sets it) stops TensorRT at its first step: the
     monitor's step_complete says False once, and the builder asks no more."""
-    from export import trt
+    from ipadapter_instruct.export import trt
 
     src = chain_export(tmp_path / "onnx", graphs=("first",))
     answers, real = [], trt.cancel_monitor
@@ -138,8 +138,8 @@ def stderr_lines(capsys) -> list[str]:
 
 def test_export_onnx(tiny, tmp_path, monkeypatch, capsys):
     """Ctrl-C while the exporter traces (in process: the signal comes from inside torch.onnx.export's tracing)."""
-    from export import onnx
-    from export.__main__ import main
+    from ipadapter_instruct.export import onnx
+    from ipadapter_instruct.export.__main__ import main
 
     real = onnx.export_graph
 
@@ -157,9 +157,9 @@ def test_export_onnx(tiny, tmp_path, monkeypatch, capsys):
 
 
 def test_train(tiny, tmp_path, monkeypatch, capsys):
-    from train import loop
-    from train.__main__ import main
-    from train.data import make_synthetic
+    from ipadapter_instruct.train import loop
+    from ipadapter_instruct.train.__main__ import main
+    from ipadapter_instruct.train.data import make_synthetic
 
     data = make_synthetic(str(tmp_path / "data"), 4, seed=0, size=32)
     monkeypatch.setattr(loop.Trainer, "train_step", lambda self: ctrl_c())
@@ -172,10 +172,10 @@ def test_train(tiny, tmp_path, monkeypatch, capsys):
 
 
 def test_bench(tmp_path, monkeypatch, capsys):
-    import bench.ops
-    from bench.__main__ import main
+    from ipadapter_instruct.bench import ops as bench_ops
+    from ipadapter_instruct.bench.__main__ import main
 
-    monkeypatch.setattr(bench.ops, "run_ops", lambda *args: ctrl_c())
+    monkeypatch.setattr(bench_ops, "run_ops", lambda *args: ctrl_c())
     out = tmp_path / "ops.json"
     assert run_main(main, ["ops", "--device", "cpu", "--json", str(out)]) == EXIT_INTERRUPTED
     assert stderr_lines(capsys) == ["python -m bench ops: interrupted (Ctrl-C): stopped, no results written"]
@@ -188,7 +188,7 @@ def test_forced_exit_removes_registered_folders(tmp_path):
     stage, part = tmp_path / "stage", tmp_path / "x.pt.tmp"
     setup = textwrap.dedent(f"""
         import os
-        from engine import interrupt
+        from ipadapter_instruct.engine import interrupt
         os.makedirs({str(stage)!r}); open(os.path.join({str(stage)!r}, "a.plan"), "w").close()
         open({str(part)!r}, "w").close()
         interrupt.remove_if_killed({str(stage)!r}); interrupt.remove_if_killed({str(part)!r})

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from conftest import NEGATIVE, PROMPT, load_pipe
-from engine import bounds
-from engine.errors import EngineError
-from engine.combine import Combination, NonFinite
-from engine.server.config import ServerConfig
+from ipadapter_instruct.engine import bounds
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.combine import Combination, NonFinite
+from ipadapter_instruct.engine.server.config import ServerConfig
 from server_utils import InProcessServer, decode_png, png_base64
 
 STYLE = "use the style of this image"
@@ -107,7 +107,7 @@ def test_out_of_range_numbers_are_refused_naming_the_field(instruct_pipe, cond_i
 
 
 def test_controlnet_numbers_are_bounded():
-    from engine.controlnet import control_numbers
+    from ipadapter_instruct.engine.controlnet import control_numbers
     for kw, field in (({"scale": 1e308}, "controlnet_conditioning_scale"), ({"start": NAN}, "control_guidance_start"),
                       ({"end": 1.5}, "control_guidance_end"), ({"start": 0.8, "end": 0.2}, "control_guidance_start")):
         args = {"scale": 1.0, "start": 0.0, "end": 1.0, **kw}
@@ -177,13 +177,13 @@ def test_in_step_batching_too(instruct_pipe, cond_image, other_image, good_alone
 
 @pytest.fixture(scope="module")
 def tiny_edit(tmp_path_factory):
-    from engine.tiny import make_tiny
+    from ipadapter_instruct.engine.tiny import make_tiny
     return make_tiny(str(tmp_path_factory.mktemp("iso-edit") / "weights"), edit=True)
 
 
 @pytest.fixture(scope="module")
 def edit_pipe(tiny_edit):
-    from engine import EditPipeline
+    from ipadapter_instruct.engine import EditPipeline
     pipe = EditPipeline.from_pretrained(tiny_edit["model"], device="cpu")
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -232,7 +232,7 @@ def test_an_edit_flight_beside_a_hostile_flight(edit_pipe, photo, unbounded):
 def test_a_controlnet_scale_cannot_reach_a_batch_mate(tiny, tmp_path, unbounded):
     from test_controlnet import make_controlnet
 
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
     pipe = Pipeline.from_pretrained(tiny["model"], device="cpu", controlnet=make_controlnet(tiny, tmp_path / "cn", 0))
     pipe.set_progress_bar_config(disable=True)
     control = Image.fromarray((np.random.RandomState(1).rand(64, 64, 3) * 255).astype("uint8"))

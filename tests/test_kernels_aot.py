@@ -1,7 +1,7 @@
 """The kernels compile for a real GPU (sm_90) on this machine, with Triton's own JIT, compiler and ptxas.
 
 The interpreter accepts programs the GPU compiler rejects, so where no GPU is lent this is the check that
-the code the engine launches on CUDA is legal, and what it costs in registers. `python -m kernels.aot` runs
+the code the engine launches on CUDA is legal, and what it costs in registers. `python -m ipadapter_instruct.kernels.aot` runs
 in a child process with TRITON_INTERPRET unset (the session's kernels are interpreted ones), once for the
 module: every SD1.5 launch at the README table's dtypes and head dims (70-90 s cold on 2 cores, ~15 s
 with Triton's cache warm).
@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from engine.errors import EngineError
-from kernels.aot import IMAGE, QUERIES, TABLE_KERNELS, TEXT, markdown, parse_ptxas
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.kernels.aot import IMAGE, QUERIES, TABLE_KERNELS, TEXT, markdown, parse_ptxas
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "TRITON_DEFAULT_FP_FUSION": "1"}
@@ -32,7 +32,7 @@ def aot(tmp_path_factory):
         args += ["--dtype", t]
     for d in HEAD_DIMS:
         args += ["--head-dim", str(d)]
-    res = subprocess.run([sys.executable, "-m", "kernels.aot", *args], cwd=ROOT, env=ENV, capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "ipadapter_instruct.kernels.aot", *args], cwd=ROOT, env=ENV, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout, json.loads(out.read_text())
@@ -53,7 +53,7 @@ def test_every_launch_compiles_for_sm90(aot):
 def test_launches_keep_the_launchers_own_configuration(aot):
     import importlib
 
-    from kernels.decoupled_attention import key_block, launch_config
+    from ipadapter_instruct.kernels.decoupled_attention import key_block, launch_config
 
     projector, projector_ff = (importlib.import_module(f"kernels.{m}") for m in ("projector", "projector_ff"))
 
@@ -140,16 +140,16 @@ def test_ptxas_report_is_parsed_strictly():
 
 
 def test_aot_refuses_the_interpreter():
-    res = subprocess.run([sys.executable, "-m", "kernels.aot", "--no-projector"], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "ipadapter_instruct.kernels.aot", "--no-projector"], cwd=ROOT,
                          env={**ENV, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "unset TRITON_INTERPRET" in res.stderr
 
 
 def test_sdxl_launches_compile_without_spills(tmp_path):
-    """`python -m kernels.aot --sdxl`: SDXL's launches at 1024 px (head dim 64 at 10 and 20 heads, the 1280-wide
+    """`python -m ipadapter_instruct.kernels.aot --sdxl`: SDXL's launches at 1024 px (head dim 64 at 10 and 20 heads, the 1280-wide
     projector with both FF widths, GroupNorm+SiLU at 128x128, GEGLU at 2 x 2560) compile for sm_90 without spills."""
     out = tmp_path / "sdxl.json"
-    res = subprocess.run([sys.executable, "-m", "kernels.aot", "--sdxl", "--arch", "90", "--dtype", "float16",
+    res = subprocess.run([sys.executable, "-m", "ipadapter_instruct.kernels.aot", "--sdxl", "--arch", "90", "--dtype", "float16",
                           "--dtype", "bfloat16", "--json", str(out)], cwd=ROOT, env=ENV, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -167,6 +167,6 @@ def test_sdxl_launches_compile_without_spills(tmp_path):
 
 
 def test_sdxl_flag_refuses_the_sd15_table(capsys):
-    from kernels.aot import main
+    from ipadapter_instruct.kernels.aot import main
     assert main(["--sdxl", "--markdown"]) == 2
     assert "--sdxl compiles SDXL's own launches" in capsys.readouterr().err

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import DEVICE, gpu
-from engine.errors import EngineError
-from kernels import decoupled, decoupled_attention, decoupled_attention_ref, decoupled_attention_sdpa
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.kernels import decoupled, decoupled_attention, decoupled_attention_ref, decoupled_attention_sdpa
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ATOL = {torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 5e-3}

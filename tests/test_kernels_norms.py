@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import DEVICE, gpu
-from engine.errors import EngineError
-from kernels.geglu import geglu, geglu_ref
-from kernels.groupnorm_silu import group_norm_silu, group_norm_silu_ref
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.kernels.geglu import geglu, geglu_ref
+from ipadapter_instruct.kernels.groupnorm_silu import group_norm_silu, group_norm_silu_ref
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -77,7 +77,7 @@ def test_fused_unet_and_vae_equal_diffusers_own(tiny, monkeypatch):
     from diffusers.models.activations import GEGLU
     from diffusers.models.resnet import ResnetBlock2D
 
-    from engine import fastpath
+    from ipadapter_instruct.engine import fastpath
     unet = UNet2DConditionModel.from_pretrained(tiny["model"], subfolder="unet").to(DEVICE).eval()
     vae = AutoencoderKL.from_pretrained(tiny["model"], subfolder="vae").to(DEVICE).eval()
     g = torch.Generator().manual_seed(0)
@@ -135,8 +135,8 @@ def test_group_norm_silu_is_deterministic(device, dtype):
 def fast_path_stages(pipe, inputs, ip_tokens, call):
     """A pipeline's projector output, one UNet step (on the given adapter tokens, so the step's own error only)
     and the latents after `call`, from the same fp32 inputs cast to the pipeline's dtype."""
-    from engine.attention import AdapterContext, precompute_kv
-    from kernels.projector import projector_forward
+    from ipadapter_instruct.engine.attention import AdapterContext, precompute_kv
+    from ipadapter_instruct.kernels.projector import projector_forward
     image, instruct, prompt, x, text = (v.to(pipe.dtype) for v in inputs)
     with torch.no_grad():
         fn = projector_forward if pipe._fused_projector else (lambda proj, *a: proj(*a))

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import DEVICE, gpu
-from engine.errors import EngineError
-from kernels import decoupled_attention_ref
-from kernels.packed_attention import packed_attention, packed_attention_ref
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.kernels import decoupled_attention_ref
+from ipadapter_instruct.kernels.packed_attention import packed_attention, packed_attention_ref
 
 ATOL = {torch.float32: 1e-5, torch.float16: 5e-4}
 

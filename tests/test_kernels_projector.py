@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import DEVICE, gpu  # conftest turns on the interpreter (before kernels import) without a GPU
-from engine.errors import EngineError
-from engine.projector import InstructProjector, PerceiverAttention, ProjectorConfig
-from engine.projector import feed_forward as feed_forward_module
-from kernels.projector import perceiver_attention, perceiver_attention_ref, projector_forward
-from kernels.projector_ff import feed_forward, feed_forward_ref
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.projector import InstructProjector, PerceiverAttention, ProjectorConfig
+from ipadapter_instruct.engine.projector import feed_forward as feed_forward_module
+from ipadapter_instruct.kernels.projector import perceiver_attention, perceiver_attention_ref, projector_forward
+from ipadapter_instruct.kernels.projector_ff import feed_forward, feed_forward_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import PROMPT
 
-from engine import EngineError, Pipeline
-from engine.adapter import read_adapter_file
-from engine.projector import InstructProjector, ProjectorConfig
+from ipadapter_instruct.engine import EngineError, Pipeline
+from ipadapter_instruct.engine.adapter import read_adapter_file
+from ipadapter_instruct.engine.projector import InstructProjector, ProjectorConfig
 
 STEPS = 2
 
@@ -164,7 +164,7 @@ def test_sd15_layout_expects_the_released_keys():
     device from SD1.5's UNet config, the engine expects exactly those keys and widths."""
     from diffusers import UNet2DConditionModel
 
-    from engine.adapter import AdapterLayers
+    from ipadapter_instruct.engine.adapter import AdapterLayers
     with torch.device("meta"):
         unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)  # diffusers' defaults are SD1.5's
         layers = AdapterLayers(unet, 768)

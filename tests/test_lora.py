@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import NEGATIVE, PROMPT
-from engine.errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
 STEPS = 3
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +75,7 @@ def loras(tiny, tmp_path_factory):
 
 @pytest.fixture
 def pipe(tiny):
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
     p = Pipeline.from_pretrained(tiny["model"], device="cpu")
     p.set_progress_bar_config(disable=True)
     return p
@@ -139,7 +139,7 @@ def test_two_loras_with_scales(loras, pipe):
 
 
 def test_cuda_graph_entries_are_dropped_on_a_weight_change(loras, pipe):
-    from engine.cuda_graphs import StaticUNet
+    from ipadapter_instruct.engine.cuda_graphs import StaticUNet
     pipe._static = StaticUNet(pipe.unet, capture=False)
     run(pipe)
     assert pipe._static.entries
@@ -188,7 +188,7 @@ def test_serve_with_a_lora(tiny, loras, pipe):
     """serve --lora FILE:SCALE fuses it at start-up: answers equal the pipeline with the same LoRA."""
     import numpy as np
 
-    from engine.server.config import ServerConfig
+    from ipadapter_instruct.engine.server.config import ServerConfig
     from server_utils import InProcessServer, decode_png
 
     server = InProcessServer(ServerConfig(model=tiny["model"], device="cpu", lora=((str(loras["a"]), 0.7),)), None)

@@ -14,7 +14,7 @@ PROMPT, NEG = "a cat by a lake", "blurry"
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
-    from engine.tiny import make_tiny_sdxl
+    from ipadapter_instruct.engine.tiny import make_tiny_sdxl
     return make_tiny_sdxl(str(tmp_path_factory.mktemp("sdxl-lora") / "tiny"))
 
 
@@ -66,7 +66,7 @@ def loras(sdxl, tmp_path_factory):
 
 @pytest.fixture
 def pipe(sdxl):
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
     p = Pipeline.from_pretrained(sdxl["model"], device="cpu")
     p.set_progress_bar_config(disable=True)
     return p

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import NEGATIVE, PROMPT
-from engine.errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
 STEPS = 4
 SIZE = 64  # the tiny model's native size
@@ -19,8 +19,8 @@ def two(tiny, plus_dir):
     """Our pipeline with two IP-Adapter+ files, and the paths."""
     from diffusers import UNet2DConditionModel
 
-    from engine import Pipeline
-    from engine.tiny import tiny_adapter
+    from ipadapter_instruct.engine import Pipeline
+    from ipadapter_instruct.engine.tiny import tiny_adapter
     b = plus_dir / "plus_b.safetensors"
     if not b.exists():
         torch.manual_seed(21)
@@ -37,7 +37,7 @@ def d_two(tiny, two):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPVisionModelWithProjection
 
-    from engine.loading import _image_processor_class
+    from ipadapter_instruct.engine.loading import _image_processor_class
     _, a, b = two
     d = StableDiffusionPipeline.from_pretrained(
         tiny["model"], safety_checker=None, requires_safety_checker=False,
@@ -155,7 +155,7 @@ def test_batch_of_mixed_requests_equals_each_alone(two, cond_image, other_image)
 
 def test_static_buffers_follow_masks_and_step_ranges(two, cond_image, other_image):
     # the CUDA-graph path's static buffers (run eagerly here) must take the masks and the per-step scales
-    from engine.cuda_graphs import StaticUNet
+    from ipadapter_instruct.engine.cuda_graphs import StaticUNet
     pipe, _, _ = two
     kw = dict(scale=[[0.6, 0.9]], adapter_masks=[[half_mask(True), None]], adapter_end=[[1.0, 0.5]])
     eager = ours(pipe, [[cond_image, other_image]], **kw)
@@ -171,7 +171,7 @@ def test_static_buffers_follow_masks_and_step_ranges(two, cond_image, other_imag
 
 def test_triton_kernel_takes_two_adapters_and_masks(tiny, two, cond_image, other_image):
     # the fused kernel (under the Triton interpreter here) against the SDPA path for two adapters with masks
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
     _, a, b = two
     pipe = Pipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"], adapter=[str(a), str(b)],
                                     device="cpu", attention_backend="triton")
@@ -187,7 +187,7 @@ def test_triton_kernel_takes_two_adapters_and_masks(tiny, two, cond_image, other
 
 def test_query_lengths_match_the_unet(two):
     # the layer sizes the masks are downsampled to, at a size whose latent halves unevenly (17 x 15)
-    from engine.attention import query_lengths
+    from ipadapter_instruct.engine.attention import query_lengths
     pipe, _, _ = two
     seen = {}
     modules = dict(pipe.unet.named_modules())
@@ -244,7 +244,7 @@ def test_adapter_options_need_an_adapter(tiny):
 
 
 def test_several_adapters_are_refused_where_not_built(tiny, two):
-    from engine import EditPipeline, Pipeline
+    from ipadapter_instruct.engine import EditPipeline, Pipeline
     _, a, b = two
     with pytest.raises(EngineError, match="TensorRT engines hold one adapter"):
         Pipeline.from_pretrained(tiny["model"], adapter=[str(a), str(b)], backend="tensorrt", engines="x")
@@ -254,7 +254,7 @@ def test_several_adapters_are_refused_where_not_built(tiny, two):
 
 
 def test_cli_several_adapters_equal_the_api(two, tiny, tmp_path, capsys, cond_image, other_image):
-    from engine.__main__ import main
+    from ipadapter_instruct.engine.__main__ import main
     pipe, a, b = two
     paths = {}
     for name, im in (("a", cond_image), ("b", other_image), ("mask", half_mask(True))):
@@ -267,7 +267,7 @@ def test_cli_several_adapters_equal_the_api(two, tiny, tmp_path, capsys, cond_im
                  "--adapter-end", "0.5", "--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--steps", "2",
                  "--seed", "3", "--no-progress", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
-    from engine.loading import load_image
+    from ipadapter_instruct.engine.loading import load_image
     want = pipe(PROMPT, [[load_image(paths["a"]), load_image(paths["b"])]], negative_prompt=NEGATIVE,
                 scale=[[0.6, 0.9]], adapter_masks=[[load_image(paths["mask"]), None]], adapter_end=0.5,
                 num_inference_steps=2, seed=3)[0]
@@ -280,7 +280,7 @@ def test_cli_several_adapters_equal_the_api(two, tiny, tmp_path, capsys, cond_im
     (["--adapter-mask", "m.png"], "--adapter-mask is given 1 times for 2 --adapter: give it 2 times"),
 ])
 def test_cli_flag_counts(two, tiny, tmp_path, capsys, extra, message):
-    from engine.__main__ import main
+    from ipadapter_instruct.engine.__main__ import main
     _, a, b = two
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", tiny["model"], "--image-encoder", tiny["image_encoder"], "--adapter", str(a),
@@ -292,7 +292,7 @@ def test_the_server_takes_a_mask_and_a_step_range_per_request(tiny, plus_dir, co
     """POST /v1/generate with adapter_mask / adapter_start / adapter_end: requests with different ones share a call
     and each equals the pipeline alone; start after end and a mask on a text-only server are 422s naming the field."""
     from conftest import load_pipe
-    from engine.server.config import ServerConfig
+    from ipadapter_instruct.engine.server.config import ServerConfig
     from server_utils import InProcessServer, decode_png, png_base64
 
     pipe = load_pipe(tiny, plus_dir / "plus.safetensors")
@@ -327,10 +327,10 @@ def test_bench_runs_both_providers_with_two_masked_adapters(tmp_path, capsys):
     """`python -m bench e2e --adapters 2 --adapter-masks`: both sides really hold two adapters and take the masks."""
     import json
 
-    from bench.__main__ import main
-    from bench.e2e_config import E2EConfig
-    from bench.e2e_providers import DiffusersProvider, EngineProvider
-    from bench.weights import bench_weights
+    from ipadapter_instruct.bench.__main__ import main
+    from ipadapter_instruct.bench.e2e_config import E2EConfig
+    from ipadapter_instruct.bench.e2e_providers import DiffusersProvider, EngineProvider
+    from ipadapter_instruct.bench.weights import bench_weights
 
     cache = str(tmp_path / "w")
     path = tmp_path / "e2e.json"
@@ -353,5 +353,5 @@ def test_bench_runs_both_providers_with_two_masked_adapters(tmp_path, capsys):
 
 
 def cond_image_of(size):
-    from engine.demo import draw_condition_image
+    from ipadapter_instruct.engine.demo import draw_condition_image
     return draw_condition_image(size)

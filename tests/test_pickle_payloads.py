@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
 
 class Payload:
@@ -44,7 +44,7 @@ def refused(message: str, path, marker) -> None:
 
 
 def test_adapter_bin(tiny, tmp_path, marker):
-    from engine.adapter import read_adapter_file
+    from ipadapter_instruct.engine.adapter import read_adapter_file
 
     image_proj, ip_adapter = read_adapter_file(tiny["adapter"])
     path = plant(tmp_path / "adapter.bin", {"image_proj": image_proj, "ip_adapter": ip_adapter}, marker)
@@ -54,7 +54,7 @@ def test_adapter_bin(tiny, tmp_path, marker):
 
 
 def test_single_file_ckpt(tmp_path, marker):
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
 
     path = plant(tmp_path / "model.ckpt", {"state_dict": {"model.x": torch.zeros(2)}}, marker)
     with pytest.raises(EngineError) as e:
@@ -63,8 +63,8 @@ def test_single_file_ckpt(tmp_path, marker):
 
 
 def test_trainer_resume(tiny, tmp_path, marker, capsys):
-    from train.__main__ import main
-    from train.data import make_synthetic
+    from ipadapter_instruct.train.__main__ import main
+    from ipadapter_instruct.train.data import make_synthetic
 
     data = make_synthetic(str(tmp_path / "data"), 4, seed=0, size=32)
     out = tmp_path / "run"
@@ -96,7 +96,7 @@ def swap_for_bin(folder, safetensors_name: str, bin_name: str, marker) -> str:
 
 
 def test_model_folder_bin(tiny, tmp_path, marker):
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
 
     model = tmp_path / "model"
     shutil.copytree(tiny["model"], model)
@@ -107,7 +107,7 @@ def test_model_folder_bin(tiny, tmp_path, marker):
 
 
 def test_image_encoder_bin(tiny, tmp_path, marker):
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
 
     encoder = tmp_path / "image_encoder"
     shutil.copytree(tiny["image_encoder"], encoder)
@@ -120,7 +120,7 @@ def test_image_encoder_bin(tiny, tmp_path, marker):
 def test_controlnet_folder_bin(tiny, tmp_path, marker):
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from engine.controlnet import load_controlnets
+    from ipadapter_instruct.engine.controlnet import load_controlnets
 
     unet = UNet2DConditionModel.from_pretrained(tiny["model"], subfolder="unet")
     folder = tmp_path / "controlnet"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import NEGATIVE, PROMPT
-from engine.errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
 STEPS = 4
 
@@ -14,7 +14,7 @@ STEPS = 4
 def plain_dir(tiny, tmp_path_factory):
     from diffusers import UNet2DConditionModel
 
-    from engine.tiny import tiny_adapter
+    from ipadapter_instruct.engine.tiny import tiny_adapter
     folder = tmp_path_factory.mktemp("plain")
     torch.manual_seed(3)
     tiny_adapter(str(folder / "plain.safetensors"), UNet2DConditionModel.from_pretrained(tiny["model"],
@@ -25,7 +25,7 @@ def plain_dir(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plain_pipe(tiny, plain_dir):
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
     pipe = Pipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"],
                                     adapter=str(plain_dir / "plain.safetensors"), device="cpu")
     pipe.set_progress_bar_config(disable=True)
@@ -36,7 +36,7 @@ def test_plain_adapter_matches_diffusers(tiny, plain_dir, plain_pipe, cond_image
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPVisionModelWithProjection
 
-    from engine.loading import _image_processor_class
+    from ipadapter_instruct.engine.loading import _image_processor_class
 
     d = StableDiffusionPipeline.from_pretrained(
         tiny["model"], safety_checker=None, requires_safety_checker=False,
@@ -58,8 +58,8 @@ def test_plain_adapter_matches_diffusers(tiny, plain_dir, plain_pipe, cond_image
 
 
 def test_plain_adapter_is_refused_where_it_is_not_built(tiny, plain_dir):
-    from export.onnx import export_onnx
-    from train.model import init_adapter
+    from ipadapter_instruct.export.onnx import export_onnx
+    from ipadapter_instruct.train.model import init_adapter
     from diffusers import UNet2DConditionModel
 
     with pytest.raises(EngineError, match="plain IP-Adapter .* is not exported yet"):

@@ -40,7 +40,7 @@ def test_python_api_block_runs(tiny, tmp_path, cond_image, monkeypatch):
 
 
 def test_cli_synopsis_names_every_generate_flag():
-    from engine.__main__ import build_parser
+    from ipadapter_instruct.engine.__main__ import build_parser
 
     generate = build_parser()._subparsers._group_actions[0].choices["generate"]
     flags = {s for a in generate._actions for s in a.option_strings if s.startswith("--")} - {"--help"}
@@ -53,8 +53,8 @@ def test_cli_synopsis_names_every_generate_flag():
 def test_server_synopsis_names_every_serve_flag_and_every_server_config_field_is_a_flag():
     from dataclasses import fields
 
-    from engine.__main__ import build_parser
-    from engine.server.config import ServerConfig
+    from ipadapter_instruct.engine.__main__ import build_parser
+    from ipadapter_instruct.engine.server.config import ServerConfig
 
     serve = build_parser()._subparsers._group_actions[0].choices["serve"]
     flags = {s for a in serve._actions for s in a.option_strings if s.startswith("--")} - {"--help"}

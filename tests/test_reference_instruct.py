@@ -57,7 +57,7 @@ def reference_ip_processors(unet, adapter_file, scale):
     ip_adapter tensors by attn_processors index (AttnProcessor2_0 on attn1). -> the file's image_proj tensors."""
     from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
 
-    from engine.adapter import read_adapter_file
+    from ipadapter_instruct.engine.adapter import read_adapter_file
 
     proj_sd, ip_sd = read_adapter_file(adapter_file)
     q_tokens = proj_sd["latents"].shape[1]
@@ -79,7 +79,7 @@ def reference_generate(tiny, image, instruction, scale, g, gi, gimg, seed, simpl
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPVisionModelWithProjection
 
-    from engine.loading import _image_processor_class
+    from ipadapter_instruct.engine.loading import _image_processor_class
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny["model"], safety_checker=None, requires_safety_checker=False)
     unet, sched = pipe.unet, pipe.scheduler

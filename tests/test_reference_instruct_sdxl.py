@@ -23,14 +23,14 @@ PROMPT, NEG = "a photo of a firefighter", "monochrome, lowres, bad anatomy, wors
 
 @pytest.fixture(scope="module")
 def sdxl_instruct(tmp_path_factory):
-    from engine.tiny import make_tiny_sdxl
+    from ipadapter_instruct.engine.tiny import make_tiny_sdxl
     paths = make_tiny_sdxl(str(tmp_path_factory.mktemp("sdxl-instruct") / "tiny"))
     return {**paths, "adapter": paths["instruct"]}
 
 
 @pytest.fixture(scope="module")
 def pipe(sdxl_instruct):
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
     p = Pipeline.from_pretrained(sdxl_instruct["model"], image_encoder=sdxl_instruct["image_encoder"],
                                  adapter=sdxl_instruct["adapter"], device="cpu")
     p.set_progress_bar_config(disable=True)
@@ -46,7 +46,7 @@ def reference_generate(paths, image, instruction, scale, g, gi, gimg, seed, simp
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
     from transformers import CLIPVisionModelWithProjection
 
-    from engine.loading import _image_processor_class
+    from ipadapter_instruct.engine.loading import _image_processor_class
 
     pipe = StableDiffusionXLPipeline.from_pretrained(paths["model"])
     unet = pipe.unet

@@ -4,8 +4,8 @@ import argparse
 
 import pytest
 
-from engine.errors import EngineError
-from engine.registry import KINDS, PIPELINES, Capabilities, EngineConfig, load_pipeline, pipeline_class
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.registry import KINDS, PIPELINES, Capabilities, EngineConfig, load_pipeline, pipeline_class
 
 
 def test_every_table_entry_names_a_class_of_its_kind_and_runtime():
@@ -29,7 +29,7 @@ def test_config_from_cli_arguments():
 
 
 def test_load_pipeline_picks_the_kind_from_the_model(tiny, tmp_path_factory):
-    from engine.tiny import make_tiny
+    from ipadapter_instruct.engine.tiny import make_tiny
     pipe = load_pipeline(EngineConfig(model=tiny["model"], image_encoder=tiny["image_encoder"],
                                       adapter=(tiny["adapter"],), device="cpu", compile=True))
     assert type(pipe).__name__ == "Pipeline" and pipe.kind == "sd15" and pipe._compiled

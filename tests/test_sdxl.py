@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import fly
-from engine.errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
 STEPS = 4
 NEG = "blurry, low quality"
@@ -21,7 +21,7 @@ NEG = "blurry, low quality"
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
-    from engine.tiny import make_tiny_sdxl
+    from ipadapter_instruct.engine.tiny import make_tiny_sdxl
     return make_tiny_sdxl(str(tmp_path_factory.mktemp("sdxl") / "tiny"))
 
 
@@ -38,7 +38,7 @@ def reference(sdxl):
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPVisionModelWithProjection
 
-    from engine.loading import _image_processor_class
+    from ipadapter_instruct.engine.loading import _image_processor_class
     d = StableDiffusionXLPipeline.from_pretrained(
         sdxl["model"], image_encoder=CLIPVisionModelWithProjection.from_pretrained(sdxl["image_encoder"]),
         feature_extractor=_image_processor_class().from_pretrained(sdxl["image_encoder"]))
@@ -65,7 +65,7 @@ def ours(p, image, scale=0.7, seed=3, prompt="a cat", output_type="latent", **kw
 
 
 def test_an_sdxl_folder_loads_as_sdxl(pipe):
-    from engine.sdxl import SDXLPipeline
+    from ipadapter_instruct.engine.sdxl import SDXLPipeline
     assert isinstance(pipe, SDXLPipeline) and pipe.adapter.kind == "plus"
     assert pipe.unet.config.cross_attention_dim == 64  # both tiny encoders (32 + 32) side by side
 
@@ -107,7 +107,7 @@ def test_png_within_one_grey_level(pipe, reference, image):
 
 
 def test_scale_zero_equals_the_sdxl_base_bitwise(sdxl, pipe, image):
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
     base = Pipeline.from_pretrained(sdxl["model"], device="cpu")
     base.set_progress_bar_config(disable=True)
     want = base("a cat", negative_prompt=NEG, guidance_scale=6.0, num_inference_steps=STEPS, seed=3,
@@ -131,9 +131,9 @@ def test_plain_ip_adapter_sdxl_matches_diffusers(sdxl, image, tmp_path):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPVisionModelWithProjection
 
-    from engine import Pipeline
-    from engine.loading import _image_processor_class
-    from engine.tiny import tiny_adapter
+    from ipadapter_instruct.engine import Pipeline
+    from ipadapter_instruct.engine.loading import _image_processor_class
+    from ipadapter_instruct.engine.tiny import tiny_adapter
     unet = UNet2DConditionModel.from_pretrained(sdxl["model"], subfolder="unet")
     torch.manual_seed(0)
     tiny_adapter(str(tmp_path / "plain.safetensors"), unet, kind="plain")
@@ -161,8 +161,8 @@ def test_bad_size_conditioning_is_one_line(pipe, image):
 def test_sdxl_layout_at_full_size():
     """SDXL base 1.0's UNet config (public): 70 cross-attention layers, at the odd attn_processors indices 1..139,
     2048-wide tokens, head dim 64; the adapter's layers follow that order."""
-    from bench.weights import sdxl_modules
-    from engine.adapter import AdapterLayers
+    from ipadapter_instruct.bench.weights import sdxl_modules
+    from ipadapter_instruct.engine.adapter import AdapterLayers
     with torch.device("meta"):
         unet = sdxl_modules()[0]
         layers = AdapterLayers(unet, 2048)
@@ -175,7 +175,7 @@ def test_sdxl_layout_at_full_size():
         k = layers.layers[i]["to_k_ip"]
         assert k.in_features == 2048 and k.out_features % 64 == 0
     total = sum(p.numel() for p in layers.parameters())
-    from engine.projector import InstructProjector, ProjectorConfig
+    from ipadapter_instruct.engine.projector import InstructProjector, ProjectorConfig
     with torch.device("meta"):  # IP-Adapter+ SDXL's Resampler: dim 1280, depth 4, 20 heads, 16 queries -> 2048
         projector = InstructProjector(ProjectorConfig(dim=1280, depth=4, heads=20, num_queries=16, image_dim=1280,
                                                       output_dim=2048, ff_mult=4, text_dim=None))
@@ -193,7 +193,7 @@ def test_sdxl_layout_at_full_size():
 
 def test_cli_make_tiny_sdxl_and_generate(pipe, image, tmp_path):
     """`make-tiny DIR --sdxl` writes what loads; `generate --model SDXL_DIR` gives the Python API's image."""
-    from engine.__main__ import main
+    from ipadapter_instruct.engine.__main__ import main
     assert main(["make-tiny", str(tmp_path / "t"), "--sdxl"]) == 0
     assert sorted(os.listdir(tmp_path / "t")) == ["image_encoder", "instruct.safetensors", "model", "plus.safetensors"]
     assert main(["make-tiny", str(tmp_path / "u"), "--sdxl", "--edit"]) == 2
@@ -212,7 +212,7 @@ def test_cli_make_tiny_sdxl_and_generate(pipe, image, tmp_path):
 
 
 def test_cli_refuses_size_conditioning_off_sdxl(tiny, tmp_path, capsys):
-    from engine.__main__ import main
+    from ipadapter_instruct.engine.__main__ import main
     code = main(["generate", "--model", tiny["model"], "--prompt", "a cat", "--steps", "1", "--no-progress",
                  "--original-size", "64,64", "--out", str(tmp_path / "x.png")])
     assert code != 0 and "not an SDXL model" in capsys.readouterr().err
@@ -228,7 +228,7 @@ def test_server_runs_sdxl(pipe, image, batching):
     pooled projections beside the tokens)."""
     from server_utils import InProcessServer, decode_png, png_base64
 
-    from engine.server.config import ServerConfig
+    from ipadapter_instruct.engine.server.config import ServerConfig
     srv = InProcessServer(ServerConfig(warmup=False, batching=batching), pipe)
     try:
         body = dict(prompt="a cat", negative_prompt=NEG, image=png_base64(image), scale=0.7, guidance_scale=6.0,
@@ -251,7 +251,7 @@ def test_an_sd15_server_refuses_sdxl_fields(tiny, cond_image):
     from conftest import load_pipe
     from server_utils import InProcessServer, png_base64
 
-    from engine.server.config import ServerConfig
+    from ipadapter_instruct.engine.server.config import ServerConfig
     srv = InProcessServer(ServerConfig(warmup=False), load_pipe(tiny, tiny["adapter"]))
     try:
         r = srv.request("POST", "/v1/generate", json=dict(image=png_base64(cond_image), instruct="use the style",
@@ -277,7 +277,7 @@ def test_sdxl_flights_joining_mid_flight_equal_alone(pipe, image, static):
     """Step-level batching on SDXL: each flight keeps its own pooled embeddings and time ids per row, so requests
     with other size conditioning, steps and schedulers that join mid-flight give the latents they give alone; the
     same through the CUDA-graph static buffers (eager here) with rows padded to a bucket."""
-    from engine.cuda_graphs import StaticUNet
+    from ipadapter_instruct.engine.cuda_graphs import StaticUNet
 
     wants = [sdxl_alone(pipe, image, r) for r in STEP_REQUESTS]
     if static:
@@ -310,7 +310,7 @@ def test_static_buffers_carry_the_added_conditioning(pipe, image):
     """The CUDA-graph path (its static buffers, run eagerly here): SDXL's pooled embeddings and time ids are copied
     in once per call, so a second call with another prompt and size conditioning replays the same entry and gives
     its own image."""
-    from engine.cuda_graphs import StaticUNet
+    from ipadapter_instruct.engine.cuda_graphs import StaticUNet
     calls = [dict(prompt="a cat"), dict(prompt="a red boat", original_size=(128, 96), crops_coords_top_left=(8, 4))]
     wants = [ours(pipe, image, **c) for c in calls]
     pipe._static = StaticUNet(pipe.unet, capture=False)

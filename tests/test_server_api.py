@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.server.config import ServerConfig
+from ipadapter_instruct.engine.server.config import ServerConfig
 
 from conftest import NEGATIVE, PROMPT, gpu, load_pipe
 from server_utils import InProcessServer, decode_png, png_base64
@@ -284,7 +284,7 @@ def test_queue_full_is_429_and_a_deadline_passed_in_the_queue_is_504(tiny, cond_
 
 
 def test_a_server_without_adapter_is_text_to_image(tiny, cond_image):
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
 
     pipe = Pipeline.from_pretrained(tiny["model"], device="cpu")
     srv = InProcessServer(ServerConfig(), pipe)   # warms up too: a text-only request
@@ -313,7 +313,7 @@ def test_compile_and_cuda_graphs_reach_the_pipeline(tiny):
 @gpu
 def test_cuda_graphs_server_equals_the_eager_server(tiny, cond_image):
     # the fast path behind the server: a batch of two requests through captured graphs gives the eager images
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
 
     def serve(**kw):
         pipe = Pipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"], adapter=tiny["adapter"],

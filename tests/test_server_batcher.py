@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from engine.server.batcher import Batcher, DeadlineExceeded, Draining, Job, QueueFull
+from ipadapter_instruct.engine.server.batcher import Batcher, DeadlineExceeded, Draining, Job, QueueFull
 
 
 class Recorder:

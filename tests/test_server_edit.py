@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.server.config import ServerConfig
+from ipadapter_instruct.engine.server.config import ServerConfig
 from server_utils import InProcessServer, decode_png, png_base64
 
 EDIT = "make it look like winter"
@@ -16,7 +16,7 @@ EDIT = "make it look like winter"
 
 @pytest.fixture(scope="module")
 def tiny_edit(tmp_path_factory):
-    from engine.tiny import make_tiny
+    from ipadapter_instruct.engine.tiny import make_tiny
     return make_tiny(str(tmp_path_factory.mktemp("edit") / "weights"), edit=True)
 
 
@@ -108,7 +108,7 @@ def test_each_endpoint_refuses_the_other_kind_of_model(server, tiny):
 
 def test_serve_on_an_ip2p_folder_and_the_python_client(tiny_edit, server, photo):
     """`python -m engine serve --model IP2P_DIR` (a real process) edits; engine.client.Client.edit talks to it."""
-    from engine.client import Client, ServerError
+    from ipadapter_instruct.engine.client import Client, ServerError
     from server_utils import ServerProcess
 
     proc = ServerProcess(["--model", tiny_edit["model"], "--device", "cpu"])

@@ -11,9 +11,9 @@ import time
 import httpx
 import pytest
 
-from engine.server.batcher import Batcher, Job
-from engine.server.config import ServerConfig
-from engine.server.schemas import EditRequest
+from ipadapter_instruct.engine.server.batcher import Batcher, Job
+from ipadapter_instruct.engine.server.config import ServerConfig
+from ipadapter_instruct.engine.server.schemas import EditRequest
 
 from conftest import load_pipe
 from server_utils import png_base64
@@ -26,7 +26,7 @@ class ThreadServer:
     """`serve`'s uvicorn set-up on a free loopback port, in a daemon thread (no signal handlers off the main thread)."""
 
     def __init__(self, config: ServerConfig, pipe):
-        from engine.server.run import bind, uvicorn_server
+        from ipadapter_instruct.engine.server.run import bind, uvicorn_server
         sock = bind(config.host, 0)
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -182,7 +182,7 @@ def test_booleans_are_not_integers_in_edits_nor_size_pairs():
     for bad in ({"seed": False}, {"num_images": True}):
         with pytest.raises(ValidationError, match="boolean"):
             EditRequest.model_validate({"prompt": "x", **bad})
-    from engine.server.schemas import GenerateRequest
+    from ipadapter_instruct.engine.server.schemas import GenerateRequest
     with pytest.raises(ValidationError, match="boolean"):
         GenerateRequest.model_validate({"original_size": [True, 64]})
     assert GenerateRequest.model_validate({"seed": "7", "num_images": 2.0}).seed == 7  # multipart's strings still
@@ -219,7 +219,7 @@ def test_a_foreign_host_is_403_without_a_key(server, host, status):
 
 def asgi_get(config: ServerConfig, path: str, **headers) -> httpx.Response:
     """GET on an app whose model never loads (no lifespan): the checks before any route are what answer."""
-    from engine.server.app import create_app
+    from ipadapter_instruct.engine.server.app import create_app
     app = create_app(config)
 
     async def go():

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from conftest import NEGATIVE, PROMPT, load_pipe
-from engine.server.batcher import Batcher, Job
-from engine.server.schemas import GenerateRequest
-from engine.server.runners import PipelineRunner
-from engine.server.stepper import StepBatcher
+from ipadapter_instruct.engine.server.batcher import Batcher, Job
+from ipadapter_instruct.engine.server.schemas import GenerateRequest
+from ipadapter_instruct.engine.server.runners import PipelineRunner
+from ipadapter_instruct.engine.server.stepper import StepBatcher
 
 BATCHING = ["request", "step"]
 
@@ -112,7 +112,7 @@ def test_controlnet_settings(control_pipe, control, setting, batching):
 
 @pytest.fixture(scope="module")
 def sdxl_pipe(tmp_path_factory):
-    from engine.tiny import make_tiny_sdxl
+    from ipadapter_instruct.engine.tiny import make_tiny_sdxl
     sdxl = make_tiny_sdxl(str(tmp_path_factory.mktemp("keys-sdxl") / "tiny"))
     return load_pipe(sdxl, sdxl["adapter"])  # (from_pretrained opens an SDXL folder as SDXLPipeline)
 

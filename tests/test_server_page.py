@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from engine.server.schemas import TASK_PRESETS
+from ipadapter_instruct.engine.server.schemas import TASK_PRESETS
 from server_utils import ServerProcess, tiny_args
 
 MAX_UPLOAD_MB = 0.05   # 52 KB: the 64x64 condition image fits, a 256x256 noise PNG (~190 KB) does not
@@ -65,7 +65,7 @@ def write_png(path, size, noise):
         g = torch.Generator().manual_seed(0)
         image = Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy())
     else:
-        from engine.demo import draw_condition_image
+        from ipadapter_instruct.engine.demo import draw_condition_image
         image = draw_condition_image(size)
     image.save(path, format="PNG")
     return str(path)
@@ -163,7 +163,7 @@ def test_stream_error_and_network_failure_are_shown(page, tmp_path, fetch, shown
 
 @pytest.fixture(scope="module")
 def edit_server(browser, tmp_path_factory):
-    from engine.tiny import make_tiny
+    from ipadapter_instruct.engine.tiny import make_tiny
     edit = make_tiny(str(tmp_path_factory.mktemp("page-edit") / "weights"), edit=True)
     with ServerProcess(tiny_args(edit)) as srv:  # with the IPAdapter-Instruct adapter: a reference image too
         yield srv

@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import NEGATIVE, PROMPT
 from server_utils import REPO, ServerProcess, metric, png_base64, tiny_args
 
-from engine.client import Client, ServerError
+from ipadapter_instruct.engine.client import Client, ServerError
 
 STYLE = "use the style of this image"
 LONG_STEPS = 250  # a request that runs for seconds here (about 15 ms a step), so others meet it in flight
@@ -143,7 +143,7 @@ def test_cli_refuses_bad_arguments_before_loading(tmp_path):
 def test_async_client_equals_the_sync_client(server, cond_image, tmp_path):
     import asyncio
 
-    from engine.client import AsyncClient
+    from ipadapter_instruct.engine.client import AsyncClient
 
     path = tmp_path / "cond.png"
     cond_image.save(path)

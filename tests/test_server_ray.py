@@ -42,8 +42,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def ray_url(tiny):
     ray, serve = import_ray()
-    from engine.server.config import ServerConfig
-    from engine.server.ray_app import build
+    from ipadapter_instruct.engine.server.config import ServerConfig
+    from ipadapter_instruct.engine.server.ray_app import build
 
     port = free_port()
     config = ServerConfig(model=tiny["model"], image_encoder=tiny["image_encoder"], adapter=tiny["adapter"],

@@ -15,7 +15,7 @@ import pytest
 
 from server_utils import ServerProcess, tiny_args
 
-from engine.server.ray_reaper import MARKER, Reaper
+from ipadapter_instruct.engine.server.ray_reaper import MARKER, Reaper
 
 READY_TIMEOUT_S = 120
 GONE_TIMEOUT_S = 30  # the driver's SIGKILL is seen by the reaper at once; killing and removing takes a second

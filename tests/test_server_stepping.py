@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import NEGATIVE, PROMPT
-from engine.server.batcher import DeadlineExceeded, Job
-from engine.server.schemas import GenerateRequest
-from engine.server.stepper import Cancelled, StepBatcher
-from engine.server.runners import PipelineRunner
+from ipadapter_instruct.engine.server.batcher import DeadlineExceeded, Job
+from ipadapter_instruct.engine.server.schemas import GenerateRequest
+from ipadapter_instruct.engine.server.stepper import Cancelled, StepBatcher
+from ipadapter_instruct.engine.server.runners import PipelineRunner
 
 BODIES = [
     dict(prompt=PROMPT, instruct="use the style of this image", num_inference_steps=6, seed=1, scheduler="ddim"),
@@ -163,7 +163,7 @@ def test_admission_is_bounded_and_oldest_first(step_pipe, cond_image):
 
 
 def test_http_server_in_step_mode(step_pipe, cond_image, tiny):
-    from engine.server.config import ServerConfig
+    from ipadapter_instruct.engine.server.config import ServerConfig
     from server_utils import InProcessServer, decode_png, png_base64
 
     server = InProcessServer(ServerConfig(batching="step"), step_pipe)
@@ -186,7 +186,7 @@ def test_http_deadline_drops_queued_requests_only(step_pipe, cond_image, batchin
     deadlines have passed."""
     import threading
 
-    from engine.server.config import ServerConfig
+    from ipadapter_instruct.engine.server.config import ServerConfig
     from server_utils import InProcessServer, png_base64
 
     server = InProcessServer(ServerConfig(batching=batching, max_batch_rows=2, max_wait_ms=0, request_timeout_s=0.5,

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from engine.server.config import ServerConfig
-from engine.server.images import Use, decode, open_image
-from engine.server.uploads import PixelBudget
+from ipadapter_instruct.engine.server.config import ServerConfig
+from ipadapter_instruct.engine.server.images import Use, decode, open_image
+from ipadapter_instruct.engine.server.uploads import PixelBudget
 
 from conftest import NEGATIVE, PROMPT, load_pipe
 from server_utils import InProcessServer, decode_png, png_base64
@@ -38,7 +38,7 @@ def photo():
 
 @pytest.fixture(scope="module")
 def processor(tiny):
-    from engine.loading import _image_processor_class
+    from ipadapter_instruct.engine.loading import _image_processor_class
     return _image_processor_class().from_pretrained(tiny["image_encoder"])
 
 
@@ -103,8 +103,8 @@ def test_the_budget_is_first_come_first_served_and_bounded():
 
 
 def test_an_image_waiting_for_room_past_its_deadline_is_504(photo):
-    from engine.server.errors import ApiError
-    from engine.server.uploads import decode_all
+    from ipadapter_instruct.engine.server.errors import ApiError
+    from ipadapter_instruct.engine.server.uploads import decode_all
 
     async def go():
         budget = PixelBudget(640 * 480)

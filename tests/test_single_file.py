@@ -13,9 +13,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import PROMPT
-from engine.errors import EngineError
-from engine.loading import is_edit_model, load_base, native_size, read_configs
-from engine.single_file import CONFIGS, check_checkpoint_keys, checkpoint_kind, checkpoint_shapes, config_folder
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.loading import is_edit_model, load_base, native_size, read_configs
+from ipadapter_instruct.engine.single_file import CONFIGS, check_checkpoint_keys, checkpoint_kind, checkpoint_shapes, config_folder
 
 KINDS = ("sd15", "ip2p")
 MODULES = ("unet", "vae", "text_encoder")
@@ -24,7 +24,7 @@ MODULES = ("unet", "vae", "text_encoder")
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """kind -> the tiny original-layout file; its diffusers folder (the same weights) is model/ beside it."""
-    from engine.tiny import make_tiny_single_file
+    from ipadapter_instruct.engine.tiny import make_tiny_single_file
     root = tmp_path_factory.mktemp("single")
     return {kind: make_tiny_single_file(str(root / kind), edit=kind == "ip2p") for kind in KINDS}
 
@@ -62,7 +62,7 @@ def test_parts_equal_the_folders_bitwise(files, kind, offline):
 
 
 def test_ckpt_and_half_precision(files, tmp_path, offline):
-    from engine.tiny import to_single_file
+    from ipadapter_instruct.engine.tiny import to_single_file
     folder = folder_of(files["sd15"])
     ckpt = load_base(to_single_file(folder, str(tmp_path / "model.ckpt")), torch.float32, config=folder)
     ref = load_base(folder, torch.float32)
@@ -74,7 +74,7 @@ def test_ckpt_and_half_precision(files, tmp_path, offline):
 
 
 def test_same_latents_as_the_folder(files):
-    from engine import EditPipeline, Pipeline
+    from ipadapter_instruct.engine import EditPipeline, Pipeline
     kw = dict(num_inference_steps=2, seed=3, output_type="latent")
     photo = Image.new("RGB", (64, 64), (120, 40, 200))
     for kind, cls, args in (("sd15", Pipeline, (PROMPT,)), ("ip2p", EditPipeline, ("make it winter", photo))):
@@ -112,8 +112,8 @@ def test_the_shipped_configs_are_sd15_at_full_size(kind):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from engine.model_folders import folder_scheduler
-    from engine.tiny import ldm_state_dict
+    from ipadapter_instruct.engine.model_folders import folder_scheduler
+    from ipadapter_instruct.engine.tiny import ldm_state_dict
 
     folder = os.path.join(CONFIGS, kind)
     with torch.device("meta"):
@@ -193,7 +193,7 @@ def test_config_folder_errors(files, tmp_path):
 
 
 def test_text_to_image_file_to_edit_and_the_reverse(files):
-    from engine import EditPipeline, Pipeline
+    from ipadapter_instruct.engine import EditPipeline, Pipeline
     t2i, ip2p = files["sd15"], files["ip2p"]
     with pytest.raises(EngineError, match="this is a text-to-image model"):
         EditPipeline(**load_base(t2i, torch.float32, config=folder_of(t2i)))
@@ -206,8 +206,8 @@ def test_cli_and_api_take_a_single_file(files, tmp_path, capsys):
     a config folder given with a diffusers folder is one line."""
     import numpy as np
 
-    from engine import EditPipeline, Pipeline
-    from engine.__main__ import main
+    from ipadapter_instruct.engine import EditPipeline, Pipeline
+    from ipadapter_instruct.engine.__main__ import main
 
     out = tmp_path / "gen.png"
     assert main(["generate", "--model", files["sd15"], "--model-config", folder_of(files["sd15"]), "--prompt", PROMPT,
@@ -231,15 +231,15 @@ def test_cli_and_api_take_a_single_file(files, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def sdxl_file(tmp_path_factory):
     """The tiny SDXL model as an original-layout (SGM) file; its diffusers folder is model/ beside it."""
-    from engine.tiny import make_tiny_single_file
+    from ipadapter_instruct.engine.tiny import make_tiny_single_file
     return make_tiny_single_file(str(tmp_path_factory.mktemp("single-sdxl") / "sdxl"), sdxl=True)
 
 
 def test_an_sdxl_file_loads_as_its_folder(sdxl_file, offline):
     """Both text encoders (CLIP-L in transformers' layout, the second in OpenCLIP's) and the UNet's added-conditioning
     MLP come through bitwise; the pipeline is an SDXLPipeline and generates the folder's latents."""
-    from engine import Pipeline
-    from engine.sdxl import SDXLPipeline
+    from ipadapter_instruct.engine import Pipeline
+    from ipadapter_instruct.engine.sdxl import SDXLPipeline
 
     path, folder = sdxl_file, folder_of(sdxl_file)
     assert checkpoint_kind(path, checkpoint_shapes(path)) == "sdxl"
@@ -277,8 +277,8 @@ def test_the_shipped_sdxl_configs_at_full_size():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from engine.model_folders import folder_scheduler
-    from engine.tiny import sgm_state_dict
+    from ipadapter_instruct.engine.model_folders import folder_scheduler
+    from ipadapter_instruct.engine.tiny import sgm_state_dict
 
     folder = os.path.join(CONFIGS, "sdxl")
     with torch.device("meta"):

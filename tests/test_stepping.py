@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import NEGATIVE, PROMPT, fly
-from engine.errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
 REQUESTS = [
     dict(prompt=PROMPT, instruct="use the style of this image", num_inference_steps=6, scheduler="ddim", seed=1,
@@ -60,7 +60,7 @@ def test_a_request_leaving_changes_nothing_else(instruct_pipe, cond_image, wants
 
 
 def test_static_buffers_with_padded_rows(instruct_pipe, cond_image, wants):
-    from engine.cuda_graphs import StaticUNet
+    from ipadapter_instruct.engine.cuda_graphs import StaticUNet
     instruct_pipe._static = StaticUNet(instruct_pipe.unet, capture=False)
     try:
         got = run_schedule(instruct_pipe, cond_image, {0: [0], 1: [3], 2: [1]})

@@ -29,7 +29,7 @@ STEPS = ["--steps", "3", "--save-every", "3", "--grad-accum", "2"]  # accumulati
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    from train.data import make_synthetic
+    from ipadapter_instruct.train.data import make_synthetic
     return make_synthetic(str(tmp_path_factory.mktemp("synthetic")), 12, seed=0, size=48)
 
 
@@ -142,7 +142,7 @@ def test_accelerate_launch_cpu_runs_one_process_and_says_so(tiny, synthetic, tmp
 ])
 def test_settings_it_cannot_honour_are_one_line_errors(tiny, synthetic, tmp_path, capsys, monkeypatch, flags, env,
                                                        message):
-    from train.__main__ import main
+    from ipadapter_instruct.train.__main__ import main
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     code = main(cli(tiny, synthetic, tmp_path / "o", "--steps", "1", *flags))
@@ -154,7 +154,7 @@ def ddp_probe(model, image_encoder, adapter, data, out):
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel
 
-    from train.loop import TrainConfig, Trainer
+    from ipadapter_instruct.train.loop import TrainConfig, Trainer
     tr = Trainer(TrainConfig(model=model, image_encoder=image_encoder, data=data, out=out, init_adapter=adapter,
                              batch_size=2, grad_accum=2, lr=1e-3, resolution=RES, warmup_steps=1, val_fraction=0.2,
                              device="cpu", progress=False))

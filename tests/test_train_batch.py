@@ -5,7 +5,7 @@ timestep, noise and VAE sample from its own seed (train/loop.py: Trainer.loss, T
 import pytest
 import torch
 
-from train.loop import DROP_BOTH, DROP_IMAGE, DROP_TEXT
+from ipadapter_instruct.train.loop import DROP_BOTH, DROP_IMAGE, DROP_TEXT
 
 RES = 32  # tiny VAE factor 4: 8x8 latents
 BATCH = 4
@@ -13,8 +13,8 @@ BATCH = 4
 
 @pytest.fixture(scope="module")
 def tr(tiny, tmp_path_factory):
-    from train.data import make_synthetic
-    from train.loop import TrainConfig, Trainer
+    from ipadapter_instruct.train.data import make_synthetic
+    from ipadapter_instruct.train.loop import TrainConfig, Trainer
     folder = tmp_path_factory.mktemp("batch")
     data = make_synthetic(str(folder / "data"), 12, seed=0, size=48)
     cfg = TrainConfig(model=tiny["model"], image_encoder=tiny["image_encoder"], data=data, out=str(folder / "out"),

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from train.__main__ import main, train_parser
+from ipadapter_instruct.train.__main__ import main, train_parser
 
 
 def flat(text: str) -> str:
@@ -41,7 +41,7 @@ def native_pixels(model: str) -> int:
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    from train.data import make_synthetic
+    from ipadapter_instruct.train.data import make_synthetic
     return make_synthetic(str(tmp_path_factory.mktemp("synthetic")), 6, seed=0, size=48)
 
 
@@ -57,7 +57,7 @@ def train_one_step(tiny, data, out, *extra) -> dict:
 
 @pytest.mark.parametrize("given", [None, 32])
 def test_resolution_defaults_to_the_models_native_size(tiny, synthetic, tmp_path, given, monkeypatch):
-    from train import data
+    from ipadapter_instruct.train import data
 
     seen = []
     real = data.target_tensor

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.errors import EngineError
-from engine.loading import _image_processor_class
-from train.data import (Example, TrainDataset, build_face_examples, build_object_examples, collate,
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.loading import _image_processor_class
+from ipadapter_instruct.train.data import (Example, TrainDataset, build_face_examples, build_object_examples, collate,
                         make_synthetic, read_manifest, replication_examples, write_manifest)
-from train.instructions import BANKS_DIR, KEYWORDS, TASKS, load_banks, sample_instruction
+from ipadapter_instruct.train.instructions import BANKS_DIR, KEYWORDS, TASKS, load_banks, sample_instruction
 
 CLIP_SIZE = 20
 
@@ -174,7 +174,7 @@ def test_manifest_skip_mode_warns_per_line_and_keeps_the_rest(tmp_path, images, 
     path = tmp_path / "m.jsonl"
     path.write_text("\n".join([row(images, caption="first")] + [line for line, _ in cases]
                               + ["", row(images, task="object", object="cat", instruction="take the cat")]) + "\n")
-    with caplog.at_level(logging.WARNING, logger="train.data"):
+    with caplog.at_level(logging.WARNING, logger="ipadapter_instruct.train.data"):
         examples = read_manifest(str(path), tasks=TASKS, on_error="skip")
     assert [(e.caption, e.task, e.object, e.instruction, e.line) for e in examples] == [
         ("first", "style", None, None, 1), ("a cat", "object", "cat", "take the cat", len(cases) + 3)]

@@ -16,12 +16,12 @@ RES = 32  # tiny VAE factor 4: 8x8 latents
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    from train.data import make_synthetic
+    from ipadapter_instruct.train.data import make_synthetic
     return make_synthetic(str(tmp_path_factory.mktemp("synthetic")), 12, seed=0, size=48)
 
 
 def run(tiny, data, out, *extra, init=None):
-    from train.__main__ import main
+    from ipadapter_instruct.train.__main__ import main
     args = ["--model", tiny["model"], "--image-encoder", tiny["image_encoder"], "--data", data, "--out", str(out),
             "--resolution", str(RES), "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "1",
             "--val-fraction", "0.2", "--no-progress", "--device", "cpu", *extra]  # a later --lr overrides
@@ -58,7 +58,7 @@ def test_loss_goes_down_and_the_engine_loads_the_result(tiny, synthetic, tmp_pat
         assert not (out / "tensorboard").exists()
     assert sorted(os.listdir(out / "checkpoints")) == [f"step-{s:08d}.pt" for s in (10, 20, 30)]
 
-    from engine import Pipeline
+    from ipadapter_instruct.engine import Pipeline
     call = dict(prompt=PROMPT, image=cond_image, instruct="use the composition", num_inference_steps=2, seed=0,
                 output_type="latent")
     before = Pipeline.from_pretrained(tiny["model"], image_encoder=tiny["image_encoder"], adapter=tiny["adapter"])
@@ -82,8 +82,8 @@ def test_plus_initialisation_starts_as_ip_adapter_plus(tiny, plus_dir):
     """From an IP-Adapter+ file the new paths add nothing at first: any instruction gives the plus tokens."""
     from diffusers import UNet2DConditionModel
 
-    from engine.adapter import load_adapter
-    from train.model import init_adapter
+    from ipadapter_instruct.engine.adapter import load_adapter
+    from ipadapter_instruct.train.model import init_adapter
     unet = UNet2DConditionModel.from_pretrained(tiny["model"], subfolder="unet")
     plus = load_adapter(plus_dir / "plus.safetensors", unet)
     cfg = plus.projector.config
@@ -98,7 +98,7 @@ def test_plus_initialisation_starts_as_ip_adapter_plus(tiny, plus_dir):
 
 
 def test_bad_manifest_line_is_a_clear_error(tiny, tmp_path, capsys):
-    from train.__main__ import main
+    from ipadapter_instruct.train.__main__ import main
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"condition": "a.png", "target": "a.png", "caption": "x", "task": "style"}\n{not json\n')
     code = main(["--model", tiny["model"], "--image-encoder", tiny["image_encoder"], "--data", str(bad),
@@ -130,8 +130,8 @@ def test_ema_checkpointing_and_bf16(tiny, synthetic, tmp_path):
 def trainer(tiny, data, out, device="cpu", mixed_precision="no", backend=None):
     """A Trainer from the tiny instruct adapter (batch 4, lr 1e-3, constant LR), its attention on `backend`
     (None: what the loop itself chooses, `auto`)."""
-    from engine.attention import choose_impls
-    from train.loop import TrainConfig, Trainer
+    from ipadapter_instruct.engine.attention import choose_impls
+    from ipadapter_instruct.train.loop import TrainConfig, Trainer
     cfg = TrainConfig(model=tiny["model"], image_encoder=tiny["image_encoder"], data=data, out=str(out),
                       init_adapter=tiny["adapter"], batch_size=4, lr=1e-3, resolution=RES, warmup_steps=1,
                       val_fraction=0.2, device=device, mixed_precision=mixed_precision, progress=False)
@@ -193,7 +193,7 @@ def test_fused_backward_training_step_on_gpu(tiny, synthetic, tmp_path, monkeypa
     """On CUDA the loop's `auto` choice is the Triton kernel, whose backward computes the adapter's gradients:
     one fp32 step equals the reference backend's step (exact fp32 dots in both; the kernel's dk/dv atomics only
     reorder fp32 sums, measured 8e-7 relative on the CPU)."""
-    from kernels.backends import implementation
+    from ipadapter_instruct.kernels.backends import implementation
     from pipelines import exact_fp32
     exact_fp32(monkeypatch)
     fused = trainer(tiny, synthetic, tmp_path / "fused", device="cuda")

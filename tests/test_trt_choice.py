@@ -19,11 +19,11 @@ import types
 import pytest
 import torch
 
-import engine.trt.runtime as rt
-from engine.errors import EngineError
-from engine.trt import (RTX_CCS, RTX_DEFAULT_CCS, import_tensorrt, installed, load_tensorrt, support,
+import ipadapter_instruct.engine.trt.runtime as rt
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.trt import (RTX_CCS, RTX_DEFAULT_CCS, import_tensorrt, installed, load_tensorrt, support,
                         tensorrt_unavailable)
-from export import trt as export_trt
+from ipadapter_instruct.export import trt as export_trt
 from test_export_plugin import export
 
 NO_RTX = tensorrt_unavailable("rtx")
@@ -90,8 +90,8 @@ def test_rtx_targets_are_what_its_bindings_can_target():
 
 
 def test_an_unknown_choice_is_one_line(tiny, capsys):
-    from engine import Pipeline
-    from engine.__main__ import main
+    from ipadapter_instruct.engine import Pipeline
+    from ipadapter_instruct.engine.__main__ import main
 
     with pytest.raises(EngineError, match="unknown TensorRT choice trt='fast': choose one of auto, full, rtx"):
         load_tensorrt("fast")
@@ -103,9 +103,9 @@ def test_an_unknown_choice_is_one_line(tiny, capsys):
 
 
 def test_trt_without_the_tensorrt_backend_is_refused(tiny, tmp_path, capsys):
-    from bench.__main__ import main as bench
-    from engine import Pipeline
-    from engine.__main__ import main
+    from ipadapter_instruct.bench.__main__ import main as bench
+    from ipadapter_instruct.engine import Pipeline
+    from ipadapter_instruct.engine.__main__ import main
 
     with pytest.raises(EngineError, match="trt='rtx' chooses the TensorRT of backend='tensorrt'"):
         Pipeline.from_pretrained(tiny["model"], trt="rtx")
@@ -256,7 +256,7 @@ def test_rtx_plans_on_an_rtx_gpu_they_do_not_target_say_which_arch(plans, monkey
 
 
 def test_the_cli_says_the_refusal_in_one_line(plans, tiny, monkeypatch, capsys, sentinel, tmp_path, cond_image):
-    from engine.__main__ import main
+    from ipadapter_instruct.engine.__main__ import main
 
     on_gpu(monkeypatch, H100)
     image = tmp_path / "cond.png"
@@ -330,7 +330,7 @@ def test_a_runtime_without_a_validity_check_leaves_it_to_its_deserialiser():
 def test_support_check_without_a_gpu_says_so_and_imports_no_tensorrt():
     import subprocess
 
-    code = ("import sys; from engine.trt.support import main; rc = main([]); "
+    code = ("import sys; from ipadapter_instruct.engine.trt.support import main; rc = main([]); "
             "print(sorted(m for m in ('tensorrt', 'tensorrt_rtx_bindings') if m in sys.modules)); sys.exit(rc)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 1, res.stderr

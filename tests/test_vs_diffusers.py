@@ -12,7 +12,7 @@ def diffusers_pipe(tiny, plus_dir=None, weight_name="plus.safetensors"):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPVisionModelWithProjection
 
-    from engine.loading import _image_processor_class
+    from ipadapter_instruct.engine.loading import _image_processor_class
 
     kwargs = {}
     if plus_dir is not None:

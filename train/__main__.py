@@ -17,9 +17,9 @@ import argparse
 import logging
 import sys
 
-from engine import arguments
-from engine.errors import EngineError
-from engine.interrupt import interruptible
+from ipadapter_instruct.engine import arguments
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.interrupt import interruptible
 
 
 class Parser(arguments.Parser):
@@ -100,11 +100,11 @@ def command(argv) -> int:
             p.add_argument("--n", type=positive(int), default=40, help="examples")
             p.add_argument("--seed", type=int, default=0, help="what the images show")
             a = p.parse_args(argv[1:])
-            from .data import make_synthetic
+            from ipadapter_instruct.train.data import make_synthetic
             print(make_synthetic(a.dir, a.n, seed=a.seed))
             return 0
         a = train_parser().parse_args(argv)
-        from .loop import TrainConfig, train
+        from ipadapter_instruct.train.loop import TrainConfig, train
         cfg = TrainConfig(model=a.model, image_encoder=a.image_encoder, data=a.data, out=a.out,
                           init_adapter=a.init_adapter, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
                           lr=a.lr, resolution=a.resolution, mixed_precision=a.mixed_precision,

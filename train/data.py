@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from engine.errors import EngineError
-from engine.loading import load_image
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.loading import load_image
 
-from .instructions import TASKS, sample_instruction
+from ipadapter_instruct.train.instructions import TASKS, sample_instruction
 
 log = logging.getLogger(__name__)
 

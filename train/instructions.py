@@ -17,7 +17,7 @@ import os
 import random
 import re
 
-from engine.errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
 log = logging.getLogger(__name__)
 

@@ -28,16 +28,16 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import GradientAccumulationPlugin
 
-from engine.adapter import save_adapter
-from engine.attention import choose_impls
-from engine.errors import EngineError
-from engine.interrupt import forget, remove_if_killed
-from engine.loading import load_base, load_image_encoder
-from engine.safe_load import load_pickle
+from ipadapter_instruct.engine.adapter import save_adapter
+from ipadapter_instruct.engine.attention import choose_impls
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.interrupt import forget, remove_if_killed
+from ipadapter_instruct.engine.loading import load_base, load_image_encoder
+from ipadapter_instruct.engine.safe_load import load_pickle
 
-from .data import TrainDataset, collate, read_manifest
-from .instructions import load_banks
-from .model import AdapterModel, init_adapter, native_resolution
+from ipadapter_instruct.train.data import TrainDataset, collate, read_manifest
+from ipadapter_instruct.train.instructions import load_banks
+from ipadapter_instruct.train.model import AdapterModel, init_adapter, native_resolution
 
 log = logging.getLogger(__name__)
 DROP_IMAGE, DROP_TEXT, DROP_BOTH = 0.05, 0.05, 0.05  # IP-Adapter's conditioning dropout

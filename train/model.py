@@ -19,11 +19,11 @@ import dataclasses
 import torch
 from torch import nn
 
-from engine.adapter import Adapter, AdapterLayers, cross_attention_layers, load_adapter
-from engine.attention import AdapterContext, install_processors, precompute_kv
-from engine.errors import EngineError
-from engine.loading import native_from_configs
-from engine.projector import DIM_HEAD, InstructProjector, ProjectorConfig
+from ipadapter_instruct.engine.adapter import Adapter, AdapterLayers, cross_attention_layers, load_adapter
+from ipadapter_instruct.engine.attention import AdapterContext, install_processors, precompute_kv
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.loading import native_from_configs
+from ipadapter_instruct.engine.projector import DIM_HEAD, InstructProjector, ProjectorConfig
 
 NEW_PATHS = ("prompt_layers", "new_input_layers", "proj_prompt_input", "proj_new_input")
 

@@ -9,16 +9,16 @@ dependencies.py (the state and the API key for the routes), app.py (the FastAPI 
 with a draining shutdown), ray_app.py (Ray Serve). The pipeline knows nothing of the server. ray_reaper.py removes
 what the local Ray instance of `serve --ray` leaves when the process ends.
 """
-from .config import ServerConfig
+from ipadapter_instruct.engine.server.config import ServerConfig
 
 __all__ = ["ServerConfig", "create_app", "serve"]
 
 
 def __getattr__(name):
     if name == "create_app":
-        from .app import create_app
+        from ipadapter_instruct.engine.server.app import create_app
         return create_app
     if name == "serve":
-        from .run import serve
+        from ipadapter_instruct.engine.server.run import serve
         return serve
-    raise AttributeError(f"module 'engine.server' has no attribute {name!r}")
+    raise AttributeError(f"module 'ipadapter_instruct.engine.server' has no attribute {name!r}")

@@ -14,13 +14,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import health, page, routes
-from .config import ServerConfig
-from .dependencies import authorize
-from .errors import ApiError, BodyLimit, RequestId
-from .guards import HostOrigin, InternalErrors, StatusCounter, add_docs, served_hosts
-from .responses import error_response, first_validation_error
-from .state import ServerState
+from ipadapter_instruct.engine.server import health, page, routes
+from ipadapter_instruct.engine.server.config import ServerConfig
+from ipadapter_instruct.engine.server.dependencies import authorize
+from ipadapter_instruct.engine.server.errors import ApiError, BodyLimit, RequestId
+from ipadapter_instruct.engine.server.guards import HostOrigin, InternalErrors, StatusCounter, add_docs, served_hosts
+from ipadapter_instruct.engine.server.responses import error_response, first_validation_error
+from ipadapter_instruct.engine.server.state import ServerState
 
 
 def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:

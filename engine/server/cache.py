@@ -13,7 +13,7 @@ from collections import OrderedDict
 import torch
 from PIL import Image
 
-from ..loading import _crop
+from ipadapter_instruct.engine.loading import _crop
 
 
 def pixel_key(image: Image.Image) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..registry import EngineConfig
+from ipadapter_instruct.engine.registry import EngineConfig
 
 
 @dataclass(frozen=True)

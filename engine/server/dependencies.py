@@ -5,8 +5,8 @@ import hmac
 
 from fastapi import Request
 
-from .errors import ApiError
-from .state import ServerState
+from ipadapter_instruct.engine.server.errors import ApiError
+from ipadapter_instruct.engine.server.state import ServerState
 
 
 def engine_state(request: Request) -> ServerState:

@@ -11,7 +11,7 @@ import uuid
 from types import SimpleNamespace
 
 GOOD_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-log = logging.getLogger("engine.server")
+log = logging.getLogger("ipadapter_instruct.engine.server")
 
 
 class ApiError(Exception):

@@ -17,9 +17,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 
-from .errors import error_body, internal_message, send_json, tracked
+from ipadapter_instruct.engine.server.errors import error_body, internal_message, send_json, tracked
 
-log = logging.getLogger("engine.server")
+log = logging.getLogger("ipadapter_instruct.engine.server")
 ANY = frozenset({"0.0.0.0", "::", "[::]", ""})
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
-from .dependencies import engine_state
-from .state import ServerState
+from ipadapter_instruct.engine.server.dependencies import engine_state
+from ipadapter_instruct.engine.server.state import ServerState
 
 router = APIRouter()
 

@@ -9,9 +9,9 @@ from fastapi import Request
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from .errors import ApiError
-from .images import ImageRejected, from_base64
-from .schemas import GenerateRequest
+from ipadapter_instruct.engine.server.errors import ApiError
+from ipadapter_instruct.engine.server.images import ImageRejected, from_base64
+from ipadapter_instruct.engine.server.schemas import GenerateRequest
 
 MAX_DEPTH = 8  # nested JSON levels: a body {..} holding a per-block scale {"up": {"block_0": [..]}} is 4
 

@@ -43,10 +43,10 @@ from dataclasses import fields, replace
 
 import httpx
 
-from ..errors import EngineError
-from .config import ServerConfig
-from .guards import is_loopback
-from .ray_reaper import MARKER, Reaper
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.server.config import ServerConfig
+from ipadapter_instruct.engine.server.guards import is_loopback
+from ipadapter_instruct.engine.server.ray_reaper import MARKER, Reaper
 
 APP_NAME = "engine"
 REPLICA_HEADER = "x-engine-replica"
@@ -85,7 +85,7 @@ class EngineDeployment:
     def __serve_build_asgi_app__(self):
         from ray import serve
 
-        from .app import create_app
+        from ipadapter_instruct.engine.server.app import create_app
         self.engine_app = create_app(self.config)
         replica = serve.get_replica_context().replica_id.unique_id
         self.engine_app.add_middleware(ReplicaHeaders, replica=replica)
@@ -169,7 +169,7 @@ def app(args: dict[str, str]):
 
 def free_port(host: str, port: int) -> int:
     """`port` when it can be bound (0: a free one), checked before Ray starts; EngineError otherwise."""
-    from .run import bind
+    from ipadapter_instruct.engine.server.run import bind
     with bind(host, port) as sock:
         return sock.getsockname()[1]
 
@@ -223,7 +223,7 @@ def bind_replica_grpc_to_node() -> None:
         replica = None
     original = getattr(replica, "add_port_to_grpc_server", None)
     if original is None:
-        logging.getLogger("engine.server").warning(
+        logging.getLogger("ipadapter_instruct.engine.server").warning(
             "this Ray Serve has no ray.serve._private.replica.add_port_to_grpc_server: the replica's "
             "inter-deployment gRPC server keeps Serve's own address (all interfaces in Serve 2.60)")
         return
@@ -264,7 +264,7 @@ def plural(replicas: int) -> str:
 def serve_ray(config: ServerConfig, replicas: int = 1, gpus_per_replica: float | None = None) -> int:
     """`python -m engine serve --ray`: deploys, says when every replica is ready, shuts down on SIGTERM/SIGINT; the
     local Ray instance's processes and temp dir go with the process, however it ends (the reaper)."""
-    from .state import process_age_s
+    from ipadapter_instruct.engine.server.state import process_age_s
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per /ready poll otherwise
     t0 = time.monotonic() - process_age_s()

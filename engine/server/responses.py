@@ -9,14 +9,14 @@ import logging
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from ..errors import EngineError
-from .batcher import DeadlineExceeded, Draining, Job
-from .errors import ApiError, error_body, internal_message
-from .parsing import raise_first
-from .stepper import Cancelled
-from .runners import FieldError
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.server.batcher import DeadlineExceeded, Draining, Job
+from ipadapter_instruct.engine.server.errors import ApiError, error_body, internal_message
+from ipadapter_instruct.engine.server.parsing import raise_first
+from ipadapter_instruct.engine.server.stepper import Cancelled
+from ipadapter_instruct.engine.server.runners import FieldError
 
-log = logging.getLogger("engine.server")
+log = logging.getLogger("ipadapter_instruct.engine.server")
 
 
 def outcome(job: Job, rid: str) -> dict:

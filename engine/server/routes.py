@@ -10,18 +10,18 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from .batcher import Draining, Job, QueueFull
-from .dependencies import authorize, engine_state
-from .errors import ApiError
-from .parsing import read_body
-from .responses import encode_png, outcome, response_body
-from .schemas import EditRequest, ErrorResponse, GenerateRequest, GenerateResponse, ModelList
-from .state import ServerState
-from .stream import progress_to, stream_events
-from .uploads import decode_all
-from .runners import FieldError
+from ipadapter_instruct.engine.server.batcher import Draining, Job, QueueFull
+from ipadapter_instruct.engine.server.dependencies import authorize, engine_state
+from ipadapter_instruct.engine.server.errors import ApiError
+from ipadapter_instruct.engine.server.parsing import read_body
+from ipadapter_instruct.engine.server.responses import encode_png, outcome, response_body
+from ipadapter_instruct.engine.server.schemas import EditRequest, ErrorResponse, GenerateRequest, GenerateResponse, ModelList
+from ipadapter_instruct.engine.server.state import ServerState
+from ipadapter_instruct.engine.server.stream import progress_to, stream_events
+from ipadapter_instruct.engine.server.uploads import decode_all
+from ipadapter_instruct.engine.server.runners import FieldError
 
-log = logging.getLogger("engine.server")
+log = logging.getLogger("ipadapter_instruct.engine.server")
 POLL_S = 0.1          # how often a waiting handler checks for a client that went away
 RETRY_AFTER_S = 5     # 503 while starting (draining: the queue's expected wait)
 

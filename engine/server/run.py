@@ -10,12 +10,12 @@ import socket
 
 import uvicorn
 
-from ..errors import EngineError
-from .app import create_app
-from .config import ServerConfig
-from .protocol import timed_protocol
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.server.app import create_app
+from ipadapter_instruct.engine.server.config import ServerConfig
+from ipadapter_instruct.engine.server.protocol import timed_protocol
 
-log = logging.getLogger("engine.server")
+log = logging.getLogger("ipadapter_instruct.engine.server")
 
 
 class DrainingServer(uvicorn.Server):

@@ -10,14 +10,14 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from ..errors import EngineError
-from ..combine import NonFinite
-from ..guidance import resolve_mode
-from ..loading import MAX_SIZE_FACTOR, check_size, native_from_configs
-from ..prepared import SIZE_CONDITIONING
-from ..requests import check_instruction, check_per_row_adapter
-from .images import Use
-from .schemas import GenerateRequest
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.combine import NonFinite
+from ipadapter_instruct.engine.guidance import resolve_mode
+from ipadapter_instruct.engine.loading import MAX_SIZE_FACTOR, check_size, native_from_configs
+from ipadapter_instruct.engine.prepared import SIZE_CONDITIONING
+from ipadapter_instruct.engine.requests import check_instruction, check_per_row_adapter
+from ipadapter_instruct.engine.server.images import Use
+from ipadapter_instruct.engine.server.schemas import GenerateRequest
 
 log = logging.getLogger(__name__)
 BRANCH_ROWS = {"none": 1, "simple": 2, "full": 4}
@@ -102,7 +102,7 @@ class PipelineRunner:
             raise FieldError("scale", f"this server runs {self.caps.runtime} graphs, which "
                                       "takes one adapter strength per request (a number), not per-block scales")
         if isinstance(req.scale, dict):
-            from ..attention import expand_scale
+            from ipadapter_instruct.engine.attention import expand_scale
             try:
                 expand_scale(self.pipe.unet, list(self.pipe.cross), req.scale)
             except (EngineError, ValueError, TypeError, KeyError) as e:
@@ -175,7 +175,7 @@ class PipelineRunner:
         return self.pipe.start_many(**self._kwargs(works, list(progress)))
 
     def step(self, flights: list, packer) -> None:
-        from ..stepping import step
+        from ipadapter_instruct.engine.stepping import step
         step(self.pipe, flights, packer)
 
     def finish(self, work: Work, flight) -> dict:
@@ -220,7 +220,7 @@ class PipelineRunner:
 
     def describe(self, config) -> dict:
         """What /v1/models reports."""
-        from ..loading import SCHEDULERS
+        from ipadapter_instruct.engine.loading import SCHEDULERS
         pipe = self.pipe
         def name(path):  # a folder's or file's own name: where the weights lie on the server is not the client's
             return os.path.basename(os.path.normpath(path)) if path else None
@@ -277,7 +277,7 @@ class EditRunner(PipelineRunner):
                 raise FieldError("adapter_image", "an adapter is loaded: the reference image is required")
             if self.kind == "instruct" and not (req.instruct or "").strip():
                 raise FieldError("instruct", "instruction is empty: say what to take from the reference image")
-        from ..edit import edit_branches
+        from ipadapter_instruct.engine.edit import edit_branches
         rows = len(edit_branches(req.guidance_scale, req.image_guidance_scale)) * req.num_images
         return EditWork(req, photo, height, width, rows, reference=reference)  # (control and mask come first)
 
@@ -297,7 +297,7 @@ class EditRunner(PipelineRunner):
         return self._run(works, progress, (*STAGES, "image_latent_ms"))
 
     def warmup_work(self) -> EditWork:
-        from .schemas import EditRequest
+        from ipadapter_instruct.engine.server.schemas import EditRequest
         grey = Image.new("RGB", (self.native, self.native), (127, 127, 127))
         images = {"image": grey, **({"adapter_image": grey} if self.kind else {})}
         instruct = "everything" if self.kind == "instruct" else None

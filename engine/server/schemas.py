@@ -7,10 +7,10 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from .. import DEFAULT_NEGATIVE, DEFAULT_PROMPT, bounds
-from ..errors import EngineError
-from ..guidance import MODES
-from ..loading import SCHEDULERS
+from ipadapter_instruct.engine import DEFAULT_NEGATIVE, DEFAULT_PROMPT, bounds
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.guidance import MODES
+from ipadapter_instruct.engine.loading import SCHEDULERS
 
 MAX_STEPS = 250       # a server bound, far above any useful schedule (the release uses 30)
 MAX_NUM_IMAGES = 8

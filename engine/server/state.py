@@ -7,18 +7,18 @@ import asyncio
 import logging
 import time
 
-from ..errors import EngineError
-from ..registry import apply_fast_path, load_pipeline
-from ..selfcheck import summary
-from .batcher import Batcher, Job, worker_thread
-from .cache import ConditioningCache
-from .config import ServerConfig
-from .metrics import Metrics
-from .stepper import StepBatcher
-from .uploads import PixelBudget
-from .runners import EditRunner, PipelineRunner
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.registry import apply_fast_path, load_pipeline
+from ipadapter_instruct.engine.selfcheck import summary
+from ipadapter_instruct.engine.server.batcher import Batcher, Job, worker_thread
+from ipadapter_instruct.engine.server.cache import ConditioningCache
+from ipadapter_instruct.engine.server.config import ServerConfig
+from ipadapter_instruct.engine.server.metrics import Metrics
+from ipadapter_instruct.engine.server.stepper import StepBatcher
+from ipadapter_instruct.engine.server.uploads import PixelBudget
+from ipadapter_instruct.engine.server.runners import EditRunner, PipelineRunner
 
-log = logging.getLogger("engine.server")
+log = logging.getLogger("ipadapter_instruct.engine.server")
 
 
 class ServerState:

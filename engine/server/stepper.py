@@ -24,7 +24,7 @@ import logging
 import math
 import time
 
-from .batcher import Batcher, Job
+from ipadapter_instruct.engine.server.batcher import Batcher, Job
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class StepBatcher(Batcher):
         return outcomes
 
     def _step(self, size, jobs: list[Job]) -> list[tuple[Job, object]]:
-        from engine.stepping import Packer
+        from ipadapter_instruct.engine.stepping import Packer
 
         packer = self.packers.setdefault(size, Packer())
         rows = sum(j.flight.rows for j in jobs)

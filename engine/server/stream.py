@@ -8,9 +8,9 @@ import time
 
 from starlette.concurrency import run_in_threadpool
 
-from .batcher import Job
-from .errors import ApiError, error_body
-from .responses import outcome, response_body
+from ipadapter_instruct.engine.server.batcher import Job
+from ipadapter_instruct.engine.server.errors import ApiError, error_body
+from ipadapter_instruct.engine.server.responses import outcome, response_body
 
 
 def progress_to(events: asyncio.Queue, loop):

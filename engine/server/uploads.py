@@ -10,8 +10,8 @@ from collections import deque
 
 from starlette.concurrency import run_in_threadpool
 
-from .errors import ApiError
-from .images import ImageRejected, Use, load, open_image
+from ipadapter_instruct.engine.server.errors import ApiError
+from ipadapter_instruct.engine.server.images import ImageRejected, Use, load, open_image
 
 
 class PixelBudget:

@@ -22,7 +22,7 @@ import functools
 import importlib.util
 import os
 
-from ..errors import EngineError
+from ipadapter_instruct.engine.errors import EngineError
 
 CHOICES = ("auto", "full", "rtx")
 PACKAGES = {"full": "tensorrt", "rtx": "tensorrt_rtx_bindings"}

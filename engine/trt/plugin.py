@@ -25,8 +25,8 @@ from __future__ import annotations
 import functools
 import os
 
-from ..errors import EngineError
-from . import load_tensorrt
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.trt import load_tensorrt
 
 NAME, VERSION, NAMESPACE = "DecoupledAttention", "1", "ipadapter_instruct"
 INPUTS = ("q", "k", "v", "k_ip", "v_ip", "ip_scale")
@@ -165,7 +165,7 @@ def plugin_classes(trt):
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
             import cupy
 
-            from kernels.launch import launch_pointers
+            from ipadapter_instruct.kernels.launch import launch_pointers
 
             b, lq, lt, li = launch_sizes(tuple(input_desc[0].dims), tuple(input_desc[1].dims),
                                          tuple(input_desc[3].dims))

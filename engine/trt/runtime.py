@@ -28,12 +28,12 @@ import threading
 
 import torch
 
-from ..errors import EngineError
-from ..exported import GRAPHS, SDXL_GRAPHS, ExportedPipeline, ExportedSDXLPipeline, read_manifest, source_paths
-from ..pretrained import as_dtype
-from . import INSTALL, NAMES, RTX_CCS, check_choice, choice_of, flavour, import_tensorrt, load_tensorrt
-from .plugin import PLUGIN_DIR_ENV, register_plugin
-from .support import cc_list, cc_text, choose_for_plans, refusal, this_gpu
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.exported import GRAPHS, SDXL_GRAPHS, ExportedPipeline, ExportedSDXLPipeline, read_manifest, source_paths
+from ipadapter_instruct.engine.pretrained import as_dtype
+from ipadapter_instruct.engine.trt import INSTALL, NAMES, RTX_CCS, check_choice, choice_of, flavour, import_tensorrt, load_tensorrt
+from ipadapter_instruct.engine.trt.plugin import PLUGIN_DIR_ENV, register_plugin
+from ipadapter_instruct.engine.trt.support import cc_list, cc_text, choose_for_plans, refusal, this_gpu
 
 log = logging.getLogger(__name__)
 ENGINES_FORMAT = "ipadapter-instruct-trt/1"

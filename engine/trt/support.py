@@ -19,8 +19,8 @@ import sys
 
 import torch
 
-from ..errors import EngineError
-from . import (CHOICES, FULL_INSTALL, FULL_MIN_CC, NAMES, PACKAGES, RTX_CCS, RTX_DEFAULT_CCS, RTX_INSTALL,
+from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.trt import (CHOICES, FULL_INSTALL, FULL_MIN_CC, NAMES, PACKAGES, RTX_CCS, RTX_DEFAULT_CCS, RTX_INSTALL,
                installed)
 
 COMMANDS = {"full": FULL_INSTALL, "rtx": RTX_INSTALL}
