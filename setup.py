@@ -58,6 +58,9 @@ setup(
         # run-time bounds; GPU compilation works from 3.6)
         "dev": ["triton>=3.9; platform_system == 'Linux'", "pytest>=8", "pytest-xdist>=3.5", "matplotlib>=3.7", "pytest-benchmark>=4", "tensorboard>=2.14", "onnx>=1.16",
                 "onnxruntime>=1.18", "onnxruntime-extensions>=0.12", *SERVE, "ray[serve]>=2.60",
-                "selenium>=4.20", *TENSORRT],  # the web page's test drives Debian's chromium through chromedriver
+                "selenium>=4.20", *TENSORRT,  # the web page's test drives Debian's chromium through chromedriver
+                # Hugging Face's kernels (transformers imports it by that name): tests/test_packaging.py shows the
+                # package lives beside it
+                "kernels"],
     },
 )
