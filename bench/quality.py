@@ -47,7 +47,7 @@ PAPER = {"replication": {"CLIP-I": 0.9098, "CLIP-T": 0.8542}, "style": {"CLIP-S"
          "object": {"CLIP-I": 0.8040, "CLIP-P": 0.6402}, "composition": {"CLIP-I": 0.7082, "CLIP-P": 0.6517},
          "face": {"CLIP-I": 0.5264, "CLIP-P": 0.5976}}  # Table 1, IPAdapter-Instruct row
 ALIASES = {"everything": "replication", "faces": "face", "color": "colour"}
-# the reference release's queries for its trained tasks (README), used when a record has no `instruction`
+# the reference release's queries for its trained tasks (its README), used when a record has no `instruction`
 INSTRUCTIONS = {"replication": "use everything from the image", "style": "use the style", "colour": "use the colour",
                 "pose": "use the pose", "composition": "use the composition", "face": "use the face",
                 "foreground": "use the foreground", "background": "use the background", "object": "use the object"}

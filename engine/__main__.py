@@ -1,4 +1,4 @@
-"""python -m engine {generate, edit, make-tiny, demo, serve}: the command-line contract (README, "CLI").
+"""python -m engine {generate, edit, make-tiny, demo, serve}: the command-line contract (docs/cli.md).
 
 The parser (from the argument groups in engine/arguments.py) and the checks of flag combinations live here; what each
 command does is engine/commands.py. Arguments, output paths, sizes and the condition image are checked before torch,

@@ -1,4 +1,4 @@
-"""python -m export {onnx, verify, run, plugin, trt}: the adapter UNet for TensorRT (README, "Export")."""
+"""python -m export {onnx, verify, run, plugin, trt}: the adapter UNet for TensorRT (docs/export-tensorrt-cpp.md)."""
 from __future__ import annotations
 
 import logging

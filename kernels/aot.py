@@ -38,7 +38,7 @@ PROJ_DIM, PROJ_HEADS, PROJ_QUERIES, PROJ_TOKENS, PROJ_HIDDEN = 768, 12, 16, 257,
 SDXL_ATTENTION = ((10, 4096), (20, 1024))  # (heads, queries) per UNet level
 SDXL_PROJ_DIM, SDXL_PROJ_HEADS, SDXL_PROJ_HIDDEN = 1280, 20, (5120, 2560)
 TABLE_DTYPES, TABLE_HEAD_DIMS = ("float16", "bfloat16"), (40, 80, 160)
-TABLE_KERNELS = {  # README row label and the constexprs that make the tile
+TABLE_KERNELS = {  # docs/testing.md's row label and the constexprs that make the tile
     "attention_fwd": ("attention forward", ("BLOCK_M", "BLOCK_D")),
     "attention_fwd_train": ("attention forward, training (stores the log-sum-exp)", ("BLOCK_M", "BLOCK_D")),
     "attention_bwd_text": ("attention backward, text branch", ("BLOCK_M", "BLOCK_D")),
@@ -301,7 +301,7 @@ def compile_all(arch: int, dtypes, head_dims, projector=True, elementwise=True, 
 
 
 def markdown(rows: list[dict]) -> str:
-    """The README's table: per kernel and head dim, tile, warps, registers and spill stores (fp16 / bf16)."""
+    """The table in docs/testing.md: per kernel and head dim, tile, warps, registers and spill stores (fp16 / bf16)."""
     arches = {r["arch"] for r in rows}
     if len(arches) != 1:
         raise KernelError(f"the table is for one arch, got rows for {sorted(arches)}")
@@ -341,11 +341,11 @@ def main(argv=None) -> int:
                         "of SD1.5's; --head-dim and --markdown do not apply")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     p.add_argument("--markdown", action="store_true",
-                   help="print only the README's table on stdout (progress on stderr)")
+                   help="print only docs/testing.md's table on stdout (progress on stderr)")
     a = p.parse_args(argv)
     if a.sdxl and (a.markdown or a.head_dim):
         print("python -m ipadapter_instruct.kernels.aot: error: --sdxl compiles SDXL's own launches (head dim 64): drop --head-dim and "
-              "--markdown (the README table is SD1.5's)", file=sys.stderr)
+              "--markdown (docs/testing.md's table is SD1.5's)", file=sys.stderr)
         return 2
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("python -m ipadapter_instruct.kernels.aot: error: unset TRITON_INTERPRET (the interpreter cannot compile)", file=sys.stderr)

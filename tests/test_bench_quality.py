@@ -240,7 +240,7 @@ def bench_cli(cwd, *argv):
 
 
 def test_the_readme_commands_run_on_make_tiny_weights(tiny, tmp_path):
-    # README "Trainer", Quality: both forms, as written (no --json, --steps or --device), on `make-tiny`'s folders
+    # docs/training.md, Quality: both forms, as written (no --json, --steps or --device), on `make-tiny`'s folders
     # and a held-out manifest in the trainer's format (target and object are not needed here)
     for i, task in enumerate(["everything", "style"]):
         noise_image(20 + i).save(tmp_path / f"c{i}.png")

@@ -31,7 +31,7 @@ NO_TRT = tensorrt_unavailable()
 
 @pytest.fixture(scope="module")
 def one_net(tiny, nets, tmp_path_factory):
-    """One net, plugin attention, through the CLI's parser (the README's command)."""
+    """One net, plugin attention, through the CLI's parser (docs/export-tensorrt-cpp.md's command)."""
     out = tmp_path_factory.mktemp("cn-onnx") / "one"
     assert main(["onnx", "--model", tiny["model"], "--image-encoder", tiny["image_encoder"], "--adapter",
                  tiny["adapter"], "--controlnet", nets[0], "--out", str(out), "--device", "cpu"]) == 0

@@ -232,14 +232,14 @@ def test_a_part_stopped_at_its_limit_leaves_pytests_xml_and_log(image):
 
 def test_readme_and_script_header_give_the_scripts_plan():
     """The parts of `all` with their limits, the deadline and the device call's timeout, the files of $OUT and
-    the deselected test files, as the script has them, in README.md's paragraph and the script's own header."""
+    the deselected test files, as the script has them, in docs/gpu-check.md and the script's own header."""
     script = (ROOT / "bench" / "gpu_session.sh").read_text()
-    readme = (ROOT / "README.md").read_text().split("**On a lent GPU machine**", 1)[1].split("\n## ", 1)[0]
+    readme = (ROOT / "docs" / "gpu-check.md").read_text()
     header = script.split("\nset -uo pipefail", 1)[0]
     plan = re.findall(r"^ +part ([\w-]+) (\d+)$", script, re.M)
     assert [name for name, _ in plan] == ["envcheck", "gpu-tests", "ops", "e2e-short", "trt"], plan
     deadline = re.search(r"deadline=\$\{GPU_CHECK_SECONDS:-(\d+)\}", script)[1]
-    for text, where in ((readme, "README.md"), (header, "the script's header")):
+    for text, where in ((readme, "docs/gpu-check.md"), (header, "the script's header")):
         for name, limit in plan:
             assert re.search(rf"`?{name}`?\s+\({limit} s", text), f"{where} does not give `{name}` ({limit} s"
         assert f"GPU_CHECK_SECONDS ({deadline})" in " ".join(text.split()) or \
@@ -248,4 +248,4 @@ def test_readme_and_script_header_give_the_scripts_plan():
     for name in ("stages.txt", "gpu-tests.xml", "ops.json", "e2e-short.json", "logs.tar.gz"):
         assert name in readme
     for node, _ in gpu_tests.read().deselected:
-        assert node.removeprefix("tests/") in readme, f"README.md does not say why {node} is deselected"
+        assert node.removeprefix("tests/") in readme, f"docs/gpu-check.md does not say why {node} is deselected"

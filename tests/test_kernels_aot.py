@@ -3,7 +3,7 @@
 The interpreter accepts programs the GPU compiler rejects, so where no GPU is lent this is the check that
 the code the engine launches on CUDA is legal, and what it costs in registers. `python -m ipadapter_instruct.kernels.aot` runs
 in a child process with TRITON_INTERPRET unset (the session's kernels are interpreted ones), once for the
-module: every SD1.5 launch at the README table's dtypes and head dims (70-90 s cold on 2 cores, ~15 s
+module: every SD1.5 launch at docs/testing.md's table's dtypes and head dims (70-90 s cold on 2 cores, ~15 s
 with Triton's cache warm).
 """
 import json
@@ -112,10 +112,10 @@ def test_readme_table_is_the_generated_one(aot):
     table, rows = aot
     assert table == markdown(rows) and table.count("\n") == 2 + sum(3 if k.startswith("attention") else 1
                                                                     for k in TABLE_KERNELS)
-    with open(os.path.join(ROOT, "README.md")) as f:
+    with open(os.path.join(ROOT, "docs", "testing.md")) as f:
         readme = [line.strip() for line in f]
     first = table.splitlines()[0]
-    assert first in readme, "README.md has no table headed " + first
+    assert first in readme, "docs/testing.md has no table headed " + first
     start = readme.index(first)
     end = next(i for i in range(start, len(readme)) if not readme[i].startswith("|"))
     assert "\n".join(readme[start:end]) + "\n" == table

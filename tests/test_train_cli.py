@@ -51,7 +51,7 @@ def train_one_step(tiny, data, out, *extra) -> dict:
             "--device", "cpu", *extra]
     assert main(args) == 0
     checkpoints = sorted(os.listdir(out / "checkpoints"))
-    assert checkpoints == ["step-00000001.pt"]  # the README's name, zero-padded to 8 digits
+    assert checkpoints == ["step-00000001.pt"]  # docs/training.md's name, zero-padded to 8 digits
     return torch.load(out / "checkpoints" / checkpoints[0], weights_only=True)["config"]  # tensors and plain values only
 
 

@@ -1,4 +1,4 @@
-"""python -m train: train IPAdapter-Instruct weights the engine loads (README, "Trainer").
+"""python -m train: train IPAdapter-Instruct weights the engine loads (docs/training.md).
 
     python -m train --model DIR --image-encoder DIR --data MANIFEST.jsonl --out DIR [--init-adapter FILE]
         [--steps N] [--batch-size N] [--grad-accum N] [--lr F] [--resolution N]

@@ -1,5 +1,5 @@
 // libipadapter_instruct_plugin.so: ipadapter_instruct::DecoupledAttention version 1 as a C++ IPluginV3 for TensorRT
-// and TensorRT-RTX, the node `python -m export onnx` writes (README.md). Its enqueue launches the cubin that
+// and TensorRT-RTX, the node `python -m export onnx` writes (docs/export-tensorrt-cpp.md). Its enqueue launches the cubin that
 // `python -m export plugin` compiled for this GPU, found through $IPADAPTER_INSTRUCT_PLUGIN_DIR/index.tsv:
 //   out (B, Lq, H*D) = per head softmax(q k^T / sqrt(D)) v + ip_scale[b] * softmax(q k_ip^T / sqrt(D)) v_ip
 // TensorRT's loader (IPluginRegistry::loadLibrary, plugins_to_serialize) calls the exported getCreators.
