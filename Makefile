@@ -1,22 +1,33 @@
-# Two entry points: `make demo` and `make test`. Each installs into .venv first (idempotent).
+# Two entry points: `make demo` (the engine alone: 2.3 GB of .venv, torch's 0.9 GB included) and `make test` (the dev
+# extra on top: Ray, ONNX Runtime, TensorRT for RTX, Selenium, pytest). Each installs into .venv first (idempotent).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # With an NVIDIA GPU take pip's default (CUDA) torch; without one, the small CPU build.
 TORCH  ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
 
-.PHONY: install demo test clean gpu-wheels gpu-wheels-trt browser
+# the tiny random weights `demo`, `serve --tiny` and the bench presets build once (engine/demo.py, bench/weights.py)
+CACHE  ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/ipadapter-instruct-engine
+
+.PHONY: install install-base demo test clean gpu-wheels gpu-wheels-trt browser
 
 install: $(VENV)/.installed
+install-base: $(VENV)/.installed-base
 
-$(VENV)/.installed: setup.py
+# the engine and what it needs to generate; torch first, so that its requirement is met by the build chosen above
+$(VENV)/.installed-base: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# everything the suite uses
+$(VENV)/.installed: $(VENV)/.installed-base
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-demo: install
+demo: install-base
 	$(PY) -m engine demo
 
 # the suite in TEST_WORKERS processes (pytest-xdist), a test file to a process (its module fixtures built once);
@@ -56,4 +67,6 @@ gpu-wheels-trt:
 	rm -rf .whl-trt/unpacked && du -sh .whl-trt
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out .pytest_cache build *.egg-info
+	rm -rf "$(CACHE)"
+	@echo "removed .venv, out/ and the tiny weights' cache $(CACHE)"
