@@ -110,6 +110,12 @@ def add_make_tiny_parser(sub) -> None:
                         "--sdxl: SDXL's layout)")
     t.add_argument("--sdxl", action="store_true",
                    help="an SDXL model (two text encoders, added conditioning) and an IP-Adapter+ SDXL adapter")
+    t.add_argument("--controlnet", action=argparse.BooleanOptionalAction, default=None,
+                   help="also DIR/controlnet, a diffusers ControlNetModel folder that fits the model (default: on, "
+                        "off with --edit: InstructPix2Pix takes no ControlNet)")
+    t.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True,
+                   help="also DIR/lora.safetensors, a LoRA of the UNet and text encoder(s) in diffusers' layout, "
+                        "for --lora FILE:SCALE")
 
 
 def add_demo_parser(sub) -> None:

@@ -143,16 +143,21 @@ def cmd_demo(a) -> int:
 
 
 def cmd_make_tiny(a) -> int:
-    quiet_libraries()
-    from ipadapter_instruct.engine.tiny import make_tiny, make_tiny_sdxl, to_single_file  # deferred: torch and diffusers
-
     if a.sdxl and a.edit:
         print("error: make-tiny --sdxl writes an SDXL text-to-image model (not with --edit)", file=sys.stderr)
         return 2
+    if a.edit and a.controlnet:
+        print("error: make-tiny --edit writes an InstructPix2Pix model, which takes no ControlNet (drop --controlnet)",
+              file=sys.stderr)
+        return 2
+    quiet_libraries()
+    from ipadapter_instruct.engine.tiny import make_tiny, make_tiny_sdxl, to_single_file  # deferred: torch and diffusers
+
+    parts = dict(controlnet=not a.edit if a.controlnet is None else a.controlnet, lora=a.lora)
     if a.sdxl:  # a single file needs the encoders' widths unlike (the loader tells them apart by width, as in SDXL)
-        paths = make_tiny_sdxl(a.dir, seed=a.seed, **({"text2_dim": 48} if a.single_file else {}))
+        paths = make_tiny_sdxl(a.dir, seed=a.seed, **({"text2_dim": 48} if a.single_file else {}), **parts)
     else:
-        paths = make_tiny(a.dir, seed=a.seed, edit=a.edit)
+        paths = make_tiny(a.dir, seed=a.seed, edit=a.edit, **parts)
     if a.single_file:
         paths["single_file"] = to_single_file(paths["model"],
                                               os.path.join(os.path.dirname(paths["model"]), "model.safetensors"))

@@ -23,7 +23,9 @@ from contextlib import contextmanager
 import torch
 
 from ipadapter_instruct.engine.adapter import AdapterLayers, save_adapter
+from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.projector import InstructProjector, ProjectorConfig
+from ipadapter_instruct.engine.tiny_parts import PARTS, write_tiny_parts
 
 TEXT_DIM = 32      # text encoder width = UNet cross-attention width, as in SD1.5 (768)
 IMAGE_DIM = 48     # CLIP vision width (1280 in ViT-H/14)
@@ -128,12 +130,14 @@ def tiny_sdxl_base(folder: str, text2_dim: int = TEXT_DIM) -> None:
                               unet=unet, scheduler=scheduler).save_pretrained(folder)
 
 
-def make_tiny_sdxl(folder: str, seed: int = 0, text2_dim: int = TEXT_DIM) -> dict[str, str]:
+def make_tiny_sdxl(folder: str, seed: int = 0, text2_dim: int = TEXT_DIM, controlnet: bool = False,
+                   lora: bool = False) -> dict[str, str]:
     """Tiny SDXL weights under `folder` (atomically): model/ (a diffusers SDXL folder), image_encoder/,
     plus.safetensors (IP-Adapter+ SDXL) and instruct.safetensors (IPAdapter-Instruct SDXL: its text inputs as wide
     as the first text encoder), both in the two-key layout with ip_adapter indices in the SDXL UNet's
-    attn_processors order. text2_dim: the second text encoder's width (tiny_sdxl_base).
-    -> {"model", "image_encoder", "adapter" (the IP-Adapter+ one), "instruct"}."""
+    attn_processors order. text2_dim: the second text encoder's width (tiny_sdxl_base). controlnet, lora: also an
+    SDXL ControlNet and LoRA (engine/tiny_parts.py).
+    -> {"model", "image_encoder", "adapter" (the IP-Adapter+ one), "instruct"[, "controlnet", "lora"]}."""
     from diffusers import UNet2DConditionModel
 
     folder = os.path.abspath(folder)
@@ -145,9 +149,10 @@ def make_tiny_sdxl(folder: str, seed: int = 0, text2_dim: int = TEXT_DIM) -> dic
         tiny_adapter(os.path.join(tmp, "plus.safetensors"), unet, kind="plus")
         torch.manual_seed(seed + 5)  # its own seed: the pieces above stay what they were before it was added
         tiny_adapter(os.path.join(tmp, "instruct.safetensors"), unet, kind="instruct")
-    return {"model": os.path.join(folder, "model"), "image_encoder": os.path.join(folder, "image_encoder"),
-            "adapter": os.path.join(folder, "plus.safetensors"),
-            "instruct": os.path.join(folder, "instruct.safetensors")}
+        parts = write_tiny_parts(tmp, unet, seed, controlnet, lora)
+    files = {"model": "model", "image_encoder": "image_encoder", "adapter": "plus.safetensors",
+             "instruct": "instruct.safetensors", **{name: PARTS[name] for name in parts}}
+    return {name: os.path.join(folder, rel) for name, rel in files.items()}
 
 
 def tiny_image_encoder(folder: str) -> None:
@@ -203,11 +208,15 @@ def tiny_adapter(path: str, unet, kind: str = "instruct", num_queries: int = 4) 
     save_adapter(path, projector, layers)
 
 
-def make_tiny(folder: str, seed: int = 0, edit: bool = False) -> dict[str, str]:
+def make_tiny(folder: str, seed: int = 0, edit: bool = False, controlnet: bool = False,
+              lora: bool = False) -> dict[str, str]:
     """Write the four tiny pieces under `folder` (replacing what is there, atomically). -> their paths.
-    edit: the model is an InstructPix2Pix one (the image encoder, adapter and CLIP as always)."""
+    edit: the model is an InstructPix2Pix one (the image encoder, adapter and CLIP as always). controlnet, lora:
+    also a ControlNet and a LoRA that fit the model (engine/tiny_parts.py; no ControlNet for InstructPix2Pix)."""
     from diffusers import UNet2DConditionModel
 
+    if edit and controlnet:  # (EditPipeline takes none)
+        raise EngineError("ControlNet with InstructPix2Pix is not built: make the edit model without controlnet")
     folder = os.path.abspath(folder)
     with atomic_folder(folder) as tmp:
         torch.manual_seed(seed)
@@ -217,7 +226,8 @@ def make_tiny(folder: str, seed: int = 0, edit: bool = False) -> dict[str, str]:
         tiny_adapter(os.path.join(tmp, "adapter.safetensors"), unet)
         torch.manual_seed(seed)  # its own seed: the other pieces stay what they were before it was added
         tiny_clip(os.path.join(tmp, "clip"))
-    return tiny_paths(folder)
+        parts = write_tiny_parts(tmp, unet, seed, controlnet, lora)
+    return {**tiny_paths(folder), **{name: os.path.join(folder, PARTS[name]) for name in parts}}
 
 
 @contextmanager

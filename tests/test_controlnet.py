@@ -19,17 +19,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_controlnet(tiny, folder, seed, unet=None):
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    """make-tiny's ControlNet (engine/tiny_parts.py) for `unet` (default: the tiny one) at `seed` -> its folder."""
+    from diffusers import UNet2DConditionModel
+
+    from ipadapter_instruct.engine.tiny_parts import tiny_controlnet
     unet = unet or UNet2DConditionModel.from_pretrained(tiny["model"], subfolder="unet")
-    torch.manual_seed(seed)
-    # the conditioning embedding halves twice: the tiny VAE's factor is 4 (SD1.5's three times, for 8)
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32))
-    with torch.no_grad():  # a trained net's zero convolutions are not zero: make them matter
-        for n, p in net.named_parameters():
-            if "controlnet_down_blocks" in n or "controlnet_mid_block" in n or "conv_out" in n:
-                p.normal_(0, 0.05)
-    net.save_pretrained(str(folder))
-    return str(folder)
+    return tiny_controlnet(str(folder), unet, seed)
 
 
 @pytest.fixture(scope="module")

@@ -12,33 +12,16 @@ from safetensors.torch import load_file, save_file
 
 from conftest import NEGATIVE, PROMPT
 from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.tiny_parts import LORA_UNET_TARGETS, tiny_lora
 
 STEPS = 3
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_lora(tiny, folder, seed, unet_targets=("to_q", "to_k", "to_v", "to_out.0", "proj", "ff.net.2")):
-    """A random LoRA for the tiny UNet and text encoder in diffusers' file layout -> its path."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-    from transformers import CLIPTextModel
-
-    unet = UNet2DConditionModel.from_pretrained(tiny["model"], subfolder="unet")
-    text = CLIPTextModel.from_pretrained(tiny["model"], subfolder="text_encoder")
-    unet = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=list(unet_targets)), unet)
-    text = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                                   "out_proj"]), text)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for model in (unet, text):
-            for n, p in model.named_parameters():
-                if "lora_" in n:
-                    p.copy_(torch.randn(p.shape, generator=g) * (0.2 if "lora_B" in n else 0.5))
-    StableDiffusionPipeline.save_lora_weights(
-        str(folder), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-        text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(text)),
-        weight_name="lora.safetensors")
+def make_lora(tiny, folder, seed, unet_targets=LORA_UNET_TARGETS):
+    """make-tiny's LoRA (engine/tiny_parts.py: random, for the tiny UNet and text encoder, diffusers' file layout)
+    at `seed` as folder/lora.safetensors -> its path."""
+    tiny_lora(str(folder / "lora.safetensors"), tiny["model"], seed, unet_targets)
     return folder / "lora.safetensors"
 
 

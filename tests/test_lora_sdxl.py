@@ -21,30 +21,10 @@ def sdxl(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loras(sdxl, tmp_path_factory):
     """A random LoRA of the UNet, text_encoder and text_encoder_2 in diffusers' layout, and the same in kohya's."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from ipadapter_instruct.engine.tiny_parts import tiny_lora
 
     root = tmp_path_factory.mktemp("sdxl-loras")
-    unet = UNet2DConditionModel.from_pretrained(sdxl["model"], subfolder="unet")
-    te1 = CLIPTextModel.from_pretrained(sdxl["model"], subfolder="text_encoder")
-    te2 = CLIPTextModelWithProjection.from_pretrained(sdxl["model"], subfolder="text_encoder_2")
-    unet = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0",
-                                                                                "ff.net.2"]), unet)
-    text = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
-    te1, te2 = inject_adapter_in_model(text, te1), inject_adapter_in_model(text, te2)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for model in (unet, te1, te2):
-            for n, p in model.named_parameters():
-                if "lora_" in n:
-                    p.copy_(torch.randn(p.shape, generator=g) * (0.2 if "lora_B" in n else 0.5))
-    layers = {k: convert_state_dict_to_diffusers(get_peft_model_state_dict(m))
-              for k, m in (("unet", unet), ("text_encoder", te1), ("text_encoder_2", te2))}
-    StableDiffusionXLPipeline.save_lora_weights(
-        str(root), unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"],
-        text_encoder_2_lora_layers=layers["text_encoder_2"], weight_name="lora.safetensors")
+    tiny_lora(str(root / "lora.safetensors"), sdxl["model"], 0, ("to_q", "to_k", "to_v", "to_out.0", "ff.net.2"))
     path = root / "lora.safetensors"
     prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
     kohya = {}  # test-only: the engine never converts, diffusers' loader does

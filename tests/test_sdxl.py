@@ -195,7 +195,8 @@ def test_cli_make_tiny_sdxl_and_generate(pipe, image, tmp_path):
     """`make-tiny DIR --sdxl` writes what loads; `generate --model SDXL_DIR` gives the Python API's image."""
     from ipadapter_instruct.engine.__main__ import main
     assert main(["make-tiny", str(tmp_path / "t"), "--sdxl"]) == 0
-    assert sorted(os.listdir(tmp_path / "t")) == ["image_encoder", "instruct.safetensors", "model", "plus.safetensors"]
+    assert sorted(os.listdir(tmp_path / "t")) == ["controlnet", "image_encoder", "instruct.safetensors",
+                                                  "lora.safetensors", "model", "plus.safetensors"]
     assert main(["make-tiny", str(tmp_path / "u"), "--sdxl", "--edit"]) == 2
     image.save(tmp_path / "cond.png")
     out = tmp_path / "out.png"
