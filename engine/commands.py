@@ -12,6 +12,7 @@ import sys
 from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.loading import check_size, load_image, native_size
 from ipadapter_instruct.engine.output import output_paths, write_images
+from ipadapter_instruct.engine.preflight import check_config, check_device
 from ipadapter_instruct.engine.registry import EngineConfig, load_pipeline
 from ipadapter_instruct.engine.server.config import ServerConfig
 
@@ -81,13 +82,15 @@ def size_call_args(a, pipe) -> dict:
 def cmd_generate(a) -> int:
     # the cheap checks, before torch loads: output paths, size, condition image
     paths = output_paths(a.out, a.num_images, a.overwrite)
+    config = EngineConfig.from_args(a, kind="sd15")  # an SDXL model opens as sdxl by itself
+    check_config(config, instruct=a.instruct)
     native = native_size(a.model, a.model_config)
     if native is not None:  # a hub id is checked by the pipeline once loaded
         check_size(a.height, a.width, *native, a.max_size)
     adapter_args = adapter_call_args(a)
     quiet_libraries()
     control_args = control_call_args(a)
-    pipe = load_pipeline(EngineConfig.from_args(a, kind="sd15"))  # an SDXL model opens as sdxl by itself
+    pipe = load_pipeline(config)
     pipe.set_progress_bar_config(disable=a.no_progress)
     images = pipe(prompt=a.prompt, **size_call_args(a, pipe), instruct=a.instruct, negative_prompt=a.negative_prompt,
                   **adapter_args, guidance_scale=a.guidance_scale, instruct_guidance_scale=a.instruct_guidance_scale,
@@ -105,10 +108,12 @@ def cmd_edit(a) -> int:
         raise EngineError(f"--adapter needs {' and '.join(given)} too")
     if a.adapter is None and (a.image_encoder or a.adapter_image or a.instruct):
         raise EngineError("--image-encoder, --adapter-image and --instruct need --adapter")
+    config = EngineConfig.from_args(a, kind="edit")
+    check_config(config, instruct=a.instruct)
     photo = load_image(a.image)
     reference = load_image(a.adapter_image) if a.adapter_image else None
     quiet_libraries()
-    pipe = load_pipeline(EngineConfig.from_args(a, kind="edit"))
+    pipe = load_pipeline(config)
     pipe.set_progress_bar_config(disable=a.no_progress)
     images = pipe(a.prompt, photo, a.negative_prompt, guidance_scale=a.guidance_scale,
                   image_guidance_scale=a.image_guidance_scale, num_inference_steps=a.steps, seed=a.seed,
@@ -122,6 +127,9 @@ def cmd_demo(a) -> int:
     if any(given) and not all(given):
         raise EngineError("give all of --model, --image-encoder and --adapter for real weights, "
                           "or none for the tiny ones")
+    check_device(a.device)
+    if all(given):
+        check_config(EngineConfig.from_args(a, kind="sd15"))
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     output_paths(a.out, 1, overwrite=True)  # the demo replaces its own files on every run
     image = load_image(a.image) if a.image else None
@@ -162,6 +170,7 @@ def cmd_make_tiny(a) -> int:
 
 
 def cmd_serve(a) -> int:
+    check_device(a.device)
     if a.tiny:
         from ipadapter_instruct.engine.demo import cache_dir, ensure_tiny  # deferred: building the tiny weights needs torch
         tiny = ensure_tiny(cache_dir())
@@ -172,6 +181,7 @@ def cmd_serve(a) -> int:
     if a.adapter is not None and not os.path.isfile(a.adapter):
         raise EngineError(f"adapter file not found: {a.adapter}")
     config = ServerConfig.from_args(a)
+    check_config(config)
     try:
         config.api_key()
     except (OSError, ValueError) as e:
