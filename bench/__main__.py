@@ -7,6 +7,7 @@ import sys
 
 from ipadapter_instruct.engine.arguments import Parser
 from ipadapter_instruct.engine.interrupt import interruptible
+from ipadapter_instruct.engine.verbosity import add_verbose_arg, quiet_libraries
 from ipadapter_instruct.engine.trt import CHOICES as TRT_CHOICES
 
 
@@ -47,6 +48,8 @@ def build_parser() -> Parser:
     add_quality_args(sub.add_parser("quality", help="the paper's CLIP-I/T/P/S on a held-out manifest"))
     add_serve_args(sub.add_parser("serve", help="the HTTP server under load: engine (request- and step-level "
                                                 "batching) vs engine-single vs diffusers"))
+    for command in sub.choices.values():
+        add_verbose_arg(command)
     return parser
 
 
@@ -172,6 +175,7 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in ("ops", "e2e", "quality", "serve", "-h", "--help"):
         argv = ["e2e", *argv]  # `python -m bench [options]` runs the end-to-end benchmark
     a = build_parser().parse_args(argv)
+    quiet_libraries(a.verbose)
     message = f"python -m bench {a.command}: interrupted (Ctrl-C): stopped, no results written"
     return interruptible(lambda: command(a), message)  # Ctrl-C: one line, exit 130
 

@@ -15,17 +15,7 @@ from ipadapter_instruct.engine.output import output_paths, write_images
 from ipadapter_instruct.engine.preflight import check_config, check_device
 from ipadapter_instruct.engine.registry import EngineConfig, load_pipeline
 from ipadapter_instruct.engine.server.config import ServerConfig
-
-
-def quiet_libraries() -> None:
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
-        from transformers.utils import logging as tlog  # deferred: heavy, and only for a run that loads a model
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:
-        pass
+from ipadapter_instruct.engine.verbosity import quiet_libraries
 
 
 def write_outputs(images, paths: list[str], overwrite: bool) -> int:
@@ -88,7 +78,7 @@ def cmd_generate(a) -> int:
     if native is not None:  # a hub id is checked by the pipeline once loaded
         check_size(a.height, a.width, *native, a.max_size)
     adapter_args = adapter_call_args(a)
-    quiet_libraries()
+    quiet_libraries(a.verbose)
     control_args = control_call_args(a)
     pipe = load_pipeline(config)
     pipe.set_progress_bar_config(disable=a.no_progress)
@@ -112,7 +102,7 @@ def cmd_edit(a) -> int:
     check_config(config, instruct=a.instruct)
     photo = load_image(a.image)
     reference = load_image(a.adapter_image) if a.adapter_image else None
-    quiet_libraries()
+    quiet_libraries(a.verbose)
     pipe = load_pipeline(config)
     pipe.set_progress_bar_config(disable=a.no_progress)
     images = pipe(a.prompt, photo, a.negative_prompt, guidance_scale=a.guidance_scale,
@@ -133,7 +123,7 @@ def cmd_demo(a) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     output_paths(a.out, 1, overwrite=True)  # the demo replaces its own files on every run
     image = load_image(a.image) if a.image else None
-    quiet_libraries()
+    quiet_libraries(a.verbose)
     # deferred: torch and diffusers, once the cheap checks passed
     from ipadapter_instruct.engine.demo import DEMO_INSTRUCT, cache_dir, draw_condition_image, ensure_tiny, run_demo
 
@@ -151,7 +141,7 @@ def cmd_demo(a) -> int:
 
 
 def cmd_make_tiny(a) -> int:
-    quiet_libraries()
+    quiet_libraries(a.verbose)
     from ipadapter_instruct.engine.tiny import make_tiny, make_tiny_sdxl, to_single_file  # deferred: torch and diffusers
 
     if a.sdxl and a.edit:
@@ -187,7 +177,7 @@ def cmd_serve(a) -> int:
     except (OSError, ValueError) as e:
         raise EngineError(f"--api-key-file: {e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    quiet_libraries()
+    quiet_libraries(a.verbose)
     if a.ray:
         from ipadapter_instruct.engine.server.ray_app import serve_ray  # deferred: Ray, an optional dependency
         return serve_ray(config, replicas=a.replicas, gpus_per_replica=a.gpus_per_replica)

@@ -8,6 +8,7 @@ import sys
 from ipadapter_instruct.engine.arguments import Parser
 from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.interrupt import interruptible
+from ipadapter_instruct.engine.verbosity import add_verbose_arg, quiet_libraries
 
 
 def add_source_args(p, names) -> None:
@@ -85,6 +86,8 @@ def _parser() -> Parser:
     from ipadapter_instruct.export.trt_arguments import add_arguments  # light: the build's imports stay in export/trt.py
 
     add_arguments(sub.add_parser("trt", help="build TensorRT engines (.plan) from an onnx folder, on this machine (TensorRT for RTX needs no GPU)"))
+    for command in sub.choices.values():
+        add_verbose_arg(command)
     return p
 
 
@@ -94,7 +97,7 @@ WRITTEN = {"onnx": ", no graph written", "trt": ", no plan written", "run": ", n
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    quiet_libraries(a.verbose)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is what kernels/aot.py measures
     message = f"python -m export {a.command}: interrupted (Ctrl-C): stopped{WRITTEN.get(a.command, '')}"
     return interruptible(lambda: command(a), message)  # Ctrl-C: one line, exit 130

@@ -177,3 +177,25 @@ def test_a_good_run_still_generates(tiny, folders, tmp_path):
     rc, lines, report, out = probe("engine", "generate", "--model", tiny["model"], "--prompt", PROMPT, "--steps", "1",
                                    "--out", str(tmp_path / "a.png"), "--no-progress")
     assert rc == 0 and out.strip() == str(tmp_path / "a.png"), lines
+
+
+def test_library_chatter_is_quiet_unless_verbose(tiny, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")}
+    out = {}
+    for flag in ("", "--verbose"):
+        args = ["engine", "generate", "--model", tiny["model"], "--steps", "1", "--no-progress", "--overwrite",
+                "--out", str(tmp_path / "a.png"), *([flag] if flag else [])]
+        r = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env={**env, "PYTHONPATH": ROOT},
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        out[flag] = r.stderr
+    assert "Loading weights" not in out[""] and "WARNING" not in out[""], out[""]
+    assert "Loading weights" in out["--verbose"]
+
+
+@pytest.mark.parametrize("module, argv", [("export", ["onnx", "--help"]), ("bench", ["e2e", "--help"]),
+                                          ("train", ["--help"]), ("engine", ["serve", "--help"])])
+def test_every_command_line_takes_verbose(module, argv):
+    r = subprocess.run([sys.executable, "-m", module, *argv], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "--verbose" in r.stdout
