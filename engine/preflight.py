@@ -188,7 +188,7 @@ def check_adapters(files, instruct=..., image_encoder=None) -> None:
     needs an instruction. `...` (the default): the instruction is not known yet (load time)."""
     for f in files:
         check_path(f, "adapter file", folder=False, kinds="a .bin or .safetensors file")
-        if instruct is not ... and not (instruct or "").strip() and adapter_kind(f) == "instruct":
+        if instruct is None and adapter_kind(f) == "instruct":  # a blank one: the call says "instruction is empty"
             raise EngineError(f"adapter {os.fspath(f)} is IPAdapter-Instruct, which reads an instruction: give "
                               "--instruct (instruct=), e.g. 'use the style of this image'")
     if files and image_encoder is not None:
