@@ -5,10 +5,9 @@ import argparse
 import os
 import sys
 
-import torch
-
 from ipadapter_instruct.engine.arguments import Parser
 from ipadapter_instruct.engine.interrupt import interruptible
+from ipadapter_instruct.engine.verbosity import add_verbose_arg, quiet_libraries
 from ipadapter_instruct.engine.trt import CHOICES as TRT_CHOICES
 
 
@@ -45,16 +44,18 @@ def build_parser() -> Parser:
     ops.add_argument("--json", default=os.path.join("out", "bench-ops.json"), help="where the result rows go")
     e2e = sub.add_parser("e2e", help="end-to-end request latency and throughput: engine vs diffusers (default)")
     add_e2e_args(e2e)
-    from ipadapter_instruct.bench.quality import add_quality_args
+    from ipadapter_instruct.bench.quality_args import add_quality_args
     add_quality_args(sub.add_parser("quality", help="the paper's CLIP-I/T/P/S on a held-out manifest"))
     add_serve_args(sub.add_parser("serve", help="the HTTP server under load: engine (request- and step-level "
                                                 "batching) vs engine-single vs diffusers"))
+    for command in sub.choices.values():
+        add_verbose_arg(command)
     return parser
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     from ipadapter_instruct.bench.serve_config import MIXES, SERVERS, ServeConfig, loopback_url
-    from ipadapter_instruct.bench.weights import PRESETS
+    from ipadapter_instruct.bench.e2e_config import PRESETS
 
     def rates(text: str) -> str | list[float]:
         return "auto" if text == "auto" else positive_floats(text)
@@ -110,7 +111,7 @@ def add_e2e_args(p: argparse.ArgumentParser) -> None:
     from ipadapter_instruct.engine.loading import SCHEDULERS
 
     from ipadapter_instruct.bench.e2e_config import ACCEPTED, PROVIDERS
-    from ipadapter_instruct.bench.weights import PRESETS
+    from ipadapter_instruct.bench.e2e_config import PRESETS
 
     p.add_argument("--task", choices=["generate", "edit"], default="generate",
                    help="generate: IPAdapter-Instruct text-to-image (default); edit: InstructPix2Pix, a photo edited "
@@ -174,6 +175,7 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in ("ops", "e2e", "quality", "serve", "-h", "--help"):
         argv = ["e2e", *argv]  # `python -m bench [options]` runs the end-to-end benchmark
     a = build_parser().parse_args(argv)
+    quiet_libraries(a.verbose)
     message = f"python -m bench {a.command}: interrupted (Ctrl-C): stopped, no results written"
     return interruptible(lambda: command(a), message)  # Ctrl-C: one line, exit 130
 
@@ -189,6 +191,7 @@ def command(a) -> int:
         return serve_main(a)
     from ipadapter_instruct.bench.common import write_json
     from ipadapter_instruct.bench.ops import run_ops
+    import torch  # deferred: heavy, and `--help` needs none of it
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -217,6 +220,7 @@ def run_e2e_command(a) -> int:
     from ipadapter_instruct.bench.e2e import run_e2e
     from ipadapter_instruct.bench.e2e_config import ACCEPTED, LADDER, E2EConfig
     from ipadapter_instruct.bench.weights import bench_weights
+    import torch  # deferred: heavy, and `--help` needs none of it
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():

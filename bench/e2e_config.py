@@ -13,6 +13,7 @@ NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
 INSTRUCT = "use the style of this image"
 EDIT_PROMPT = "make it look like winter"
 PROVIDERS = ("engine", "engine-eager", "diffusers")
+PRESETS = ("tiny", "sd15", "tiny-sdxl", "sdxl")  # the weights bench/weights.py builds or takes
 ACCEPTED = (*PROVIDERS, "tensorrt", "engine-lcm", "+channels-last", "+fused-attention", "+fused-norms", "+cuda-graphs",
             "+compile")  # tensorrt: on request only; "+...": the --ladder steps
 

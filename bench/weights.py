@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-PRESETS = ("tiny", "sd15", "tiny-sdxl", "sdxl")
+from ipadapter_instruct.bench.e2e_config import PRESETS  # noqa: F401 (this module's API)
 
 
 def cache_root() -> str:

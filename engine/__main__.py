@@ -21,6 +21,7 @@ from ipadapter_instruct.engine.guidance import MODES
 from ipadapter_instruct.engine.interrupt import EXIT_INTERRUPTED, INTERRUPTED, interrupt_guard, interruptible  # noqa: F401 (tests use all)
 from ipadapter_instruct.engine.registry import KINDS
 from ipadapter_instruct.engine.server.config import ServerConfig
+from ipadapter_instruct.engine.verbosity import add_verbose_arg
 
 
 def build_parser() -> Parser:
@@ -28,6 +29,8 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for add in (add_generate_parser, add_edit_parser, add_make_tiny_parser, add_demo_parser, add_serve_parser):
         add(sub)
+    for command in sub.choices.values():
+        add_verbose_arg(command)
     return parser
 
 

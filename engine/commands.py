@@ -12,19 +12,10 @@ import sys
 from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.loading import check_size, load_image, native_size
 from ipadapter_instruct.engine.output import output_paths, write_images
+from ipadapter_instruct.engine.preflight import check_config, check_device
 from ipadapter_instruct.engine.registry import EngineConfig, load_pipeline
 from ipadapter_instruct.engine.server.config import ServerConfig
-
-
-def quiet_libraries() -> None:
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
-        from transformers.utils import logging as tlog  # deferred: heavy, and only for a run that loads a model
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:
-        pass
+from ipadapter_instruct.engine.verbosity import quiet_libraries
 
 
 def write_outputs(images, paths: list[str], overwrite: bool) -> int:
@@ -81,13 +72,15 @@ def size_call_args(a, pipe) -> dict:
 def cmd_generate(a) -> int:
     # the cheap checks, before torch loads: output paths, size, condition image
     paths = output_paths(a.out, a.num_images, a.overwrite)
+    config = EngineConfig.from_args(a, kind="sd15")  # an SDXL model opens as sdxl by itself
+    check_config(config, instruct=a.instruct)
     native = native_size(a.model, a.model_config)
     if native is not None:  # a hub id is checked by the pipeline once loaded
         check_size(a.height, a.width, *native, a.max_size)
     adapter_args = adapter_call_args(a)
-    quiet_libraries()
+    quiet_libraries(a.verbose)
     control_args = control_call_args(a)
-    pipe = load_pipeline(EngineConfig.from_args(a, kind="sd15"))  # an SDXL model opens as sdxl by itself
+    pipe = load_pipeline(config)
     pipe.set_progress_bar_config(disable=a.no_progress)
     images = pipe(prompt=a.prompt, **size_call_args(a, pipe), instruct=a.instruct, negative_prompt=a.negative_prompt,
                   **adapter_args, guidance_scale=a.guidance_scale, instruct_guidance_scale=a.instruct_guidance_scale,
@@ -105,10 +98,12 @@ def cmd_edit(a) -> int:
         raise EngineError(f"--adapter needs {' and '.join(given)} too")
     if a.adapter is None and (a.image_encoder or a.adapter_image or a.instruct):
         raise EngineError("--image-encoder, --adapter-image and --instruct need --adapter")
+    config = EngineConfig.from_args(a, kind="edit")
+    check_config(config, instruct=a.instruct)
     photo = load_image(a.image)
     reference = load_image(a.adapter_image) if a.adapter_image else None
-    quiet_libraries()
-    pipe = load_pipeline(EngineConfig.from_args(a, kind="edit"))
+    quiet_libraries(a.verbose)
+    pipe = load_pipeline(config)
     pipe.set_progress_bar_config(disable=a.no_progress)
     images = pipe(a.prompt, photo, a.negative_prompt, guidance_scale=a.guidance_scale,
                   image_guidance_scale=a.image_guidance_scale, num_inference_steps=a.steps, seed=a.seed,
@@ -122,10 +117,13 @@ def cmd_demo(a) -> int:
     if any(given) and not all(given):
         raise EngineError("give all of --model, --image-encoder and --adapter for real weights, "
                           "or none for the tiny ones")
+    check_device(a.device)
+    if all(given):
+        check_config(EngineConfig.from_args(a, kind="sd15"))
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     output_paths(a.out, 1, overwrite=True)  # the demo replaces its own files on every run
     image = load_image(a.image) if a.image else None
-    quiet_libraries()
+    quiet_libraries(a.verbose)
     # deferred: torch and diffusers, once the cheap checks passed
     from ipadapter_instruct.engine.demo import DEMO_INSTRUCT, cache_dir, draw_condition_image, ensure_tiny, run_demo
 
@@ -150,7 +148,7 @@ def cmd_make_tiny(a) -> int:
         print("error: make-tiny --edit writes an InstructPix2Pix model, which takes no ControlNet (drop --controlnet)",
               file=sys.stderr)
         return 2
-    quiet_libraries()
+    quiet_libraries(a.verbose)
     from ipadapter_instruct.engine.tiny import make_tiny, make_tiny_sdxl, to_single_file  # deferred: torch and diffusers
 
     parts = dict(controlnet=not a.edit if a.controlnet is None else a.controlnet, lora=a.lora)
@@ -167,6 +165,7 @@ def cmd_make_tiny(a) -> int:
 
 
 def cmd_serve(a) -> int:
+    check_device(a.device)
     if a.tiny:
         from ipadapter_instruct.engine.demo import cache_dir, ensure_tiny  # deferred: building the tiny weights needs torch
         tiny = ensure_tiny(cache_dir())
@@ -177,12 +176,13 @@ def cmd_serve(a) -> int:
     if a.adapter is not None and not os.path.isfile(a.adapter):
         raise EngineError(f"adapter file not found: {a.adapter}")
     config = ServerConfig.from_args(a)
+    check_config(config)
     try:
         config.api_key()
     except (OSError, ValueError) as e:
         raise EngineError(f"--api-key-file: {e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    quiet_libraries()
+    quiet_libraries(a.verbose)
     if a.ray:
         from ipadapter_instruct.engine.server.ray_app import serve_ray  # deferred: Ray, an optional dependency
         return serve_ray(config, replicas=a.replicas, gpus_per_replica=a.gpus_per_replica)

@@ -22,11 +22,13 @@ import torch
 from ipadapter_instruct.engine import bounds
 from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.loading import load_image
+from ipadapter_instruct.engine.preflight import controlnet_misfit
 from ipadapter_instruct.engine.safe_load import load_error, refusal
 
 
-def load_controlnets(paths, unet, dtype: torch.dtype) -> list:
-    """diffusers ControlNetModel folders -> models, checked against the UNet they feed."""
+def load_controlnets(paths, unet, dtype: torch.dtype, vae_factor: int | None = None) -> list:
+    """diffusers ControlNetModel folders -> models, checked against the UNet they feed (and the VAE's downsampling
+    factor, which the nets' conditioning embedding must match)."""
     from diffusers import ControlNetModel
 
     nets = []
@@ -40,11 +42,9 @@ def load_controlnets(paths, unet, dtype: torch.dtype) -> list:
                 raise load_error(f"the ControlNet {os.fspath(path)}", e, path) from None
             raise EngineError(f"cannot load the ControlNet {os.fspath(path)}: "
                               f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
-        mine = (tuple(net.config.block_out_channels), net.config.cross_attention_dim, net.config.in_channels)
-        theirs = (tuple(unet.config.block_out_channels), unet.config.cross_attention_dim, unet.config.in_channels)
-        if mine != theirs:
-            raise EngineError(f"the ControlNet {os.fspath(path)} does not fit this UNet: block channels, "
-                              f"cross-attention width, input channels {mine} against the UNet's {theirs}")
+        misfit = controlnet_misfit(dict(net.config), dict(unet.config), vae_factor)
+        if misfit:
+            raise EngineError(f"the ControlNet {os.fspath(path)} does not fit this UNet: {misfit}")
         nets.append(net.eval().requires_grad_(False))
     if not nets:
         raise EngineError("controlnet= names no folder")

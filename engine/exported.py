@@ -28,15 +28,11 @@ from types import SimpleNamespace
 import torch
 
 from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.graph_names import FORMAT, GRAPHS, SDXL_GRAPHS, SOURCES  # noqa: F401 (this module's API)
 from ipadapter_instruct.engine.pipeline import Pipeline
 from ipadapter_instruct.engine.prepared import LastTimings
 from ipadapter_instruct.engine.sdxl import SDXLPipeline
 from ipadapter_instruct.engine.selfcheck import SelfCheck
-
-FORMAT = "ipadapter-instruct-onnx/1"
-GRAPHS = ("text_encoder", "image_encoder", "projector", "unet", "vae_decoder")
-SDXL_GRAPHS = GRAPHS + ("text_encoder_2",)  # an SDXL export's (manifest kind "sdxl")
-SOURCES = {"model": "--model", "image_encoder": "--image-encoder", "adapter": "--adapter"}  # -> the override flag
 
 
 def resolve_shape(shape, sizes: dict[str, int]) -> tuple[int, ...]:

@@ -32,7 +32,7 @@ from ipadapter_instruct.engine.pretrained import check_channels, from_pretrained
 from ipadapter_instruct.engine.registry import Capabilities
 from ipadapter_instruct.engine.requests import Request, control_args, parse_requests
 from ipadapter_instruct.engine.selfcheck import SelfCheck
-from ipadapter_instruct.engine.unet_step import choose_kernels, fast_path_report, graphs_changed, run_unet
+from ipadapter_instruct.engine.unet_step import choose_kernels, compile_unet, fast_path_report, graphs_changed, run_unet
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,9 @@ class Pipeline(LoraMixin):
         """torch.compile the UNet in place (its module names, which the adapter's K/V precompute uses, stay).
         kwargs go to torch.compile (mode, backend, fullgraph, dynamic). The first call at each new shape pays
         the compile time. With the sdpa backend the whole UNet, adapter processors included, is one graph
-        (tested with fullgraph=True); the Triton kernels are launched outside the graph."""
-        self.unet.compile(**kwargs)
-        self._compiled = True
-        graphs_changed(self)  # graphs captured before hold the uncompiled kernels
+        (tested with fullgraph=True); the Triton kernels are launched outside the graph. It logs that the next
+        call compiles, and how long each new shape's first compiled step took."""
+        compile_unet(self, **kwargs)
 
     def set_attention_backend(self, backend: str) -> None:
         """Run every cross-attention with `backend` (auto | triton | sdpa | reference); fallbacks are logged.

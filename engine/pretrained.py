@@ -13,6 +13,7 @@ from ipadapter_instruct.engine.adapter import load_adapter
 from ipadapter_instruct.engine.controlnet import load_controlnets
 from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.loading import load_base, load_image_encoder, resolve
+from ipadapter_instruct.engine.preflight import check_load
 from ipadapter_instruct.engine.registry import pipeline_class
 from ipadapter_instruct.engine.trt import check_choice
 
@@ -118,10 +119,12 @@ def from_pretrained(cls, model, image_encoder=None, adapter=None, device=None, d
             if not os.path.isfile(f):
                 raise EngineError(f"adapter file not found: {os.fspath(f)}")
         resolve(image_encoder, "image encoder")
+    check_load(model, config, cls.KIND, controlnet or ())  # the kind and the ControlNets' fit, from their configs
     parts = load_base(model, dtype, config=config)
     cls = kind_class(cls, parts, model)
     encoder, processor, loaded = load_adapters(files, image_encoder, parts, dtype)
-    nets = None if controlnet is None else load_controlnets(controlnet, parts["unet"], dtype)
+    nets = None if controlnet is None else load_controlnets(controlnet, parts["unet"], dtype,
+                                                                 2 ** (len(parts["vae"].config.block_out_channels) - 1))
     return cls(**parts, image_encoder=encoder, image_processor=processor,
                adapter=(loaded if several else loaded[0]) if loaded else None, device=device, dtype=dtype,
                attention_backend=attention_backend, controlnets=nets, verify_fast_path=verify_fast_path)

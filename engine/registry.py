@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 
 from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.loading import is_edit_model
+from ipadapter_instruct.engine.preflight import check_config
 
 KINDS = ("sd15", "sdxl", "edit")
 RUNTIME_NAMES = ("torch", "onnx", "tensorrt")
@@ -102,7 +103,9 @@ def model_kind(config: EngineConfig) -> str:
 
 def load_pipeline(config: EngineConfig):
     """The one way every entry point loads: the class of the config's kind, its weights, LoRAs fused, then
-    channels-last, torch.compile and CUDA graphs as asked. -> a pipeline (engine.Pipeline or a subclass)."""
+    channels-last, torch.compile and CUDA graphs as asked. -> a pipeline (engine.Pipeline or a subclass).
+    What its configs and file headers show is checked first (engine/preflight.py), before the heavy imports."""
+    check_config(config)
     adapter = config.adapter
     if isinstance(adapter, (list, tuple)):
         adapter = None if not adapter else adapter[0] if len(adapter) == 1 else list(adapter)

@@ -3,6 +3,9 @@
 the attention backend's choice carried to the projector, GroupNorm+SiLU and GEGLU kernels (engine/fastpath.py)."""
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
 from ipadapter_instruct.kernels import BACKENDS, choose
@@ -12,6 +15,8 @@ from ipadapter_instruct.engine.attention import choose_impls
 from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.cuda_graphs import StaticUNet
 from ipadapter_instruct.engine.selfcheck import describe, module_fp32
+
+log = logging.getLogger(__name__)
 
 # what replays or compiles the UNet step, by (CUDA graphs, compiled): a component of the first-use checks
 STEP_COMPONENTS = {(True, False): "cuda_graph", (False, True): "compiled_unet", (True, True): "compiled_unet+cuda_graph"}
@@ -26,6 +31,29 @@ def graphs_changed(pipe) -> None:
     if pipe._static is not None:
         pipe._static.entries.clear()
     pipe.selfcheck.forget(*STEP_COMPONENTS.values())
+
+
+def compile_unet(pipe, **kwargs) -> None:
+    """pipe.compile(): torch.compile the UNet in place, saying that the next call compiles (minutes on a CPU)."""
+    pipe.unet.compile(**kwargs)
+    pipe._compiled = True
+    pipe._compiled_shapes = set()  # step shapes run since: the first of each pays (and logs) its compile time
+    graphs_changed(pipe)  # graphs captured before hold the uncompiled kernels
+    log.warning("the UNet is torch.compiled: the next call compiles it%s",
+                " (on the CPU this can take minutes)" if pipe.device.type == "cpu" else "")
+
+
+def timed_first(pipe, key, fast, shape: str):
+    """`fast` for a step shape the compiled UNet has not run: its time (compiling included) logged once."""
+    def run():
+        start = time.perf_counter()
+        out = fast()
+        pipe._compiled_shapes.add(key)
+        level = logging.WARNING if len(pipe._compiled_shapes) == 1 else logging.INFO
+        log.log(level, "compiled UNet: the first step at %s took %.1f s (compiling included)", shape,
+                time.perf_counter() - start)
+        return out
+    return run
 
 
 def choose_kernels(pipe, backend: str) -> None:
@@ -81,5 +109,7 @@ def run_unet(pipe, x, t, text_rows, ctx, control=None, added=None) -> torch.Tens
     ref = None if pipe.dtype == torch.float32 else \
         lambda: unet_call(lambda *a, **k: module_fp32(unet, *a, **k), x, t, text_rows, ctx, control, added)
     key = StaticUNet._key(x, t, text_rows, ctx, control, added)
-    return pipe.selfcheck.run(step, key, fast, eager, ref, pipe.dtype, pipe.device,
-                              shape=f"rows {x.shape[0]}, latent {describe(x)}")
+    shape = f"rows {x.shape[0]}, latent {describe(x)}"
+    if pipe._compiled and key not in pipe._compiled_shapes:
+        fast = timed_first(pipe, key, fast, shape)
+    return pipe.selfcheck.run(step, key, fast, eager, ref, pipe.dtype, pipe.device, shape=shape)

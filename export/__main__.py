@@ -8,11 +8,12 @@ import sys
 from ipadapter_instruct.engine.arguments import Parser
 from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.interrupt import interruptible
+from ipadapter_instruct.engine.verbosity import add_verbose_arg, quiet_libraries
 
 
 def add_source_args(p, names) -> None:
     """--model/--image-encoder/--adapter: where the weights are now, when they moved away from the export."""
-    from ipadapter_instruct.export.onnx import SOURCES
+    from ipadapter_instruct.engine.graph_names import SOURCES
 
     for name in names:
         p.add_argument(SOURCES[name], default=None, help=f"the export's {name.replace('_', ' ')}, in place of the "
@@ -22,7 +23,7 @@ def add_source_args(p, names) -> None:
 def _parser() -> Parser:
     from ipadapter_instruct.engine.arguments import int_pair
 
-    from ipadapter_instruct.export.onnx import DEFAULT_OPSET, EDIT_GRAPHS, GRAPHS
+    from ipadapter_instruct.engine.graph_names import DEFAULT_OPSET, EDIT_GRAPHS, GRAPHS
     from ipadapter_instruct.export.plugin import ARCHS, DTYPES, HEAD_DIMS, HEADS
 
     p = Parser(prog="python -m export", description=__doc__)
@@ -82,9 +83,11 @@ def _parser() -> Parser:
     pl.add_argument("--dtype", choices=DTYPES, action="append", help="repeatable; default: all")
     pl.add_argument("--head-dim", type=int, choices=HEAD_DIMS, action="append", help="repeatable; default: all")
     pl.add_argument("--heads", type=int, default=HEADS, help=f"attention heads (default {HEADS}, SD1.5)")
-    from ipadapter_instruct.export import trt  # imports no TensorRT: that happens inside the build
+    from ipadapter_instruct.export.trt_arguments import add_arguments  # light: the build's imports stay in export/trt.py
 
-    trt.add_arguments(sub.add_parser("trt", help="build TensorRT engines (.plan) from an onnx folder, on this machine (TensorRT for RTX needs no GPU)"))
+    add_arguments(sub.add_parser("trt", help="build TensorRT engines (.plan) from an onnx folder, on this machine (TensorRT for RTX needs no GPU)"))
+    for command in sub.choices.values():
+        add_verbose_arg(command)
     return p
 
 
@@ -94,7 +97,7 @@ WRITTEN = {"onnx": ", no graph written", "trt": ", no plan written", "run": ", n
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    quiet_libraries(a.verbose)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is what kernels/aot.py measures
     message = f"python -m export {a.command}: interrupted (Ctrl-C): stopped{WRITTEN.get(a.command, '')}"
     return interruptible(lambda: command(a), message)  # Ctrl-C: one line, exit 130

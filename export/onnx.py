@@ -22,6 +22,7 @@ import torch
 
 from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.exported import FORMAT, GRAPHS, SOURCES, read_manifest, source_paths  # noqa: F401 (export API)
+from ipadapter_instruct.engine.graph_names import DEFAULT_OPSET, EDIT_GRAPHS
 from ipadapter_instruct.engine.interrupt import forget, remove_if_killed
 
 from ipadapter_instruct.export.controlnet import graph_names, manifest_entries
@@ -29,8 +30,6 @@ from ipadapter_instruct.export.graph_attention import ATTENTION, DOMAIN
 from ipadapter_instruct.export.plugin import PLUGIN
 from ipadapter_instruct.export.specs import build_specs
 
-DEFAULT_OPSET = 17
-EDIT_GRAPHS = GRAPHS + ("vae_encoder",)  # an InstructPix2Pix export's
 SDXL_GRAPHS = GRAPHS + ("text_encoder_2",)  # an SDXL export's: the second text encoder (tokens and pooled)
 KINDS = {"text_to_image": GRAPHS, "edit": EDIT_GRAPHS, "sdxl": SDXL_GRAPHS}  # manifest "kind" -> its graphs
 

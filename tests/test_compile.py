@@ -73,3 +73,21 @@ def test_compiled_unet_with_triton_kernels_on_gpu(tiny, cond_image, monkeypatch)
     call, other = two_requests(cond_image, steps=3)
     check_within_rule(compiled, eager, exact_pipe(**call), "compiled")
     check_within_rule(compiled_other, eager_other, exact_pipe(**other), "compiled, second request")
+
+
+def test_compile_says_the_next_call_compiles_and_how_long_it_took(tiny, caplog):
+    import logging
+
+    from ipadapter_instruct.engine import Pipeline
+    pipe = Pipeline.from_pretrained(tiny["model"], device="cpu", attention_backend="sdpa")
+    pipe.set_progress_bar_config(disable=True)
+    torch._dynamo.reset()
+    with caplog.at_level(logging.INFO, logger="ipadapter_instruct.engine"):
+        pipe.compile(backend="eager")  # the eager backend: the capture without code generation on this CPU
+        assert [r.getMessage() for r in caplog.records] == [
+            "the UNet is torch.compiled: the next call compiles it (on the CPU this can take minutes)"]
+        pipe(PROMPT, num_inference_steps=2, seed=0, output_type="latent")
+        pipe(PROMPT, num_inference_steps=2, seed=1, output_type="latent")  # same shape: nothing more
+    timed = [r for r in caplog.records if "compiled UNet: the first step at" in r.getMessage()]
+    assert len(timed) == 1 and timed[0].levelno == logging.WARNING, caplog.text
+    assert "rows 2" in timed[0].getMessage() and "(compiling included)" in timed[0].getMessage()

@@ -20,6 +20,7 @@ import sys
 from ipadapter_instruct.engine import arguments
 from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.interrupt import interruptible
+from ipadapter_instruct.engine.verbosity import add_verbose_arg, quiet_libraries
 
 
 class Parser(arguments.Parser):
@@ -79,6 +80,7 @@ def train_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0, help="adapter init, data order and every example's noise")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_verbose_arg(p)
     return p
 
 
@@ -104,6 +106,7 @@ def command(argv) -> int:
             print(make_synthetic(a.dir, a.n, seed=a.seed))
             return 0
         a = train_parser().parse_args(argv)
+        quiet_libraries(a.verbose)
         from ipadapter_instruct.train.loop import TrainConfig, train
         cfg = TrainConfig(model=a.model, image_encoder=a.image_encoder, data=a.data, out=a.out,
                           init_adapter=a.init_adapter, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,

@@ -71,6 +71,29 @@ class TrainConfig:
     progress: bool = True
 
 
+def held_out(n: int, fraction: float, global_batch: int) -> int:
+    """Validation examples of n: round(n x fraction), at least one while the rest still fill a global batch (a
+    small set would otherwise validate nothing); 0 (warned: val_loss stays blank) when none can be spared."""
+    n_val = min(n - 1, round(n * fraction)) if fraction > 0 else 0
+    if fraction > 0 and n_val == 0 and n - 1 >= global_batch:
+        n_val = 1
+    if n_val == 0:
+        why = "--val-fraction is 0" if fraction <= 0 else \
+            f"{n} examples leave none over a global batch of {global_batch}"
+        log.warning("no validation examples (%s): val_loss stays blank; give more examples", why)
+    return n_val
+
+
+def capped_warmup(warmup: int, steps: int) -> int:
+    """The learning-rate warm-up in optimizer steps, at most a tenth of the run (a 100-step warm-up would outlast
+    a short trial); warned when capped."""
+    cap = max(1, steps // 10)
+    if warmup > cap:
+        log.warning("warm-up capped to %d of %d steps (--warmup-steps %d is longer than a tenth of the run)",
+                    cap, steps, warmup)
+    return max(1, min(warmup, cap))
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """One process, or one of the processes torchrun / `accelerate launch` started (DDP; gloo on the CPU)."""
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -127,8 +150,9 @@ class Trainer:
             self.unet.enable_gradient_checkpointing()
         self.params = [p for p in self.trained.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = capped_warmup(cfg.warmup_steps, cfg.steps)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))  # linear warm-up, then constant
+            opt, lambda s: min(1.0, (s + 1) / warmup))  # linear warm-up, then constant
         # self.net is the AdapterModel; self.model what accelerate makes of it: DDP around it when distributed,
         # its forward under autocast with mixed precision
         self.model, self.opt, self.sched = acc.prepare(self.net, opt, sched)
@@ -146,7 +170,7 @@ class Trainer:
         cfg = self.cfg
         order = list(range(len(examples)))
         random.Random(cfg.seed).shuffle(order)
-        n_val = min(len(examples) - 1, round(len(examples) * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
+        n_val = held_out(len(examples), cfg.val_fraction, cfg.batch_size * self.world)
         val = [examples[i] for i in sorted(order[:n_val])]
         train = [examples[i] for i in sorted(order[n_val:])]
         self.data = TrainDataset(train, banks, self.processor, cfg.resolution, cfg.seed)
