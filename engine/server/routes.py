@@ -25,6 +25,7 @@ from ipadapter_instruct.engine.server.runners import FieldError
 log = logging.getLogger("ipadapter_instruct.engine.server")
 POLL_S = 0.1          # how often a waiting handler checks for a client that went away
 RETRY_AFTER_S = 5     # 503 while starting (draining: the queue's expected wait)
+SEED_RANGE = 2**53    # drawn seeds: exact as a JSON number in JavaScript too (a sent seed may be up to 2**63 - 1)
 
 router = APIRouter(dependencies=[Depends(authorize)])
 ERRORS = {str(s): {"model": ErrorResponse} for s in (401, 404, 413, 422, 429, 500, 503, 504)}
@@ -83,7 +84,7 @@ async def read_work(state: ServerState, request: Request, task: str, model, imag
     config, runner = state.config, state.runner
     req, files = await read_body(request, config.max_upload_mb, model, image_fields)
     if req.seed is None:  # a fresh seed per request (as the Python API's seed=None), answered so it can be reused
-        req.seed = secrets.randbelow(2**63)
+        req.seed = secrets.randbelow(SEED_RANGE)
     deadline = time.monotonic() + config.request_timeout_s  # from its arrival: decode waits count too
     images = await decode_all(files, runner.uses(req), state.decode_budget, config.max_pixels,
                               int(config.max_upload_mb * 2**20), deadline)
