@@ -96,7 +96,8 @@ async def read_work(state: ServerState, request: Request, task: str, model, imag
         raise ApiError(422, "invalid_request", str(e), e.field) from None
     if work.rows > config.max_batch_rows:
         raise ApiError(422, "invalid_request", f"this request needs {work.rows} UNet rows (guidance branches x "
-                       f"num_images_per_prompt), over --max-batch-rows {config.max_batch_rows}", "num_images_per_prompt")
+                       f"num_images_per_prompt), over --max-batch-rows {config.max_batch_rows}",
+                       "num_images_per_prompt")
     return req, work, deadline
 
 

@@ -205,8 +205,8 @@ class PipelineRunner:
             "prompt", "negative_prompt", "scale", "guidance_scale", "instruct_guidance_scale",
             "image_guidance_scale", "guidance_mode", "seed", "adapter_start", "adapter_end")}
         kwargs = dict(per, num_inference_steps=first.num_inference_steps, height=works[0].height,
-                      width=works[0].width, num_images_per_prompt=first.num_images_per_prompt, scheduler=first.scheduler,
-                      max_size=self.max_size, progress_callback=progress)
+                      width=works[0].width, num_images_per_prompt=first.num_images_per_prompt,
+                      scheduler=first.scheduler, max_size=self.max_size, progress_callback=progress)
         if self.kind is not None:
             kwargs["image"] = [w.image for w in works]
             kwargs["instruct"] = [w.req.instruct for w in works]
