@@ -120,6 +120,7 @@ def test_serve_on_an_ip2p_folder_and_the_python_client(tiny_edit, server, photo)
         got = client.edit(EDIT, photo, num_inference_steps=2, seed=3)[0]
         assert close(got, alone(server.state.pipe, photo, seed=3)[0]) and client.last_result["seed"] == 3
         assert client.models()["data"][0]["task"] == "edit"
+        assert "ready: " + proc.url + " (InstructPix2Pix edit, cpu," in proc.output()   # the ready line names the task
         with pytest.raises(ServerError) as e:
             client.edit(EDIT, photo, num_inference_steps=2, adapter_image=photo)
         assert e.value.status == 422 and e.value.field == "ip_adapter_image"

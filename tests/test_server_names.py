@@ -101,8 +101,12 @@ def test_a_size_over_the_limit_names_the_servers_flag(server, cond_image):
 
 
 def test_serve_max_size_raises_the_limit(tiny, cond_image):
-    srv = InProcessServer(ServerConfig(max_size=320, warmup=False), load_pipe(tiny, tiny["adapter"]))
+    srv = InProcessServer(ServerConfig(max_size=320, max_pixels=100 * 100, warmup=False),
+                          load_pipe(tiny, tiny["adapter"]))
     try:
+        big = cond_image.resize((101, 100))
+        assert "serve --max-pixels" in error_of(srv.request("POST", "/v1/generate", json=body(big)), 413,
+                                                "ip_adapter_image")
         r = ok(srv.request("POST", "/v1/generate", json=body(cond_image, width=320, height=8)))
         assert r.json()["images"]
         message = error_of(srv.request("POST", "/v1/generate", json=body(cond_image, width=324)), 422, "width")
@@ -135,6 +139,7 @@ def test_the_ready_line_names_the_task():
 
 def test_the_ready_line_of_a_server(tiny, capsys):
     srv = InProcessServer(ServerConfig(warmup=False), load_pipe(tiny, tiny["adapter"]))
+    assert srv.request("GET", "/ready").json()["task"] == "text-to-image"  # what `serve --ray`'s ready line says
     srv.close()
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("ready:"))
     assert "(text-to-image, instruct adapter," in line, line

@@ -14,6 +14,7 @@ from ipadapter_instruct.engine.server.images import ImageRejected, from_base64
 from ipadapter_instruct.engine.server.schemas import EDIT_ALIASES, GENERATE_ALIASES, EditRequest, GenerateRequest
 
 MAX_DEPTH = 8  # nested JSON levels: a body {..} holding a per-block scale {"up": {"block_0": [..]}} is 4
+ALIASES = {GenerateRequest: GENERATE_ALIASES, EditRequest: EDIT_ALIASES}  # each body's old field names
 
 
 async def read_request(request: Request, max_upload_mb: float) -> tuple[GenerateRequest, bytes | None]:
@@ -50,9 +51,6 @@ async def read_body(request: Request, max_upload_mb: float, model, image_fields:
             except ImageRejected as e:
                 raise ApiError(e.status, e.code, str(e), name) from None
     return req, files
-
-
-ALIASES = {GenerateRequest: GENERATE_ALIASES, EditRequest: EDIT_ALIASES}
 
 
 def renamed_files(files: dict, fields: dict, aliases: dict) -> dict:
