@@ -164,6 +164,9 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--max-upload-mb", type=float, default=C.max_upload_mb, help="largest request body (413)")
     s.add_argument("--max-pixels", type=positive_int, default=C.max_pixels,
                    help="largest request image, width x height (413)")
+    s.add_argument("--max-size", type=positive_int, default=C.max_size,
+                   help="largest output side in pixels, height or width (422 over it; default: 4x the model's "
+                        "native size)")
     s.add_argument("--max-decode-pixels", type=positive_int, default=C.max_decode_pixels,
                    help="pixels being decoded at once over all requests; an image that does not fit waits for "
                         "room (one larger than this decodes alone), and 504 past --request-timeout-s")

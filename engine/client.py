@@ -1,12 +1,16 @@
 """Python client of `python -m engine serve`: the same argument names as `Pipeline.__call__`, one request a call.
 
     from ipadapter_instruct.engine.client import Client
-    images = Client("http://127.0.0.1:8000").generate(prompt="a lighthouse", image="cond.png",
-                                                      instruct="use the style of this image", seed=0)
+    out = Client("http://127.0.0.1:8000").generate(prompt="a lighthouse", ip_adapter_image="cond.png",
+                                                   instruct="use the style of this image")
+    out.images, out.seed     # the PIL images and the seed the server drew (send it back to get them again)
     edited = Client(url).edit("make it winter", image="photo.png", seed=0)   # an InstructPix2Pix server
 
-Images go as PIL images or paths, read on the client side (the server never reads a path). `AsyncClient` is the
-async twin. A non-2xx answer raises `ServerError` (an `EngineError`) with the server's status, code and field.
+Images go as PIL images or paths, read on the client side (the server never reads a path); a path that cannot be
+read raises `ClientError` before any request. The reference image is `ip_adapter_image` (old names, still taken:
+`image` on generate, `adapter_image` on edit). `seed=None` (the default) lets the server draw a fresh seed. The
+answer is a `Result`: a list of PIL images, with `.images`, `.seed`, `.seeds`, `.timings` and `.request_id`.
+`AsyncClient` is the async twin. A non-2xx answer raises `ServerError` with the server's status, code and field.
 """
 from __future__ import annotations
 
@@ -19,10 +23,17 @@ from PIL import Image
 
 from ipadapter_instruct.engine.errors import EngineError
 
-FIELDS = ("prompt", "negative_prompt", "instruct", "scale", "guidance_scale", "instruct_guidance_scale",
-          "image_guidance_scale", "guidance_mode", "num_inference_steps", "seed", "height", "width", "scheduler")
-EDIT_FIELDS = ("prompt", "negative_prompt", "adapter_image", "instruct", "scale", "guidance_scale",
+FIELDS = ("prompt", "negative_prompt", "ip_adapter_image", "instruct", "scale", "guidance_scale",
+          "instruct_guidance_scale", "image_guidance_scale", "guidance_mode", "num_inference_steps", "seed", "height",
+          "width", "scheduler")
+EDIT_FIELDS = ("prompt", "negative_prompt", "image", "ip_adapter_image", "instruct", "scale", "guidance_scale",
                "image_guidance_scale", "num_inference_steps", "seed", "height", "width", "scheduler")
+IMAGE_FIELDS = ("image", "ip_adapter_image")
+
+
+class ClientError(EngineError):
+    """A request the client cannot make (an image file that is missing or unreadable, an image of the wrong type);
+    raised before anything is sent."""
 
 
 class ServerError(EngineError):
@@ -31,8 +42,19 @@ class ServerError(EngineError):
         self.status, self.code, self.field, self.request_id = status, code, field, request_id
 
 
-def encode_image(image) -> str:
-    """A PIL image or a path -> base64 of its file bytes (PIL images as PNG)."""
+class Result(list):
+    """The answer's images (a list of PIL images, as before) with `.images`, `.seed` (the request's seed: sent
+    back, it reproduces these images), `.seeds` (one per request: [seed]), `.timings` and `.request_id`."""
+
+    def __init__(self, images: list, answer: dict):
+        super().__init__(images)
+        self.images, self.seed = list(images), answer.get("seed")
+        self.seeds = [self.seed]
+        self.timings, self.request_id = answer.get("timings", {}), answer.get("request_id")
+
+
+def encode_image(image, field: str = "ip_adapter_image") -> str:
+    """A PIL image or a path -> base64 of its file bytes (PIL images as PNG); ClientError naming the path."""
     if isinstance(image, Image.Image):
         buf = io.BytesIO()
         image.save(buf, format="PNG")
@@ -42,29 +64,42 @@ def encode_image(image) -> str:
             with open(image, "rb") as fh:
                 data = fh.read()
         except OSError as e:
-            raise EngineError(f"cannot read condition image {os.fspath(image)}: {e.strerror}") from None
+            raise ClientError(f"{field}: cannot read {os.fspath(image)}: {e.strerror}") from None
     else:
-        raise EngineError(f"image must be a PIL image or a path, got {type(image).__name__}")
+        raise ClientError(f"{field} must be a PIL image or a path, got {type(image).__name__}")
     return base64.b64encode(data).decode()
 
 
-def build_body(image=None, num_images_per_prompt: int = 1, fields=None, **kwargs) -> dict:
+def aliased(new, old, new_name: str, old_name: str):
+    """A value given under its name or its old one (an alias), not both."""
+    if new is not None and old is not None:
+        raise TypeError(f"give {new_name} or its old name {old_name}, not both")
+    return new if new is not None else old
+
+
+def build_body(num_images_per_prompt: int = 1, fields=None, **kwargs) -> dict:
     fields = fields or FIELDS
     unknown = set(kwargs) - set(fields)
     if unknown:
         raise TypeError(f"unknown argument(s) {', '.join(sorted(unknown))}; the server takes {', '.join(fields)}")
     body = {k: v for k, v in kwargs.items() if v is not None}
-    body["num_images"] = num_images_per_prompt
-    if image is not None:
-        body["image"] = encode_image(image)
-    if body.get("adapter_image") is not None:
-        body["adapter_image"] = encode_image(body["adapter_image"])
+    body["num_images_per_prompt"] = num_images_per_prompt
+    for name in IMAGE_FIELDS:
+        if body.get(name) is not None:
+            body[name] = encode_image(body[name], name)
     return body
 
 
-def edit_body(prompt, image, negative_prompt, num_images_per_prompt, kwargs) -> dict:
-    return build_body(image, num_images_per_prompt, EDIT_FIELDS, prompt=prompt, negative_prompt=negative_prompt,
-                      **kwargs)
+def generate_body(prompt, ip_adapter_image, instruct, negative_prompt, image, num_images_per_prompt, kwargs) -> dict:
+    reference = aliased(ip_adapter_image, image, "ip_adapter_image", "image")
+    return build_body(num_images_per_prompt, prompt=prompt, ip_adapter_image=reference, instruct=instruct,
+                      negative_prompt=negative_prompt, **kwargs)
+
+
+def edit_body(prompt, image, negative_prompt, ip_adapter_image, adapter_image, num_images_per_prompt, kwargs) -> dict:
+    reference = aliased(ip_adapter_image, adapter_image, "ip_adapter_image", "adapter_image")
+    return build_body(num_images_per_prompt, EDIT_FIELDS, prompt=prompt, image=image, negative_prompt=negative_prompt,
+                      ip_adapter_image=reference, **kwargs)
 
 
 def parse(response: httpx.Response) -> dict:
@@ -79,8 +114,8 @@ def parse(response: httpx.Response) -> dict:
     return data
 
 
-def decode_images(result: dict) -> list[Image.Image]:
-    return [Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB") for b in result["images"]]
+def decode_images(result: dict) -> Result:
+    return Result([Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB") for b in result["images"]], result)
 
 
 class _Base:
@@ -92,20 +127,23 @@ class _Base:
 
 
 class Client(_Base):
-    def generate(self, prompt=None, image=None, instruct=None, negative_prompt=None, *,
-                 num_images_per_prompt: int = 1, **kwargs) -> list[Image.Image]:
-        """One request; None leaves a field to the server's default. -> PIL images."""
-        body = build_body(image, num_images_per_prompt, prompt=prompt, instruct=instruct,
-                          negative_prompt=negative_prompt, **kwargs)
+    def generate(self, prompt=None, ip_adapter_image=None, instruct=None, negative_prompt=None, *, image=None,
+                 num_images_per_prompt: int = 1, seed=None, **kwargs) -> Result:
+        """One request; None leaves a field to the server's default (seed: a fresh one). `image` is the old name of
+        `ip_adapter_image`. -> Result: the PIL images, with .seed."""
+        body = generate_body(prompt, ip_adapter_image, instruct, negative_prompt, image, num_images_per_prompt,
+                             dict(kwargs, seed=seed))
         with httpx.Client(timeout=self.timeout) as http:
             result = parse(http.post(self.url + "/v1/generate", json=body, headers=self.headers))
         self.last_result = result
         return decode_images(result)
 
-    def edit(self, prompt, image, negative_prompt=None, *, num_images_per_prompt: int = 1,
-             **kwargs) -> list[Image.Image]:
-        """One InstructPix2Pix edit (POST /v1/edit; EditPipeline's argument names). -> PIL images."""
-        body = edit_body(prompt, image, negative_prompt, num_images_per_prompt, kwargs)
+    def edit(self, prompt, image, negative_prompt=None, *, ip_adapter_image=None, adapter_image=None,
+             num_images_per_prompt: int = 1, seed=None, **kwargs) -> Result:
+        """One InstructPix2Pix edit (POST /v1/edit; EditPipeline's argument names; `adapter_image` is the old name of
+        `ip_adapter_image`). -> Result: the PIL images, with .seed."""
+        body = edit_body(prompt, image, negative_prompt, ip_adapter_image, adapter_image, num_images_per_prompt,
+                         dict(kwargs, seed=seed))
         with httpx.Client(timeout=self.timeout) as http:
             result = parse(http.post(self.url + "/v1/edit", json=body, headers=self.headers))
         self.last_result = result
@@ -119,18 +157,19 @@ class Client(_Base):
 
 
 class AsyncClient(_Base):
-    async def generate(self, prompt=None, image=None, instruct=None, negative_prompt=None, *,
-                       num_images_per_prompt: int = 1, **kwargs) -> list[Image.Image]:
-        body = build_body(image, num_images_per_prompt, prompt=prompt, instruct=instruct,
-                          negative_prompt=negative_prompt, **kwargs)
+    async def generate(self, prompt=None, ip_adapter_image=None, instruct=None, negative_prompt=None, *, image=None,
+                       num_images_per_prompt: int = 1, seed=None, **kwargs) -> Result:
+        body = generate_body(prompt, ip_adapter_image, instruct, negative_prompt, image, num_images_per_prompt,
+                             dict(kwargs, seed=seed))
         async with httpx.AsyncClient(timeout=self.timeout) as http:
             result = parse(await http.post(self.url + "/v1/generate", json=body, headers=self.headers))
         self.last_result = result
         return decode_images(result)
 
-    async def edit(self, prompt, image, negative_prompt=None, *, num_images_per_prompt: int = 1,
-                   **kwargs) -> list[Image.Image]:
-        body = edit_body(prompt, image, negative_prompt, num_images_per_prompt, kwargs)
+    async def edit(self, prompt, image, negative_prompt=None, *, ip_adapter_image=None, adapter_image=None,
+                   num_images_per_prompt: int = 1, seed=None, **kwargs) -> Result:
+        body = edit_body(prompt, image, negative_prompt, ip_adapter_image, adapter_image, num_images_per_prompt,
+                         dict(kwargs, seed=seed))
         async with httpx.AsyncClient(timeout=self.timeout) as http:
             result = parse(await http.post(self.url + "/v1/edit", json=body, headers=self.headers))
         self.last_result = result

@@ -72,9 +72,11 @@ def native_from_configs(unet_config, vae_config) -> tuple[int, int]:
     return int(sample) * factor, factor
 
 
-def check_size(height, width, native: int, factor: int, max_size: int | None = None) -> tuple[int, int]:
+def check_size(height, width, native: int, factor: int, max_size: int | None = None,
+               flag: str = "--max-size (CLI) / max_size= (Python)") -> tuple[int, int]:
     """-> (height, width), None meaning the native size. Each must be a positive multiple of the VAE factor and at
-    most `max_size` (default: native x MAX_SIZE_FACTOR), so a typo cannot start hours of work."""
+    most `max_size` (default: native x MAX_SIZE_FACTOR), so a typo cannot start hours of work. `flag`: the knob
+    that raises the limit, in the caller's words (the server names its own)."""
     height, width = height or native, width or native
     limit = max_size if max_size is not None else native * MAX_SIZE_FACTOR
     if height <= 0 or width <= 0 or height % factor or width % factor:
@@ -82,7 +84,7 @@ def check_size(height, width, native: int, factor: int, max_size: int | None = N
     if max(height, width) > limit:
         why = f"{MAX_SIZE_FACTOR}x the model's native {native}" if max_size is None else "max_size"
         raise EngineError(f"size {height}x{width} is over the maximum {limit} px ({why}): ask for at most {limit}, "
-                          f"or raise the limit with --max-size (CLI) / max_size= (Python)")
+                          f"or raise the limit with {flag}")
     return height, width
 
 

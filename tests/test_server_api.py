@@ -26,7 +26,7 @@ def server(tiny):
 
 
 def body(image, **kw):
-    return {"prompt": PROMPT, "negative_prompt": NEGATIVE, "image": png_base64(image), "instruct": STYLE,
+    return {"prompt": PROMPT, "negative_prompt": NEGATIVE, "ip_adapter_image": png_base64(image), "instruct": STYLE,
             "num_inference_steps": 2, **kw}
 
 
@@ -88,7 +88,7 @@ def test_requests_of_other_sizes_or_steps_run_in_their_own_calls(server, cond_im
 
 
 def test_num_images_and_the_png_answer(server, cond_image):
-    r = server.request("POST", "/v1/generate", json=body(cond_image, num_images=2, seed=4))
+    r = server.request("POST", "/v1/generate", json=body(cond_image, num_images_per_prompt=2, seed=4))
     assert r.status_code == 200 and len(r.json()["images"]) == 2 and r.json()["timings"]["batch_rows"] == 4
     png = server.request("POST", "/v1/generate", json=body(cond_image, seed=4), headers={"accept": "image/png"})
     assert png.status_code == 200 and png.headers["content-type"] == "image/png" and png.headers["x-seed"] == "4"
@@ -157,8 +157,8 @@ def test_health_ready_models_metrics_docs(server):
     ({"num_inference_steps": "many"}, "num_inference_steps"),
     ({"num_inference_steps": 0}, "num_inference_steps"),
     ({"num_inference_steps": 100000}, "num_inference_steps"),
-    ({"num_images": 9}, "num_images"),
-    ({"num_images": 0}, "num_images"),
+    ({"num_images_per_prompt": 9}, "num_images_per_prompt"),
+    ({"num_images": 0}, "num_images_per_prompt"),                   # (its old name)
     ({"height": 30}, "height"),                          # off the VAE grid (factor 4)
     ({"width": 100000}, "width"),                        # over the size limit
     ({"scheduler": "lms"}, "scheduler"),
@@ -167,13 +167,13 @@ def test_health_ready_models_metrics_docs(server):
     ({"scale": "strong"}, "scale"),
     ({"scale": {"sideways": 1.0}}, "scale"),
     ({"instruct": "  "}, "instruct"),
-    ({"image": None}, "image"),
-    ({"image": "not base64!"}, "image"),
-    ({"image": base64.b64encode(b"GIF89a" + bytes(64)).decode()}, "image"),   # sniffed: not PNG/JPEG/WebP
-    ({"image": base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(40)).decode()}, "image"),  # corrupt PNG
+    ({"ip_adapter_image": None}, "ip_adapter_image"),
+    ({"ip_adapter_image": "not base64!"}, "ip_adapter_image"),
+    ({"ip_adapter_image": base64.b64encode(b"GIF89a" + bytes(64)).decode()}, "ip_adapter_image"),   # sniffed: not PNG/JPEG/WebP
+    ({"ip_adapter_image": base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(40)).decode()}, "ip_adapter_image"),  # corrupt PNG
     ({"seed": -1}, "seed"),
-    ({"image": "/etc/hostname"}, "image"),              # never a path to read...
-    ({"image": "https://example.com/cond.png"}, "image"),  # ...nor a URL to fetch
+    ({"ip_adapter_image": "/etc/hostname"}, "ip_adapter_image"),              # never a path to read...
+    ({"ip_adapter_image": "https://example.com/cond.png"}, "ip_adapter_image"),  # ...nor a URL to fetch
 ])
 def test_bad_fields_are_422_naming_the_field(server, cond_image, change, field):
     r = server.request("POST", "/v1/generate", json={**body(cond_image), **change})
@@ -190,7 +190,7 @@ def test_bad_bodies(server, cond_image):
 
 def test_too_large_bodies_and_images_are_413(server, cond_image):
     big = Image.new("RGB", (300, 300), (9, 9, 9))   # 90 000 pixels, over --max-pixels 40 000
-    error_of(server.request("POST", "/v1/generate", json=body(big)), 413, "image")
+    error_of(server.request("POST", "/v1/generate", json=body(big)), 413, "ip_adapter_image")
     pad = {"prompt": "x" * 100, "negative_prompt": "y", "image": "A" * (1024 * 1024 + 10)}
     error_of(server.request("POST", "/v1/generate", json=pad), 413)              # refused from Content-Length
 
@@ -293,7 +293,8 @@ def test_a_server_without_adapter_is_text_to_image(tiny, cond_image):
         assert r.status_code == 200, r.text
         want = pipe(prompt=PROMPT, num_inference_steps=2, seed=1)[0]
         assert close(decode_png(r.json()["images"][0]), want)
-        error_of(srv.request("POST", "/v1/generate", json={"image": png_base64(cond_image)}), 422, "image")
+        error_of(srv.request("POST", "/v1/generate", json={"ip_adapter_image": png_base64(cond_image)}), 422,
+                 "ip_adapter_image")
         error_of(srv.request("POST", "/v1/generate", json={"instruct": STYLE}), 422, "instruct")
         assert srv.request("GET", "/v1/models").json()["data"][0]["adapter_kind"] is None
     finally:

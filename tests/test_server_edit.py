@@ -80,7 +80,10 @@ def test_multipart_and_png_answers(server, photo):
 
 @pytest.mark.parametrize("body, status, field", [
     ({"prompt": EDIT}, 422, "image"),
-    ({"prompt": EDIT, "image": "@photo", "adapter_image": "@photo"}, 422, "adapter_image"),
+    ({"prompt": EDIT, "image": "@photo", "ip_adapter_image": "@photo"}, 422, "ip_adapter_image"),
+    ({"prompt": EDIT, "image": "@photo", "adapter_image": "@photo"}, 422, "ip_adapter_image"),  # (its old name)
+    ({"prompt": EDIT, "image": "@photo", "adapter_image": "@photo", "ip_adapter_image": "@photo"}, 422,
+     "ip_adapter_image"),
     ({"prompt": EDIT, "image": "@photo", "height": 30, "width": 32}, 422, "height"),
     ({"prompt": EDIT, "image": "@photo", "guidance_mode": "full"}, 422, "guidance_mode"),  # not an edit field
     ({"image": "@photo"}, 422, "prompt"),
@@ -117,9 +120,10 @@ def test_serve_on_an_ip2p_folder_and_the_python_client(tiny_edit, server, photo)
         got = client.edit(EDIT, photo, num_inference_steps=2, seed=3)[0]
         assert close(got, alone(server.state.pipe, photo, seed=3)[0]) and client.last_result["seed"] == 3
         assert client.models()["data"][0]["task"] == "edit"
+        assert "ready: " + proc.url + " (InstructPix2Pix edit, cpu," in proc.output()   # the ready line names the task
         with pytest.raises(ServerError) as e:
             client.edit(EDIT, photo, num_inference_steps=2, adapter_image=photo)
-        assert e.value.status == 422 and e.value.field == "adapter_image"
+        assert e.value.status == 422 and e.value.field == "ip_adapter_image"
         with pytest.raises(TypeError, match="guidance_mode"):
             client.edit(EDIT, photo, guidance_mode="full")
     finally:
@@ -155,14 +159,23 @@ def test_an_edit_server_with_an_adapter_takes_the_reference_image(tiny_edit, pho
                                        adapter=tiny_edit["adapter"], device="cpu", batching=batching), None)
     try:
         reference = photo.transpose(Image.FLIP_TOP_BOTTOM)
-        body = {"prompt": EDIT, "image": png_base64(photo), "adapter_image": png_base64(reference),
+        body = {"prompt": EDIT, "image": png_base64(photo), "ip_adapter_image": png_base64(reference),
                 "instruct": "use the style of this image", "scale": 0.7, "num_inference_steps": 2, "seed": 3}
         r = srv.request("POST", "/v1/edit", json=body)
         assert r.status_code == 200, r.text
         pipe = srv.state.pipe
         want = alone(pipe, photo, adapter_image=reference, instruct="use the style of this image", scale=0.7, seed=3)
         assert close(decode_png(r.json()["images"][0]), want[0])
-        r = srv.request("POST", "/v1/edit", json={k: v for k, v in body.items() if k != "adapter_image"})
-        assert r.status_code == 422 and r.json()["error"]["field"] == "adapter_image", r.text
+        old = {("adapter_image" if k == "ip_adapter_image" else k): v for k, v in body.items()}  # the old name
+        assert srv.request("POST", "/v1/edit", json=old).json()["images"] == r.json()["images"]
+        r = srv.request("POST", "/v1/edit", json={k: v for k, v in body.items() if k != "ip_adapter_image"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "ip_adapter_image", r.text
+        # no seed: a fresh one, answered, which reproduces the edit
+        seedless = [srv.request("POST", "/v1/edit", json={k: v for k, v in body.items() if k != "seed"})
+                    for _ in range(2)]
+        seeds = [a.json()["seed"] for a in seedless]
+        assert seeds[0] != seeds[1] and [a.headers["x-seed"] for a in seedless] == [str(x) for x in seeds]
+        again = srv.request("POST", "/v1/edit", json={**body, "seed": seeds[0]})
+        assert again.json()["images"] == seedless[0].json()["images"]
     finally:
         srv.close()

@@ -171,7 +171,7 @@ def test_adapter_start_after_adapter_end_names_adapter_start(server, cond_image)
     assert "adapter_end" in error_of(r, 422, "adapter_start")["message"]
 
 
-@pytest.mark.parametrize("field", ["num_inference_steps", "num_images", "seed", "height", "width"])
+@pytest.mark.parametrize("field", ["num_inference_steps", "num_images_per_prompt", "seed", "height", "width"])
 def test_booleans_are_not_integers(server, cond_image, field):
     r = post(server, json=body(cond_image, **{field: True}))
     assert "boolean" in error_of(r, 422, field)["message"]

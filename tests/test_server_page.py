@@ -143,6 +143,59 @@ def test_oversized_upload_shows_the_limit_and_page_stays_usable(page, tmp_path):
     assert page.find_element(By.ID, "result").is_displayed()
 
 
+def pixels(driver):
+    """The shown result's pixels as a PNG data URL (the same image gives the same string)."""
+    from selenium.webdriver.common.by import By
+    return driver.execute_script("const i = arguments[0], c = document.createElement('canvas'); "
+                                 "c.width = i.naturalWidth; c.height = i.naturalHeight; "
+                                 "c.getContext('2d').drawImage(i, 0, 0); return c.toDataURL();",
+                                 driver.find_element(By.ID, "result"))
+
+
+def test_a_blank_seed_is_random_and_the_seed_used_is_shown_and_reusable(page, tmp_path):
+    from selenium.webdriver.common.by import By
+    assert page.find_element(By.ID, "seed").get_attribute("value") == ""   # blank by default: random
+    assert page.find_element(By.ID, "steps").get_attribute("value") == "30"  # the server's default
+    assert not page.find_element(By.ID, "seedinfo").is_displayed()
+    upload(page, write_png(tmp_path / "cond.png", 64, noise=False))
+    generate(page)
+    shown = page.find_element(By.ID, "usedseed").text
+    assert page.find_element(By.ID, "seedinfo").is_displayed() and shown.isdigit(), shown
+    assert f"seed{shown}-" in page.find_element(By.ID, "download").get_attribute("download")
+    first = pixels(page)
+    page.find_element(By.ID, "reuseseed").click()
+    assert page.find_element(By.ID, "seed").get_attribute("value") == shown
+    page.find_element(By.ID, "prompt").clear()
+    generate(page)   # the same request with the seed sent back: the same image
+    assert page.find_element(By.ID, "usedseed").text == shown and pixels(page) == first
+    page.find_element(By.ID, "randomseed").click()
+    assert page.find_element(By.ID, "seed").get_attribute("value") == ""
+    page.find_element(By.ID, "prompt").clear()
+    generate(page)
+    assert page.find_element(By.ID, "usedseed").text not in ("", shown)
+
+
+def test_an_error_clears_the_previous_result(page, tmp_path):
+    from selenium.webdriver.common.by import By
+    upload(page, write_png(tmp_path / "cond.png", 64, noise=False))
+    generate(page)
+    assert page.find_element(By.ID, "result").is_displayed() and page.find_element(By.ID, "seedinfo").is_displayed()
+    page.find_element(By.ID, "seed").send_keys("12x")   # refused by the page itself
+    page.find_element(By.ID, "generate").click()
+    assert "seed" in page.find_element(By.ID, "error").text
+    for element in ("result", "seedinfo", "download"):
+        assert not page.find_element(By.ID, element).is_displayed(), element
+    assert page.find_element(By.ID, "empty").is_displayed()
+    page.find_element(By.ID, "seed").clear()
+    generate(page)   # a result again, then a failure from the server's side
+    assert page.find_element(By.ID, "result").is_displayed()
+    page.execute_script('window.fetch = () => Promise.reject(new TypeError("Failed to fetch"));')
+    generate(page)
+    assert "Could not reach the server" in page.find_element(By.ID, "error").text
+    for element in ("result", "seedinfo", "download"):
+        assert not page.find_element(By.ID, element).is_displayed(), element
+
+
 @pytest.mark.parametrize("fetch, shown", [
     ('() => Promise.resolve(new Response("event: queued\\ndata: {\\"queue_depth\\": 0}\\n\\nevent: error\\ndata: '
      '{\\"error\\": {\\"code\\": \\"internal\\", \\"message\\": \\"generation failed: boom\\"}, \\"status\\": 500}'
@@ -182,6 +235,9 @@ def test_the_page_edits_a_photo_on_an_instructpix2pix_server(browser, edit_serve
     assert page.find_element(By.ID, "generate").text == "Edit"
     for element in ("reference", "guidance", "imageguidance", "preset", "instruct", "scale"):
         assert page.find_element(By.ID, element).is_displayed(), element
+    # the form's numbers are the server's defaults for an edit (EditPipeline's: 100 steps), not the text-to-image ones
+    assert [page.find_element(By.ID, i).get_attribute("value") for i in ("steps", "guidance", "imageguidance")] == [
+        "100", "7.5", "1.5"]
     upload(page, write_png(tmp_path / "photo.png", 64, noise=True))
     page.find_element(By.ID, "prompt").send_keys("make it look like winter")
     steps_box = page.find_element(By.ID, "steps")

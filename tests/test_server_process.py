@@ -69,11 +69,11 @@ def test_bad_input_is_answered_while_a_valid_request_completes(server, cond_imag
     cases = [
         (httpx.post(url, json={**long, "steps": 3}), 422, "steps"),
         (httpx.post(url, json={**long, "height": 33}), 422, "height"),
-        (httpx.post(url, json={**long, "image": png_base64(bomb)}), 413, "image"),
-        (httpx.post(url, json={**long, "image": "aGVsbG8gd29ybGQ="}), 422, "image"),  # "hello world"
+        (httpx.post(url, json={**long, "image": png_base64(bomb)}), 413, "ip_adapter_image"),  # (image: its old name)
+        (httpx.post(url, json={**long, "image": "aGVsbG8gd29ybGQ="}), 422, "ip_adapter_image"),  # "hello world"
         (httpx.post(url, content=b"x" * (600 * 1024), headers={"content-type": "application/json"}), 413, None),
         (httpx.post(url, files={"image": ("a.png", b"%PDF-1.4 not an image", "image/png")},
-                    data={"instruct": STYLE}), 422, "image"),
+                    data={"instruct": STYLE}), 422, "ip_adapter_image"),
         (httpx.post(url, content=b"{}", headers={"content-type": "application/xml"}), 415, "content-type"),
     ]
     assert t.is_alive(), "the valid request finished before the bad ones were answered"
@@ -156,6 +156,37 @@ def test_async_client_equals_the_sync_client(server, cond_image, tmp_path):
     assert asyncio.run(client.ready()) and asyncio.run(client.models())["data"][0]["adapter_kind"] == "instruct"
     with pytest.raises(TypeError, match="unknown argument"):
         Client(server.url).generate(prompt="x", colour="red")
+
+
+def test_the_client_returns_the_seed_and_takes_the_new_and_old_names(server, cond_image):
+    client = Client(server.url)
+    args = dict(prompt=PROMPT, instruct=STYLE, num_inference_steps=2)
+    first = client.generate(ip_adapter_image=cond_image, **args)   # no seed: the server draws one
+    assert isinstance(first.seed, int) and first.seeds == [first.seed] and first.images == list(first)
+    assert first.request_id and first.timings["batch_rows"] == 2
+    again = client.generate(image=cond_image, seed=first.seed, **args)   # `image`: the old name
+    assert again.seed == first.seed and np.array_equal(np.asarray(again[0]), np.asarray(first[0]))
+    assert client.generate(PROMPT, cond_image, STYLE, num_inference_steps=2).seed != first.seed  # positional
+    with pytest.raises(TypeError, match="ip_adapter_image or its old name image, not both"):
+        client.generate(ip_adapter_image=cond_image, image=cond_image, **args)
+
+
+def test_a_missing_image_file_is_the_clients_own_one_line_error_before_any_request(tmp_path, cond_image):
+    import asyncio
+
+    from ipadapter_instruct.engine.client import AsyncClient, ClientError
+
+    missing = tmp_path / "nope.png"
+    url = "http://127.0.0.1:9"   # nothing listens there: a request would raise httpx's error instead
+    calls = {"ip_adapter_image": lambda: Client(url).generate(ip_adapter_image=str(missing), instruct=STYLE),
+             "image": lambda: Client(url).edit("make it winter", missing),
+             "adapter_image": lambda: Client(url).edit("make it winter", cond_image, adapter_image=missing),
+             "async": lambda: asyncio.run(AsyncClient(url).generate(image=missing))}
+    for name, call in calls.items():
+        with pytest.raises(ClientError) as e:
+            call()
+        message = str(e.value)
+        assert str(missing) in message and "\n" not in message and not isinstance(e.value, ServerError), name
 
 
 def test_limits_are_answered_while_a_valid_request_completes(tiny, cond_image, tmp_path):

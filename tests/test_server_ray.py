@@ -87,6 +87,16 @@ def test_ray_serve_matches_pipeline(ray_url, instruct_pipe, cond_image):
     assert served.shape == expected.shape
     assert np.abs(served - expected).max() <= 1
 
+    # no seed: the replica draws one and answers it (seed, x-seed through Serve's proxy); sent back, the same image
+    del body["seed"]
+    first = httpx.post(ray_url + "/v1/generate", json=body, timeout=60)
+    assert first.status_code == 200, first.text
+    seed = first.json()["seed"]
+    assert first.headers["x-seed"] == str(seed) and seed != SEED
+    body["ip_adapter_image"] = body.pop("image")  # (image: its old name)
+    again = httpx.post(ray_url + "/v1/generate", json={**body, "seed": seed}, timeout=60)
+    assert again.json()["images"] == first.json()["images"]
+
     metrics = httpx.get(ray_url + "/metrics", timeout=10)
     assert metrics.status_code == 200 and "engine_requests" in metrics.text
     models = httpx.get(ray_url + "/v1/models", timeout=10)

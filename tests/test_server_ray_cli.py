@@ -84,6 +84,7 @@ def listening(procs: list[psutil.Process]) -> list[tuple[str, str, int]]:
 def test_ray_sigterm_loopback_only_and_nothing_left(tiny):
     srv, procs = start(tiny)  # a replica answers /ready once Serve started its servers too
     with srv:
+        assert f"ready: {srv.url} (text-to-image, Ray Serve, 1 replica;" in srv.output()  # names the task
         sockets = listening([psutil.Process(srv.proc.pid), *procs])
         assert sockets, "no listening socket found: the test cannot see Ray's processes"
         assert [s for s in sockets if not s[1].startswith(LOOPBACK)] == [], srv.output()

@@ -63,7 +63,7 @@ def add_middleware(app: FastAPI, config: ServerConfig, state: ServerState, keyed
     if config.cors_origin:
         app.add_middleware(CORSMiddleware, allow_origins=[config.cors_origin], allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type", "accept", "x-request-id"],
-                           expose_headers=["x-request-id"])
+                           expose_headers=["x-request-id", "x-seed"])
     app.add_middleware(RequestId)
 
 

@@ -20,6 +20,7 @@ class ServerConfig(EngineConfig):
     request_timeout_s: float = 120.0      # a request still queued after this is dropped (504); a running one finishes
     max_upload_mb: float = 20.0           # request body (and so the image in it); more is 413
     max_pixels: int = 16_777_216          # any request image's width x height; more is 413
+    max_size: int | None = None           # an output's largest side in pixels; more is 422 (None: native x 4)
     max_decode_pixels: int = 67_108_864   # pixels being decoded at once over all requests; more wait their turn
     header_timeout_s: float = 10.0        # a connection's request headers must arrive within this; else closed
     body_timeout_s: float = 60.0          # a request's body must arrive within this after its headers; else 408

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
 from ipadapter_instruct.engine.server.dependencies import engine_state
-from ipadapter_instruct.engine.server.state import ServerState
+from ipadapter_instruct.engine.server.state import ServerState, task_name
 
 router = APIRouter()
 
@@ -19,7 +19,7 @@ async def health():
 @router.get("/ready", summary="weights loaded, warmed up and not draining (503 otherwise)")
 async def ready(state: ServerState = Depends(engine_state)):
     body = {"ready": state.ready, "draining": state.draining, "error": state.failed,
-            "ready_after_s": state.ready_s,
+            "ready_after_s": state.ready_s, "task": task_name(state.pipe.kind) if state.runner is not None else None,
             "fast_path": state.pipe.fast_path_report() if state.runner is not None else None}
     return JSONResponse(body, status_code=200 if state.ready else 503)
 

@@ -52,7 +52,7 @@ class Use:
             tw, th = w // self.grid * self.grid, h // self.grid * self.grid
             if self.max_side and max(tw, th) > self.max_side:
                 raise ImageRejected(422, "invalid_request", f"the image is {w}x{h}, over the largest output "
-                                    f"{self.max_side} px: send height and width, or a smaller image")
+                                    f"{self.max_side} px (serve --max-size): send height and width, or a smaller image")
             return (tw, th) if 0 < tw * th < w * h else None
         if self.width and self.height and w * h > self.width * self.height:
             return self.width, self.height
@@ -99,7 +99,8 @@ def decode(data: bytes, max_pixels: int, max_bytes: int, use: Use | None = None)
 def open_image(data: bytes, max_pixels: int, max_bytes: int, use: Use | None = None) -> Pending:
     """The header read and checked, nothing decoded yet; ImageRejected."""
     if len(data) > max_bytes:
-        raise ImageRejected(413, "payload_too_large", f"image is {len(data)} bytes, over the {max_bytes}-byte limit")
+        raise ImageRejected(413, "payload_too_large", f"image is {len(data)} bytes, over the {max_bytes}-byte limit "
+                            "(serve --max-upload-mb)")
     fmt = sniff(data)
     if fmt is None:
         raise ImageRejected(422, "invalid_image", "image is not a PNG, JPEG or WebP file")
@@ -108,7 +109,8 @@ def open_image(data: bytes, max_pixels: int, max_bytes: int, use: Use | None = N
         w, h = im.size
         if w * h > max_pixels:
             raise ImageRejected(413, "image_too_large",
-                                f"image is {w}x{h} = {w * h} pixels, over the {max_pixels}-pixel limit")
+                                f"image is {w}x{h} = {w * h} pixels, over the {max_pixels}-pixel limit "
+                                "(serve --max-pixels)")
         target = use.target(w, h) if use is not None else None
         if target is not None and fmt == "JPEG":
             im.draft(None, target)  # libjpeg decodes at 1/2, 1/4 or 1/8 scale, still at least the target size

@@ -62,7 +62,7 @@ class Metrics:
         self.rows.observe(sum(j.rows for j in jobs))
         self.batch_requests.observe(len(jobs))
         if ok:
-            n = sum(j.payload.req.num_images for j in jobs)
+            n = sum(j.payload.req.num_images_per_prompt for j in jobs)
             self.images.inc(n)
             self.images_per_s.set(n / seconds if seconds > 0 else 0.0)
 

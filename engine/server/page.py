@@ -1,4 +1,5 @@
-"""The web page at `/`: static/index.html with the instruction presets and the loaded model's task filled in."""
+"""The web page at `/`: static/index.html with the instruction presets, the loaded model's task and the request's
+defaults (the schema's, which are the Python API's) filled in, so the form cannot drift from the API."""
 from __future__ import annotations
 
 import json
@@ -8,17 +9,24 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import HTMLResponse
 
 from ipadapter_instruct.engine.server.dependencies import engine_state
-from ipadapter_instruct.engine.server.schemas import TASK_PRESETS
+from ipadapter_instruct.engine.server.schemas import TASK_PRESETS, EditRequest, GenerateRequest
 from ipadapter_instruct.engine.server.state import ServerState
 
 router = APIRouter()
+FORM_DEFAULTS = ("num_inference_steps", "guidance_scale", "image_guidance_scale", "scale")  # the form's numbers
+
+
+def defaults(task: str) -> dict:
+    """The request's defaults that the form shows, for /v1/generate or /v1/edit."""
+    fields = (EditRequest if task == "edit" else GenerateRequest).model_fields
+    return {name: fields[name].default for name in FORM_DEFAULTS}
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def page(state: ServerState = Depends(engine_state)):
     html = resources.files("ipadapter_instruct.engine.server").joinpath("static/index.html").read_text(encoding="utf-8")
     runner = state.runner  # the page's form follows the model: /v1/generate, or /v1/edit for InstructPix2Pix
-    config = {"task": runner.task if runner is not None else "generate",
-              "adapter": runner.kind if runner is not None else None}
+    task = runner.task if runner is not None else "generate"
+    config = {"task": task, "adapter": runner.kind if runner is not None else None, "defaults": defaults(task)}
     return html.replace("{{TASK_PRESETS}}", json.dumps(TASK_PRESETS).replace("<", "\\u003c")).replace(
         "{{PAGE_CONFIG}}", json.dumps(config).replace("<", "\\u003c"))

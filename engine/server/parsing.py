@@ -11,24 +11,27 @@ from starlette.exceptions import HTTPException
 
 from ipadapter_instruct.engine.server.errors import ApiError
 from ipadapter_instruct.engine.server.images import ImageRejected, from_base64
-from ipadapter_instruct.engine.server.schemas import GenerateRequest
+from ipadapter_instruct.engine.server.schemas import EDIT_ALIASES, GENERATE_ALIASES, EditRequest, GenerateRequest
 
 MAX_DEPTH = 8  # nested JSON levels: a body {..} holding a per-block scale {"up": {"block_0": [..]}} is 4
+ALIASES = {GenerateRequest: GENERATE_ALIASES, EditRequest: EDIT_ALIASES}  # each body's old field names
 
 
 async def read_request(request: Request, max_upload_mb: float) -> tuple[GenerateRequest, bytes | None]:
-    """The body as a validated GenerateRequest and the condition image's bytes (None without one); ApiError 4xx."""
-    req, files = await read_body(request, max_upload_mb, GenerateRequest, ("image",))
-    return req, files.get("image")
+    """The body as a validated GenerateRequest and the reference image's bytes (None without one); ApiError 4xx."""
+    req, files = await read_body(request, max_upload_mb, GenerateRequest, ("ip_adapter_image",))
+    return req, files.get("ip_adapter_image")
 
 
 async def read_body(request: Request, max_upload_mb: float, model, image_fields: tuple[str, ...]):
     """The body validated as `model`, and {field: bytes} of the images in `image_fields` that came (a file part of
-    a multipart body, or base64 in the field); ApiError 4xx."""
+    a multipart body, or base64 in the field; a file part may come under a field's old name); ApiError 4xx."""
     ctype = request.headers.get("content-type", "")
     media = ctype.split(";", 1)[0].strip().lower()
     if media == "multipart/form-data":
-        fields, files = await read_form(request, max_upload_mb, image_fields)
+        aliases = {old: new for old, new in ALIASES.get(model, {}).items() if new in image_fields}
+        fields, files = await read_form(request, max_upload_mb, (*image_fields, *aliases))
+        files = renamed_files(files, fields, aliases)
     elif media == "application/json":
         fields = parse_json(await request.body(), "body")
         if not isinstance(fields, dict):
@@ -48,6 +51,14 @@ async def read_body(request: Request, max_upload_mb: float, model, image_fields:
             except ImageRejected as e:
                 raise ApiError(e.status, e.code, str(e), name) from None
     return req, files
+
+
+def renamed_files(files: dict, fields: dict, aliases: dict) -> dict:
+    """File parts under an image field's old name as the new one; the two names at once: a 422 naming the new."""
+    for old, new in aliases.items():
+        if old in files and (new in files or new in fields) or new in files and old in fields:
+            raise ApiError(422, "invalid_request", f"{new}: give {new} or its old name {old}, not both", new)
+    return {aliases.get(k, k): v for k, v in files.items()}
 
 
 def parse_json(text, field: str):

@@ -238,9 +238,11 @@ def bind_replica_grpc_to_node() -> None:
     replica.add_port_to_grpc_server = add_port
 
 
-def wait_ready(url: str, replicas: int, stop: threading.Event) -> str | None:
-    """Polls /ready through Serve's proxy until `replicas` distinct replicas answered 200; a load error otherwise."""
+def wait_ready(url: str, replicas: int, stop: threading.Event) -> tuple[str | None, str | None]:
+    """Polls /ready through Serve's proxy until `replicas` distinct replicas answered 200 -> (None, the task they
+    serve, e.g. "text-to-image"); (a load error, None) otherwise."""
     seen: set[str] = set()
+    task = None
     with httpx.Client(timeout=10) as client:
         while not stop.wait(0.1):
             try:
@@ -249,12 +251,13 @@ def wait_ready(url: str, replicas: int, stop: threading.Event) -> str | None:
             except (httpx.HTTPError, ValueError):
                 continue
             if body.get("error"):
-                return body["error"]
+                return body["error"], None
             if r.status_code == 200 and body:
                 seen.add(r.headers[REPLICA_HEADER])
+                task = body.get("task")
             if len(seen) >= replicas:
-                return None
-    return None
+                return None, task
+    return None, task
 
 
 def plural(replicas: int) -> str:
@@ -291,12 +294,12 @@ def run_serve(config: ServerConfig, replicas: int, gpus_per_replica: float | Non
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(build(config, replicas, gpus_per_replica), name=APP_NAME, route_prefix="/")
         print(f"listening on {url} (Ray Serve; /ready turns true when {plural(replicas)} can serve)", flush=True)
-        error = wait_ready(url, replicas, stop)
+        error, task = wait_ready(url, replicas, stop)
         if error is not None:
             print(f"error: a replica could not load the model: {error}", file=sys.stderr, flush=True)
             return 1
         if not stop.is_set():
-            print(f"ready: {url} (Ray Serve, {plural(replicas)}; "
+            print(f"ready: {url} ({task}, Ray Serve, {plural(replicas)}; "
                   f"{time.monotonic() - t0:.1f} s after the process started)", flush=True)
         while not stop.wait(0.5):
             pass

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ipadapter_instruct.engine.server.batcher import Draining, Job, QueueFull
@@ -24,6 +25,7 @@ from ipadapter_instruct.engine.server.runners import FieldError
 log = logging.getLogger("ipadapter_instruct.engine.server")
 POLL_S = 0.1          # how often a waiting handler checks for a client that went away
 RETRY_AFTER_S = 5     # 503 while starting (draining: the queue's expected wait)
+SEED_RANGE = 2**53    # drawn seeds: exact as a JSON number in JavaScript too (a sent seed may be up to 2**63 - 1)
 
 router = APIRouter(dependencies=[Depends(authorize)])
 ERRORS = {str(s): {"model": ErrorResponse} for s in (401, 404, 413, 422, 429, 500, 503, 504)}
@@ -47,19 +49,21 @@ async def models(state: ServerState = Depends(engine_state)):
 @router.post("/v1/generate", response_model=GenerateResponse, responses=IMAGE_ANSWERS,
              openapi_extra=body_schema(GenerateRequest))
 async def generate(request: Request, state: ServerState = Depends(engine_state)):
-    """One request of `Pipeline.__call__`. JSON (image as base64 or a data URL) or multipart/form-data (image as
-    a file part). `Accept: image/png` with one image answers the PNG; `stream: true` or
-    `Accept: text/event-stream` answers server-sent events (`progress`, then `result` or `error`)."""
-    return await handle(state, request, "generate", GenerateRequest, ("image", "control_image", "adapter_mask"))
+    """One request of `Pipeline.__call__`. JSON (ip_adapter_image as base64 or a data URL) or multipart/form-data
+    (ip_adapter_image as a file part; `image` is its old name). `Accept: image/png` with one image answers the PNG;
+    `stream: true` or `Accept: text/event-stream` answers server-sent events (`progress`, then `result` or
+    `error`). Without a seed the server draws one; every answer says it (`seed`, and the `x-seed` header)."""
+    return await handle(state, request, "generate", GenerateRequest,
+                        ("ip_adapter_image", "control_image", "adapter_mask"))
 
 
 @router.post("/v1/edit", response_model=GenerateResponse, responses=IMAGE_ANSWERS,
              openapi_extra=body_schema(EditRequest))
 async def edit(request: Request, state: ServerState = Depends(engine_state)):
     """One request of `EditPipeline.__call__` (InstructPix2Pix; the server must have loaded an IP2P model):
-    `image` is the photo to edit, `adapter_image` the reference an adapter reads. The same bodies, answers
-    and errors as /v1/generate."""
-    return await handle(state, request, "edit", EditRequest, ("image", "adapter_image"))
+    `image` is the photo to edit, `ip_adapter_image` (old name `adapter_image`) the reference an adapter reads.
+    The same bodies, seeds, answers and errors as /v1/generate."""
+    return await handle(state, request, "edit", EditRequest, ("image", "ip_adapter_image"))
 
 
 def check_serving(state: ServerState, task: str) -> None:
@@ -79,17 +83,21 @@ async def read_work(state: ServerState, request: Request, task: str, model, imag
     """The body read, its images decoded and checked against the loaded model -> (request, work, deadline)."""
     config, runner = state.config, state.runner
     req, files = await read_body(request, config.max_upload_mb, model, image_fields)
+    if req.seed is None:  # a fresh seed per request (as the Python API's seed=None), answered so it can be reused
+        req.seed = secrets.randbelow(SEED_RANGE)
     deadline = time.monotonic() + config.request_timeout_s  # from its arrival: decode waits count too
     images = await decode_all(files, runner.uses(req), state.decode_budget, config.max_pixels,
                               int(config.max_upload_mb * 2**20), deadline)
     try:
         work = runner.prepare(req, images) if task == "edit" else \
-            runner.prepare(req, images.get("image"), images.get("control_image"), images.get("adapter_mask"))
+            runner.prepare(req, images.get("ip_adapter_image"), images.get("control_image"),
+                           images.get("adapter_mask"))
     except FieldError as e:
         raise ApiError(422, "invalid_request", str(e), e.field) from None
     if work.rows > config.max_batch_rows:
         raise ApiError(422, "invalid_request", f"this request needs {work.rows} UNet rows (guidance branches x "
-                       f"num_images), over --max-batch-rows {config.max_batch_rows}", "num_images")
+                       f"num_images_per_prompt), over --max-batch-rows {config.max_batch_rows}",
+                       "num_images_per_prompt")
     return req, work, deadline
 
 
@@ -100,6 +108,7 @@ async def handle(state: ServerState, request: Request, task: str, model, image_f
     stream = req.stream or "text/event-stream" in request.headers.get("accept", "")
     events: asyncio.Queue | None = asyncio.Queue() if stream else None
     progress = None if events is None else progress_to(events, asyncio.get_running_loop())
+    seed = {"x-seed": str(req.seed)}
     job = Job(work, state.runner.key(work), work.rows, deadline, progress)
     try:
         state.batcher.submit(job)
@@ -109,12 +118,12 @@ async def handle(state: ServerState, request: Request, task: str, model, image_f
         raise ApiError(503, "unavailable", str(e), headers={"retry-after": state.batcher.retry_after_s()}) from None
     if events is not None:
         return StreamingResponse(stream_events(state.batcher, job, events, rid), media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache"})
+                                 headers={"cache-control": "no-cache", **seed})
     result = await wait_for(state, job, request)
     if request.headers.get("accept", "").startswith("image/png") and len(result["images"]) == 1:
         png = await run_in_threadpool(encode_png, result["images"][0])
-        return Response(png, media_type="image/png", headers={"x-seed": str(req.seed)})
-    return await run_in_threadpool(response_body, job, result, rid)
+        return Response(png, media_type="image/png", headers=seed)
+    return JSONResponse(await run_in_threadpool(response_body, job, result, rid), headers=seed)
 
 
 async def wait_for(state: ServerState, job: Job, request: Request):

@@ -62,8 +62,8 @@ class Work:
 class PipelineRunner:
     task = "generate"  # POST /v1/generate; EditRunner: /v1/edit
 
-    def __init__(self, pipe):
-        self.pipe = pipe
+    def __init__(self, pipe, max_size: int | None = None):
+        self.pipe, self.max_size = pipe, max_size  # max_size: `serve --max-size` (None: native x MAX_SIZE_FACTOR)
         self.caps = pipe.capabilities
         self.kind = pipe.adapter.kind if pipe.adapter is not None else None
         self.native, self.factor = native_from_configs(pipe.unet.config, pipe.vae.config)
@@ -77,12 +77,12 @@ class PipelineRunner:
         if not nets and (control is not None or req.controlnet_conditioning_scale != 1.0):
             raise FieldError("control_image", "this server runs no ControlNet: send no control_image")
         try:
-            height, width = check_size(req.height, req.width, self.native, self.factor)
+            height, width = self._size(req.height, req.width)
         except EngineError as e:
             raise FieldError("height" if req.height is not None else "width", str(e)) from None
         if self.kind is None:
             if image is not None:
-                raise FieldError("image", "this server has no adapter loaded: send no condition image")
+                raise FieldError("ip_adapter_image", "this server has no adapter loaded: send no ip_adapter_image")
             if req.instruct:
                 raise FieldError("instruct", "this server has no adapter loaded: send no instruction")
             for name, off in (("adapter_mask", mask is None), ("adapter_start", req.adapter_start == 0.0),
@@ -94,7 +94,8 @@ class PipelineRunner:
             with as_field(field):
                 check_per_row_adapter(self.caps, mask is not None, req.adapter_start, req.adapter_end)
             if image is None:
-                raise FieldError("image", "a condition image is required (base64 PNG, JPEG or WebP)")
+                raise FieldError("ip_adapter_image", "an adapter is loaded: ip_adapter_image, the reference "
+                                 "image, is required (base64 PNG, JPEG or WebP)")
             if self.kind == "instruct":
                 with as_field("instruct"):
                     check_instruction(req.instruct)
@@ -115,17 +116,21 @@ class PipelineRunner:
             mode = resolve_mode(req.guidance_mode, req.instruct, req.guidance_scale, self.kind == "instruct")
         except EngineError as e:
             raise FieldError("guidance_mode", str(e)) from None
-        return Work(req, image, height, width, BRANCH_ROWS[mode] * req.num_images, control, mask)
+        return Work(req, image, height, width, BRANCH_ROWS[mode] * req.num_images_per_prompt, control, mask)
 
     def uses(self, req) -> dict[str, Use | None]:
         """The size each image field is used at, so the server decodes it no larger: the condition image at CLIP's
         input size, the control image and the mask at the output size (None: a size prepare() will refuse)."""
         out = self._output_use(req.height, req.width)
-        return {"image": self._clip_use(), "control_image": out, "adapter_mask": out}
+        return {"ip_adapter_image": self._clip_use(), "control_image": out, "adapter_mask": out}
+
+    def _size(self, height, width) -> tuple[int, int]:
+        """check_size with the server's limit, its refusal naming the server's flag."""
+        return check_size(height, width, self.native, self.factor, self.max_size, flag="serve --max-size")
 
     def _output_use(self, height, width) -> Use | None:
         try:
-            height, width = check_size(height, width, self.native, self.factor)
+            height, width = self._size(height, width)
         except EngineError:
             return None
         return Use(width=width, height=height)  # VaeImageProcessor's resize: exact size, Lanczos
@@ -145,7 +150,7 @@ class PipelineRunner:
         control = (getattr(r, "control_guidance_start", 0.0), getattr(r, "control_guidance_end", 1.0),
                    getattr(r, "guess_mode", False))  # per call in the pipeline
         sdxl = tuple(tuple(v) if v is not None else None for v in (getattr(r, n, None) for n in SDXL_FIELDS))
-        return work.height, work.width, r.num_inference_steps, r.scheduler, r.num_images, *control, sdxl
+        return work.height, work.width, r.num_inference_steps, r.scheduler, r.num_images_per_prompt, *control, sdxl
 
     def __call__(self, works: list[Work], progress=None) -> list[dict]:
         """One Pipeline call for requests of one key -> per request {"images": [PIL], "timings": {...}}."""
@@ -162,7 +167,7 @@ class PipelineRunner:
             images, failed = e.outputs, set(e.requests)
         timings = {k: round(v, 3) for k, v in self.pipe.timings.items() if k in stages}
         timings["compute_ms"] = (time.perf_counter() - t0) * 1e3
-        n = works[0].req.num_images
+        n = works[0].req.num_images_per_prompt
         return [NonFinite.alone() if i in failed else {"images": images[i * n:(i + 1) * n], "timings": timings}
                 for i in range(len(works))]
 
@@ -200,8 +205,8 @@ class PipelineRunner:
             "prompt", "negative_prompt", "scale", "guidance_scale", "instruct_guidance_scale",
             "image_guidance_scale", "guidance_mode", "seed", "adapter_start", "adapter_end")}
         kwargs = dict(per, num_inference_steps=first.num_inference_steps, height=works[0].height,
-                      width=works[0].width, num_images_per_prompt=first.num_images, scheduler=first.scheduler,
-                      progress_callback=progress)
+                      width=works[0].width, num_images_per_prompt=first.num_images_per_prompt,
+                      scheduler=first.scheduler, max_size=self.max_size, progress_callback=progress)
         if self.kind is not None:
             kwargs["image"] = [w.image for w in works]
             kwargs["instruct"] = [w.req.instruct for w in works]
@@ -254,11 +259,11 @@ class EditRunner(PipelineRunner):
         """The photo at the output size (its own size on the VAE grid without height/width), the reference at
         CLIP's input size."""
         photo = self._output_use(req.height, req.width) if req.height or req.width else \
-            Use(grid=self.factor, max_side=self.native * MAX_SIZE_FACTOR)
-        return {"image": photo, "adapter_image": self._clip_use()}
+            Use(grid=self.factor, max_side=self.max_size or self.native * MAX_SIZE_FACTOR)
+        return {"image": photo, "ip_adapter_image": self._clip_use()}
 
     def prepare(self, req, images: dict) -> EditWork:
-        photo, reference = images.get("image"), images.get("adapter_image")
+        photo, reference = images.get("image"), images.get("ip_adapter_image")
         if photo is None:
             raise FieldError("image", "the photo to edit is required (base64 PNG, JPEG or WebP, or a file part)")
         f = self.factor
@@ -266,19 +271,20 @@ class EditRunner(PipelineRunner):
         if height is None and width is None:  # the photo's size on the VAE grid, as the pipeline takes it
             height, width = photo.height // f * f, photo.width // f * f
         try:
-            height, width = check_size(height, width, self.native, f)
+            height, width = self._size(height, width)
         except EngineError as e:
             raise FieldError("height" if req.height is not None else "image", str(e)) from None
         if self.kind is None and (reference is not None or req.instruct):
-            raise FieldError("adapter_image" if reference is not None else "instruct",
-                             "this server has no adapter loaded: send no adapter_image or instruct")
+            raise FieldError("ip_adapter_image" if reference is not None else "instruct",
+                             "this server has no adapter loaded: send no ip_adapter_image or instruct")
         if self.kind is not None:
             if reference is None:
-                raise FieldError("adapter_image", "an adapter is loaded: the reference image is required")
+                raise FieldError("ip_adapter_image", "an adapter is loaded: ip_adapter_image, the reference image, "
+                                 "is required")
             if self.kind == "instruct" and not (req.instruct or "").strip():
                 raise FieldError("instruct", "instruction is empty: say what to take from the reference image")
         from ipadapter_instruct.engine.edit import edit_branches
-        rows = len(edit_branches(req.guidance_scale, req.image_guidance_scale)) * req.num_images
+        rows = len(edit_branches(req.guidance_scale, req.image_guidance_scale)) * req.num_images_per_prompt
         return EditWork(req, photo, height, width, rows, reference=reference)  # (control and mask come first)
 
     def _kwargs(self, works: list[EditWork], progress=None) -> dict:
@@ -286,8 +292,8 @@ class EditRunner(PipelineRunner):
         per = {k: [getattr(w.req, k) for w in works] for k in (
             "prompt", "negative_prompt", "guidance_scale", "image_guidance_scale", "seed")}
         kwargs = dict(per, image=[w.image for w in works], num_inference_steps=first.num_inference_steps,
-                      height=works[0].height, width=works[0].width, num_images_per_prompt=first.num_images,
-                      scheduler=first.scheduler, progress_callback=progress)
+                      height=works[0].height, width=works[0].width, num_images_per_prompt=first.num_images_per_prompt,
+                      scheduler=first.scheduler, max_size=self.max_size, progress_callback=progress)
         if self.kind is not None:
             kwargs.update(adapter_image=[w.reference for w in works], instruct=[w.req.instruct for w in works],
                           scale=[w.req.scale for w in works])
@@ -299,6 +305,6 @@ class EditRunner(PipelineRunner):
     def warmup_work(self) -> EditWork:
         from ipadapter_instruct.engine.server.schemas import EditRequest
         grey = Image.new("RGB", (self.native, self.native), (127, 127, 127))
-        images = {"image": grey, **({"adapter_image": grey} if self.kind else {})}
+        images = {"image": grey, **({"ip_adapter_image": grey} if self.kind else {})}
         instruct = "everything" if self.kind == "instruct" else None
         return self.prepare(EditRequest(prompt="warm up", num_inference_steps=1, instruct=instruct), images)

@@ -25,6 +25,24 @@ TASK_PRESETS = {
 }
 
 
+# old field names, kept as documented aliases: a body may use either, never both (a 422 naming the field)
+GENERATE_ALIASES = {"image": "ip_adapter_image", "num_images": "num_images_per_prompt"}
+EDIT_ALIASES = {"adapter_image": "ip_adapter_image", "num_images": "num_images_per_prompt"}
+
+
+def renamed(data, aliases: dict, model: str):
+    """A body's old field names as the new ones; both at once: a validation error on the new name."""
+    if not isinstance(data, dict):
+        return data
+    for old, new in aliases.items():
+        if old in data and new in data:
+            error = PydanticCustomError("alias_clash", "give {new} or its old name {old}, not both",
+                                        {"new": new, "old": old})
+            raise ValidationError.from_exception_data(model, [
+                InitErrorDetails(type=error, loc=(new,), input=data[old])])
+    return {aliases.get(k, k): v for k, v in data.items()}
+
+
 def not_bool(v):
     """JSON true is no integer here (Python's bool is an int, and pydantic's lax mode takes it as 1)."""
     if isinstance(v, bool):
@@ -48,12 +66,14 @@ BlockScale = dict[str, Any]  # InstantStyle's per-block dict, e.g. {"up": {"bloc
 
 
 class GenerateRequest(BaseModel):
-    """POST /v1/generate. `image` is base64 (or a data URL) of a PNG, JPEG or WebP file; never a path or URL."""
+    """POST /v1/generate. `ip_adapter_image` (old name `image`) is base64 (or a data URL) of a PNG, JPEG or WebP
+    file; never a path or URL. No seed (or null): the server draws one and answers it."""
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(DEFAULT_PROMPT, max_length=4096)
     negative_prompt: str = Field(DEFAULT_NEGATIVE, max_length=4096)
-    image: Optional[str] = Field(None, description="condition image: base64 or data:image/...;base64,...")
+    ip_adapter_image: Optional[str] = Field(None, description="the adapter's reference image: base64 or "
+                                            "data:image/...;base64,... (old name: image)")
     instruct: Optional[str] = Field(None, max_length=4096, description="what to take from the image")
     scale: Union[float, BlockScale] = Field(0.8, description="adapter strength, or a per-block dict")
     guidance_scale: float = 6.0
@@ -61,10 +81,10 @@ class GenerateRequest(BaseModel):
     image_guidance_scale: float = 1.0
     guidance_mode: Literal[MODES] = "auto"  # type: ignore[valid-type]
     num_inference_steps: Int = Field(30, ge=1, le=MAX_STEPS)
-    seed: Int = Field(0, ge=0, lt=2**63)
+    seed: Optional[Int] = Field(None, ge=0, lt=2**63, description="default: a fresh random seed, answered")
     height: Optional[Int] = Field(None, ge=1, description="default: the model's native size")
     width: Optional[Int] = Field(None, ge=1)
-    num_images: Int = Field(1, ge=1, le=MAX_NUM_IMAGES)
+    num_images_per_prompt: Int = Field(1, ge=1, le=MAX_NUM_IMAGES, description="old name: num_images")
     scheduler: Literal[SCHEDULER_NAMES] = "default"  # type: ignore[valid-type]
     stream: bool = Field(False, description="server-sent events: progress, then result")
     # a server started with --controlnet: the net's input and its strength
@@ -85,6 +105,11 @@ class GenerateRequest(BaseModel):
                                              description="SDXL: [height, width]; default: the output size")
     crops_coords_top_left: Optional[list[Int]] = Field(None, min_length=2, max_length=2,
                                                        description="SDXL: [top, left]; default [0, 0]")
+
+    @model_validator(mode="before")
+    @classmethod
+    def old_names(cls, data):
+        return renamed(data, GENERATE_ALIASES, cls.__name__)
 
     @model_validator(mode="after")
     def start_before_end(self):
@@ -113,24 +138,31 @@ class GenerateRequest(BaseModel):
 
 class EditRequest(BaseModel):
     """POST /v1/edit: one request of `EditPipeline.__call__` (InstructPix2Pix), the names and defaults of
-    `python -m engine edit`. `image` is the photo to edit; `adapter_image` the reference an adapter reads."""
+    `python -m engine edit`. `image` is the photo to edit; `ip_adapter_image` (old name `adapter_image`) the
+    reference an adapter reads. No seed (or null): the server draws one and answers it."""
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(max_length=4096, description="the edit, e.g. 'make it winter'")
     negative_prompt: str = Field("", max_length=4096)
     image: Optional[str] = Field(None, description="the photo to edit: base64 or data:image/...;base64,...")
-    adapter_image: Optional[str] = Field(None, description="with an adapter: the reference image, base64")
+    ip_adapter_image: Optional[str] = Field(None, description="with an adapter: the reference image, base64 "
+                                            "(old name: adapter_image)")
     instruct: Optional[str] = Field(None, max_length=4096, description="what to take from the reference")
     scale: float = Field(0.8, description="adapter strength (0 = plain InstructPix2Pix)")
     guidance_scale: float = 7.5
     image_guidance_scale: float = 1.5
     num_inference_steps: Int = Field(100, ge=1, le=MAX_STEPS)
-    seed: Int = Field(0, ge=0, lt=2**63)
+    seed: Optional[Int] = Field(None, ge=0, lt=2**63, description="default: a fresh random seed, answered")
     height: Optional[Int] = Field(None, ge=1, description="default: the photo's, rounded down to the VAE grid")
     width: Optional[Int] = Field(None, ge=1)
-    num_images: Int = Field(1, ge=1, le=MAX_NUM_IMAGES)
+    num_images_per_prompt: Int = Field(1, ge=1, le=MAX_NUM_IMAGES, description="old name: num_images")
     scheduler: Literal[SCHEDULER_NAMES] = "default"  # type: ignore[valid-type]
     stream: bool = Field(False, description="server-sent events: progress, then result")
+
+    @model_validator(mode="before")
+    @classmethod
+    def old_names(cls, data):
+        return renamed(data, EDIT_ALIASES, cls.__name__)
 
     @field_validator("guidance_scale", "image_guidance_scale", "scale")
     @classmethod
@@ -147,8 +179,9 @@ class Timings(BaseModel):
 
 
 class GenerateResponse(BaseModel):
-    images: list[str] = Field(description="base64 PNG, num_images of them")
-    seed: int
+    images: list[str] = Field(description="base64 PNG, num_images_per_prompt of them")
+    seed: int = Field(description="the request's seed (drawn by the server when the request had none): sent back, "
+                                  "it reproduces these images")
     timings: Timings
     request_id: str
 

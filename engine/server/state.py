@@ -19,6 +19,12 @@ from ipadapter_instruct.engine.server.uploads import PixelBudget
 from ipadapter_instruct.engine.server.runners import EditRunner, PipelineRunner
 
 log = logging.getLogger("ipadapter_instruct.engine.server")
+TASKS = {"sd15": "text-to-image", "sdxl": "SDXL text-to-image", "edit": "InstructPix2Pix edit"}  # pipe.kind's
+
+
+def task_name(kind: str) -> str:
+    """The ready line's words for a model kind (engine/registry.py's KINDS)."""
+    return TASKS.get(kind, kind)
 
 
 class ServerState:
@@ -56,7 +62,8 @@ class ServerState:
         self.ready = True
         self.metrics.ready.set(1)
         p, c = self.pipe, self.config
-        print(f"ready: {self.url or 'app'} ({self.runner.kind or 'text-to-image'}, {p.device}, "
+        adapter = f", {self.runner.kind} adapter" if self.runner.kind else ""
+        print(f"ready: {self.url or 'app'} ({task_name(p.kind)}{adapter}, {p.device}, "
               f"{str(p.dtype).replace('torch.', '')}, {p.attention_backend} attention, {c.batching}-level batching; "
               f"{self.ready_s:.1f} s "
               f"after the process started)", flush=True)
@@ -81,7 +88,7 @@ class ServerState:
         self.pipe.set_progress_bar_config(disable=True)
         self.cache = ConditioningCache(c.cache_size)
         self.cache.attach(self.pipe)
-        self.runner = (EditRunner if self.pipe.kind == "edit" else PipelineRunner)(self.pipe)
+        self.runner = (EditRunner if self.pipe.kind == "edit" else PipelineRunner)(self.pipe, c.max_size)
         if c.batching == "step" and not self.pipe.capabilities.step_batching:
             raise EngineError("--batching step runs on the PyTorch backend; this server loads exported graphs: use "
                               "--batching request")
