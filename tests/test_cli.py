@@ -24,12 +24,13 @@ def gen_args(tiny, tmp_path, cond_image):
     cond_image.save(image)
     return ["generate", "--model", tiny["model"], "--image-encoder", tiny["image_encoder"], "--adapter",
             tiny["adapter"], "--image", str(image), "--prompt", "a cat", "--negative-prompt", "blurry",
-            "--instruct", "take the object", "--steps", "2", "--no-progress", "--out", str(tmp_path / "out.png")]
+            "--instruct", "take the object", "--steps", "2", "--seed", "0", "--no-progress",
+            "--out", str(tmp_path / "out.png")]
 
 
 @pytest.fixture
 def text_args(tiny, tmp_path):
-    return ["generate", "--model", tiny["model"], "--prompt", "a cat", "--steps", "2", "--no-progress",
+    return ["generate", "--model", tiny["model"], "--prompt", "a cat", "--steps", "2", "--seed", "0", "--no-progress",
             "--out", str(tmp_path / "out.png")]
 
 
@@ -41,7 +42,7 @@ def text_pipe(tiny):
     return pipe
 
 
-# what gen_args asks for, as Python API arguments (the CLI's seed defaults to 0)
+# what gen_args asks for, as Python API arguments
 API_BASE = dict(prompt="a cat", negative_prompt="blurry", instruct="take the object", num_inference_steps=2, seed=0)
 
 
@@ -184,8 +185,8 @@ def test_bad_input(gen_args, tmp_path, capsys, flag, value, message, code):
 
 @pytest.mark.parametrize("edit,message", [
     (lambda a: drop_arg(a, "--image-encoder"), "--adapter needs --image-encoder"),
-    (lambda a: drop_arg(a, "--image"), "--adapter needs --image"),
-    (lambda a: drop_arg(a, "--adapter"), "--image-encoder and --image and --instruct need --adapter"),
+    (lambda a: drop_arg(a, "--image"), "--adapter needs --ip-adapter-image"),
+    (lambda a: drop_arg(a, "--adapter"), "--image-encoder and --ip-adapter-image and --instruct need --adapter"),
 ])
 def test_flag_combinations(gen_args, capsys, edit, message):
     with pytest.raises(SystemExit) as ex:
