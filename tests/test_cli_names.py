@@ -65,7 +65,9 @@ def test_help_shows_the_defaults(capsys, command, shown):
 
 
 def test_text_only_needs_a_prompt(tiny, tmp_path, capsys):
-    assert main(["generate", "--model", tiny["model"], "--out", str(tmp_path / "o.png")]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", tiny["model"], "--out", str(tmp_path / "o.png")])
+    assert e.value.code == 2
     assert "--prompt" in capsys.readouterr().err
 
 
