@@ -86,7 +86,7 @@ def add_edit_parser(sub) -> None:
                    required=True)
     e.add_argument("--image", required=True, help="the photo to edit")
     e.add_argument("--prompt", required=True, help="the edit, e.g. 'make it winter'")
-    e.add_argument("--negative-prompt", default="")
+    e.add_argument("--negative-prompt", default="", help="default: none")
     e.add_argument("--guidance-scale", type=float, default=7.5, help="text guidance s_T")
     e.add_argument("--image-guidance-scale", type=float, default=1.5, help="image guidance s_I (closeness to the photo)")
     add_steps_and_seed_args(e, steps=100)

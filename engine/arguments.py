@@ -18,13 +18,13 @@ MODEL_CONFIG_HELP = ("with a single-file --model: a local diffusers folder to ta
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """--help shows each option's default, "(default: X)", unless it has none to show (None, off, an empty list)
-    or its help already says what it is."""
+    """--help shows each option's default, "(default: X)", unless it has none to show (None, off, empty) or its help
+    already says what it is."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        if (not action.option_strings or default is None or default is False or default == []
+        if (not action.option_strings or default is None or default is False or default in ([], "")
                 or default is argparse.SUPPRESS or "default" in text.lower()):
             return text
         return f"{text} (default: %(default)s)".strip()
@@ -96,7 +96,7 @@ def add_image_encoder_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_steps_and_seed_args(p: argparse.ArgumentParser, steps: int) -> None:
-    p.add_argument("--num-inference-steps", "--steps", dest="steps", type=positive_int, default=steps,
+    p.add_argument("--num-inference-steps", "--steps", dest="steps", type=positive_int, default=steps, metavar="N",
                    help="denoising steps")
     p.add_argument("--seed", type=int, default=None,
                    help="the noise seed; image j of several is seed + j (default: a fresh one; the seeds used are "
@@ -104,7 +104,8 @@ def add_steps_and_seed_args(p: argparse.ArgumentParser, steps: int) -> None:
 
 
 def add_scheduler_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scheduler", choices=["default", *SCHEDULERS], default="default")
+    p.add_argument("--scheduler", choices=["default", *SCHEDULERS], default="default",
+                   help="the sampler (default: the model's own scheduler)")
 
 
 def add_size_args(p: argparse.ArgumentParser, height_help: str, max_size_help: str | None = None) -> None:
@@ -113,7 +114,7 @@ def add_size_args(p: argparse.ArgumentParser, height_help: str, max_size_help: s
     p.add_argument("--width", type=positive_int, default=None)
     p.add_argument("--max-size", type=positive_int, default=None, help=max_size_help)
     p.add_argument("--num-images-per-prompt", "--num-images", dest="num_images", type=positive_int, default=1,
-                   help="images to make")
+                   metavar="N", help="images to make")
 
 
 def add_lora_arg(p: argparse.ArgumentParser) -> None:

@@ -61,7 +61,7 @@ def test_help_shows_the_defaults(capsys, command, shown):
     out = " ".join(capsys.readouterr().out.split())  # (argparse wraps lines)
     for text in shown:
         assert text in out, text
-    assert "--num-inference-steps STEPS, --steps STEPS" in out
+    assert "--num-inference-steps N, --steps N" in out
 
 
 def test_text_only_needs_a_prompt(tiny, tmp_path, capsys):
