@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import NEGATIVE, PROMPT, load_pipe
+from conftest import GPU_SKIP, NEGATIVE, PROMPT, gpu, load_pipe
 from ipadapter_instruct.engine import DEFAULT_NEGATIVE, DEFAULT_PROMPT
 from ipadapter_instruct.engine.errors import EngineError
 
@@ -183,6 +183,22 @@ def test_to_refuses_what_it_cannot_do(text_pipe):
     finally:
         text_pipe.set_encoder_cache(None)
     assert text_pipe.dtype == torch.float32
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=GPU_SKIP)
+def test_to_cuda_and_back(tiny, cond_image):
+    pipe = load_pipe(tiny, tiny["adapter"])
+    pipe.to("cuda", torch.float16)
+    assert module_dtypes(pipe) == {torch.float16, "cuda"}
+    pipe.enable_cuda_graphs()
+    assert torch.isfinite(call(pipe, cond_image, seed=5, output_type="latent")).all()
+    with pytest.raises(EngineError, match="CUDA graphs"):
+        pipe.to("cpu")
+    pipe.enable_cuda_graphs(False)
+    pipe.to("cuda", torch.float32).to("cpu")
+    assert module_dtypes(pipe) == {torch.float32, "cpu"}
+    assert torch.isfinite(call(pipe, cond_image, seed=5, output_type="latent")).all()
 
 
 # ----- SDXL and editing: the same names ----------------------------------------------------------------------------
