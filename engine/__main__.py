@@ -43,11 +43,13 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--adapter", action="append", default=[], metavar="FILE",
                    help="two-key adapter file (.bin or .safetensors); repeatable: several adapters act together; "
                         "without it: text to image")
-    g.add_argument("--image", action="append", default=[], metavar="PATH",
-                   help="condition image (with --adapter); repeatable: one per --adapter, or with one adapter "
-                        "several images whose tokens are concatenated")
-    g.add_argument("--prompt", default=DEFAULT_PROMPT)
-    g.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE)
+    g.add_argument("--ip-adapter-image", "--image", dest="image", action="append", default=[], metavar="PATH",
+                   help="the adapter's reference image (with --adapter; --image is its old name); repeatable: one per "
+                        "--adapter, or with one adapter several images whose tokens are concatenated")
+    g.add_argument("--prompt", default=None,
+                   help=f"required without --adapter; with one the default is {DEFAULT_PROMPT!r}")
+    g.add_argument("--negative-prompt", default=None,
+                   help=f"default: none, or {DEFAULT_NEGATIVE!r} with --adapter")
     g.add_argument("--instruct", default=None, help="what to take from the image (required by IPAdapter-Instruct)")
     g.add_argument("--scale", type=float, action="append", default=[], metavar="F",
                    help="adapter strength (default 0.8; 0 = base model); repeatable: one per --adapter")
@@ -87,7 +89,7 @@ def add_edit_parser(sub) -> None:
                    required=True)
     e.add_argument("--image", required=True, help="the photo to edit")
     e.add_argument("--prompt", required=True, help="the edit, e.g. 'make it winter'")
-    e.add_argument("--negative-prompt", default="")
+    e.add_argument("--negative-prompt", default="", help="default: none")
     e.add_argument("--guidance-scale", type=float, default=7.5, help="text guidance s_T")
     e.add_argument("--image-guidance-scale", type=float, default=1.5, help="image guidance s_I (closeness to the photo)")
     add_steps_and_seed_args(e, steps=100)
@@ -95,7 +97,8 @@ def add_edit_parser(sub) -> None:
     add_size_args(e, "default: the photo's, rounded to the VAE grid")
     add_image_encoder_arg(e)
     e.add_argument("--adapter", help="IP-Adapter+ or IPAdapter-Instruct file: also follow --adapter-image")
-    e.add_argument("--adapter-image", help="the reference image the adapter reads (with --adapter)")
+    e.add_argument("--ip-adapter-image", "--adapter-image", dest="adapter_image",
+                   help="the reference image the adapter reads (with --adapter; --adapter-image is its old name)")
     e.add_argument("--instruct", default=None, help="what to take from the reference (IPAdapter-Instruct)")
     e.add_argument("--scale", type=float, default=0.8, help="adapter strength (0 = plain InstructPix2Pix)")
     add_lora_arg(e)
@@ -197,11 +200,11 @@ def add_serve_parser(sub) -> None:
 def check_generate_args(parser: Parser, a) -> None:
     """Flag combinations: an adapter run needs its image encoder and a condition image; a text-only run none."""
     if a.adapter:
-        for flag, value in (("--image-encoder", a.image_encoder), ("--image", a.image)):
+        for flag, value in (("--image-encoder", a.image_encoder), ("--ip-adapter-image", a.image)):
             if not value:
                 parser.error(f"--adapter needs {flag} too (or drop --adapter for text-only generation)")
         n = len(a.adapter)
-        for flag, values, allowed in (("--image", a.image, None), ("--scale", a.scale, (0, 1, n)),
+        for flag, values, allowed in (("--ip-adapter-image", a.image, None), ("--scale", a.scale, (0, 1, n)),
                                       ("--adapter-mask", a.adapter_mask, (0, n)),
                                       ("--adapter-start", a.adapter_start, (0, 1, n)),
                                       ("--adapter-end", a.adapter_end, (0, 1, n))):
@@ -211,12 +214,14 @@ def check_generate_args(parser: Parser, a) -> None:
                 parser.error(f"{flag} is given {len(values)} times for {n} --adapter: give it "
                              f"{' or '.join(str(k) for k in allowed if k)} times")
     else:
-        given = [f for f, v in (("--image-encoder", a.image_encoder), ("--image", a.image),
+        given = [f for f, v in (("--image-encoder", a.image_encoder), ("--ip-adapter-image", a.image),
                                 ("--instruct", a.instruct), ("--scale", a.scale), ("--adapter-mask", a.adapter_mask),
                                 ("--adapter-start", a.adapter_start), ("--adapter-end", a.adapter_end)) if v]
         if given:
             verb = "needs" if len(given) == 1 else "need"
             parser.error(f"{' and '.join(given)} {verb} --adapter (text-only generation takes none of them)")
+        if a.prompt is None:
+            parser.error("text-only generation needs --prompt (with --adapter the adapter's default prompt is used)")
 
 
 

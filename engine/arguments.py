@@ -5,6 +5,7 @@ Light: argparse and the engine's name tables only, so `python -m engine --help` 
 from __future__ import annotations
 
 import argparse
+import copy
 
 from ipadapter_instruct.kernels import BACKENDS
 
@@ -16,12 +17,33 @@ MODEL_CONFIG_HELP = ("with a single-file --model: a local diffusers folder to ta
                      "scheduler from (default: the SD1.5 / InstructPix2Pix ones shipped with the package)")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """--help shows each option's default, "(default: X)", unless it has none to show (None, off, empty) or its help
+    already says what it is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default is None or default is False or default in ([], "")
+                or default is argparse.SUPPRESS or "default" in text.lower()):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+    def _format_action(self, action):
+        if not action.help and self._get_help_string(action):  # (argparse shows no help line for these)
+            action = copy.copy(action)
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line on stderr (exit 2), like every other error here, and no flag is
-    taken by a prefix of its name (`--step 2` is refused, not read as `--steps 2`). Every command line uses it."""
+    taken by a prefix of its name (`--step 2` is refused, not read as `--steps 2`); --help shows the defaults. Every
+    command line uses it."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message):
@@ -74,12 +96,16 @@ def add_image_encoder_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_steps_and_seed_args(p: argparse.ArgumentParser, steps: int) -> None:
-    p.add_argument("--steps", type=positive_int, default=steps)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-inference-steps", "--steps", dest="steps", type=positive_int, default=steps, metavar="N",
+                   help="denoising steps")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the noise seed; image j of several is seed + j (default: a fresh one; the seeds used are "
+                        "printed and written into PNGs)")
 
 
 def add_scheduler_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scheduler", choices=["default", *SCHEDULERS], default="default")
+    p.add_argument("--scheduler", choices=["default", *SCHEDULERS], default="default",
+                   help="the sampler (default: the model's own scheduler)")
 
 
 def add_size_args(p: argparse.ArgumentParser, height_help: str, max_size_help: str | None = None) -> None:
@@ -87,7 +113,8 @@ def add_size_args(p: argparse.ArgumentParser, height_help: str, max_size_help: s
     p.add_argument("--height", type=positive_int, default=None, help=height_help)
     p.add_argument("--width", type=positive_int, default=None)
     p.add_argument("--max-size", type=positive_int, default=None, help=max_size_help)
-    p.add_argument("--num-images", type=positive_int, default=1)
+    p.add_argument("--num-images-per-prompt", "--num-images", dest="num_images", type=positive_int, default=1,
+                   metavar="N", help="images to make")
 
 
 def add_lora_arg(p: argparse.ArgumentParser) -> None:

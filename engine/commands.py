@@ -18,11 +18,28 @@ from ipadapter_instruct.engine.server.config import ServerConfig
 from ipadapter_instruct.engine.verbosity import quiet_libraries
 
 
-def write_outputs(images, paths: list[str], overwrite: bool) -> int:
-    """Write the images and name the files on stdout, one line."""
-    write_images(images, paths, overwrite=overwrite)
+def write_outputs(images, paths: list[str], overwrite: bool, params=None) -> int:
+    """Write the images (PNGs with their parameters) and name the files on stdout, one line; the seeds used go to
+    stderr, one line."""
+    write_images(images, paths, overwrite=overwrite, params=params)
     print(" ".join(paths))
+    seeds = getattr(images, "seeds", [])
+    if seeds and None not in seeds:
+        print(f"seed: {seeds[0]}" if len(seeds) == 1 else f"seeds: {' '.join(map(str, seeds))}", file=sys.stderr)
     return 0
+
+
+def image_params(a, pipe, images, **extra) -> list[dict]:
+    """Per image, the generation parameters its PNG carries (engine/pnginfo.py): the prompts as the pipeline read
+    them, the seed that gives it back, and the settings the flags chose."""
+    from ipadapter_instruct.engine.requests import default_prompts  # deferred: the pipeline's module (torch) is loaded
+    prompts = {"prompt": a.prompt, "negative_prompt": a.negative_prompt}
+    default_prompts(prompts, bool(a.adapter))
+    scheduler = type(pipe.scheduler).__name__ if a.scheduler == "default" else a.scheduler
+    common = dict(prompts, num_inference_steps=a.steps, scheduler=scheduler, guidance_scale=a.guidance_scale,
+                  image_guidance_scale=a.image_guidance_scale, model=os.path.basename(os.path.normpath(a.model)),
+                  instruct=a.instruct if a.adapter else None, **extra)
+    return [dict(common, seed=seed, width=im.width, height=im.height) for im, seed in zip(images, images.seeds)]
 
 
 def adapter_call_args(a) -> dict:
@@ -87,7 +104,9 @@ def cmd_generate(a) -> int:
                   image_guidance_scale=a.image_guidance_scale, guidance_mode=a.guidance_mode,
                   num_inference_steps=a.steps, height=a.height, width=a.width, num_images_per_prompt=a.num_images,
                   seed=a.seed, scheduler=a.scheduler, max_size=a.max_size, **control_args)
-    return write_outputs(images, paths, a.overwrite)
+    extra = dict(scale=adapter_args["scale"], instruct_guidance_scale=a.instruct_guidance_scale,
+                 guidance_mode=a.guidance_mode) if a.adapter else {}
+    return write_outputs(images, paths, a.overwrite, image_params(a, pipe, images, **extra))
 
 
 def cmd_edit(a) -> int:
@@ -108,8 +127,9 @@ def cmd_edit(a) -> int:
     images = pipe(a.prompt, photo, a.negative_prompt, guidance_scale=a.guidance_scale,
                   image_guidance_scale=a.image_guidance_scale, num_inference_steps=a.steps, seed=a.seed,
                   scheduler=a.scheduler, num_images_per_prompt=a.num_images, height=a.height, width=a.width,
-                  max_size=a.max_size, adapter_image=reference, instruct=a.instruct, scale=a.scale)
-    return write_outputs(images, paths, a.overwrite)
+                  max_size=a.max_size, ip_adapter_image=reference, instruct=a.instruct, scale=a.scale)
+    extra = {"scale": a.scale} if a.adapter else {}
+    return write_outputs(images, paths, a.overwrite, image_params(a, pipe, images, **extra))
 
 
 def cmd_demo(a) -> int:

@@ -128,7 +128,7 @@ def masks(pipe, reqs: list, plan: dict, height: int, width: int) -> dict:
 
 
 def initial_latents(pipe, reqs: list, sched, height: int, width: int) -> torch.Tensor:
-    """(images, C, h, w): each request's noise from its own generator, in diffusers' order."""
+    """(images, C, h, w): each request's noise from its own generator(s), in diffusers' order."""
     f = pipe.vae_scale_factor
     shape = (pipe.vae.config.latent_channels, height // f, width // f)  # (the UNet may take more: IP2P's 8)
     parts = [randn_tensor((req.num_images, *shape), generator=req.generator, device=pipe.device, dtype=pipe.dtype)
@@ -137,7 +137,8 @@ def initial_latents(pipe, reqs: list, sched, height: int, width: int) -> torch.T
 
 
 def step_kwargs(sched, reqs: list) -> dict:
-    # ancestral/stochastic schedulers draw noise each step: one generator per image row, shared within a request
+    # ancestral/stochastic schedulers draw noise each step: one generator per image row (a request's own per image,
+    # or its one generator shared by its images)
     params = inspect.signature(sched.step).parameters
     # eta 0, as diffusers' pipelines pass it to every scheduler that takes one (DDIM's default; TCD's is 0.3)
     extra = {"eta": 0.0} if "eta" in params else {}
@@ -147,4 +148,5 @@ def step_kwargs(sched, reqs: list) -> dict:
         return {**extra, "generator": reqs[0].generator}
     if any(r.generator is None for r in reqs):
         return extra
-    return {**extra, "generator": [r.generator for r in reqs for _ in range(r.num_images)]}
+    return {**extra, "generator": [g for r in reqs for g in (r.generator if isinstance(r.generator, list)
+                                                             else [r.generator] * r.num_images)]}

@@ -14,7 +14,8 @@ each image equals its request alone. As in diffusers, guidance runs when s_T > 1
 first branch alone. Latents are drawn as diffusers' StableDiffusionInstructPix2PixPipeline draws them
 (one randn of (images, 4, h, w) per request's generator), so a seed gives diffusers' image.
 
-With an adapter (IP-Adapter+ or IPAdapter-Instruct: `adapter_image=`, `instruct=`, `scale=`), the text+image
+With an adapter (IP-Adapter+ or IPAdapter-Instruct: `ip_adapter_image=`, its old name `adapter_image=`, `instruct=`,
+`scale=`), the text+image
 branch gets P(reference image[, instruction, prompt]) and the other two the adapter's unconditional tokens
 (P(zero image[, "", negative])), as diffusers' IP2P pipeline does with `ip_adapter_image` (its negative image
 embeds are the zero image's): "edit my photo as the instruction says, taking the style (object, face) of that
@@ -32,7 +33,7 @@ from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.loading import load_image
 from ipadapter_instruct.engine.pipeline import Pipeline
 from ipadapter_instruct.engine.plan import expand_rows
-from ipadapter_instruct.engine.requests import Request, parse_requests
+from ipadapter_instruct.engine.requests import Request, alias, parse_requests
 from ipadapter_instruct.engine.prepared import CallState, EditContext
 
 EDIT_NEGATIVE = ""  # diffusers' IP2P default
@@ -65,7 +66,8 @@ class EditPipeline(Pipeline):
     @classmethod
     def from_pretrained(cls, model, image_encoder=None, adapter=None, device=None, dtype=None,
                         attention_backend="auto", backend="pytorch", engines=None,
-                        controlnet=None, config=None, trt="auto", verify_fast_path: bool = True) -> "EditPipeline":
+                        controlnet=None, config=None, trt="auto", verify_fast_path: bool = True,
+                        torch_dtype=None) -> "EditPipeline":
         """model: a diffusers InstructPix2Pix folder (or hub id), e.g. timbrooks/instruct-pix2pix or MagicBrush in
         that layout; image_encoder + adapter: an IP-Adapter+ or IPAdapter-Instruct adapter on top (optional)."""
         if controlnet is not None:
@@ -77,17 +79,18 @@ class EditPipeline(Pipeline):
                               "export.onnx_runtime.OnnxEditPipeline; a TensorRT edit runtime is not built yet)")
         return super().from_pretrained(model, image_encoder=image_encoder, adapter=adapter, device=device,
                                        dtype=dtype, attention_backend=attention_backend, config=config, trt=trt,
-                                       verify_fast_path=verify_fast_path)
+                                       verify_fast_path=verify_fast_path, torch_dtype=torch_dtype)
 
     @torch.inference_mode()
     def __call__(self, prompt, image, negative_prompt=EDIT_NEGATIVE, *, guidance_scale=7.5, image_guidance_scale=1.5,
-                 num_inference_steps=100, seed=0, generator=None, scheduler=None, num_images_per_prompt=1,
-                 height=None, width=None, adapter_image=None, instruct=None, scale=0.8, output_type="pil",
-                 max_size=None, progress_callback=None):
+                 num_inference_steps=100, seed=None, generator=None, scheduler=None, num_images_per_prompt=1,
+                 height=None, width=None, ip_adapter_image=None, instruct=None, scale=0.8, output_type="pil",
+                 max_size=None, progress_callback=None, adapter_image=None):
         """Edit `image` (a path or PIL image; a list: one per request) as `prompt` says. Per-request lists for
-        prompt, image, negative_prompt, the guidance scales, seed, adapter_image, instruct and scale. The output
-        is the photo's size rounded down to a multiple of the VAE factor (as diffusers does), or height x width
-        (the photo resized). Returns PIL images (request-major, `num_images_per_prompt` each), or latents."""
+        prompt, image, negative_prompt, the guidance scales, seed, ip_adapter_image (the adapter's reference; its old
+        name adapter_image), instruct and scale. The output is the photo's size rounded down to a multiple of the VAE
+        factor (as diffusers does), or height x width (the photo resized). Returns PIL images (request-major,
+        `num_images_per_prompt` each), or latents, with `.images`, `.seeds` and `.timings` (engine/results.py)."""
         args = dict(locals())
         del args["self"]
         return self._run(args, CallState())
@@ -98,9 +101,10 @@ class EditPipeline(Pipeline):
 
     def parse(self, args: dict) -> list:
         """The keyword arguments of a call -> one EditRequest per request (its photo loaded once per object)."""
+        args = alias(args, "ip_adapter_image", "adapter_image")
         image, adapter_image, instruct = args["image"], args["adapter_image"], args["instruct"]
         if self.adapter is not None and adapter_image is None:
-            raise EngineError("an adapter is loaded: give adapter_image= (the reference image it reads)")
+            raise EngineError("an adapter is loaded: give ip_adapter_image= (the reference image it reads)")
         photos = args["image"] if isinstance(args["image"], (list, tuple)) else None
         base = dict(args, image=adapter_image, instruct=instruct, instruct_guidance_scale=args["guidance_scale"],
                     guidance_mode="auto")

@@ -6,6 +6,7 @@ import os
 import tempfile
 
 from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.pnginfo import pnginfo
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # --out extension -> PIL format
 _pending: set[str] = set()  # temporary files being written, for discard_pending() on a forced exit
@@ -60,17 +61,20 @@ def _place(tmp: str, path: str, overwrite: bool) -> None:
         os.remove(tmp)
 
 
-def write_images(images, paths, overwrite: bool = False) -> None:
+def write_images(images, paths, overwrite: bool = False, params=None) -> None:
     """Write every image (in its extension's format) to a temporary name, then rename them all; on any failure,
-    Ctrl-C included, the temporaries and the files already renamed are removed."""
+    Ctrl-C included, the temporaries and the files already renamed are removed. params: per image, its generation
+    parameters, which a PNG carries in its "parameters" text chunk (engine/pnginfo.py)."""
     tmps, placed, path, complete = [], [], None, False
+    params = params or [None] * len(paths)
     try:
-        for img, path in zip(images, paths):
+        for img, path, info in zip(images, paths, params):
             folder, name = os.path.split(os.path.abspath(path))
             tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
             tmps.append(tmp)
             _pending.add(tmp)
-            img.save(tmp, format=FORMATS[os.path.splitext(path)[1].lower()])
+            fmt = FORMATS[os.path.splitext(path)[1].lower()]
+            img.save(tmp, format=fmt, **({"pnginfo": pnginfo(info)} if info and fmt == "PNG" else {}))
         for tmp, path in zip(tmps, paths):
             _place(tmp, path, overwrite)
             placed.append(path)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ipadapter_instruct.engine import DEFAULT_NEGATIVE, DEFAULT_PROMPT, stepping
+from ipadapter_instruct.engine import DEFAULT_NEGATIVE, DEFAULT_PROMPT, moving, stepping  # noqa: F401 (imported from here)
 from ipadapter_instruct.engine.adapter import Adapter
 from ipadapter_instruct.engine.attention import install_processors
 from ipadapter_instruct.engine.combine import finite_outputs
@@ -31,13 +31,11 @@ from ipadapter_instruct.engine.prepared import CallState, LastTimings, Prepared
 from ipadapter_instruct.engine.pretrained import check_channels, from_pretrained
 from ipadapter_instruct.engine.registry import Capabilities
 from ipadapter_instruct.engine.requests import Request, control_args, parse_requests
+from ipadapter_instruct.engine.results import call_output
 from ipadapter_instruct.engine.selfcheck import SelfCheck
 from ipadapter_instruct.engine.unet_step import choose_kernels, compile_unet, fast_path_report, graphs_changed, run_unet
 
 log = logging.getLogger(__name__)
-
-# what replays or compiles the UNet step, by (CUDA graphs, compiled): a component of the first-use checks
-STEP_COMPONENTS = {(True, False): "cuda_graph", (False, True): "compiled_unet", (True, True): "compiled_unet+cuda_graph"}
 
 
 class Pipeline(LoraMixin):
@@ -75,21 +73,23 @@ class Pipeline(LoraMixin):
     @classmethod
     def from_pretrained(cls, model, image_encoder=None, adapter=None, device=None, dtype=None,
                         attention_backend="auto", backend="pytorch", engines=None, controlnet=None,
-                        config=None, trt="auto", verify_fast_path: bool = True) -> "Pipeline":
+                        config=None, trt="auto", verify_fast_path: bool = True, torch_dtype=None) -> "Pipeline":
         """model: a diffusers SD folder (or hub id), or a single-file checkpoint (an original-layout
         `.safetensors`/`.ckpt`, read by diffusers' from_single_file) whose configs come from `config` (a local
         diffusers folder; default: the SD1.5 / InstructPix2Pix ones shipped with the package).
         image_encoder: a CLIPVisionModelWithProjection folder; adapter: a two-key `.bin`/`.safetensors` file, or a
-        list of them (several adapters at once). device defaults to cuda when present, dtype to float16 on cuda and
-        float32 on the CPU. attention_backend: auto | triton | sdpa | reference (`kernels.BACKENDS`) for the
-        cross-attention. backend: pytorch, or tensorrt with engines= the folder of `python -m export trt`
+        list of them (several adapters at once). device defaults to cuda when present, dtype (torch_dtype: the same)
+        to float16 on cuda, float32 on the CPU. attention_backend: auto | triton | sdpa | reference (`kernels.BACKENDS`)
+        for the cross-attention. backend: pytorch, or tensorrt with engines= the folder of `python -m export trt`
         (engine.trt.runtime.TensorRTPipeline: the adapter and dtype are the engines'; model and image_encoder, when
         given, say where the tokenizer, scheduler and image processor are now); trt: with backend tensorrt, which
         TensorRT loads the plans (auto: the one engines.json names, which full / rtx must match). verify_fast_path:
         check each fused kernel, CUDA-graph replay and compiled UNet against its eager path at its first use of a
         shape, falling back where it fails (engine/selfcheck.py; `fast_path_report()` says what runs)."""
         return from_pretrained(cls, model, image_encoder, adapter, device, dtype, attention_backend, backend, engines,
-                               controlnet, config, trt, verify_fast_path)
+                               controlnet, config, trt, verify_fast_path, torch_dtype=torch_dtype)
+
+    to = moving.move  # diffusers' `pipe.to(device, dtype)` (either, or torch_dtype=): every module moves; -> the pipeline
 
     def enable_cuda_graphs(self, enabled: bool = True) -> None:
         """Replay the UNet step from CUDA graphs, captured once per shape (rows, size) on first use; a new
@@ -206,18 +206,20 @@ class Pipeline(LoraMixin):
     # ---- the call --------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def __call__(self, prompt=DEFAULT_PROMPT, image=None, instruct=None, negative_prompt=DEFAULT_NEGATIVE, *,
+    def __call__(self, prompt=None, image=None, instruct=None, negative_prompt=None, *, ip_adapter_image=None,
                  scale=0.8, guidance_scale=6.0, instruct_guidance_scale=6.0, image_guidance_scale=1.0,
                  guidance_mode="auto", num_inference_steps=30, height=None, width=None, num_images_per_prompt=1,
                  seed=None, generator=None, scheduler=None, output_type="pil", max_size=None, progress_callback=None,
                  control_image=None, controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
                  control_guidance_end=1.0, guess_mode=False, adapter_masks=None, adapter_start=0.0, adapter_end=1.0):
-        """Generate images. `prompt`, `image`, `instruct`, `negative_prompt`, `scale`, the guidance scales,
-        `guidance_mode`, `seed`, `adapter_masks`, `adapter_start` and `adapter_end` each take one value or a list
-        with one per request; all requests run in one UNet batch. `scale` is a float or an InstantStyle-style
-        per-block dict. Returns a list of PIL images (request-major, `num_images_per_prompt` each), or latents with
-        output_type="latent". height and width default to the model's native size and may be at most `max_size`
-        (default: native x 4). `progress_callback(step, total)` is called after each denoising step (from 1).
+        """Generate images. `prompt`, `ip_adapter_image` (the reference image; alias `image`), `instruct`,
+        `negative_prompt`, `scale`, the guidance scales, `guidance_mode`, `seed`, `adapter_masks`, `adapter_start` and
+        `adapter_end` each take one value or a list with one per request; all requests run in one UNet batch. `scale`
+        is a float or an InstantStyle-style per-block dict. Prompts of None: the adapter's defaults, or (no adapter)
+        diffusers'. seed None: a fresh one. -> PIL images (request-major, `num_images_per_prompt` each) or latents
+        (output_type="latent") with `.images`, `.seeds`, `.timings` (engine/results.py). height and width: the model's
+        native size by default, at most `max_size` (default: native x 4). `progress_callback(step, total)` after each
+        denoising step (from 1).
 
         Several adapters (from_pretrained(adapter=[a, b])): a request's `image`, `scale`, `adapter_masks`,
         `adapter_start` and `adapter_end` are one value for every adapter, or a list with one per adapter; so one
@@ -237,7 +239,7 @@ class Pipeline(LoraMixin):
         reqs = self.parse(args)
         p = self.prepare(reqs, args, call)
         latents = self._denoise(p, args["progress_callback"])
-        return self._outputs(latents, [r.num_images for r in reqs], args["output_type"], t_start, call)
+        return self._outputs(latents, reqs, args["output_type"], t_start, call)
 
     def call_defaults(self) -> dict:
         """The keyword arguments a call takes, with their defaults (what step-level admission fills in)."""
@@ -303,18 +305,17 @@ class Pipeline(LoraMixin):
         p.call.timings["unet_ms_per_step"] = p.call.timings["denoise_ms"] / p.total
         return latents
 
-    def _outputs(self, latents: torch.Tensor, counts: list[int], output_type: str, t_start: float,
-                 call: CallState):
-        """The call's result from its final latents (counts: images per request); a request whose latents are not
-        finite fails alone (engine/combine.py)."""
+    def _outputs(self, latents: torch.Tensor, reqs: list, output_type: str, t_start: float, call: CallState):
+        """The call's output (engine/results.py); a request whose latents are not finite fails alone (combine.py)."""
         def decode(z):
             with call.timed("vae_decode_ms", self.device):
                 return self.decode(z)
         try:
-            return finite_outputs(latents, counts, output_type, decode)
+            out = finite_outputs(latents, [r.num_images for r in reqs], output_type, decode)
         finally:
             call.timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
             self._last.value = call.timings
+        return call_output(out, [s for r in reqs for s in r.seeds], call.timings)
 
     def _prepare(self, reqs: list, num_inference_steps, height, width, scheduler, max_size, control=None,
                  call: CallState | None = None) -> Prepared:

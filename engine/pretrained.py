@@ -21,11 +21,20 @@ DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def as_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if dtype not in DTYPES:
         raise EngineError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def one_dtype(dtype, torch_dtype):
+    """dtype= and diffusers' torch_dtype= are one argument: -> the torch.dtype given (None if neither)."""
+    if dtype is not None and torch_dtype is not None and as_dtype(dtype) != as_dtype(torch_dtype):
+        raise EngineError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree: give one (torch_dtype is "
+                          "diffusers' name for dtype)")
+    given = torch_dtype if dtype is None else dtype
+    return None if given is None else as_dtype(given)
 
 
 def check_channels(unet_channels: int, latent_channels: int, edit: bool) -> None:
@@ -96,8 +105,9 @@ def kind_class(cls, parts: dict, model):
 
 def from_pretrained(cls, model, image_encoder=None, adapter=None, device=None, dtype=None, attention_backend="auto",
                     backend="pytorch", engines=None, controlnet=None, config=None, trt="auto",
-                    verify_fast_path: bool = True):
+                    verify_fast_path: bool = True, torch_dtype=None):
     """`Pipeline.from_pretrained` (its docstring says what each argument takes)."""
+    dtype = one_dtype(dtype, torch_dtype)
     several = isinstance(adapter, (list, tuple))
     if several and len(adapter) == 1:
         adapter, several = adapter[0], False

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from ipadapter_instruct.engine import bounds
+from ipadapter_instruct.engine import DEFAULT_NEGATIVE, DEFAULT_PROMPT, bounds
 from ipadapter_instruct.engine.controlnet import control_numbers
 from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.loading import load_image
+from ipadapter_instruct.engine.results import image_generators
 
 log = logging.getLogger("ipadapter_instruct.engine.pipeline")
 
@@ -44,8 +45,9 @@ class Request:
     image_guidance_scale: float
     guidance_mode: str
     num_images: int
-    generator: torch.Generator | None
+    generator: torch.Generator | list | None    # one for the request, or one per image (engine/results.py)
     slots: list = field(default_factory=list)  # one Slot per loaded adapter
+    seeds: list = field(default_factory=list)  # per image: the seed that gives it back (None: a caller's generator)
 
 
 def check_instruction(instruct) -> None:
@@ -65,6 +67,25 @@ def check_per_row_adapter(caps, masked: bool, start: float, end: float) -> None:
         raise EngineError(per_row_refusal(caps.runtime))
 
 
+def alias(args: dict, name: str, old: str) -> dict:
+    """`name` (diffusers' name) or `old` (the engine's former name, kept as an alias): at most one of them given.
+    -> args with the value under `old` (what the engine reads) and `name` emptied."""
+    if args.get(name) is not None and args.get(old) is not None:
+        raise EngineError(f"{name}= and {old}= are one argument ({old} is the old name of {name}): give one")
+    return {**args, old: args.get(old) if args.get(name) is None else args[name], name: None}
+
+
+def default_prompts(p: dict, adapter: bool) -> None:
+    """A prompt or negative prompt of None: the adapter's defaults with an adapter; without one, as diffusers, a
+    prompt is required and no negative prompt is the empty one."""
+    if p["prompt"] is None:
+        if not adapter:
+            raise EngineError("a prompt is required for text-to-image generation (prompt=)")
+        p["prompt"] = DEFAULT_PROMPT
+    if p["negative_prompt"] is None:
+        p["negative_prompt"] = DEFAULT_NEGATIVE if adapter else ""
+
+
 def parse_requests(pipe, args: dict) -> list[Request]:
     """A call's keyword arguments -> one Request per request (per-request lists, or one value for all), every value
     checked against the pipeline's adapters (EngineError naming it) before any heavy work."""
@@ -72,7 +93,7 @@ def parse_requests(pipe, args: dict) -> list[Request]:
                    "instruct_guidance_scale", "image_guidance_scale", "guidance_mode", "seed", "generator",
                    "adapter_masks", "adapter_start", "adapter_end")
     defaults = {"adapter_masks": None, "adapter_start": 0.0, "adapter_end": 1.0}  # (EditPipeline has none)
-    args = {**defaults, **args}
+    args = alias({**defaults, **args}, "ip_adapter_image", "image")
     lengths = {len(args[k]) for k in per_request if isinstance(args[k], (list, tuple))}
     if len(lengths) > 1:
         raise EngineError(f"per-request lists must have one length, got lengths {sorted(lengths)}")
@@ -89,6 +110,7 @@ def parse_requests(pipe, args: dict) -> list[Request]:
         where = f" of request {i}" if n > 1 else ""
         for k in ("guidance_scale", "instruct_guidance_scale", "image_guidance_scale"):
             p[k] = bounds.number(k, p[k], where)  # (engine/bounds.py: the server's schemas read the same table)
+        default_prompts(p, pipe.adapter is not None)
         for k in ("prompt", "negative_prompt"):
             if not isinstance(p[k], str):
                 raise EngineError(f"{k} must be a string, got {type(p[k]).__name__}")
@@ -111,13 +133,11 @@ def parse_requests(pipe, args: dict) -> list[Request]:
             if "instruct" not in kinds and p["instruct"]:
                 log.warning("the instruction %r is ignored: the loaded adapter is IP-Adapter+, which takes "
                             "no instruction", p["instruct"])
-        gen = p["generator"]
-        if gen is None and p["seed"] is not None:
-            gen = torch.Generator(pipe.device).manual_seed(int(p["seed"]))
+        gen, seeds = image_generators(p["seed"], p["generator"], num, pipe.device, where)
         reqs.append(Request(p["prompt"], p["negative_prompt"], slots[0].images[0] if slots else None,
                             p["instruct"], slots[0].scale if slots else p["scale"],
                             float(p["guidance_scale"]), float(p["instruct_guidance_scale"]),
-                            float(p["image_guidance_scale"]), p["guidance_mode"], num, gen, slots))
+                            float(p["image_guidance_scale"]), p["guidance_mode"], num, gen, slots, seeds))
     if pipe.adapter is not None:
         counts = {tuple(len(s.images) for s in r.slots) for r in reqs}
         if len(counts) > 1:

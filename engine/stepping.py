@@ -44,6 +44,7 @@ class Flight:
     index: int = 0                # steps done
     timings: dict = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    seeds: list = field(default_factory=list)  # per image: the seed that gives it back (engine/results.py)
 
     @property
     def total(self) -> int:
@@ -102,7 +103,8 @@ def _admit(pipe, kwargs: dict, one: bool) -> list[Flight]:
     callbacks = list(progress) if isinstance(progress, (list, tuple)) else [progress] * len(preps)
     if len(callbacks) != len(preps):
         raise EngineError(f"{len(preps)} requests but {len(callbacks)} progress callbacks")
-    return [Flight(p, p.latents, args["output_type"], cb, timings=dict(timings)) for p, cb in zip(preps, callbacks)]
+    return [Flight(p, p.latents, args["output_type"], cb, timings=dict(timings), seeds=list(r.seeds))
+            for p, cb, r in zip(preps, callbacks, reqs)]
 
 
 def _split(pipe, prep, reqs) -> list:

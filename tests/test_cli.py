@@ -24,12 +24,13 @@ def gen_args(tiny, tmp_path, cond_image):
     cond_image.save(image)
     return ["generate", "--model", tiny["model"], "--image-encoder", tiny["image_encoder"], "--adapter",
             tiny["adapter"], "--image", str(image), "--prompt", "a cat", "--negative-prompt", "blurry",
-            "--instruct", "take the object", "--steps", "2", "--no-progress", "--out", str(tmp_path / "out.png")]
+            "--instruct", "take the object", "--steps", "2", "--seed", "0", "--no-progress",
+            "--out", str(tmp_path / "out.png")]
 
 
 @pytest.fixture
 def text_args(tiny, tmp_path):
-    return ["generate", "--model", tiny["model"], "--prompt", "a cat", "--steps", "2", "--no-progress",
+    return ["generate", "--model", tiny["model"], "--prompt", "a cat", "--steps", "2", "--seed", "0", "--no-progress",
             "--out", str(tmp_path / "out.png")]
 
 
@@ -41,7 +42,7 @@ def text_pipe(tiny):
     return pipe
 
 
-# what gen_args asks for, as Python API arguments (the CLI's seed defaults to 0)
+# what gen_args asks for, as Python API arguments
 API_BASE = dict(prompt="a cat", negative_prompt="blurry", instruct="take the object", num_inference_steps=2, seed=0)
 
 
@@ -184,8 +185,8 @@ def test_bad_input(gen_args, tmp_path, capsys, flag, value, message, code):
 
 @pytest.mark.parametrize("edit,message", [
     (lambda a: drop_arg(a, "--image-encoder"), "--adapter needs --image-encoder"),
-    (lambda a: drop_arg(a, "--image"), "--adapter needs --image"),
-    (lambda a: drop_arg(a, "--adapter"), "--image-encoder and --image and --instruct need --adapter"),
+    (lambda a: drop_arg(a, "--image"), "--adapter needs --ip-adapter-image"),
+    (lambda a: drop_arg(a, "--adapter"), "--image-encoder and --ip-adapter-image and --instruct need --adapter"),
 ])
 def test_flag_combinations(gen_args, capsys, edit, message):
     with pytest.raises(SystemExit) as ex:
@@ -233,6 +234,7 @@ def test_checked_before_loading(gen_args, tmp_path, capsys, no_loading, edit, me
 def test_overwrite(text_args, tmp_path, capsys):
     out = tmp_path / "out.png"
     assert main(text_args) == 0
+    assert capsys.readouterr().err == "seed: 0\n"  # (the seed used, one line on stderr)
     first = out.read_bytes()
     assert main(set_arg(text_args, "--seed", "1")) == 1
     assert "output file exists" in one_line_error(capsys) and out.read_bytes() == first
@@ -256,8 +258,8 @@ def test_pipeline_refuses_oversize(instruct_pipe, text_pipe, cond_image):
         instruct_pipe(image=cond_image, **API_BASE, height=100000)
     big = native * 4 + text_pipe.vae_scale_factor
     with pytest.raises(EngineError, match=f"over the maximum {native * 4} px"):
-        text_pipe(height=big, num_inference_steps=1, output_type="latent")
-    latents = text_pipe(height=big, num_inference_steps=1, output_type="latent", max_size=big)
+        text_pipe("a cat", height=big, num_inference_steps=1, output_type="latent")
+    latents = text_pipe("a cat", height=big, num_inference_steps=1, output_type="latent", max_size=big)
     assert latents.shape[-2:] == (big // text_pipe.vae_scale_factor, native // text_pipe.vae_scale_factor)
 
 
@@ -291,7 +293,7 @@ def test_failure_while_renaming_removes_the_renamed(gen_args, tmp_path, capsys, 
 
 def test_ctrl_c_in_the_loop(tiny, tmp_path):
     """A real SIGINT in the denoising loop: one line, exit 130, no output file and no temporary."""
-    cmd = [sys.executable, "-m", "engine", "generate", "--model", tiny["model"], "--steps", "999",
+    cmd = [sys.executable, "-m", "engine", "generate", "--model", tiny["model"], "--prompt", "a cat", "--steps", "999",
            "--out", str(tmp_path / "out.png")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     err, deadline = b"", time.monotonic() + 240
@@ -375,8 +377,8 @@ PROBE = ("import runpy, sys\nsys.argv = ['engine', *sys.argv[1:]]\ntry:\n    run
 
 @pytest.mark.parametrize("args,code", [
     (["--help"], 0), (["generate", "--help"], 0), (["generate", "--model", "m", "--steps", "0", "--out", "x.png"], 2),
-    (["generate", "--model", "MODEL", "--height", "100000", "--out", "OUT"], 1),
-    (["generate", "--model", "MODEL", "--out", "/nonexistent/x.png"], 1)])
+    (["generate", "--model", "MODEL", "--prompt", "p", "--height", "100000", "--out", "OUT"], 1),
+    (["generate", "--model", "MODEL", "--prompt", "p", "--out", "/nonexistent/x.png"], 1)])
 def test_answers_without_heavy_imports(tiny, tmp_path, args, code):
     args = [{"MODEL": tiny["model"], "OUT": str(tmp_path / "x.png")}.get(a, a) for a in args]
     done = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=60)

@@ -50,23 +50,29 @@ def d_edit(tiny_edit):
     return pipe
 
 
-def diffusers_edit(d, photo, scheduler=None, seed=3, num=1, output_type="latent", **kw):
+def diffusers_edit(d, photo, scheduler=None, seed=3, num=1, output_type="latent", generator=None, **kw):
     from ipadapter_instruct.engine.loading import make_scheduler
     base = d.scheduler if not hasattr(d, "_base_scheduler") else d._base_scheduler
     d._base_scheduler = base
     d.scheduler = make_scheduler(base, scheduler)
-    return d(EDIT, image=photo, num_inference_steps=STEPS, generator=torch.Generator("cpu").manual_seed(seed),
+    generator = generator or torch.Generator("cpu").manual_seed(seed)
+    return d(EDIT, image=photo, num_inference_steps=STEPS, generator=generator,
              num_images_per_prompt=num, output_type=output_type, **kw).images
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "euler_a", "dpmpp_2m"])
 def test_latents_match_diffusers(edit_pipe, d_edit, photo, scheduler):
     want = diffusers_edit(d_edit, photo, scheduler, num=2)
-    got = edit_pipe(EDIT, photo, num_inference_steps=STEPS, seed=3, scheduler=scheduler, num_images_per_prompt=2,
-                    output_type="latent")
+    got = edit_pipe(EDIT, photo, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(3),
+                    scheduler=scheduler, num_images_per_prompt=2, output_type="latent")
     assert got.shape == want.shape == (2, 4, 17, 13)  # 70 x 54 px -> 68 x 52 -> latents / 4
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert (got[0] - got[1]).abs().max() > 1e-2  # two images per prompt differ
+    # a seed: image j from its own generator seeded seed + j (so each image's seed gives it back)
+    want = diffusers_edit(d_edit, photo, scheduler, num=2, generator=[torch.Generator().manual_seed(s) for s in (3, 4)])
+    got = edit_pipe(EDIT, photo, num_inference_steps=STEPS, seed=3, scheduler=scheduler, num_images_per_prompt=2,
+                    output_type="latent")
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_pngs_match_diffusers_within_one_grey_level(edit_pipe, d_edit, photo):
@@ -199,7 +205,7 @@ def test_instruct_adapter_at_scale_zero_is_plain_ip2p(tiny_edit, edit_pipe, phot
     assert torch.equal(zero, edit_pipe(EDIT, photo, **kw))
     styled = pipe(EDIT, photo, adapter_image=cond_image, instruct="use the style of this image", scale=0.8, **kw)
     assert (styled - zero).abs().max() > 1e-3
-    with pytest.raises(EngineError, match="give adapter_image="):
+    with pytest.raises(EngineError, match="give ip_adapter_image="):
         pipe(EDIT, photo, **kw)
 
 

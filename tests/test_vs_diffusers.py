@@ -36,11 +36,11 @@ def d_base(tiny):
     return diffusers_pipe(tiny)
 
 
-def run_diffusers(pipe, image=None, output_type="latent", seed=7, guidance_scale=6.0, **kw):
+def run_diffusers(pipe, image=None, output_type="latent", seed=7, guidance_scale=6.0, generator=None, **kw):
     if image is not None:
         kw["ip_adapter_image"] = image
     out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=guidance_scale,
-               generator=torch.Generator("cpu").manual_seed(seed), output_type=output_type, **kw).images
+               generator=generator or torch.Generator("cpu").manual_seed(seed), output_type=output_type, **kw).images
     return out
 
 
@@ -80,11 +80,16 @@ def test_schedulers_and_seeds_match_diffusers(d_plus, plus_pipe, cond_image, nam
     try:
         d_plus.set_ip_adapter_scale(0.7)
         ref = run_diffusers(d_plus, cond_image, seed=11, num_images_per_prompt=2)
+        # a seed: image j from its own generator seeded seed + j (so each image's seed gives it back)
+        per_image = run_diffusers(d_plus, cond_image, num_images_per_prompt=2,
+                                  generator=[torch.Generator("cpu").manual_seed(s) for s in (11, 12)])
     finally:
         d_plus.scheduler = original
-    ours = plus_pipe(PROMPT, cond_image, negative_prompt=NEGATIVE, scale=0.7, num_inference_steps=STEPS, seed=11,
-                     num_images_per_prompt=2, scheduler=name, output_type="latent")
+    kw = dict(negative_prompt=NEGATIVE, scale=0.7, num_inference_steps=STEPS, num_images_per_prompt=2,
+              scheduler=name, output_type="latent")
+    ours = plus_pipe(PROMPT, cond_image, generator=torch.Generator("cpu").manual_seed(11), **kw)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(plus_pipe(PROMPT, cond_image, seed=11, **kw), per_image, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("instruct,mode", [("use the style of this image", "simple"), ("take the object", "full")])
