@@ -113,7 +113,9 @@ def test_scale_zero_is_no_controlnet_and_a_batch_equals_each_alone(tiny, nets, c
                 seed=[1, 2], **kw)
     alone = torch.cat([pipe(PROMPT, control_image=controls[0], seed=1, **kw),
                        pipe("a blue boat", control_image=controls[1], controlnet_conditioning_scale=0.4, seed=2, **kw)])
-    torch.testing.assert_close(both, alone, atol=1e-5, rtol=1e-5)
+    # a batch of 2 and of 1 take different convolution blockings: on an AVX2 CPU (AMD EPYC) 2 of 2048 elements
+    # differ by 1.6e-5 (within 1e-5 on AVX-512 machines); the suite's batch tolerance is 1e-4
+    torch.testing.assert_close(both, alone, atol=1e-4, rtol=1e-4)
 
 
 def test_bad_controlnets_are_one_line(tiny, nets, controls, tmp_path):

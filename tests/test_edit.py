@@ -18,6 +18,9 @@ from ipadapter_instruct.engine.errors import EngineError
 pytestmark = pytest.mark.filterwarnings("ignore:You have passed 2 text prompts")  # diffusers' own, num_images 2
 STEPS = 4
 EDIT = "make it look like winter"
+# a batch against each request alone, in latents at euler_a's sigmas: convolutions of different batch sizes round
+# differently, most on AVX2 CPUs (AMD EPYC: up to 1.6e-4 on a few elements); still far below one grey level
+BATCH_TOL = 3e-4
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -125,8 +128,9 @@ def test_a_batch_equals_each_request_alone(edit_pipe, photo, other_image):
                      image_guidance_scale=[1.5, 1.2], **kw)
     alone = [edit_pipe(EDIT, photos[0], seed=1, **kw),
              edit_pipe("turn it into a painting", photos[1], seed=2, guidance_scale=4.0, image_guidance_scale=1.2, **kw)]
-    # euler_a's latents start at sigma ~14.6: 1e-4 relative is float32 noise of batched convolutions there
-    torch.testing.assert_close(both, torch.cat(alone), atol=1e-4, rtol=1e-4)
+    # euler_a's latents start at sigma ~14.6: 1e-4 relative is float32 noise of batched convolutions there, and an
+    # AVX2 CPU (AMD EPYC) blocks a batch of 2 differently from 1: 2 of 1768 elements 1.6e-4 off (BATCH_TOL)
+    torch.testing.assert_close(both, torch.cat(alone), atol=BATCH_TOL, rtol=1e-4)
 
 
 def test_height_and_width_resize_the_photo(edit_pipe, photo):
@@ -305,7 +309,7 @@ def test_edit_flights_joining_mid_flight_equal_alone(edit_pipe, photo, other_ima
     finally:
         edit_pipe._static = None
     for i, want in enumerate(wants):
-        torch.testing.assert_close(out[i], want, atol=1e-4, rtol=1e-4, msg=lambda m, i=i: f"edit {i}: {m}")
+        torch.testing.assert_close(out[i], want, atol=BATCH_TOL, rtol=1e-4, msg=lambda m, i=i: f"edit {i}: {m}")
     if static:
         assert 8 in padded and padded <= {1, 2, 4, 8}  # 3 + 3 + 1 rows ran as 8
     together = edit_pipe.start_many(prompt=[EDIT, "make it night"], image=photos[:2], seed=[3, 4],
@@ -314,4 +318,4 @@ def test_edit_flights_joining_mid_flight_equal_alone(edit_pipe, photo, other_ima
         edit_pipe.step(together)
     for f, prompt, p, seed in zip(together, (EDIT, "make it night"), photos[:2], (3, 4)):
         want = edit_pipe(prompt, p, seed=seed, num_inference_steps=3, output_type="latent")
-        torch.testing.assert_close(edit_pipe.finish(f), want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(edit_pipe.finish(f), want, atol=BATCH_TOL, rtol=1e-4)

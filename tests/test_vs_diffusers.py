@@ -88,8 +88,11 @@ def test_schedulers_and_seeds_match_diffusers(d_plus, plus_pipe, cond_image, nam
     kw = dict(negative_prompt=NEGATIVE, scale=0.7, num_inference_steps=STEPS, num_images_per_prompt=2,
               scheduler=name, output_type="latent")
     ours = plus_pipe(PROMPT, cond_image, generator=torch.Generator("cpu").manual_seed(11), **kw)
-    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(plus_pipe(PROMPT, cond_image, seed=11, **kw), per_image, atol=1e-4, rtol=1e-4)
+    # LCM and TCD step to the denoised sample, where float32 rounding of a different op order than diffusers' shows:
+    # on an AVX2 CPU (AMD EPYC) 2 of 2048 elements differ by 2.3e-4; on AVX-512 machines all were within 1e-4
+    tol = 5e-4 if name in ("lcm", "tcd") else 1e-4
+    torch.testing.assert_close(ours, ref, atol=tol, rtol=1e-4)
+    torch.testing.assert_close(plus_pipe(PROMPT, cond_image, seed=11, **kw), per_image, atol=tol, rtol=1e-4)
 
 
 @pytest.mark.parametrize("instruct,mode", [("use the style of this image", "simple"), ("take the object", "full")])
