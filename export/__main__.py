@@ -61,12 +61,14 @@ def _parser() -> Parser:
     ru = sub.add_parser("run", help="generate from an export folder with ONNX Runtime (the reference loop)")
     ru.add_argument("dir")
     ru.add_argument("--prompt", required=True)
-    ru.add_argument("--image", required=True, help="condition image")
+    ru.add_argument("--ip-adapter-image", "--image", dest="image", required=True, metavar="PATH",
+                    help="the adapter's reference image (--image: the old name)")
     ru.add_argument("--instruct", default=None, help="what to take from the image (IPAdapter-Instruct)")
     ru.add_argument("--negative-prompt", default=None)
     ru.add_argument("--scale", type=float, default=0.8, help="adapter strength (default 0.8)")
-    ru.add_argument("--steps", type=int, default=30)
-    ru.add_argument("--seed", type=int, default=0)
+    ru.add_argument("--num-inference-steps", "--steps", dest="steps", type=int, default=30, metavar="N",
+                    help="denoising steps (--steps: the old name)")
+    ru.add_argument("--seed", type=int, default=None, help="default: a fresh random seed, printed on stderr")
     ru.add_argument("--control-image", action="append", default=None, metavar="PATH",
                     help="control image of an export with ControlNets, one per net in the export's order")
     ru.add_argument("--controlnet-scale", type=float, action="append", default=None, metavar="F",
@@ -144,8 +146,12 @@ def command(a) -> int:
                                   f"{a.dir} is not an SDXL export")
             images = pipe(a.prompt, image, a.instruct, a.negative_prompt or DEFAULT_NEGATIVE, scale=a.scale,
                           num_inference_steps=a.steps, seed=a.seed, **control, **sizes)
-            write_images(images, paths)
+            params = dict(prompt=a.prompt, negative_prompt=a.negative_prompt or DEFAULT_NEGATIVE, instruct=a.instruct,
+                          num_inference_steps=a.steps, seed=images.seeds[0], width=images[0].width,
+                          height=images[0].height, model=os.path.basename(os.path.normpath(a.dir)))
+            write_images(images, paths, params=[params])
             print(f"{paths[0]} ({', '.join(f'{k} {v:.0f} ms' for k, v in pipe.timings.items())})")
+            print(f"seed: {images.seeds[0]}", file=sys.stderr)
             return 0
         if a.command == "trt":
             from ipadapter_instruct.export import trt

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from PIL import Image
 
 from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.export.onnx import GRAPHS, export_onnx, read_manifest, source_paths
@@ -250,7 +251,8 @@ def copy_laid_out(paths, root):
     return copies
 
 
-def test_export_and_weights_move_together_or_the_error_names_the_override(plugin_dir, tiny, tmp_path, cond_image):
+def test_export_and_weights_move_together_or_the_error_names_the_override(plugin_dir, tiny, tmp_path, cond_image,
+                                                                        capsys):
     from ipadapter_instruct.export.__main__ import main
     from ipadapter_instruct.export.onnx_runtime import OnnxPipeline
 
@@ -282,6 +284,16 @@ def test_export_and_weights_move_together_or_the_error_names_the_override(plugin
     argv = ["run", export, "--prompt", "a cat", "--image", tmp_path / "cond.png", "--instruct", "use the style",
             "--steps", "1", "--out", tmp_path / "out.png", *overrides]
     assert main([str(a) for a in argv]) == 0 and (tmp_path / "out.png").is_file()
+    # no --seed: a random one, printed and in the PNG's parameters, which gives the image back
+    seed = capsys.readouterr().err.strip().splitlines()[-1].removeprefix("seed: ")
+    with Image.open(tmp_path / "out.png") as im:
+        assert f"Seed: {seed}," in im.text["parameters"]
+        first = im.convert("RGB").tobytes()
+    argv[argv.index("--steps")] = "--num-inference-steps"
+    argv[argv.index("--image")] = "--ip-adapter-image"
+    assert main([str(a) for a in [*argv, "--seed", seed, "--out", tmp_path / "again.png"]]) == 0
+    with Image.open(tmp_path / "again.png") as im:
+        assert im.convert("RGB").tobytes() == first
 
     manifest = json.loads((export / "manifest.json").read_text())  # as written before paths were relative
     manifest["source"] = {"model": str(moved / "model"), "image_encoder": str(moved / "image_encoder"),
