@@ -18,6 +18,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NOT_RUN_MARK = "# not run by tests: "
 # (page, the reason's start): what is not run here and where it is run instead
 NOT_RUN = {("README.md", "needs a running server (tests/test_server_process.py"),
+           ("README.md", "needs a CUDA GPU (tests/test_api_names.py"),
            ("docs/server.md", "needs a running server (tests/test_server_process.py")}
 # blocks another test runs: (page, a line of the block) -> that test
 ELSEWHERE = {("README.md", "from huggingface_hub import hf_hub_download, snapshot_download"): "tests/test_hub_id.py"}
@@ -58,16 +59,18 @@ def test_every_block_not_run_here_says_why_and_is_listed():
 
 @pytest.fixture(scope="module")
 def weights(tiny, plus_dir, tmp_path_factory):
-    """Placeholder -> tiny path, built on first use: the edit set, a ControlNet and a LoRA only when a block asks."""
-    from test_controlnet import make_controlnet
-    from test_lora import make_lora
+    """Placeholder -> tiny path, built on first use: the edit set, a ControlNet and a LoRA only when a block asks
+    (the parts `make-tiny` writes as DIR/controlnet and DIR/lora.safetensors, engine/tiny_parts.py)."""
+    from diffusers import UNet2DConditionModel
 
     from ipadapter_instruct.engine.tiny import make_tiny
+    from ipadapter_instruct.engine.tiny_parts import tiny_controlnet, tiny_lora
 
     root = tmp_path_factory.mktemp("docs-weights")
     lazy = {"path/to/instruct-pix2pix": lambda: make_tiny(str(root / "edit"), edit=True),
-            "path/to/controlnet": lambda: make_controlnet(tiny, root / "controlnet", 0),
-            "path/to/lora.safetensors": lambda: make_lora(tiny, root / "lora", 0)}
+            "path/to/controlnet": lambda: tiny_controlnet(
+                root / "controlnet", UNet2DConditionModel.from_pretrained(tiny["model"], subfolder="unet")),
+            "path/to/lora.safetensors": lambda: tiny_lora(str(root / "lora.safetensors"), tiny["model"])}
     built = {}
 
     def swaps(code: str) -> dict:
@@ -124,8 +127,8 @@ def test_cli_page_commands_run_on_tiny_weights(tiny, tmp_path, cond_image):
                                  timeout=300)
             assert run.returncode == 0, f"{line}\n{run.stderr[-2000:]}"
             continue
-        assert "--steps" in argv, line
-        assert argv[argv.index("--steps") + 1] == "2", f"keep the docs' tiny examples at 2 steps: {line}"
+        steps = [i for i, arg in enumerate(argv) if arg in ("--num-inference-steps", "--steps")]
+        assert len(steps) == 1 and argv[steps[0] + 1] == "2", f"keep the docs' tiny examples at 2 steps: {line}"
         run = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=300)
         assert run.returncode == 0, f"{line}\n{run.stderr[-2000:]}"
