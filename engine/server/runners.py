@@ -89,8 +89,6 @@ class PipelineRunner:
         except EngineError as e:
             raise FieldError("height" if req.height is not None else "width", str(e)) from None
         if self.kind is None:
-            if req.prompt is None:  # (with an adapter the pipeline's default prompt applies)
-                raise FieldError("prompt", "this server has no adapter loaded (text to image): a prompt is required")
             if image is not None:
                 raise FieldError("ip_adapter_image", "this server has no adapter loaded: send no ip_adapter_image")
             if req.instruct:
@@ -99,6 +97,8 @@ class PipelineRunner:
                               ("adapter_end", req.adapter_end == 1.0)):
                 if not off:
                     raise FieldError(name, f"this server has no adapter loaded: send no {name}")
+            if req.prompt is None:  # (with an adapter the pipeline's default prompt applies)
+                raise FieldError("prompt", "this server has no adapter loaded (text to image): a prompt is required")
         else:
             field = "adapter_mask" if mask is not None else "adapter_start" if req.adapter_start else "adapter_end"
             with as_field(field):
