@@ -4,6 +4,7 @@
     out = Client("http://127.0.0.1:8000").generate(prompt="a lighthouse", ip_adapter_image="cond.png",
                                                    instruct="use the style of this image")
     out.images, out.seed     # the PIL images and the seed the server drew (send it back to get them again)
+    out.seeds                # each image's own seed, seed + j (sent back alone, it gives image j again)
     edited = Client(url).edit("make it winter", image="photo.png", seed=0)   # an InstructPix2Pix server
 
 Images go as PIL images or paths, read on the client side (the server never reads a path); a path that cannot be
@@ -44,12 +45,13 @@ class ServerError(EngineError):
 
 class Result(list):
     """The answer's images (a list of PIL images, as before) with `.images`, `.seed` (the request's seed: sent
-    back, it reproduces these images), `.seeds` (one per request: [seed]), `.timings` and `.request_id`."""
+    back, it reproduces these images), `.seeds` (one per image, seed + j: sent back with num_images_per_prompt=1,
+    it reproduces image j alone), `.timings` and `.request_id`."""
 
     def __init__(self, images: list, answer: dict):
         super().__init__(images)
         self.images, self.seed = list(images), answer.get("seed")
-        self.seeds = [self.seed]
+        self.seeds = list(answer.get("seeds") or [])
         self.timings, self.request_id = answer.get("timings", {}), answer.get("request_id")
 
 
@@ -130,7 +132,7 @@ class Client(_Base):
     def generate(self, prompt=None, ip_adapter_image=None, instruct=None, negative_prompt=None, *, image=None,
                  num_images_per_prompt: int = 1, seed=None, **kwargs) -> Result:
         """One request; None leaves a field to the server's default (seed: a fresh one). `image` is the old name of
-        `ip_adapter_image`. -> Result: the PIL images, with .seed."""
+        `ip_adapter_image`. -> Result: the PIL images, with .seed and .seeds."""
         body = generate_body(prompt, ip_adapter_image, instruct, negative_prompt, image, num_images_per_prompt,
                              dict(kwargs, seed=seed))
         with httpx.Client(timeout=self.timeout) as http:
@@ -141,7 +143,7 @@ class Client(_Base):
     def edit(self, prompt, image, negative_prompt=None, *, ip_adapter_image=None, adapter_image=None,
              num_images_per_prompt: int = 1, seed=None, **kwargs) -> Result:
         """One InstructPix2Pix edit (POST /v1/edit; EditPipeline's argument names; `adapter_image` is the old name of
-        `ip_adapter_image`). -> Result: the PIL images, with .seed."""
+        `ip_adapter_image`). -> Result: the PIL images, with .seed and .seeds."""
         body = edit_body(prompt, image, negative_prompt, ip_adapter_image, adapter_image, num_images_per_prompt,
                          dict(kwargs, seed=seed))
         with httpx.Client(timeout=self.timeout) as http:

@@ -166,6 +166,10 @@ def test_an_edit_server_with_an_adapter_takes_the_reference_image(tiny_edit, pho
         pipe = srv.state.pipe
         want = alone(pipe, photo, adapter_image=reference, instruct="use the style of this image", scale=0.7, seed=3)
         assert close(decode_png(r.json()["images"][0]), want[0])
+        text = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).text["parameters"]
+        assert text.startswith(EDIT + "\n") and r.json()["seeds"] == [3], text  # each PNG carries its parameters
+        assert {"Seed: 3", "Steps: 2", "Instruct: use the style of this image", "IP-Adapter scale: 0.7",
+                "Image CFG scale: 1.5"} <= set(text.splitlines()[-1].split(", ")), text
         old = {("adapter_image" if k == "ip_adapter_image" else k): v for k, v in body.items()}  # the old name
         assert srv.request("POST", "/v1/edit", json=old).json()["images"] == r.json()["images"]
         r = srv.request("POST", "/v1/edit", json={k: v for k, v in body.items() if k != "ip_adapter_image"})

@@ -1,19 +1,25 @@
 """One set of names, defaults and seeds on the HTTP API (issue 28): a request without a seed gets a fresh one, which
 the answer returns (JSON `seed`, `x-seed`, the stream's result) and which reproduces the image when sent back, in
 both batching modes; the reference image is `ip_adapter_image` (`image` kept as an alias); the defaults are the
-Python API's; a 4xx names the server's own flags; the ready line names the task."""
+Python API's; a 4xx names the server's own flags; the ready line names the task; each image has its own seed
+(`seeds`), which its PNG's "parameters" chunk carries too."""
 import base64
 import inspect
 import io
 import json
+import os
+import re
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from ipadapter_instruct.engine.results import DRAWN_LIMIT
 from ipadapter_instruct.engine.server.config import ServerConfig
 from ipadapter_instruct.engine.server.schemas import EditRequest, GenerateRequest
 
 from conftest import NEGATIVE, PROMPT, load_pipe
-from server_utils import InProcessServer, png_base64
+from server_utils import InProcessServer, decode_png, png_base64
 
 STYLE = "use the style of this image"
 
@@ -44,7 +50,7 @@ def error_of(r, status, field):
 def test_a_request_without_a_seed_gets_a_fresh_one_which_reproduces_it(server, cond_image):
     first, second = (ok(server.request("POST", "/v1/generate", json=body(cond_image))) for _ in range(2))
     seeds = [first.json()["seed"], second.json()["seed"]]
-    assert seeds[0] != seeds[1] and all(isinstance(s, int) and 0 <= s < 2**53 for s in seeds), seeds  # JS-exact
+    assert seeds[0] != seeds[1] and all(isinstance(s, int) and 0 <= s < DRAWN_LIMIT for s in seeds), seeds  # the API's range
     assert [first.headers["x-seed"], second.headers["x-seed"]] == [str(s) for s in seeds]
     again = ok(server.request("POST", "/v1/generate", json=body(cond_image, seed=seeds[0])))
     assert again.json()["seed"] == seeds[0] and again.headers["x-seed"] == str(seeds[0])
@@ -143,3 +149,50 @@ def test_the_ready_line_of_a_server(tiny, capsys):
     srv.close()
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("ready:"))
     assert "(text-to-image, instruct adapter," in line, line
+
+
+def png_text(data: bytes) -> str:
+    return Image.open(io.BytesIO(data)).text["parameters"]
+
+
+def within_one_level(a, b) -> bool:
+    return int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max()) <= 1
+
+
+def test_each_image_has_its_own_seed_which_gives_it_back_alone(server, cond_image):
+    two = ok(server.request("POST", "/v1/generate", json=body(cond_image, num_images_per_prompt=2)))
+    seed, seeds = two.json()["seed"], two.json()["seeds"]
+    assert seeds == [seed, seed + 1] and two.headers["x-seed"] == str(seed)  # x-seed: the request's seed
+    alone = ok(server.request("POST", "/v1/generate", json=body(cond_image, seed=seeds[1])))
+    assert alone.json()["seeds"] == [seeds[1]] and alone.headers["x-seed"] == str(seeds[1])
+    assert within_one_level(decode_png(alone.json()["images"][0]), decode_png(two.json()["images"][1]))
+
+
+def test_every_png_carries_its_parameters_and_their_seed_gives_it_back(server, cond_image, tiny):
+    two = ok(server.request("POST", "/v1/generate", json=body(cond_image, num_images_per_prompt=2))).json()
+    texts = [png_text(base64.b64decode(b)) for b in two["images"]]
+    for text, seed in zip(texts, two["seeds"]):
+        prompt, negative, line = text.split("\n")
+        assert prompt == PROMPT and negative == f"Negative prompt: {NEGATIVE}", text
+        pairs = dict(pair.split(": ", 1) for pair in line.split(", "))
+        assert {"Steps": "2", "Seed": str(seed), "Size": "64x64", "Model": os.path.basename(tiny["model"]),
+                "Instruct": STYLE, "IP-Adapter scale": "0.8", "CFG scale": "6.0"}.items() <= pairs.items(), text
+        assert pairs["Sampler"], text
+    seed = int(re.search(r"Seed: (\d+)", texts[1]).group(1))
+    png = ok(server.request("POST", "/v1/generate", json=body(cond_image, seed=seed), headers={"accept": "image/png"}))
+    assert f"Seed: {seed}" in png_text(png.content)  # the lone PNG answer carries them too
+    assert within_one_level(Image.open(io.BytesIO(png.content)).convert("RGB"), decode_png(two["images"][1]))
+
+
+def test_a_text_only_server_needs_a_prompt_and_writes_no_adapter_prompts(tiny):
+    from ipadapter_instruct.engine import Pipeline
+
+    srv = InProcessServer(ServerConfig(warmup=False), Pipeline.from_pretrained(tiny["model"], device="cpu"))
+    try:
+        message = error_of(srv.request("POST", "/v1/generate", json={"num_inference_steps": 2}), 422, "prompt")
+        assert "prompt" in message, message
+        r = ok(srv.request("POST", "/v1/generate", json={"prompt": PROMPT, "num_inference_steps": 2}))
+        text = png_text(base64.b64decode(r.json()["images"][0]))
+        assert text.startswith(PROMPT + "\n") and "Negative prompt" not in text and "Instruct" not in text, text
+    finally:
+        srv.close()

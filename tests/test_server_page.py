@@ -266,3 +266,29 @@ def test_the_text_to_image_page_hides_the_edit_fields(page):
     assert page.find_element(By.ID, "imagelabel").text == "Condition image"
     assert not page.find_element(By.ID, "guidance").is_displayed()
     assert not page.find_element(By.ID, "reference").is_displayed()
+
+
+def test_a_server_without_an_adapter_offers_a_prompt_only_page(browser, tiny):
+    """Text to image without an adapter: no condition image or instruction; the prompt is required (said before
+    any request, as the server would answer 422), then the image and its seed are shown."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with ServerProcess(["--model", tiny["model"]]) as srv:
+        page = browser
+        page.get(srv.url + "/")
+        for element in ("image", "preset", "instruct", "scale", "reference", "guidance"):
+            assert not page.find_element(By.ID, element).is_displayed(), element
+        page.find_element(By.ID, "generate").click()
+        assert page.find_element(By.ID, "error").text == "Write a prompt first."
+        page.find_element(By.ID, "prompt").send_keys("a red house by a lake")
+        steps_box = page.find_element(By.ID, "steps")
+        steps_box.clear()
+        steps_box.send_keys("2")
+        page.find_element(By.ID, "generate").click()
+        WebDriverWait(page, WAIT_S).until(
+            lambda d: d.find_element(By.ID, "generate").is_enabled()
+            and (d.find_element(By.ID, "result").is_displayed() or d.find_element(By.ID, "error").text))
+        assert not page.find_element(By.ID, "error").text, page.find_element(By.ID, "error").text
+        assert page.find_element(By.ID, "usedseed").text.isdigit()
+        srv.terminate()

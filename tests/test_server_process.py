@@ -153,6 +153,7 @@ def test_async_client_equals_the_sync_client(server, cond_image, tmp_path):
     out = asyncio.run(client.generate(image=cond_image, **args))
     assert len(out) == 2 and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(sync, out))
     assert client.last_result["seed"] == 21 and client.last_result["timings"]["batch_rows"] == 4
+    assert sync.seed == out.seed == 21 and sync.seeds == out.seeds == [21, 22]  # image j: seed + j
     assert asyncio.run(client.ready()) and asyncio.run(client.models())["data"][0]["adapter_kind"] == "instruct"
     with pytest.raises(TypeError, match="unknown argument"):
         Client(server.url).generate(prompt="x", colour="red")

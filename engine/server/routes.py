@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from ipadapter_instruct.engine.results import random_seed
 from ipadapter_instruct.engine.server.batcher import Draining, Job, QueueFull
 from ipadapter_instruct.engine.server.dependencies import authorize, engine_state
 from ipadapter_instruct.engine.server.errors import ApiError
@@ -25,7 +25,6 @@ from ipadapter_instruct.engine.server.runners import FieldError
 log = logging.getLogger("ipadapter_instruct.engine.server")
 POLL_S = 0.1          # how often a waiting handler checks for a client that went away
 RETRY_AFTER_S = 5     # 503 while starting (draining: the queue's expected wait)
-SEED_RANGE = 2**53    # drawn seeds: exact as a JSON number in JavaScript too (a sent seed may be up to 2**63 - 1)
 
 router = APIRouter(dependencies=[Depends(authorize)])
 ERRORS = {str(s): {"model": ErrorResponse} for s in (401, 404, 413, 422, 429, 500, 503, 504)}
@@ -52,7 +51,8 @@ async def generate(request: Request, state: ServerState = Depends(engine_state))
     """One request of `Pipeline.__call__`. JSON (ip_adapter_image as base64 or a data URL) or multipart/form-data
     (ip_adapter_image as a file part; `image` is its old name). `Accept: image/png` with one image answers the PNG;
     `stream: true` or `Accept: text/event-stream` answers server-sent events (`progress`, then `result` or
-    `error`). Without a seed the server draws one; every answer says it (`seed`, and the `x-seed` header)."""
+    `error`). Without a seed the server draws one; every answer says it (`seed`, and the `x-seed` header), and
+    `seeds` gives each image's own (seed + j), which its PNG's "parameters" text chunk carries too."""
     return await handle(state, request, "generate", GenerateRequest,
                         ("ip_adapter_image", "control_image", "adapter_mask"))
 
@@ -83,8 +83,8 @@ async def read_work(state: ServerState, request: Request, task: str, model, imag
     """The body read, its images decoded and checked against the loaded model -> (request, work, deadline)."""
     config, runner = state.config, state.runner
     req, files = await read_body(request, config.max_upload_mb, model, image_fields)
-    if req.seed is None:  # a fresh seed per request (as the Python API's seed=None), answered so it can be reused
-        req.seed = secrets.randbelow(SEED_RANGE)
+    if req.seed is None:  # a fresh seed per request, the Python API's own draw, answered so it can be reused
+        req.seed = random_seed()
     deadline = time.monotonic() + config.request_timeout_s  # from its arrival: decode waits count too
     images = await decode_all(files, runner.uses(req), state.decode_budget, config.max_pixels,
                               int(config.max_upload_mb * 2**20), deadline)
@@ -121,7 +121,7 @@ async def handle(state: ServerState, request: Request, task: str, model, image_f
                                  headers={"cache-control": "no-cache", **seed})
     result = await wait_for(state, job, request)
     if request.headers.get("accept", "").startswith("image/png") and len(result["images"]) == 1:
-        png = await run_in_threadpool(encode_png, result["images"][0])
+        png = await run_in_threadpool(encode_png, result, 0)
         return Response(png, media_type="image/png", headers=seed)
     return JSONResponse(await run_in_threadpool(response_body, job, result, rid), headers=seed)
 

@@ -15,7 +15,7 @@ from ipadapter_instruct.engine.combine import NonFinite
 from ipadapter_instruct.engine.guidance import resolve_mode
 from ipadapter_instruct.engine.loading import MAX_SIZE_FACTOR, check_size, native_from_configs
 from ipadapter_instruct.engine.prepared import SIZE_CONDITIONING
-from ipadapter_instruct.engine.requests import check_instruction, check_per_row_adapter
+from ipadapter_instruct.engine.requests import check_instruction, check_per_row_adapter, default_prompts
 from ipadapter_instruct.engine.server.images import Use
 from ipadapter_instruct.engine.server.schemas import GenerateRequest
 
@@ -34,6 +34,11 @@ class FieldError(EngineError):
     def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field = field
+
+
+def own_name(path) -> str | None:
+    """A folder's or file's own name: where the weights lie on the server is not the client's."""
+    return os.path.basename(os.path.normpath(path)) if path else None
 
 
 @contextmanager
@@ -61,9 +66,12 @@ class Work:
 
 class PipelineRunner:
     task = "generate"  # POST /v1/generate; EditRunner: /v1/edit
+    adapter_params = ("scale", "instruct_guidance_scale", "guidance_mode")  # in a PNG's parameters with an adapter
 
-    def __init__(self, pipe, max_size: int | None = None):
+    def __init__(self, pipe, max_size: int | None = None, model: str | None = None):
         self.pipe, self.max_size = pipe, max_size  # max_size: `serve --max-size` (None: native x MAX_SIZE_FACTOR)
+        # the model's name in the PNGs' parameters: `serve --model`'s, else the folder the UNet was read from
+        self.model = own_name(model or getattr(pipe.unet.config, "_name_or_path", None))
         self.caps = pipe.capabilities
         self.kind = pipe.adapter.kind if pipe.adapter is not None else None
         self.native, self.factor = native_from_configs(pipe.unet.config, pipe.vae.config)
@@ -89,6 +97,8 @@ class PipelineRunner:
                               ("adapter_end", req.adapter_end == 1.0)):
                 if not off:
                     raise FieldError(name, f"this server has no adapter loaded: send no {name}")
+            if req.prompt is None:  # (with an adapter the pipeline's default prompt applies)
+                raise FieldError("prompt", "this server has no adapter loaded (text to image): a prompt is required")
         else:
             field = "adapter_mask" if mask is not None else "adapter_start" if req.adapter_start else "adapter_end"
             with as_field(field):
@@ -153,7 +163,7 @@ class PipelineRunner:
         return work.height, work.width, r.num_inference_steps, r.scheduler, r.num_images_per_prompt, *control, sdxl
 
     def __call__(self, works: list[Work], progress=None) -> list[dict]:
-        """One Pipeline call for requests of one key -> per request {"images": [PIL], "timings": {...}}."""
+        """One Pipeline call for requests of one key -> per request its result (`answer`)."""
         return self._run(works, progress, STAGES)
 
     def _run(self, works: list[Work], progress, stages: tuple) -> list:
@@ -168,8 +178,25 @@ class PipelineRunner:
         timings = {k: round(v, 3) for k, v in self.pipe.timings.items() if k in stages}
         timings["compute_ms"] = (time.perf_counter() - t0) * 1e3
         n = works[0].req.num_images_per_prompt
-        return [NonFinite.alone() if i in failed else {"images": images[i * n:(i + 1) * n], "timings": timings}
-                for i in range(len(works))]
+        seeds = getattr(images, "seeds", None) or [  # (NonFinite's outputs are a plain list)
+            None if w.req.seed is None else w.req.seed + j for w in works for j in range(n)]
+        return [NonFinite.alone() if i in failed else
+                self.answer(w, images[i * n:(i + 1) * n], seeds[i * n:(i + 1) * n], timings)
+                for i, w in enumerate(works)]
+
+    def answer(self, work: Work, images: list, seeds: list, timings: dict) -> dict:
+        """One request's result: {"images": [PIL], "seeds": [one per image: seed + j], "params": [per image, what its
+        PNG carries (engine/pnginfo.py)], "timings": {...}}."""
+        r = work.req
+        prompts = {"prompt": r.prompt, "negative_prompt": r.negative_prompt}
+        default_prompts(prompts, self.kind is not None)  # as the pipeline read them (engine/commands.py image_params)
+        scheduler = type(self.pipe.scheduler).__name__ if r.scheduler == "default" else r.scheduler
+        adapter = {k: getattr(r, k) for k in self.adapter_params} if self.kind else {}
+        common = dict(prompts, num_inference_steps=r.num_inference_steps, scheduler=scheduler,
+                      guidance_scale=r.guidance_scale, image_guidance_scale=r.image_guidance_scale, model=self.model,
+                      instruct=r.instruct if self.kind else None, **adapter)
+        params = [dict(common, seed=s, width=im.width, height=im.height) for im, s in zip(images, seeds)]
+        return {"images": images, "seeds": list(seeds), "params": params, "timings": timings}
 
     # step-level batching (stepper.py): one request admitted, stepped with others, finished
     def start(self, work: Work, progress=None):
@@ -187,16 +214,16 @@ class PipelineRunner:
         return self.finish_many([work], [flight])[0]
 
     def finish_many(self, works: list[Work], flights: list) -> list[dict]:
-        """Finished flights decoded in one VAE call -> per request {"images": [PIL], "timings": {...}}."""
+        """Finished flights decoded in one VAE call -> per request its result (`answer`)."""
         try:
             outputs, failed = self.pipe.finish_many(flights), set()
         except NonFinite as e:  # those flights fail alone; the others' images stand
             outputs, failed = e.outputs, set(e.requests)
         now, out = time.perf_counter(), []
-        for k, (images, flight) in enumerate(zip(outputs, flights)):
+        for k, (work, images, flight) in enumerate(zip(works, outputs, flights)):
             stages = {k: round(v, 3) for k, v in flight.timings.items() if k in STAGES or k == "prepare_ms"}
             stages["compute_ms"] = (now - flight.started) * 1e3
-            out.append(NonFinite.alone() if k in failed else {"images": images, "timings": stages})
+            out.append(NonFinite.alone() if k in failed else self.answer(work, images, flight.seeds, stages))
         return out
 
     def _kwargs(self, works: list[Work], progress=None) -> dict:
@@ -227,11 +254,9 @@ class PipelineRunner:
         """What /v1/models reports."""
         from ipadapter_instruct.engine.loading import SCHEDULERS
         pipe = self.pipe
-        def name(path):  # a folder's or file's own name: where the weights lie on the server is not the client's
-            return os.path.basename(os.path.normpath(path)) if path else None
-        base = name(config.model) or "model"
-        return {"id": base, "base": base, "adapter": name(config.adapter), "adapter_kind": self.kind,
-                "image_encoder": name(config.image_encoder), "dtype": str(pipe.dtype).replace("torch.", ""),
+        base = own_name(config.model) or "model"
+        return {"id": base, "base": base, "adapter": own_name(config.adapter), "adapter_kind": self.kind,
+                "image_encoder": own_name(config.image_encoder), "dtype": str(pipe.dtype).replace("torch.", ""),
                 "device": str(pipe.device), "attention_backend": pipe.attention_backend,
                 "native_size": self.native, "vae_scale_factor": self.factor,
                 "schedulers": ["default", *SCHEDULERS], "task": self.task}
@@ -240,7 +265,9 @@ class PipelineRunner:
         """One 1-step request at the native size: kernels, allocator and caches ready before /ready."""
         grey = Image.new("RGB", (64, 64), (127, 127, 127))
         instruct = "everything" if self.kind == "instruct" else None
-        return self.prepare(GenerateRequest(num_inference_steps=1, instruct=instruct), grey if self.kind else None,
+        prompt = None if self.kind else "warm up"  # (text to image needs one)
+        return self.prepare(GenerateRequest(prompt=prompt, num_inference_steps=1, instruct=instruct),
+                            grey if self.kind else None,
                             grey if self.caps.controlnets else None)
 
 
@@ -254,6 +281,7 @@ class EditRunner(PipelineRunner):
     """The runner of an InstructPix2Pix server (engine.EditPipeline): POST /v1/edit."""
 
     task = "edit"
+    adapter_params = ("scale",)
 
     def uses(self, req) -> dict[str, Use | None]:
         """The photo at the output size (its own size on the VAE grid without height/width), the reference at

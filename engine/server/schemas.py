@@ -70,8 +70,10 @@ class GenerateRequest(BaseModel):
     file; never a path or URL. No seed (or null): the server draws one and answers it."""
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(DEFAULT_PROMPT, max_length=4096)
-    negative_prompt: str = Field(DEFAULT_NEGATIVE, max_length=4096)
+    prompt: Optional[str] = Field(None, max_length=4096, description=f"default: with an adapter {DEFAULT_PROMPT!r}; "
+                                  "without one a prompt is required")
+    negative_prompt: Optional[str] = Field(None, max_length=4096, description="default: with an adapter "
+                                           f"{DEFAULT_NEGATIVE!r}; without one none")
     ip_adapter_image: Optional[str] = Field(None, description="the adapter's reference image: base64 or "
                                             "data:image/...;base64,... (old name: image)")
     instruct: Optional[str] = Field(None, max_length=4096, description="what to take from the image")
@@ -182,6 +184,8 @@ class GenerateResponse(BaseModel):
     images: list[str] = Field(description="base64 PNG, num_images_per_prompt of them")
     seed: int = Field(description="the request's seed (drawn by the server when the request had none): sent back, "
                                   "it reproduces these images")
+    seeds: list[int] = Field(description="each image's own seed, seed + j: sent back with num_images_per_prompt 1, "
+                                         "it reproduces image j alone (its PNG's parameters carry it too)")
     timings: Timings
     request_id: str
 

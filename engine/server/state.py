@@ -88,7 +88,7 @@ class ServerState:
         self.pipe.set_progress_bar_config(disable=True)
         self.cache = ConditioningCache(c.cache_size)
         self.cache.attach(self.pipe)
-        self.runner = (EditRunner if self.pipe.kind == "edit" else PipelineRunner)(self.pipe, c.max_size)
+        self.runner = (EditRunner if self.pipe.kind == "edit" else PipelineRunner)(self.pipe, c.max_size, c.model)
         if c.batching == "step" and not self.pipe.capabilities.step_batching:
             raise EngineError("--batching step runs on the PyTorch backend; this server loads exported graphs: use "
                               "--batching request")
