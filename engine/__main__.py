@@ -139,8 +139,7 @@ def add_demo_parser(sub) -> None:
 
 def add_serve_parser(sub) -> None:
     C = ServerConfig  # the defaults live there, once
-    s = sub.add_parser("serve", help="an HTTP server with dynamic batching (FastAPI + uvicorn; --ray for Ray Serve)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s = sub.add_parser("serve", help="an HTTP server with dynamic batching (FastAPI + uvicorn; --ray for Ray Serve)")
     add_model_args(s, "diffusers SD1.5 (or InstructPix2Pix) folder, or a single-file checkpoint")
     add_image_encoder_arg(s)
     s.add_argument("--adapter", help="two-key adapter file; without it the server is text to image")

@@ -424,3 +424,22 @@ def test_no_command_takes_an_abbreviated_flag(build, argv, wrong, capsys):
         parser.parse_args(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"unrecognized arguments: {wrong}" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("build", ["ipadapter_instruct.engine.__main__:build_parser",
+                                   "ipadapter_instruct.export.__main__:_parser",
+                                   "ipadapter_instruct.bench.__main__:build_parser",
+                                   "ipadapter_instruct.train.__main__:train_parser"])
+def test_help_shows_each_default_once_and_no_empty_ones(build):
+    import argparse
+    import importlib
+    import re
+    module, _, name = build.partition(":")
+    parsers = [getattr(importlib.import_module(module), name)()]
+    for p in parsers:  # every subcommand's too
+        parsers += [c for a in p._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices.values()]
+    for p in parsers:
+        text = re.sub(r"\s+", " ", p.format_help())
+        assert "(default: None)" not in text and "(default: False)" not in text, p.prog
+        for option in re.split(r" (?=--?[a-z])", text):
+            assert option.count("(default:") <= 1, f"{p.prog}: {option}"
