@@ -121,7 +121,7 @@ def test_sigterm_drains_then_exits_zero(tiny, cond_image):
         assert "draining" in srv.output()
 
 
-def test_cli_refuses_bad_arguments_before_loading(tmp_path):
+def test_cli_refuses_bad_arguments_before_loading(tmp_path, tiny):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "engine", "serve", *args], cwd=REPO, capture_output=True,
                               text=True, timeout=60)
@@ -134,9 +134,9 @@ def test_cli_refuses_bad_arguments_before_loading(tmp_path):
     assert r.returncode == 1 and r.stderr.strip() == f"error: model folder not found: {tmp_path / 'missing'}"
     empty = tmp_path / "key"
     empty.write_text("")
-    r = run("--model", str(tmp_path), "--api-key-file", str(empty))
+    r = run("--model", tiny["model"], "--api-key-file", str(empty))  # a model that passes the pre-flight checks
     assert r.returncode == 1 and "API key file" in r.stderr and "empty" in r.stderr
-    r = run("--model", str(tmp_path), "--replicas", "2")
+    r = run("--model", tiny["model"], "--replicas", "2")
     assert r.returncode == 2 and "--ray" in r.stderr
 
 
