@@ -109,7 +109,7 @@ def _labels() -> list:
     import importlib
 
     # (modules by name: the package's `decoupled_attention` and `geglu` are the functions)
-    fwd, bwd, proj, ff, gn, geglu = (importlib.import_module(f"kernels.{m}") for m in (
+    fwd, bwd, proj, ff, gn, geglu = (importlib.import_module(f"ipadapter_instruct.kernels.{m}") for m in (
         "decoupled_attention", "decoupled_attention_bwd", "projector", "projector_ff", "groupnorm_silu", "geglu"))
     return [
         (fwd._fwd_kernel, lambda c: "attention_fwd_train" if c["STORE_LSE"] else "attention_fwd"),

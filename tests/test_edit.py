@@ -153,9 +153,11 @@ def test_bad_input_is_one_line(edit_pipe, photo, call, message):
 
 def test_models_of_the_other_kind_are_named(tiny, tiny_edit):
     from ipadapter_instruct.engine import EditPipeline, Pipeline
-    with pytest.raises(EngineError, match="text-to-image model .*4 UNet input channels.*python -m engine generate"):
+    # read off the folder's configs before any weight loads (engine/preflight.py)
+    with pytest.raises(EngineError, match="is a text-to-image SD1.5 model, not an InstructPix2Pix one .*python -m engine "
+                                          "generate"):
         EditPipeline.from_pretrained(tiny["model"], device="cpu")
-    with pytest.raises(EngineError, match="InstructPix2Pix model .*8 UNet input channels.*python -m engine edit"):
+    with pytest.raises(EngineError, match="is an InstructPix2Pix model .*python -m engine edit"):
         Pipeline.from_pretrained(tiny_edit["model"], device="cpu")
 
 
@@ -237,7 +239,7 @@ def test_cli_edit_errors_are_one_line_and_leave_no_file(tiny, tiny_edit, photo, 
     photo.save(src)
     out = tmp_path / "edited.png"
     for args, message in (
-            (["--model", tiny["model"], "--image", str(src)], "text-to-image model"),
+            (["--model", tiny["model"], "--image", str(src)], "text-to-image SD1.5 model"),
             (["--model", tiny_edit["model"], "--image", str(tmp_path / "none.png")], "none.png"),
             (["--model", tiny_edit["model"], "--image", str(src), "--height", "30", "--width", "32"], "multiples of the VAE factor 4"),
             (["--model", tiny_edit["model"], "--image", str(src), "--steps", "0"], "positive integer")):

@@ -19,6 +19,7 @@ import torch
 
 from conftest import GPU_SKIP, gpu
 from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.graph_names import GRAPHS
 from ipadapter_instruct.engine.trt import link_rtx_library, load_tensorrt, support, tensorrt_unavailable
 from ipadapter_instruct.engine.trt import plugin as tp
 from ipadapter_instruct.export import trt
@@ -286,7 +287,7 @@ def test_every_graph_builds_with_the_plugin_in_the_unet_engine(built, form, dtyp
     folder, stdout = built[form, dtype]
     index = json.loads((folder / "engines.json").read_text())
     assert index["tensorrt"]["package"] == load_tensorrt("rtx").__name__ and index["dtype"] == dtype
-    assert sorted(index["graphs"]) == sorted(trt.GRAPHS)
+    assert sorted(index["graphs"]) == sorted(GRAPHS)
     for name, g in index["graphs"].items():
         plan = folder / g["file"]
         assert plan.stat().st_size == g["bytes"] > 0, name

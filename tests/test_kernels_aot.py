@@ -55,7 +55,7 @@ def test_launches_keep_the_launchers_own_configuration(aot):
 
     from ipadapter_instruct.kernels.decoupled_attention import key_block, launch_config
 
-    projector, projector_ff = (importlib.import_module(f"kernels.{m}") for m in ("projector", "projector_ff"))
+    projector, projector_ff = (importlib.import_module(f"ipadapter_instruct.kernels.{m}") for m in ("projector", "projector_ff"))
 
     for r in aot[1]:
         if r["kernel"] in ATTENTION:

@@ -78,7 +78,7 @@ def folders(tiny, tmp_path_factory):
 
 
 def generate(f, *args):
-    return ("engine", "generate", *args, "--out", f["out"], "--overwrite", "--steps", "1")
+    return ("engine", "generate", *args, "--prompt", "a house", "--out", f["out"], "--overwrite", "--steps", "1")
 
 
 def test_missing_model_path(folders):
@@ -183,7 +183,8 @@ def test_library_chatter_is_quiet_unless_verbose(tiny, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")}
     out = {}
     for flag in ("", "--verbose"):
-        args = ["engine", "generate", "--model", tiny["model"], "--steps", "1", "--no-progress", "--overwrite",
+        args = ["engine", "generate", "--model", tiny["model"], "--prompt", "a house", "--steps", "1", "--no-progress",
+                "--overwrite",
                 "--out", str(tmp_path / "a.png"), *([flag] if flag else [])]
         r = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env={**env, "PYTHONPATH": ROOT},
                            capture_output=True, text=True, timeout=120)

@@ -216,9 +216,9 @@ class TensorRTPipeline(ExportedPipeline):
                               "backend (EditPipeline) or ONNX Runtime (export.onnx_runtime.OnnxEditPipeline); a TensorRT "
                               "edit runtime is not built yet")
         if dtype is not None and as_dtype(dtype) != getattr(torch, manifest["dtype"]):
-            raise EngineError(f"the engines in {engines} are {manifest['dtype']}; dtype {dtype} needs engines built "
-                              f"from a `python -m export onnx --dtype {str(as_dtype(dtype)).removeprefix('torch.')}` "
-                              "export")
+            name = str(as_dtype(dtype)).removeprefix("torch.")  # a name or a torch dtype (torch_dtype=) alike
+            raise EngineError(f"the engines in {engines} are {manifest['dtype']}; dtype {name} needs engines built "
+                              f"from a `python -m export onnx --dtype {name}` export")
         if adapter is not None:  # the adapter is inside unet.plan: only the one it was built with can be meant
             built = source_paths(manifest, engines, ("adapter",))["adapter"]
             if os.path.realpath(adapter) != os.path.realpath(built):
