@@ -107,7 +107,12 @@ def kernel_samples(fn, rep_ms: float = 20.0) -> list[float]:
 
 
 def quiet_loaders() -> None:
-    """Silence diffusers' and transformers' loading bars and notices: they would bury the benchmark's lines."""
+    """Silence diffusers' and transformers' loading bars and notices: they would bury the benchmark's lines (unless
+    `--verbose` asked for them)."""
+    from ipadapter_instruct.engine.verbosity import is_verbose
+
+    if is_verbose():
+        return
     import diffusers
     import transformers
 

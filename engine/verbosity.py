@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 
+VERBOSE_ENV = "IPAI_VERBOSE"  # set by --verbose, so that later code and child processes keep the libraries loud
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
              "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
 
@@ -22,6 +23,7 @@ def quiet_libraries(verbose: bool = False) -> None:
     """Quiet (the default) or, with verbose, the libraries' own warnings and bars and our INFO lines."""
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        os.environ[VERBOSE_ENV] = "1"
         for key in QUIET_ENV:
             os.environ.pop(key, None)
     else:
@@ -36,3 +38,8 @@ def quiet_libraries(verbose: bool = False) -> None:
     hub = sys.modules.get("huggingface_hub.utils")
     if hub is not None:
         hub.enable_progress_bars() if verbose else hub.disable_progress_bars()
+
+
+def is_verbose() -> bool:
+    """Whether --verbose asked for the libraries' own output (in this process or the one that started it)."""
+    return os.environ.get(VERBOSE_ENV) == "1"

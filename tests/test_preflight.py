@@ -200,3 +200,27 @@ def test_every_command_line_takes_verbose(module, argv):
     r = subprocess.run([sys.executable, "-m", module, *argv], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--verbose" in r.stdout
+
+
+def test_bench_keeps_the_libraries_loud_under_verbose(monkeypatch):
+    """bench's own loaders silence transformers and diffusers, except when --verbose asked for their output."""
+    import transformers
+
+    from ipadapter_instruct.bench.common import quiet_loaders
+    from ipadapter_instruct.engine import verbosity
+    from ipadapter_instruct.engine.verbosity import QUIET_ENV, VERBOSE_ENV, quiet_libraries
+
+    for key in QUIET_ENV:  # --verbose drops these: the worker's later tests get them back
+        monkeypatch.setenv(key, os.environ.get(key, QUIET_ENV[key]))
+    monkeypatch.setattr(verbosity.logging, "basicConfig", lambda **kw: None)  # no root handler for later tests
+    level = transformers.utils.logging.get_verbosity()
+    try:
+        monkeypatch.delenv(VERBOSE_ENV, raising=False)
+        quiet_libraries(verbose=True)
+        quiet_loaders()
+        assert transformers.utils.logging.get_verbosity() == transformers.utils.logging.WARNING
+        monkeypatch.delenv(VERBOSE_ENV)
+        quiet_loaders()
+        assert transformers.utils.logging.get_verbosity() == transformers.utils.logging.ERROR
+    finally:
+        transformers.utils.logging.set_verbosity(level)
