@@ -284,7 +284,9 @@ def test_export_and_weights_move_together_or_the_error_names_the_override(plugin
     argv = ["run", export, "--prompt", "a cat", "--image", tmp_path / "cond.png", "--instruct", "use the style",
             "--steps", "1", "--out", tmp_path / "out.png", *overrides]
     assert main([str(a) for a in argv]) == 0 and (tmp_path / "out.png").is_file()
-    # no --seed: a random one, printed and in the PNG's parameters, which gives the image back
+    # no --seed: a random one (not a fixed default), printed and in the PNG's parameters, which gives the image back
+    from ipadapter_instruct.export.__main__ import _parser
+    assert _parser().parse_args(["run", "d", "--prompt", "p", "--image", "i", "--out", "o.png"]).seed is None
     seed = capsys.readouterr().err.strip().splitlines()[-1].removeprefix("seed: ")
     with Image.open(tmp_path / "out.png") as im:
         assert f"Seed: {seed}," in im.text["parameters"]
