@@ -36,6 +36,7 @@ BOUNDS = {
     "adapter_end": FRACTION,
     "control_guidance_start": FRACTION,
     "control_guidance_end": FRACTION,
+    "strength": Bound(0.0, 1.0, "how far from the photo to start: 1 runs every step, small values keep the photo"),
 }
 
 

@@ -187,9 +187,6 @@ class EditPipeline(Pipeline):
         slot = {key: i for i, key in enumerate(unique)}
         return latents[[slot[id(r.photo)] for r in reqs]]
 
-    def unet_step(self, x, t, text_rows, ctx, control=None, added=None) -> torch.Tensor:
-        return super().unet_step(torch.cat([x, ctx.image_rows.to(x.dtype)], dim=1), t, text_rows, ctx.adapter)
-
 
 _PER_REQUEST = ("prompt", "negative_prompt", "scale", "guidance_scale", "instruct_guidance_scale",
                 "image_guidance_scale", "guidance_mode", "seed", "generator")

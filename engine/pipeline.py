@@ -16,31 +16,34 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ipadapter_instruct.engine import DEFAULT_NEGATIVE, DEFAULT_PROMPT, moving, stepping  # noqa: F401 (imported from here)
+from ipadapter_instruct.engine import DEFAULT_NEGATIVE, DEFAULT_PROMPT, moving  # noqa: F401 (imported from here)
 from ipadapter_instruct.engine.adapter import Adapter
 from ipadapter_instruct.engine.attention import install_processors
 from ipadapter_instruct.engine.combine import finite_outputs
-from ipadapter_instruct.engine.conditioning import features, initial_latents, masks, project, step_contexts, step_kwargs, unet_inputs
+from ipadapter_instruct.engine import img2img
+from ipadapter_instruct.engine.conditioning import features, masks, project, step_contexts, step_kwargs, unet_inputs
 from ipadapter_instruct.engine.controlnet import control_state, residuals
 from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.cuda_graphs import StaticUNet
 from ipadapter_instruct.engine.loading import check_size, make_scheduler
 from ipadapter_instruct.engine.lora import LoraMixin
 from ipadapter_instruct.engine.plan import plan_rows
-from ipadapter_instruct.engine.prepared import CallState, LastTimings, Prepared
+from ipadapter_instruct.engine.prepared import CallState, LastTimings, Prepared, extra_channels, with_channels
 from ipadapter_instruct.engine.pretrained import check_channels, from_pretrained
 from ipadapter_instruct.engine.registry import Capabilities
 from ipadapter_instruct.engine.requests import Request, control_args, parse_requests
 from ipadapter_instruct.engine.results import call_output
 from ipadapter_instruct.engine.selfcheck import SelfCheck
+from ipadapter_instruct.engine.stepping import SteppingMixin
 from ipadapter_instruct.engine.unet_step import choose_kernels, compile_unet, fast_path_report, graphs_changed, run_unet
 
 log = logging.getLogger(__name__)
 
 
-class Pipeline(LoraMixin):
+class Pipeline(LoraMixin, SteppingMixin):
     KIND = "sd15"     # the model's maths (engine/registry.py): sd15 | sdxl | edit
     RUNTIME = "torch"  # what runs its graphs: torch | onnx | tensorrt
+    STRENGTH = img2img.STRENGTH  # a photo's default strength per task (diffusers' img2img / inpaint defaults)
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, image_encoder=None, image_processor=None,
                  adapter: Adapter | list | None = None, device="cpu", dtype=torch.float32, attention_backend="auto",
@@ -211,7 +214,8 @@ class Pipeline(LoraMixin):
                  guidance_mode="auto", num_inference_steps=30, height=None, width=None, num_images_per_prompt=1,
                  seed=None, generator=None, scheduler=None, output_type="pil", max_size=None, progress_callback=None,
                  control_image=None, controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
-                 control_guidance_end=1.0, guess_mode=False, adapter_masks=None, adapter_start=0.0, adapter_end=1.0):
+                 control_guidance_end=1.0, guess_mode=False, adapter_masks=None, adapter_start=0.0, adapter_end=1.0,
+                 init_image=None, strength=None, mask_image=None):
         """Generate images. `prompt`, `ip_adapter_image` (the reference image; alias `image`), `instruct`,
         `negative_prompt`, `scale`, the guidance scales, `guidance_mode`, `seed`, `adapter_masks`, `adapter_start` and
         `adapter_end` each take one value or a list with one per request; all requests run in one UNet batch. `scale`
@@ -228,7 +232,10 @@ class Pipeline(LoraMixin):
         several images whose tokens are concatenated, as diffusers does. `adapter_masks`: a mask image per adapter
         (None: everywhere), diffusers' IPAdapterMaskProcessor conventions. `adapter_start`/`adapter_end`: the
         fraction of the steps during which an adapter acts (diffusers' ControlNet rule); outside it that layer is
-        the base cross-attention."""
+        the base cross-attention.
+
+        From a photo (per request; engine/img2img.py): `init_image` + `strength` is diffusers' img2img (output: the
+        photo's size), with `mask_image` (white = repaint) its inpainting (the native size), on any UNet."""
         args = dict(locals())
         del args["self"]
         return self._run(args, CallState())
@@ -237,6 +244,9 @@ class Pipeline(LoraMixin):
         """A call from its keyword arguments (`__call__`'s), with its own state: parse, prepare, denoise, decode."""
         t_start = time.perf_counter()
         reqs = self.parse(args)
+        parts = img2img.groups(reqs, args["num_inference_steps"])
+        if len(parts) > 1:  # strengths that start at different steps: one denoising run per start, in order
+            return img2img.run_groups(self, reqs, parts, args, call, t_start)
         p = self.prepare(reqs, args, call)
         latents = self._denoise(p, args["progress_callback"])
         return self._outputs(latents, reqs, args["output_type"], t_start, call)
@@ -261,36 +271,11 @@ class Pipeline(LoraMixin):
         p.guess_mode = bool(control and control["guess_mode"])
         return p
 
-    # ---- step-level batching (engine/stepping.py) -----------------------------------------------------------
-
-    def start(self, **kwargs):
-        """Admit one request (the keyword arguments of a call, one value each) for step-level batching: its
-        step-invariant work runs now. -> an engine.stepping.Flight; `step([flights])` advances several flights of one
-        image size, at any steps, by one step in one UNet call; `finish(flight)` decodes a finished one."""
-        return stepping.start(self, **kwargs)
-
-    def start_many(self, **kwargs) -> list:
-        """Admit several requests of one step count, scheduler and size at once (per-request lists, as a call takes
-        them): one batch of text, image and projector work, then one flight per request."""
-        return stepping.start_many(self, **kwargs)
-
-    def step(self, flights: list, packer=None) -> None:
-        """One denoising step for every flight in one UNet call. packer (engine.stepping.Packer): keeps the packed
-        inputs of a steady running set between steps; each caller (the server's stepper) holds its own."""
-        stepping.step(self, flights, packer)
-
-    def finish(self, flight):
-        return stepping.finish(self, flight)
-
-    def finish_many(self, flights: list) -> list:
-        """Finished flights' outputs, decoded in one VAE call per image size."""
-        return stepping.finish_many(self, flights)
-
     def _denoise(self, p: Prepared, progress_callback=None) -> torch.Tensor:
         """The call's denoising loop -> its final latents."""
         latents = p.latents
         with p.call.timed("denoise_ms", self.device):
-            for step, t in enumerate(tqdm(p.sched.timesteps, **{"desc": "denoise", **self._progress}), 1):
+            for step, t in enumerate(tqdm(p.timesteps, **{"desc": "denoise", **self._progress}), 1):
                 x = p.sched.scale_model_input(latents.index_select(0, p.latent_of_row), t)
                 res = None
                 if p.control is not None:
@@ -298,7 +283,8 @@ class Pipeline(LoraMixin):
                         res = residuals(self.controlnets, p.control, x, t, p.text_rows, step - 1, p.total,
                                         p.guess_mode, p.added)
                 with torch.profiler.record_function("engine::unet_step"):
-                    eps_rows = self.unet_step(x, t, p.text_rows, p.contexts[step - 1], res, p.added)
+                    x, ctx = with_channels(x, p.contexts[step - 1])
+                    eps_rows = self.unet_step(x, t, p.text_rows, ctx, res, p.added)
                 latents = p.update(eps_rows, t, latents)
                 if progress_callback is not None:
                     progress_callback(step, p.total)
@@ -352,19 +338,33 @@ class Pipeline(LoraMixin):
             raise EngineError(f"steps must be fewer than the scheduler's {trained} training timesteps, "
                               f"got {num_inference_steps}")
         sched.set_timesteps(num_inference_steps, device=self.device)  # before the latents: sets init_noise_sigma
-        total = len(sched.timesteps)
+        timesteps = img2img.cut_schedule(sched, num_inference_steps, reqs)  # (a photo's strength skips the first)
+        total, of_row = len(timesteps), plan["latent_of_row"].to(self.device)
+        with call.timed("image_latent_ms", self.device):
+            latents, channels, keep = img2img.start_latents(self, reqs, sched, timesteps, height, width)
+        contexts = step_contexts(self, ctx, reqs, plan, total)
+        if channels is not None:  # an inpainting UNet's mask and masked-photo latent per row, beside every context
+            contexts = extra_channels(contexts, channels.index_select(0, of_row))
         return Prepared(
             height=height, width=width, plan=plan, text_rows=text_rows, control=state, sched=sched, total=total,
-            latents=initial_latents(self, reqs, sched, height, width), latent_of_row=plan["latent_of_row"].to(self.device),
-            combine=plan["combine"].to(self.device), extra=self.step_kwargs(sched, reqs),
-            contexts=step_contexts(self, ctx, reqs, plan, total), call=call)
+            latents=latents, latent_of_row=of_row, combine=plan["combine"].to(self.device),
+            extra=self.step_kwargs(sched, reqs), contexts=contexts, call=call, timesteps=timesteps, keep=keep)
 
     def _size(self, reqs: list[Request], height, width, max_size) -> tuple[int, int]:
         f = self.vae_scale_factor
+        height, width = img2img.photo_size(reqs, height, width, f)  # img2img: the photo's size by default
         return check_size(height, width, self.unet.config.sample_size * f, f, max_size)
 
     def unet_step(self, x, t, text_rows, ctx, control=None, added=None) -> torch.Tensor:
         return run_unet(self, x, t, text_rows, ctx, control, added)
+
+    def photo_distribution(self, pixels: torch.Tensor):
+        """A photo in [-1, 1] -> the VAE's latent distribution of it (`.sample(generator)`, `.mode()`)."""
+        return self.vae.encode(pixels).latent_dist
+
+    def photo_latents(self, sample: torch.Tensor) -> torch.Tensor:
+        """A sample of a photo's latent distribution -> the latents the UNet works in (times the scaling factor)."""
+        return self.vae.config.scaling_factor * sample
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         from diffusers.image_processor import VaeImageProcessor

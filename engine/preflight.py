@@ -96,7 +96,7 @@ def folder_kind(p: str) -> tuple[str | None, dict | None, dict | None]:
     if is_sdxl_folder(p) or unet.get("addition_embed_type") == "text_time":
         return "sdxl", unet, vae
     channels, latent = unet.get("in_channels", 4), vae.get("latent_channels", 4)
-    kind = "edit" if channels == 2 * latent else "sd15" if channels == latent else None
+    kind = "edit" if channels == 2 * latent else "sd15" if channels in (latent, 2 * latent + 1) else None
     return kind, unet, vae
 
 

@@ -56,19 +56,49 @@ class Prepared:
     added: dict | None = None    # SDXL: {"text_embeds", "time_ids"} per row
     guess_mode: bool = False     # ControlNet guess mode
     call: CallState = field(default_factory=CallState)
+    timesteps: object = None     # the timesteps this call runs (a photo's strength skips the first); None: sched's
+    keep: object = None          # inpainting on a 4-channel UNet: engine.img2img.Keep, re-imposed after each step
+    stepped: int = 0             # steps taken (update counts them: Keep reads the next timestep)
+
+    def __post_init__(self):
+        if self.timesteps is None:
+            self.timesteps = self.sched.timesteps
 
     def update(self, eps_rows: torch.Tensor, t, latents: torch.Tensor) -> torch.Tensor:
         """One denoising update: each image's noise prediction from its own rows (guidance), then the scheduler's
-        step. eps_rows: (rows, C, h, w) this call's UNet output -> the next latents (images, C, h, w)."""
+        step (and, inpainting on a 4-channel UNet, the kept region put back). eps_rows: (rows, C, h, w) this call's
+        UNet output -> the next latents (images, C, h, w)."""
         eps = self.combine(eps_rows).view(latents.shape).to(latents.dtype)
-        return self.sched.step(eps, t, latents, **self.extra, return_dict=False)[0]
+        latents = self.sched.step(eps, t, latents, **self.extra, return_dict=False)[0]
+        if self.keep is not None:
+            latents = self.keep.apply(latents, self.sched, self.timesteps, self.stepped)
+        self.stepped += 1
+        return latents
 
 
 @dataclass
 class EditContext:
-    """An InstructPix2Pix step's UNet context: the adapter's, and the photo latent per row."""
+    """A step's UNet context when the UNet reads more than the latents: the adapter's context, and the channels
+    concatenated after the latents per row: InstructPix2Pix's photo latent (zeros for its `neither` branch), or an
+    inpainting UNet's mask and masked-photo latent (engine/img2img.py)."""
     adapter: object           # what Pipeline._unet_inputs made (K/V, scales)
-    image_rows: torch.Tensor  # (rows, 4, h, w): the photo's latent per UNet row, zeros for the `neither` branch
+    image_rows: torch.Tensor  # (rows, c, h, w): the extra channels per UNet row
+
+
+def with_channels(x: torch.Tensor, ctx) -> tuple:
+    """A step's UNet input and context: the latents with any extra channels of the context concatenated."""
+    if isinstance(ctx, EditContext):
+        return torch.cat([x, ctx.image_rows.to(x.dtype)], dim=1), ctx.adapter
+    return x, ctx
+
+
+def extra_channels(contexts: list, rows: torch.Tensor) -> list:
+    """Every step's context with `rows` beside it (repeated contexts stay one object: step batching packs by
+    identity)."""
+    made: dict = {}
+    for c in contexts:
+        made.setdefault(id(c), EditContext(c, rows))
+    return [made[id(c)] for c in contexts]
 
 
 def select_rows(t, index):

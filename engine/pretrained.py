@@ -38,7 +38,8 @@ def one_dtype(dtype, torch_dtype):
 
 
 def check_channels(unet_channels: int, latent_channels: int, edit: bool) -> None:
-    """A text-to-image UNet takes the latents alone; an InstructPix2Pix one the latents and the image latent."""
+    """A text-to-image UNet takes the latents alone; an inpainting one the latents, mask and masked-image latent; an
+    InstructPix2Pix one the latents and the image latent."""
     if edit and unet_channels == latent_channels:
         raise EngineError(f"this is a text-to-image model ({unet_channels} UNet input channels); editing needs an "
                           f"InstructPix2Pix model ({2 * latent_channels} channels): generate with Pipeline / "
@@ -46,9 +47,12 @@ def check_channels(unet_channels: int, latent_channels: int, edit: bool) -> None
     if not edit and unet_channels == 2 * latent_channels:
         raise EngineError(f"this is an InstructPix2Pix model ({unet_channels} UNet input channels: latents + image "
                           "latent): edit with EditPipeline / `python -m engine edit`")
-    if unet_channels != latent_channels * (2 if edit else 1):
+    if edit and unet_channels == 2 * latent_channels + 1:
+        raise EngineError(f"this is an inpainting model ({unet_channels} UNet input channels: latents + mask + masked "
+                          "image): inpaint with Pipeline(init_image=, mask_image=) / `generate --init-image --mask`")
+    if unet_channels not in ((2 * latent_channels,) if edit else (latent_channels, 2 * latent_channels + 1)):
         raise EngineError(f"the UNet takes {unet_channels} input channels and the VAE makes {latent_channels}: "
-                          "not a Stable Diffusion text-to-image or InstructPix2Pix model")
+                          "not a Stable Diffusion text-to-image, inpainting or InstructPix2Pix model")
 
 
 def check_backend(backend, trt, engines, config, several: bool, controlnet) -> None:

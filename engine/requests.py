@@ -13,6 +13,7 @@ from PIL import Image
 from ipadapter_instruct.engine import DEFAULT_NEGATIVE, DEFAULT_PROMPT, bounds
 from ipadapter_instruct.engine.controlnet import control_numbers
 from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.img2img import parse_start
 from ipadapter_instruct.engine.loading import load_image
 from ipadapter_instruct.engine.results import image_generators
 
@@ -48,6 +49,7 @@ class Request:
     generator: torch.Generator | list | None    # one for the request, or one per image (engine/results.py)
     slots: list = field(default_factory=list)  # one Slot per loaded adapter
     seeds: list = field(default_factory=list)  # per image: the seed that gives it back (None: a caller's generator)
+    start: object = None  # engine.img2img.Start: the photo (and mask, strength) it starts from; None: noise
 
 
 def check_instruction(instruct) -> None:
@@ -91,8 +93,9 @@ def parse_requests(pipe, args: dict) -> list[Request]:
     checked against the pipeline's adapters (EngineError naming it) before any heavy work."""
     per_request = ("prompt", "image", "instruct", "negative_prompt", "scale", "guidance_scale",
                    "instruct_guidance_scale", "image_guidance_scale", "guidance_mode", "seed", "generator",
-                   "adapter_masks", "adapter_start", "adapter_end")
-    defaults = {"adapter_masks": None, "adapter_start": 0.0, "adapter_end": 1.0}  # (EditPipeline has none)
+                   "adapter_masks", "adapter_start", "adapter_end", "init_image", "mask_image", "strength")
+    defaults = {"adapter_masks": None, "adapter_start": 0.0, "adapter_end": 1.0,  # (EditPipeline has none)
+                "init_image": None, "mask_image": None, "strength": None}
     args = alias({**defaults, **args}, "ip_adapter_image", "image")
     lengths = {len(args[k]) for k in per_request if isinstance(args[k], (list, tuple))}
     if len(lengths) > 1:
@@ -133,11 +136,12 @@ def parse_requests(pipe, args: dict) -> list[Request]:
             if "instruct" not in kinds and p["instruct"]:
                 log.warning("the instruction %r is ignored: the loaded adapter is IP-Adapter+, which takes "
                             "no instruction", p["instruct"])
+        start = parse_start(pipe, p["init_image"], p["mask_image"], p["strength"], where, loaded)
         gen, seeds = image_generators(p["seed"], p["generator"], num, pipe.device, where)
         reqs.append(Request(p["prompt"], p["negative_prompt"], slots[0].images[0] if slots else None,
                             p["instruct"], slots[0].scale if slots else p["scale"],
                             float(p["guidance_scale"]), float(p["instruct_guidance_scale"]),
-                            float(p["image_guidance_scale"]), p["guidance_mode"], num, gen, slots, seeds))
+                            float(p["image_guidance_scale"]), p["guidance_mode"], num, gen, slots, seeds, start))
     if pipe.adapter is not None:
         counts = {tuple(len(s.images) for s in r.slots) for r in reqs}
         if len(counts) > 1:

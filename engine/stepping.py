@@ -32,7 +32,8 @@ from ipadapter_instruct.engine.attention import AdapterContext
 from ipadapter_instruct.engine.combine import NonFinite, finite_images
 from ipadapter_instruct.engine.controlnet import ControlState, active_nets, in_window, net_residuals, summed
 from ipadapter_instruct.engine.errors import EngineError
-from ipadapter_instruct.engine.prepared import SIZE_CONDITIONING, CallState, EditContext, Prepared, select_rows, size_conditioning
+from ipadapter_instruct.engine.prepared import (SIZE_CONDITIONING, CallState, EditContext, Prepared, select_rows,
+                                                size_conditioning, with_channels)
 
 
 @dataclass(eq=False)
@@ -136,6 +137,7 @@ def _split(pipe, prep, reqs) -> list:
             control=_split_control(prep.control, rows),
             added=None if prep.added is None else {k: select_rows(v, rows) for k, v in prep.added.items()},
             sched=sched, latents=prep.latents.index_select(0, lat),
+            keep=None if prep.keep is None else prep.keep.select(lat),
             latent_of_row=prep.latent_of_row.index_select(0, rows) - offsets[r],
             combine=prep.combine.select(lat, rows),
             extra=pipe.step_kwargs(sched, [req]), contexts=[context(c) for c in prep.contexts]))
@@ -262,7 +264,7 @@ def step(pipe, flights: list[Flight], packer: Packer | None = None) -> None:
         raise EngineError("a flight that has finished its steps cannot step again")
     xs, ts = [], []
     for f in flights:
-        t = f.prep.sched.timesteps[f.index]
+        t = f.prep.timesteps[f.index]
         x = f.prep.sched.scale_model_input(f.latents.index_select(0, f.prep.latent_of_row), t)
         xs.append(x)
         # one timestep per row; float32 for every scheduler (the UNet's time embedding takes timesteps.float())
@@ -281,12 +283,13 @@ def step(pipe, flights: list[Flight], packer: Packer | None = None) -> None:
         if res is not None:  # padded rows get no residual
             res = ([_pad_zeros(r, pad) for r in res[0]], _pad_zeros(res[1], pad))
     with torch.profiler.record_function("engine::unet_step"):
+        x, ctx = with_channels(x, ctx)  # (an edit's photo latent, an inpainting UNet's mask: beside the latents)
         eps_rows = pipe.unet_step(x, t, text, ctx, res, added)
     offset = 0
     for f in flights:
         e = eps_rows[offset:offset + f.rows]
         offset += f.rows
-        f.latents = f.prep.update(e, f.prep.sched.timesteps[f.index], f.latents)
+        f.latents = f.prep.update(e, f.prep.timesteps[f.index], f.latents)
         f.index += 1
         if f.progress is not None:
             f.progress(f.index, f.total)
@@ -329,3 +332,30 @@ def finish_many(pipe, flights: list[Flight]) -> list:
         raise NonFinite([k for k in range(len(flights)) if not ok[k]],
                         [out[k] if ok[k] else None for k in range(len(flights))])
     return [out[k] for k in range(len(flights))]
+
+
+class SteppingMixin:
+    """A pipeline's step-level batching methods (the functions above, on the pipeline)."""
+
+    def start(self, **kwargs):
+        """Admit one request (the keyword arguments of a call, one value each) for step-level batching: its
+        step-invariant work runs now. -> an engine.stepping.Flight; `step([flights])` advances several flights of one
+        image size, at any steps, by one step in one UNet call; `finish(flight)` decodes a finished one."""
+        return start(self, **kwargs)
+
+    def start_many(self, **kwargs) -> list:
+        """Admit several requests of one step count, scheduler and size at once (per-request lists, as a call takes
+        them): one batch of text, image and projector work, then one flight per request."""
+        return start_many(self, **kwargs)
+
+    def step(self, flights: list, packer=None) -> None:
+        """One denoising step for every flight in one UNet call. packer (engine.stepping.Packer): keeps the packed
+        inputs of a steady running set between steps; each caller (the server's stepper) holds its own."""
+        step(self, flights, packer)
+
+    def finish(self, flight):
+        return finish(self, flight)
+
+    def finish_many(self, flights: list) -> list:
+        """Finished flights' outputs, decoded in one VAE call per image size."""
+        return finish_many(self, flights)

@@ -25,7 +25,7 @@ import torch
 from ipadapter_instruct.engine.adapter import AdapterLayers, save_adapter
 from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.projector import InstructProjector, ProjectorConfig
-from ipadapter_instruct.engine.tiny_parts import PARTS, write_tiny_parts
+from ipadapter_instruct.engine.tiny_parts import PARTS, ip2p_pipeline, sd_pipeline, write_tiny_parts
 
 TEXT_DIM = 32      # text encoder width = UNet cross-attention width, as in SD1.5 (768)
 IMAGE_DIM = 48     # CLIP vision width (1280 in ViT-H/14)
@@ -52,18 +52,20 @@ def tiny_tokenizer(folder: str):
     return tok
 
 
-def tiny_base(folder: str, edit: bool = False) -> None:
+def tiny_base(folder: str, edit: bool = False, inpaint: bool = False) -> None:
     """The tiny SD1.5-layout model; edit: an InstructPix2Pix one (8-channel UNet, Euler ancestral scheduler,
-    diffusers' StableDiffusionInstructPix2PixPipeline folder), as timbrooks/instruct-pix2pix is laid out."""
+    diffusers' StableDiffusionInstructPix2PixPipeline folder), as timbrooks/instruct-pix2pix is laid out; inpaint:
+    an inpainting one (9-channel UNet: latents, mask, masked-image latents), as the SD1.5 inpainting model is."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with tempfile.TemporaryDirectory() as tmp:
         tok = tiny_tokenizer(tmp)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=8 if edit else 4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_DIM, attention_head_dim=8, norm_num_groups=8)
+        sample_size=16, in_channels=8 if edit else 9 if inpaint else 4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_DIM, attention_head_dim=8,
+        norm_num_groups=8)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, sample_size=64)
@@ -71,27 +73,7 @@ def tiny_base(folder: str, edit: bool = False) -> None:
         vocab_size=len(tok), hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id))
-    (ip2p_pipeline if edit else sd_pipeline)(unet, vae, text, tok).save_pretrained(folder)
-
-
-def ip2p_pipeline(unet, vae, text, tok):
-    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
-
-    scheduler = EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                                num_train_timesteps=1000, steps_offset=1)
-    return StableDiffusionInstructPix2PixPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
-                                                  scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                                  requires_safety_checker=False)
-
-
-def sd_pipeline(unet, vae, text, tok):
-    """A diffusers StableDiffusionPipeline around these modules with SD1.5's PNDM scheduler config."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    (ip2p_pipeline if edit else sd_pipeline)(unet, vae, text, tok, inpaint).save_pretrained(folder)
 
 
 def tiny_sdxl_base(folder: str, text2_dim: int = TEXT_DIM) -> None:
@@ -209,9 +191,10 @@ def tiny_adapter(path: str, unet, kind: str = "instruct", num_queries: int = 4) 
 
 
 def make_tiny(folder: str, seed: int = 0, edit: bool = False, controlnet: bool = False,
-              lora: bool = False) -> dict[str, str]:
+              lora: bool = False, inpaint: bool = False) -> dict[str, str]:
     """Write the four tiny pieces under `folder` (replacing what is there, atomically). -> their paths.
-    edit: the model is an InstructPix2Pix one (the image encoder, adapter and CLIP as always). controlnet, lora:
+    edit: the model is an InstructPix2Pix one; inpaint: an inpainting one (9-channel UNet) (the image encoder,
+    adapter and CLIP as always). controlnet, lora:
     also a ControlNet and a LoRA that fit the model (engine/tiny_parts.py; no ControlNet for InstructPix2Pix)."""
     from diffusers import UNet2DConditionModel
 
@@ -220,7 +203,7 @@ def make_tiny(folder: str, seed: int = 0, edit: bool = False, controlnet: bool =
     folder = os.path.abspath(folder)
     with atomic_folder(folder) as tmp:
         torch.manual_seed(seed)
-        tiny_base(os.path.join(tmp, "model"), edit)
+        tiny_base(os.path.join(tmp, "model"), edit, inpaint)
         tiny_image_encoder(os.path.join(tmp, "image_encoder"))
         unet = UNet2DConditionModel.from_pretrained(os.path.join(tmp, "model"), subfolder="unet")
         tiny_adapter(os.path.join(tmp, "adapter.safetensors"), unet)

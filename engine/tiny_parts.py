@@ -76,3 +76,24 @@ def write_tiny_parts(folder: str, unet, seed: int, controlnet: bool, lora: bool)
     if lora:
         tiny_lora(os.path.join(folder, PARTS["lora"]), os.path.join(folder, "model"), seed)
     return [name for name, wanted in (("controlnet", controlnet), ("lora", lora)) if wanted]
+
+
+def ip2p_pipeline(unet, vae, text, tok, inpaint=False):
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+
+    scheduler = EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                num_train_timesteps=1000, steps_offset=1)
+    return StableDiffusionInstructPix2PixPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                                  scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                                  requires_safety_checker=False)
+
+
+def sd_pipeline(unet, vae, text, tok, inpaint=False):
+    """A diffusers StableDiffusion(Inpaint)Pipeline around these modules with SD1.5's PNDM scheduler config."""
+    from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+    kind = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
+    return kind(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler, safety_checker=None,
+                feature_extractor=None, requires_safety_checker=False)
