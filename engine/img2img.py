@@ -268,3 +268,13 @@ def run_groups(pipe, reqs: list, parts: list, args: dict, call, t_start: float):
     pipe._last.value = call.timings
     joined = torch.cat(out) if args["output_type"] == "latent" else [im for o in out for im in o]
     return call_output(joined, [s for ss in seeds for s in ss], call.timings)
+
+
+def check_start_steps(reqs: list, num_inference_steps) -> None:
+    """A photo's strength must leave at least one step to run (checked when a call is parsed, before any work)."""
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        return  # (the step count's own check names it)
+    for r in reqs:
+        if r.start is not None and start_index(num_inference_steps, r.start.strength) >= num_inference_steps:
+            raise EngineError(f"strength {r.start.strength:g} with {num_inference_steps} steps runs no step "
+                              "(int(steps x strength) = 0): raise strength or num_inference_steps")

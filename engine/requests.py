@@ -13,7 +13,7 @@ from PIL import Image
 from ipadapter_instruct.engine import DEFAULT_NEGATIVE, DEFAULT_PROMPT, bounds
 from ipadapter_instruct.engine.controlnet import control_numbers
 from ipadapter_instruct.engine.errors import EngineError
-from ipadapter_instruct.engine.img2img import parse_start
+from ipadapter_instruct.engine.img2img import check_start_steps, parse_start
 from ipadapter_instruct.engine.loading import load_image
 from ipadapter_instruct.engine.results import image_generators
 
@@ -142,6 +142,7 @@ def parse_requests(pipe, args: dict) -> list[Request]:
                             p["instruct"], slots[0].scale if slots else p["scale"],
                             float(p["guidance_scale"]), float(p["instruct_guidance_scale"]),
                             float(p["image_guidance_scale"]), p["guidance_mode"], num, gen, slots, seeds, start))
+    check_start_steps(reqs, args.get("num_inference_steps"))
     if pipe.adapter is not None:
         counts = {tuple(len(s.images) for s in r.slots) for r in reqs}
         if len(counts) > 1:

@@ -75,7 +75,9 @@ def reference_ip_processors(unet, adapter_file, scale):
     return proj_sd
 
 
-def reference_generate(tiny, image, instruction, scale, g, gi, gimg, seed, simple):
+def reference_generate(tiny, image, instruction, scale, g, gi, gimg, seed, simple, start=None):
+    """start: (photo, strength) to begin from a photo as diffusers' img2img does (its VAE sample, then the noise,
+    from the seed's generator; the last int(steps x strength) steps)."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPVisionModelWithProjection
 
@@ -104,8 +106,17 @@ def reference_generate(tiny, image, instruction, scale, g, gi, gimg, seed, simpl
 
     sched.set_timesteps(STEPS)
     shape = (1, 4, tiny_latent_size(unet), tiny_latent_size(unet))
-    latents = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed)) * sched.init_noise_sigma
-    for t in sched.timesteps:
+    gen, timesteps = torch.Generator("cpu").manual_seed(seed), sched.timesteps
+    if start is None:
+        latents = torch.randn(shape, generator=gen) * sched.init_noise_sigma
+    else:
+        photo, strength = start
+        first = STEPS - int(STEPS * strength)
+        timesteps = sched.timesteps[first:]
+        pixels = pipe.image_processor.preprocess(photo)
+        photo_latent = pipe.vae.encode(pixels).latent_dist.sample(gen) * pipe.vae.config.scaling_factor
+        latents = sched.add_noise(photo_latent, torch.randn(shape, generator=gen), timesteps[:1])
+    for t in timesteps:
         x = sched.scale_model_input(torch.cat([latents] * cond.shape[0]), t)
         eps = release_guidance(unet(x, t, encoder_hidden_states=cond).sample, simple, g, gi, gimg)
         latents = sched.step(eps, t, latents).prev_sample
