@@ -124,6 +124,37 @@ def test_step_range_matches_a_diffusers_scale_callback(two, d_two, cond_image, o
     assert (got - ours(pipe, [[cond_image, other_image]], scale=[scales])).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("task", ["img2img", "inpaint"])
+def test_masked_adapters_with_a_step_range_from_a_photo_match_diffusers(two, d_two, cond_image, other_image, task):
+    """Two adapters, each with a regional mask, the second over part of the steps, starting from a photo: diffusers'
+    img2img / inpaint pipelines built from the same modules (the range by a scale callback over the cut schedule)."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+    from diffusers.image_processor import IPAdapterMaskProcessor
+    pipe, _, _ = two
+    d = (StableDiffusionImg2ImgPipeline if task == "img2img" else StableDiffusionInpaintPipeline)(**d_two.components)
+    d.set_progress_bar_config(disable=True)
+    photo, strength, scales = other_image.resize((SIZE, SIZE)), 0.8, [0.7, 0.8]
+    extra = {} if task == "img2img" else {"mask_image": half_mask(True)}
+    d.scheduler.set_timesteps(STEPS)  # the timesteps a strength runs: all but the first (steps - int(steps x strength))
+    total = len(d.scheduler.timesteps) - (STEPS - int(STEPS * strength))
+    masks = [half_mask(True), half_mask(False)]
+    processed = IPAdapterMaskProcessor().preprocess(masks, height=SIZE, width=SIZE)
+
+    def on(i):
+        return not (i / total < 0.25 or (i + 1) / total > 0.75)
+
+    def callback(d, i, t, kwargs):
+        d.set_ip_adapter_scale([scales[0], scales[1] if on(i + 1) else 0.0])
+        return kwargs
+    d.set_ip_adapter_scale([scales[0], scales[1] if on(0) else 0.0])
+    want = diffusers_latents(d, [cond_image, other_image], image=photo, strength=strength, callback_on_step_end=callback,
+                             cross_attention_kwargs={"ip_adapter_masks": [processed[0:1], processed[1:2]]}, **extra)
+    extra = {"mask_image": extra["mask_image"]} if extra else {}
+    got = ours(pipe, [[cond_image, other_image]], scale=[scales], adapter_masks=[masks], adapter_start=[[0.0, 0.25]],
+               adapter_end=[[1.0, 0.75]], init_image=photo, strength=strength, height=SIZE, width=SIZE, **extra)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_adapter_end_zero_is_no_adapter(two, tiny, plus_dir, plus_pipe, cond_image, other_image):
     pipe, a, _ = two
     off = ours(pipe, [[cond_image, other_image]], scale=[[0.7, 0.9]], adapter_end=[[1.0, 0.0]])

@@ -55,6 +55,17 @@ def test_plain_adapter_matches_diffusers(tiny, plain_dir, plain_pipe, cond_image
     zero = plain_pipe(PROMPT, cond_image, negative_prompt=NEGATIVE, scale=0.0, num_inference_steps=STEPS, seed=7,
                       output_type="latent")
     assert (zero - got).abs().max() > 1e-3  # the adapter matters
+    # from a photo: diffusers' img2img pipeline on the same modules (its adapter loaded above)
+    from diffusers import StableDiffusionImg2ImgPipeline
+    i2i = StableDiffusionImg2ImgPipeline(**d.components)
+    i2i.set_progress_bar_config(disable=True)
+    photo = cond_image.transpose(0)  # (any other picture)
+    want = i2i(PROMPT, image=photo, strength=0.7, negative_prompt=NEGATIVE, ip_adapter_image=cond_image,
+               num_inference_steps=STEPS, guidance_scale=6.0, generator=torch.Generator("cpu").manual_seed(7),
+               output_type="latent").images
+    got = plain_pipe(PROMPT, cond_image, negative_prompt=NEGATIVE, scale=1.0, num_inference_steps=STEPS, seed=7,
+                     init_image=photo, strength=0.7, output_type="latent")
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_plain_adapter_is_refused_where_it_is_not_built(tiny, plain_dir):
