@@ -113,10 +113,14 @@ def add_e2e_args(p: argparse.ArgumentParser) -> None:
     from ipadapter_instruct.bench.e2e_config import ACCEPTED, PROVIDERS
     from ipadapter_instruct.bench.e2e_config import PRESETS
 
-    p.add_argument("--task", choices=["generate", "edit"], default="generate",
+    p.add_argument("--task", choices=["generate", "edit", "img2img", "inpaint"], default="generate",
                    help="generate: IPAdapter-Instruct text-to-image (default); edit: InstructPix2Pix, a photo edited "
                         "by instruction (engine.EditPipeline vs diffusers' StableDiffusionInstructPix2PixPipeline, "
-                        "3 UNet rows per image, guidance 7.5 / image guidance 1.5)")
+                        "3 UNet rows per image, guidance 7.5 / image guidance 1.5); img2img / inpaint: generate's "
+                        "request from a photo (inpaint: and a mask, on a 9-channel inpainting model of the preset's "
+                        "shapes) vs diffusers' StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline")
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img / inpaint: how far from the photo, in (0, 1] (default: diffusers' 0.8 / 1.0)")
     p.add_argument("--preset", choices=PRESETS, default="tiny",
                    help="tiny: toy weights (CPU-friendly); sd15: full SD1.5/ViT-H/16-token shapes, random weights "
                         "(edit: the SD1.5 UNet with 8 input channels, SD1.5's VAE and text encoder)")
@@ -234,6 +238,8 @@ def run_e2e_command(a) -> int:
     edit = a.task == "edit"
     if edit and edit_conflicts(a, providers):
         return fail(edit_conflicts(a, providers))
+    if start_conflicts(a, providers):
+        return fail(start_conflicts(a, providers))
     if a.adapters < 1 or (a.adapter_masks and a.adapters < 2):
         return fail("--adapters takes a positive count, and --adapter-masks needs --adapters 2 or more")
     if a.trt != "auto" and "tensorrt" not in providers:
@@ -256,7 +262,7 @@ def run_e2e_command(a) -> int:
         paths = bench_weights(a.preset, a.cache, a.task)
     cuda = device.type == "cuda"
     task = dict(task="edit", guidance_mode="ip2p", guidance_scale=7.5) if edit else \
-        dict(guidance_mode=a.guidance_mode or "simple")  # 7.5: InstructPix2Pix's default text guidance
+        dict(task=a.task, strength=a.strength, guidance_mode=a.guidance_mode or "simple")  # 7.5: IP2P's default
     cfg = E2EConfig(preset="real" if all(real) else a.preset, device=str(device),
                     dtype=a.dtype or ("float16" if cuda else "float32"),
                     batches=tuple(a.batch or ((1, 4) if cuda else (1,))),
@@ -275,6 +281,21 @@ def run_e2e_command(a) -> int:
         plot_e2e(rows, a.plot)
         print(f"plot written to {a.plot}")
     return 0
+
+
+def start_conflicts(a, providers) -> str | None:
+    """What the img2img / inpaint tasks cannot take, or None (every task: --strength is theirs)."""
+    if a.strength is not None and a.task not in ("img2img", "inpaint"):
+        return "--strength is the img2img / inpaint tasks' (how far from the photo): add --task img2img or inpaint"
+    if a.strength is not None and not 0.0 < a.strength <= 1.0:
+        return f"--strength must be in (0, 1], got {a.strength:g}"
+    if a.task in ("img2img", "inpaint") and "tensorrt" in providers:
+        return f"the tensorrt provider runs the generate task only (--task {a.task} is not measured there yet)"
+    if a.task in ("img2img", "inpaint") and a.preset in ("tiny-sdxl", "sdxl"):
+        return f"--task {a.task} runs on the SD1.5 presets (tiny, sd15); SDXL's is not wired into the bench yet"
+    if a.task == "inpaint" and a.model:
+        return "--task inpaint runs on the preset's inpainting weights (real weights: not wired into the bench yet)"
+    return None
 
 
 def edit_conflicts(a, providers) -> str | None:

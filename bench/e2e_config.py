@@ -39,7 +39,9 @@ class E2EConfig:
     profile_dir: str | None = None  # one more request per provider and batch under torch.profiler (bench.profiling)
     engines: str | None = None  # the `tensorrt` provider's plans (default: built into the bench cache)
     trt: str = "auto"           # ... and which TensorRT builds and runs them: auto, full or rtx (engine.trt)
-    task: str = "generate"  # or "edit": InstructPix2Pix, three guidance branches (guidance_mode "ip2p")
+    task: str = "generate"  # or "edit": InstructPix2Pix, three guidance branches (guidance_mode "ip2p"); "img2img" and
+    # "inpaint": generate's request started from a photo (and a mask), beside diffusers' img2img / inpaint pipelines
+    strength: float | None = None  # img2img / inpaint: how far from the photo (None: diffusers' 0.8 / 1.0)
     image_guidance_scale: float = 1.5  # the edit task's s_I
     adapters: int = 1             # generate: this many adapters at once (the adapter file repeated)
     adapter_masks: bool = False   # ... each in its own vertical stripe of the image

@@ -66,6 +66,10 @@ class EngineProvider:
         if c.adapter_masks:
             native, _ = native_from_configs(self.pipe.unet.config, self.pipe.vae.config)
             several["adapter_masks"] = [stripe_masks(c.adapters, c.height or native, c.width or native)] * batch
+        if c.task in ("img2img", "inpaint"):
+            native, _ = native_from_configs(self.pipe.unet.config, self.pipe.vae.config)
+            photos, mask = start_inputs(c, native, batch)
+            several.update(init_image=photos, strength=c.strength, mask_image=None if mask is None else [mask] * batch)
         return self.pipe(prompt=[PROMPT] * batch, image=[image] * batch, instruct=[INSTRUCT] * batch,
                          negative_prompt=[NEGATIVE] * batch, scale=c.scale, guidance_scale=c.guidance_scale, **several,
                          guidance_mode=c.guidance_mode, num_inference_steps=self.steps, height=c.height,
@@ -119,7 +123,8 @@ class DiffusersProvider:
 
     def __init__(self, paths: dict, device: torch.device, dtype: torch.dtype, cfg: E2EConfig):
         # deferred: diffusers and transformers load only for the diffusers provider
-        from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
+        from diffusers import (StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
+                               StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline)
         from transformers import CLIPVisionModelWithProjection
 
         self.cfg, self.device = cfg, device
@@ -134,7 +139,8 @@ class DiffusersProvider:
                 self.pipe = StableDiffusionXLPipeline.from_pretrained(paths["model"], image_encoder=encoder,
                                                                       feature_extractor=extractor)
             else:
-                self.pipe = StableDiffusionPipeline.from_pretrained(
+                cls = {"img2img": StableDiffusionImg2ImgPipeline, "inpaint": StableDiffusionInpaintPipeline}
+                self.pipe = cls.get(cfg.task, StableDiffusionPipeline).from_pretrained(
                     paths["model"], safety_checker=None, requires_safety_checker=False, image_encoder=encoder,
                     feature_extractor=extractor)
             plus, n = paths["plus_adapter"], cfg.adapters
@@ -173,6 +179,8 @@ class DiffusersProvider:
             def post(_m, _a, _o, key=key):
                 sync(device)
                 self._times[key] = self._times.get(key, 0.0) + (time.perf_counter() - self._times[key + "_start"]) * 1e3
+                if key == "unet_ms":
+                    self._times["unet_calls"] = self._times.get("unet_calls", 0) + 1
                 ranges.pop(key).__exit__(None, None, None)
             module.register_forward_pre_hook(pre)
             module.register_forward_hook(post)
@@ -190,16 +198,40 @@ class DiffusersProvider:
             h, w = c.height or size, c.width or size
             masks = IPAdapterMaskProcessor().preprocess(stripe_masks(c.adapters, h, w), height=h, width=w)
             extra["cross_attention_kwargs"] = {"ip_adapter_masks": [masks[i:i + 1] for i in range(c.adapters)]}
+        if c.task in ("img2img", "inpaint"):  # (diffusers' img2img takes no height/width: the photo's size is it)
+            photos, mask = start_inputs(c, self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor, batch)
+            extra.update(image=photos, **({} if c.strength is None else {"strength": c.strength}))
+            if mask is not None:
+                extra.update(mask_image=[mask] * batch, height=c.height, width=c.width)
+            return self.pipe(prompt=[PROMPT] * batch, negative_prompt=[NEGATIVE] * batch, ip_adapter_image=image,
+                             guidance_scale=c.guidance_scale, num_inference_steps=c.steps, generator=gens,
+                             **extra).images
         return self.pipe(prompt=[PROMPT] * batch, negative_prompt=[NEGATIVE] * batch,
                          ip_adapter_image=image if c.adapters == 1 else [image] * c.adapters,
                          guidance_scale=c.guidance_scale, num_inference_steps=c.steps, height=c.height,
                          width=c.width, generator=gens, **extra).images
 
     def stages(self) -> dict[str, float]:
-        out = {k: v for k, v in self._times.items() if not k.endswith("_start")}
-        if "unet_ms" in out:
-            out["unet_ms_per_step"] = out.pop("unet_ms") / self.cfg.steps
+        out = {k: v for k, v in self._times.items() if not k.endswith("_start") and k != "unet_calls"}
+        if "unet_ms" in out:  # per UNet call, as the engine's (a strength runs fewer steps; PNDM one more)
+            out["unet_ms_per_step"] = out.pop("unet_ms") / max(self._times.get("unet_calls", self.cfg.steps), 1)
         return out
+
+
+def start_inputs(cfg: E2EConfig, native: int, batch: int) -> tuple[list, object]:
+    """The img2img / inpaint tasks' photos (one copy per request: the engine would encode a photo shared by
+    requests once, diffusers encodes each) at the output size, and the inpaint task's mask (white: a centred
+    rectangle to repaint) or None."""
+    from ipadapter_instruct.engine.demo import draw_condition_image  # deferred: as the pipelines
+
+    size = (cfg.width or native, cfg.height or native)
+    photo = draw_condition_image(256).transpose(Image.Transpose.ROTATE_90).resize(size, Image.BICUBIC)
+    mask = None
+    if cfg.task == "inpaint":
+        m = np.zeros((size[1], size[0]), dtype=np.uint8)
+        m[size[1] // 4:3 * size[1] // 4, size[0] // 4:3 * size[0] // 4] = 255
+        mask = Image.fromarray(m)
+    return [photo] + [photo.copy() for _ in range(batch - 1)], mask
 
 
 def edit_args(cfg: E2EConfig, image, batch: int) -> dict:

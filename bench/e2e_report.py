@@ -20,6 +20,8 @@ def report(cfg: E2EConfig, env: dict, results: dict, flops: dict, rows: list[Row
                   adapter_masks=cfg.adapter_masks)
     if cfg.task == "edit":
         config["image_guidance_scale"] = cfg.image_guidance_scale
+    if cfg.task in ("img2img", "inpaint"):
+        config["strength"] = cfg.strength
     lines = []
     for (name, b), r in results.items():
         q = quantiles(r["times"])

@@ -28,15 +28,15 @@ def cache_root() -> str:
     return os.path.join(root, "ipadapter-instruct-engine")
 
 
-def sd15_modules(edit: bool = False):
+def sd15_modules(edit: bool = False, channels: int | None = None):
     """SD1.5's UNet, VAE and text encoder and CLIP ViT-H/14's vision tower with random weights (any device
     context: the tests build them on the meta device). edit: InstructPix2Pix's UNet (8 input channels: the noisy
-    latent and the photo's), and no vision tower (None)."""
+    latent and the photo's), and no vision tower (None); channels: the UNet's input channels (9: inpainting)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     # diffusers' defaults are SD1.5's
-    unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64, in_channels=8 if edit else 4)
+    unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64, in_channels=channels or (8 if edit else 4))
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         layers_per_block=2, sample_size=512)
@@ -183,6 +183,30 @@ def edit_weights(preset: str, root: str) -> dict[str, str]:
     return {"model": os.path.join(folder, "model")}
 
 
+def inpaint_model(preset: str, root: str) -> str:
+    """The inpaint task's model folder (a 9-channel UNet: latents, mask, masked-photo latent), built once: the
+    tiny one (engine.tiny's), or SD1.5's shapes with random weights in diffusers' StableDiffusionInpaintPipeline
+    layout (fp16, ~2.1 GB)."""
+    from ipadapter_instruct.engine.tiny import atomic_folder, make_tiny, sd_pipeline, tiny_tokenizer
+
+    if preset == "tiny":
+        folder = os.path.join(root, "tiny-inpaint-v1")
+        if not os.path.isdir(folder):  # make_tiny replaces the folder atomically: there means complete
+            make_tiny(folder, inpaint=True)
+        return os.path.join(folder, "model")
+    folder = os.path.join(root, "sd15-inpaint-random-v1")
+    if not os.path.isdir(folder):
+        print(f"building random SD1.5-shaped inpainting weights into {folder} (once, ~2.1 GB)", flush=True)
+        with atomic_folder(folder) as tmp:
+            torch.manual_seed(0)
+            unet, vae, text, _ = sd15_modules(edit=True, channels=9)
+            with tempfile.TemporaryDirectory() as tok_dir:
+                tok = tiny_tokenizer(tok_dir)
+            text.config.bos_token_id, text.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+            sd_pipeline(unet, vae, text, tok, inpaint=True).to(torch.float16).save_pretrained(os.path.join(tmp, "model"))
+    return os.path.join(folder, "model")
+
+
 def native_size(model: str) -> int:
     """A diffusers model folder's native output size in pixels: the UNet's sample size times the VAE's factor."""
     import json
@@ -203,6 +227,8 @@ def bench_weights(preset: str, cache: str | None = None, task: str = "generate")
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if task == "edit":
         return edit_weights(preset, root)
+    if task == "inpaint":  # generate's image encoder and adapters (they fit any UNet of these attention shapes)
+        return {**bench_weights(preset, cache), "model": inpaint_model(preset, root)}
     if preset in ("tiny-sdxl", "sdxl"):
         return sdxl_weights(preset, root)
     if preset == "tiny":

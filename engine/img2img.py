@@ -171,7 +171,7 @@ def start_latents(pipe, reqs: list, sched, timesteps, height: int, width: int) -
     shape = (pipe.vae.config.latent_channels, height // f, width // f)
     nine = inpainting_unet(pipe)
     keeps = not nine and any(r.start is not None and r.start.mask is not None for r in reqs)
-    latents, extra, keep = [], [], []
+    latents, extra, keep, dists = [], [], [], {}  # dists: a request's photo encoded once for all its images
     for req in reqs:
         gens = req.generator if isinstance(req.generator, list) else [req.generator]  # per image, or one for all
         n = req.num_images // len(gens)
@@ -182,7 +182,8 @@ def start_latents(pipe, reqs: list, sched, timesteps, height: int, width: int) -
                 if keeps:
                     keep.append((torch.ones_like(noise[:, :1]), torch.zeros_like(noise), torch.zeros_like(noise)))
                 continue
-            x, more, kept = _from_photo(pipe, req.start, g, n, shape, sched, timesteps[:1], height, width, nine)
+            x, more, kept = _from_photo(pipe, req.start, g, n, shape, sched, timesteps[:1], (height, width), nine,
+                                        dists.setdefault(id(req), {}))
             latents.append(x)
             extra.append(more)
             if keeps:
@@ -193,18 +194,21 @@ def start_latents(pipe, reqs: list, sched, timesteps, height: int, width: int) -
     return x, (torch.cat(extra) if nine else None), keep
 
 
-def _from_photo(pipe, start: Start, g, n: int, shape: tuple, sched, t0, height: int, width: int, nine: bool):
+def _from_photo(pipe, start: Start, g, n: int, shape: tuple, sched, t0, size: tuple, nine: bool, dists: dict):
     """One generator's share of a request with a photo: -> (latents (n, C, h, w), extra channels or None, the
-    Keep parts (mask, image latent, noise) or None)."""
+    Keep parts (mask, image latent, noise) or None). dists: the request's photo (and masked photo) distributions,
+    encoded by the first of its generators (each generator then draws its own sample)."""
     from diffusers.image_processor import VaeImageProcessor  # (deferred: only calls that start from a photo)
 
-    f = pipe.vae_scale_factor
+    f, (height, width) = pipe.vae_scale_factor, size
     pixels = VaeImageProcessor(vae_scale_factor=f).preprocess(start.photo, height=height, width=width)
     inpaint = start.mask is not None
     noise_only = inpaint and start.strength == 1.0  # diffusers' is_strength_max: pure noise, photo latent unread
     dist = None
     if not (noise_only and nine):
-        dist = pipe.photo_distribution(pixels.to(pipe.device, pipe.dtype))
+        if "photo" not in dists:
+            dists["photo"] = pipe.photo_distribution(pixels.to(pipe.device, pipe.dtype))
+        dist = dists["photo"]
     image = None if dist is None else pipe.photo_latents(dist.sample(g)).expand(n, *shape)
     noise = randn_tensor((n, *shape), generator=g, device=pipe.device, dtype=pipe.dtype)
     if noise_only:
@@ -220,7 +224,9 @@ def _from_photo(pipe, start: Start, g, n: int, shape: tuple, sched, t0, height: 
         raise EngineError(f"mask_image cannot be read: {e}") from e
     mask = torch.nn.functional.interpolate(condition, size=shape[1:]).to(pipe.device, pipe.dtype).expand(n, 1, *shape[1:])
     if nine:
-        masked = pipe.photo_distribution((pixels * (condition < 0.5)).to(pipe.device, pipe.dtype))
+        if "masked" not in dists:
+            dists["masked"] = pipe.photo_distribution((pixels * (condition < 0.5)).to(pipe.device, pipe.dtype))
+        masked = dists["masked"]
         return x, torch.cat([mask, pipe.photo_latents(masked.sample(g)).expand(n, *shape)], dim=1), None
     # diffusers encodes the masked photo even for a 4-channel UNet, which never reads it: draw what its sample draws
     randn_tensor(dist.mean.shape, generator=g, device=dist.mean.device, dtype=dist.mean.dtype)
