@@ -22,7 +22,7 @@ NOT_RUN = {("README.md", "needs a running server (tests/test_server_process.py")
            ("docs/server.md", "needs a running server (tests/test_server_process.py")}
 # blocks another test runs: (page, a line of the block) -> that test
 ELSEWHERE = {("README.md", "from huggingface_hub import hf_hub_download, snapshot_download"): "tests/test_hub_id.py"}
-IMAGES = ("cond.png", "photo.png", "ref.png", "a.png", "b.png", "style.png", "face.png", "edges.png")
+IMAGES = ("cond.png", "photo.png", "ref.png", "a.png", "b.png", "style.png", "face.png", "edges.png", "mask.png")
 
 
 def python_blocks():
@@ -68,6 +68,7 @@ def weights(tiny, plus_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("docs-weights")
     lazy = {"path/to/instruct-pix2pix": lambda: make_tiny(str(root / "edit"), edit=True),
+            "path/to/stable-diffusion-inpainting": lambda: make_tiny(str(root / "inpaint"), inpaint=True)["model"],
             "path/to/controlnet": lambda: tiny_controlnet(
                 root / "controlnet", UNet2DConditionModel.from_pretrained(tiny["model"], subfolder="unet")),
             "path/to/lora.safetensors": lambda: tiny_lora(str(root / "lora.safetensors"), tiny["model"])}
@@ -84,7 +85,7 @@ def weights(tiny, plus_dir, tmp_path_factory):
                "path/to/ip-adapter-plus_sd15.safetensors": plus_dir / "plus.safetensors"}
         if edit:
             out["path/to/instruct-pix2pix"] = edit["model"]
-        for name in ("path/to/controlnet", "path/to/lora.safetensors"):
+        for name in ("path/to/controlnet", "path/to/lora.safetensors", "path/to/stable-diffusion-inpainting"):
             if name in built:
                 out[name] = built[name]
         return out
