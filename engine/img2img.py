@@ -253,27 +253,36 @@ def photo_size(reqs: list, height, width, f: int) -> tuple:
 
 def run_groups(pipe, reqs: list, parts: list, args: dict, call, t_start: float):
     """A call whose requests start at different steps: each group of one start prepared, denoised and decoded as
-    its own run, the outputs put back in request order (timings summed)."""
+    its own run, the outputs put back in request order (timings summed). A request that goes non-finite fails alone
+    (NonFinite names it by its index in the whole call)."""
+    from ipadapter_instruct.engine.combine import NonFinite
     from ipadapter_instruct.engine.prepared import CallState
     from ipadapter_instruct.engine.results import call_output
 
-    out, seeds, timings = [None] * len(reqs), [None] * len(reqs), {}
+    out, bad, timings = [None] * len(reqs), [], {}
     for group in parts:
         sub = [reqs[i] for i in group]
         own = CallState(size_conditioning=call.size_conditioning)
         p = pipe.prepare(sub, args, own)
-        result = pipe._outputs(pipe._denoise(p, args["progress_callback"]), sub, args["output_type"], t_start, own)
+        try:
+            result = pipe._outputs(pipe._denoise(p, args["progress_callback"]), sub, args["output_type"], t_start,
+                                   own)
+        except NonFinite as e:
+            result = e.outputs
+            bad += [group[r] for r in e.requests]
         at = 0
         for i in group:
             n = reqs[i].num_images
-            out[i], seeds[i], at = result[at:at + n], result.seeds[at:at + n], at + n
+            out[i], at = result[at:at + n], at + n
         for k, v in own.timings.items():
             timings[k] = timings.get(k, 0.0) + v
     timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
     call.timings.update(timings)
     pipe._last.value = call.timings
     joined = torch.cat(out) if args["output_type"] == "latent" else [im for o in out for im in o]
-    return call_output(joined, [s for ss in seeds for s in ss], call.timings)
+    if bad:
+        raise NonFinite(sorted(bad), joined)
+    return call_output(joined, [s for r in reqs for s in r.seeds], call.timings)
 
 
 def check_start_steps(reqs: list, num_inference_steps) -> None:

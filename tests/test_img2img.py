@@ -255,3 +255,19 @@ def test_default_strengths_and_sizes_are_diffusers(base_pipe, photo, mask):
     assert base_pipe.STRENGTH == {"img2img": 0.8, "inpaint": 1.0}
     full = base_pipe("a cat", init_image=photo, mask_image=mask, num_inference_steps=5, seed=1, output_type="latent")
     assert full.shape[-2:] == (16, 16)  # inpainting: the model's native size
+
+
+def test_a_request_that_overflows_fails_alone_across_start_groups(plus_pipe, cond_image, photo, monkeypatch):
+    """Two requests starting at different steps run as two groups of one call; the one whose numbers overflow fails
+    alone, named by its index in the whole call, and the other's image stands."""
+    from ipadapter_instruct.engine import bounds
+    from ipadapter_instruct.engine.combine import NonFinite
+
+    good = dict(init_image=photo, strength=0.5, seed=1, guidance_scale=6.0)
+    alone = ours(plus_pipe, cond_image, height=64, width=64, **good)
+    monkeypatch.setattr(bounds, "number", lambda field, value, where="": float(value))  # the bounds off
+    with pytest.raises(NonFinite) as e:
+        ours(plus_pipe, cond_image, height=64, width=64, init_image=photo, strength=[0.5, 1.0], seed=[1, 2],
+             guidance_scale=[6.0, 1e38])
+    assert e.value.requests == [1]  # (the first request of its group)
+    torch.testing.assert_close(e.value.outputs[:1], alone, atol=1e-4, rtol=1e-4)
