@@ -102,6 +102,14 @@ def test_inpainting_with_the_sets_controlnet_lora_and_adapter(inpaint, pictures,
     assert np.array_equal(image, np.asarray(want))
 
 
+def test_help_names_the_strength_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.8 img2img / 1.0 inpaint (diffusers' defaults))" in out
+    assert "--mask PATH, --mask-image PATH" in out and "--init-image PATH" in out
+
+
 @pytest.mark.parametrize("more, message", [
     (["--mask", "M"], "--mask needs --init-image (inpainting repaints a photo)"),
     (["--strength", "0.5"], "--strength needs --init-image"),
@@ -133,6 +141,21 @@ def test_checked_before_torch_loads(tiny, inpaint, pictures, tmp_path, model, mo
     args = base(path, tmp_path / "x.png", *[swap.get(m, m) for m in more])
     assert_light_one_line(probe("engine", *args), message)
     assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_a_controlnet_reading_the_mask_channels_does_not_fit(inpaint, pictures, tmp_path):
+    """A ControlNet reads the latents alone: one made with a 9-channel input (ControlNetModel.from_unet of the
+    inpainting UNet, unchanged) is refused from its config."""
+    import json
+    import shutil
+    net = tmp_path / "net9"
+    shutil.copytree(inpaint["controlnet"], net, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((net / "config.json").read_text())
+    (net / "config.json").write_text(json.dumps({**config, "in_channels": 9}))
+    args = base(inpaint["model"], tmp_path / "x.png", "--init-image", pictures["square"], "--mask",
+                pictures["square_mask"], "--controlnet", str(net), "--control-image", pictures["square"])
+    assert_light_one_line(probe("engine", *args), "does not fit this UNet: in_channels 9 against the UNet's 4 latent "
+                                                  "channels")
 
 
 def test_edit_and_serve_on_an_inpainting_model_point_to_generate(inpaint, pictures, tmp_path):
