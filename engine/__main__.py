@@ -60,6 +60,14 @@ def add_generate_parser(sub) -> None:
                    help="fraction of the steps where the adapter begins to act (default 0; one, or one per --adapter)")
     g.add_argument("--adapter-end", type=float, action="append", default=[], metavar="F",
                    help="fraction of the steps where it stops (default 1; one, or one per --adapter)")
+    g.add_argument("--init-image", metavar="PATH",
+                   help="start from this photo (img2img, as diffusers' StableDiffusionImg2ImgPipeline; the output is "
+                        "its size unless --height/--width); with --mask: inpainting")
+    g.add_argument("--strength", type=float, default=None, metavar="F",
+                   help="with --init-image: how far from the photo to start, in (0, 1]; 1 starts from noise (default: "
+                        "0.8 img2img / 1.0 inpaint (diffusers' defaults))")
+    g.add_argument("--mask", "--mask-image", dest="mask", metavar="PATH",
+                   help="with --init-image: inpainting; white is repainted, black kept (the photo's size)")
     g.add_argument("--guidance-scale", type=float, default=6.0)
     g.add_argument("--instruct-guidance-scale", type=float, default=6.0)
     g.add_argument("--image-guidance-scale", type=float, default=1.0)
@@ -111,6 +119,9 @@ def add_make_tiny_parser(sub) -> None:
     t.add_argument("dir")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--edit", action="store_true", help="the model is an InstructPix2Pix one (8-channel UNet)")
+    t.add_argument("--inpaint", action="store_true",
+                   help="the model is an inpainting one (9-channel UNet: latents, mask, masked photo), for generate "
+                        "--init-image --mask; its ControlNet reads the latents alone, as diffusers feeds it")
     t.add_argument("--single-file", action="store_true",
                    help="also DIR/model.safetensors: the same model as one original-layout checkpoint (with "
                         "--sdxl: SDXL's layout)")
@@ -221,6 +232,19 @@ def check_generate_args(parser: Parser, a) -> None:
             parser.error(f"{' and '.join(given)} {verb} --adapter (text-only generation takes none of them)")
         if a.prompt is None:
             parser.error("text-only generation needs --prompt (with --adapter the adapter's default prompt is used)")
+    check_start_args(parser, a)
+
+
+def check_start_args(parser: Parser, a) -> None:
+    """--mask and --strength start from a photo: they need --init-image; the strength is in (0, 1]."""
+    if a.init_image is None:
+        for flag, value, why in (("--mask", a.mask, "inpainting repaints a photo"),
+                                 ("--strength", a.strength, "it says how far from the photo to start")):
+            if value is not None:
+                parser.error(f"{flag} needs --init-image ({why})")
+    elif a.strength is not None and not 0 < a.strength <= 1:
+        parser.error(f"--strength must be in (0, 1], got {a.strength:g}: 1 starts from noise, near 0 keeps the "
+                     "photo (0 would run no step)")
 
 
 

@@ -10,7 +10,7 @@ import os
 import sys
 
 from ipadapter_instruct.engine.errors import EngineError
-from ipadapter_instruct.engine.loading import check_size, load_image, native_size
+from ipadapter_instruct.engine.loading import check_size, is_inpainting_model, load_image, native_size
 from ipadapter_instruct.engine.output import output_paths, write_images
 from ipadapter_instruct.engine.preflight import check_config, check_device
 from ipadapter_instruct.engine.registry import EngineConfig, load_pipeline
@@ -76,6 +76,26 @@ def control_call_args(a) -> dict:
                 controlnet_conditioning_scale=scales if len(controls) > 1 else scales[0])
 
 
+def start_call_args(a, native) -> dict:
+    """--init-image, --mask and --strength as Pipeline.__call__ takes them (None strength: the task's default), the
+    photo and mask read and checked here: found, one size, an img2img output (the photo's size) not over the limit;
+    an inpainting model without them is one line. `native`: (native size, VAE factor), or None (a hub id)."""
+    if is_inpainting_model(a.model, a.model_config) and (a.init_image is None or a.mask is None):
+        raise EngineError(f"{a.model} is an inpainting model (its UNet reads a mask and a masked photo): give "
+                          "--init-image PHOTO and --mask MASK (white is repainted, black kept)")
+    if a.init_image is None:
+        return {}
+    photo = load_image(a.init_image, "init image (--init-image)")
+    mask = None if a.mask is None else load_image(a.mask, "mask (--mask)").convert("L")
+    if mask is not None and mask.size != photo.size:
+        raise EngineError(f"--mask is {mask.width}x{mask.height} but --init-image is {photo.width}x{photo.height}: "
+                          "the mask must be the photo's size")
+    if mask is None and native is not None and a.height is None and a.width is None:
+        f = native[1]
+        check_size(max(photo.height // f * f, f), max(photo.width // f * f, f), *native, a.max_size)
+    return {"init_image": photo, "mask_image": mask, "strength": a.strength}
+
+
 def size_call_args(a, pipe) -> dict:
     """SDXL's size conditioning flags as Pipeline.__call__ takes them; an EngineError for any on another model."""
     sizes = {k: v for k, v in (("original_size", a.original_size), ("target_size", a.target_size),
@@ -95,6 +115,7 @@ def cmd_generate(a) -> int:
     if native is not None:  # a hub id is checked by the pipeline once loaded
         check_size(a.height, a.width, *native, a.max_size)
     adapter_args = adapter_call_args(a)
+    start_args = start_call_args(a, native)
     quiet_libraries(a.verbose)
     control_args = control_call_args(a)
     pipe = load_pipeline(config)
@@ -103,9 +124,11 @@ def cmd_generate(a) -> int:
                   **adapter_args, guidance_scale=a.guidance_scale, instruct_guidance_scale=a.instruct_guidance_scale,
                   image_guidance_scale=a.image_guidance_scale, guidance_mode=a.guidance_mode,
                   num_inference_steps=a.steps, height=a.height, width=a.width, num_images_per_prompt=a.num_images,
-                  seed=a.seed, scheduler=a.scheduler, max_size=a.max_size, **control_args)
+                  seed=a.seed, scheduler=a.scheduler, max_size=a.max_size, **control_args, **start_args)
     extra = dict(scale=adapter_args["scale"], instruct_guidance_scale=a.instruct_guidance_scale,
                  guidance_mode=a.guidance_mode) if a.adapter else {}
+    if start_args:  # the strength the run used, as A1111 records it ("Denoising strength")
+        extra["strength"] = pipe.STRENGTH["inpaint" if a.mask else "img2img"] if a.strength is None else a.strength
     return write_outputs(images, paths, a.overwrite, image_params(a, pipe, images, **extra))
 
 
@@ -164,6 +187,11 @@ def cmd_make_tiny(a) -> int:
     if a.sdxl and a.edit:
         print("error: make-tiny --sdxl writes an SDXL text-to-image model (not with --edit)", file=sys.stderr)
         return 2
+    for flag, what, given in (("--edit", "an inpainting model", a.edit),
+                              ("--sdxl", "an SD1.5-layout inpainting model", a.sdxl)):
+        if a.inpaint and given:
+            print(f"error: make-tiny --inpaint writes {what} (not with {flag})", file=sys.stderr)
+            return 2
     if a.edit and a.controlnet:
         print("error: make-tiny --edit writes an InstructPix2Pix model, which takes no ControlNet (drop --controlnet)",
               file=sys.stderr)
@@ -175,7 +203,7 @@ def cmd_make_tiny(a) -> int:
     if a.sdxl:  # a single file needs the encoders' widths unlike (the loader tells them apart by width, as in SDXL)
         paths = make_tiny_sdxl(a.dir, seed=a.seed, **({"text2_dim": 48} if a.single_file else {}), **parts)
     else:
-        paths = make_tiny(a.dir, seed=a.seed, edit=a.edit, **parts)
+        paths = make_tiny(a.dir, seed=a.seed, edit=a.edit, inpaint=a.inpaint, **parts)
     if a.single_file:
         paths["single_file"] = to_single_file(paths["model"],
                                               os.path.join(os.path.dirname(paths["model"]), "model.safetensors"))

@@ -56,11 +56,26 @@ def native_size(model, config=None) -> tuple[int, int] | None:
         return None
 
 
+def unet_inputs(model, config=None) -> tuple[int, int] | None:
+    """(the UNet's input channels, the VAE's latent channels) of a local diffusers folder or single file
+    (read_configs), or None."""
+    configs = read_configs(model, config)
+    return None if configs is None else (configs[0].get("in_channels", 4), configs[1].get("latent_channels", 4))
+
+
 def is_edit_model(model, config=None) -> bool:
     """Whether a local diffusers folder or single file is an InstructPix2Pix model (its UNet takes twice the VAE's
     latent channels); False for a hub id or an unreadable folder or file."""
-    configs = read_configs(model, config)
-    return configs is not None and configs[0].get("in_channels") == 2 * configs[1].get("latent_channels", 4)
+    inputs = unet_inputs(model, config)
+    return inputs is not None and inputs[0] == 2 * inputs[1]
+
+
+def is_inpainting_model(model, config=None) -> bool:
+    """Whether a local diffusers folder or single file is an inpainting model (its UNet takes the latents, the mask
+    and the masked photo's latents: twice the VAE's latent channels plus one); False for a hub id or an unreadable
+    folder or file."""
+    inputs = unet_inputs(model, config)
+    return inputs is not None and inputs[0] == 2 * inputs[1] + 1
 
 
 def native_from_configs(unet_config, vae_config) -> tuple[int, int]:

@@ -142,7 +142,8 @@ class Pipeline(LoraMixin, SteppingMixin):
         torch_run = self.RUNTIME == "torch"
         return Capabilities(kind=self.KIND, runtime=self.RUNTIME, adapters=tuple(a.kind for a in self.adapters),
                             controlnets=len(self.controlnets), per_row_adapter=bool(self.cross),
-                            step_batching=torch_run and bool(self.cross), size_conditioning=self.KIND == "sdxl")
+                            step_batching=torch_run and bool(self.cross), size_conditioning=self.KIND == "sdxl",
+                            inpaint=img2img.inpainting_unet(self))
 
     @property
     def adapters(self) -> list:

@@ -21,7 +21,7 @@ from PIL.PngImagePlugin import PngInfo
 # API name -> A1111's label, in A1111's order, then the engine's own
 LABELS = {
     "num_inference_steps": "Steps", "scheduler": "Sampler", "guidance_scale": "CFG scale", "seed": "Seed",
-    "size": "Size", "model": "Model", "image_guidance_scale": "Image CFG scale",
+    "size": "Size", "model": "Model", "strength": "Denoising strength", "image_guidance_scale": "Image CFG scale",
     "instruct": "Instruct", "instruct_guidance_scale": "Instruct CFG scale", "guidance_mode": "Guidance mode",
     "scale": "IP-Adapter scale", "adapter": "IP-Adapter", "lora": "LoRA", "controlnet": "ControlNet",
 }

@@ -24,6 +24,7 @@ import sys
 import zipfile
 
 from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.loading import is_inpainting_model
 from ipadapter_instruct.engine.model_folders import BASE_PARTS, HUB_ID, is_sdxl_folder
 from ipadapter_instruct.engine.single_file import checkpoint_kind, checkpoint_shapes, is_checkpoint_file
 
@@ -114,13 +115,18 @@ def model_kind(model, config=None, what: str = "base model") -> tuple[str | None
     if not p.endswith(".safetensors"):
         return None, None, None  # a .ckpt's keys need torch's unpickler: the loader reads them
     kind = checkpoint_kind(p, checkpoint_shapes(p))
-    return ("edit" if kind == "ip2p" else kind), None, None
+    return {"ip2p": "edit", "inpaint": "sd15"}.get(kind, kind), None, None
 
 
-def kind_error(model, found: str, want: str) -> str | None:
-    """Why `found` cannot run as `want` (sd15 takes an SDXL folder too: it opens as SDXL), or None."""
+def kind_error(model, found: str, want: str, inpaint: bool = False) -> str | None:
+    """Why `found` cannot run as `want` (sd15 takes an SDXL folder too: it opens as SDXL), or None. inpaint: the
+    model's UNet is an inpainting one (it runs as sd15, from a photo and a mask)."""
     if want == found or (want == "sd15" and found == "sdxl"):
         return None
+    if inpaint:
+        return (f"{model} is an inpainting model (its UNet reads the latents, a mask and the masked photo's latent), "
+                f"not {'an InstructPix2Pix' if want == 'edit' else 'an SDXL'} one: inpaint with Pipeline(init_image=, "
+                "mask_image=) / `python -m engine generate --init-image PHOTO --mask MASK`")
     if found == "edit":
         return (f"{model} is an InstructPix2Pix model (its UNet reads the latents and the photo's latent): edit "
                 "with EditPipeline / `python -m engine edit` (serve: --kind edit)")
@@ -198,9 +204,11 @@ def check_adapters(files, instruct=..., image_encoder=None) -> None:
 def controlnet_misfit(net: dict, unet: dict, vae_factor: int | None) -> str | None:
     """What in a ControlNet's config does not fit the UNet's (and the VAE's downsampling), or None. Fields absent
     from a config are diffusers' defaults."""
-    unet_defaults = {"block_out_channels": (320, 640, 1280, 1280), "cross_attention_dim": 1280, "in_channels": 4,
+    unet_defaults = {"block_out_channels": (320, 640, 1280, 1280), "cross_attention_dim": 1280,
                      "layers_per_block": 2, "addition_embed_type": None}
-    problems = []
+    # a ControlNet reads the latents alone: an inpainting UNet's mask and masked-photo latent are not its input
+    latents, reads = unet.get("out_channels", 4), net.get("in_channels", 4)
+    problems = [] if reads == latents else [f"in_channels {reads} against the UNet's {latents} latent channels"]
     for field, default in unet_defaults.items():
         mine, theirs = net.get(field, default), unet.get(field, default)
         mine, theirs = [tuple(v) if isinstance(v, list) else v for v in (mine, theirs)]
@@ -249,8 +257,8 @@ def check_load(model, config, kind: str | None, controlnets) -> str | None:
     """The model path, its kind against `kind` (None: any) and the ControlNets against its UNet and VAE, from
     their configs. -> the kind read, or None when the configs cannot tell."""
     found, unet, vae = model_kind(model, config)
-    if found is not None and kind is not None:
-        why = kind_error(os.fspath(model), found, kind)
+    if found is not None and kind is not None and found != kind:
+        why = kind_error(os.fspath(model), found, kind, found == "sd15" and is_inpainting_model(model, config))
         if why:
             raise EngineError(why)
     check_controlnets([controlnets] if isinstance(controlnets, (str, os.PathLike)) else controlnets, unet, vae)

@@ -40,6 +40,7 @@ class Capabilities:
     per_row_adapter: bool = True   # adapter masks and step ranges (the PyTorch processors; graphs take one scale)
     step_batching: bool = True     # step-level batching (Pipeline.start/step/finish): the PyTorch backend
     size_conditioning: bool = False  # SDXL's original_size / target_size / crops_coords_top_left
+    inpaint: bool = False     # an inpainting UNet (9 input channels): each request takes init_image and mask_image
 
     @property
     def instruct(self) -> bool:

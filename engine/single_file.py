@@ -1,7 +1,7 @@
-"""Single-file checkpoints: one original-layout file (.safetensors / .ckpt, as A1111 and ComfyUI keep SD1.5,
-InstructPix2Pix and SDXL base) read by diffusers' `from_single_file` with local configs only: a diffusers folder the
-user names, or the ones shipped in configs/. The header is checked first (kind, keys, shapes), so a wrong file is one
-line before any weight loads.
+"""Single-file checkpoints: one original-layout file (.safetensors / .ckpt, as A1111 and ComfyUI keep SD1.5, its
+inpainting model, InstructPix2Pix and SDXL base) read by diffusers' `from_single_file` with local configs only: a
+diffusers folder the user names, or the ones shipped in configs/. The header is checked first (kind, keys, shapes),
+so a wrong file is one line before any weight loads.
 
 Light at import: torch, diffusers and transformers are imported by the readers and loaders only.
 """
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 CHECKPOINT_EXTS = (".safetensors", ".ckpt")
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-KINDS = ("sd15", "ip2p", "sdxl")  # a single file's kind = the shipped configs/ folder it loads with, without config=
+KINDS = ("sd15", "ip2p", "inpaint", "sdxl")  # a single file's kind = the shipped configs/ folder it loads with, without config=
 CONFIG_PARTS = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
                 "scheduler/scheduler_config.json")
 SDXL_CONFIG_PARTS = ("text_encoder_2/config.json", "tokenizer_2")
@@ -31,6 +31,8 @@ SDXL_TEXT = "conditioner.embedders.0.transformer."   # CLIP ViT-L/14, in transfo
 SDXL_TEXT_2 = "conditioner.embedders.1.model."       # OpenCLIP ViT-bigG/14, in OpenCLIP's layout
 SDXL_PARTS = {**LDM_PARTS, "text encoder": (SDXL_TEXT,), "second text encoder": (SDXL_TEXT_2,)}
 LDM_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+CHANNELS = {4: "sd15", 8: "ip2p", 9: "inpaint"}  # the UNet's input channels -> an SD1.5-layout file's kind
+WHAT = {"sd15": "a text-to-image SD1.5", "ip2p": "an InstructPix2Pix", "inpaint": "an inpainting"}
 OTHER_FAMILIES = {"conditioner.embedders.0.model.": "an SDXL refiner checkpoint (OpenCLIP only)",
                   "cond_stage_model.model.": "an SD2 checkpoint (OpenCLIP)"}
 
@@ -63,9 +65,9 @@ def checkpoint_shapes(path) -> dict[str, tuple[int, ...]]:
 
 
 def checkpoint_kind(path: str, shapes: dict) -> str:
-    """An original-layout checkpoint's kind: "sd15" (UNet input conv over 4 channels), "ip2p" (InstructPix2Pix, 8)
-    or "sdxl" (SDXL base layout: conditioner.embedders.0/1, 4 channels); anything else is an EngineError saying
-    what the file is."""
+    """An original-layout checkpoint's kind: "sd15" (UNet input conv over 4 channels), "ip2p" (InstructPix2Pix, 8),
+    "inpaint" (SD1.5 inpainting, 9: latents, mask, masked-photo latents) or "sdxl" (SDXL base layout:
+    conditioner.embedders.0/1, 4 channels); anything else is an EngineError saying what the file is."""
     for prefix, what in OTHER_FAMILIES.items():
         if any(k.startswith(prefix) for k in shapes):
             raise EngineError(f"{path} is {what}: single files load for SD1.5, InstructPix2Pix and SDXL base")
@@ -78,18 +80,23 @@ def checkpoint_kind(path: str, shapes: dict) -> str:
                           f"{', '.join(missing)} weights ({', '.join(parts[p][0] + '*' for p in missing)})")
     conv = shapes.get(LDM_CONV_IN, ())
     channels = conv[1] if len(conv) == 4 else None
+    if sdxl and channels == 9:
+        raise EngineError(f"{path} is an SDXL inpainting checkpoint (its UNet's input conv takes 9 channels): SDXL "
+                          "inpainting single files are not supported: load its diffusers folder (e.g. "
+                          "diffusers/stable-diffusion-xl-1.0-inpainting-0.1)")
     if sdxl and channels != 4:
         raise EngineError(f"{path}: the SDXL UNet's input conv ({LDM_CONV_IN}) takes {channels} channels; SDXL base "
-                          "takes 4 (9 is an inpainting model, not supported)")
-    if channels not in (4, 8):
-        raise EngineError(f"{path}: the UNet's input conv ({LDM_CONV_IN}) takes {channels} channels; SD1.5 takes 4 "
-                          "and InstructPix2Pix 8 (9 is an inpainting model, not supported)")
-    return "sdxl" if sdxl else "ip2p" if channels == 8 else "sd15"
+                          "takes 4")
+    if channels not in CHANNELS:
+        raise EngineError(f"{path}: the UNet's input conv ({LDM_CONV_IN}) takes {channels} channels; SD1.5 takes 4, "
+                          "InstructPix2Pix 8 and SD1.5 inpainting 9")
+    return "sdxl" if sdxl else CHANNELS[channels]
 
 
 def config_folder(path: str, kind: str, config=None) -> str:
     """The folder a single file's configs, tokenizer and scheduler come from: `config` (a local diffusers folder
-    of the same kind of model, checked part by part), else the shipped SD1.5, InstructPix2Pix or SDXL one."""
+    of the same kind of model, checked part by part), else the shipped SD1.5, InstructPix2Pix, inpainting or SDXL
+    one."""
     if config is None:
         return os.path.join(CONFIGS, kind)
     folder = os.path.expanduser(os.fspath(config))
@@ -103,17 +110,15 @@ def config_folder(path: str, kind: str, config=None) -> str:
         raise EngineError(f"{path} is {'an SDXL' if kind == 'sdxl' else 'an SD1.5-layout'} checkpoint but the config "
                           f"folder {folder} is {'not ' if kind == 'sdxl' else ''}an SDXL one (text_encoder_2/, "
                           "tokenizer_2/): name a config folder of the same kind of model")
-    edit = kind == "ip2p"
     try:
         with open(os.path.join(folder, "unet", "config.json")) as fh:
             channels = json.load(fh).get("in_channels")
     except (OSError, ValueError, AttributeError) as e:
         raise EngineError(f"cannot read {folder}/unet/config.json: {first_line(e)}") from e
-    want = 8 if edit else 4
+    want = next((n for n, k in CHANNELS.items() if k == kind), 4)  # (SDXL base: 4)
     if channels != want:
-        raise EngineError(f"{path} is {'an InstructPix2Pix' if edit else 'a text-to-image SD1.5'} checkpoint ({want} "
-                          f"UNet input channels) but the config folder {folder} has a {channels}-channel UNet: name "
-                          "a config folder of the same kind of model")
+        raise EngineError(f"{path} is {WHAT.get(kind, 'an SDXL')} checkpoint ({want} UNet input channels) but the config folder "
+                          f"{folder} has a {channels}-channel UNet: name a config folder of the same kind of model")
     return folder
 
 
@@ -166,12 +171,14 @@ def check_checkpoint_keys(path: str, shapes: dict, folder: str, shipped: bool) -
 
 
 def load_single_file(path, dtype: torch.dtype, config=None):
-    """-> load_base's parts from an original-layout SD1.5 / InstructPix2Pix / SDXL base checkpoint, through diffusers'
-    `StableDiffusion(InstructPix2Pix|XL)Pipeline.from_single_file(path, config=folder, local_files_only=True)`: the
-    configs, tokenizer(s) and scheduler from `config` (a local diffusers folder) or the shipped configs; nothing is
-    fetched. The header is checked first (kind, keys, shapes), so a wrong file fails before any weight loads."""
+    """-> load_base's parts from an original-layout SD1.5 / InstructPix2Pix / SD1.5 inpainting / SDXL base checkpoint,
+    through diffusers' `StableDiffusion(InstructPix2Pix|Inpaint|XL)Pipeline.from_single_file(path, config=folder,
+    local_files_only=True)`: the configs, tokenizer(s) and scheduler from `config` (a local diffusers folder) or the
+    shipped configs; nothing is fetched. The header is checked first (kind, keys, shapes), so a wrong file fails
+    before any weight loads."""
     # deferred: diffusers and transformers, for a file being loaded
-    from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (StableDiffusionInpaintPipeline, StableDiffusionInstructPix2PixPipeline,
+                           StableDiffusionPipeline, StableDiffusionXLPipeline)
     from transformers import CLIPTokenizer
 
     path = os.path.expanduser(os.fspath(path))
@@ -189,7 +196,8 @@ def load_single_file(path, dtype: torch.dtype, config=None):
     if kind == "sdxl":
         cls, extra = StableDiffusionXLPipeline, {}
     else:
-        cls = StableDiffusionInstructPix2PixPipeline if kind == "ip2p" else StableDiffusionPipeline
+        cls = {"ip2p": StableDiffusionInstructPix2PixPipeline, "inpaint": StableDiffusionInpaintPipeline}.get(
+            kind, StableDiffusionPipeline)
         extra = dict(safety_checker=None, requires_safety_checker=False)
     pipe = load_part(f"single-file checkpoint {path}", cls.from_single_file, path, config=folder,
                      local_files_only=True, torch_dtype=dtype, feature_extractor=None, **extra, **given)

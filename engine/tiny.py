@@ -366,9 +366,11 @@ def to_single_file(model: str, path: str) -> str:
     return path
 
 
-def make_tiny_single_file(folder: str, seed: int = 0, edit: bool = False, sdxl: bool = False) -> str:
+def make_tiny_single_file(folder: str, seed: int = 0, edit: bool = False, sdxl: bool = False,
+                          inpaint: bool = False) -> str:
     """The tiny model twice under `folder`: model/ (diffusers, make_tiny's for the same seed) and model.safetensors
-    (original layout, the same weights). -> the file's path. edit: InstructPix2Pix; sdxl: an SDXL model (its second
+    (original layout, the same weights). -> the file's path. edit: InstructPix2Pix; inpaint: an inpainting model
+    (9-channel UNet), as sd-v1-5-inpainting.ckpt is laid out; sdxl: an SDXL model (its second
     text encoder 48 wide, unlike the first's 32, as SDXL's are unlike: the single-file loader tells them apart by
     width), the file in SDXL's original layout."""
     folder = os.path.abspath(folder)
@@ -377,6 +379,6 @@ def make_tiny_single_file(folder: str, seed: int = 0, edit: bool = False, sdxl: 
         if sdxl:
             tiny_sdxl_base(os.path.join(tmp, "model"), text2_dim=48)
         else:
-            tiny_base(os.path.join(tmp, "model"), edit)
+            tiny_base(os.path.join(tmp, "model"), edit, inpaint)
         to_single_file(os.path.join(tmp, "model"), os.path.join(tmp, "model.safetensors"))
     return os.path.join(folder, "model.safetensors")

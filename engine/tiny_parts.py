@@ -20,12 +20,18 @@ LORA_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 def tiny_controlnet(folder: str, unet, seed: int = 0) -> str:
     """A random ControlNet for `unet` (a UNet2DConditionModel; SDXL's gives an SDXL net, reading the added
-    conditioning) saved as diffusers' ControlNetModel folder. -> folder."""
+    conditioning) saved as diffusers' ControlNetModel folder. An inpainting UNet's net reads the latents alone (4
+    channels, as diffusers' ControlNet inpainting pipelines feed it): its input conv is the UNet's first 4. -> folder."""
     from diffusers import ControlNetModel
 
     torch.manual_seed(seed)
     # the conditioning embedding halves twice: the tiny VAE's factor is 4 (SD1.5's three times, for 8)
     net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32))
+    latents = unet.config.out_channels
+    if unet.config.in_channels != latents:
+        state = {k: v[:, :latents] if k == "conv_in.weight" else v for k, v in net.state_dict().items()}
+        net = ControlNetModel.from_config({**net.config, "in_channels": latents})
+        net.load_state_dict(state)
     with torch.no_grad():  # a trained net's zero convolutions are not zero: make them matter
         for n, p in net.named_parameters():
             if "controlnet_down_blocks" in n or "controlnet_mid_block" in n or "conv_out" in n:

@@ -119,6 +119,9 @@ def test_cli_page_commands_run_on_tiny_weights(tiny, tmp_path, cond_image):
     lines = shell_lines(ROOT / "docs" / "cli.md", "Try it on tiny weights")
     assert lines[0].startswith("python -m engine make-tiny "), lines[0]
     cond_image.save(tmp_path / "cond.png")
+    mask = Image.new("L", cond_image.size, 0)  # the inpainting line's: its centre repainted
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(tmp_path / "mask.png")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for line in lines:
         argv = shlex.split(line)
@@ -133,7 +136,7 @@ def test_cli_page_commands_run_on_tiny_weights(tiny, tmp_path, cond_image):
         run = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=300)
         assert run.returncode == 0, f"{line}\n{run.stderr[-2000:]}"
-    for name in ("styled.png", "text-0.png", "text-1.png", "parts.png"):
+    for name in ("styled.png", "text-0.png", "text-1.png", "parts.png", "redrawn.png", "inpainted.png"):
         with Image.open(tmp_path / name) as im:
             assert im.size == (64, 64), name
 

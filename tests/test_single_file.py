@@ -1,7 +1,7 @@
-"""Single-file checkpoints (`model.safetensors` in the original LDM layout, as A1111 and ComfyUI keep SD1.5 and
-InstructPix2Pix, and SDXL base's SGM layout) through diffusers' `from_single_file` with local configs only: the
-parts equal the diffusers folder's bitwise and generate the same latents; the shipped configs are SD1.5's,
-InstructPix2Pix's and SDXL base's at full size; no socket is opened; every wrong file or config folder is one line
+"""Single-file checkpoints (`model.safetensors` in the original LDM layout, as A1111 and ComfyUI keep SD1.5, its
+inpainting model and InstructPix2Pix, and SDXL base's SGM layout) through diffusers' `from_single_file` with local configs only: the
+parts equal the diffusers folder's bitwise and generate the same latents; the shipped configs are SD1.5's, SD1.5
+inpainting's, InstructPix2Pix's and SDXL base's at full size; no socket is opened; every wrong file or config folder is one line
 naming it, before any weight loads."""
 import os
 import shutil
@@ -14,10 +14,10 @@ from safetensors.torch import load_file, save_file
 
 from conftest import PROMPT
 from ipadapter_instruct.engine.errors import EngineError
-from ipadapter_instruct.engine.loading import is_edit_model, load_base, native_size, read_configs
+from ipadapter_instruct.engine.loading import is_edit_model, is_inpainting_model, load_base, native_size, read_configs
 from ipadapter_instruct.engine.single_file import CONFIGS, check_checkpoint_keys, checkpoint_kind, checkpoint_shapes, config_folder
 
-KINDS = ("sd15", "ip2p")
+KINDS = ("sd15", "ip2p", "inpaint")
 MODULES = ("unet", "vae", "text_encoder")
 
 
@@ -26,7 +26,8 @@ def files(tmp_path_factory):
     """kind -> the tiny original-layout file; its diffusers folder (the same weights) is model/ beside it."""
     from ipadapter_instruct.engine.tiny import make_tiny_single_file
     root = tmp_path_factory.mktemp("single")
-    return {kind: make_tiny_single_file(str(root / kind), edit=kind == "ip2p") for kind in KINDS}
+    return {kind: make_tiny_single_file(str(root / kind), edit=kind == "ip2p", inpaint=kind == "inpaint")
+            for kind in KINDS}
 
 
 def folder_of(path):
@@ -86,12 +87,39 @@ def test_same_latents_as_the_folder(files):
         assert torch.equal(single(*args, **kw), ref(*args, **kw)), kind
 
 
+def test_an_inpainting_file_inpaints_as_its_folder(files, offline):
+    """The SD1.5 inpainting layout (a 9-channel UNet input conv) loads through StableDiffusionInpaintPipeline's
+    from_single_file and gives the folder's image for an inpainting call; without a mask it is one line."""
+    import numpy as np
+
+    from ipadapter_instruct.engine import Pipeline
+    path, folder = files["inpaint"], folder_of(files["inpaint"])
+    assert checkpoint_kind(path, checkpoint_shapes(path)) == "inpaint"
+    pipes = [Pipeline.from_pretrained(path, config=folder, device="cpu"), Pipeline.from_pretrained(folder, device="cpu")]
+    photo = Image.new("RGB", (64, 64), (120, 40, 200))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    kw = dict(init_image=photo, mask_image=mask, strength=0.75, num_inference_steps=3, seed=4)
+    images = []
+    for pipe in pipes:
+        pipe.set_progress_bar_config(disable=True)
+        assert pipe.capabilities.inpaint
+        images.append(np.asarray(pipe(PROMPT, **kw)[0]))
+    assert np.array_equal(*images)
+    with pytest.raises(EngineError, match="this is an inpainting model"):
+        pipes[0](PROMPT, num_inference_steps=2, seed=4)
+
+
 def test_header_answers_without_loading(files):
     t2i, ip2p = files["sd15"], files["ip2p"]
     assert native_size(t2i, folder_of(t2i)) == (64, 4)  # the tiny configs
     assert native_size(t2i) == (512, 8)  # the shipped SD1.5 configs
     assert is_edit_model(ip2p) and is_edit_model(ip2p, folder_of(ip2p))
     assert not is_edit_model(t2i) and not is_edit_model(t2i, folder_of(t2i))
+    inpaint = files["inpaint"]
+    assert is_inpainting_model(inpaint) and is_inpainting_model(inpaint, folder_of(inpaint))
+    assert not any(is_inpainting_model(f) or is_edit_model(f) is not (f == ip2p) for f in (t2i, ip2p))
+    assert native_size(inpaint) == (512, 8)  # the shipped SD1.5 inpainting configs
     assert read_configs(ip2p, folder_of(t2i)) is None  # file and configs disagree: load_base says why
     assert read_configs(os.path.join(os.path.dirname(t2i), "gone.safetensors")) is None
 
@@ -121,13 +149,14 @@ def test_the_shipped_configs_are_sd15_at_full_size(kind):
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae"))
         text = CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"))
     count = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, text)]
-    edit = kind == "ip2p"
-    assert unet.config.in_channels == (8 if edit else 4)
-    assert count == [859_520_964 + (320 * 4 * 3 * 3 if edit else 0), 83_653_863, 123_060_480]
+    channels = {"sd15": 4, "ip2p": 8, "inpaint": 9}[kind]
+    assert unet.config.in_channels == channels
+    assert count == [859_520_964 + 320 * (channels - 4) * 3 * 3, 83_653_863, 123_060_480]
     shapes = {k: tuple(v.shape) for k, v in ldm_state_dict(unet, vae, text).items()}
     assert checkpoint_kind("sd.safetensors", shapes) == kind
     check_checkpoint_keys("sd.safetensors", shapes, folder, shipped=True)
-    assert type(folder_scheduler(folder)).__name__ == ("EulerAncestralDiscreteScheduler" if edit else "PNDMScheduler")
+    schedulers = {"sd15": "PNDMScheduler", "ip2p": "EulerAncestralDiscreteScheduler", "inpaint": "DDIMScheduler"}
+    assert type(folder_scheduler(folder)).__name__ == schedulers[kind]
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(CONFIGS, "tokenizer"))  # CLIP ViT-L/14's
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
 
@@ -144,8 +173,8 @@ BAD_FILES = {  # name: (change to the tiny SD1.5 file's tensors, what the error 
                      "is an SDXL refiner checkpoint"),
     "half SDXL": (lambda sd: sd.update({"conditioner.embedders.0.transformer.x": torch.ones(2)}),
                   "not an original-layout SDXL checkpoint: it has no second text encoder weights"),
-    "inpainting": (lambda sd: sd.update({UNET + "input_blocks.0.0.weight": torch.ones(32, 9, 3, 3)}),
-                   "takes 9 channels; SD1.5 takes 4 and InstructPix2Pix 8"),
+    "5 channels": (lambda sd: sd.update({UNET + "input_blocks.0.0.weight": torch.ones(32, 5, 3, 3)}),
+                   "takes 5 channels; SD1.5 takes 4, InstructPix2Pix 8 and SD1.5 inpainting 9"),
     "LoRA": (lambda sd: [sd.clear(), sd.update({"lora_unet_x.alpha": torch.ones(())})],
              "not an original-layout SD1.5 / InstructPix2Pix checkpoint: it has no UNet, VAE, text encoder"),
 }
@@ -187,6 +216,9 @@ def test_config_folder_errors(files, tmp_path):
     with pytest.raises(EngineError, match="is an InstructPix2Pix checkpoint .* has a 4-channel UNet") as e:
         load_base(ip2p, torch.float32, config=folder_of(t2i))
     one_line(e, ip2p, folder_of(t2i))
+    with pytest.raises(EngineError, match="is an inpainting checkpoint .* has a 4-channel UNet") as e:
+        load_base(files["inpaint"], torch.float32, config=folder_of(t2i))
+    one_line(e, files["inpaint"], folder_of(t2i))
     with pytest.raises(EngineError, match="config= names the configs of a single-file checkpoint") as e:
         load_base(folder_of(t2i), torch.float32, config=folder_of(t2i))
     one_line(e, folder_of(t2i))
@@ -269,6 +301,16 @@ def test_an_sdxl_file_with_another_kinds_configs_is_one_line(sdxl_file, files, o
                                           r"\(1280,\).*; second text encoder: \d+ mis-shaped") as e:
         load_base(sdxl_file, torch.float32)  # the shipped (full-size) SDXL configs
     one_line(e, sdxl_file, os.path.join(CONFIGS, "sdxl"), "config=")
+
+
+def test_an_sdxl_inpainting_file_is_refused_in_one_line(sdxl_file, tmp_path):
+    sd = load_file(sdxl_file)
+    conv = UNET + "input_blocks.0.0.weight"
+    sd[conv] = torch.ones(sd[conv].shape[0], 9, 3, 3)
+    path = str(tmp_path / "sdxl-inpaint.safetensors")
+    save_file(sd, path)
+    with pytest.raises(EngineError, match="SDXL inpainting single files are not supported: load its diffusers folder"):
+        load_base(path, torch.float32)
 
 
 def test_the_shipped_sdxl_configs_at_full_size():
