@@ -67,6 +67,7 @@ class SDXLPipeline(Pipeline):
     # diffusers' aesthetic_score and negative_aesthetic_score: a model whose model_index.json sets
     # requires_aesthetics_score (the refiner) reads them in place of target_size in its time ids
     AESTHETIC = (6.0, 2.5)
+    requires_aesthetics_score = False  # (set per model in __init__; an exported pipeline keeps this)
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, tokenizer_2=None,
                  requires_aesthetics_score: bool = False, **kwargs):
