@@ -27,6 +27,10 @@ Step-level batching (engine/stepping.py) carries each flight's added conditionin
 LoRA loads through diffusers' SDXL loader (engine/lora.py), into the UNet and both text encoders. ControlNet
 (engine/controlnet.py) passes each row's added conditioning to an SDXL ControlNet too. CUDA graphs keep the
 added conditioning among their static buffers (copied once per call).
+img2img and inpainting (`init_image=`, `strength=`, `mask_image=`; engine/img2img.py) follow diffusers'
+StableDiffusionXLImg2ImgPipeline and StableDiffusionXLInpaintPipeline: their default strengths (STRENGTH), their
+VAE handling (force_upcast, latents_mean/latents_std) and, where model_index.json sets requires_aesthetics_score
+(the refiner's layout), the aesthetic score in place of target_size in the time ids.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.pipeline import Pipeline
 from ipadapter_instruct.engine.prepared import CallState, size_conditioning
+
 
 def time_ids_misfit(unet, pooled: int, aesthetic: bool) -> str | None:
     """Why the UNet's added conditioning does not take the time ids (5 with an aesthetic score, else 6) and the
