@@ -233,13 +233,14 @@ def _from_photo(pipe, start: Start, g, n: int, shape: tuple, sched, t0, size: tu
     return x, None, (mask, image, noise)
 
 
-def photo_size(reqs: list, height, width, f: int) -> tuple:
+def photo_size(reqs: list, height, width, f: int, inpaint: bool = False) -> tuple:
     """img2img's output size when none is given: its photo's, rounded down to the VAE grid (as diffusers'
-    img2img); inpainting and text-to-image leave it to the model's native size."""
+    img2img); inpainting (unless `inpaint`: diffusers' ControlNet inpaint pipelines take the photo's size too) and
+    text-to-image leave it to the model's native size."""
     if height is not None or width is not None:
         return height, width
     sizes = {(r.start.photo.height // f * f, r.start.photo.width // f * f) for r in reqs
-             if r.start is not None and r.start.mask is None}
+             if r.start is not None and (inpaint or r.start.mask is None)}
     if len(sizes) > 1:
         raise EngineError(f"the photos of one call must round to one size, got {sorted(sizes)}: give height and "
                           "width, or run them in separate calls")

@@ -5,6 +5,7 @@ Light at import: diffusers is imported by the loaders only.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -30,6 +31,19 @@ def resolve(path_or_id, what: str) -> str:
 def is_sdxl_folder(src) -> bool:
     """Whether a local diffusers folder is an SDXL one (a second text encoder and tokenizer beside the first)."""
     return all(os.path.isdir(os.path.join(src, p)) for p in ("text_encoder_2", "tokenizer_2"))
+
+
+def index_flag(src, name: str) -> bool:
+    """A flag of a local folder's model_index.json (diffusers' pipeline config, e.g. SDXL's
+    requires_aesthetics_score); False for a hub id, a single file or a folder without it."""
+    path = os.path.join(os.fspath(src), "model_index.json")
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path) as fh:
+            return bool(json.load(fh).get(name, False))
+    except (OSError, ValueError, AttributeError) as e:
+        raise EngineError(f"cannot read {path}: {e}") from None
 
 
 def load_part(what: str, fn, *args, **kwargs):

@@ -353,7 +353,7 @@ class Pipeline(LoraMixin, SteppingMixin):
 
     def _size(self, reqs: list[Request], height, width, max_size) -> tuple[int, int]:
         f = self.vae_scale_factor
-        height, width = img2img.photo_size(reqs, height, width, f)  # img2img: the photo's size by default
+        height, width = img2img.photo_size(reqs, height, width, f, bool(self.controlnets))  # (the photo's size)
         return check_size(height, width, self.unet.config.sample_size * f, f, max_size)
 
     def unet_step(self, x, t, text_rows, ctx, control=None, added=None) -> torch.Tensor:

@@ -13,6 +13,7 @@ from ipadapter_instruct.engine.adapter import load_adapter
 from ipadapter_instruct.engine.controlnet import load_controlnets
 from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.loading import load_base, load_image_encoder, resolve
+from ipadapter_instruct.engine.model_folders import index_flag
 from ipadapter_instruct.engine.preflight import check_load
 from ipadapter_instruct.engine.registry import pipeline_class
 from ipadapter_instruct.engine.trt import check_choice
@@ -136,6 +137,8 @@ def from_pretrained(cls, model, image_encoder=None, adapter=None, device=None, d
     check_load(model, config, cls.KIND, controlnet or ())  # the kind and the ControlNets' fit, from their configs
     parts = load_base(model, dtype, config=config)
     cls = kind_class(cls, parts, model)
+    if cls.KIND == "sdxl":  # a refiner-like model: an aesthetic score in its time ids (engine/sdxl.py)
+        parts["requires_aesthetics_score"] = index_flag(model, "requires_aesthetics_score")
     encoder, processor, loaded = load_adapters(files, image_encoder, parts, dtype)
     nets = None if controlnet is None else load_controlnets(controlnet, parts["unet"], dtype,
                                                                  2 ** (len(parts["vae"].config.block_out_channels) - 1))

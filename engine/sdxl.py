@@ -27,9 +27,14 @@ Step-level batching (engine/stepping.py) carries each flight's added conditionin
 LoRA loads through diffusers' SDXL loader (engine/lora.py), into the UNet and both text encoders. ControlNet
 (engine/controlnet.py) passes each row's added conditioning to an SDXL ControlNet too. CUDA graphs keep the
 added conditioning among their static buffers (copied once per call).
+img2img and inpainting (`init_image=`, `strength=`, `mask_image=`; engine/img2img.py) follow diffusers'
+StableDiffusionXLImg2ImgPipeline and StableDiffusionXLInpaintPipeline: their default strengths (STRENGTH), their
+VAE handling (force_upcast, latents_mean/latents_std) and, where model_index.json sets requires_aesthetics_score
+(the refiner's layout), the aesthetic score in place of target_size in the time ids.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
@@ -39,27 +44,53 @@ from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.pipeline import Pipeline
 from ipadapter_instruct.engine.prepared import CallState, size_conditioning
 
+
+def time_ids_misfit(unet, pooled: int, aesthetic: bool) -> str | None:
+    """Why the UNet's added conditioning does not take the time ids (5 with an aesthetic score, else 6) and the
+    second text encoder's pooled projection, or None."""
+    time_dim, want = unet.config.addition_time_embed_dim, unet.add_embedding.linear_1.in_features
+    ids = 5 if aesthetic else 6
+    if time_dim is not None and ids * time_dim + pooled == want:
+        return None
+    why = f"the SDXL UNet's added conditioning takes {want} values per row, but {ids} time ids x {time_dim} + the " \
+          f"second text encoder's {pooled}-wide pooled projection make {ids * (time_dim or 0) + pooled}"
+    if time_dim and want - pooled == 5 * time_dim:
+        return why + ": the UNet reads 5 time ids (an aesthetic score for target_size): its model_index.json " \
+                     "should set requires_aesthetics_score, as the refiner's does"
+    if time_dim and want - pooled == 6 * time_dim:
+        return why + ": the UNet reads 6 time ids (target_size): its model_index.json sets " \
+                     "requires_aesthetics_score, which this UNet does not take"
+    return why + ": the UNet and text_encoder_2 are not one model"
+
+
 class SDXLPipeline(Pipeline):
     KIND = "sdxl"
     # LoRA (engine/lora.py) through diffusers' SDXL loader: the UNet and both text encoders (kohya's lora_te1_/
     # lora_te2_ keys included)
     _loader = StableDiffusionXLLoraLoaderMixin
     _lora_loadable_modules = StableDiffusionXLLoraLoaderMixin._lora_loadable_modules
+    # diffusers' aesthetic_score and negative_aesthetic_score: a model whose model_index.json sets
+    # requires_aesthetics_score (the refiner) reads them in place of target_size in its time ids
+    AESTHETIC = (6.0, 2.5)
+    requires_aesthetics_score = False  # (set per model in __init__; an exported pipeline keeps this)
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, tokenizer_2=None,
-                 **kwargs):
+                 requires_aesthetics_score: bool = False, **kwargs):
         if text_encoder_2 is None or tokenizer_2 is None:
             raise EngineError("an SDXL pipeline needs text_encoder_2 and tokenizer_2 (an SDXL diffusers folder)")
         super().__init__(unet, vae, text_encoder, tokenizer, scheduler, **kwargs)
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         text_encoder_2.to(self.device, self.dtype).eval().requires_grad_(False)
-        time_dim = unet.config.addition_time_embed_dim
-        pooled = text_encoder_2.config.projection_dim
-        want = unet.add_embedding.linear_1.in_features
-        if time_dim is None or 6 * time_dim + pooled != want:
-            raise EngineError(f"the SDXL UNet's added conditioning takes {want} values per row, but 6 time ids x "
-                              f"{time_dim} + the second text encoder's {pooled}-wide pooled projection make "
-                              f"{6 * (time_dim or 0) + pooled}: the UNet and text_encoder_2 are not one model")
+        self.requires_aesthetics_score = bool(requires_aesthetics_score)
+        misfit = time_ids_misfit(unet, text_encoder_2.config.projection_dim, self.requires_aesthetics_score)
+        if misfit:
+            raise EngineError(misfit)
+
+    @property
+    def STRENGTH(self) -> dict:
+        """A photo's default strength per task, diffusers' defaults: StableDiffusionXLImg2ImgPipeline 0.3 (its
+        ControlNet img2img pipeline 0.8), StableDiffusionXLInpaintPipeline (and its ControlNet one) 0.9999."""
+        return {"img2img": 0.8 if self.controlnets else 0.3, "inpaint": 0.9999}
 
     # ---- what differs from SD1.5 ----------------------------------------------------------------------
 
@@ -129,9 +160,73 @@ class SDXLPipeline(Pipeline):
             self._encode_texts(missing, call)
         branch = p.plan["branch_of_row"].to(self.device)
         pooled = torch.stack([call.pooled[t] for t in texts]).index_select(0, branch)
+        p.added = {"text_embeds": pooled, "time_ids": self._time_ids(p, call).index_select(0, branch)}
+        return p
+
+    def _time_ids(self, p, call: CallState) -> torch.Tensor:
+        """-> (branches, 5 or 6): original_size + crops_coords_top_left + target_size, as diffusers; on a model that
+        requires an aesthetic score (diffusers' img2img/inpaint pipelines with requires_aesthetics_score) the score
+        in place of target_size, the negative one on the unconditional branch (diffusers' negative half)."""
         original, crop, target = call.size_conditioning
         size = (p.height, p.width)
-        ids = list(original or size) + list(crop) + list(target or size)
-        time_ids = torch.tensor([ids], device=self.device, dtype=self.dtype).expand(pooled.shape[0], 6)
-        p.added = {"text_embeds": pooled, "time_ids": time_ids}
-        return p
+        head = list(original or size) + list(crop)
+        names = [b["name"] for b in p.plan["branches"]]
+        if self.requires_aesthetics_score:
+            score, negative = self.AESTHETIC
+            rows = [head + [negative if name == "uncond" else score] for name in names]
+        else:
+            rows = [head + list(target or size)] * len(names)
+        return torch.tensor(rows, device=self.device, dtype=self.dtype)
+
+    # ---- the VAE as diffusers' SDXL pipelines run it (PyTorch runtime; exported graphs keep their own) ----------
+
+    def photo_distribution(self, pixels: torch.Tensor):
+        """diffusers' SDXL img2img/inpaint encode: in float32 when the VAE config says force_upcast (SDXL's VAE
+        overflows in float16); the distribution stays float32 (its sample is cast by photo_latents)."""
+        if self.RUNTIME != "torch" or not self.vae.config.force_upcast or self.vae.dtype == torch.float32:
+            return super().photo_distribution(pixels)
+        return self._vae_float32().encode(pixels.float()).latent_dist
+
+    def photo_latents(self, sample: torch.Tensor) -> torch.Tensor:
+        """A latent sample in the model's dtype, normalised by the VAE's latents_mean/latents_std where its config
+        has them (StableDiffusionXLImg2ImgPipeline; its inpaint pipeline skips them when encoding), else times the
+        scaling factor."""
+        if self.RUNTIME != "torch":
+            return super().photo_latents(sample)
+        sample = sample.to(self.dtype)
+        stats = self._latent_stats(sample)
+        if stats is None:
+            return super().photo_latents(sample)
+        mean, std = stats
+        return (sample - mean) * self.vae.config.scaling_factor / std
+
+    def _decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """diffusers' SDXL decode: latents_mean/latents_std undone where the VAE config has them; a float16 VAE with
+        force_upcast decodes in float32."""
+        if self.RUNTIME != "torch":
+            return super()._decode_pixels(latents)
+        cfg, stats = self.vae.config, self._latent_stats(latents)
+        upcast = self.vae.dtype == torch.float16 and cfg.force_upcast
+        if stats is None and not upcast:
+            return super()._decode_pixels(latents)
+        z = latents / cfg.scaling_factor if stats is None else latents * stats[1] / cfg.scaling_factor + stats[0]
+        vae = self._vae_float32() if upcast else self.vae
+        return vae.decode(z.to(vae.dtype), return_dict=False)[0]
+
+    def _latent_stats(self, like: torch.Tensor):
+        # the VAE config's (latents_mean, latents_std) as (1, C, 1, 1) tensors like `like`, or None
+        cfg = self.vae.config
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is None or std is None:
+            return None
+        return tuple(torch.tensor(v).view(1, -1, 1, 1).to(like.device, like.dtype) for v in (mean, std))
+
+    def _vae_float32(self):
+        """A float32 copy of the VAE (made once per VAE and device), for force_upcast: the pipeline's own VAE is
+        never cast in place, since concurrent calls share it."""
+        held = self.__dict__.get("_vae32")
+        device = next(self.vae.parameters()).device
+        if held is None or held[0] is not self.vae or held[2] != device:
+            held = (self.vae, copy.deepcopy(self.vae).float(), device)
+            self._vae32 = held
+        return held[1]

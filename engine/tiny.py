@@ -76,13 +76,16 @@ def tiny_base(folder: str, edit: bool = False, inpaint: bool = False) -> None:
     (ip2p_pipeline if edit else sd_pipeline)(unet, vae, text, tok, inpaint).save_pretrained(folder)
 
 
-def tiny_sdxl_base(folder: str, text2_dim: int = TEXT_DIM) -> None:
+def tiny_sdxl_base(folder: str, text2_dim: int = TEXT_DIM, inpaint: bool = False, aesthetic: bool = False) -> None:
     """The tiny SDXL-layout model: two text encoders (CLIP-L-like, and a CLIPTextModelWithProjection whose pooled
     projection feeds the added conditioning), a UNet with `text_time` added conditioning (6 time ids) and
     cross-attention width = both encoders' widths side by side, SDXL's Euler scheduler config and VAE scaling
     factor, as diffusers' StableDiffusionXLPipeline saves them. text2_dim: the second encoder's width (a
-    single-file checkpoint needs it unlike the first's, as in SDXL: diffusers tells the encoders apart by width)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    single-file checkpoint needs it unlike the first's, as in SDXL: diffusers tells the encoders apart by width).
+    inpaint: a 9-channel inpainting UNet; aesthetic: 5 time ids (the refiner's aesthetic score for target_size), with
+    `requires_aesthetics_score` in model_index.json (both encoders kept, unlike the refiner's release)."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,11 +99,12 @@ def tiny_sdxl_base(folder: str, text2_dim: int = TEXT_DIM) -> None:
                                                        projection_dim=text2_dim))
     time_dim = 8
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        sample_size=16, in_channels=9 if inpaint else 4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
         cross_attention_dim=TEXT_DIM + text2_dim, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + text2_dim, norm_num_groups=8)
+        projection_class_embeddings_input_dim=(5 if aesthetic else 6) * time_dim + text2_dim, norm_num_groups=8)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, sample_size=64,
@@ -108,8 +112,10 @@ def tiny_sdxl_base(folder: str, text2_dim: int = TEXT_DIM) -> None:
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
                                        interpolation_type="linear", prediction_type="epsilon")
-    StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=tok, tokenizer_2=tok2,
-                              unet=unet, scheduler=scheduler).save_pretrained(folder)
+    kind, flag = (StableDiffusionXLImg2ImgPipeline, {"requires_aesthetics_score": True}) if aesthetic else \
+        (StableDiffusionXLPipeline, {})
+    kind(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=tok, tokenizer_2=tok2, unet=unet,
+         scheduler=scheduler, **flag).save_pretrained(folder)
 
 
 def make_tiny_sdxl(folder: str, seed: int = 0, text2_dim: int = TEXT_DIM, controlnet: bool = False,
