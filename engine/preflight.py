@@ -211,8 +211,6 @@ def controlnet_misfit(net: dict, unet: dict, vae_factor: int | None) -> str | No
     problems = [] if reads == latents else [f"in_channels {reads} against the UNet's {latents} latent channels"]
     for field, default in unet_defaults.items():
         mine, theirs = net.get(field, default), unet.get(field, default)
-        if field == "in_channels" and theirs == 2 * mine + 1:
-            continue  # an inpainting UNet (latents, mask, masked photo): its ControlNet reads the latents alone
         mine, theirs = [tuple(v) if isinstance(v, list) else v for v in (mine, theirs)]
         if mine != theirs:
             problems.append(f"{field} {mine} against the UNet's {theirs}")
