@@ -31,7 +31,7 @@ def _parser() -> Parser:
     on = sub.add_parser("onnx", help="write the five ONNX graphs (six for InstructPix2Pix; and one per ControlNet) "
                         "and manifest.json")
     on.add_argument("--model", required=True, help="diffusers Stable Diffusion 1.5 folder, or an InstructPix2Pix "
-                    "one (adds vae_encoder)")
+                    "or inpainting one (adds vae_encoder)")
     on.add_argument("--image-encoder", required=True, help="CLIP vision folder")
     on.add_argument("--adapter", required=True, help="two-key adapter file (.bin or .safetensors)")
     on.add_argument("--out", required=True, help="output folder")
@@ -40,8 +40,12 @@ def _parser() -> Parser:
                     help="adapter attention as the TensorRT plugin node (default) or in standard ONNX ops")
     on.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     on.add_argument("--graphs", default=None, help=f"comma-separated subset (default: all of {', '.join(GRAPHS)}; "
-                    f"and {EDIT_GRAPHS[-1]} for an InstructPix2Pix model, controlnet, controlnet_1, ... with "
-                    "--controlnet)")
+                    f"and {EDIT_GRAPHS[-1]} for an InstructPix2Pix or inpainting model or with --img2img, "
+                    "controlnet, controlnet_1, ... with --controlnet)")
+    on.add_argument("--img2img", action="store_true",
+                    help=f"also export {EDIT_GRAPHS[-1]} (the photo's latent distribution), which the runtimes need "
+                    "to start from a photo: img2img and inpainting on a text-to-image model (an InstructPix2Pix or "
+                    "inpainting model always has it)")
     on.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="where to trace (default: cuda when present; fp16 tracing on a CPU takes minutes for SD1.5)")
     on.add_argument("--controlnet", action="append", default=None, metavar="DIR",
@@ -111,7 +115,7 @@ def command(a) -> int:
             from ipadapter_instruct.export.onnx import export_onnx
             print(export_onnx(a.model, a.image_encoder, a.adapter, a.out, a.opset, a.attention, a.dtype,
                               tuple(g for g in (a.graphs or "").split(",") if g), a.device,
-                              controlnet=a.controlnet))
+                              controlnet=a.controlnet, img2img=a.img2img))
             return 0
         if a.command == "verify":
             from ipadapter_instruct.export.verify import verify
