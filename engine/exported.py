@@ -34,6 +34,7 @@ import torch
 
 from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.graph_names import FORMAT, GRAPHS, SDXL_GRAPHS, SOURCES  # noqa: F401 (this module's API)
+from ipadapter_instruct.engine.img2img import photo_size
 from ipadapter_instruct.engine.pipeline import Pipeline
 from ipadapter_instruct.engine.prepared import LastTimings
 from ipadapter_instruct.engine.sdxl import SDXLPipeline
@@ -193,8 +194,10 @@ class ExportedPipeline(Pipeline):
         return self.manifest["vae_scale_factor"]
 
     def _size(self, reqs, height, width, max_size) -> tuple[int, int]:
-        height, width = super()._size(reqs, height, width, max_size)
         m, f = self.manifest["graphs"]["unet"].get("latent_multiple"), self.vae_scale_factor  # (older exports: none)
+        if m:  # img2img's default size, the photo's, rounded down to the graph's grid rather than the VAE's
+            height, width = photo_size(reqs, height, width, m * f)
+        height, width = super()._size(reqs, height, width, max_size)
         if m and ((height // f) % m or (width // f) % m):
             raise EngineError(f"the exported UNet takes heights and widths that are multiples of {m * f} px (its "
                               f"latent halves {m.bit_length() - 1} times); got {height}x{width}")

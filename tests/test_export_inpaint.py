@@ -122,6 +122,15 @@ def test_img2img_and_4_channel_inpainting_on_the_graphs_match_the_engine(img2img
     assert [im.size for im in graphs(**kw)] == [(48, 64)]
 
 
+def test_img2img_takes_the_photos_size_on_the_graphs_grid(img2img_export, tiny):
+    """A 70 x 54 photo: the PyTorch pipeline's output is 68 x 52 (the VAE's 4 px grid), which the exported UNet
+    cannot take (its latent halves once: 8 px); the exported runtime rounds down to its grid instead."""
+    kw = dict(prompt="a red house", image=random_image(40, 40, 2), instruct="use the style",
+              init_image=random_image(70, 54, 0), strength=0.5, num_inference_steps=2, seed=1)
+    assert torch_pipe(tiny)(**kw)[0].size == (52, 68)
+    assert onnx_pipe(img2img_export)(**kw)[0].size == (48, 64)
+
+
 def without_vae_encoder(folder, dest):
     """A copy of an export folder whose manifest lists no vae_encoder (as an export without --img2img)."""
     shutil.copytree(folder, dest)
