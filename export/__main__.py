@@ -73,6 +73,13 @@ def _parser() -> Parser:
     ru.add_argument("--num-inference-steps", "--steps", dest="steps", type=int, default=30, metavar="N",
                     help="denoising steps (--steps: the old name)")
     ru.add_argument("--seed", type=int, default=None, help="default: a fresh random seed, printed on stderr")
+    ru.add_argument("--init-image", default=None, metavar="PATH",
+                    help="start from this photo: img2img, or inpainting with --mask (the export needs vae_encoder: "
+                         "an inpainting model's has it, a text-to-image one with `onnx --img2img`)")
+    ru.add_argument("--strength", type=float, default=None, metavar="F",
+                    help="how far from the photo, in (0, 1] (default 0.8 for img2img, 1.0 for inpainting)")
+    ru.add_argument("--mask", default=None, metavar="PATH",
+                    help="inpainting mask, the photo's size: white is repainted, black kept")
     ru.add_argument("--control-image", action="append", default=None, metavar="PATH",
                     help="control image of an export with ControlNets, one per net in the export's order")
     ru.add_argument("--controlnet-scale", type=float, action="append", default=None, metavar="F",
@@ -148,8 +155,10 @@ def command(a) -> int:
             if sizes and pipe.kind != "sdxl":
                 raise EngineError("--original-size, --target-size and --crops-top-left are SDXL's size conditioning; "
                                   f"{a.dir} is not an SDXL export")
+            photo = {k: v for k, v in (("init_image", a.init_image), ("mask_image", a.mask),
+                                       ("strength", a.strength)) if v is not None}
             images = pipe(a.prompt, image, a.instruct, a.negative_prompt or DEFAULT_NEGATIVE, scale=a.scale,
-                          num_inference_steps=a.steps, seed=a.seed, **control, **sizes)
+                          num_inference_steps=a.steps, seed=a.seed, **control, **sizes, **photo)
             params = dict(prompt=a.prompt, negative_prompt=a.negative_prompt or DEFAULT_NEGATIVE, instruct=a.instruct,
                           num_inference_steps=a.steps, seed=images.seeds[0], width=images[0].width,
                           height=images[0].height, model=os.path.basename(os.path.normpath(a.dir)))

@@ -131,6 +131,23 @@ def test_img2img_takes_the_photos_size_on_the_graphs_grid(img2img_export, tiny):
     assert onnx_pipe(img2img_export)(**kw)[0].size == (48, 64)
 
 
+def test_export_run_inpaints_from_the_command_line(inpaint_export, tmp_path):
+    random_image(64, 48, 0).save(tmp_path / "photo.png")
+    mask(64, 48, 16, 8).save(tmp_path / "mask.png")
+    random_image(40, 40, 2).save(tmp_path / "cond.png")
+    common = ["run", str(inpaint_export), "--prompt", "a red house", "--image", str(tmp_path / "cond.png"),
+              "--instruct", "use the style", "--steps", "2", "--seed", "1", "--init-image", str(tmp_path / "photo.png")]
+    res = export(*common, "--mask", str(tmp_path / "mask.png"), "--strength", "0.9", "--out", str(tmp_path / "x.png"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    with Image.open(tmp_path / "x.png") as im:
+        assert im.size == (64, 64)  # inpainting: the model's native size, as diffusers
+    res = export(*common, "--out", str(tmp_path / "y.png"))
+    assert res.returncode == 2 and not (tmp_path / "y.png").exists()
+    assert res.stderr.strip().splitlines() == [
+        "python -m export run: error: mask_image is required: this is an inpainting model (its UNet reads a mask); "
+        "white in the mask is repainted, black kept"]
+
+
 def without_vae_encoder(folder, dest):
     """A copy of an export folder whose manifest lists no vae_encoder (as an export without --img2img)."""
     shutil.copytree(folder, dest)
