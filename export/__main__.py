@@ -20,9 +20,40 @@ def add_source_args(p, names) -> None:
                        f"manifest's (default: the manifest's, relative to DIR)")
 
 
-def _parser() -> Parser:
+def _run_arguments(ru) -> None:
+    """`python -m export run`'s flags."""
     from ipadapter_instruct.engine.arguments import int_pair
 
+    ru.add_argument("dir")
+    ru.add_argument("--prompt", required=True)
+    ru.add_argument("--ip-adapter-image", "--image", dest="image", required=True, metavar="PATH",
+                    help="the adapter's reference image (--image: the old name)")
+    ru.add_argument("--instruct", default=None, help="what to take from the image (IPAdapter-Instruct)")
+    ru.add_argument("--negative-prompt", default=None)
+    ru.add_argument("--scale", type=float, default=0.8, help="adapter strength (default 0.8)")
+    ru.add_argument("--num-inference-steps", "--steps", dest="steps", type=int, default=30, metavar="N",
+                    help="denoising steps (--steps: the old name)")
+    ru.add_argument("--seed", type=int, default=None, help="default: a fresh random seed, printed on stderr")
+    ru.add_argument("--init-image", default=None, metavar="PATH",
+                    help="start from this photo: img2img, or inpainting with --mask (the export needs vae_encoder: "
+                         "an inpainting model's has it, a text-to-image one with `onnx --img2img`)")
+    ru.add_argument("--strength", type=float, default=None, metavar="F",
+                    help="how far from the photo, in (0, 1] (default 0.8 for img2img, 1.0 for inpainting)")
+    ru.add_argument("--mask", default=None, metavar="PATH",
+                    help="inpainting mask, the photo's size: white is repainted, black kept")
+    ru.add_argument("--control-image", action="append", default=None, metavar="PATH",
+                    help="control image of an export with ControlNets, one per net in the export's order")
+    ru.add_argument("--controlnet-scale", type=float, action="append", default=None, metavar="F",
+                    help="conditioning scale, once or once per net (default 1.0)")
+    for flag, what in (("--original-size", "H,W (default: the output size)"),
+                       ("--target-size", "H,W (default: the output size)"), ("--crops-top-left", "T,L (default 0,0)")):
+        ru.add_argument(flag, type=int_pair, default=None, metavar=what.split()[0],
+                        help=f"an SDXL export only: size conditioning, {what}")
+    ru.add_argument("--out", required=True, help="output .png")
+    add_source_args(ru, ("model", "image_encoder"))
+
+
+def _parser() -> Parser:
     from ipadapter_instruct.engine.graph_names import DEFAULT_OPSET, EDIT_GRAPHS, GRAPHS
     from ipadapter_instruct.export.plugin import ARCHS, DTYPES, HEAD_DIMS, HEADS
 
@@ -63,33 +94,7 @@ def _parser() -> Parser:
     ve.add_argument("--controlnet", action="append", default=None, metavar="DIR",
                     help="the export's ControlNet folders, one per net in its order, in place of the manifest's")
     ru = sub.add_parser("run", help="generate from an export folder with ONNX Runtime (the reference loop)")
-    ru.add_argument("dir")
-    ru.add_argument("--prompt", required=True)
-    ru.add_argument("--ip-adapter-image", "--image", dest="image", required=True, metavar="PATH",
-                    help="the adapter's reference image (--image: the old name)")
-    ru.add_argument("--instruct", default=None, help="what to take from the image (IPAdapter-Instruct)")
-    ru.add_argument("--negative-prompt", default=None)
-    ru.add_argument("--scale", type=float, default=0.8, help="adapter strength (default 0.8)")
-    ru.add_argument("--num-inference-steps", "--steps", dest="steps", type=int, default=30, metavar="N",
-                    help="denoising steps (--steps: the old name)")
-    ru.add_argument("--seed", type=int, default=None, help="default: a fresh random seed, printed on stderr")
-    ru.add_argument("--init-image", default=None, metavar="PATH",
-                    help="start from this photo: img2img, or inpainting with --mask (the export needs vae_encoder: "
-                         "an inpainting model's has it, a text-to-image one with `onnx --img2img`)")
-    ru.add_argument("--strength", type=float, default=None, metavar="F",
-                    help="how far from the photo, in (0, 1] (default 0.8 for img2img, 1.0 for inpainting)")
-    ru.add_argument("--mask", default=None, metavar="PATH",
-                    help="inpainting mask, the photo's size: white is repainted, black kept")
-    ru.add_argument("--control-image", action="append", default=None, metavar="PATH",
-                    help="control image of an export with ControlNets, one per net in the export's order")
-    ru.add_argument("--controlnet-scale", type=float, action="append", default=None, metavar="F",
-                    help="conditioning scale, once or once per net (default 1.0)")
-    for flag, what in (("--original-size", "H,W (default: the output size)"),
-                       ("--target-size", "H,W (default: the output size)"), ("--crops-top-left", "T,L (default 0,0)")):
-        ru.add_argument(flag, type=int_pair, default=None, metavar=what.split()[0],
-                        help=f"an SDXL export only: size conditioning, {what}")
-    ru.add_argument("--out", required=True, help="output .png")
-    add_source_args(ru, ("model", "image_encoder"))
+    _run_arguments(ru)
     pl = sub.add_parser("plugin", help="compile the plugin's attention kernels (cubin + PTX) and their index")
     pl.add_argument("--out", required=True)
     pl.add_argument("--arch", type=int, choices=ARCHS, action="append", help="repeatable; default: all")
