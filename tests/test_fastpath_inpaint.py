@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PROMPT
+from conftest import PROMPT, gpu
 from ipadapter_instruct.engine.cuda_graphs import StaticUNet
+from pipelines import check_within_rule, exact_fp32
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +22,10 @@ def tiny_inpaint(tmp_path_factory):
     return make_tiny(str(tmp_path_factory.mktemp("inpaint") / "weights"), inpaint=True)
 
 
-def pipeline(weights, backend="auto"):
+def pipeline(weights, backend="auto", device="cpu", dtype=None):
     from ipadapter_instruct.engine import Pipeline
     pipe = Pipeline.from_pretrained(weights["model"], image_encoder=weights["image_encoder"],
-                                    adapter=weights["adapter"], device="cpu", attention_backend=backend)
+                                    adapter=weights["adapter"], device=device, dtype=dtype, attention_backend=backend)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -66,6 +67,21 @@ def through_static_buffers(pipe, calls, cond_image):
     finally:
         pipe._static = None
     return plain, static, entries
+
+
+@gpu
+def test_cuda_graphs_inpaint_within_the_kernels_rule(tiny_inpaint, cond_image, monkeypatch):
+    """Captured and replayed on CUDA (fp16): one graph for both requests, each within the kernels' rule of the fp32
+    eager path (not run on this project's machines yet: no GPU lent)."""
+    pipe = pipeline(tiny_inpaint, "auto", "cuda", "float16")
+    plain = run(pipe, INPAINT, cond_image)
+    pipe.enable_cuda_graphs()
+    graphed = run(pipe, INPAINT, cond_image)
+    assert len(pipe._static.entries) == 1
+    exact_fp32(monkeypatch)
+    exact = run(pipeline(tiny_inpaint, "reference", "cuda", "float32"), INPAINT, cond_image)
+    for i, (got, want, ref) in enumerate(zip(graphed, plain, exact)):
+        check_within_rule(got, want, ref, f"request {i} graphed")
 
 
 def test_static_buffers_carry_the_mask_and_masked_photo_channels(tiny_inpaint, cond_image):
