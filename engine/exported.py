@@ -222,8 +222,10 @@ class ExportedPipeline(Pipeline):
     def parse(self, args: dict) -> list:
         reqs = super().parse(args)
         if "vae_encoder" not in self.graphs and any(getattr(r, "start", None) is not None for r in reqs):
-            raise EngineError(f"{self.manifest_folder} has no vae_encoder graph: init_image= is encoded by it; export "
-                              "the model again with --img2img")
+            folder = self.manifest_folder
+            fix = (f"build its plan: `python -m export trt ONNX_DIR --out {folder} --graphs vae_encoder`"
+                   if "vae_encoder" in self.manifest["graphs"] else "export the model again with --img2img")
+            raise EngineError(f"{folder} has no vae_encoder graph: init_image= is encoded by it; {fix}")
         return reqs
 
     def photo_distribution(self, pixels: torch.Tensor):
@@ -232,9 +234,9 @@ class ExportedPipeline(Pipeline):
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         out = self.graphs["vae_encoder"](pixels=pixels)
-        if not isinstance(out, tuple):
+        if isinstance(out, torch.Tensor):
             return DiagonalGaussianDistribution(torch.cat([out, out], dim=1), deterministic=True)
-        return DiagonalGaussianDistribution(torch.cat(out, dim=1))
+        return DiagonalGaussianDistribution(torch.cat(list(out), dim=1))
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
