@@ -13,6 +13,11 @@ ControlNet: engine/controlnet.py's control images, scales, guidance window and g
 net's graph. The UNet graph of such an export takes the residuals as inputs (manifest: unet's
 "controlnet_residuals"); a step without them (outside the guidance window, every scale 0) feeds zeros.
 
+img2img and inpainting (`init_image=`, `mask_image=`, `strength=`): engine/img2img.py's, unchanged, with the photo
+encoded by the vae_encoder graph (its mean and log-variance: `photo_distribution` samples it as diffusers' VAE does,
+with the request's generator). An inpainting export's UNet takes 9 channels (latents, mask, masked-photo latent) and
+always has vae_encoder; a text-to-image one has it where exported with --img2img, else a photo is refused in one line.
+
 SDXL (manifest kind "sdxl"): ExportedSDXLPipeline puts engine/sdxl.py's maths around the six graphs of an SDXL
 export (text_encoder_2 beside the five); each runtime's loader picks it from the manifest.
 
@@ -29,6 +34,7 @@ import torch
 
 from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.graph_names import FORMAT, GRAPHS, SDXL_GRAPHS, SOURCES  # noqa: F401 (this module's API)
+from ipadapter_instruct.engine.img2img import photo_size
 from ipadapter_instruct.engine.pipeline import Pipeline
 from ipadapter_instruct.engine.prepared import LastTimings
 from ipadapter_instruct.engine.sdxl import SDXLPipeline
@@ -147,7 +153,7 @@ class ExportedPipeline(Pipeline):
                            dict(model=model, image_encoder=image_encoder))
         self.sources = src
         self.device, self.dtype = torch.device(device), getattr(torch, manifest["dtype"])
-        self.graphs, self.manifest = graphs, manifest
+        self.graphs, self.manifest, self.manifest_folder = graphs, manifest, folder
         self.tokenizer = CLIPTokenizer.from_pretrained(src["model"], subfolder="tokenizer")
         config = dsched.DDIMScheduler.load_config(src["model"], subfolder="scheduler")
         self.scheduler = getattr(dsched, config["_class_name"]).from_config(config)
@@ -159,8 +165,11 @@ class ExportedPipeline(Pipeline):
         self.unet = SimpleNamespace(config=FrozenDict(sample_size=native, in_channels=sample[1]))
         decoder = manifest["graphs"].get("vae_decoder", {}).get("inputs") or [{"shape": sample}]
         latent_channels = decoder[0]["shape"][1]  # (the UNet's sample may hold more: InstructPix2Pix's photo latent)
-        self.vae = SimpleNamespace(config=FrozenDict(block_out_channels=[0] * levels,
-                                                     latent_channels=latent_channels))
+        self.vae = SimpleNamespace(config=FrozenDict(block_out_channels=[0] * levels, latent_channels=latent_channels,
+                                                     scaling_factor=manifest["vae_scaling_factor"]))
+        if sample[1] == 2 * latent_channels + 1 and "vae_encoder" not in graphs:
+            raise EngineError(f"{folder} is an inpainting model ({sample[1]} UNet input channels) but lacks "
+                              "vae_encoder, which encodes its photos: export it again")
         self.attention_backend = f"{self.runtime} ({manifest.get('attention', 'plugin')} attention)"
         self.adapter = SimpleNamespace(kind=manifest["source"]["adapter_kind"], projector=self._project_graph)
         self.cross, self._static, self._fused_projector, self._compiled = {}, None, False, False
@@ -185,8 +194,10 @@ class ExportedPipeline(Pipeline):
         return self.manifest["vae_scale_factor"]
 
     def _size(self, reqs, height, width, max_size) -> tuple[int, int]:
-        height, width = super()._size(reqs, height, width, max_size)
         m, f = self.manifest["graphs"]["unet"].get("latent_multiple"), self.vae_scale_factor  # (older exports: none)
+        if m:  # img2img's default size, the photo's, rounded down to the graph's grid rather than the VAE's
+            height, width = photo_size(reqs, height, width, m * f)
+        height, width = super()._size(reqs, height, width, max_size)
         if m and ((height // f) % m or (width // f) % m):
             raise EngineError(f"the exported UNet takes heights and widths that are multiples of {m * f} px (its "
                               f"latent halves {m.bit_length() - 1} times); got {height}x{width}")
@@ -207,6 +218,25 @@ class ExportedPipeline(Pipeline):
 
     def set_attention_backend(self, backend: str) -> None:
         raise EngineError(f"{type(self).__name__} runs exported graphs, whose attention is fixed at export time")
+
+    def parse(self, args: dict) -> list:
+        reqs = super().parse(args)
+        if "vae_encoder" not in self.graphs and any(getattr(r, "start", None) is not None for r in reqs):
+            folder = self.manifest_folder
+            fix = (f"build its plan: `python -m export trt ONNX_DIR --out {folder} --graphs vae_encoder`"
+                   if "vae_encoder" in self.manifest["graphs"] else "export the model again with --img2img")
+            raise EngineError(f"{folder} has no vae_encoder graph: init_image= is encoded by it; {fix}")
+        return reqs
+
+    def photo_distribution(self, pixels: torch.Tensor):
+        """pixels (B, 3, H, W) in [-1, 1] -> diffusers' DiagonalGaussianDistribution from the vae_encoder graph's
+        mean and log-variance (an export from before the log-variance: its mean, a point mass)."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        out = self.graphs["vae_encoder"](pixels=pixels)
+        if isinstance(out, torch.Tensor):
+            return DiagonalGaussianDistribution(torch.cat([out, out], dim=1), deterministic=True)
+        return DiagonalGaussianDistribution(torch.cat(list(out), dim=1))
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -270,6 +300,8 @@ class ExportedSDXLPipeline(SDXLPipeline, ExportedPipeline):
         from transformers import CLIPTokenizer
 
         self.tokenizer_2 = CLIPTokenizer.from_pretrained(self.sources["model"], subfolder="tokenizer_2")
+
+    photo_distribution = ExportedPipeline.photo_distribution  # the graph's, whatever SDXLPipeline encodes with
 
     def _ids(self, tokenizer, texts: list[str]) -> torch.Tensor:
         return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,

@@ -20,9 +20,40 @@ def add_source_args(p, names) -> None:
                        f"manifest's (default: the manifest's, relative to DIR)")
 
 
-def _parser() -> Parser:
+def _run_arguments(ru) -> None:
+    """`python -m export run`'s flags."""
     from ipadapter_instruct.engine.arguments import int_pair
 
+    ru.add_argument("dir")
+    ru.add_argument("--prompt", required=True)
+    ru.add_argument("--ip-adapter-image", "--image", dest="image", required=True, metavar="PATH",
+                    help="the adapter's reference image (--image: the old name)")
+    ru.add_argument("--instruct", default=None, help="what to take from the image (IPAdapter-Instruct)")
+    ru.add_argument("--negative-prompt", default=None)
+    ru.add_argument("--scale", type=float, default=0.8, help="adapter strength (default 0.8)")
+    ru.add_argument("--num-inference-steps", "--steps", dest="steps", type=int, default=30, metavar="N",
+                    help="denoising steps (--steps: the old name)")
+    ru.add_argument("--seed", type=int, default=None, help="default: a fresh random seed, printed on stderr")
+    ru.add_argument("--init-image", default=None, metavar="PATH",
+                    help="start from this photo: img2img, or inpainting with --mask (the export needs vae_encoder: "
+                         "an inpainting model's has it, a text-to-image one with `onnx --img2img`)")
+    ru.add_argument("--strength", type=float, default=None, metavar="F",
+                    help="how far from the photo, in (0, 1] (default 0.8 for img2img, 1.0 for inpainting)")
+    ru.add_argument("--mask", default=None, metavar="PATH",
+                    help="inpainting mask, the photo's size: white is repainted, black kept")
+    ru.add_argument("--control-image", action="append", default=None, metavar="PATH",
+                    help="control image of an export with ControlNets, one per net in the export's order")
+    ru.add_argument("--controlnet-scale", type=float, action="append", default=None, metavar="F",
+                    help="conditioning scale, once or once per net (default 1.0)")
+    for flag, what in (("--original-size", "H,W (default: the output size)"),
+                       ("--target-size", "H,W (default: the output size)"), ("--crops-top-left", "T,L (default 0,0)")):
+        ru.add_argument(flag, type=int_pair, default=None, metavar=what.split()[0],
+                        help=f"an SDXL export only: size conditioning, {what}")
+    ru.add_argument("--out", required=True, help="output .png")
+    add_source_args(ru, ("model", "image_encoder"))
+
+
+def _parser() -> Parser:
     from ipadapter_instruct.engine.graph_names import DEFAULT_OPSET, EDIT_GRAPHS, GRAPHS
     from ipadapter_instruct.export.plugin import ARCHS, DTYPES, HEAD_DIMS, HEADS
 
@@ -31,7 +62,7 @@ def _parser() -> Parser:
     on = sub.add_parser("onnx", help="write the five ONNX graphs (six for InstructPix2Pix; and one per ControlNet) "
                         "and manifest.json")
     on.add_argument("--model", required=True, help="diffusers Stable Diffusion 1.5 folder, or an InstructPix2Pix "
-                    "one (adds vae_encoder)")
+                    "or inpainting one (adds vae_encoder)")
     on.add_argument("--image-encoder", required=True, help="CLIP vision folder")
     on.add_argument("--adapter", required=True, help="two-key adapter file (.bin or .safetensors)")
     on.add_argument("--out", required=True, help="output folder")
@@ -40,8 +71,12 @@ def _parser() -> Parser:
                     help="adapter attention as the TensorRT plugin node (default) or in standard ONNX ops")
     on.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     on.add_argument("--graphs", default=None, help=f"comma-separated subset (default: all of {', '.join(GRAPHS)}; "
-                    f"and {EDIT_GRAPHS[-1]} for an InstructPix2Pix model, controlnet, controlnet_1, ... with "
-                    "--controlnet)")
+                    f"and {EDIT_GRAPHS[-1]} for an InstructPix2Pix or inpainting model or with --img2img, "
+                    "controlnet, controlnet_1, ... with --controlnet)")
+    on.add_argument("--img2img", action="store_true",
+                    help=f"also export {EDIT_GRAPHS[-1]} (the photo's latent distribution), which the runtimes need "
+                    "to start from a photo: img2img and inpainting on a text-to-image model (an InstructPix2Pix or "
+                    "inpainting model always has it)")
     on.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="where to trace (default: cuda when present; fp16 tracing on a CPU takes minutes for SD1.5)")
     on.add_argument("--controlnet", action="append", default=None, metavar="DIR",
@@ -59,26 +94,7 @@ def _parser() -> Parser:
     ve.add_argument("--controlnet", action="append", default=None, metavar="DIR",
                     help="the export's ControlNet folders, one per net in its order, in place of the manifest's")
     ru = sub.add_parser("run", help="generate from an export folder with ONNX Runtime (the reference loop)")
-    ru.add_argument("dir")
-    ru.add_argument("--prompt", required=True)
-    ru.add_argument("--ip-adapter-image", "--image", dest="image", required=True, metavar="PATH",
-                    help="the adapter's reference image (--image: the old name)")
-    ru.add_argument("--instruct", default=None, help="what to take from the image (IPAdapter-Instruct)")
-    ru.add_argument("--negative-prompt", default=None)
-    ru.add_argument("--scale", type=float, default=0.8, help="adapter strength (default 0.8)")
-    ru.add_argument("--num-inference-steps", "--steps", dest="steps", type=int, default=30, metavar="N",
-                    help="denoising steps (--steps: the old name)")
-    ru.add_argument("--seed", type=int, default=None, help="default: a fresh random seed, printed on stderr")
-    ru.add_argument("--control-image", action="append", default=None, metavar="PATH",
-                    help="control image of an export with ControlNets, one per net in the export's order")
-    ru.add_argument("--controlnet-scale", type=float, action="append", default=None, metavar="F",
-                    help="conditioning scale, once or once per net (default 1.0)")
-    for flag, what in (("--original-size", "H,W (default: the output size)"),
-                       ("--target-size", "H,W (default: the output size)"), ("--crops-top-left", "T,L (default 0,0)")):
-        ru.add_argument(flag, type=int_pair, default=None, metavar=what.split()[0],
-                        help=f"an SDXL export only: size conditioning, {what}")
-    ru.add_argument("--out", required=True, help="output .png")
-    add_source_args(ru, ("model", "image_encoder"))
+    _run_arguments(ru)
     pl = sub.add_parser("plugin", help="compile the plugin's attention kernels (cubin + PTX) and their index")
     pl.add_argument("--out", required=True)
     pl.add_argument("--arch", type=int, choices=ARCHS, action="append", help="repeatable; default: all")
@@ -111,7 +127,7 @@ def command(a) -> int:
             from ipadapter_instruct.export.onnx import export_onnx
             print(export_onnx(a.model, a.image_encoder, a.adapter, a.out, a.opset, a.attention, a.dtype,
                               tuple(g for g in (a.graphs or "").split(",") if g), a.device,
-                              controlnet=a.controlnet))
+                              controlnet=a.controlnet, img2img=a.img2img))
             return 0
         if a.command == "verify":
             from ipadapter_instruct.export.verify import verify
@@ -144,8 +160,10 @@ def command(a) -> int:
             if sizes and pipe.kind != "sdxl":
                 raise EngineError("--original-size, --target-size and --crops-top-left are SDXL's size conditioning; "
                                   f"{a.dir} is not an SDXL export")
+            photo = {k: v for k, v in (("init_image", a.init_image), ("mask_image", a.mask),
+                                       ("strength", a.strength)) if v is not None}
             images = pipe(a.prompt, image, a.instruct, a.negative_prompt or DEFAULT_NEGATIVE, scale=a.scale,
-                          num_inference_steps=a.steps, seed=a.seed, **control, **sizes)
+                          num_inference_steps=a.steps, seed=a.seed, **control, **sizes, **photo)
             params = dict(prompt=a.prompt, negative_prompt=a.negative_prompt or DEFAULT_NEGATIVE, instruct=a.instruct,
                           num_inference_steps=a.steps, seed=images.seeds[0], width=images[0].width,
                           height=images[0].height, model=os.path.basename(os.path.normpath(a.dir)))

@@ -1,7 +1,11 @@
 """`python -m export onnx`: text_encoder, image_encoder, projector, unet and vae_decoder as ONNX, plus manifest.json.
 
 An InstructPix2Pix model (its UNet takes twice the VAE's latent channels) is loaded as `engine.EditPipeline` and
-exports vae_encoder too; its manifest says `"kind": "edit"` (a text-to-image model's: "text_to_image").
+exports vae_encoder too; its manifest says `"kind": "edit"` (a text-to-image model's: "text_to_image"). An inpainting
+model (a 9-channel UNet: latents, mask, masked-photo latent; kind "text_to_image", the UNet graph's "channels" say
+which is which) always exports vae_encoder, since it cannot run without a photo; any other model exports it with
+`img2img=True` (`--img2img`), which the runtimes need to start from a photo (img2img, 4-channel inpainting). It is
+not exported by default there: it adds the VAE encoder's weights and a TensorRT plan that text-to-image never runs.
 With `controlnet=` (diffusers ControlNetModel folders) a text-to-image export adds a controlnet graph per net, the
 UNet graph takes their residuals, and the manifest lists the nets under "controlnets" (export/controlnet.py).
 
@@ -134,19 +138,33 @@ def _check_options(attention: str, dtype: str, opset: int) -> None:
         raise EngineError(f"--opset must be between 14 and 21 (scaled dot-product attention needs 14), got {opset}")
 
 
-def _chosen_graphs(kind: str, nets: list, graphs) -> tuple[str, ...]:
-    """The graphs to export: `graphs`, or every graph of the model's kind and its nets; an unknown one is an error."""
+def inpainting_model(model) -> bool:
+    """Whether a local model folder or file has an inpainting UNet (latents + mask + masked-photo latent); False
+    where its configs do not read (a hub id: the loaded UNet says, `specs.encodes_photos`)."""
+    from ipadapter_instruct.engine.loading import read_configs
+
+    configs = read_configs(model)
+    return configs is not None and configs[0].get("in_channels") == 2 * configs[1].get("latent_channels", 4) + 1
+
+
+def _chosen_graphs(kind: str, nets: list, graphs, encoder: bool = False) -> tuple[str, ...]:
+    """The graphs to export: `graphs`, or every graph of the model's kind and its nets (and vae_encoder where
+    `encoder`); an unknown one is an error."""
     if nets and kind in ("edit", "sdxl"):
         what = "InstructPix2Pix" if kind == "edit" else "SDXL"
         raise EngineError(f"exporting a ControlNet with {what} is not built (it runs on the PyTorch backend): export "
                           "the model without --controlnet")
     known = KINDS[kind] + tuple(graph_names(len(nets)) if nets else ())
+    if encoder and "vae_encoder" not in known:
+        known += ("vae_encoder",)
     graphs = tuple(graphs or known)
     unknown = sorted(set(graphs) - set(known))
     if unknown:
-        what = "an InstructPix2Pix" if kind == "edit" else "a text-to-image"
+        what = {"edit": "an InstructPix2Pix", "sdxl": "an SDXL"}.get(kind, "a text-to-image")
+        hint = " (add --img2img to export vae_encoder)" if "vae_encoder" in unknown else ""
         raise EngineError(f"unknown graph(s) {', '.join(unknown)} for {what} model"
-                          f"{f' with {len(nets)} ControlNet(s)' if nets else ''}; choose from {', '.join(known)}")
+                          f"{f' with {len(nets)} ControlNet(s)' if nets else ''}; choose from {', '.join(known)}"
+                          f"{hint}")
     return graphs
 
 
@@ -212,16 +230,18 @@ def _publish(stage: str, out: str, manifest: dict) -> None:
 
 
 def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OPSET, attention: str = "plugin",
-                dtype: str = "float32", graphs=None, device=None, log=print, controlnet=None) -> str:
+                dtype: str = "float32", graphs=None, device=None, log=print, controlnet=None,
+                img2img: bool = False) -> str:
     """Export the graphs (default: all of the model's kind, and the nets' controlnet graphs) of one base model +
-    image encoder + adapter (+ ControlNet folders: one path or a list) into `out`; returns manifest.json's path."""
+    image encoder + adapter (+ ControlNet folders: one path or a list) into `out`; returns manifest.json's path.
+    img2img: export vae_encoder for any model (an InstructPix2Pix or inpainting model always has it)."""
     from ipadapter_instruct.engine import EditPipeline, Pipeline  # deferred: the pipeline is heavy and `python -m export` imports this
 
     _check_options(attention, dtype, opset)
     kind = model_kind(model)
     nets = [] if controlnet is None else [controlnet] if isinstance(controlnet, (str, os.PathLike)) \
         else list(controlnet)
-    graphs = _chosen_graphs(kind, nets, graphs)
+    chosen = _chosen_graphs(kind, nets, graphs, img2img or inpainting_model(model))
     if os.path.exists(out) and not os.path.isdir(out):
         raise EngineError(f"--out {out} exists and is not a folder")
     if adapter is None:
@@ -233,7 +253,8 @@ def export_onnx(model, image_encoder, adapter, out: str, opset: int = DEFAULT_OP
     loader = EditPipeline if kind == "edit" else Pipeline
     pipe = loader.from_pretrained(model, image_encoder=image_encoder, adapter=adapter, device=device, dtype=dtype,
                                   attention_backend="reference", **({"controlnet": nets} if nets else {}))
-    specs = [s for s in build_specs(pipe, attention) if s.name in graphs]
+    specs = build_specs(pipe, attention, img2img)  # (all of them by default: vae_encoder where the UNet needs it)
+    specs = [s for s in specs if s.name in chosen] if graphs else specs
     log(f"loaded in {time.perf_counter() - t0:.1f} s")
     out = os.path.abspath(out)
     _remove_stale_stages(out)

@@ -19,6 +19,13 @@ An SDXL export (manifest kind "sdxl") opens as OnnxSDXLPipeline, with SDXL's siz
     pipe = OnnxPipeline.from_export("out/onnx-sdxl")
     images = pipe("a red house", image="cond.png", instruct="use the style of this image", original_size=(1024, 1024))
 
+Starting from a photo (engine/img2img.py: init_image=, strength=, and mask_image= to inpaint) takes the vae_encoder
+graph: an inpainting model's export (9-channel UNet) always has it, a text-to-image one with `export onnx --img2img`:
+
+    pipe = OnnxPipeline.from_export("out/onnx-inpaint")
+    images = pipe("a red house", image="cond.png", instruct="use the style of this image", init_image="photo.png",
+                  mask_image="mask.png", strength=0.9)
+
 An InstructPix2Pix export (manifest kind "edit") runs as OnnxEditPipeline: engine.EditPipeline's requests,
 three guidance branches and photo latents, with the photo encoded by the vae_encoder graph.
 
@@ -88,15 +95,15 @@ class OnnxSDXLPipeline(ExportedSDXLPipeline, OnnxPipeline):
 
 
 class _GraphVae:
-    """The VAE as EditPipeline reads it: a config, and encode(pixels).latent_dist.mode() from the vae_encoder graph."""
+    """The VAE as EditPipeline reads it: a config, and encode(pixels).latent_dist (its mode: the photo latent) from
+    the vae_encoder graph (ExportedPipeline.photo_distribution)."""
 
-    def __init__(self, config, graph):
-        self.config, self.graph = config, graph
+    def __init__(self, config, distribution):
+        self.config, self.distribution = config, distribution
 
     def encode(self, pixels):
-        # pixels: (B, 3, H, W) in [-1, 1] -> (B, 4, H/f, W/f), unscaled
-        latent = self.graph(pixels=pixels)
-        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: latent))
+        # pixels: (B, 3, H, W) in [-1, 1] -> latent_dist over (B, 4, H/f, W/f), unscaled
+        return SimpleNamespace(latent_dist=self.distribution(pixels))
 
 
 class OnnxEditPipeline(EditPipeline, OnnxPipeline):
@@ -108,4 +115,4 @@ class OnnxEditPipeline(EditPipeline, OnnxPipeline):
         if "vae_encoder" not in self.graphs:
             raise EngineError(f"{folder} lacks vae_encoder: editing encodes the photo with it")
         latent = self.manifest["graphs"]["vae_decoder"]["inputs"][0]["shape"][1]
-        self.vae = _GraphVae(FrozenDict({**self.vae.config, "latent_channels": latent}), self.graphs["vae_encoder"])
+        self.vae = _GraphVae(FrozenDict({**self.vae.config, "latent_channels": latent}), self.photo_distribution)

@@ -6,8 +6,10 @@ Axis names: `batch` (UNet and projector: guidance branches x images), `latent_he
 (pixels / VAE factor), `image_height`/`image_width` (pixels, the VAE encoder's input). Profiles: latent sizes from
 half to twice the UNet's native size (SD1.5: 32..128, i.e. 256..1024 px, opt 512 px).
 
-An InstructPix2Pix model (engine.EditPipeline) adds a sixth graph, vae_encoder (the photo's latent), and its UNet's
-`sample` has twice the latent channels: the scheduler-scaled noisy latent, then the photo latent.
+An InstructPix2Pix model (engine.EditPipeline) adds a sixth graph, vae_encoder (the photo's latent distribution: its
+mean, which is the mode, and log-variance), and its UNet's `sample` has twice the latent channels: the
+scheduler-scaled noisy latent, then the photo latent. An inpainting model (9-channel UNet: latents, mask, masked-photo
+latent) adds vae_encoder too, and any other model with `img2img` (starting from a photo samples its latent).
 
 An SDXL model adds text_encoder_2 (penultimate state and pooled projection); its text_encoder gives its penultimate
 state too and its UNet takes the added conditioning per row.
@@ -20,6 +22,7 @@ from __future__ import annotations
 from torch import nn
 
 from ipadapter_instruct.engine.errors import EngineError
+from ipadapter_instruct.engine.img2img import inpainting_unet
 
 from ipadapter_instruct.export.controlnet import controlnet_specs, residual_inputs
 from ipadapter_instruct.export.graph_attention import install_export_processors
@@ -185,6 +188,11 @@ def unet_spec(pipe, dt: str, attention: str) -> GraphSpec:
         sample = (f"channels 0-{lc - 1}: the scheduler-scaled noisy latent; channels {lc}-{c - 1}: the photo latent "
                   f"(vae_encoder's output, unscaled; zeros in the unconditional branch); {rows}")
         notes["channels"] = {"latent": [0, lc], "photo_latent": [lc, c]}  # half-open ranges of `sample`
+    elif inpainting_unet(pipe):
+        sample = (f"channels 0-{lc - 1}: the scheduler-scaled noisy latent; channel {lc}: the mask at latent size "
+                  f"(1 = repaint); channels {lc + 1}-{c - 1}: the masked photo's latent (a vae_encoder sample times "
+                  f"the VAE's scaling factor); {rows}")
+        notes["channels"] = {"latent": [0, lc], "mask": [lc, lc + 1], "masked_photo_latent": [lc + 1, c]}
     inputs = [Tensor("sample", dt, ("batch", c, "latent_height", "latent_width"), sample),
               Tensor("timestep", "float32", ("batch",), "the scheduler's timestep per row", fill="timestep"),
               Tensor("encoder_hidden_states", dt, ("batch", lt, cross), "text_encoder output per row"),
@@ -235,13 +243,16 @@ class VaeEncoder(nn.Module):
         self.vae = vae
 
     def forward(self, pixels):
-        # pixels: (B, 3, H, W) in [-1, 1] -> the posterior's mode (B, 4, H/f, W/f), unscaled, as
-        # EditPipeline.encode_photos takes it
-        return self.vae.encode(pixels).latent_dist.mode()
+        # pixels: (B, 3, H, W) in [-1, 1] -> the posterior's mean (its mode, as EditPipeline.encode_photos takes it)
+        # and log-variance (clamped as diffusers clamps it), each (B, 4, H/f, W/f), unscaled
+        dist = self.vae.encode(pixels).latent_dist
+        return dist.mean, dist.logvar
 
 
 def vae_encoder_spec(pipe, dt: str) -> GraphSpec:
-    """InstructPix2Pix's photo latent, traced at 8 latents a side like the decoder; its axes are in pixels."""
+    """The photo's latent distribution (InstructPix2Pix reads its mode; img2img and inpainting sample it as diffusers'
+    DiagonalGaussianDistribution does, with the request's generator), traced at 8 latents a side like the decoder;
+    its axes are in pixels."""
     f, lc = pipe.vae_scale_factor, pipe.vae.config.latent_channels
     px = tuple(f * v for v in _latent_axes(pipe)["latent_height"])
     return GraphSpec(
@@ -249,14 +260,22 @@ def vae_encoder_spec(pipe, dt: str) -> GraphSpec:
         [Tensor("pixels", dt, ("batch", 3, "image_height", "image_width"), "the photo, resized to the output "
                 f"size (a multiple of {f}) and mapped to [-1, 1] (diffusers' VaeImageProcessor)", fill="pixels")],
         [Tensor("photo_latent", dt, ("batch", lc, "latent_height", "latent_width"),
-                "latent_dist.mode(), unscaled: the UNet's photo-latent channels")],
+                "latent_dist.mean (= mode()), unscaled: an InstructPix2Pix UNet's photo-latent channels"),
+         Tensor("photo_logvar", dt, ("batch", lc, "latent_height", "latent_width"),
+                "latent_dist.logvar, clamped to [-30, 20]: a sample is mean + exp(logvar / 2) x noise")],
         {"batch": (1, 1, 8), "image_height": px, "image_width": px},
         trace={"image_height": 8 * f, "image_width": 8 * f})
 
 
-def build_specs(pipe, attention: str) -> list[GraphSpec]:
+def encodes_photos(pipe, img2img: bool = False) -> bool:
+    """Whether an export of `pipe` has vae_encoder: always for a model that cannot run without a photo
+    (InstructPix2Pix, an inpainting UNet), with `img2img` for any other."""
+    return img2img or pipe.kind == "edit" or inpainting_unet(pipe)
+
+
+def build_specs(pipe, attention: str, img2img: bool = False) -> list[GraphSpec]:
     """The graph specs of a loaded engine.Pipeline (its UNet gets the export processors): five, text_encoder_2 for
-    SDXL, vae_encoder for an engine.EditPipeline, and a controlnet graph per net of `pipe.controlnets`."""
+    SDXL, vae_encoder where `encodes_photos`, and a controlnet graph per net of `pipe.controlnets`."""
     if pipe.adapter.kind == "plain":
         raise EngineError("a plain IP-Adapter (pooled embedding, 4 tokens) is not exported yet: export an "
                           "IP-Adapter+ or IPAdapter-Instruct one")
@@ -264,7 +283,7 @@ def build_specs(pipe, attention: str) -> list[GraphSpec]:
     specs = [text_encoder_spec(pipe, dt), *([text_encoder_2_spec(pipe, dt)] if pipe.kind == "sdxl" else []),
              image_encoder_spec(pipe, dt), projector_spec(pipe, dt), unet_spec(pipe, dt, attention),
              vae_decoder_spec(pipe, dt)]
-    if pipe.kind == "edit":
+    if encodes_photos(pipe, img2img):
         specs.append(vae_encoder_spec(pipe, dt))
     unet = next(s for s in specs if s.name == "unet")
     return specs + controlnet_specs(pipe, unet)

@@ -6,7 +6,9 @@ do). For the UNet that is the engine's own cross-attention path (K/V precomputed
 export wrapper, so the check covers the export processors and the plugin node too. unet.onnx runs three
 adapter-strength cases: 0 (the base model), 0.5, and a different strength per row. Plugin nodes run through
 `export.ort_ops`. An InstructPix2Pix export (manifest kind "edit") loads as engine.EditPipeline: its 8-channel UNet
-runs the same cases, and vae_encoder is checked against the VAE encoder's mode as EditPipeline.encode_photos takes it.
+runs the same cases, and vae_encoder is checked against the VAE encoder's distribution: its mean (the mode, as
+EditPipeline.encode_photos takes it) and log-variance (what img2img samples with; an export from before it gives the
+mean alone). An inpainting export's 9-channel UNet runs the same cases too.
 An export with ControlNets: the UNet runs its cases with random residuals fed to diffusers' UNet, and each
 controlnet graph runs two conditioning-scale cases (1, and one per row) against engine.controlnet.residuals on
 the net loaded from the manifest's folder (`controlnets`, overridden by --controlnet), every output compared.
@@ -102,6 +104,13 @@ def references(pipe, manifest=None):
             return (*down, mid)
         return run
 
+    outputs = ((manifest or {}).get("graphs", {}).get("vae_encoder") or {}).get("outputs") or [{"name": "photo_latent"}]
+
+    def vae_encoder(pixels):  # the outputs the graph has, by name: its mean (mode) and log-variance
+        dist = pipe.vae.encode(pixels).latent_dist
+        moments = {"photo_latent": dist.mean, "photo_logvar": dist.logvar}
+        return tuple(moments[t["name"]] for t in outputs)
+
     nets = {e["graph"]: controlnet(net) for e, net in zip((manifest or {}).get("controlnets") or [],
                                                           pipe.controlnets)}
     if pipe.kind == "sdxl":  # engine/sdxl.py's encodings and the UNet's added conditioning
@@ -128,7 +137,7 @@ def references(pipe, manifest=None):
                                                         x.get("prompt_tokens")),
         "unet": unet,
         "vae_decoder": lambda latent: pipe.vae.decode(latent / cfg.scaling_factor + shift, return_dict=False)[0],
-        "vae_encoder": lambda pixels: pipe.vae.encode(pixels).latent_dist.mode(),  # as EditPipeline.encode_photos
+        "vae_encoder": vae_encoder,
         **nets,  # (and an SDXL pipeline's text encoders and UNet, in place of the SD1.5 ones)
     }
 

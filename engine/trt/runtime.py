@@ -11,6 +11,9 @@ with torch tensors as their buffers.
 The UNet's adapter attention is the Python plugin (engine/trt/plugin.py), launching the cubins of DIR/plugin.
 `enable_cuda_graphs()` replays the UNet step from a CUDA graph per input shape where the execution context says
 the stream is capturable.
+img2img and inpainting run as on the other runtimes (engine.exported: the same code), with vae_encoder.plan
+encoding the photos where the export has that graph (an inpainting export always; else `export onnx --img2img`);
+this path has not run on a GPU on this project's machines (the CPU tests run it under ONNX Runtime).
 
 The plans are loaded with the TensorRT that built them (engines.json's `tensorrt`; `trt=` may only confirm it),
 and before any plan is read, engines.json's compute capabilities are checked against torch's GPU
@@ -238,11 +241,7 @@ class TensorRTPipeline(ExportedPipeline):
         sdxl = manifest.get("kind") == "sdxl"
         if sdxl and cls is TensorRTPipeline:
             cls = TensorRTSDXLPipeline
-        names = [*(SDXL_GRAPHS if sdxl else GRAPHS), *(c["graph"] for c in manifest.get("controlnets") or [])]
-        missing = [g for g in names if g not in index["graphs"]]
-        if missing:
-            raise EngineError(f"{folder} has no plan for {', '.join(missing)}: build every graph of the export "
-                              "with `python -m export trt`")
+        names = plan_names(manifest, index, folder)
         device = torch.device(device or "cuda")
         if device.type != "cuda":
             raise EngineError(f"TensorRT engines run on a CUDA device, not {device}")
@@ -270,6 +269,22 @@ class TensorRTPipeline(ExportedPipeline):
     def enable_cuda_graphs(self, enabled: bool = True) -> None:
         """Replay the UNet engine from a CUDA graph per input shape (captured on first use at that shape)."""
         self.graphs["unet"].graphs = {} if enabled else None
+
+
+def plan_names(manifest: dict, index: dict, folder: str) -> list[str]:
+    """The plans a pipeline opens: its kind's graphs and ControlNets', and vae_encoder where it was built (starting
+    from a photo: img2img, inpainting); one line naming a missing one (vae_encoder too for a 9-channel inpainting
+    UNet, which cannot run without it)."""
+    sdxl = manifest.get("kind") == "sdxl"
+    names = [*(SDXL_GRAPHS if sdxl else GRAPHS), *(c["graph"] for c in manifest.get("controlnets") or [])]
+    latent = manifest["graphs"]["vae_decoder"]["inputs"][0]["shape"][1]
+    if "vae_encoder" in index["graphs"] or manifest["graphs"]["unet"]["inputs"][0]["shape"][1] == 2 * latent + 1:
+        names.append("vae_encoder")
+    missing = [g for g in names if g not in index["graphs"]]
+    if missing:
+        raise EngineError(f"{folder} has no plan for {', '.join(missing)}: build every graph of the export "
+                          "with `python -m export trt`")
+    return names
 
 
 def _load(choice: str, index: dict, folder: str):
