@@ -198,3 +198,30 @@ def test_tensorrt_sdxl_latents_match_the_pytorch_path(sdxl, sdxl_exports, cond_i
     pipe.enable_cuda_graphs()
     for _ in range(2):  # the first call captures, the second replays
         torch.testing.assert_close(pipe(**kw), got, atol=1e-5, rtol=1e-5)
+
+
+def test_sdxl_img2img_and_inpainting_from_the_graphs_match_the_engine(sdxl, cond_image, tmp_path):
+    """An SDXL export made with --img2img (vae_encoder's moments): img2img and 4-channel inpainting under ONNX
+    Runtime give the PyTorch SDXL pipeline's latents (its photo latent drawn from the same generator)."""
+    import numpy as np
+    from PIL import Image
+
+    from ipadapter_instruct.engine import Pipeline
+    from ipadapter_instruct.export.onnx import export_onnx
+    from ipadapter_instruct.export.onnx_runtime import OnnxPipeline
+
+    out = tmp_path / "onnx"
+    export_onnx(sdxl["model"], sdxl["image_encoder"], sdxl["instruct"], str(out), img2img=True, **QUIET)
+    ref = Pipeline.from_pretrained(sdxl["model"], image_encoder=sdxl["image_encoder"], adapter=sdxl["instruct"])
+    pipe = OnnxPipeline.from_export(str(out))
+    for p in (ref, pipe):
+        p.set_progress_bar_config(disable=True)
+    photo = Image.fromarray((np.random.RandomState(4).rand(64, 64, 3) * 255).astype("uint8"))
+    m = np.zeros((64, 64), "uint8")
+    m[16:48, 8:56] = 255
+    for extra in (dict(strength=0.6), dict(mask_image=Image.fromarray(m), strength=0.8)):
+        kw = dict(sdxl_kwargs(cond_image, "instruct"), init_image=photo, **extra)
+        want, got = ref(**kw), pipe(**kw)
+        assert got.shape == want.shape
+        assert (got - want).abs().max() < 1e-4, (extra, (got - want).abs().max())
+        assert (got - pipe(**sdxl_kwargs(cond_image, "instruct"))).abs().max() > 1e-3  # the photo counts
