@@ -32,6 +32,13 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_inpaint(tmp_path_factory):
+    """A tiny inpainting model (9-channel UNet) with the usual image encoder and adapter."""
+    from ipadapter_instruct.engine.tiny import make_tiny
+    return make_tiny(str(tmp_path_factory.mktemp("tiny-inpaint") / "weights"), inpaint=True)
+
+
+@pytest.fixture(scope="session")
 def plus_dir(tiny, tmp_path_factory):
     """An IP-Adapter+ checkpoint for the tiny UNet, as plus.safetensors and (same tensors) plus.bin."""
     from diffusers import UNet2DConditionModel
