@@ -159,3 +159,22 @@ def test_an_img2img_flight_and_a_text_flight_step_together_each_as_alone(instruc
         assert not isinstance(out, Exception), out
         want = instruct_pipe(image=cond_image, negative_prompt=NEGATIVE, **b, **im)
         assert np.abs(np.asarray(out["images"][0], int) - np.asarray(want[0], int)).max() <= 1
+
+
+def test_the_client_sends_a_photo_and_mask_as_paths_or_pil(tiny, instruct_pipe, cond_image, photo, mask, tmp_path):
+    from ipadapter_instruct.engine.client import Client, ServerError
+    from server_utils import ServerProcess, tiny_args
+
+    photo.save(tmp_path / "photo.png")
+    args = dict(prompt=PROMPT, negative_prompt=NEGATIVE, instruct=STYLE, num_inference_steps=4, seed=6,
+                height=72, width=56)
+    with ServerProcess(tiny_args(tiny)) as srv:
+        client = Client(srv.url)
+        got = client.generate(ip_adapter_image=cond_image, init_image=str(tmp_path / "photo.png"), mask_image=mask,
+                              strength=0.75, **args)
+        with pytest.raises(ServerError) as refused:
+            client.generate(ip_adapter_image=cond_image, mask_image=mask, **args)
+        srv.terminate()
+    assert refused.value.status == 422 and refused.value.field == "mask_image"
+    want = instruct_pipe(image=cond_image, init_image=photo, mask_image=mask, strength=0.75, **args)
+    assert close(got[0], decode_png(png_base64(want[0])))
