@@ -178,3 +178,32 @@ def test_the_client_sends_a_photo_and_mask_as_paths_or_pil(tiny, instruct_pipe, 
     assert refused.value.status == 422 and refused.value.field == "mask_image"
     want = instruct_pipe(image=cond_image, init_image=photo, mask_image=mask, strength=0.75, **args)
     assert close(got[0], decode_png(png_base64(want[0])))
+
+
+def test_the_docs_curl_lines_run_on_tiny_weights(tiny, cond_image, photo, mask, tmp_path):
+    """docs/server.md's "From a photo" block: its serve line on the tiny weights, then each curl line as written
+    (the URL swapped for the test server's)."""
+    import os
+    import re
+    import shlex
+    import subprocess
+    from server_utils import REPO, ServerProcess
+
+    text = open(os.path.join(REPO, "docs", "server.md"), encoding="utf-8").read()
+    section = text.split("\n## From a photo: img2img and inpainting\n", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```sh\n(.*?)```", section, re.S)[0]
+    lines = [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    assert lines[0] == "python -m engine make-tiny tiny" and lines[1].startswith("python -m engine serve ")
+    folder = os.path.dirname(tiny["model"])
+    serve = shlex.split(lines[1].rstrip("&").replace("tiny/", folder + "/"))[4:]
+    for name, im in (("cond.png", cond_image), ("photo.png", photo), ("mask.png", mask)):
+        im.save(tmp_path / name)
+    with ServerProcess(serve) as srv:
+        for line in lines[2:]:
+            argv = shlex.split(line.replace("http://127.0.0.1:8000", srv.url))
+            assert argv[0] == "curl", line
+            run = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+            assert run.returncode == 0, run.stderr
+        srv.terminate()
+    assert Image.open(tmp_path / "img2img.png").size == photo.size     # img2img: the photo's size
+    assert Image.open(tmp_path / "inpaint.png").size == (64, 64)       # inpainting: the native size
