@@ -3,6 +3,9 @@ parts. Answers equal `Pipeline` alone; requests of one start step share a call (
 strengths), requests of different start steps never do; under step-level batching an img2img flight and a
 text-to-image flight step together and each equals itself alone; bad inputs are a 422 naming the field before any
 work; /v1/models says whether the model is an inpainting one."""
+import base64
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -62,6 +65,7 @@ def test_img2img_equals_the_pipeline_alone_at_the_photos_size(server, cond_image
     assert r.status_code == 200, r.text
     got = decode_png(r.json()["images"][0])
     assert got.size == photo.size  # 56x72 is on the tiny VAE's grid: the photo's own size
+    assert "strength: 0.5" in _open_png(r.json()["images"][0]).text["parameters"]  # the PNG says it
     assert close(got, alone(server.state.pipe, cond_image, init_image=photo, strength=0.5, seed=3)[0])
 
 
@@ -75,8 +79,11 @@ def test_a_file_part_photo_and_mask_equal_base64(server, cond_image, photo, mask
     assert close(decode_png(r.json()["images"][0]), want)
 
 
+def _open_png(text: str):
+    return Image.open(io.BytesIO(base64.b64decode(text)))
+
+
 def _png(im) -> bytes:
-    import base64
     return base64.b64decode(png_base64(im))
 
 
@@ -109,19 +116,19 @@ def test_keys_part_start_steps_and_sizes(server, cond_image, photo):
 
 
 @pytest.mark.parametrize("kw, field", [
-    (dict(init_image=True, strength=0.0), "strength"),
-    (dict(init_image=True, strength=1.5), "strength"),
-    (dict(init_image=True, strength=0.05), "strength"),   # int(4 x 0.05) = 0 steps
-    (dict(mask_image=True), "mask_image"),
+    (dict(init_image="photo", strength=0.0), "strength"),
+    (dict(init_image="photo", strength=1.5), "strength"),
+    (dict(init_image="photo", strength=0.05), "strength"),   # int(4 x 0.05) = 0 steps
+    (dict(mask_image="mask"), "mask_image"),
     (dict(strength=0.5), "strength"),
-    (dict(init_image=True, mask_image="small"), "mask_image"),
-    (dict(init_image="not an image"), "init_image"),
-], ids=["zero", "over-one", "no-step", "mask-alone", "strength-alone", "mask-size", "not-png"])
+    (dict(init_image="photo", mask_image="small"), "mask_image"),
+    (dict(init_image="big", mask_image="big other", height=64, width=64), "mask_image"),  # both reduced to 64x64
+    (dict(init_image="text"), "init_image"),
+], ids=["zero", "over-one", "no-step", "mask-alone", "strength-alone", "mask-size", "mask-size-as-sent", "not-png"])
 def test_bad_inputs_are_a_422_naming_the_field(server, cond_image, photo, mask, kw, field):
-    given = {"init_image": photo, "mask_image": mask, "small": mask.resize((40, 40)),
-             "not an image": "aGVsbG8="}
-    sent = {k: (given[v] if isinstance(v, str) and k != "strength" and v in given else
-                given[k] if v is True else v) for k, v in kw.items()}
+    images = {"photo": photo, "mask": mask, "small": mask.resize((40, 40)), "big": photo.resize((100, 100)),
+              "big other": mask.resize((96, 100)), "text": "aGVsbG8="}
+    sent = {k: images[v] if isinstance(v, str) else v for k, v in kw.items()}
     r = server.request("POST", "/v1/generate", json=body(cond_image, seed=1, **sent))
     assert r.status_code == 422, r.text
     assert r.json()["error"]["field"] == field, r.json()

@@ -298,8 +298,8 @@ def test_a_server_without_an_adapter_offers_a_prompt_only_page(browser, tiny):
 
 def record_requests(driver):
     """Each request body the page sends is kept in window.sent (the real fetch still runs)."""
-    driver.execute_script("const real = window.fetch; window.sent = [];"
-                          "window.fetch = (url, options) => { window.sent.push(options.body); return real(url, options); };")
+    driver.execute_script("const real = window.fetch; window.sent = []; window.fetch = (url, options) => "
+                          "{ window.sent.push(options.body); return real(url, options); };")
 
 
 def choose_photo(driver, path, size):

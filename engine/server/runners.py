@@ -86,7 +86,8 @@ class PipelineRunner:
         height, width = req.height, req.width
         from_photo = start is not None and start.mask is None and height is None and width is None
         if from_photo:  # img2img: the photo's size on the VAE grid, as the pipeline takes it
-            height, width = init_image.height // self.factor * self.factor, init_image.width // self.factor * self.factor
+            f = self.factor
+            height, width = init_image.height // f * f, init_image.width // f * f
         try:
             height, width = self._size(height, width)
         except EngineError as e:
@@ -135,7 +136,8 @@ class PipelineRunner:
 
     def uses(self, req) -> dict[str, Use | None]:
         """The size each image field is used at, so the server decodes it no larger: the condition image at CLIP's
-        input size, the control image and the mask at the output size (None: a size prepare() will refuse)."""
+        input size, the control image and the mask at the output size (None: a size prepare() will refuse), a photo
+        and its mask as photos.uses says."""
         out = self._output_use(req.height, req.width)
         return {"ip_adapter_image": self._clip_use(), "control_image": out, "adapter_mask": out,
                 **photos.uses(self, req)}
@@ -166,9 +168,9 @@ class PipelineRunner:
         control = (getattr(r, "control_guidance_start", 0.0), getattr(r, "control_guidance_end", 1.0),
                    getattr(r, "guess_mode", False))  # per call in the pipeline
         sdxl = tuple(tuple(v) if v is not None else None for v in (getattr(r, n, None) for n in SDXL_FIELDS))
-        first = getattr(work, "first_step", 0)  # a photo's strength: the step its schedule starts at
-        return work.height, work.width, r.num_inference_steps, first, r.scheduler, r.num_images_per_prompt, *control, \
-            sdxl
+        start = work.first_step  # a photo's strength: the step its schedule starts at (text to image: 0)
+        return (work.height, work.width, r.num_inference_steps, start, r.scheduler, r.num_images_per_prompt, *control,
+                sdxl)
 
     def __call__(self, works: list[Work], progress=None) -> list[dict]:
         """One Pipeline call for requests of one key -> per request its result (`answer`)."""
@@ -202,7 +204,8 @@ class PipelineRunner:
         adapter = {k: getattr(r, k) for k in self.adapter_params} if self.kind else {}
         common = dict(prompts, num_inference_steps=r.num_inference_steps, scheduler=scheduler,
                       guidance_scale=r.guidance_scale, image_guidance_scale=r.image_guidance_scale, model=self.model,
-                      instruct=r.instruct if self.kind else None, **adapter)
+                      instruct=r.instruct if self.kind else None, **adapter,
+                      strength=None if work.start is None else work.start.strength)  # (from a photo)
         params = [dict(common, seed=s, width=im.width, height=im.height) for im, s in zip(images, seeds)]
         return {"images": images, "seeds": list(seeds), "params": params, "timings": timings}
 
