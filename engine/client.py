@@ -6,6 +6,7 @@
     out.images, out.seed     # the PIL images and the seed the server drew (send it back to get them again)
     out.seeds                # each image's own seed, seed + j (sent back alone, it gives image j again)
     edited = Client(url).edit("make it winter", image="photo.png", seed=0)   # an InstructPix2Pix server
+    Client(url).generate(prompt="a castle", init_image="photo.png", strength=0.6, mask_image="mask.png")  # inpaint
 
 Images go as PIL images or paths, read on the client side (the server never reads a path); a path that cannot be
 read raises `ClientError` before any request. The reference image is `ip_adapter_image` (old names, still taken:
@@ -26,10 +27,10 @@ from ipadapter_instruct.engine.errors import EngineError
 
 FIELDS = ("prompt", "negative_prompt", "ip_adapter_image", "instruct", "scale", "guidance_scale",
           "instruct_guidance_scale", "image_guidance_scale", "guidance_mode", "num_inference_steps", "seed", "height",
-          "width", "scheduler")
+          "width", "scheduler", "init_image", "strength", "mask_image")
 EDIT_FIELDS = ("prompt", "negative_prompt", "image", "ip_adapter_image", "instruct", "scale", "guidance_scale",
                "image_guidance_scale", "num_inference_steps", "seed", "height", "width", "scheduler")
-IMAGE_FIELDS = ("image", "ip_adapter_image")
+IMAGE_FIELDS = ("image", "ip_adapter_image", "init_image", "mask_image")
 
 
 class ClientError(EngineError):

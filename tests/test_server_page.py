@@ -292,3 +292,104 @@ def test_a_server_without_an_adapter_offers_a_prompt_only_page(browser, tiny):
         assert not page.find_element(By.ID, "error").text, page.find_element(By.ID, "error").text
         assert page.find_element(By.ID, "usedseed").text.isdigit()
         srv.terminate()
+
+
+# ----- starting from a photo: img2img, and a mask painted in the browser (inpainting) -----------------------------
+
+def record_requests(driver):
+    """Each request body the page sends is kept in window.sent (the real fetch still runs)."""
+    driver.execute_script("const real = window.fetch; window.sent = []; window.fetch = (url, options) => "
+                          "{ window.sent.push(options.body); return real(url, options); };")
+
+
+def choose_photo(driver, path, size):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    driver.find_element(By.ID, "initimage").send_keys(path)
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.find_element(By.ID, "mask").is_displayed() and d.execute_script(
+        "return [arguments[0].width, arguments[0].height]", d.find_element(By.ID, "mask")) == list(size))
+
+
+def paint_stroke(driver):
+    """A drag across the middle of the mask canvas, as a user's mouse makes it (pointer events)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    canvas = driver.find_element(By.ID, "mask")
+    width = canvas.size["width"]
+    ActionChains(driver).move_to_element_with_offset(canvas, -width // 4, 0).click_and_hold() \
+        .move_by_offset(width // 4, 0).move_by_offset(width // 4, 0).release().perform()
+
+
+def sent_mask(driver):
+    """The last request's body, and its mask_image as a greyscale array (None without one)."""
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+    body = json.loads(driver.execute_script("return window.sent[window.sent.length - 1]"))
+    mask = body.get("mask_image")
+    if mask is None:
+        return body, None
+    return body, np.asarray(Image.open(io.BytesIO(base64.b64decode(mask.split(",", 1)[1]))).convert("L"))
+
+
+def result_size(driver):
+    from selenium.webdriver.common.by import By
+    return tuple(driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]",
+                                       driver.find_element(By.ID, "result")))
+
+
+def write_photo(path, width, height):
+    from PIL import Image
+    g = torch.Generator().manual_seed(3)
+    Image.fromarray((torch.rand(height, width, 3, generator=g) * 255).to(torch.uint8).numpy()).save(path)
+    return str(path)
+
+
+def test_the_page_paints_a_mask_on_a_photo_and_inpaints(page, tmp_path):
+    """A photo, a brush stroke on the canvas over it: the request carries the photo, the strength and a mask of the
+    photo's size, white where painted and black elsewhere; the server answers an image. Cleared, the mask is not
+    sent: img2img, whose output is the photo's size."""
+    from selenium.webdriver.common.by import By
+    upload(page, write_png(tmp_path / "cond.png", 64, noise=False))
+    choose_photo(page, write_photo(tmp_path / "photo.png", 48, 64), (48, 64))
+    assert page.find_element(By.ID, "strength").get_attribute("value") == "0.8"   # diffusers' img2img default
+    paint_stroke(page)
+    record_requests(page)
+    generate(page)
+    assert not page.find_element(By.ID, "error").text, page.find_element(By.ID, "error").text
+    assert page.find_element(By.ID, "result").is_displayed() and result_size(page) == (64, 64)  # inpainting: native
+    body, mask = sent_mask(page)
+    assert body["init_image"].startswith("data:image/png;base64,") and body["strength"] == 0.8
+    assert mask.shape == (64, 48)
+    assert (mask > 127).sum() > 40 and (mask < 128).sum() > 40   # painted (white) and kept (black) pixels
+    assert (mask[:, 0] == 0).all() and (mask[0] == 0).all()       # the stroke crossed the middle, not the edges
+    page.find_element(By.ID, "clearmask").click()
+    page.find_element(By.ID, "prompt").clear()
+    generate(page)
+    body, mask = sent_mask(page)
+    assert mask is None and "init_image" in body and not page.find_element(By.ID, "error").text
+    assert result_size(page) == (48, 64)  # img2img: the photo's size
+
+
+def test_an_inpainting_server_asks_for_a_photo_and_a_painted_mask(browser, tiny_inpaint, tmp_path):
+    """On a 9-channel inpainting model the page says what is missing before sending; with a painted mask the
+    server (which refuses a request without one) answers an image."""
+    from selenium.webdriver.common.by import By
+
+    with ServerProcess(tiny_args(tiny_inpaint)) as srv:
+        page = browser
+        page.get(srv.url + "/")
+        assert page.find_element(By.ID, "strength").get_attribute("value") == "1"   # diffusers' inpainting default
+        upload(page, write_png(tmp_path / "cond.png", 64, noise=False))
+        page.find_element(By.ID, "generate").click()
+        assert "Choose a photo to inpaint" in page.find_element(By.ID, "error").text
+        choose_photo(page, write_photo(tmp_path / "photo.png", 64, 64), (64, 64))
+        page.find_element(By.ID, "generate").click()
+        assert "Paint on the photo" in page.find_element(By.ID, "error").text
+        paint_stroke(page)
+        generate(page)
+        assert not page.find_element(By.ID, "error").text, page.find_element(By.ID, "error").text
+        assert page.find_element(By.ID, "result").is_displayed()
+        srv.terminate()

@@ -38,11 +38,11 @@ def same_images(got, want):
 
 
 def run_jobs(pipe, image, bodies, delays=None, deadlines=None, cancel_at=None, max_batch_rows=16, runner=None,
-             join_at=None):
+             join_at=None, photos=None):
     """Submit each body after its delay (s) to a StepBatcher over the real pipeline; cancel_at: {index: step} withdraws
     that job once its progress reaches the step; join_at: {index: (other, step)} submits that job when the other's
     progress reaches the step, the worker waiting until it is queued (so it joins at the next step, whatever the
-    machine's speed). -> (outcomes: value or exception, jobs)."""
+    machine's speed); photos: per body, its init_image / mask_image. -> (outcomes: value or exception, jobs)."""
     import threading
     runner = runner or PipelineRunner(pipe)
     join_at = join_at or {}
@@ -59,7 +59,8 @@ def run_jobs(pipe, image, bodies, delays=None, deadlines=None, cancel_at=None, m
             await asyncio.sleep((delays or {}).get(i, 0.0))
             if i in join_at:
                 await reached[i].wait()
-            work = runner.prepare(GenerateRequest(negative_prompt=NEGATIVE, **body), image)
+            photo = (photos or {}).get(i, {})
+            work = runner.prepare(GenerateRequest(negative_prompt=NEGATIVE, **body), image, **photo)
 
             def progress(step, total, i=i):
                 if cancel_at and cancel_at.get(i) == step:

@@ -10,6 +10,8 @@ import re
 import uuid
 from types import SimpleNamespace
 
+from ipadapter_instruct.engine.errors import EngineError
+
 GOOD_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 log = logging.getLogger("ipadapter_instruct.engine.server")
 
@@ -19,6 +21,14 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.code, self.message, self.field = status, code, message, field
         self.headers = {k: str(v) for k, v in (headers or {}).items()}
+
+
+class FieldError(EngineError):
+    """A request that the loaded model cannot run, naming the field (HTTP 422)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 def error_body(code: str, message: str, request_id: str | None, field: str | None = None) -> dict:

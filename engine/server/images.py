@@ -67,6 +67,7 @@ class Pending:
     use: Use | None
     target: tuple[int, int] | None
     pixels: int   # what its decode holds at once: width x height as it decodes (after a JPEG's draft scaling)
+    sent: tuple[int, int] = (0, 0)  # (width, height) as sent, before any reduction
 
 
 def sniff(data: bytes) -> str | None:
@@ -114,11 +115,12 @@ def open_image(data: bytes, max_pixels: int, max_bytes: int, use: Use | None = N
         target = use.target(w, h) if use is not None else None
         if target is not None and fmt == "JPEG":
             im.draft(None, target)  # libjpeg decodes at 1/2, 1/4 or 1/8 scale, still at least the target size
-        return Pending(im, fmt, use, target, im.size[0] * im.size[1])
+        return Pending(im, fmt, use, target, im.size[0] * im.size[1], (w, h))
 
 
 def load(pending: Pending) -> Image.Image:
-    """Decode, convert, reduce: the full-size pixels live only inside this call."""
+    """Decode, convert, reduce: the full-size pixels live only inside this call. The size it was sent at stays in
+    `info["sent_size"]` (a mask must have its photo's)."""
     im, use, pending.im = pending.im, pending.use, None
     with _decoding(pending.fmt):
         im.load()
@@ -126,6 +128,7 @@ def load(pending: Pending) -> Image.Image:
             im = im.convert("RGB")  # (converting an RGB image would copy it)
         if pending.target is not None and im.size != pending.target:
             im = im.resize(pending.target, use.resample)
+        im.info["sent_size"] = pending.sent
         return im
 
 

@@ -1,5 +1,6 @@
-"""The web page at `/`: static/index.html with the instruction presets, the loaded model's task and the request's
-defaults (the schema's, which are the Python API's) filled in, so the form cannot drift from the API."""
+"""The web page at `/`: static/index.html with the instruction presets, the loaded model's task (and whether it is an
+inpainting one) and the request's defaults (the schema's, which are the Python API's; a photo's strengths, the
+pipeline's) filled in, so the form cannot drift from the API."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from importlib import resources
 from fastapi import APIRouter, Depends
 from fastapi.responses import HTMLResponse
 
+from ipadapter_instruct.engine.img2img import STRENGTH, inpainting_unet
 from ipadapter_instruct.engine.server.dependencies import engine_state
 from ipadapter_instruct.engine.server.schemas import TASK_PRESETS, EditRequest, GenerateRequest
 from ipadapter_instruct.engine.server.state import ServerState
@@ -22,11 +24,20 @@ def defaults(task: str) -> dict:
     return {name: fields[name].default for name in FORM_DEFAULTS}
 
 
+def photo_config(runner) -> dict:
+    """Starting from a photo: whether the model is an inpainting one (a photo and a mask are required) and the
+    strengths the pipeline defaults to (img2img, inpaint), which the slider starts at."""
+    pipe = getattr(runner, "pipe", None)
+    inpainting = pipe is not None and runner.task == "generate" and inpainting_unet(pipe)
+    return {"inpainting": inpainting, "strength": dict(getattr(pipe, "STRENGTH", STRENGTH))}
+
+
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def page(state: ServerState = Depends(engine_state)):
     html = resources.files("ipadapter_instruct.engine.server").joinpath("static/index.html").read_text(encoding="utf-8")
     runner = state.runner  # the page's form follows the model: /v1/generate, or /v1/edit for InstructPix2Pix
     task = runner.task if runner is not None else "generate"
-    config = {"task": task, "adapter": runner.kind if runner is not None else None, "defaults": defaults(task)}
+    config = {"task": task, "adapter": runner.kind if runner is not None else None, "defaults": defaults(task),
+              **photo_config(runner)}
     return html.replace("{{TASK_PRESETS}}", json.dumps(TASK_PRESETS).replace("<", "\\u003c")).replace(
         "{{PAGE_CONFIG}}", json.dumps(config).replace("<", "\\u003c"))

@@ -49,12 +49,13 @@ async def models(state: ServerState = Depends(engine_state)):
              openapi_extra=body_schema(GenerateRequest))
 async def generate(request: Request, state: ServerState = Depends(engine_state)):
     """One request of `Pipeline.__call__`. JSON (ip_adapter_image as base64 or a data URL) or multipart/form-data
-    (ip_adapter_image as a file part; `image` is its old name). `Accept: image/png` with one image answers the PNG;
+    (ip_adapter_image as a file part; `image` is its old name); the same for init_image and mask_image (start
+    from a photo: img2img, and with a mask inpainting). `Accept: image/png` with one image answers the PNG;
     `stream: true` or `Accept: text/event-stream` answers server-sent events (`progress`, then `result` or
     `error`). Without a seed the server draws one; every answer says it (`seed`, and the `x-seed` header), and
     `seeds` gives each image's own (seed + j), which its PNG's "parameters" text chunk carries too."""
     return await handle(state, request, "generate", GenerateRequest,
-                        ("ip_adapter_image", "control_image", "adapter_mask"))
+                        ("ip_adapter_image", "control_image", "adapter_mask", "init_image", "mask_image"))
 
 
 @router.post("/v1/edit", response_model=GenerateResponse, responses=IMAGE_ANSWERS,
@@ -91,7 +92,7 @@ async def read_work(state: ServerState, request: Request, task: str, model, imag
     try:
         work = runner.prepare(req, images) if task == "edit" else \
             runner.prepare(req, images.get("ip_adapter_image"), images.get("control_image"),
-                           images.get("adapter_mask"))
+                           images.get("adapter_mask"), images.get("init_image"), images.get("mask_image"))
     except FieldError as e:
         raise ApiError(422, "invalid_request", str(e), e.field) from None
     if work.rows > config.max_batch_rows:

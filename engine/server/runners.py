@@ -13,9 +13,12 @@ from PIL import Image
 from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.combine import NonFinite
 from ipadapter_instruct.engine.guidance import resolve_mode
+from ipadapter_instruct.engine.img2img import inpainting_unet
 from ipadapter_instruct.engine.loading import MAX_SIZE_FACTOR, check_size, native_from_configs
 from ipadapter_instruct.engine.prepared import SIZE_CONDITIONING
 from ipadapter_instruct.engine.requests import check_instruction, check_per_row_adapter, default_prompts
+from ipadapter_instruct.engine.server import photos
+from ipadapter_instruct.engine.server.errors import FieldError
 from ipadapter_instruct.engine.server.images import Use
 from ipadapter_instruct.engine.server.schemas import GenerateRequest
 
@@ -26,14 +29,6 @@ STAGES = ("text_encoder_ms", "image_encoder_ms", "projector_ms", "kv_ms", "denoi
 
 
 SDXL_FIELDS = SIZE_CONDITIONING  # per call, SDXL only
-
-
-class FieldError(EngineError):
-    """A request that the loaded model cannot run, naming the field (HTTP 422)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 def own_name(path) -> str | None:
@@ -62,6 +57,8 @@ class Work:
     rows: int   # UNet rows in a call: guidance branches x images
     control: Image.Image | None = None  # the ControlNet's input (a server started with --controlnet)
     mask: Image.Image | None = None     # where the adapter acts (adapter_mask)
+    start: object = None                # engine.img2img.Start: the photo (init_image, mask_image, strength) or None
+    first_step: int = 0                 # the step it starts at (a photo's strength skips the first ones)
 
 
 class PipelineRunner:
@@ -77,17 +74,25 @@ class PipelineRunner:
         self.native, self.factor = native_from_configs(pipe.unet.config, pipe.vae.config)
 
     def prepare(self, req: GenerateRequest, image: Image.Image | None, control: Image.Image | None = None,
-                mask: Image.Image | None = None) -> Work:
+                mask: Image.Image | None = None, init_image: Image.Image | None = None,
+                mask_image: Image.Image | None = None) -> Work:
         """The checks that need the model, before the request is queued; raises FieldError."""
         nets = self.caps.controlnets
         if nets and control is None:
             raise FieldError("control_image", "this server runs a ControlNet: control_image is required")
         if not nets and (control is not None or req.controlnet_conditioning_scale != 1.0):
             raise FieldError("control_image", "this server runs no ControlNet: send no control_image")
+        start, first_step = photos.check(self, req, init_image, mask_image)
+        height, width = req.height, req.width
+        from_photo = start is not None and start.mask is None and height is None and width is None
+        if from_photo:  # img2img: the photo's size on the VAE grid, as the pipeline takes it
+            f = self.factor
+            height, width = init_image.height // f * f, init_image.width // f * f
         try:
-            height, width = self._size(req.height, req.width)
+            height, width = self._size(height, width)
         except EngineError as e:
-            raise FieldError("height" if req.height is not None else "width", str(e)) from None
+            raise FieldError("init_image" if from_photo else "height" if req.height is not None else "width",
+                             str(e)) from None
         if self.kind is None:
             if image is not None:
                 raise FieldError("ip_adapter_image", "this server has no adapter loaded: send no ip_adapter_image")
@@ -126,13 +131,16 @@ class PipelineRunner:
             mode = resolve_mode(req.guidance_mode, req.instruct, req.guidance_scale, self.kind == "instruct")
         except EngineError as e:
             raise FieldError("guidance_mode", str(e)) from None
-        return Work(req, image, height, width, BRANCH_ROWS[mode] * req.num_images_per_prompt, control, mask)
+        return Work(req, image, height, width, BRANCH_ROWS[mode] * req.num_images_per_prompt, control, mask, start,
+                    first_step)
 
     def uses(self, req) -> dict[str, Use | None]:
         """The size each image field is used at, so the server decodes it no larger: the condition image at CLIP's
-        input size, the control image and the mask at the output size (None: a size prepare() will refuse)."""
+        input size, the control image and the mask at the output size (None: a size prepare() will refuse), a photo
+        and its mask as photos.uses says."""
         out = self._output_use(req.height, req.width)
-        return {"ip_adapter_image": self._clip_use(), "control_image": out, "adapter_mask": out}
+        return {"ip_adapter_image": self._clip_use(), "control_image": out, "adapter_mask": out,
+                **photos.uses(self, req)}
 
     def _size(self, height, width) -> tuple[int, int]:
         """check_size with the server's limit, its refusal naming the server's flag."""
@@ -160,7 +168,9 @@ class PipelineRunner:
         control = (getattr(r, "control_guidance_start", 0.0), getattr(r, "control_guidance_end", 1.0),
                    getattr(r, "guess_mode", False))  # per call in the pipeline
         sdxl = tuple(tuple(v) if v is not None else None for v in (getattr(r, n, None) for n in SDXL_FIELDS))
-        return work.height, work.width, r.num_inference_steps, r.scheduler, r.num_images_per_prompt, *control, sdxl
+        start = work.first_step  # a photo's strength: the step its schedule starts at (text to image: 0)
+        return (work.height, work.width, r.num_inference_steps, start, r.scheduler, r.num_images_per_prompt, *control,
+                sdxl)
 
     def __call__(self, works: list[Work], progress=None) -> list[dict]:
         """One Pipeline call for requests of one key -> per request its result (`answer`)."""
@@ -194,7 +204,8 @@ class PipelineRunner:
         adapter = {k: getattr(r, k) for k in self.adapter_params} if self.kind else {}
         common = dict(prompts, num_inference_steps=r.num_inference_steps, scheduler=scheduler,
                       guidance_scale=r.guidance_scale, image_guidance_scale=r.image_guidance_scale, model=self.model,
-                      instruct=r.instruct if self.kind else None, **adapter)
+                      instruct=r.instruct if self.kind else None, **adapter,
+                      strength=None if work.start is None else work.start.strength)  # (from a photo)
         params = [dict(common, seed=s, width=im.width, height=im.height) for im, s in zip(images, seeds)]
         return {"images": images, "seeds": list(seeds), "params": params, "timings": timings}
 
@@ -241,6 +252,11 @@ class PipelineRunner:
                 kwargs["adapter_masks"] = [w.mask for w in works]
         else:
             del kwargs["adapter_start"], kwargs["adapter_end"]
+        if any(w.start is not None for w in works):  # per request; text-to-image ones send None
+            kwargs.update(init_image=[w.start and w.start.photo for w in works],
+                          strength=[w.start and w.start.strength for w in works])
+            if any(w.start is not None and w.start.mask is not None for w in works):
+                kwargs["mask_image"] = [w.start and w.start.mask for w in works]
         if self.caps.size_conditioning:  # per call, as the key groups them
             kwargs.update({n: tuple(getattr(first, n)) for n in SDXL_FIELDS if getattr(first, n, None) is not None})
         if self.caps.controlnets:
@@ -259,16 +275,20 @@ class PipelineRunner:
                 "image_encoder": own_name(config.image_encoder), "dtype": str(pipe.dtype).replace("torch.", ""),
                 "device": str(pipe.device), "attention_backend": pipe.attention_backend,
                 "native_size": self.native, "vae_scale_factor": self.factor,
-                "schedulers": ["default", *SCHEDULERS], "task": self.task}
+                "schedulers": ["default", *SCHEDULERS], "task": self.task, "inpainting": inpainting_unet(pipe)}
 
     def warmup_work(self) -> Work:
         """One 1-step request at the native size: kernels, allocator and caches ready before /ready."""
         grey = Image.new("RGB", (64, 64), (127, 127, 127))
         instruct = "everything" if self.kind == "instruct" else None
         prompt = None if self.kind else "warm up"  # (text to image needs one)
+        inpaint = {}
+        if inpainting_unet(self.pipe):  # an inpainting model runs only from a photo and a mask
+            photo = Image.new("RGB", (self.native, self.native), (127, 127, 127))
+            inpaint = {"init_image": photo, "mask_image": photo}
         return self.prepare(GenerateRequest(prompt=prompt, num_inference_steps=1, instruct=instruct),
                             grey if self.kind else None,
-                            grey if self.caps.controlnets else None)
+                            grey if self.caps.controlnets else None, **inpaint)
 
 
 @dataclass

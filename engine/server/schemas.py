@@ -100,6 +100,13 @@ class GenerateRequest(BaseModel):
     adapter_mask: Optional[str] = Field(None, description="mask image: base64 or a data URL")
     adapter_start: float = Field(0.0, ge=0.0, le=1.0)
     adapter_end: float = Field(1.0, ge=0.0, le=1.0)
+    # start from a photo (engine/img2img.py): img2img, and with a mask inpainting (white = repaint, black = keep)
+    init_image: Optional[str] = Field(None, description="the photo to start from: base64 or a data URL; the output "
+                                      "is its size (on the VAE grid) unless height/width are given")
+    strength: Optional[float] = Field(None, description="how far from the photo to start, in (0, 1]: 1 runs every "
+                                      "step; default 0.8, with a mask 1.0 (diffusers' defaults)")
+    mask_image: Optional[str] = Field(None, description="inpainting: the photo's size, white = repaint, black = keep; "
+                                      "base64 or a data URL")
     # SDXL's size conditioning (diffusers' names; an SDXL server only): [height, width] and [top, left]
     original_size: Optional[list[Int]] = Field(None, min_length=2, max_length=2,
                                                description="SDXL: [height, width]; default: the output size")
@@ -124,10 +131,10 @@ class GenerateRequest(BaseModel):
         return self
 
     @field_validator("guidance_scale", "instruct_guidance_scale", "image_guidance_scale",
-                     "controlnet_conditioning_scale", "scale")
+                     "controlnet_conditioning_scale", "scale", "strength")
     @classmethod
     def bounded(cls, v, info):
-        return within_bounds(v, info.field_name)
+        return v if v is None else within_bounds(v, info.field_name)
 
     @field_validator("original_size", "target_size", "crops_coords_top_left")
     @classmethod
@@ -214,6 +221,8 @@ class ModelCard(BaseModel):
     vae_scale_factor: int
     schedulers: list[str]
     task: str = Field("generate", description="generate (POST /v1/generate) | edit (InstructPix2Pix, POST /v1/edit)")
+    inpainting: bool = Field(False, description="an inpainting model (9-channel UNet): every request sends "
+                                                "init_image and mask_image")
 
 
 class ModelList(BaseModel):
