@@ -122,13 +122,9 @@ def cut_schedule(sched, num_inference_steps: int, reqs: list):
     starts = {request_start(r, num_inference_steps) for r in reqs}
     if len(starts) > 1:  # (the pipeline groups requests by start before it gets here)
         raise EngineError(f"the requests of one call start at different steps {sorted(starts)}")
-    first = starts.pop()
     if not any(r.start is not None for r in reqs):
         return sched.timesteps
-    if first >= num_inference_steps:
-        s = next(r.start.strength for r in reqs if r.start is not None)
-        raise EngineError(f"strength {s:g} with {num_inference_steps} steps runs no step (int(steps x strength) = "
-                          "0): raise strength or num_inference_steps")
+    first = first_step(next(r.start.strength for r in reqs if r.start is not None), num_inference_steps)
     order = getattr(sched, "order", 1)
     if hasattr(sched, "set_begin_index"):
         sched.set_begin_index(first * order)
@@ -286,11 +282,19 @@ def run_groups(pipe, reqs: list, parts: list, args: dict, call, t_start: float):
     return call_output(joined, [s for r in reqs for s in r.seeds], call.timings)
 
 
+def first_step(strength: float, num_inference_steps: int) -> int:
+    """The step a strength starts at; EngineError when it leaves none to run (int(steps x strength) = 0)."""
+    first = start_index(num_inference_steps, strength)
+    if first >= num_inference_steps:
+        raise EngineError(f"strength {strength:g} with {num_inference_steps} steps runs no step (int(steps x "
+                          "strength) = 0): raise strength or num_inference_steps")
+    return first
+
+
 def check_start_steps(reqs: list, num_inference_steps) -> None:
     """A photo's strength must leave at least one step to run (checked when a call is parsed, before any work)."""
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         return  # (the step count's own check names it)
     for r in reqs:
-        if r.start is not None and start_index(num_inference_steps, r.start.strength) >= num_inference_steps:
-            raise EngineError(f"strength {r.start.strength:g} with {num_inference_steps} steps runs no step "
-                              "(int(steps x strength) = 0): raise strength or num_inference_steps")
+        if r.start is not None:
+            first_step(r.start.strength, num_inference_steps)

@@ -4,7 +4,7 @@ step a request starts at, which the batch key holds (requests of different start
 from __future__ import annotations
 
 from ipadapter_instruct.engine.errors import EngineError
-from ipadapter_instruct.engine.img2img import parse_start, start_index
+from ipadapter_instruct.engine.img2img import first_step, parse_start
 from ipadapter_instruct.engine.loading import MAX_SIZE_FACTOR
 from ipadapter_instruct.engine.server.errors import FieldError
 from ipadapter_instruct.engine.server.images import Use
@@ -40,9 +40,7 @@ def check(runner, req, photo, mask):
         raise FieldError(field, message) from None
     if start is None:
         return None, 0
-    steps = req.num_inference_steps
-    first = start_index(steps, start.strength)
-    if first >= steps:
-        raise FieldError("strength", f"strength {start.strength:g} with {steps} steps runs no step (int(steps x "
-                                     "strength) = 0): raise strength or num_inference_steps")
-    return start, first
+    try:
+        return start, first_step(start.strength, req.num_inference_steps)
+    except EngineError as e:
+        raise FieldError("strength", str(e)) from None
