@@ -159,10 +159,14 @@ class Keep:
         return (1 - self.mask) * proper + self.mask * latents
 
 
-def start_latents(pipe, reqs: list, sched, timesteps, height: int, width: int) -> tuple:
+def start_latents(pipe, reqs: list, sched, timesteps, height: int, width: int, call=None) -> tuple:
     """The call's initial latents (images, C, h, w), each request's drawn from its own generator(s) in diffusers'
     order, and what inpainting needs later: -> (latents, extra UNet channels per image (images, 1 + C, h, w) for a
-    9-channel UNet or None, Keep for a 4-channel UNet with a mask or None)."""
+    9-channel UNet or None, Keep for a 4-channel UNet with a mask or None). With a photo in the call, the work is
+    timed as its `image_latent_ms` stage (call: its CallState)."""
+    if call is not None and any(r.start is not None for r in reqs):
+        with call.timed("image_latent_ms", pipe.device):
+            return start_latents(pipe, reqs, sched, timesteps, height, width)
     f = pipe.vae_scale_factor
     shape = (pipe.vae.config.latent_channels, height // f, width // f)
     nine = inpainting_unet(pipe)

@@ -341,8 +341,7 @@ class Pipeline(LoraMixin, SteppingMixin):
         sched.set_timesteps(num_inference_steps, device=self.device)  # before the latents: sets init_noise_sigma
         timesteps = img2img.cut_schedule(sched, num_inference_steps, reqs)  # (a photo's strength skips the first)
         total, of_row = len(timesteps), plan["latent_of_row"].to(self.device)
-        with call.timed("image_latent_ms", self.device):
-            latents, channels, keep = img2img.start_latents(self, reqs, sched, timesteps, height, width)
+        latents, channels, keep = img2img.start_latents(self, reqs, sched, timesteps, height, width, call)
         contexts = step_contexts(self, ctx, reqs, plan, total)
         if channels is not None:  # an inpainting UNet's mask and masked-photo latent per row, beside every context
             contexts = extra_channels(contexts, channels.index_select(0, of_row))
