@@ -199,9 +199,11 @@ def test_flights_from_photos_equal_their_calls(plus_pipe, cond_image, photo, mas
         torch.testing.assert_close(out[i], plus_pipe(**r), atol=1e-4, rtol=1e-4, msg=f"flight {i}")
 
 
-def test_instruct_img2img_matches_an_independent_loop(tiny, instruct_pipe, cond_image, photo):
-    """IPAdapter-Instruct from a photo: the engine against a loop of diffusers' parts (its IP-Adapter processors,
-    the release's projector and guidance, test_reference_instruct.py) started as diffusers' img2img starts."""
+@pytest.mark.parametrize("instruction,simple", [("use the style of this image", True), ("take the object", False)])
+def test_instruct_img2img_matches_an_independent_loop(tiny, instruct_pipe, cond_image, photo, instruction, simple):
+    """IPAdapter-Instruct from a photo, in both guidance modes (the instruction picks: simple, or the release's four
+    branches): the engine against a loop of diffusers' parts (its IP-Adapter processors, the release's projector and
+    guidance, test_reference_instruct.py) started as diffusers' img2img starts."""
     import warnings
 
     from test_reference_instruct import STEPS as REFERENCE_STEPS
@@ -210,9 +212,9 @@ def test_instruct_img2img_matches_an_independent_loop(tiny, instruct_pipe, cond_
     strength, seed = 0.6, 3
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = reference_generate(tiny, cond_image, "use the style of this image", 0.9, 4.0, 5.0, 1.5, seed, True,
+        ref = reference_generate(tiny, cond_image, instruction, 0.9, 4.0, 5.0, 1.5, seed, simple,
                                  start=(photo, strength))
-    got = instruct_pipe(PROMPT, cond_image, "use the style of this image", negative_prompt=NEGATIVE, scale=0.9,
+    got = instruct_pipe(PROMPT, cond_image, instruction, negative_prompt=NEGATIVE, scale=0.9,
                         guidance_scale=4.0, instruct_guidance_scale=5.0, image_guidance_scale=1.5, seed=seed,
                         num_inference_steps=REFERENCE_STEPS, init_image=photo, strength=strength,
                         output_type="latent")
