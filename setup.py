@@ -61,6 +61,8 @@ setup(
                 "selenium>=4.20", *TENSORRT,  # the web page's test drives Debian's chromium through chromedriver
                 # Hugging Face's kernels (transformers imports it by that name): tests/test_packaging.py shows the
                 # package lives beside it
-                "kernels"],
+                "kernels",
+                # the clients real users point at the server: OpenAI's SDK and Automatic1111's (tests/test_server_shapes*)
+                "openai>=1.0", "webuiapi>=0.9"],
     },
 )

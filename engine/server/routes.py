@@ -82,8 +82,15 @@ def check_serving(state: ServerState, task: str) -> None:
 
 async def read_work(state: ServerState, request: Request, task: str, model, image_fields: tuple[str, ...]):
     """The body read, its images decoded and checked against the loaded model -> (request, work, deadline)."""
+    req, files = await read_body(request, state.config.max_upload_mb, model, image_fields)
+    return await prepare_work(state, task, req, files)
+
+
+async def prepare_work(state: ServerState, task: str, req, files: dict):
+    """A validated native request (GenerateRequest / EditRequest) and its images' bytes -> (request, work, deadline):
+    the images decoded and everything checked against the loaded model. Every HTTP shape (this API, OpenAI's,
+    Automatic1111's) comes through here with its request translated into the native one."""
     config, runner = state.config, state.runner
-    req, files = await read_body(request, config.max_upload_mb, model, image_fields)
     if req.seed is None:  # a fresh seed per request, the Python API's own draw, answered so it can be reused
         req.seed = random_seed()
     deadline = time.monotonic() + config.request_timeout_s  # from its arrival: decode waits count too
@@ -110,13 +117,7 @@ async def handle(state: ServerState, request: Request, task: str, model, image_f
     events: asyncio.Queue | None = asyncio.Queue() if stream else None
     progress = None if events is None else progress_to(events, asyncio.get_running_loop())
     seed = {"x-seed": str(req.seed)}
-    job = Job(work, state.runner.key(work), work.rows, deadline, progress)
-    try:
-        state.batcher.submit(job)
-    except QueueFull as e:
-        raise ApiError(429, "queue_full", str(e), headers={"retry-after": state.batcher.retry_after_s()}) from None
-    except Draining as e:
-        raise ApiError(503, "unavailable", str(e), headers={"retry-after": state.batcher.retry_after_s()}) from None
+    job = submit(state, work, deadline, progress)
     if events is not None:
         return StreamingResponse(stream_events(state.batcher, job, events, rid), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", **seed})
@@ -125,6 +126,27 @@ async def handle(state: ServerState, request: Request, task: str, model, image_f
         png = await run_in_threadpool(encode_png, result, 0)
         return Response(png, media_type="image/png", headers=seed)
     return JSONResponse(await run_in_threadpool(response_body, job, result, rid), headers=seed)
+
+
+def submit(state: ServerState, work, deadline: float, progress=None) -> Job:
+    """Queue a prepared request (the batch key from the runner); 429 / 503 when it cannot be queued."""
+    job = Job(work, state.runner.key(work), work.rows, deadline, progress)
+    try:
+        state.batcher.submit(job)
+    except QueueFull as e:
+        raise ApiError(429, "queue_full", str(e), headers={"retry-after": state.batcher.retry_after_s()}) from None
+    except Draining as e:
+        raise ApiError(503, "unavailable", str(e), headers={"retry-after": state.batcher.retry_after_s()}) from None
+    return job
+
+
+async def run_native(state: ServerState, request: Request, task: str, req, files: dict):
+    """A translated request (a validated GenerateRequest / EditRequest and its images' bytes) run as the native
+    routes run theirs: the same checks, queue, batching and limits. -> (request, job, result); ApiError 4xx/5xx."""
+    check_serving(state, task)
+    req, work, deadline = await prepare_work(state, task, req, files)
+    job = submit(state, work, deadline)
+    return req, job, await wait_for(state, job, request)
 
 
 async def wait_for(state: ServerState, job: Job, request: Request):
