@@ -36,6 +36,12 @@ def own_name(path) -> str | None:
     return os.path.basename(os.path.normpath(path)) if path else None
 
 
+def names(paths) -> list[str]:
+    """Own names of one path or several (None: none)."""
+    paths = [paths] if isinstance(paths, str) else list(paths or ())
+    return [own_name(p) for p in paths]
+
+
 @contextmanager
 def as_field(field: str):
     """The engine's own check of a value (engine/requests.py), its refusal answered as that field's 422."""
@@ -72,6 +78,7 @@ class PipelineRunner:
         self.caps = pipe.capabilities
         self.kind = pipe.adapter.kind if pipe.adapter is not None else None
         self.native, self.factor = native_from_configs(pipe.unet.config, pipe.vae.config)
+        self.created = int(time.time())  # /v1/models' `created` (OpenAI's field): when this server loaded it
 
     def prepare(self, req: GenerateRequest, image: Image.Image | None, control: Image.Image | None = None,
                 mask: Image.Image | None = None, init_image: Image.Image | None = None,
@@ -275,7 +282,18 @@ class PipelineRunner:
                 "image_encoder": own_name(config.image_encoder), "dtype": str(pipe.dtype).replace("torch.", ""),
                 "device": str(pipe.device), "attention_backend": pipe.attention_backend,
                 "native_size": self.native, "vae_scale_factor": self.factor,
-                "schedulers": ["default", *SCHEDULERS], "task": self.task, "inpainting": inpainting_unet(pipe)}
+                "schedulers": ["default", *SCHEDULERS], "task": self.task, "inpainting": inpainting_unet(pipe),
+                "object": "model", "created": self.created, "owned_by": "ipadapter-instruct",
+                "ipadapter_instruct": {"task": self.task, "adapters": self.parts(self.caps.adapters, config.adapter),
+                                       "controlnets": self.parts(("controlnet",) * self.caps.controlnets,
+                                                                 config.controlnet),
+                                       "loras": names([lora[0] for lora in config.lora])}}
+
+    @staticmethod
+    def parts(kinds: tuple, paths) -> list[dict]:
+        """The loaded adapters (or ControlNets) as [{kind, name}], the name None when the pipeline came built."""
+        given = names(paths)
+        return [{"kind": kind, "name": given[i] if i < len(given) else None} for i, kind in enumerate(kinds)]
 
     def warmup_work(self) -> Work:
         """One 1-step request at the native size: kernels, allocator and caches ready before /ready."""

@@ -208,6 +208,13 @@ class ErrorResponse(BaseModel):
     request_id: Optional[str] = None
 
 
+class ModelParts(BaseModel):
+    task: str
+    adapters: list[dict] = Field(description="[{kind: instruct | plus | plain, name}]")
+    controlnets: list[dict] = Field(description="[{kind: controlnet, name}]")
+    loras: list[str]
+
+
 class ModelCard(BaseModel):
     id: str
     base: str
@@ -223,6 +230,12 @@ class ModelCard(BaseModel):
     task: str = Field("generate", description="generate (POST /v1/generate) | edit (InstructPix2Pix, POST /v1/edit)")
     inpainting: bool = Field(False, description="an inpainting model (9-channel UNet): every request sends "
                                                 "init_image and mask_image")
+    # OpenAI's model object (client.models.list()), and what this server adds to it
+    object: Literal["model"] = "model"
+    created: int = Field(0, description="when this server loaded the model (Unix seconds)")
+    owned_by: str = "ipadapter-instruct"
+    ipadapter_instruct: Optional[ModelParts] = Field(None, description="the task and the loaded adapters, "
+                                                     "ControlNets and LoRAs (their file or folder names)")
 
 
 class ModelList(BaseModel):

@@ -1,0 +1,182 @@
+"""OpenAI's images API, driven by the `openai` Python client itself (AsyncOpenAI over httpx's ASGI transport, the
+app in process): client.models.list(), client.images.generate(..., extra_body=native fields) and client.images.edit
+(an InstructPix2Pix edit; on a text-to-image server img2img, and with a mask inpainting) each give the image the
+native route gives for the same request; bad inputs are OpenAI's error shape with the right status while a valid
+request completes."""
+import io
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from conftest import NEGATIVE, PROMPT, load_pipe
+from ipadapter_instruct.engine.server.config import ServerConfig
+from server_utils import InProcessServer, decode_png, png_base64
+
+STYLE = "use the style of this image"
+EDIT = "make it look like winter"
+
+
+def client_of(srv: InProcessServer, api_key: str = "x") -> openai.AsyncOpenAI:
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=srv.app), base_url="http://127.0.0.1", timeout=120)
+    return openai.AsyncOpenAI(base_url="http://127.0.0.1/v1", api_key=api_key, http_client=http, max_retries=0)
+
+
+def listed(srv: InProcessServer, client: openai.AsyncOpenAI):
+    async def page():  # client.models.list() is an awaitable paginator, not a coroutine
+        return await client.models.list()
+    return srv.call(page())
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    srv = InProcessServer(ServerConfig(max_wait_ms=300, max_upload_mb=1), load_pipe(tiny, tiny["adapter"]))
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_edit(tmp_path_factory):
+    from ipadapter_instruct.engine.tiny import make_tiny
+    return make_tiny(str(tmp_path_factory.mktemp("edit") / "weights"), edit=True)
+
+
+@pytest.fixture(scope="module")
+def edit_server(tiny_edit):
+    srv = InProcessServer(ServerConfig(model=tiny_edit["model"], device="cpu", max_wait_ms=100), None)
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def mask():
+    m = np.zeros((64, 64), "uint8")
+    m[32:] = 255
+    return Image.fromarray(m).convert("RGB")
+
+
+def png(image) -> tuple:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return ("image.png", buf.getvalue(), "image/png")
+
+
+def close(a: Image.Image, b: Image.Image) -> bool:
+    return a.size == b.size and int(np.abs(np.asarray(a, int) - np.asarray(b, int)).max()) <= 1
+
+
+def native(srv, path, body) -> list:
+    r = srv.request("POST", path, json=body)
+    assert r.status_code == 200, r.text
+    return [decode_png(im) for im in r.json()["images"]]
+
+
+def extensions(cond, **kw):
+    return {"negative_prompt": NEGATIVE, "ip_adapter_image": png_base64(cond), "instruct": STYLE,
+            "num_inference_steps": 2, **kw}
+
+
+def test_models_list_is_openais_and_keeps_the_native_card(server):
+    listed_models = listed(server, client_of(server))
+    card = listed_models.data[0]
+    assert card.object == "model" and card.owned_by and isinstance(card.created, int)
+    raw = server.request("GET", "/v1/models").json()["data"][0]
+    assert raw["id"] == card.id and raw["task"] == "generate" and raw["adapter_kind"] == "instruct"
+    assert raw["ipadapter_instruct"] == {"task": "generate", "adapters": [{"kind": "instruct", "name": None}],
+                                         "controlnets": [],
+                                         "loras": []}
+
+
+def test_generate_equals_the_native_route(server, cond_image):
+    client = client_of(server)
+    out = server.call(client.images.generate(prompt=PROMPT, n=2, size="64x64", response_format="b64_json",
+                                             quality="hd", style="vivid", user="u1",
+                                             extra_body=extensions(cond_image, seed=5)))
+    assert len(out.data) == 2 and out.data[0].revised_prompt == PROMPT and isinstance(out.created, int)
+    assert out.model_extra["seed"] == 5 and out.model_extra["seeds"] == [5, 6]
+    want = native(server, "/v1/generate", {"prompt": PROMPT, "num_images_per_prompt": 2, "width": 64, "height": 64,
+                                            **extensions(cond_image, seed=5)})
+    for got, ref in zip(out.data, want):
+        assert close(decode_png(got.b64_json), ref)
+    card = listed(server, client).data[0]  # the loaded model's id is accepted
+    named = server.call(client.images.generate(model=card.id, prompt=PROMPT, size="64x64",
+                                               extra_body=extensions(cond_image, seed=5)))
+    assert close(decode_png(named.data[0].b64_json), want[0])
+
+
+def test_edit_on_a_text_to_image_server_is_img2img_and_with_a_mask_inpainting(server, cond_image, photo, mask):
+    client = client_of(server)
+    body = extensions(cond_image, seed=7)
+    out = server.call(client.images.edit(image=png(photo), mask=png(mask), prompt=PROMPT, extra_body=body))
+    want = native(server, "/v1/generate", {"prompt": PROMPT, "init_image": png_base64(photo),
+                                           "mask_image": png_base64(mask), **body})
+    assert close(decode_png(out.data[0].b64_json), want[0])
+    out = server.call(client.images.edit(image=png(photo), prompt=PROMPT, n=1, extra_body=body))
+    want = native(server, "/v1/generate", {"prompt": PROMPT, "init_image": png_base64(photo), **body})
+    assert close(decode_png(out.data[0].b64_json), want[0]) and out.model_extra["seeds"] == [7]
+
+
+def test_edit_on_an_instructpix2pix_server_equals_the_native_edit(edit_server, photo):
+    client = client_of(edit_server)
+    out = edit_server.call(client.images.edit(image=png(photo), prompt=EDIT,
+                                              extra_body={"num_inference_steps": 2, "seed": 3}))
+    want = native(edit_server, "/v1/edit", {"prompt": EDIT, "image": png_base64(photo), "num_inference_steps": 2,
+                                            "seed": 3})
+    assert close(decode_png(out.data[0].b64_json), want[0])
+    with pytest.raises(openai.BadRequestError) as e:  # a mask means nothing to InstructPix2Pix
+        edit_server.call(client.images.edit(image=png(photo), mask=png(photo), prompt=EDIT))
+    assert e.value.body["param"] == "mask"
+    assert listed(edit_server, client).data[0].model_extra["ipadapter_instruct"]["task"] == "edit"
+
+
+@pytest.mark.parametrize("kw, error, status, param", [
+    ({"size": "abc"}, openai.BadRequestError, 400, "size"),
+    ({"response_format": "url"}, openai.BadRequestError, 400, "response_format"),
+    ({"model": "dall-e-3"}, openai.NotFoundError, 404, "model"),
+    ({"extra_body": {"strength": 5}}, openai.UnprocessableEntityError, 422, "strength"),
+    ({"extra_body": {"no_such_field": 1}}, openai.UnprocessableEntityError, 422, "no_such_field"),
+    ({"size": "64x100000"}, openai.UnprocessableEntityError, 422, "size"),
+])
+def test_bad_input_is_openais_error_shape_and_status(server, cond_image, kw, error, status, param):
+    client = client_of(server)
+    extra = {**extensions(cond_image, seed=1), **kw.pop("extra_body", {})}
+    r = server.request("POST", "/v1/images/generations", json={"prompt": PROMPT, **kw, **extra})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["param"] == param and err["message"]
+    assert err["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+    with pytest.raises(error) as e:
+        server.call(client.images.generate(prompt=PROMPT, **kw, extra_body=extra))
+    assert e.value.status_code == status and e.value.body["param"] == param
+
+
+def test_a_valid_request_completes_beside_bad_ones(server, cond_image):
+    import asyncio
+    client = client_of(server)
+
+    async def both():
+        good = client.images.generate(prompt=PROMPT, size="64x64", extra_body=extensions(cond_image, seed=2))
+        bad = client.images.generate(prompt=PROMPT, size="abc", extra_body=extensions(cond_image))
+        return await asyncio.gather(good, bad, return_exceptions=True)
+    good, bad = server.call(both())
+    assert len(good.data) == 1 and isinstance(bad, openai.BadRequestError)
+
+
+def test_the_api_key_is_checked_in_openais_shape(tiny, tmp_path):
+    key = tmp_path / "key"
+    key.write_text("s3cret")
+    srv = InProcessServer(ServerConfig(api_key_file=str(key), max_wait_ms=10), load_pipe(tiny, tiny["adapter"]))
+    try:
+        with pytest.raises(openai.AuthenticationError) as e:
+            srv.call(client_of(srv, "wrong").images.generate(prompt=PROMPT, extra_body={"num_inference_steps": 1}))
+        assert e.value.body["type"] == "authentication_error"
+        assert listed(srv, client_of(srv, "s3cret")).data[0].object == "model"
+    finally:
+        srv.close()
