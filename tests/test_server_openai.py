@@ -4,6 +4,8 @@ app in process): client.models.list(), client.images.generate(..., extra_body=na
 native route gives for the same request; bad inputs are OpenAI's error shape with the right status while a valid
 request completes."""
 import io
+import re
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -178,5 +180,30 @@ def test_the_api_key_is_checked_in_openais_shape(tiny, tmp_path):
             srv.call(client_of(srv, "wrong").images.generate(prompt=PROMPT, extra_body={"num_inference_steps": 1}))
         assert e.value.body["type"] == "authentication_error"
         assert listed(srv, client_of(srv, "s3cret")).data[0].object == "model"
+    finally:
+        srv.close()
+
+
+def test_the_docs_openai_client_block_runs_against_a_real_server(tiny, cond_image, photo, mask, tmp_path,
+                                                                 monkeypatch):
+    """docs/server.md's `from openai import OpenAI` block, as written but for the URL and the step count, against
+    uvicorn on a free port (the sync client needs a real socket)."""
+    from test_server_http import ThreadServer
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "server.md").read_text()
+    block = next(b for b in re.findall(r"^```python\n(.*?)^```", page, re.S | re.M) if "from openai import OpenAI" in b)
+    paths = {k: str(tiny[k]) for k in ("model", "image_encoder", "adapter")}
+    srv = ThreadServer(ServerConfig(max_wait_ms=10, **paths), load_pipe(tiny, tiny["adapter"]))
+    try:
+        monkeypatch.chdir(tmp_path)
+        for name, im in (("cond.png", cond_image), ("photo.png", photo), ("mask.png", mask)):
+            im.save(name)
+        code = block.replace("http://127.0.0.1:8000", srv.url).replace('"num_inference_steps": 30',
+                                                                        '"num_inference_steps": 2')
+        scope = {}
+        exec(compile(code, "docs/server.md", "exec"), scope)
+        assert len(scope["images"]) == 2 and scope["out"].model_extra["seeds"] == [5, 6]
+        assert scope["model"].model_extra["ipadapter_instruct"]["task"] == "generate"
+        assert decode_png(scope["edited"].data[0].b64_json).size == photo.size
     finally:
         srv.close()
