@@ -207,3 +207,25 @@ def test_the_docs_openai_client_block_runs_against_a_real_server(tiny, cond_imag
         assert decode_png(scope["edited"].data[0].b64_json).size == photo.size
     finally:
         srv.close()
+
+
+def test_an_openai_request_batches_with_a_native_one(server, cond_image):
+    """The same batch key: one call serves both (the native answer's timings say so), each its own image."""
+    body = {"prompt": PROMPT, **extensions(cond_image, seed=9)}
+    native_r, openai_r = server.concurrently(("POST", "/v1/generate", {"json": body}),
+                                             ("POST", "/v1/images/generations", {"json": {**body, "seed": 10}}))
+    assert native_r.status_code == openai_r.status_code == 200, (native_r.text, openai_r.text)
+    assert native_r.json()["timings"]["batch_requests"] == 2
+    want = native(server, "/v1/generate", {**body, "seed": 10})
+    assert close(decode_png(openai_r.json()["data"][0]["b64_json"]), want[0])
+
+
+def test_step_level_batching_serves_the_openai_route_too(tiny, cond_image):
+    srv = InProcessServer(ServerConfig(batching="step", max_wait_ms=10), load_pipe(tiny, tiny["adapter"]))
+    try:
+        out = srv.call(client_of(srv).images.generate(prompt=PROMPT, n=2, extra_body=extensions(cond_image, seed=4)))
+        want = native(srv, "/v1/generate", {"prompt": PROMPT, "num_images_per_prompt": 2,
+                                            **extensions(cond_image, seed=4)})
+        assert all(close(decode_png(d.b64_json), ref) for d, ref in zip(out.data, want))
+    finally:
+        srv.close()
