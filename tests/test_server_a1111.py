@@ -3,7 +3,9 @@ Python client, `webuiapi`: txt2img with an IP-Adapter ControlNet unit and img2im
 images for the same request (within one grey level) and the seed in `info`; the listings; bad inputs answered 422
 in A1111's error shape, naming A1111's field, while a valid request completes."""
 import json
+import re
 import threading
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -13,7 +15,7 @@ import webuiapi
 from PIL import Image
 
 from conftest import NEGATIVE, PROMPT
-from server_utils import ServerProcess, decode_png, png_base64, tiny_args
+from server_utils import REPO, ServerProcess, decode_png, png_base64, tiny_args
 
 DEFAULT_INSTRUCT = "use the style of this image"  # the server's --default-instruct here
 
@@ -84,8 +86,8 @@ def test_img2img_is_the_native_img2img(server, api, cond_image, photo):
     r = api.img2img(images=[photo], denoising_strength=0.5, prompt=PROMPT, seed=7, steps=2, width=64, height=64,
                     cfg_scale=6.0, controlnet_units=[adapter_unit(cond_image, weight=0.8)], alwayson_scripts={})
     want = native(server, prompt=PROMPT, negative_prompt="", init_image=png_base64(photo), strength=0.5,
-                  ip_adapter_image=png_base64(cond_image), instruct=DEFAULT_INSTRUCT, scale=0.8, seed=7, num_inference_steps=2, width=64, height=64,
-        guidance_scale=6.0, scheduler="ddim")
+                  ip_adapter_image=png_base64(cond_image), instruct=DEFAULT_INSTRUCT, scale=0.8, seed=7,
+                  num_inference_steps=2, width=64, height=64, guidance_scale=6.0, scheduler="ddim")
     close(r.image, want)
     assert r.info["seed"] == 7 and r.info["denoising_strength"] == 0.5
     assert r.parameters["init_images"] is None  # as A1111 answers: the request without its photo
@@ -142,3 +144,16 @@ def test_disabled_units_are_skipped(server, api, cond_image):
     r = api.txt2img(prompt=PROMPT, seed=4, steps=2, width=64, height=64, alwayson_scripts={},
                     controlnet_units=[off, adapter_unit(cond_image, weight=0.8)])
     assert r.info["seed"] == 4
+
+
+def test_the_docs_webuiapi_example_runs(server, cond_image, tmp_path, monkeypatch):
+    """docs/server.md's webuiapi block (tests/test_docs.py lists it as run here), at 2 steps and 64 px."""
+    text = (Path(REPO) / "docs" / "server.md").read_text()
+    code = next(b for b in re.findall(r"^```python\n(.*?)^```", text, re.S | re.M) if "webuiapi.WebUIApi(" in b)
+    port = urlsplit(server.url).port
+    code = code.replace("port=8000", f"port={port}").replace("steps=30", "steps=2").replace("512", "64")
+    monkeypatch.chdir(tmp_path)
+    cond_image.save("style.png")
+    exec(compile(code, "docs/server.md (webuiapi block)", "exec"), {})
+    with Image.open("lighthouse.png") as im:
+        assert im.size == (64, 64)
