@@ -157,3 +157,41 @@ def test_the_docs_webuiapi_example_runs(server, cond_image, tmp_path, monkeypatc
     exec(compile(code, "docs/server.md (webuiapi block)", "exec"), {})
     with Image.open("lighthouse.png") as im:
         assert im.size == (64, 64)
+
+
+@pytest.fixture(scope="module")
+def cn_server(tiny, tmp_path_factory):
+    """Text to image with a ControlNet (its folder's name: "canny-tiny"), calls held 400 ms for company."""
+    from diffusers import UNet2DConditionModel
+
+    from ipadapter_instruct.engine.tiny_parts import tiny_controlnet
+    folder = tmp_path_factory.mktemp("a1111-cn") / "canny-tiny"
+    tiny_controlnet(str(folder), UNet2DConditionModel.from_pretrained(tiny["model"], subfolder="unet"), 0)
+    with ServerProcess(["--model", tiny["model"], "--controlnet", str(folder), "--max-wait-ms", "400"]) as srv:
+        yield srv
+
+
+def test_a_controlnet_unit_drives_the_loaded_net_and_batches_with_native_requests(cn_server, cond_image):
+    url = urlsplit(cn_server.url)
+    api = webuiapi.WebUIApi(host=url.hostname, port=url.port, sampler="Euler")
+    unit = webuiapi.ControlNetUnit(image=cond_image, module="none", model="canny-tiny [0123abcd]", weight=0.7,
+                                   guidance_end=0.5)
+    body = dict(prompt=PROMPT, seed=2, num_inference_steps=2, width=64, height=64, guidance_scale=7.0,
+                negative_prompt="", scheduler="euler", control_image=png_base64(cond_image),
+                controlnet_conditioning_scale=0.7, control_guidance_end=0.5)
+    out = {}
+    t = threading.Thread(target=lambda: out.update(native=httpx.post(cn_server.url + "/v1/generate", json=body,
+                                                                     timeout=120)))
+    t.start()
+    r = api.txt2img(prompt=PROMPT, seed=2, steps=2, width=64, height=64, controlnet_units=[unit], alwayson_scripts={})
+    t.join(120)
+    native_answer = out["native"].json()
+    assert native_answer["timings"]["batch_requests"] == 2, "the native and the A1111 request did not share a call"
+    close(r.image, decode_png(native_answer["images"][0]))
+    other = webuiapi.ControlNetUnit(image=cond_image, model="control_v11p_sd15_depth")
+    body = refusal(lambda: api.txt2img(prompt=PROMPT, steps=2, width=64, height=64, controlnet_units=[other],
+                                       alwayson_scripts={}), "alwayson_scripts.controlnet.args[0].model")
+    assert "canny-tiny" in body["detail"]
+    adapter = adapter_unit(cond_image)  # no adapter loaded here
+    refusal(lambda: api.txt2img(prompt=PROMPT, steps=2, width=64, height=64, controlnet_units=[unit, adapter],
+                                alwayson_scripts={}), "alwayson_scripts.controlnet.args[1].image")
