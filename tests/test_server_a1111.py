@@ -195,3 +195,28 @@ def test_a_controlnet_unit_drives_the_loaded_net_and_batches_with_native_request
     adapter = adapter_unit(cond_image)  # no adapter loaded here
     refusal(lambda: api.txt2img(prompt=PROMPT, steps=2, width=64, height=64, controlnet_units=[unit, adapter],
                                 alwayson_scripts={}), "alwayson_scripts.controlnet.args[1].image")
+
+
+def test_sampler_names_map_both_ways():
+    from ipadapter_instruct.engine.server.a1111_api import ALIASES, NAMES, sampler_name, scheduler
+    for engine, name in NAMES.items():
+        for given in (name, name.upper(), engine, *ALIASES.get(engine, [])):
+            assert scheduler({"sampler_name": given}) == engine
+        assert sampler_name(engine) == name
+    assert scheduler({"sampler_index": "DPM++ 2M"}) == "dpmpp_2m" and scheduler({}) == "default"
+    assert sampler_name("PNDMScheduler") == "PLMS"  # SD1.5's own scheduler, when a request names none
+
+
+def test_with_an_api_key_the_routes_need_it_and_answer_401_in_a1111s_shape(instruct_pipe, tmp_path):
+    from ipadapter_instruct.engine.server.config import ServerConfig
+    from server_utils import InProcessServer
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    server = InProcessServer(ServerConfig(api_key_file=str(key), model="model", warmup=False), instruct_pipe)
+    try:
+        r = server.request("GET", "/sdapi/v1/samplers")
+        assert r.status_code == 401 and r.json()["error"] == "unauthorized" and "Bearer" in r.json()["detail"]
+        r = server.request("GET", "/sdapi/v1/sd-models", headers={"authorization": "Bearer s3cret"})
+        assert r.status_code == 200 and r.json()[0]["model_name"] == "model"
+    finally:
+        server.close()

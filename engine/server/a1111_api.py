@@ -39,6 +39,7 @@ from ipadapter_instruct.engine.server.state import ServerState
 
 # A1111's sampler names for the engine's schedulers (engine/pnginfo.py's table), and the aliases A1111 lists
 NAMES = {engine: SAMPLERS[engine] for engine in SCHEDULERS if engine in SAMPLERS}
+CLASSES = {cls: engine for engine, cls in SCHEDULERS.items()}  # a model's own scheduler, as info names it
 ALIASES = {"euler_a": ["k_euler_a", "k_euler_ancestral"], "euler": ["k_euler"], "dpmpp_2m": ["k_dpmpp_2m"],
            "lcm": ["k_lcm"]}
 # A1111 fields that change the picture in ways this server does not serve: refused when set, never ignored
@@ -298,6 +299,12 @@ def controlnet_unit(unit: dict, at: str, state: ServerState, names: dict) -> dic
             "control_guidance_end": unit.get("guidance_end", 1.0)}
 
 
+def sampler_name(scheduler: str) -> str:
+    """The engine's scheduler name (or a model's own scheduler class) as A1111's sampler name."""
+    engine = CLASSES.get(scheduler, scheduler)
+    return NAMES.get(engine, engine)
+
+
 def a1111_answer(body: dict, job, result: dict, photo: bool) -> dict:
     """{"images": base64 PNGs (each with its "parameters" chunk), "parameters": the request as received (without
     its photo and mask, as A1111 answers), "info": a JSON string as A1111's}."""
@@ -309,7 +316,7 @@ def a1111_answer(body: dict, job, result: dict, photo: bool) -> dict:
             "all_negative_prompts": [p.get("negative_prompt") for p in params],
             "seed": result["seeds"][0], "all_seeds": result["seeds"], "subseed": -1, "all_subseeds":
             [-1] * len(params), "subseed_strength": 0, "width": work.width, "height": work.height,
-            "sampler_name": NAMES.get(first["scheduler"], first["scheduler"]), "cfg_scale": work.req.guidance_scale,
+            "sampler_name": sampler_name(first["scheduler"]), "cfg_scale": work.req.guidance_scale,
             "steps": work.req.num_inference_steps, "batch_size": len(params), "restore_faces": False,
             "sd_model_name": first.get("model"), "sd_model_hash": None, "denoising_strength":
             first.get("strength") if photo else None, "extra_generation_params":
