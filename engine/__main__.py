@@ -194,6 +194,8 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--allowed-hosts", metavar="NAMES",
                    help="Host header names served, comma separated, * for any (default: the --host's own names: "
                         "127.0.0.1, localhost and [::1] on loopback, any on 0.0.0.0); checked without a key")
+    s.add_argument("--default-instruct", default=C.default_instruct, metavar="TEXT",
+                   help="the instruction of an Automatic1111 IP-Adapter unit that sends no `instruct` (/sdapi/v1)")
     s.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up request")
     s.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet (the warm-up compiles the native size; other batch shapes compile "

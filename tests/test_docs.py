@@ -22,7 +22,8 @@ NOT_RUN = {("README.md", "needs a running server (tests/test_server_process.py")
            ("docs/server.md", "needs a running server (tests/test_server_process.py")}
 # blocks another test runs: (page, a line of the block) -> that test
 ELSEWHERE = {("README.md", "from huggingface_hub import hf_hub_download, snapshot_download"): "tests/test_hub_id.py",
-             ("docs/server.md", "from openai import OpenAI"): "tests/test_server_openai.py"}
+             ("docs/server.md", "from openai import OpenAI"): "tests/test_server_openai.py",
+             ("docs/server.md", "api = webuiapi.WebUIApi("): "tests/test_server_a1111.py"}
 IMAGES = ("cond.png", "photo.png", "ref.png", "a.png", "b.png", "style.png", "face.png", "edges.png", "mask.png")
 
 

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ipadapter_instruct.engine.server import health, openai_api, page, routes
+from ipadapter_instruct.engine.server import a1111_api, health, openai_api, page, routes
 from ipadapter_instruct.engine.server.config import ServerConfig
 from ipadapter_instruct.engine.server.dependencies import authorize
 from ipadapter_instruct.engine.server.errors import ApiError, BodyLimit, RequestId
@@ -37,7 +37,7 @@ def create_app(config: ServerConfig | None = None, pipe=None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, http_error)
     if keyed:
         add_docs(app, authorize)
-    for router in (page.router, health.router, routes.router, openai_api.router):
+    for router in (page.router, health.router, routes.router, openai_api.router, a1111_api.router):
         app.include_router(router)
     return app
 

@@ -29,6 +29,7 @@ class ServerConfig(EngineConfig):
     cors_origin: str | None = None        # one allowed origin; CORS is off without it
     allowed_hosts: str | None = None      # Host names served, comma separated (* any); default: the bound host's
     warmup: bool = True                   # one 1-step request before /ready turns true
+    default_instruct: str = "use everything from this image"  # an A1111 IP-Adapter unit's, when it sends none
 
     def api_key(self) -> str | None:
         if self.api_key_file is None:
