@@ -229,3 +229,21 @@ def test_step_level_batching_serves_the_openai_route_too(tiny, cond_image):
         assert all(close(decode_png(d.b64_json), ref) for d, ref in zip(out.data, want))
     finally:
         srv.close()
+
+
+def test_native_openai_and_automatic1111_requests_batch_together(server, cond_image):
+    """Three shapes, one batch key: one call serves a native, an OpenAI and an Automatic1111 request (their answers
+    say so), each with its own seed."""
+    import json
+
+    native = {"prompt": PROMPT, "height": 64, "width": 64, **extensions(cond_image, seed=11)}
+    unit = {"image": png_base64(cond_image), "module": "ip-adapter_clip_sd15", "model": "ip-adapter-instruct",
+            "weight": 0.8, "instruct": STYLE}
+    a1111 = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": 13, "steps": 2, "width": 64, "height": 64,
+             "cfg_scale": 6.0, "alwayson_scripts": {"controlnet": {"args": [unit]}}}
+    answers = server.concurrently(("POST", "/v1/generate", {"json": native}),
+                                  ("POST", "/v1/images/generations", {"json": {**native, "seed": 12}}),
+                                  ("POST", "/sdapi/v1/txt2img", {"json": a1111}))
+    assert [r.status_code for r in answers] == [200] * 3, [r.text for r in answers]
+    assert answers[0].json()["timings"]["batch_requests"] == 3
+    assert answers[1].json()["seeds"] == [12] and json.loads(answers[2].json()["info"])["seed"] == 13
