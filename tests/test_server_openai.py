@@ -227,6 +227,13 @@ def test_step_level_batching_serves_the_openai_route_too(tiny, cond_image):
         want = native(srv, "/v1/generate", {"prompt": PROMPT, "num_images_per_prompt": 2,
                                             **extensions(cond_image, seed=4)})
         assert all(close(decode_png(d.b64_json), ref) for d, ref in zip(out.data, want))
+        unit = {"image": png_base64(cond_image), "module": "ip-adapter_clip_sd15", "model": "ip-adapter-instruct",
+                "weight": 0.8, "instruct": STYLE}  # Automatic1111's route on the step-level server too
+        a1111 = srv.call(srv.client.post("/sdapi/v1/txt2img", json={
+            "prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": 4, "steps": 2, "width": 64, "height": 64,
+            "cfg_scale": 6.0, "alwayson_scripts": {"controlnet": {"args": [unit]}}}))
+        assert a1111.status_code == 200, a1111.text
+        assert close(decode_png(a1111.json()["images"][0]), want[0])
     finally:
         srv.close()
 
