@@ -254,3 +254,20 @@ def test_native_openai_and_automatic1111_requests_batch_together(server, cond_im
     assert [r.status_code for r in answers] == [200] * 3, [r.text for r in answers]
     assert answers[0].json()["timings"]["batch_requests"] == 3
     assert answers[1].json()["seeds"] == [12] and json.loads(answers[2].json()["info"])["seed"] == 13
+
+
+def test_every_shape_counts_in_the_request_metric(server, cond_image):
+    """engine_requests_total counts OpenAI's and Automatic1111's generation routes as it counts /v1/generate."""
+    def count() -> float:
+        text = server.call(server.client.get("/metrics")).text
+        return next((float(line.split()[-1]) for line in text.splitlines()
+                     if line.startswith('engine_requests_total{status="200"} ')), 0.0)
+    before = count()
+    unit = {"image": png_base64(cond_image), "module": "ip-adapter", "model": "ip-adapter", "instruct": STYLE}
+    answers = [server.call(server.client.post("/v1/images/generations",
+                                              json={"prompt": PROMPT, **extensions(cond_image, seed=1)})),
+               server.call(server.client.post("/sdapi/v1/txt2img", json={
+                   "prompt": PROMPT, "seed": 2, "steps": 2, "width": 64, "height": 64,
+                   "alwayson_scripts": {"controlnet": {"args": [unit]}}}))]
+    assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+    assert count() == before + 2

@@ -97,12 +97,17 @@ class InternalErrors:
                 await send_json(send, 500, error_body("internal", internal_message(rid), rid))
 
 
+# the routes that generate, in every HTTP shape (native, OpenAI's, Automatic1111's): engine_requests counts them all
+GENERATING = frozenset(("/v1/generate", "/v1/edit", "/v1/images/generations", "/v1/images/edits",
+                        "/sdapi/v1/txt2img", "/sdapi/v1/img2img"))
+
+
 class StatusCounter:
     def __init__(self, app, metrics):
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != "/v1/generate":
+        if scope["type"] != "http" or scope["path"] not in GENERATING:
             return await self.app(scope, receive, send)
 
         async def counting_send(message):

@@ -12,8 +12,8 @@ class Metrics:
 
     def __init__(self):
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("engine_requests", "finished HTTP generate requests by status code", ["status"],
-                                registry=r)
+        self.requests = Counter("engine_requests", "finished HTTP generation requests (every shape: native, "
+                                "OpenAI, Automatic1111) by status code", ["status"], registry=r)
         self.depth = Gauge("engine_queue_depth", "requests waiting for the model", registry=r)
         self.rows = Histogram("engine_batch_rows", "UNet rows per pipeline call", buckets=ROW_BUCKETS, registry=r)
         self.batch_requests = Histogram("engine_batch_requests", "requests per pipeline call", buckets=ROW_BUCKETS,
