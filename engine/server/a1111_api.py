@@ -21,7 +21,6 @@ import time
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -35,6 +34,7 @@ from ipadapter_instruct.engine.server.responses import encode_png
 from ipadapter_instruct.engine.server.routes import check_serving, run_native
 from ipadapter_instruct.engine.server.runners import own_name
 from ipadapter_instruct.engine.server.schemas import MAX_NUM_IMAGES, GenerateRequest
+from ipadapter_instruct.engine.server.shapes import shaped_route
 from ipadapter_instruct.engine.server.state import ServerState
 
 # A1111's sampler names for the engine's schedulers (engine/pnginfo.py's table), and the aliases A1111 lists
@@ -50,28 +50,16 @@ HASH = re.compile(r"\s*\[[0-9a-fA-F]+\]$")  # A1111's " [d14c016b]" after a mode
 UNITS = "alwayson_scripts.controlnet.args"
 
 
-class A1111Route(APIRoute):
-    """Every error on these routes (the API key's too) in A1111's shape, the native status code kept."""
-
-    def get_route_handler(self):
-        handler = super().get_route_handler()
-
-        async def a1111_handler(request: Request):
-            try:
-                return await handler(request)
-            except ApiError as e:
-                return error_response(request, e)
-        return a1111_handler
-
-
-router = APIRouter(prefix="/sdapi/v1", route_class=A1111Route, dependencies=[Depends(authorize)])
-
-
 def error_response(request: Request, e: ApiError) -> JSONResponse:
+    """Every error on these routes (the API key's too) in A1111's shape, the native status code kept."""
     rid = request.scope.get("state", {}).get("request_id")
     body = {"error": e.code, "detail": e.message, "body": "", "errors": e.message, "field": e.field,
             "request_id": rid}
     return JSONResponse(body, status_code=e.status, headers=e.headers)
+
+
+router = APIRouter(prefix="/sdapi/v1", route_class=shaped_route(error_response),
+                   dependencies=[Depends(authorize)])
 
 
 @router.post("/txt2img")

@@ -11,9 +11,7 @@ import re
 import time
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -24,11 +22,13 @@ from ipadapter_instruct.engine.server.parsing import parse_json, raise_first, re
 from ipadapter_instruct.engine.server.responses import encode_png
 from ipadapter_instruct.engine.server.routes import run_native
 from ipadapter_instruct.engine.server.schemas import EditRequest, GenerateRequest
+from ipadapter_instruct.engine.server.shapes import shaped_route
 from ipadapter_instruct.engine.server.state import ServerState
 
 SIZE = re.compile(r"^([0-9]{1,6})x([0-9]{1,6})$")
+# OpenAI's own fields: model, n, size and response_format read; quality, style and the rest accepted, ignored
 OPENAI_ONLY = ("model", "n", "size", "response_format", "user", "quality", "style", "background", "output_format",
-               "output_compression", "moderation", "partial_images", "safety_identifier", "input_fidelity")  # OpenAI's own; quality, style and the rest accepted, ignored
+               "output_compression", "moderation", "partial_images", "safety_identifier", "input_fidelity")
 IMAGE_FIELDS = ("ip_adapter_image", "control_image", "adapter_mask", "init_image", "mask_image")
 EDIT_FILES = ("image", "mask", *IMAGE_FIELDS)
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
@@ -42,30 +42,9 @@ def openai_error(status: int, code: str, message: str, param: str | None, header
                         status_code=status, headers=headers)
 
 
-class OpenAIRoute(APIRoute):
-    """A route whose errors (the API key's 401 included) answer in OpenAI's shape."""
-
-    def get_route_handler(self):
-        handler = super().get_route_handler()
-
-        async def answer(request: Request):
-            try:
-                return await handler(request)
-            except ApiError as e:
-                return openai_error(e.status, e.code, e.message, e.field, e.headers)
-            except RequestValidationError as e:
-                return as_openai(e.errors())
-        return answer
-
-
-router = APIRouter(dependencies=[Depends(authorize)], route_class=OpenAIRoute)
-
-
-def as_openai(errors: list[dict]):
-    try:
-        raise_first(errors)
-    except ApiError as e:
-        return openai_error(e.status, e.code, e.message, e.field)
+# every error on these routes (the API key's 401 included) in OpenAI's shape
+router = APIRouter(dependencies=[Depends(authorize)], route_class=shaped_route(
+    lambda request, e: openai_error(e.status, e.code, e.message, e.field, e.headers)))
 
 
 @router.post("/v1/images/generations")
