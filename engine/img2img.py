@@ -196,12 +196,11 @@ def start_latents(pipe, reqs: list, sched, timesteps, height: int, width: int, c
 
 def _from_photo(pipe, start: Start, g, n: int, shape: tuple, sched, t0, size: tuple, nine: bool, dists: dict):
     """One generator's share of a request with a photo: -> (latents (n, C, h, w), extra channels or None, the
-    Keep parts (mask, image latent, noise) or None). dists: the request's photo (and masked photo) distributions,
-    encoded by the first of its generators (each generator then draws its own sample)."""
-    from diffusers.image_processor import VaeImageProcessor  # (deferred: only calls that start from a photo)
-
-    f, (height, width) = pipe.vae_scale_factor, size
-    pixels = VaeImageProcessor(vae_scale_factor=f).preprocess(start.photo, height=height, width=width)
+    Keep parts (mask, image latent, noise) or None). dists: the request's preprocessed photo and mask and their
+    distributions, made by the first of its generators (each generator then draws its own sample)."""
+    if "pixels" not in dists:
+        dists.update(_preprocessed(pipe, start, size))
+    pixels, condition = dists["pixels"], dists["condition"]
     inpaint = start.mask is not None
     noise_only = inpaint and start.strength == 1.0  # diffusers' is_strength_max: pure noise, photo latent unread
     dist = None
@@ -217,11 +216,6 @@ def _from_photo(pipe, start: Start, g, n: int, shape: tuple, sched, t0, size: tu
         x = sched.add_noise(image, noise, t0.repeat(n))
     if not inpaint:
         return x, None, None
-    processor = VaeImageProcessor(vae_scale_factor=f, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
-    try:
-        condition = processor.preprocess(start.mask, height=height, width=width)
-    except (ValueError, TypeError) as e:
-        raise EngineError(f"mask_image cannot be read: {e}") from e
     mask = torch.nn.functional.interpolate(condition, size=shape[1:]).to(pipe.device, pipe.dtype).expand(n, 1, *shape[1:])
     if nine:
         if "masked" not in dists:
@@ -231,6 +225,24 @@ def _from_photo(pipe, start: Start, g, n: int, shape: tuple, sched, t0, size: tu
     # diffusers encodes the masked photo even for a 4-channel UNet, which never reads it: draw what its sample draws
     randn_tensor(dist.mean.shape, generator=g, device=dist.mean.device, dtype=dist.mean.dtype)
     return x, None, (mask, image, noise)
+
+
+def _preprocessed(pipe, start: Start, size: tuple) -> dict:
+    """A request's photo in [-1, 1] at `size` and its binarised mask (None without one), as diffusers' image and
+    mask processors make them: once per request, whatever its number of images."""
+    from diffusers.image_processor import VaeImageProcessor  # (deferred: only calls that start from a photo)
+
+    f, (height, width) = pipe.vae_scale_factor, size
+    out = {"pixels": VaeImageProcessor(vae_scale_factor=f).preprocess(start.photo, height=height, width=width),
+           "condition": None}
+    if start.mask is not None:
+        processor = VaeImageProcessor(vae_scale_factor=f, do_normalize=False, do_binarize=True,
+                                      do_convert_grayscale=True)
+        try:
+            out["condition"] = processor.preprocess(start.mask, height=height, width=width)
+        except (ValueError, TypeError) as e:
+            raise EngineError(f"mask_image cannot be read: {e}") from e
+    return out
 
 
 def photo_size(reqs: list, height, width, f: int, inpaint: bool = False) -> tuple:
