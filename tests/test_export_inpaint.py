@@ -16,6 +16,7 @@ from ipadapter_instruct.engine.graph_names import EDIT_GRAPHS, GRAPHS
 from ipadapter_instruct.engine.trt import tensorrt_unavailable
 from ipadapter_instruct.export.onnx import export_onnx
 from ipadapter_instruct.export.verify import verify
+from test_export_controlnet import onnx_pipe
 from test_export_plugin import export
 
 NO_TRT = tensorrt_unavailable("rtx")
@@ -54,13 +55,6 @@ def torch_pipe(weights):
     pipe = Pipeline.from_pretrained(weights["model"], image_encoder=weights["image_encoder"],
                                     adapter=weights["adapter"], device="cpu", dtype="float32",
                                     attention_backend="reference")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def onnx_pipe(folder):
-    from ipadapter_instruct.export.onnx_runtime import OnnxPipeline
-    pipe = OnnxPipeline.from_export(str(folder))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
