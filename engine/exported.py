@@ -34,6 +34,7 @@ import torch
 
 from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.graph_names import FORMAT, GRAPHS, SDXL_GRAPHS, SOURCES  # noqa: F401 (this module's API)
+from ipadapter_instruct.engine.loading import _crop
 from ipadapter_instruct.engine.img2img import photo_size
 from ipadapter_instruct.engine.pipeline import Pipeline
 from ipadapter_instruct.engine.prepared import LastTimings
@@ -243,12 +244,13 @@ class ExportedPipeline(Pipeline):
                              truncation=True, return_tensors="pt").input_ids
         return self.graphs["text_encoder"](input_ids=ids.to(self.device))
 
-    def encode_images(self, images, with_zero: bool = True, pooled: bool | None = None) -> torch.Tensor:
+    def _image_rows(self, pixels: torch.Tensor, pooled: bool) -> torch.Tensor:
         # (pooled: the graph gives what its one adapter reads)
-        pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
-        if with_zero:
-            pixels = torch.cat([pixels, torch.zeros_like(pixels[:1])])  # the last row: the all-zero image
         return self.graphs["image_encoder"](pixel_values=pixels.to(self.device))
+
+    def _zero_image_row(self, pooled: bool) -> torch.Tensor:
+        # the graph's own encoding of the all-zero pixels, whatever its adapter reads
+        return self._image_rows(torch.zeros(1, 3, *_crop(self.image_processor)), pooled)
 
     def _project_graph(self, image, instruct=None, prompt=None) -> torch.Tensor:
         return self.graphs["projector"](image_tokens=image, instruct_tokens=instruct, prompt_tokens=prompt)

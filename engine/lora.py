@@ -21,6 +21,7 @@ import os
 import torch
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
+from ipadapter_instruct.engine.encoding import constants
 from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.safe_load import refusal
 from ipadapter_instruct.engine.unet_step import graphs_changed
@@ -132,3 +133,4 @@ class LoraMixin(StableDiffusionLoraLoaderMixin):
 
     def _weights_changed(self) -> None:
         graphs_changed(self)  # graphs captured or compiled before hold the old weights
+        constants(self).forget("text")  # the fixed instructions were encoded with the old text encoder

@@ -21,6 +21,7 @@ from ipadapter_instruct.engine.adapter import Adapter
 from ipadapter_instruct.engine.attention import install_processors
 from ipadapter_instruct.engine.combine import finite_outputs
 from ipadapter_instruct.engine import img2img
+from ipadapter_instruct.engine.encoding import EncodingMixin
 from ipadapter_instruct.engine.conditioning import features, masks, project, step_contexts, step_kwargs, unet_inputs
 from ipadapter_instruct.engine.controlnet import control_state, residuals
 from ipadapter_instruct.engine.errors import EngineError
@@ -40,7 +41,7 @@ from ipadapter_instruct.engine.unet_step import choose_kernels, compile_unet, fa
 log = logging.getLogger(__name__)
 
 
-class Pipeline(LoraMixin, SteppingMixin):
+class Pipeline(LoraMixin, SteppingMixin, EncodingMixin):
     KIND = "sd15"     # the model's maths (engine/registry.py): sd15 | sdxl | edit
     RUNTIME = "torch"  # what runs its graphs: torch | onnx | tensorrt
     STRENGTH = img2img.STRENGTH  # a photo's default strength per task (diffusers' img2img / inpaint defaults)
@@ -165,47 +166,6 @@ class Pipeline(LoraMixin, SteppingMixin):
         self.encoder_cache = cache
 
     # ---- step-invariant work, once per call ----------------------------------------------------------
-
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        # -> (N, 77, text_dim) per-token last_hidden_state, padded to max length
-        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.device))[0].to(self.dtype)
-
-    def _text_entries(self, texts: list[str]) -> list[tuple]:
-        # -> per text (hidden (77, text_dim), pooled projection or None): what the conditioning cache holds
-        return [(h, None) for h in self.encode_text(texts)]
-
-    def _encode_texts(self, texts: list[str], call: CallState) -> dict:
-        """text -> its UNet tokens, through the encoder cache when one is set; pooled projections (SDXL) go to the
-        call."""
-        cache = self.encoder_cache
-        entries = cache.texts(texts, self._text_entries) if cache is not None else self._text_entries(texts)
-        for t, (_, pooled) in zip(texts, entries):
-            if pooled is not None:
-                call.pooled[t] = pooled
-        return {t: hidden for t, (hidden, _) in zip(texts, entries)}
-
-    def _image_features(self, images: list, pooled: bool) -> torch.Tensor:
-        # -> (N + 1, ...) as encode_images, through the encoder cache when one is set
-        if self.encoder_cache is not None:
-            return self.encoder_cache.images(images, pooled, self)
-        return self.encode_images(images, pooled=pooled)
-
-    def encode_images(self, images: list[Image.Image], with_zero: bool = True,
-                      pooled: bool | None = None) -> torch.Tensor:
-        # -> (N + 1, Ni, image_dim) penultimate hidden states; the last row is the all-zero image (with_zero).
-        # pooled (default: whether the first adapter is a plain one): (N + 1, projection_dim) pooled embeddings
-        pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
-        pixels = pixels.to(self.device, self.dtype)
-        if pooled is None:
-            pooled = self.adapter is not None and self.adapter.kind == "plain"
-        if pooled:  # diffusers' convention for plain IP-Adapter:
-            embeds = self.image_encoder(pixels).image_embeds       # the pooled embedding; zeros are unconditional
-            return torch.cat([embeds, torch.zeros_like(embeds[:1])]) if with_zero else embeds
-        if with_zero:
-            pixels = torch.cat([pixels, torch.zeros_like(pixels[:1])])
-        return self.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
 
     # ---- the call --------------------------------------------------------------------------------------
 

@@ -13,8 +13,6 @@ from collections import OrderedDict
 import torch
 from PIL import Image
 
-from ipadapter_instruct.engine.loading import _crop
-
 
 def pixel_key(image: Image.Image) -> str:
     image = image.convert("RGB")
@@ -67,11 +65,9 @@ class ConditioningCache:
         pipe.set_encoder_cache(self)
 
     def _zero(self, pipe, pooled: bool) -> torch.Tensor:
-        # (1, ...) the all-zero image's row (a blank image stands in for the input; its own row is dropped)
+        # (1, ...) the all-zero image's row: the pipeline's own constant (engine/encoding.py)
         if pooled not in self.zero:
-            height, width = _crop(pipe.image_processor)
-            blank = Image.new("RGB", (width, height))
-            self.zero[pooled] = pipe.encode_images([blank], with_zero=True, pooled=pooled)[-1:].clone()
+            self.zero[pooled] = pipe.zero_image_row(pooled)
         return self.zero[pooled]
 
     def texts(self, texts: list[str], compute) -> list:
