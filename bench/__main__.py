@@ -159,8 +159,10 @@ def add_e2e_args(p: argparse.ArgumentParser) -> None:
                         "(TensorRT for RTX; RTX GPUs) or auto (full where installed; --engines: the one that built "
                         "them)")
     p.add_argument("--ladder", action="store_true",
-                   help="instead of --providers: the fast path one piece at a time (engine-eager, +channels-last, "
-                        "+fused-attention, +fused-norms, +cuda-graphs, +compile), each step's effect in one run")
+                   help="instead of --providers: the fast path one piece at a time, each step's effect in one run "
+                        "(CUDA: engine-eager, +channels-last, +fused-attention, +fused-norms, +cuda-graphs, "
+                        "+compile, each adding to the one before; CPU: engine-eager, then +channels-last, +bf16 and "
+                        "+compile, each alone on top of engine-eager)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per point (default: 10 cuda, 3 cpu)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the engine provider's UNet (compile time shows in the warm-up line)")
@@ -222,7 +224,7 @@ def fail(message: str) -> int:
 def run_e2e_command(a) -> int:
     from ipadapter_instruct.bench.common import write_json
     from ipadapter_instruct.bench.e2e import run_e2e
-    from ipadapter_instruct.bench.e2e_config import ACCEPTED, LADDER, E2EConfig
+    from ipadapter_instruct.bench.e2e_config import ACCEPTED, E2EConfig, ladder
     from ipadapter_instruct.bench.weights import bench_weights
     import torch  # deferred: heavy, and `--help` needs none of it
 
@@ -231,7 +233,7 @@ def run_e2e_command(a) -> int:
         return fail("--device cuda but no CUDA GPU is available")
     if a.cuda_graphs and device.type != "cuda":
         return fail("--cuda-graphs needs --device cuda")
-    providers = tuple(LADDER) if a.ladder else tuple(p for p in a.providers.split(",") if p)
+    providers = tuple(ladder(device)) if a.ladder else tuple(p for p in a.providers.split(",") if p)
     unknown = [p for p in providers if p not in ACCEPTED]
     if unknown or not providers:
         return fail(f"unknown provider(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ACCEPTED)}")

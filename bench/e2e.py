@@ -12,7 +12,7 @@ Providers (equal work: `simple` guidance, 2 UNet rows per image, against diffuse
   cache, for this GPU's arch only); `--cuda-graphs` replays its UNet plan from CUDA graphs. On the CPU, or where
   TensorRT refuses the plans, it is reported as skipped with TensorRT's own reason.
 Per provider and batch size (requests per call, one image each): latency p50/p90/p99 per request, images/s,
-the per-stage breakdown, achieved TFLOP/s against the FLOP count of the work, peak memory (CUDA's allocator,
+the per-stage breakdown (ending in `other`: the call's wall time less its named stages), achieved TFLOP/s against the FLOP count of the work, peak memory (CUDA's allocator,
 per batch size; not measured on the CPU), and the ratio to `diffusers`. Warm-up is one call per provider and
 batch size, reported on its own line.
 
@@ -102,7 +102,7 @@ def measure(provider, image, b: int, cfg: E2EConfig, device: torch.device, log,
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-    result = dict(times=times, stages=provider.stages(), peak_gib=peak, steps=getattr(provider, "steps", cfg.steps),
+    result = dict(times=times, stages=provider.stages(times[-1]), peak_gib=peak, steps=getattr(provider, "steps", cfg.steps),
                   scheduler=getattr(provider, "scheduler", cfg.scheduler))
     if cfg.profile_dir:
         stem = os.path.join(cfg.profile_dir, f"{name}-batch{b}")

@@ -15,7 +15,7 @@ EDIT_PROMPT = "make it look like winter"
 PROVIDERS = ("engine", "engine-eager", "diffusers")
 PRESETS = ("tiny", "sd15", "tiny-sdxl", "sdxl")  # the weights bench/weights.py builds or takes
 ACCEPTED = (*PROVIDERS, "tensorrt", "engine-lcm", "+channels-last", "+fused-attention", "+fused-norms", "+cuda-graphs",
-            "+compile")  # tensorrt: on request only; "+...": the --ladder steps
+            "+compile", "+bf16")  # tensorrt: on request only; "+...": the --ladder steps
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,12 @@ class FastPath:
     fused_norms: bool = False       # GroupNorm+SiLU and GEGLU kernels in the UNet and VAE
     cuda_graphs: bool = False
     compile: bool = False
+    bf16: bool = False              # the whole pipeline in bfloat16 (the CPU ladder's step)
 
     def unavailable(self, device: torch.device) -> str | None:
+        if self.bf16 and device.type == "cpu" and not cpu_has_bf16():
+            return ("this CPU has no bf16 instructions (AVX512-BF16 or AMX): PyTorch emulates bf16 there, slower "
+                    "than float32 (docs/results.md)")
         if device.type != "cuda" and (self.fused_attention or self.fused_norms):
             return "the fused kernels need CUDA (on the CPU the Triton interpreter's timings mean nothing)"
         if device.type != "cuda" and self.cuda_graphs:
@@ -77,9 +81,31 @@ LADDER = {
 }
 
 
+# `--ladder` on the CPU (issue 31): each option the CPU can take, alone on top of engine-eager, so that one that
+# loses here does not hide inside the next step's figure
+CPU_LADDER = {
+    "engine-eager": FastPath(),
+    "+channels-last": FastPath(channels_last=True),
+    "+bf16": FastPath(bf16=True),
+    "+compile": FastPath(compile=True),
+}
+
+
+def ladder(device: torch.device) -> dict[str, FastPath]:
+    """The `--ladder` steps on this device: cumulative on CUDA (LADDER), each alone on the CPU (CPU_LADDER)."""
+    return LADDER if device.type == "cuda" else CPU_LADDER
+
+
+def cpu_has_bf16() -> bool:
+    import torch  # deferred: as everywhere in this module
+
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def fast_path(name: str, device: torch.device, cfg: E2EConfig) -> FastPath:
     if name in ("engine", "engine-lcm"):  # the whole fast path where it applies, plus the options asked for
         cuda = device.type == "cuda"
         return FastPath(channels_last=cuda, fused_attention=cuda, fused_norms=cuda, cuda_graphs=cfg.cuda_graphs,
                         compile=cfg.compile)
-    return LADDER[name]
+    steps = ladder(device)
+    return steps.get(name) or LADDER.get(name) or CPU_LADDER[name]

@@ -16,7 +16,7 @@ from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.loading import _image_processor_class, is_sdxl_folder, make_scheduler, native_from_configs
 from ipadapter_instruct.engine.trt import choice_of, load_tensorrt
 
-from ipadapter_instruct.bench.e2e_config import EDIT_PROMPT, INSTRUCT, LADDER, NEGATIVE, PROMPT, E2EConfig, fast_path
+from ipadapter_instruct.bench.e2e_config import EDIT_PROMPT, INSTRUCT, NEGATIVE, PROMPT, E2EConfig, fast_path
 
 
 def stripe_masks(n: int, height: int, width: int) -> list:
@@ -47,6 +47,7 @@ class EngineProvider:
         backend = "sdpa" if not fast.fused_attention else "auto" if name in ("engine", "engine-lcm") else "triton"
         adapters = {} if cfg.task == "edit" else dict(  # InstructPix2Pix: no adapter
             image_encoder=paths["image_encoder"], adapter=(paths["adapter"],) * cfg.adapters)
+        dtype = torch.bfloat16 if fast.bf16 else dtype
         self.pipe = load_pipeline(EngineConfig(
             paths["model"], **adapters, device=str(device), dtype=str(dtype).removeprefix("torch."),
             attention_backend=backend, kind="edit" if cfg.task == "edit" else None,
@@ -75,11 +76,15 @@ class EngineProvider:
                          guidance_mode=c.guidance_mode, num_inference_steps=self.steps, height=c.height,
                          width=c.width, seed=list(range(batch)), output_type=output_type, scheduler=self.scheduler)
 
-    def stages(self) -> dict[str, float]:
+    def stages(self, wall_ms: float) -> dict[str, float]:
+        """The last call's stages, and `other`: its wall time `wall_ms` less the named stages (the whole denoising
+        loop, scheduler and guidance included, counts as named)."""
         t = self.pipe.timings
         keys = ("text_encoder_ms", "image_encoder_ms", "image_latent_ms", "projector_ms", "kv_ms", "unet_ms_per_step",
                 "vae_decode_ms")
-        return {k: t[k] for k in keys if k in t}
+        named = ("text_encoder_ms", "image_encoder_ms", "image_latent_ms", "projector_ms", "kv_ms", "denoise_ms",
+                 "vae_decode_ms")
+        return {**{k: t[k] for k in keys if k in t}, "other_ms": wall_ms - sum(t.get(k, 0.0) for k in named)}
 
 
 def build_engines_once(paths: dict, dtype: str, device: torch.device, log=print, trt: str = "auto") -> str:
@@ -211,10 +216,14 @@ class DiffusersProvider:
                          guidance_scale=c.guidance_scale, num_inference_steps=c.steps, height=c.height,
                          width=c.width, generator=gens, **extra).images
 
-    def stages(self) -> dict[str, float]:
+    def stages(self, wall_ms: float) -> dict[str, float]:
+        """The last call's hooked modules, and `other`: its wall time `wall_ms` less them (the projector runs inside
+        the UNet calls, so it is not counted twice; the scheduler's steps and the guidance sums fall in `other`)."""
         out = {k: v for k, v in self._times.items() if not k.endswith("_start") and k != "unet_calls"}
+        out["other_ms"] = wall_ms - sum(v for k, v in out.items() if k != "projector_ms")
         if "unet_ms" in out:  # per UNet call, as the engine's (a strength runs fewer steps; PNDM one more)
             out["unet_ms_per_step"] = out.pop("unet_ms") / max(self._times.get("unet_calls", self.cfg.steps), 1)
+        out["other_ms"] = out.pop("other_ms")  # (last, as in the engine's)
         return out
 
 
@@ -244,7 +253,8 @@ def edit_args(cfg: E2EConfig, image, batch: int) -> dict:
 
 def load_provider(name: str, paths: dict, device: torch.device, dtype: torch.dtype, cfg: E2EConfig, log=print):
     """The provider `name` loaded, or None where it cannot run here (logged as skipped, with the reason)."""
-    reason = None if name in ("diffusers", "engine", "engine-lcm", "tensorrt") else LADDER[name].unavailable(device)
+    reason = None if name in ("diffusers", "engine", "engine-lcm", "tensorrt") else \
+        fast_path(name, device, cfg).unavailable(device)
     if name == "tensorrt" and device.type != "cuda":
         reason = f"TensorRT engines run on a CUDA GPU; this run is on {device}"
     if reason:

@@ -85,7 +85,10 @@ def test_e2e_compares_the_providers_in_one_run(tmp_path, capsys):
         assert r["unit"] == "ms" and 0 < r["p20"] <= r["p50"] <= r["p80"] <= r["config"]["p99"]
     stages = {r["metric"] for r in rows if r["provider"] == "engine" and r["x"] == 1}
     assert {"stage:text_encoder", "stage:image_encoder", "stage:projector", "stage:unet_ms_per_step",
-            "stage:vae_decode", "throughput"} <= stages
+            "stage:vae_decode", "stage:other", "throughput"} <= stages
+    for (provider, b), r in latency.items():  # `other`: the last timed call less its named stages, never below 0
+        other = next(x["p50"] for x in rows if (x["provider"], x["x"], x["metric"]) == (provider, b, "stage:other"))
+        assert 0 <= other < max(r["config"]["p99"], r["p80"]), (provider, b, other)
     assert any(r["unit"] == "TFLOP/s" and r["p50"] > 0 for r in rows)
     out = capsys.readouterr().out
     assert "vs diffusers" in out and "warm-up" in out
@@ -134,11 +137,17 @@ def test_ladder_runs_what_the_cpu_can_and_names_the_rest(tmp_path, capsys):
     path = tmp_path / "ladder.json"
     assert main(["--ladder", "--device", "cpu", "--steps", "1", "--repeats", "1", "--cache", str(tmp_path / "w"),
                  "--json", str(path)]) == 0
+    """On the CPU the ladder is engine-eager and each CPU option alone on top of it (channels-last, bf16 where the CPU
+    has bf16 instructions, the inductor's compile); the CUDA steps are not in it."""
+    from ipadapter_instruct.bench.e2e_config import cpu_has_bf16
+
     rows = json.loads(path.read_text())
-    assert {r["provider"] for r in rows if r["metric"] == "latency"} == {"engine-eager", "+channels-last"}
+    timed = {r["provider"] for r in rows if r["metric"] == "latency"}
+    assert timed == {"engine-eager", "+channels-last", "+compile"} | ({"+bf16"} if cpu_has_bf16() else set())
     out = capsys.readouterr().out
-    for step in ("+fused-attention", "+fused-norms", "+cuda-graphs", "+compile"):
-        assert f"{step}: skipped: the fused kernels need CUDA" in out
+    if not cpu_has_bf16():
+        assert "+bf16: skipped: this CPU has no bf16 instructions" in out
+    assert "+fused-attention" not in out and "+cuda-graphs" not in out
     assert "vs eager" in out
 
 
@@ -171,6 +180,20 @@ def test_ladder_steps_configure_one_piece_each(tmp_path):
     for step in ("engine-eager", "+channels-last", "+fused-attention", "+fused-norms"):
         pipe = EngineProvider(step, paths, torch.device("cpu"), torch.float32, E2EConfig()).pipe
         assert fast_path_state(pipe) == LADDER_STATE[step], step
+
+
+def test_cpu_ladder_steps_are_each_one_option_over_eager(tmp_path):
+    from ipadapter_instruct.bench.e2e_config import E2EConfig
+    from ipadapter_instruct.bench.e2e_providers import EngineProvider
+    from ipadapter_instruct.bench.weights import bench_weights
+
+    paths = bench_weights("tiny", str(tmp_path / "w"))
+    got = {}
+    for step in ("+channels-last", "+bf16", "+compile"):
+        pipe = EngineProvider(step, paths, torch.device("cpu"), torch.float32, E2EConfig()).pipe
+        got[step] = (fast_path_state(pipe)[2], pipe.dtype, pipe._compiled)
+    assert got == {"+channels-last": (True, torch.float32, False), "+bf16": (False, torch.bfloat16, False),
+                   "+compile": (False, torch.float32, True)}
 
 
 @pytest.fixture(scope="module")
