@@ -164,6 +164,10 @@ def add_e2e_args(p: argparse.ArgumentParser) -> None:
                         "+compile, each adding to the one before; CPU: engine-eager, then +channels-last, +bf16 and "
                         "+compile, each alone on top of engine-eager)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per point (default: 10 cuda, 3 cpu)")
+    p.add_argument("--interleave", action="store_true",
+                   help="load every provider at once and take their timed calls in turn (A, B, A, B, ...), so a "
+                        "machine whose speed drifts (a shared VM) slows each alike; needs the memory of all of "
+                        "them, and peak memory is not reported")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the engine provider's UNet (compile time shows in the warm-up line)")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -270,7 +274,8 @@ def run_e2e_command(a) -> int:
                     batches=tuple(a.batch or ((1, 4) if cuda else (1,))),
                     steps=a.steps or (30 if cuda else 10), height=a.height, width=a.width,
                     providers=providers, repeats=a.repeats or (10 if cuda else 3), compile=a.compile,
-                    cuda_graphs=a.cuda_graphs, profile_dir=a.profile, engines=a.engines, trt=a.trt,
+                    cuda_graphs=a.cuda_graphs, interleave=a.interleave, profile_dir=a.profile, engines=a.engines,
+                    trt=a.trt,
                     scheduler=None if a.scheduler == "default" else a.scheduler, few_steps=a.few_steps,
                     adapters=a.adapters, adapter_masks=a.adapter_masks, **task)
     rows, table = run_e2e(cfg, paths)

@@ -53,19 +53,31 @@ def run_e2e(cfg: E2EConfig, paths: dict, log=print) -> tuple[list[Row], str]:
     if cfg.task == "edit":  # the photo to edit, at the output size (IP2P's output is the photo's size)
         native = native_size(paths["model"])
         image = image.resize((cfg.width or native, cfg.height or native), Image.BICUBIC)
-    rows, results = [], {}
-    flops = {}
+    results, flops = {}, {}
     # FLOPs are counted on a plain PyTorch path (Triton kernels are opaque to torch's counter)
     countable = [n for n in ("engine-eager", "engine", "diffusers") if n in cfg.providers
                  and not (n == "engine" and device.type == "cuda")]
+    counts = lambda name: bool(countable) and name == countable[0]  # noqa: E731
+    if cfg.interleave:  # every provider loaded at once, their timed calls taken in turn
+        loaded = [p for p in (loaded_provider(n, paths, device, dtype, cfg, log) for n in cfg.providers) if p]
+        for b in cfg.batches:
+            ready = [(p, warm_up(p, image, b, cfg, device, log, counts(p.name))) for p in loaded]
+            ready = [(p, w) for p, w in ready if w is not None]
+            times = {p.name: [] for p, _ in ready}
+            for _ in range(cfg.repeats):
+                for p, _ in ready:
+                    times[p.name].append(timed_call(p, image, b, device))
+            for p, count in ready:
+                results[(p.name, b)] = finish(p, image, b, cfg, device, log, times[p.name])
+                if count[0] is not None:
+                    flops[b] = count[0]
+        return report(cfg, env, results, flops, [])
     for name in cfg.providers:
-        t0 = time.perf_counter()
-        provider = load_provider(name, paths, device, dtype, cfg, log)
+        provider = loaded_provider(name, paths, device, dtype, cfg, log)
         if provider is None:
             continue
-        log(f"{name}: loaded in {time.perf_counter() - t0:.1f} s")
         for b in cfg.batches:
-            measured = measure(provider, image, b, cfg, device, log, bool(countable) and name == countable[0])
+            measured = measure(provider, image, b, cfg, device, log, counts(name))
             if measured is not None:
                 results[(name, b)], count = measured
                 if count is not None:
@@ -74,7 +86,15 @@ def run_e2e(cfg: E2EConfig, paths: dict, log=print) -> tuple[list[Row], str]:
         gc.collect()  # fused modules and hooks hold reference cycles: free the weights before the next provider
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return report(cfg, env, results, flops, rows)
+    return report(cfg, env, results, flops, [])
+
+
+def loaded_provider(name: str, paths: dict, device, dtype, cfg: E2EConfig, log):
+    t0 = time.perf_counter()
+    provider = load_provider(name, paths, device, dtype, cfg, log)
+    if provider is not None:
+        log(f"{name}: loaded in {time.perf_counter() - t0:.1f} s")
+    return provider
 
 
 def measure(provider, image, b: int, cfg: E2EConfig, device: torch.device, log,
@@ -82,9 +102,19 @@ def measure(provider, image, b: int, cfg: E2EConfig, device: torch.device, log,
     """One provider at batch size b: a warm-up call whose images are checked (wrong output: None, no timing), the
     FLOPs of a call where asked, cfg.repeats timed calls and the peak memory, and under `--profile` one more call.
     -> (the result the report reads, the FLOPs or None)."""
-    name = provider.name
     if device.type == "cuda":  # peak per batch size: the weights plus this batch's activations
         torch.cuda.reset_peak_memory_stats(device)
+    warm = warm_up(provider, image, b, cfg, device, log, with_flops)
+    if warm is None:
+        return None
+    times = [timed_call(provider, image, b, device) for _ in range(cfg.repeats)]
+    return finish(provider, image, b, cfg, device, log, times), warm[0]
+
+
+def warm_up(provider, image, b: int, cfg: E2EConfig, device, log, with_flops: bool) -> tuple | None:
+    """The warm-up call, its images checked, and the FLOPs of a call where asked -> (FLOPs or None,), or None where
+    the images are wrong (logged: that provider gets no timing)."""
+    name = provider.name
     t0 = time.perf_counter()
     images = provider(image, b)
     sync(device)
@@ -94,21 +124,28 @@ def measure(provider, image, b: int, cfg: E2EConfig, device: torch.device, log,
     if why:  # a provider whose output is wrong gets no timing
         log(f"{name}: batch {b}: not timed: {why}")
         return None
-    flops = count_flops(provider, image, b) if with_flops else None
-    times = []
-    for _ in range(cfg.repeats):
-        t0 = time.perf_counter()
-        provider(image, b)
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-    result = dict(times=times, stages=provider.stages(times[-1]), peak_gib=peak, steps=getattr(provider, "steps", cfg.steps),
-                  scheduler=getattr(provider, "scheduler", cfg.scheduler))
+    return (count_flops(provider, image, b) if with_flops else None,)
+
+
+def timed_call(provider, image, b: int, device) -> float:
+    t0 = time.perf_counter()
+    provider(image, b)
+    sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def finish(provider, image, b: int, cfg: E2EConfig, device, log, times: list[float]) -> dict:
+    """The result the report reads, from the provider's timed calls `times` (its stages: the last call's), the peak
+    memory (not with --interleave: the others' weights share the device), and under `--profile` one more call."""
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 \
+        if device.type == "cuda" and not cfg.interleave else None
+    result = dict(times=times, stages=provider.stages(times[-1]), peak_gib=peak,
+                  steps=getattr(provider, "steps", cfg.steps), scheduler=getattr(provider, "scheduler", cfg.scheduler))
     if cfg.profile_dir:
-        stem = os.path.join(cfg.profile_dir, f"{name}-batch{b}")
+        stem = os.path.join(cfg.profile_dir, f"{provider.name}-batch{b}")
         result["calls"] = profile_request(lambda: provider(image, b), device, stem)
-        log(f"{name}: profiled batch {b}: {format_counts(result['calls'])} per call -> {stem}.json.gz")
-    return result, flops
+        log(f"{provider.name}: profiled batch {b}: {format_counts(result['calls'])} per call -> {stem}.json.gz")
+    return result
 
 
 def count_flops(provider, image, batch: int) -> float:

@@ -36,6 +36,7 @@ class E2EConfig:
     guidance_scale: float = 6.0
     compile: bool = False   # torch.compile the engine's UNet (the `engine` provider only)
     cuda_graphs: bool = False  # replay the engine's UNet step from CUDA graphs (the `engine` provider, CUDA)
+    interleave: bool = False      # every provider loaded at once, their timed calls in turn (a drifting machine)
     profile_dir: str | None = None  # one more request per provider and batch under torch.profiler (bench.profiling)
     engines: str | None = None  # the `tensorrt` provider's plans (default: built into the bench cache)
     trt: str = "auto"           # ... and which TensorRT builds and runs them: auto, full or rtx (engine.trt)

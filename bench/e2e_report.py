@@ -17,7 +17,7 @@ def report(cfg: E2EConfig, env: dict, results: dict, flops: dict, rows: list[Row
     config = dict(task=cfg.task, preset=cfg.preset, steps=cfg.steps, height=cfg.height, width=cfg.width,
                   guidance_mode=cfg.guidance_mode, guidance_scale=cfg.guidance_scale, repeats=cfg.repeats,
                   compile=cfg.compile, cuda_graphs=cfg.cuda_graphs, adapters=cfg.adapters,
-                  adapter_masks=cfg.adapter_masks)
+                  adapter_masks=cfg.adapter_masks, interleave=cfg.interleave)
     if cfg.task == "edit":
         config["image_guidance_scale"] = cfg.image_guidance_scale
     if cfg.task in ("img2img", "inpaint"):
@@ -54,7 +54,8 @@ def report(cfg: E2EConfig, env: dict, results: dict, flops: dict, rows: list[Row
     guidance = cfg.guidance_mode if cfg.task == "generate" else \
         f"{cfg.guidance_mode}, 3 UNet rows per image (s_T {cfg.guidance_scale:g}, s_I {cfg.image_guidance_scale:g})"
     head = (f"device: {env['device']}   dtype: {env['dtype']}   git: {env['git_sha']}   task: {cfg.task}   "
-            f"preset: {cfg.preset}   steps: {cfg.steps}   guidance: {guidance}   repeats: {cfg.repeats}")
+            f"preset: {cfg.preset}   steps: {cfg.steps}   guidance: {guidance}   repeats: {cfg.repeats}"
+            f"{' (interleaved)' if cfg.interleave else ''}")
     if cfg.adapters > 1:
         head += f"   adapters: {cfg.adapters}{' (regional masks)' if cfg.adapter_masks else ''}"
     stage_lines = []

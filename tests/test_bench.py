@@ -363,3 +363,38 @@ def test_gpu_check_turns_skips_of_gpu_tests_into_failures(tmp_path):
                              timeout=120, cwd=tmp_path)
         assert expect in res.stdout, res.stdout + res.stderr
         assert ("which counts as a failure: Skipped: " in res.stdout) == (check == "1")  # with the skip's reason
+
+
+def test_interleave_takes_the_providers_timed_calls_in_turn(monkeypatch):
+    """--interleave: every provider loaded at once, warmed up, then their timed calls alternate (A, B, A, B, ...),
+    each provider's stages and `other` from its own last call; without it, one provider's calls after the other's."""
+    import numpy as np
+    from PIL import Image
+
+    from ipadapter_instruct.bench import e2e
+    from ipadapter_instruct.bench.e2e_config import E2EConfig
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name, self.n = name, 0
+
+        def __call__(self, image, batch):
+            self.n += 1
+            calls.append(self.name)
+            return [Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8))] * batch
+
+        def stages(self, wall_ms):
+            return {"unet_ms_per_step": float(self.n), "other_ms": wall_ms}
+
+    monkeypatch.setattr(e2e, "load_provider", lambda name, *a, **k: Fake(name))
+    monkeypatch.setattr(e2e, "count_flops", lambda *a: 1.0)
+    for interleave, want in ((True, ["a", "b"] * 4), (False, ["a"] * 4 + ["b"] * 4)):  # (a warm-up, 3 timed)
+        calls.clear()
+        cfg = E2EConfig(providers=("a", "b"), repeats=3, interleave=interleave)
+        rows, text = e2e.run_e2e(cfg, {}, log=lambda *a: None)
+        assert calls == want
+        steps = {r.provider: r.p50 for r in rows if r.metric == "stage:unet_ms_per_step"}
+        assert steps == {"a": 4.0, "b": 4.0}  # the stages of each provider's own last (fourth) call
+        assert ("(interleaved)" in text) == interleave
