@@ -34,13 +34,7 @@ def graphs_changed(pipe) -> None:
 
 
 def compile_unet(pipe, **kwargs) -> None:
-    """pipe.compile(): torch.compile the UNet in place, saying that the next call compiles (minutes on a CPU). On
-    the CPU the inductor freezes the weights (constants it folds, convolution weights prepacked for oneDNN) unless
-    kwargs choose a mode, options or another backend: a UNet step 1.28x faster than eager on the 2-core CPU, where
-    the plain compile was 0.87x (docs/results.md)."""
-    if pipe.device.type == "cpu" and kwargs.get("backend", "inductor") == "inductor" and not (
-            {"mode", "options"} & set(kwargs)):
-        kwargs["options"] = {"freezing": True}
+    """pipe.compile(): torch.compile the UNet in place, saying that the next call compiles (minutes on a CPU)."""
     pipe.unet.compile(**kwargs)
     pipe._compiled = True
     pipe._compiled_shapes = set()  # step shapes run since: the first of each pays (and logs) its compile time
