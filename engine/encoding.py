@@ -22,6 +22,8 @@ FIXED_TEXTS = frozenset({"", "everything"})
 
 
 class ModelConstants:
+    """Values keyed by tuples whose first item is their kind ("zero_image", "text"), computed once under a lock."""
+
     def __init__(self):
         self._values: dict = {}
         self._lock = threading.Lock()
@@ -38,9 +40,6 @@ class ModelConstants:
         with self._lock:
             for key in [k for k in self._values if k[0] == kind]:
                 del self._values[key]
-
-    def __len__(self) -> int:
-        return len(self._values)
 
 
 def _own(value):
