@@ -34,8 +34,8 @@ import torch
 
 from ipadapter_instruct.engine.errors import EngineError
 from ipadapter_instruct.engine.graph_names import FORMAT, GRAPHS, SDXL_GRAPHS, SOURCES  # noqa: F401 (this module's API)
-from ipadapter_instruct.engine.loading import _crop
 from ipadapter_instruct.engine.img2img import photo_size
+from ipadapter_instruct.engine.loading import _crop
 from ipadapter_instruct.engine.pipeline import Pipeline
 from ipadapter_instruct.engine.prepared import LastTimings
 from ipadapter_instruct.engine.sdxl import SDXLPipeline

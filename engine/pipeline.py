@@ -165,8 +165,6 @@ class Pipeline(LoraMixin, SteppingMixin, EncodingMixin):
         compute)` and `images(images, pooled, pipe)`); None: encode every time."""
         self.encoder_cache = cache
 
-    # ---- step-invariant work, once per call ----------------------------------------------------------
-
     # ---- the call --------------------------------------------------------------------------------------
 
     @torch.inference_mode()
