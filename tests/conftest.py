@@ -39,6 +39,13 @@ def tiny_inpaint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_edit(tmp_path_factory):
+    """The tiny weights of an InstructPix2Pix model (8 UNet input channels: latents + the photo's latent)."""
+    from ipadapter_instruct.engine.tiny import make_tiny
+    return make_tiny(str(tmp_path_factory.mktemp("tiny_edit") / "weights"), edit=True)
+
+
+@pytest.fixture(scope="session")
 def plus_dir(tiny, tmp_path_factory):
     """An IP-Adapter+ checkpoint for the tiny UNet, as plus.safetensors and (same tensors) plus.bin."""
     from diffusers import UNet2DConditionModel

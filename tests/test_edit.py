@@ -25,12 +25,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def tiny_edit(tmp_path_factory):
-    from ipadapter_instruct.engine.tiny import make_tiny
-    return make_tiny(str(tmp_path_factory.mktemp("edit") / "weights"), edit=True)
-
-
-@pytest.fixture(scope="module")
 def photo():
     g = np.random.RandomState(0)
     return Image.fromarray((g.rand(70, 54, 3) * 255).astype("uint8"))  # odd size: rounds down to 68 x 52

@@ -23,12 +23,6 @@ QUIET = dict(log=lambda *a: None)
 
 
 @pytest.fixture(scope="module")
-def tiny_edit(tmp_path_factory):
-    from ipadapter_instruct.engine.tiny import make_tiny
-    return make_tiny(str(tmp_path_factory.mktemp("edit") / "weights"), edit=True)
-
-
-@pytest.fixture(scope="module")
 def edit_export(tiny_edit, tmp_path_factory):
     out = tmp_path_factory.mktemp("edit-onnx") / "plugin"
     res = export("onnx", "--model", tiny_edit["model"], "--image-encoder", tiny_edit["image_encoder"],

@@ -176,12 +176,6 @@ def test_in_step_batching_too(instruct_pipe, cond_image, other_image, good_alone
 
 
 @pytest.fixture(scope="module")
-def tiny_edit(tmp_path_factory):
-    from ipadapter_instruct.engine.tiny import make_tiny
-    return make_tiny(str(tmp_path_factory.mktemp("iso-edit") / "weights"), edit=True)
-
-
-@pytest.fixture(scope="module")
 def edit_pipe(tiny_edit):
     from ipadapter_instruct.engine import EditPipeline
     pipe = EditPipeline.from_pretrained(tiny_edit["model"], device="cpu")

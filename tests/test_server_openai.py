@@ -40,12 +40,6 @@ def server(tiny):
 
 
 @pytest.fixture(scope="module")
-def tiny_edit(tmp_path_factory):
-    from ipadapter_instruct.engine.tiny import make_tiny
-    return make_tiny(str(tmp_path_factory.mktemp("edit") / "weights"), edit=True)
-
-
-@pytest.fixture(scope="module")
 def edit_server(tiny_edit):
     srv = InProcessServer(ServerConfig(model=tiny_edit["model"], device="cpu", max_wait_ms=100), None)
     yield srv
